@@ -1,0 +1,62 @@
+"""Dense float64 formulas, written directly from the definitions in DESIGN.md.
+
+They materialise ``[N, V]`` logits on purpose: they are the ground truth the chunked and
+fused implementations are tested against (and benchmarks use the same functions as the
+"naive PyTorch" baseline).
+"""
+
+import torch
+
+
+def logits(x, w, temperature=1.0, logit_scale=1.0, softcap=None):
+    z = logit_scale * (x @ w.T)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def terms(ls, lt, kind, beta):
+    q, p = ls.exp(), lt.exp()
+    if kind == "reverse_kl":
+        return q * (ls - lt)
+    if kind == "forward_kl":
+        return p * (lt - ls)
+    # log m = log((1 - beta) q + beta p), in log space so extreme logits do not underflow m to 0.
+    lm = torch.logaddexp(ls + torch.log1p(torch.tensor(-beta, dtype=ls.dtype)),
+                         lt + torch.log(torch.tensor(beta, dtype=ls.dtype)))
+    return beta * p * (lt - lm) + (1 - beta) * q * (ls - lm)
+
+
+def divergence(xs, ws, xt, wt, *, kind="reverse_kl", beta=0.5, temperature=1.0, logit_scale=1.0, softcap=None,
+               support="full", topk_ids=None, tail="bucket", term_clip=None):
+    """Per-token divergence [N] (differentiable through autograd)."""
+    zs = logits(xs, ws, temperature, logit_scale, softcap)
+    zt = logits(xt, wt, temperature, logit_scale, softcap)
+    if support == "full":
+        t = terms(zs.log_softmax(-1), zt.log_softmax(-1), kind, beta)
+    else:
+        K = topk_ids
+        zsK, ztK = zs.gather(1, K), zt.gather(1, K)
+        if tail == "renorm":
+            lsK, ltK = zsK.log_softmax(-1), ztK.log_softmax(-1)
+            t = terms(lsK, ltK, kind, beta)
+        else:
+            lsK = zsK - zs.logsumexp(-1, keepdim=True)
+            ltK = ztK - zt.logsumexp(-1, keepdim=True)
+            t = terms(lsK, ltK, kind, beta)
+            if tail == "bucket" and K.shape[1] < zs.shape[1]:
+                in_k = torch.zeros_like(zs, dtype=torch.bool).scatter(1, K, True)
+                ninf = float("-inf")
+                ls_tail = zs.masked_fill(in_k, ninf).logsumexp(-1, keepdim=True) - zs.logsumexp(-1, keepdim=True)
+                lt_tail = zt.masked_fill(in_k, ninf).logsumexp(-1, keepdim=True) - zt.logsumexp(-1, keepdim=True)
+                t = torch.cat([t, terms(ls_tail, lt_tail, kind, beta)], 1)
+    if term_clip is not None:
+        t = t.clamp(max=term_clip)
+    return t.sum(-1)
+
+
+def logprobs(x, w, ids, temperature=1.0, logit_scale=1.0, softcap=None):
+    z = logits(x, w, temperature, logit_scale, softcap)
+    ls = z.log_softmax(-1)
+    ent = -(ls.exp() * ls).sum(-1)
+    return ls.gather(1, ids[:, None])[:, 0], ent, z.logsumexp(-1)

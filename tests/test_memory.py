@@ -1,0 +1,63 @@
+"""The chunked ops never hold an [N, V] tensor: peak memory measured in a fresh process."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from copsd.ops import available_backends
+
+N, H, V = 1024, 64, 50000
+NV_BYTES = N * V * 4  # one materialised float32 [N, V] tensor: 205 MB
+
+# ru_maxrss only grows, so the process warms up (imports, thread pools, kernels) on tiny inputs,
+# records its high-water mark, then runs the op once at full size: the growth is the op's peak
+# extra memory on top of its inputs.  Large blocks come from mmap and go back on free.
+SCRIPT = textwrap.dedent("""
+    import json, resource, sys, torch
+    from copsd.ops import linear_divergence, linear_logprobs
+    torch.set_num_threads(2)
+    what, backend = sys.argv[1], sys.argv[2]
+    def make(N, H, V):
+        xs = torch.randn(N, H, requires_grad=True); ws = (torch.randn(V, H) * 0.1).requires_grad_()
+        return xs, ws, torch.randn(N, H), torch.randn(V, H) * 0.1, torch.randint(0, V, (N,))
+    def run(xs, ws, xt, wt, ids):
+        if what == "dense":
+            z = xs @ ws.T
+            out = (z.softmax(-1) * (z.log_softmax(-1) - (xt @ wt.T).log_softmax(-1))).sum(-1).mean()
+        elif what == "logprobs":
+            lp, ent, _ = linear_logprobs(xs, ws, ids, return_entropy=True, backend=backend)
+            out = (lp + ent).sum()
+        else:
+            out = (linear_divergence(xs, ws, xt, wt, reduction=what, backend=backend) * 1.0).sum()
+        out.backward()
+    run(*make(8, {H}, 300))
+    big = make({N}, {H}, {V})
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    run(*big)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(dict(extra=peak - base)))
+""").format(N=N, H=H, V=V)
+
+
+def _extra(what, backend):
+    # A fixed mmap threshold makes glibc hand every block >= 1 MiB straight back on free, so
+    # the high-water mark counts live tensors, not allocator caching.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    out = subprocess.run([sys.executable, "-c", SCRIPT, what, backend], capture_output=True, text=True,
+                         timeout=600, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+
+
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in available_backends()])
+def test_peak_memory_is_far_below_one_logits_tensor(backend):
+    # The measurement must be able to see [N, V] tensors: the naive version holds several.
+    dense = _extra("dense", backend)
+    assert dense > 2 * NV_BYTES, dense / 2**20
+    for what in ("none", "mean", "logprobs"):
+        extra = _extra(what, backend)
+        # Allowed: O(chunk_tokens x chunk_vocab) tiles + the gradients (d_weight [V, H] in fp32: 12.8 MB).
+        assert extra < NV_BYTES / 4, (what, extra / 2**20, NV_BYTES / 2**20)
