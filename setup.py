@@ -71,9 +71,11 @@ def _is_x86():
 
 ext_modules, cmdclass = _extensions()
 
+HAS_KERNELS = os.path.exists(os.path.join(ROOT, "kernels", "__init__.py"))
+
 setup(
-    packages=find_packages(include=["copsd", "copsd.*"]) + ["copsd_kernels"],
-    package_dir={"copsd_kernels": "kernels"},
+    packages=find_packages(include=["copsd", "copsd.*"]) + (["copsd_kernels"] if HAS_KERNELS else []),
+    package_dir={"copsd_kernels": "kernels"} if HAS_KERNELS else {},
     package_data={"copsd": ["data/*", "data/**/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
