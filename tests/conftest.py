@@ -1,8 +1,15 @@
 import os
 import sys
 
-import pytest
 import torch
+
+# Triton's own @jit helpers are bound when triton.language is first imported, so the
+# interpreter must be chosen before anything imports triton: on a machine without a GPU the
+# Triton kernels run (slowly) on CPU tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
