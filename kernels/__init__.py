@@ -1,0 +1,9 @@
+"""copsd's Triton kernels, installed as ``copsd_kernels`` (the bare name ``kernels`` belongs to
+another PyPI project).  One op per module; modules are imported on demand by
+``copsd.backends.triton`` so that a problem in one op never hides the others.
+
+* ``linear_logprobs``   -- lm_head log-probs/entropy/LSE statistics and the dense gradient tile
+* ``linear_divergence`` -- student+teacher tiles on chip: divergence statistics and gradient tile
+* ``linear_topk``       -- running top-k per vocabulary split + LSE
+* ``_common``           -- GEMM mainloop producing a logits tile, logit transform, heuristics
+"""
