@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# One-shot GPU check (no network needed): build the CUDA extension, run every GPU test, run every
+# benchmarks/*_gpu.py, write logs + tables to $OUT and print a short summary last.
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh        # from anywhere; ~7 minutes on an H100
+#   GPU_TESTS="tests/test_x.py" GPU_BENCHES="benchmarks/bench_x_gpu.py" GPU_CHECK_BUDGET_S=300 ...  # a subset
+#
+# Each stage has its own timeout and runs even if an earlier one failed.  Files in $OUT:
+#   build.log (environment + pip build + extension import), pytest_gpu.log, bench_<name>.log per
+#   benchmark, bench_loss_gpu.{json,md}, summary.txt.
+# Liger-Kernel is installed from a carried wheel in .whl/ (if present) into /tmp/site.
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/gpu_check_out}
+export OUT
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
+PY=${PYTHON:-python3}
+T0=$(date +%s)
+TOTAL=${GPU_CHECK_BUDGET_S:-480}
+SUMMARY=()
+
+remaining() { echo $((TOTAL - ($(date +%s) - T0))); }
+
+# stage NAME CAP_SECONDS LOGFILE CMD...   (appends to LOGFILE; prints its tail)
+stage() {
+  local name=$1 cap=$2 log=$3
+  shift 3
+  local rem lim start rc el
+  rem=$(remaining)
+  lim=$((cap < rem ? cap : rem))
+  if [ "$lim" -lt 15 ]; then
+    SUMMARY+=("$(printf '%-28s %-14s %6s  %s' "$name" "SKIPPED(time)" "-" "$log")")
+    return
+  fi
+  start=$(date +%s)
+  echo "===== $name (timeout ${lim}s): $*" | tee -a "$OUT/$log"
+  timeout -k 10 "$lim" "$@" >>"$OUT/$log" 2>&1
+  rc=$?
+  el=$(($(date +%s) - start))
+  local status="ok"
+  [ "$rc" -ne 0 ] && status="FAIL rc=$rc"
+  [ "$rc" -eq 124 ] && status="TIMEOUT"
+  echo "===== $name: $status after ${el}s" | tee -a "$OUT/$log"
+  tail -n "${TAIL_LINES:-25}" "$OUT/$log" | cut -c1-300
+  SUMMARY+=("$(printf '%-28s %-14s %5ss  %s' "$name" "$status" "$el" "$log")")
+}
+
+# ---------------------------------------------------------------- environment + Liger wheel
+{
+  echo "date: $(date -u)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, \
+'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())" 2>&1
+  nvcc --version 2>&1 | tail -n 2
+} >"$OUT/build.log" 2>&1
+cat "$OUT/build.log"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  stage "install liger wheel" 60 build.log $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+fi
+if [ -d /tmp/site ]; then
+  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/site"
+fi
+
+# ---------------------------------------------------------------- build
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+stage "build (pip install -e .)" 200 build.log $PY -m pip install --no-build-isolation --no-deps -v -e .
+stage "import extensions" 60 build.log $PY -c "
+import torch, copsd
+print('copsd from', copsd.__file__)
+try:
+    import copsd._cuda
+    print('copsd._cuda OK; topk_merge:', torch.ops.copsd_cuda.topk_merge)
+except Exception as e:
+    import traceback; traceback.print_exc(); raise
+import copsd_kernels; print('copsd_kernels from', copsd_kernels.__file__)
+from copsd.backends import available_backends; print('backends:', available_backends())
+"
+# If the editable install failed, the tests still import the source tree (no CUDA extension then).
+if ! $PY -c "import copsd" >/dev/null 2>&1; then
+  echo "copsd not importable after install: using the source tree via PYTHONPATH" | tee -a "$OUT/build.log"
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# ---------------------------------------------------------------- GPU tests (all engineers)
+TAIL_LINES=40 stage "pytest -m gpu tests/" "${PYTEST_CAP_S:-220}" pytest_gpu.log \
+  $PY -m pytest -v -m gpu ${GPU_TESTS:-tests/} -p no:cacheprovider --tb=long -rfEs --durations=15
+
+# ---------------------------------------------------------------- benchmarks
+for b in ${GPU_BENCHES:-benchmarks/*_gpu.py}; do
+  [ -e "$b" ] || continue
+  name=$(basename "$b" .py)
+  cap=60
+  [ "$name" = "bench_loss_gpu" ] && cap=200
+  [ "$name" = "bench_prefix_gpu" ] && cap=100
+  TAIL_LINES=12 stage "$name" "$cap" "$name.log" $PY "$b"
+done
+
+# ---------------------------------------------------------------- summary (printed last)
+{
+  echo
+  echo "================ gpu_check summary ($(($(date +%s) - T0))s total, budget ${TOTAL}s) ================"
+  grep -m1 "^python" "$OUT/build.log"
+  printf '%s\n' "${SUMMARY[@]}"
+  echo "---- pytest result lines:"
+  grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/pytest_gpu.log" | tail -n 25 | cut -c1-250
+  if [ -f "$OUT/bench_loss_gpu.md" ]; then
+    echo "---- bench_loss_gpu.md:"
+    cat "$OUT/bench_loss_gpu.md"
+  fi
+} | tee "$OUT/summary.txt"
