@@ -1,0 +1,200 @@
+"""Batched rollouts with the prompt prefilled once and its KV shared by the G samples of that prompt.
+
+The prompts of a batch are left padded and prefilled together (explicit ``position_ids``, so padding never
+shifts RoPE positions); the resulting cache is then repeated G times along the batch with the cache's public
+``batch_repeat_interleave`` (a copy of the K/V, no recomputation) and the G samples decode together.
+
+Sampling log-probs: for every generated token we return ``log_softmax(logits / temperature)[token]``, the
+log-prob under the *untruncated* tempered distribution, even when top-k / top-p restricted the sampling.
+This is the quantity a re-scoring forward pass reproduces (and what on-policy objectives compare against
+the teacher); the truncated distribution's log-prob would differ by the log of the kept mass.
+With ``temperature == 0`` decoding is greedy and the log-probs are those of ``log_softmax(logits)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from copsd import _hf
+
+
+@dataclass
+class Rollouts:
+    """Samples of a batch of prompts; sample j belongs to prompt ``prompt_index[j]`` (= j // G)."""
+
+    prompt_index: list[int]
+    completion_ids: list[list[int]]   # generated ids, EOS / stop id included when generation stopped on it
+    logprobs: list[torch.Tensor]      # fp32 per generated token, see the module docstring
+    finish_reason: list[str]          # "stop" (EOS / stop id) or "length"
+
+
+def _id_set(name: str, value, vocab: int) -> list[int]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, int) else list(value)
+    for x in items:
+        if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < vocab:
+            raise ValueError(f"{name}: expected token ids in [0, {vocab}), got {value!r}")
+    return items
+
+
+def _filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside the top-k and outside the smallest set holding top_p of the mass."""
+    if 0 < top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # mass of strictly better tokens
+        drop_sorted = mass_before >= top_p      # the first token is always kept (mass_before = 0)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return scaled
+
+
+def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row by inverse CDF (one uniform per row; much cheaper than torch.multinomial on CPU).
+
+    A token with zero probability is never drawn: the searched CDF step must rise above the uniform.
+    """
+    cdf = probs.double().cumsum(-1)
+    gen_dev = generator.device if generator is not None else probs.device
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=gen_dev).to(probs.device)
+    tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
+    return tok.clamp_(max=probs.shape[-1] - 1)
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], *, num_generations: int = 1, max_new_tokens: int = 256,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
+             stop_token_ids=None, pad_token_id=None, generator: torch.Generator | None = None) -> Rollouts:
+    """Sample ``num_generations`` completions per prompt (token ids in, token ids out).
+
+    ``eos_token_id=None`` uses ``model.generation_config.eos_token_id`` (pass ``[]`` for none); generation
+    of a sample stops at an EOS or a ``stop_token_ids`` token (included in the completion, reason
+    ``"stop"``) or after ``max_new_tokens`` (reason ``"length"``).  ``temperature=0`` is greedy.
+    With a seeded ``generator`` the result is reproducible.  The model's train/eval mode is restored.
+    """
+    _, head = _hf.decoder_and_head(model)
+    vocab = head.weight.shape[0]
+    device = head.weight.device
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts: expected a non-empty sequence of token-id sequences")
+    rows = []
+    for i, p in enumerate(prompts):
+        p = p.tolist() if isinstance(p, torch.Tensor) else p
+        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) == 0:
+            raise ValueError(f"prompts[{i}]: expected a non-empty sequence of token ids")
+        p = [int(x) for x in p]
+        if min(p) < 0 or max(p) >= vocab:
+            raise ValueError(f"prompts[{i}]: expected token ids in [0, {vocab}), "
+                             f"got values in [{min(p)}, {max(p)}]")
+        rows.append(p)
+    if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 1:
+        raise ValueError(f"num_generations: expected an int >= 1, got {num_generations!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k: expected an int >= 0 (0 = off), got {top_k!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    gen_cfg = getattr(model, "generation_config", None)
+    if eos_token_id is None and gen_cfg is not None:
+        eos_token_id = gen_cfg.eos_token_id
+    stops = _id_set("eos_token_id", eos_token_id, vocab) + _id_set("stop_token_ids", stop_token_ids, vocab)
+    if pad_token_id is None:
+        pad_token_id = getattr(gen_cfg, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = stops[0] if stops else 0
+    _id_set("pad_token_id", pad_token_id, vocab)
+    limit = _hf.max_context(model.config)
+    longest = max(len(p) for p in rows)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ValueError(f"max_new_tokens: prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceed the "
+                         f"model's context of {limit} tokens")
+
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(model, rows, num_generations, max_new_tokens, float(temperature), float(top_p),
+                         top_k, stops, int(pad_token_id), generator, device)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, rows, g, max_new, temperature, top_p, top_k, stops, pad, generator, device) -> Rollouts:
+    b = len(rows)
+    width = max(len(p) for p in rows)
+    ids = torch.full((b, width), pad, dtype=torch.long)
+    mask = torch.zeros(b, width, dtype=torch.long)
+    for i, p in enumerate(rows):  # left padding: the last prompt token of every row is at column width - 1
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = _hf.output_cache(out)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        raise ValueError(f"model: {type(model).__name__} returned no KV cache with batch_repeat_interleave")
+    cache_arg = _hf.cache_kwarg(model)
+    logits = out.logits[:, -1].float()
+    next_pos = torch.tensor([len(p) for p in rows], device=device)
+    if g > 1:
+        cache.batch_repeat_interleave(g)
+        logits = logits.repeat_interleave(g, dim=0)
+        mask = mask.repeat_interleave(g, dim=0)
+        next_pos = next_pos.repeat_interleave(g)
+    n = b * g
+    stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    lengths = torch.full((n,), max_new, dtype=torch.long, device=device)
+    stopped = torch.zeros(n, dtype=torch.bool, device=device)
+    tokens, logps = [], []
+    for step in range(max_new):
+        if temperature == 0:
+            logp = logits.log_softmax(-1)
+            tok = logits.argmax(-1)
+        else:
+            scaled = logits / temperature
+            logp = scaled.log_softmax(-1)
+            if top_k == 0 and top_p >= 1.0:
+                probs = logp.exp()
+            else:
+                probs = _filter_logits(scaled, top_k, top_p).softmax(-1)
+            tok = _sample(probs, generator)
+        tok = torch.where(done, torch.full_like(tok, pad), tok)
+        tokens.append(tok)
+        logps.append(logp.gather(1, tok[:, None])[:, 0])
+        hit = torch.isin(tok, stop_ids) & ~done
+        lengths = torch.where(hit, torch.full_like(lengths, step + 1), lengths)
+        stopped |= hit
+        done |= hit
+        if step == max_new - 1 or bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                    use_cache=True, **{cache_arg: cache})
+        next_pos = next_pos + 1
+        logits = out.logits[:, -1].float()
+    tok_mat = torch.stack(tokens, 1).cpu()
+    lp_mat = torch.stack(logps, 1).cpu()
+    lens = lengths.cpu().tolist()
+    reasons = ["stop" if s else "length" for s in stopped.cpu().tolist()]
+    return Rollouts(
+        prompt_index=[j // g for j in range(n)],
+        completion_ids=[tok_mat[j, : lens[j]].tolist() for j in range(n)],
+        logprobs=[lp_mat[j, : lens[j]].clone() for j in range(n)],
+        finish_reason=reasons,
+    )
+
+
+__all__ = ["Rollouts", "generate"]
