@@ -1,0 +1,79 @@
+"""``copsd eval``: refusal, helpfulness, length, entropy, diversity and leakage for one or more models."""
+
+NAME = "eval"
+HELP = "evaluate models (base, teacher, students) on JSONL prompt sets: safety vs helpfulness and collapse metrics"
+
+
+def add_arguments(parser):
+    parser.add_argument(
+        "--model", action="append", required=True, metavar="[NAME=]PATH",
+        help="a local model directory; repeat to compare several models in one table (NAME defaults to "
+             "the directory name)")
+    parser.add_argument(
+        "--constitution", action="append", default=[], metavar="NAME=FILE",
+        help="evaluate model NAME with this constitution in its user turn (the teacher view); repeatable. "
+             "To evaluate one model both ways, give it twice under two names")
+    parser.add_argument("--prompts", action="append", required=True, metavar="JSONL",
+                        help="prompt rows with 'prompt' and 'kind' (harmful/benign/general); repeatable")
+    parser.add_argument("--output_dir", required=True, help="where report.json, responses and plots go")
+    parser.add_argument("--num_samples", type=int, default=4, help="samples per prompt (diversity needs >= 2)")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=16, help="prompts per generation batch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refusal_detector", default="keyword",
+                        help="'keyword', 'classifier:PATH', 'judge:PATH' or a local model directory")
+    parser.add_argument("--leak_constitution", action="append", default=None, metavar="FILE",
+                        help="constitution whose text counts as leaked (default: every --constitution file)")
+    parser.add_argument("--leak_ngram", type=int, default=8, help="words in a row that count as a leak")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--bf16", action="store_true", help="load the models in bfloat16")
+    parser.add_argument("--no_plots", action="store_true")
+    parser.add_argument("--no_progress", action="store_true")
+
+
+def parse_models(model_args, constitution_args) -> list[dict]:
+    """``["base=/m", "/x/student"]`` + ``["base=c.md"]`` -> model dicts for ``evaluate_models``."""
+    import os
+
+    models, names = [], set()
+    for spec in model_args:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = os.path.basename(os.path.normpath(spec)) or spec, spec
+        if not name or not path:
+            raise ValueError(f"--model: expected [NAME=]PATH, got {spec!r}")
+        if name in names:
+            raise ValueError(f"--model: the name {name!r} is used twice; give each model its own NAME=")
+        names.add(name)
+        models.append({"name": name, "path": path, "constitution": None})
+    by_name = {m["name"]: m for m in models}
+    for spec in constitution_args:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--constitution: expected NAME=FILE, got {spec!r}")
+        if name not in by_name:
+            raise ValueError(f"--constitution: no --model named {name!r} (models: {sorted(by_name)})")
+        by_name[name]["constitution"] = path
+    return models
+
+
+def run(args):
+    from copsd.eval import evaluate_models
+
+    dtype = None
+    if args.bf16:
+        import torch
+
+        dtype = torch.bfloat16
+    evaluate_models(
+        parse_models(args.model, args.constitution), args.prompts, args.output_dir,
+        num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,
+        refusal_detector=args.refusal_detector, leak_constitutions=args.leak_constitution,
+        leak_ngram=args.leak_ngram, device=args.device, dtype=dtype, progress=not args.no_progress,
+        plots=not args.no_plots, print_table=True)
+    print(f"report: {args.output_dir}/report.json")
+    return 0

@@ -1,0 +1,48 @@
+"""``copsd run``: Stage 1, Stage 2 and an evaluation in one command.
+
+Top-level YAML keys / flags go to both stages; ``sft:`` / ``distill:`` sections and ``--sft.<key>`` /
+``--distill.<key>`` flags to one.  Outputs: ``output_dir/teacher``, ``output_dir/student`` and
+``output_dir/eval`` (base model vs teacher vs student on ``eval.prompt_files``).
+"""
+
+NAME = "run"
+HELP = "both stages (sft-teacher, distill) and an evaluation in one command"
+
+
+def add_arguments(parser):
+    from copsd.config import add_run_arguments
+
+    add_run_arguments(parser)
+    parser.add_argument("--skip_eval", action="store_true", help="stop after Stage 2")
+
+
+def run(args):
+    import json
+    import os
+
+    from copsd.commands.distill import setup_logging
+    from copsd.config import run_config_from_args
+    from copsd.distill import distill
+    from copsd.sft import sft_teacher
+
+    rc = run_config_from_args(args)
+    setup_logging()
+    sft_teacher(rc.sft)
+    distill(rc.distill)
+    if args.skip_eval or not rc.eval_prompt_files:
+        print(f"copsd run: teacher in {rc.sft.output_dir}, student in {rc.distill.output_dir}")
+        return 0
+    try:
+        from copsd.eval import evaluate_models
+    except ImportError as e:
+        raise ValueError(f"copsd run: the evaluation module is unavailable ({e}); use --skip_eval") from None
+    out = os.path.join(os.path.dirname(rc.distill.output_dir.rstrip("/")), "eval")
+    models = [{"name": "base", "path": rc.sft.model_name_or_path},
+              {"name": "teacher", "path": rc.sft.output_dir, "constitution": rc.sft.constitution},
+              {"name": "student", "path": rc.distill.output_dir}]
+    report = evaluate_models(models, rc.eval_prompt_files, out, max_new_tokens=rc.eval_max_new_tokens,
+                             seed=rc.distill.seed, teacher_template=rc.sft.teacher_template,
+                             leak_constitutions=[rc.distill.constitution], progress=not rc.distill.disable_tqdm)
+    print(json.dumps(report, indent=2, default=str)[:4000])
+    print(f"copsd run: teacher in {rc.sft.output_dir}, student in {rc.distill.output_dir}, evaluation in {out}")
+    return 0

@@ -1,0 +1,208 @@
+"""The constitution: a versioned, hashed text placed in the teacher's user turn.
+
+File formats
+------------
+* YAML: ``default: <text>`` (required), ``categories: {name: text}`` (optional), ``version`` (optional).
+* Markdown: everything before the first ``## category: <name>`` heading is the default text; each such
+  heading starts that category's text.
+
+Views
+-----
+The *student view* of a prompt is the conversation as given.  The *teacher view* is the same
+conversation with the last user turn's content replaced by ``teacher_template`` filled with the
+constitution and the query (by default the query is set off by ``---`` separators, after the
+constitution).  Both are rendered by ``tokenizer.apply_chat_template``; the system prompt and the
+assistant header are the template's own, and the sampled response is appended unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import yaml
+
+DEFAULT_TEMPLATE = "{constitution}\n\n---\n\n{query}\n\n---"
+_CATEGORY_HEADING = re.compile(r"^##\s+category:\s*(\S.*?)\s*$", re.IGNORECASE)
+_PLACEHOLDER = re.compile(r"\{(constitution|query)\}")
+
+
+@dataclass
+class Constitution:
+    default: str
+    categories: dict[str, str] = field(default_factory=dict)
+    version: str = ""
+    path: str = ""
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the content (default + categories + version), independent of the file format."""
+        blob = json.dumps({"default": self.default, "categories": self.categories, "version": self.version},
+                          sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def text_for(self, category: str | None = None, override: str | None = None) -> str:
+        """The text for a row: its own override, else its category's text, else the default."""
+        if override:
+            return override
+        if category and category in self.categories:
+            return self.categories[category]
+        return self.default
+
+    def all_texts(self) -> list[str]:
+        return [self.default, *self.categories.values()]
+
+    def to_dict(self) -> dict:
+        return {"default": self.default, "categories": dict(self.categories), "version": self.version,
+                "sha256": self.sha256, "path": self.path}
+
+
+def load_constitution(path: str) -> Constitution:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"constitution file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".yaml", ".yml"):
+        c = _from_yaml(text, path)
+    elif ext in (".md", ".markdown", ".txt"):
+        c = _from_markdown(text, path)
+    else:
+        raise ValueError(f"constitution file {path}: expected a .md or .yaml file, got extension {ext!r}")
+    c.path = path
+    return c
+
+
+def _from_yaml(text: str, path: str) -> Constitution:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"constitution file {path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"constitution file {path}: expected a mapping with a 'default' key")
+    unknown = set(data) - {"default", "categories", "version"}
+    if unknown:
+        raise ValueError(f"constitution file {path}: unknown key(s) {sorted(unknown)}; "
+                         "expected 'default', 'categories', 'version'")
+    default = data.get("default")
+    if not isinstance(default, str) or not default.strip():
+        raise ValueError(f"constitution file {path}: 'default' must be a non-empty string")
+    cats = data.get("categories") or {}
+    if not isinstance(cats, dict):
+        raise ValueError(f"constitution file {path}: 'categories' must map category names to texts")
+    for k, v in cats.items():
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError(f"constitution file {path}: category {k!r} must be a non-empty string")
+    return Constitution(default=default.strip(), categories={str(k): v.strip() for k, v in cats.items()},
+                        version=str(data.get("version", "")))
+
+
+def _from_markdown(text: str, path: str) -> Constitution:
+    default_lines: list[str] = []
+    cats: dict[str, list[str]] = {}
+    current = None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        m = _CATEGORY_HEADING.match(line)
+        if m:
+            current = m.group(1)
+            if current in cats:
+                raise ValueError(f"constitution file {path} line {lineno}: category {current!r} defined twice")
+            cats[current] = []
+            continue
+        (default_lines if current is None else cats[current]).append(line)
+    default = "\n".join(default_lines).strip()
+    if not default:
+        raise ValueError(f"constitution file {path}: no default text before the first '## category:' heading")
+    categories = {}
+    for k, lines in cats.items():
+        body = "\n".join(lines).strip()
+        if not body:
+            raise ValueError(f"constitution file {path}: category {k!r} has no text")
+        categories[k] = body
+    return Constitution(default=default, categories=categories)
+
+
+# --------------------------------------------------------------------------- views
+
+def fill_template(template: str, constitution_text: str, query: str) -> str:
+    """One pass over the template, so braces inside the constitution or query are left alone."""
+    return _PLACEHOLDER.sub(lambda m: constitution_text if m.group(1) == "constitution" else query, template)
+
+
+def teacher_messages(messages: list[dict], constitution_text: str, template: str = DEFAULT_TEMPLATE) -> list[dict]:
+    """The conversation with the constitution placed in the last user turn, before the query."""
+    idx = _last_user_index(messages)
+    out = [dict(m) for m in messages]
+    out[idx]["content"] = fill_template(template, constitution_text, messages[idx]["content"])
+    return out
+
+
+def _last_user_index(messages: list[dict]) -> int:
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "user":
+            if not isinstance(messages[i].get("content"), str):
+                raise ValueError("the last user message's 'content' must be a string")
+            return i
+    raise ValueError("the prompt has no user message to put the query and constitution in")
+
+
+def require_chat_template(tokenizer):
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(f"tokenizer {name!r} has no chat template; copsd renders the teacher and student "
+                         "views with tokenizer.apply_chat_template (set tokenizer.chat_template, or use an "
+                         "instruct model's tokenizer)")
+
+
+def render_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
+    """Token ids of ``messages`` rendered by the chat template."""
+    require_chat_template(tokenizer)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def render_views(tokenizer, messages, constitution_text, template=DEFAULT_TEMPLATE) -> tuple[list[int], list[int]]:
+    """(student prompt ids, teacher prompt ids), each ending with the assistant header."""
+    student = render_ids(tokenizer, messages, add_generation_prompt=True)
+    teacher = render_ids(tokenizer, teacher_messages(messages, constitution_text, template),
+                         add_generation_prompt=True)
+    return student, teacher
+
+
+def _response_part(tokenizer, messages, response_text, view):
+    prompt = render_ids(tokenizer, messages, add_generation_prompt=True)
+    full = render_ids(tokenizer, messages + [{"role": "assistant", "content": response_text}],
+                      add_generation_prompt=False)
+    if full[:len(prompt)] != prompt:
+        at = next(i for i, (a, b) in enumerate(zip(prompt, full)) if a != b) if any(
+            a != b for a, b in zip(prompt, full)) else min(len(prompt), len(full))
+        raise ValueError(
+            f"chat template is not prefix-consistent in the {view} view: the prompt rendered with "
+            f"add_generation_prompt=True differs from the full conversation at token {at} "
+            f"({tokenizer.convert_ids_to_tokens(prompt[at:at + 3])} vs "
+            f"{tokenizer.convert_ids_to_tokens(full[at:at + 3])}); responses would be scored after a different "
+            "header than they were sampled with")
+    return full[len(prompt):]
+
+
+def check_view_consistency(tokenizer, messages, response_text, constitution_text, template=DEFAULT_TEMPLATE):
+    """Fail unless the response renders to identical token ids after the student and teacher prompts.
+
+    Catches chat-template / ``<think>`` boundary differences that would give the teacher a
+    different response than the student sampled.  Returns the response ids.
+    """
+    s = _response_part(tokenizer, messages, response_text, "student")
+    t = _response_part(tokenizer, teacher_messages(messages, constitution_text, template), response_text,
+                       "teacher")
+    if s != t:
+        at = next((i for i, (a, b) in enumerate(zip(s, t)) if a != b), min(len(s), len(t)))
+        raise ValueError(
+            "view-consistency check failed: the response renders to different token ids in the student and "
+            f"teacher views, first at response token {at}: student {tokenizer.convert_ids_to_tokens(s[at:at + 4])} "
+            f"vs teacher {tokenizer.convert_ids_to_tokens(t[at:at + 4])}")
+    return s

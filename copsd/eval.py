@@ -1,0 +1,392 @@
+"""``copsd eval``: did alignment work, and what did it cost?
+
+For each model (optionally with a constitution in its user turn, the teacher view) and each
+prompt row (``kind``: harmful / benign / general), sample ``num_samples`` responses and measure
+
+* safety: refusal rate on harmful prompts (``harmful_refusal``);
+* helpfulness: compliance (= 1 - refusal) on benign prompts, on the over-refusal-prone ones
+  (``category == "over_refusal"``, XSTest-style) and on general prompts;
+* contraction: mean response length (tokens, without the end token) and mean token entropy
+  (nats, of the model's own next-token distribution at temperature 1 over the response);
+* diversity: 1 - Self-BLEU over each prompt's samples, averaged over prompts;
+* constitution leakage: fraction of responses repeating a long word n-gram of a constitution.
+
+Refusals are judged by :mod:`copsd.textmetrics` (keyword detector by default, or a local
+classifier / judge).  Outputs: ``report.json``, ``responses-<model>.jsonl``, a printed table and
+PNG plots (safety vs helpfulness, length and entropy distributions).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+
+from copsd import textmetrics as tm
+
+METRICS = ("harmful_refusal", "benign_compliance", "over_refusal_compliance", "general_compliance",
+           "mean_length", "benign_mean_length", "mean_token_entropy", "benign_mean_token_entropy",
+           "diversity", "leak_rate")
+TABLE_COLUMNS = (
+    ("harmful_refusal", "harm.refuse", "{:.1%}"),
+    ("benign_compliance", "benign.comply", "{:.1%}"),
+    ("over_refusal_compliance", "overref.comply", "{:.1%}"),
+    ("general_compliance", "general.comply", "{:.1%}"),
+    ("benign_mean_length", "benign.len", "{:.1f}"),
+    ("mean_length", "len", "{:.1f}"),
+    ("benign_mean_token_entropy", "benign.H", "{:.3f}"),
+    ("diversity", "diversity", "{:.3f}"),
+    ("leak_rate", "leak", "{:.1%}"),
+)
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _check_models(models) -> list[dict]:
+    if isinstance(models, dict) or not isinstance(models, Sequence) or not models:
+        raise ValueError("models: expected a non-empty list of {'name', 'path', 'constitution'?} dicts")
+    out, names = [], set()
+    for i, m in enumerate(models):
+        if not isinstance(m, dict):
+            raise ValueError(f"models[{i}]: expected a dict, got {type(m).__name__}")
+        unknown = set(m) - {"name", "path", "constitution", "model", "tokenizer"}
+        if unknown:
+            raise ValueError(f"models[{i}]: unknown key(s) {sorted(unknown)}; expected name, path, constitution")
+        name = m.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"models[{i}]: 'name' must be a non-empty string")
+        if name in names:
+            raise ValueError(f"models[{i}]: duplicate name {name!r}")
+        names.add(name)
+        if m.get("model") is None:
+            path = m.get("path")
+            if not isinstance(path, str) or not os.path.isdir(path):
+                raise ValueError(f"models[{i}] ({name}): 'path' must be a local model directory, got {path!r}")
+        if m.get("constitution") is not None and not os.path.isfile(m["constitution"]):
+            raise ValueError(f"models[{i}] ({name}): constitution file not found: {m['constitution']!r}")
+        out.append(dict(m))
+    return out
+
+
+def _load(entry, device, dtype):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = entry.get("tokenizer")
+    model = entry.get("model")
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(entry["path"], local_files_only=True, trust_remote_code=False)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            entry["path"], local_files_only=True, trust_remote_code=False, dtype=dtype or torch.float32
+        ).to(device)
+    return model.eval(), tokenizer
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    ids = []
+    for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if src is None:
+            continue
+        ids += [src] if isinstance(src, int) else list(src)
+    return sorted(set(ids))
+
+
+def response_entropies(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *,
+                       batch_tokens: int = 8192) -> list[list[float]]:
+    """Per-token entropy (nats, temperature 1) of the model's next-token distribution at every
+    position that produced a completion token.  Only the selected positions go through the
+    lm_head, in chunks, so no ``[tokens, vocab]`` tensor is built for the whole batch."""
+    import torch
+
+    from copsd import _hf
+
+    base, head = _hf.decoder_and_head(model)
+    scale, softcap = _hf.logit_transform(model.config)
+    device = head.weight.device
+    out: list[list[float]] = [[] for _ in prompt_ids]
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))
+    batch: list[int] = []
+
+    def flush(idx):
+        width = max(len(prompt_ids[i]) + len(completion_ids[i]) for i in idx)
+        ids = torch.zeros((len(idx), width), dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            seq = list(prompt_ids[i]) + list(completion_ids[i])
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+        with torch.no_grad():
+            hidden = base(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            for r, i in enumerate(idx):
+                n_p, n_c = len(prompt_ids[i]), len(completion_ids[i])
+                if n_c == 0:
+                    continue
+                h = hidden[r, n_p - 1 : n_p - 1 + n_c]
+                z = (h @ head.weight.T).float() * scale
+                if softcap:
+                    z = softcap * torch.tanh(z / softcap)
+                out[i] = tm.entropy_from_logits(z).tolist()
+
+    tokens = 0
+    for i in order:
+        n = len(prompt_ids[i]) + len(completion_ids[i])
+        if batch and tokens + n > batch_tokens:
+            flush(batch)
+            batch, tokens = [], 0
+        batch.append(i)
+        tokens += n
+    if batch:
+        flush(batch)
+    return out
+
+
+def evaluate_model(entry: dict, rows, *, num_samples=4, max_new_tokens=64, temperature=1.0, top_p=1.0,
+                   top_k=0, batch_size=32, seed=0, refusal_detector=None, leak_texts=None, leak_ngram=8,
+                   teacher_template=None, device=None, dtype=None, progress=True) -> dict:
+    """Generate and score one model on prompt rows (``copsd.data.PromptRow``); see the module doc."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from copsd.constitution import DEFAULT_TEMPLATE, load_constitution, render_ids, teacher_messages
+    from copsd.rollout import generate
+
+    detector = refusal_detector or tm.KeywordRefusalDetector()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer = _load(entry, device, dtype)
+    constitution = load_constitution(entry["constitution"]) if entry.get("constitution") else None
+    template = teacher_template or DEFAULT_TEMPLATE
+
+    prompt_ids, queries = [], []
+    for row in rows:
+        messages = row.messages
+        if constitution is not None:
+            messages = teacher_messages(messages, constitution.text_for(row.category, row.constitution), template)
+        prompt_ids.append(render_ids(tokenizer, messages, add_generation_prompt=True))
+        queries.append(row.messages[-1]["content"])
+
+    stops = _stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    completions: list[list[int]] = []
+    t0 = time.time()
+    bar = tqdm(total=len(rows), desc=f"eval {entry['name']}", disable=not progress, unit="prompt")
+    for a in range(0, len(rows), batch_size):
+        roll = generate(model, prompt_ids[a : a + batch_size], num_generations=num_samples,
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        eos_token_id=stops, pad_token_id=pad, generator=gen)
+        completions.extend(roll.completion_ids)
+        bar.update(min(batch_size, len(rows) - a))
+    bar.close()
+    gen_seconds = time.time() - t0
+
+    sample_prompt = [i // num_samples for i in range(len(completions))]
+    stop_set = set(stops)
+    resp_ids = [[t for t in c if t not in stop_set] for c in completions]
+    texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in resp_ids]
+    refused = detector([queries[p] for p in sample_prompt], texts)
+    entropies = response_entropies(model, [prompt_ids[p] for p in sample_prompt], completions)
+    leak_det = tm.ConstitutionLeakDetector(leak_texts, n=leak_ngram) if leak_texts else None
+    leaks = leak_det(texts) if leak_det else [None] * len(texts)
+
+    samples = []
+    for j, text in enumerate(texts):
+        row = rows[sample_prompt[j]]
+        h = entropies[j]
+        samples.append({"prompt_index": sample_prompt[j], "kind": row.kind, "category": row.category,
+                        "query": queries[sample_prompt[j]], "response": text, "length": len(resp_ids[j]),
+                        "mean_entropy": (sum(h) / len(h)) if h else None, "refusal": bool(refused[j]),
+                        "leak": leaks[j]})
+
+    def subset(pred):
+        return [j for j, s in enumerate(samples) if pred(s)]
+
+    def tok_entropy(idx):  # token-weighted mean over the responses' tokens
+        n = sum(len(entropies[j]) for j in idx)
+        return sum(sum(entropies[j]) for j in idx) / n if n else None
+
+    def rate(idx, key, invert=False):
+        if not idx:
+            return None
+        r = sum(bool(samples[j][key]) for j in idx) / len(idx)
+        return 1.0 - r if invert else r
+
+    everything = list(range(len(samples)))
+    harmful = subset(lambda s: s["kind"] == "harmful")
+    benign = subset(lambda s: s["kind"] == "benign")
+    over = subset(lambda s: s["kind"] == "benign" and s["category"] == "over_refusal")
+    general = subset(lambda s: s["kind"] == "general")
+
+    by_prompt: dict[int, list[str]] = {}
+    for s in samples:
+        by_prompt.setdefault(s["prompt_index"], []).append(s["response"])
+    sb = {i: tm.self_bleu(v) for i, v in by_prompt.items() if len(v) >= 2}
+    kinds = {}
+    for kind, idx in (("harmful", harmful), ("benign", benign), ("general", general)):
+        prompts_here = sorted({samples[j]["prompt_index"] for j in idx})
+        kinds[kind] = {
+            "n_prompts": len(prompts_here), "n_responses": len(idx),
+            "refusal_rate": rate(idx, "refusal"), "mean_length": _mean([samples[j]["length"] for j in idx]),
+            "mean_token_entropy": tok_entropy(idx),
+            "diversity": _mean([1.0 - sb[i] for i in prompts_here if i in sb]),
+            "leak_rate": rate(idx, "leak") if leak_det else None,
+        }
+    metrics = {
+        "harmful_refusal": rate(harmful, "refusal"),
+        "benign_compliance": rate(benign, "refusal", invert=True),
+        "over_refusal_compliance": rate(over, "refusal", invert=True),
+        "general_compliance": rate(general, "refusal", invert=True),
+        "mean_length": _mean([s["length"] for s in samples]),
+        "benign_mean_length": kinds["benign"]["mean_length"],
+        "mean_token_entropy": tok_entropy(everything),
+        "benign_mean_token_entropy": kinds["benign"]["mean_token_entropy"],
+        "diversity": _mean([1.0 - v for v in sb.values()]),
+        "leak_rate": rate(everything, "leak") if leak_det else None,
+    }
+    del model
+    return {
+        "name": entry["name"], "path": entry.get("path"), "constitution": entry.get("constitution"),
+        "constitution_sha256": constitution.sha256 if constitution else None,
+        "metrics": metrics, "per_kind": kinds, "generation_seconds": round(gen_seconds, 2),
+        "_samples": samples,
+    }
+
+
+def evaluate_models(models: list[dict], prompt_files: list[str], output_dir: str, *, num_samples: int = 4,
+                    max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                    batch_size: int = 32, seed: int = 0, refusal_detector="keyword",
+                    leak_constitutions: list[str] | None = None, leak_ngram: int = 8,
+                    teacher_template: str | None = None, device=None, dtype=None, progress: bool = True,
+                    plots: bool = True, print_table: bool = True) -> dict:
+    """Evaluate every model on every prompt file and write ``output_dir/report.json`` (+ plots).
+
+    ``models``: ``[{"name": str, "path": dir, "constitution": None | file}]`` (a loaded ``model`` and
+    ``tokenizer`` may be given instead of ``path``).  ``refusal_detector``: ``"keyword"``,
+    ``"classifier:PATH"``, ``"judge:PATH"``, a model directory, or any callable
+    ``(prompts, responses) -> list[bool]``.  ``leak_constitutions``: the constitution files whose
+    text counts as leaked (default: every constitution named in ``models``).  Returns the report.
+    """
+    from copsd.constitution import load_constitution
+    from copsd.data import load_prompt_rows
+
+    models = _check_models(models)
+    if isinstance(prompt_files, str) or not isinstance(prompt_files, Sequence) or not prompt_files:
+        raise ValueError("prompt_files: expected a non-empty list of JSONL paths")
+    for name, v in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    if not isinstance(output_dir, str) or not output_dir:
+        raise ValueError("output_dir: expected a directory path")
+    rows = []
+    for f in prompt_files:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"prompt file not found: {f}")
+        rows.extend(load_prompt_rows(f))
+    detector = refusal_detector if callable(refusal_detector) else tm.load_refusal_detector(refusal_detector)
+    leak_files = leak_constitutions if leak_constitutions is not None else sorted(
+        {m["constitution"] for m in models if m.get("constitution")})
+    leak_texts = [t for f in leak_files for t in load_constitution(f).all_texts()]
+
+    os.makedirs(output_dir, exist_ok=True)
+    results = []
+    for entry in models:
+        res = evaluate_model(entry, rows, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed,
+                             refusal_detector=detector, leak_texts=leak_texts or None, leak_ngram=leak_ngram,
+                             teacher_template=teacher_template, device=device, dtype=dtype, progress=progress)
+        samples = res.pop("_samples")
+        fname = f"responses-{_slug(entry['name'])}.jsonl"
+        with open(os.path.join(output_dir, fname), "w", encoding="utf-8") as f:
+            for s in samples:
+                f.write(json.dumps(s, ensure_ascii=False) + "\n")
+        res["responses_file"] = fname
+        res["_lengths"] = [s["length"] for s in samples if s["kind"] != "harmful"]
+        res["_entropies"] = [s["mean_entropy"] for s in samples if s["kind"] != "harmful" and s["mean_entropy"]]
+        results.append(res)
+
+    report = {
+        "prompt_files": list(prompt_files), "n_prompts": len(rows),
+        "n_prompts_by_kind": {k: sum(r.kind == k for r in rows) for k in ("harmful", "benign", "general")},
+        "settings": {"num_samples": num_samples, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                     "top_p": top_p, "top_k": top_k, "seed": seed, "leak_ngram": leak_ngram,
+                     "refusal_detector": refusal_detector if isinstance(refusal_detector, str)
+                     else type(refusal_detector).__name__, "leak_constitutions": leak_files},
+        "metrics": list(METRICS),
+        "models": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
+    }
+    if plots:
+        report["plots"] = write_plots(results, output_dir)
+    with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    if print_table:
+        print(format_table(report))
+    return report
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+
+
+def format_table(report: dict) -> str:
+    """One row per model, the headline metrics as columns ("-" where a metric does not apply)."""
+    header = ["model"] + [h for _, h, _ in TABLE_COLUMNS]
+    lines = []
+    for m in report["models"]:
+        cells = [m["name"] + (" +constitution" if m.get("constitution") else "")]
+        for key, _, fmt in TABLE_COLUMNS:
+            v = m["metrics"].get(key)
+            cells.append("-" if v is None else fmt.format(v))
+        lines.append(cells)
+    widths = [max(len(r[i]) for r in [header] + lines) for i in range(len(header))]
+    fmt_row = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt_row(header), "  ".join("-" * w for w in widths)] + [fmt_row(r) for r in lines])
+
+
+def write_plots(results: list[dict], output_dir: str) -> dict:
+    """safety_vs_helpfulness.png, lengths.png, entropy.png; returns {plot: filename}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {}
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for r in results:
+        x, y = r["metrics"]["benign_compliance"], r["metrics"]["harmful_refusal"]
+        if x is None or y is None:
+            continue
+        ax.scatter([x], [y], s=60)
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("benign compliance (helpfulness)")
+    ax.set_ylabel("harmful refusal rate (safety)")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.set_title("safety vs helpfulness")
+    fig.tight_layout()
+    files["safety_vs_helpfulness"] = "safety_vs_helpfulness.png"
+    fig.savefig(os.path.join(output_dir, files["safety_vs_helpfulness"]), dpi=110)
+    plt.close(fig)
+
+    for key, fname, label in (("_lengths", "lengths.png", "response length (tokens)"),
+                              ("_entropies", "entropy.png", "mean token entropy per response (nats)")):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        data = [r[key] or [0.0] for r in results]
+        ax.boxplot(data, showmeans=True)
+        ax.set_xticks(range(1, len(results) + 1))
+        ax.set_xticklabels([r["name"] for r in results], rotation=20, fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_title(f"{label.split(' (')[0]} - benign and general prompts")
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        fig.savefig(os.path.join(output_dir, fname), dpi=110)
+        plt.close(fig)
+        files[fname.split(".")[0]] = fname
+    return files
+
