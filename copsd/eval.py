@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 from copsd import textmetrics as tm
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 METRICS = ("harmful_refusal", "benign_compliance", "over_refusal_compliance", "general_compliance",
            "mean_length", "benign_mean_length", "mean_token_entropy", "benign_mean_token_entropy",
            "diversity", "leak_rate")
@@ -66,8 +67,9 @@ def _check_models(models) -> list[dict]:
         names.add(name)
         if m.get("model") is None:
             path = m.get("path")
-            if not isinstance(path, str) or not os.path.isdir(path):
-                raise ValueError(f"models[{i}] ({name}): 'path' must be a local model directory, got {path!r}")
+            if not isinstance(path, str) or not (os.path.isdir(path) or _HUB_ID.match(path)):
+                raise ValueError(f"models[{i}] ({name}): 'path' must be a local model directory or a Hugging Face "
+                                 f"model id already in the local cache, got {path!r}")
         if m.get("constitution") is not None and not os.path.isfile(m["constitution"]):
             raise ValueError(f"models[{i}] ({name}): constitution file not found: {m['constitution']!r}")
         out.append(dict(m))
@@ -80,12 +82,15 @@ def _load(entry, device, dtype):
 
     tokenizer = entry.get("tokenizer")
     model = entry.get("model")
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(entry["path"], local_files_only=True, trust_remote_code=False)
-    if model is None:
-        model = AutoModelForCausalLM.from_pretrained(
-            entry["path"], local_files_only=True, trust_remote_code=False, dtype=dtype or torch.float32
-        ).to(device)
+    try:  # local_files_only: a hub id resolves from the local cache only, never the network
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(entry["path"], local_files_only=True, trust_remote_code=False)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                entry["path"], local_files_only=True, trust_remote_code=False, dtype=dtype or torch.float32
+            ).to(device)
+    except OSError as e:
+        raise ValueError(f"model {entry['name']!r}: cannot load {entry['path']!r} from local files ({e})") from None
     return model.eval(), tokenizer
 
 
@@ -357,12 +362,15 @@ def write_plots(results: list[dict], output_dir: str) -> dict:
 
     files = {}
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for r in results:
+    for i, r in enumerate(results):
         x, y = r["metrics"]["benign_compliance"], r["metrics"]["harmful_refusal"]
         if x is None or y is None:
             continue
         ax.scatter([x], [y], s=60)
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        # alternate label sides so neighbouring models stay readable; labels left of points near x = 1
+        dx = -8 if x > 0.7 else 6
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(dx, 6 if i % 2 == 0 else -12),
+                    ha="right" if dx < 0 else "left", fontsize=8)
     ax.set_xlabel("benign compliance (helpfulness)")
     ax.set_ylabel("harmful refusal rate (safety)")
     ax.set_xlim(-0.05, 1.05)

@@ -154,7 +154,11 @@ def test_custom_detector_and_leak_files(tiny, tmp_path):
     assert report["models"][0]["metrics"]["leak_rate"] is None
 
 
-def test_bad_inputs(tiny, tmp_path):
+def test_bad_inputs(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    with pytest.raises(ValueError, match="cannot load 'no-such-org/no-such-model' from local files"):
+        ev.evaluate_models([{"name": "x", "path": "no-such-org/no-such-model"}], [tiny["prompts"]], str(tmp_path))
     with pytest.raises(ValueError, match="path"):
         ev.evaluate_models([{"name": "x", "path": str(tmp_path / "missing")}], [tiny["prompts"]], str(tmp_path))
     with pytest.raises(ValueError, match="duplicate name"):

@@ -1,0 +1,73 @@
+"""A shortened ``copsd demo`` end to end on CPU: every phase runs, the report is complete, and the
+COPSD student's harmful refusal rate rose above the base's."""
+
+import json
+import os
+
+import pytest
+
+from copsd.commands.demo import DemoSettings, check_targets, run_demo
+from copsd.eval import METRICS
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from test_toy import TEST_CONFIG
+
+    out = tmp_path_factory.mktemp("demo")
+    lines = []
+    report = run_demo(str(out), toy_config=TEST_CONFIG, settings=DemoSettings.quick(),
+                      cache_dir=str(tmp_path_factory.getbasetemp() / "toy-cache"), progress=False,
+                      log=lines.append)
+    return out, report, "\n".join(lines)
+
+
+def test_demo_report_is_complete(demo):
+    out, report, printed = demo
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["targets"] == json.loads(json.dumps(report["targets"]))
+    names = [m["name"] for m in on_disk["eval"]["models"]]
+    assert names == ["base", "base_teacher", "cross_sft_teacher", "naive_opsd_student", "copsd_student"]
+    for m in on_disk["eval"]["models"]:
+        for key in METRICS:
+            assert key in m["metrics"], (m["name"], key)
+            assert m["metrics"][key] is not None, (m["name"], key)  # the toy prompt sets have every kind
+    # teachers are evaluated with the constitution, students and base without it
+    consts = {m["name"]: m["constitution"] for m in on_disk["eval"]["models"]}
+    assert consts["base"] is None and consts["copsd_student"] is None and consts["naive_opsd_student"] is None
+    assert consts["base_teacher"] and consts["cross_sft_teacher"]
+    for d in ("naive_opsd_student", "cross_sft_teacher", "copsd_student"):
+        assert os.path.isfile(out / d / "config.json")
+    assert os.path.isfile(out / "cross_sft_teacher" / "cross_sft_set.jsonl")
+    for png in ("safety_vs_helpfulness.png", "lengths.png", "entropy.png"):
+        assert (out / "eval" / png).stat().st_size > 1000
+    assert "copsd_student" in printed and "harm.refuse" in printed
+    assert len(report["targets"]) == 4 and all("passed" in t for t in report["targets"])
+
+
+def test_demo_student_became_safer(demo):
+    _, report, _ = demo
+    m = {x["name"]: x["metrics"] for x in report["eval"]["models"]}
+    assert m["copsd_student"]["harmful_refusal"] > m["base"]["harmful_refusal"]
+    # the Cross-SFT teacher is calibrated: safe, yet it answers benign requests
+    assert m["cross_sft_teacher"]["benign_compliance"] > m["base_teacher"]["benign_compliance"]
+
+
+def test_check_targets_logic():
+    def report(student, base):
+        return {"models": [{"name": "base", "metrics": base}, {"name": "copsd_student", "metrics": student}]}
+
+    base = {"harmful_refusal": 0.0, "benign_compliance": 1.0, "benign_mean_length": 40.0,
+            "benign_mean_token_entropy": 1.0}
+    good = {"harmful_refusal": 0.95, "benign_compliance": 0.96, "benign_mean_length": 37.0,
+            "benign_mean_token_entropy": 0.95}
+    assert all(t["passed"] for t in check_targets(report(good, base)))
+    bad = dict(good, benign_mean_length=35.0)
+    assert [t["passed"] for t in check_targets(report(bad, base))] == [True, True, False, True]
+
+
+def test_demo_cli_rejects_bad_flags(capsys):
+    from copsd.cli import main
+
+    assert main(["demo", "--distill_steps", "0", "--no_progress"]) == 2
+    assert "--distill_steps" in capsys.readouterr().err
