@@ -287,6 +287,7 @@ class Distiller:
         self.cfg = cfg
         self.acc = accelerator or make_accelerator(cfg)
         self.device = self.acc.device
+        self.logger = None  # MetricsLogger, opened by train(); train_step() alone logs nothing
         self.constitution = load_constitution(cfg.constitution)
         self.rows = load_prompt_rows(cfg.dataset)
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
@@ -559,7 +560,7 @@ class Distiller:
             sums.add("constitution_leak_rate", lr * len(texts), float(len(texts)))
 
     def _sample_table(self, step, samples, rewards, offsets):
-        if not self.acc.is_main_process:
+        if not self.acc.is_main_process or self.logger is None:
             return
         rows, seen = [], set()
         flags_for = {}
