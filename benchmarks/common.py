@@ -1,0 +1,160 @@
+"""Shared speed and peak-memory helpers for the benchmarks (CPU and CUDA).
+
+* :func:`median_time` -- median wall time of ``fn()`` over repeats (CUDA synchronised);
+  :func:`median_times_interleaved` does several callables round-robin (fair under load).
+* :func:`cuda_peak_extra` -- peak ``torch.cuda.max_memory_allocated`` above what was
+  allocated before the call (inputs excluded, outputs included).
+* :func:`cpu_peak_extra` -- peak resident memory above the baseline, measured in a fresh
+  subprocess: the child builds the inputs, runs the case once to warm up (thread pools, MKL
+  buffers), resets the kernel's high-water mark (``/proc/self/clear_refs``), reads ``VmRSS``,
+  runs the case again and reads ``VmHWM``.  glibc is told to serve every block of 64 KiB or more
+  with ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so freed tensors leave the resident set at once and
+  RSS tracks live memory instead of being hidden by allocator reuse.  This counts everything
+  the process touches (MKL workspaces, the extension's buffers), not only torch tensors.
+* :func:`machine` -- a one-line description of the machine for result tables.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+MIB = 2**20
+
+
+def _sync(device):
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, *, repeats=5, warmup=1, device="cpu"):
+    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs; returns
+    ``(median, [all times])``."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def median_times_interleaved(fns, *, repeats=5, warmup=1, device="cpu"):
+    """Like :func:`median_time` for several callables, run round-robin (a, b, c, a, b, c, ...)
+    so that load from other processes on a shared machine hits every one alike.
+    Returns ``{name: (median, [all times])}``."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            gc.collect()
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(ts), ts) for name, ts in times.items()}
+
+
+def cuda_peak_extra(fn):
+    """Peak CUDA memory allocated during ``fn()`` above what was allocated before it (bytes)."""
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _reset_hwm():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _child_main(script, factory, kwargs_json, warmup="1"):
+    """Entry point of the measuring subprocess (see :func:`cpu_peak_extra`)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    mod_name = os.path.splitext(os.path.basename(script))[0]
+    mod = __import__(mod_name)
+    fn = getattr(mod, factory)(**json.loads(kwargs_json))
+    if warmup == "1":
+        fn()  # one-time allocations (thread pools, BLAS buffers) are not the op's
+    if hasattr(fn, "reset"):
+        fn.reset()  # drop what the warm-up left behind (e.g. .grad), or it would hide in the baseline
+    gc.collect()
+    _reset_hwm()
+    base = _status_kib("VmRSS")
+    fn()
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"peak_extra_bytes": (peak - base) * 1024}))
+
+
+def cpu_peak_extra(script, factory, timeout=900, warmup=True, **kwargs):
+    """Peak extra resident memory (bytes) of one call of ``script.factory(**kwargs)()``.
+
+    ``factory`` builds the inputs and returns the zero-argument callable to measure (with an
+    optional ``reset()`` attribute that frees state a call leaves behind, such as ``.grad``); it
+    is imported by module name from ``script``'s directory in a fresh Python process.  With
+    ``warmup=False`` the measured call is the first one (for very slow callables; one-time
+    allocations are then included, which can only overstate the peak).
+    """
+    if not os.path.exists("/proc/self/clear_refs"):
+        raise RuntimeError("cpu_peak_extra needs Linux /proc/self/clear_refs")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import common; "
+            "common._child_main(*sys.argv[2:6])")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    res = subprocess.run(
+        [sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), os.path.abspath(script), factory,
+         json.dumps(kwargs), "1" if warmup else "0"],
+        env=env, capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory probe {factory}({kwargs}) failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+def machine():
+    """CPU model, core count, torch version and UTC date, for result tables."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        load = f"load avg {os.getloadavg()[0]:.1f}"
+    except OSError:
+        load = "load n/a"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"{load}, {date}")

@@ -1,0 +1,446 @@
+// CPU drivers of the fused loss ops (log-probs + entropy, top-k, divergence).
+//
+// Layout: tokens are processed in row chunks.  For a chunk the lm_head GEMM (ATen/MKL,
+// multi-threaded) writes full-vocabulary rows into a reusable [rows, V] workspace; the row
+// epilogues of loss_rows.h then run in parallel over the rows (each row stays in L2 through
+// its 2-4 passes); when gradients are wanted the epilogue leaves dLoss/dy in the same buffer
+// and two more GEMMs produce d_hidden rows and accumulate d_weight (fp32).  So a loss with
+// its gradient costs exactly the four GEMMs of the naive computation and no [N, V] tensor:
+// the workspace is bounded by `workspace_bytes` (at least one row per side).
+//
+// Low-precision weights are up-cast per vocabulary block (also bounded) so every GEMM runs
+// and accumulates in fp32 (fp64 for fp64 inputs).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "loss_rows_api.h"
+
+namespace copsd_cpu {
+namespace {
+
+// ------------------------------------------------------------------------------ ISA choice
+
+int detect_isa() {
+  int level = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = 1;
+  if (level == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    level = 2;
+#endif
+  // COPSD_CPU_ISA=base|avx2|avx512 caps the level (tests run every variant this way).
+  if (const char* env = std::getenv("COPSD_CPU_ISA")) {
+    const std::string s(env);
+    int cap = s == "base" ? 0 : s == "avx2" ? 1 : 2;
+    level = std::min(level, cap);
+  }
+  return level;
+}
+
+int isa_level() {
+  static const int level = detect_isa();
+  return level;
+}
+
+template <typename T>
+const RowKernels<T>& kernels();
+
+template <>
+const RowKernels<float>& kernels<float>() {
+  switch (isa_level()) {
+    case 2: return avx512::kernels_f32();
+    case 1: return avx2::kernels_f32();
+    default: return base::kernels_f32();
+  }
+}
+
+template <>
+const RowKernels<double>& kernels<double>() {
+  switch (isa_level()) {
+    case 2: return avx512::kernels_f64();
+    case 1: return avx2::kernels_f64();
+    default: return base::kernels_f64();
+  }
+}
+
+// ------------------------------------------------------------------------------ helpers
+
+using at::Tensor;
+
+// Row epilogues: one row (one or two vocabulary rows) per task, handed out dynamically so a
+// thread that the OS preempts (shared CI machines) does not hold the whole chunk back as with a
+// static split.  Uses the OpenMP runtime torch itself loads (same libgomp), sized like torch's pool.
+#define COPSD_PARALLEL_ROWS \
+  _Pragma("omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads()) if (nr > 1)")
+
+// COPSD_CPU_PROFILE=1 prints per-phase wall times of each call to stderr (GEMMs vs epilogue).
+struct PhaseTimer {
+  bool on = std::getenv("COPSD_CPU_PROFILE") != nullptr;
+  const char* name;
+  double gemm = 0, epi = 0, grad = 0;
+  std::chrono::steady_clock::time_point t0;
+  explicit PhaseTimer(const char* n) : name(n) {}
+  void start() { if (on) t0 = std::chrono::steady_clock::now(); }
+  void stop(double& acc) {
+    if (on) acc += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  }
+  ~PhaseTimer() {
+    if (on) std::fprintf(stderr, "[copsd cpu] %s: logits GEMM %.1f ms, epilogue %.1f ms, grad GEMMs %.1f ms\n", name,
+                         gemm, epi, grad);
+  }
+};
+
+LogitParams logit_params(double temperature, double logit_scale, std::optional<double> softcap) {
+  LogitParams p;
+  p.temperature = temperature;
+  p.logit_scale = logit_scale;
+  p.softcap = softcap.has_value() ? *softcap : 0.0;
+  return p;
+}
+
+at::ScalarType acc_type(const Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Rows per chunk so that `sides` [rows, V] buffers fit in `budget` bytes (>= 1 row).
+int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget) {
+  int64_t rows = budget / std::max<int64_t>(1, sides * V * elem);
+  return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(N, 1)));
+}
+
+// Vocabulary rows per up-cast block of a low-precision weight.
+int64_t upcast_block(int64_t V, int64_t H, int64_t elem, int64_t budget) {
+  return std::max<int64_t>(1, std::min<int64_t>(V, (budget / 4) / std::max<int64_t>(1, H * elem)));
+}
+
+// out[rows, V] = x[rows, H] @ W[V, H]^T in out's dtype.
+void gemm_logits(const Tensor& x, const Tensor& W, Tensor out, int64_t vb) {
+  if (W.scalar_type() == out.scalar_type()) {
+    at::mm_out(out, x, W.t());
+    return;
+  }
+  const int64_t V = W.size(0);
+  for (int64_t v0 = 0; v0 < V; v0 += vb) {
+    const int64_t n = std::min(vb, V - v0);
+    Tensor blk = out.narrow(1, v0, n);
+    at::mm_out(blk, x, W.narrow(0, v0, n).to(out.scalar_type()).t());
+  }
+}
+
+// dx[rows, H] = dz[rows, V] @ W[V, H]; dw[V, H] (+)= dz^T @ x.
+void gemm_grads(const Tensor& dz, const Tensor& x, const Tensor& W, Tensor dx, Tensor& dw, bool first,
+                int64_t vb) {
+  if (W.scalar_type() == dz.scalar_type()) {
+    at::mm_out(dx, dz, W);
+  } else {
+    const int64_t V = W.size(0);
+    dx.zero_();
+    for (int64_t v0 = 0; v0 < V; v0 += vb) {
+      const int64_t n = std::min(vb, V - v0);
+      dx.addmm_(dz.narrow(1, v0, n), W.narrow(0, v0, n).to(dz.scalar_type()));
+    }
+  }
+  if (first) {
+    at::mm_out(dw, dz.t(), x);
+  } else {
+    dw.addmm_(dz.t(), x);
+  }
+}
+
+template <typename T>
+Tensor vec_or_zeros(const std::optional<Tensor>& t, int64_t n, at::ScalarType st) {
+  if (t.has_value() && t->defined()) return t->to(st).contiguous();
+  return at::zeros({n}, at::TensorOptions().dtype(st));
+}
+
+// ------------------------------------------------------------------------------ log-probs
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> logprobs_forward_t(const Tensor& hidden, const Tensor& weight, const Tensor& ids,
+                                                      const LogitParams& lp, int64_t budget) {
+  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  const auto st = acc_type(hidden);
+  auto opts = at::TensorOptions().dtype(st);
+  Tensor out_lp = at::empty({N}, opts), out_ent = at::empty({N}, opts), out_lse = at::empty({N}, opts);
+  if (N == 0) return {out_lp, out_ent, out_lse};
+  const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
+  const int64_t vb = upcast_block(V, H, sizeof(T), budget);
+  Tensor z = at::empty({rows, V}, opts);
+  const auto& K = kernels<T>();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  T* plp = out_lp.data_ptr<T>();
+  T* pent = out_ent.data_ptr<T>();
+  T* plse = out_lse.data_ptr<T>();
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t nr = std::min(rows, N - r0);
+    Tensor zc = z.narrow(0, 0, nr);
+    gemm_logits(hidden.narrow(0, r0, nr).to(st), weight, zc, vb);
+    T* zp = zc.data_ptr<T>();
+    COPSD_PARALLEL_ROWS
+    for (int64_t r = 0; r < nr; ++r)
+      K.logprob_fwd(zp + r * V, V, id[r0 + r], lp, plp + r0 + r, pent + r0 + r, plse + r0 + r);
+  }
+  return {out_lp, out_ent, out_lse};
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tensor& weight, const Tensor& ids,
+                                               const Tensor& lse, const Tensor& ent, const Tensor& g_lp,
+                                               const Tensor& g_ent, const Tensor& g_lse, const LogitParams& lp,
+                                               int64_t budget) {
+  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  const auto st = acc_type(hidden);
+  auto opts = at::TensorOptions().dtype(st);
+  Tensor dx = at::empty({N, H}, opts);
+  Tensor dw = at::empty({V, H}, opts);
+  if (N == 0) {
+    dw.zero_();
+    return {dx, dw};
+  }
+  const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
+  const int64_t vb = upcast_block(V, H, sizeof(T), budget);
+  Tensor z = at::empty({rows, V}, opts);
+  const auto& K = kernels<T>();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const T* plse = lse.data_ptr<T>();
+  const T* pent = ent.data_ptr<T>();
+  const T* pa = g_lp.data_ptr<T>();
+  const T* pb = g_ent.data_ptr<T>();
+  const T* pc = g_lse.data_ptr<T>();
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t nr = std::min(rows, N - r0);
+    Tensor zc = z.narrow(0, 0, nr);
+    Tensor xc = hidden.narrow(0, r0, nr).to(st);
+    gemm_logits(xc, weight, zc, vb);
+    T* zp = zc.data_ptr<T>();
+    COPSD_PARALLEL_ROWS
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t n = r0 + r;
+      K.logprob_bwd(zp + r * V, V, id[n], plse[n], pent[n], pa[n], pb[n], pc[n], lp);
+    }
+    gemm_grads(zc, xc, weight, dx.narrow(0, r0, nr), dw, r0 == 0, vb);
+  }
+  return {dx, dw};
+}
+
+// ------------------------------------------------------------------------------ top-k
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& weight, int64_t k,
+                                          const LogitParams& lp, int64_t budget) {
+  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  const auto st = acc_type(hidden);
+  auto opts = at::TensorOptions().dtype(st);
+  Tensor out_ids = at::empty({N, k}, at::TensorOptions().dtype(at::kLong));
+  Tensor out_lp = at::empty({N, k}, opts), out_lse = at::empty({N}, opts);
+  if (N == 0) return {out_ids, out_lp, out_lse};
+  const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
+  const int64_t vb = upcast_block(V, H, sizeof(T), budget);
+  Tensor z = at::empty({rows, V}, opts);
+  const auto& K = kernels<T>();
+  int64_t* pid = out_ids.data_ptr<int64_t>();
+  T* plp = out_lp.data_ptr<T>();
+  T* plse = out_lse.data_ptr<T>();
+  PhaseTimer tm("topk");
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t nr = std::min(rows, N - r0);
+    Tensor zc = z.narrow(0, 0, nr);
+    tm.start();
+    gemm_logits(hidden.narrow(0, r0, nr).to(st), weight, zc, vb);
+    tm.stop(tm.gemm);
+    tm.start();
+    T* zp = zc.data_ptr<T>();
+    COPSD_PARALLEL_ROWS
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t n = r0 + r;
+      K.topk(zp + r * V, V, k, lp, pid + n * k, plp + n * k, plse + n);
+    }
+    tm.stop(tm.epi);
+  }
+  return {out_ids, out_lp, out_lse};
+}
+
+// ------------------------------------------------------------------------------ divergence
+
+template <typename T>
+std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> divergence_t(
+    const Tensor& xs, const Tensor& ws, const Tensor& xt, const Tensor& wt, const LogitParams& lp,
+    const DivParams& dp, const std::optional<Tensor>& topk_ids, const std::optional<Tensor>& token_grad,
+    int64_t budget) {
+  const int64_t N = xs.size(0), V = ws.size(0), H = xs.size(1);
+  const auto st = acc_type(xs);
+  auto opts = at::TensorOptions().dtype(st);
+  const bool grad = token_grad.has_value() && token_grad->defined();
+  Tensor loss = at::empty({N}, opts);
+  Tensor dx, dw, tg;
+  if (grad) {
+    dx = at::empty({N, H}, opts);
+    dw = at::empty({V, H}, opts);
+    tg = token_grad->to(st).contiguous();
+  }
+  if (N == 0) {
+    if (grad) dw.zero_();
+    return {loss, grad ? std::optional<Tensor>(dx) : std::nullopt, grad ? std::optional<Tensor>(dw) : std::nullopt};
+  }
+  const bool topk = dp.support == SUPPORT_TOPK;
+  const int64_t k = topk ? topk_ids->size(1) : 0;
+  const int64_t* pK = topk ? topk_ids->data_ptr<int64_t>() : nullptr;
+  const int64_t rows = chunk_rows(N, V, sizeof(T), 2, budget);
+  const int64_t vb_s = upcast_block(V, H, sizeof(T), budget);
+  const int64_t vb_t = upcast_block(V, xt.size(1), sizeof(T), budget);
+  Tensor zs = at::empty({rows, V}, opts), zt = at::empty({rows, V}, opts);
+  Tensor scratch = at::empty({rows, std::max<int64_t>(1, 3 * k)}, opts);
+  const auto& K = kernels<T>();
+  T* ploss = loss.data_ptr<T>();
+  const T* ptg = grad ? tg.data_ptr<T>() : nullptr;
+  T* psc = scratch.data_ptr<T>();
+  const int64_t sc_stride = scratch.size(1);
+  PhaseTimer tm(grad ? "divergence+grad" : "divergence");
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t nr = std::min(rows, N - r0);
+    Tensor zsc = zs.narrow(0, 0, nr), ztc = zt.narrow(0, 0, nr);
+    Tensor xsc = xs.narrow(0, r0, nr).to(st);
+    tm.start();
+    gemm_logits(xsc, ws, zsc, vb_s);
+    gemm_logits(xt.narrow(0, r0, nr).to(st), wt, ztc, vb_t);
+    tm.stop(tm.gemm);
+    tm.start();
+    T* ps = zsc.data_ptr<T>();
+    T* pt = ztc.data_ptr<T>();
+    COPSD_PARALLEL_ROWS
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t n = r0 + r;
+      ploss[n] = K.div(ps + r * V, pt + r * V, V, topk ? pK + n * k : nullptr, k, grad ? ptg[n] : T(0), grad, lp,
+                       dp, psc + r * sc_stride);
+    }
+    tm.stop(tm.epi);
+    tm.start();
+    if (grad) gemm_grads(zsc, xsc, ws, dx.narrow(0, r0, nr), dw, r0 == 0, vb_s);
+    tm.stop(tm.grad);
+  }
+  return {loss, grad ? std::optional<Tensor>(dx) : std::nullopt, grad ? std::optional<Tensor>(dw) : std::nullopt};
+}
+
+// ------------------------------------------------------------------------------ bindings
+
+void check_2d_same(const Tensor& h, const Tensor& w, const char* hn, const char* wn) {
+  TORCH_CHECK(h.device().is_cpu() && w.device().is_cpu(), hn, "/", wn, " must be CPU tensors");
+  TORCH_CHECK(h.dim() == 2 && w.dim() == 2 && h.size(1) == w.size(1), hn, " [N, H] and ", wn,
+              " [V, H] expected");
+  TORCH_CHECK(h.is_contiguous() && w.is_contiguous(), hn, "/", wn, " must be contiguous");
+}
+
+std::tuple<Tensor, Tensor, Tensor> logprobs_forward(const Tensor& hidden, const Tensor& weight, const Tensor& ids,
+                                                    double temperature, double logit_scale,
+                                                    std::optional<double> softcap, int64_t budget) {
+  at::NoGradGuard no_grad;  // outputs are plain tensors; the op layer owns autograd
+  check_2d_same(hidden, weight, "hidden", "weight");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.size(0) == hidden.size(0),
+              "ids must be int64 [N]");
+  const auto lp = logit_params(temperature, logit_scale, softcap);
+  Tensor idc = ids.contiguous();
+  if (acc_type(hidden) == at::kDouble) return logprobs_forward_t<double>(hidden, weight, idc, lp, budget);
+  return logprobs_forward_t<float>(hidden, weight, idc, lp, budget);
+}
+
+std::tuple<Tensor, Tensor> logprobs_backward(const Tensor& hidden, const Tensor& weight, const Tensor& ids,
+                                             const Tensor& lse, const Tensor& entropy,
+                                             const std::optional<Tensor>& g_lp, const std::optional<Tensor>& g_ent,
+                                             const std::optional<Tensor>& g_lse, double temperature,
+                                             double logit_scale, std::optional<double> softcap, int64_t budget) {
+  at::NoGradGuard no_grad;  // outputs are plain tensors; the op layer owns autograd
+  check_2d_same(hidden, weight, "hidden", "weight");
+  const auto lp = logit_params(temperature, logit_scale, softcap);
+  const int64_t N = hidden.size(0);
+  const auto st = acc_type(hidden);
+  Tensor idc = ids.contiguous();
+  Tensor l = lse.to(st).contiguous(), e = entropy.to(st).contiguous();
+  if (st == at::kDouble) {
+    return logprobs_backward_t<double>(hidden, weight, idc, l, e, vec_or_zeros<double>(g_lp, N, st),
+                                       vec_or_zeros<double>(g_ent, N, st), vec_or_zeros<double>(g_lse, N, st), lp,
+                                       budget);
+  }
+  return logprobs_backward_t<float>(hidden, weight, idc, l, e, vec_or_zeros<float>(g_lp, N, st),
+                                    vec_or_zeros<float>(g_ent, N, st), vec_or_zeros<float>(g_lse, N, st), lp, budget);
+}
+
+std::tuple<Tensor, Tensor, Tensor> topk(const Tensor& hidden, const Tensor& weight, int64_t k, double temperature,
+                                        double logit_scale, std::optional<double> softcap, int64_t budget) {
+  at::NoGradGuard no_grad;  // outputs are plain tensors; the op layer owns autograd
+  check_2d_same(hidden, weight, "hidden", "weight");
+  TORCH_CHECK(k >= 1 && k <= weight.size(0), "k must be in [1, V]");
+  const auto lp = logit_params(temperature, logit_scale, softcap);
+  if (acc_type(hidden) == at::kDouble) return topk_t<double>(hidden, weight, k, lp, budget);
+  return topk_t<float>(hidden, weight, k, lp, budget);
+}
+
+std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> divergence(
+    const Tensor& xs, const Tensor& ws, const Tensor& xt, const Tensor& wt, double temperature, double logit_scale,
+    std::optional<double> softcap, int64_t kind, double beta, int64_t support, int64_t tail,
+    std::optional<double> term_clip, const std::optional<Tensor>& topk_ids, const std::optional<Tensor>& token_grad,
+    int64_t budget) {
+  at::NoGradGuard no_grad;  // outputs are plain tensors; the op layer owns autograd
+  check_2d_same(xs, ws, "s_hidden", "s_weight");
+  check_2d_same(xt, wt, "t_hidden", "t_weight");
+  TORCH_CHECK(xt.size(0) == xs.size(0) && wt.size(0) == ws.size(0), "student/teacher shapes disagree");
+  TORCH_CHECK(kind >= 0 && kind <= 2 && support >= 0 && support <= 1 && tail >= 0 && tail <= 2,
+              "bad divergence spec");
+  LogitParams lp = logit_params(temperature, logit_scale, softcap);
+  DivParams dp;
+  dp.kind = static_cast<int>(kind);
+  dp.beta = beta;
+  dp.support = static_cast<int>(support);
+  dp.tail = static_cast<int>(tail);
+  dp.has_clip = term_clip.has_value();
+  dp.clip = term_clip.value_or(0.0);
+  std::optional<Tensor> K;
+  if (dp.support == SUPPORT_TOPK) {
+    TORCH_CHECK(topk_ids.has_value() && topk_ids->defined(), "teacher_topk support needs topk_ids");
+    TORCH_CHECK(topk_ids->scalar_type() == at::kLong && topk_ids->dim() == 2 && topk_ids->size(0) == xs.size(0) &&
+                    topk_ids->size(1) >= 1 && topk_ids->size(1) <= ws.size(0),
+                "topk_ids must be int64 [N, k] with 1 <= k <= V");
+    K = topk_ids->contiguous();
+  }
+  if (token_grad.has_value() && token_grad->defined())
+    TORCH_CHECK(token_grad->dim() == 1 && token_grad->size(0) == xs.size(0), "token_grad must be [N]");
+  if (acc_type(xs) == at::kDouble) return divergence_t<double>(xs, ws, xt, wt, lp, dp, K, token_grad, budget);
+  return divergence_t<float>(xs, ws, xt, wt, lp, dp, K, token_grad, budget);
+}
+
+}  // namespace
+
+void register_loss(pybind11::module& m) {
+  namespace py = pybind11;
+  m.def("logprobs_forward", &logprobs_forward, py::arg("hidden"), py::arg("weight"), py::arg("ids"),
+        py::arg("temperature"), py::arg("logit_scale"), py::arg("softcap"), py::arg("workspace_bytes"),
+        "(logprobs[N], entropy[N], lse[N]) of ids under softmax(z)");
+  m.def("logprobs_backward", &logprobs_backward, py::arg("hidden"), py::arg("weight"), py::arg("ids"),
+        py::arg("lse"), py::arg("entropy"), py::arg("g_logprobs"), py::arg("g_entropy"), py::arg("g_lse"),
+        py::arg("temperature"), py::arg("logit_scale"), py::arg("softcap"), py::arg("workspace_bytes"),
+        "(d_hidden, d_weight) of sum(g_lp*lp + g_ent*H + g_lse*lse)");
+  m.def("topk", &topk, py::arg("hidden"), py::arg("weight"), py::arg("k"), py::arg("temperature"),
+        py::arg("logit_scale"), py::arg("softcap"), py::arg("workspace_bytes"),
+        "(ids[N,k], logprobs[N,k], lse[N]), descending");
+  m.def("divergence", &divergence, py::arg("s_hidden"), py::arg("s_weight"), py::arg("t_hidden"),
+        py::arg("t_weight"), py::arg("temperature"), py::arg("logit_scale"), py::arg("softcap"), py::arg("kind"),
+        py::arg("beta"), py::arg("support"), py::arg("tail"), py::arg("term_clip"), py::arg("topk_ids"),
+        py::arg("token_grad"), py::arg("workspace_bytes"),
+        "(loss[N], d_s_hidden | None, d_s_weight | None)");
+  m.def("isa", []() {
+    const int l = isa_level();
+    return std::string(l == 2 ? "avx512" : l == 1 ? "avx2" : "base");
+  }, "instruction set the row epilogues run with");
+}
+
+}  // namespace copsd_cpu

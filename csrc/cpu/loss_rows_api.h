@@ -1,0 +1,53 @@
+// Interface between the torch-facing drivers (loss.cpp) and the per-row epilogues
+// (loss_rows.h, compiled once per ISA).  Plain C++ only: this header is included by files
+// compiled under `#pragma GCC target`, which must not see torch headers.
+#pragma once
+
+#include <cstdint>
+
+namespace copsd_cpu {
+
+struct LogitParams {
+  double temperature = 1.0;
+  double logit_scale = 1.0;
+  double softcap = 0.0;  // <= 0: no softcap
+};
+
+enum { KIND_REVERSE_KL = 0, KIND_FORWARD_KL = 1, KIND_JSD = 2 };
+enum { SUPPORT_FULL = 0, SUPPORT_TOPK = 1 };
+enum { TAIL_BUCKET = 0, TAIL_RENORM = 1, TAIL_NONE = 2 };
+
+struct DivParams {
+  int kind = KIND_REVERSE_KL;
+  double beta = 0.5;
+  int support = SUPPORT_FULL;
+  int tail = TAIL_BUCKET;
+  bool has_clip = false;
+  double clip = 0.0;
+};
+
+// One row of raw GEMM output y[V] in, transformed + reduced (and, for the backward
+// routines, overwritten with d(objective)/dy) out.
+template <typename T>
+struct RowKernels {
+  void (*logprob_fwd)(T* y, int64_t V, int64_t id, const LogitParams&, T* lp, T* ent, T* lse);
+  void (*logprob_bwd)(T* y, int64_t V, int64_t id, T lse, T ent, T g_lp, T g_ent, T g_lse, const LogitParams&);
+  void (*topk)(T* y, int64_t V, int64_t k, const LogitParams&, int64_t* ids, T* lp, T* lse);
+  // Returns the row's loss; with grad, ys becomes tg * dloss/dys (yt is clobbered).
+  // K/k: teacher top-k ids of the row (support == SUPPORT_TOPK); scratch: 3k values.
+  T (*div)(T* ys, T* yt, int64_t V, const int64_t* K, int64_t k, T tg, bool grad, const LogitParams&,
+           const DivParams&, T* scratch);
+};
+
+#define COPSD_DECLARE_ISA(isa)                  \
+  namespace isa {                               \
+  const RowKernels<float>& kernels_f32();       \
+  const RowKernels<double>& kernels_f64();      \
+  }
+
+COPSD_DECLARE_ISA(base)
+COPSD_DECLARE_ISA(avx2)
+COPSD_DECLARE_ISA(avx512)
+#undef COPSD_DECLARE_ISA
+
+}  // namespace copsd_cpu

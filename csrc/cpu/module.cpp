@@ -1,0 +1,12 @@
+// Python module of the C++ CPU extension (copsd._C).  Each op family registers its
+// functions from its own file.
+#include <torch/extension.h>
+
+namespace copsd_cpu {
+void register_loss(pybind11::module& m);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "copsd C++ CPU kernels (OpenMP + ATen GEMM per chunk, fused epilogues)";
+  copsd_cpu::register_loss(m);
+}
