@@ -47,7 +47,8 @@ class _LinearDivergence(torch.autograd.Function):
             _, dxs, dws = ctx.impl.divergence(xs, ws, xt, wt, ctx.logit, ctx.div, topk_ids, grad.contiguous())
         else:
             dxs, dws = ctx.saved_tensors
-            dxs, dws = dxs * grad, dws * grad
+            if not bool(grad == 1):  # a plain loss.backward(): skip a full pass over d_weight
+                dxs, dws = dxs * grad, dws * grad
         dxs = dxs.to(ctx.xs_dtype) if ctx.needs_input_grad[0] else None
         dws = dws.to(ctx.ws_dtype) if ctx.needs_input_grad[1] else None
         return dxs, dws, None, None, None, None, None, None, None
