@@ -30,6 +30,9 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import cuda_peak_extra as peak_extra  # noqa: E402
 
 GIB = 2**30
 PATHS = ("fused", "chunked")
@@ -42,18 +45,6 @@ def bench_ms(fn, rep_ms=400):
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
-
-
-def peak_extra(fn):
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak
 
 
 def record(name, ms, mem=None, note=""):
