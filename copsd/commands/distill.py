@@ -10,28 +10,15 @@ def add_arguments(parser):
     add_config_arguments(parser, DistillConfig)
 
 
-def setup_logging():
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "accelerate", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def run(args):
+    from copsd.commands._common import is_main_process, setup_logging
     from copsd.config import DistillConfig, config_from_args
     from copsd.distill import distill
 
     cfg = config_from_args(DistillConfig, args)
     setup_logging()
     metrics = distill(cfg)
-    if _is_main():
+    if is_main_process():
         print(f"copsd distill: wrote {cfg.output_dir} (last loss {metrics.get('loss', float('nan')):.4f})")
     return 0
-
-
-def _is_main():
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
 

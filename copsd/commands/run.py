@@ -20,7 +20,7 @@ def run(args):
     import json
     import os
 
-    from copsd.commands.distill import setup_logging
+    from copsd.commands._common import setup_logging
     from copsd.config import run_config_from_args
     from copsd.distill import distill
     from copsd.sft import sft_teacher

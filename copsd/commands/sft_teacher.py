@@ -11,20 +11,14 @@ def add_arguments(parser):
 
 
 def run(args):
-    from copsd.commands.distill import setup_logging
+    from copsd.commands._common import is_main_process, setup_logging
     from copsd.config import SFTTeacherConfig, config_from_args
     from copsd.sft import sft_teacher
 
     cfg = config_from_args(SFTTeacherConfig, args)
     setup_logging()
     metrics = sft_teacher(cfg)
-    if _is_main():
+    if is_main_process():
         print(f"copsd sft-teacher: wrote {cfg.output_dir} (final loss {metrics.get('loss', float('nan')):.4f})")
     return 0
-
-
-def _is_main():
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
 
