@@ -94,14 +94,19 @@ def _check_messages(messages, where, key):
     return out
 
 
-def parse_prompt_row(rec, where: str) -> PromptRow:
+def _check_record(rec, where: str, allowed, required: str, what: str):
+    """A JSON object with only ``allowed`` keys and the ``required`` one."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    unknown = set(rec) - PROMPT_KEYS
+    unknown = set(rec) - allowed
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; prompt rows have {sorted(PROMPT_KEYS)}")
-    if "prompt" not in rec:
-        raise ValueError(f"{where}: missing key 'prompt'")
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; {what} rows have {sorted(allowed)}")
+    if required not in rec:
+        raise ValueError(f"{where}: missing key '{required}'")
+
+
+def parse_prompt_row(rec, where: str) -> PromptRow:
+    _check_record(rec, where, PROMPT_KEYS, "prompt", "prompt")
     prompt = rec["prompt"]
     if isinstance(prompt, str):
         if not prompt.strip():
@@ -122,13 +127,7 @@ def parse_prompt_row(rec, where: str) -> PromptRow:
 
 
 def parse_sft_row(rec, where: str) -> SFTRow:
-    if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    unknown = set(rec) - SFT_KEYS
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; SFT rows have {sorted(SFT_KEYS)}")
-    if "messages" not in rec:
-        raise ValueError(f"{where}: missing key 'messages'")
+    _check_record(rec, where, SFT_KEYS, "messages", "SFT")
     messages = _check_messages(rec["messages"], where, "messages")
     if messages[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in messages):
         raise ValueError(f"{where}: 'messages' must contain a user turn and end with an assistant turn")
