@@ -3,7 +3,8 @@ Liger-Kernel's fused-linear JSD (beta=1, i.e. reverse KL), naive PyTorch and GEM
 
 Both GPU paths of the Triton backend are measured (``COPSD_TRITON_PATH``): ``fused`` (tile-fused
 GEMM + epilogue kernels, 6 GEMM-equivalents per divergence gradient step) and ``chunked`` (cuBLAS
-logits per token chunk + one Triton row kernel, 4 GEMMs); ``auto`` picks ``chunked``.  Every row is
+logits per token chunk + one Triton row kernel, 4 GEMMs); ``auto`` picks ``fused`` until the chunked
+path has passed a GPU run (``copsd/backends/_triton_linear._path``).  Every row is
 guarded: a failing row is recorded in the table (error/OOM) and the others still run.
 
 Default problem: H100, bf16, N=8192 tokens, H=4096, V=151936.  Every op is first checked against
