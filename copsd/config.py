@@ -141,6 +141,10 @@ class DistillConfig(TrainConfig):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    # completions per generation call on one device (a multiple of num_generations); None: all of the
+    # step's completions on the device in one call.  num_generations (one prompt per call) makes results
+    # independent of the process count as well as of resumes, at the cost of GPU throughput.
+    generation_batch_size: Optional[int] = None
     num_mini_batches: int = 4
     objective: str = field(default="paper", metadata=_choices(*OBJECTIVES))
     teacher_mode: str = field(default="checkpoint", metadata=_choices(*TEACHER_MODES))
@@ -179,6 +183,11 @@ class DistillConfig(TrainConfig):
             raise ValueError(
                 "per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches "
                 f"= {per_batch} must be a multiple of num_generations = {self.num_generations}")
+        if self.generation_batch_size is not None:
+            _positive("generation_batch_size", self.generation_batch_size)
+            if self.generation_batch_size % self.num_generations:
+                raise ValueError(f"config key 'generation_batch_size' must be a multiple of num_generations = "
+                                 f"{self.num_generations}, got {self.generation_batch_size}")
         if self.objective == "jsd" and not 0 < self.beta < 1:
             raise ValueError(f"config key 'beta' must be in (0, 1) for objective 'jsd', got {self.beta}")
         if not 0 <= self.ema_decay < 1:

@@ -381,17 +381,25 @@ class Distiller:
         cfg, tok = self.cfg, self.tokenizer
         samples = []
         world, rank = self.acc.num_processes, self.acc.process_index
-        for k, i in enumerate(indices):
-            s_ids, t_ids = self._views(i)
-            global_index = step * self.prompts_per_step + rank + k * world
-            gen = torch.Generator(device=self.device).manual_seed(step_seed(cfg.seed, step, global_index))
+        per_call = len(indices)
+        if cfg.generation_batch_size is not None:
+            per_call = cfg.generation_batch_size // cfg.num_generations
+        for k0 in range(0, len(indices), per_call):
+            ks = list(range(k0, min(len(indices), k0 + per_call)))
+            views = [self._views(indices[k]) for k in ks]
+            # one generator per prompt, seeded by (seed, step, the prompt's global index): a prompt's draws do
+            # not depend on which prompts share its generation call or on the process count
+            gens = [torch.Generator(device=self.device).manual_seed(
+                step_seed(cfg.seed, step, step * self.prompts_per_step + rank + k * world)) for k in ks]
             with self.acc.autocast():
-                ro = generate(hf_model(self.model), [s_ids], num_generations=cfg.num_generations,
+                ro = generate(hf_model(self.model), [s_ids for s_ids, _ in views], num_generations=cfg.num_generations,
                               max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                               top_p=cfg.top_p, top_k=cfg.top_k, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id, generator=gen)
-            for c, lp, fin in zip(ro.completion_ids, ro.logprobs, ro.finish_reason):
-                samples.append(_Sample(i, k, s_ids, t_ids, list(c), lp.float().to(self.device), fin))
+                              pad_token_id=tok.pad_token_id, generator=gens)
+            for p, c, lp, fin in zip(ro.prompt_index, ro.completion_ids, ro.logprobs, ro.finish_reason):
+                k = ks[p]
+                s_ids, t_ids = views[p]
+                samples.append(_Sample(indices[k], k, s_ids, t_ids, list(c), lp.float().to(self.device), fin))
         return samples
 
     @torch.no_grad()

@@ -57,14 +57,25 @@ def _filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return scaled
 
 
-def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _uniforms(n: int, generator, device) -> torch.Tensor:
+    """[n, 1] float64 uniforms: from one generator, or ``n / len(generator)`` rows from each of a list
+    (rows of prompt i from generator i, so a prompt's draws do not depend on the other prompts)."""
+    gens = generator if isinstance(generator, list) else [generator]
+    per = n // len(gens)
+    parts = []
+    for g in gens:
+        gen_dev = g.device if g is not None else device
+        parts.append(torch.rand(per, 1, generator=g, dtype=torch.float64, device=gen_dev).to(device))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _sample(probs: torch.Tensor, generator) -> torch.Tensor:
     """One draw per row by inverse CDF (one uniform per row; much cheaper than torch.multinomial on CPU).
 
     A token with zero probability is never drawn: the searched CDF step must rise above the uniform.
     """
     cdf = probs.double().cumsum(-1)
-    gen_dev = generator.device if generator is not None else probs.device
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=gen_dev).to(probs.device)
+    u = _uniforms(probs.shape[0], generator, probs.device)
     tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
     return tok.clamp_(max=probs.shape[-1] - 1)
 
@@ -72,13 +83,17 @@ def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], *, num_generations: int = 1, max_new_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
-             stop_token_ids=None, pad_token_id=None, generator: torch.Generator | None = None) -> Rollouts:
+             stop_token_ids=None, pad_token_id=None,
+             generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Rollouts:
     """Sample ``num_generations`` completions per prompt (token ids in, token ids out).
 
     ``eos_token_id=None`` uses ``model.generation_config.eos_token_id`` (pass ``[]`` for none); generation
     of a sample stops at an EOS or a ``stop_token_ids`` token (included in the completion, reason
     ``"stop"``) or after ``max_new_tokens`` (reason ``"length"``).  ``temperature=0`` is greedy.
-    With a seeded ``generator`` the result is reproducible.  The model's train/eval mode is restored.
+    With a seeded ``generator`` the result is reproducible.  ``generator`` may also be a list with one
+    generator per prompt: prompt i's samples then draw only from generator i, so with per-prompt seeds a
+    prompt gets the same draws whichever prompts share its batch (the sampled tokens can still differ where
+    batching changes the logits in their last bits).  The model's train/eval mode is restored.
     """
     _, head = _hf.decoder_and_head(model)
     vocab = head.weight.shape[0]
@@ -105,8 +120,16 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_generations: int = 
         raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k: expected an int >= 0 (0 = off), got {top_k!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if isinstance(generator, Sequence) and not isinstance(generator, (str, bytes)):
+        generator = list(generator)
+        if len(generator) != len(rows) or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(f"generator: expected one torch.Generator per prompt ({len(rows)}), got "
+                             f"{[type(g).__name__ for g in generator]}")
+        if len(generator) == 1:
+            generator = generator[0]
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError("generator: expected a torch.Generator, a list of one per prompt, or None, got "
+                         f"{type(generator).__name__}")
     gen_cfg = getattr(model, "generation_config", None)
     if eos_token_id is None and gen_cfg is not None:
         eos_token_id = gen_cfg.eos_token_id

@@ -31,7 +31,9 @@ def test_two_processes_equal_one(tmp_path):
         f"model_name_or_path: {student}\nconstitution: {bundled('constitution.md')}\n"
         f"dataset: {bundled('tiny_prompts.jsonl')}\nteacher_mode: initial\nnum_generations: 4\n"
         "max_completion_length: 4\nmax_steps: 2\nlearning_rate: 1.0e-2\nreport_to: [jsonl]\n"
-        "disable_tqdm: true\nbackend: reference\nmax_grad_norm: 0.5\n")
+        "disable_tqdm: true\nbackend: reference\nmax_grad_norm: 0.5\n"
+        # one prompt per generation call: batch composition then cannot change a prompt's logits
+        "generation_batch_size: 4\n")
     # one process: 2 prompts per step as 2 accumulated micro-batches of one prompt group each
     _run([sys.executable, "-m", "copsd.cli", "distill", "--config", str(cfg), "--output_dir", "one",
           "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"], tmp_path)

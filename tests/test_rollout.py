@@ -74,6 +74,29 @@ def test_sampling_seeded_and_logprobs_match_rescoring(model):
         assert (a.logprobs[j].double() - lp).abs().max().item() <= 1e-4
 
 
+def test_per_prompt_generators_do_not_depend_on_batch_mates():
+    """With one generator per prompt, a prompt's samples are those of generating it alone (float64 model,
+    so batching cannot move its logits across a sampling boundary)."""
+    model = tiny_causal_lm("qwen2", vocab_size=VOCAB, seed=4, initializer_range=0.2, dtype=torch.float64)
+    prompts = _prompts(6, (3, 10, 6))
+    kw = dict(num_generations=3, max_new_tokens=7, temperature=1.1, top_p=0.95, eos_token_id=[])
+    seeds = [11, 12, 13]
+    batched = generate(model, prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], **kw)
+    pair = generate(model, prompts[1:], generator=[torch.Generator().manual_seed(s) for s in seeds[1:]], **kw)
+    for i, (p, s) in enumerate(zip(prompts, seeds)):
+        alone = generate(model, [p], generator=[torch.Generator().manual_seed(s)], **kw)
+        assert [c for c, j in zip(batched.completion_ids, batched.prompt_index) if j == i] == alone.completion_ids
+        if i > 0:
+            assert [c for c, j in zip(pair.completion_ids, pair.prompt_index) if j == i - 1] == alone.completion_ids
+    # a shared generator would give prompt 1 other draws than it gets alone
+    shared = generate(model, prompts, generator=torch.Generator().manual_seed(12), **kw)
+    assert shared.completion_ids[3:6] != batched.completion_ids[3:6]
+    with pytest.raises(ValueError, match="one torch.Generator per prompt"):
+        generate(model, prompts, generator=[torch.Generator()], **kw)
+    with pytest.raises(ValueError, match="generator"):
+        generate(model, prompts, generator=3, **kw)
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy():
     model = tiny_causal_lm("llama", vocab_size=VOCAB, seed=2, initializer_range=0.2)
     prompts = _prompts(3, (4, 9))

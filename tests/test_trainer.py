@@ -192,6 +192,28 @@ def test_distill_reduces_its_objective(dirs, tmp_path, objective):
     assert (out / "samples.jsonl").exists()
 
 
+def test_batched_rollouts_equal_per_prompt_rollouts(dirs, tmp_path):
+    """generation_batch_size None (all prompts in one call) or 8 (two per call) gives each prompt the samples
+    of generating it alone (one generator per prompt); samples keep their prompt, group and views."""
+    from copsd.distill import Distiller
+
+    got = {}
+    for gbs in (4, 8, None):
+        d = Distiller(distill_cfg(dirs, tmp_path / f"gbs{gbs}", per_device_train_batch_size=12, num_mini_batches=1,
+                                  generation_batch_size=gbs))
+        samples = d._rollout(0, d._prompt_indices(0))
+        got[gbs] = [(s.prompt, s.group, s.completion, s.rollout_logp.tolist(), s.finish) for s in samples]
+        assert [s.group for s in samples] == [k for k in range(3) for _ in range(4)]
+        for s in samples:
+            assert (s.student_ctx, s.teacher_ctx) == d._views(s.prompt)
+    for gbs in (8, None):
+        assert [x[:3] + (x[4],) for x in got[gbs]] == [x[:3] + (x[4],) for x in got[4]]
+        for a, b in zip(got[gbs], got[4]):
+            assert a[3] == pytest.approx(b[3], abs=1e-5)
+    with pytest.raises(ValueError, match="generation_batch_size"):
+        distill_cfg(dirs, tmp_path / "bad", generation_batch_size=6).validate()
+
+
 def test_view_check_fails_before_step_1(dirs, tmp_path):
     from copsd.distill import Distiller
 

@@ -37,6 +37,10 @@ class DemoSettings:
     prompts_per_step: int = 4
     num_generations: int = 8
     num_mini_batches: int = 4  # optimizer steps per rollout batch (the paper's 4)
+    # completions per generation call; None: num_generations, one prompt per call, the setting the demo's
+    # recorded results were produced with (batching prompts changes sampled tokens through last-bit logit
+    # differences; one batched run gave 89.9% harmful refusal instead of 91.1%)
+    generation_batch_size: int | None = None
     max_completion_length: int = 64
     objective: str = "paper"
     kl_coef: float = 0.005
@@ -107,7 +111,8 @@ def run_demo(output_dir: str, *, toy_config=None, settings: DemoSettings | None 
                             per_device_train_batch_size=rollout // settings.num_mini_batches,
                             num_mini_batches=settings.num_mini_batches, num_generations=settings.num_generations,
                             max_completion_length=settings.max_completion_length, objective=settings.objective,
-                            kl_coef=settings.kl_coef, teacher_mode="checkpoint", sample_every_steps=0)
+                            kl_coef=settings.kl_coef, teacher_mode="checkpoint", sample_every_steps=0,
+                            generation_batch_size=settings.generation_batch_size or settings.num_generations)
 
         t = time.time()
         log("[2/5] naive OPSD: teacher = the base with the constitution, no Cross-SFT")
