@@ -109,6 +109,34 @@ def make_logprobs(impl, backward, n, h, v):
     return run
 
 
+def make_logprobs_loss(impl, n, h, v):
+    """A PPO-like per-token loss of the log-probs and entropies, forward + backward.  ``<backend>:fused`` is
+    ``ops.linear_logprobs_loss`` (gradient in the forward pass, 3 GEMMs); the others compute the log-probs
+    first and backpropagate through them (4 GEMMs for the fused ops, autograd for naive)."""
+    x, w, _, _, ids, up = _inputs(n, h, v)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+
+    def per_token(lp, ent, rows):
+        return -up[rows] * torch.exp(lp) + 0.01 * ent
+
+    def run():
+        x.grad = w.grad = None
+        if impl == "naive":
+            lp, ent = naive_logprobs(x, w, ids)
+            loss = per_token(lp, ent, slice(None)).sum()
+        elif impl.endswith(":fused"):
+            loss, _, _ = ops.linear_logprobs_loss(x, w, ids, per_token, backend=impl.split(":")[0])
+        else:
+            lp, ent, _ = ops.linear_logprobs(x, w, ids, return_entropy=True, backend=impl)
+            loss = per_token(lp, ent, slice(None)).sum()
+        loss.backward()
+        return loss.detach(), x.grad, w.grad
+
+    run.reset = lambda: setattr(x, "grad", None) or setattr(w, "grad", None)
+    return run
+
+
 def make_topk(impl, n, h, v, k=K_TOP):
     x, w, _, _, _, _ = _inputs(n, h, v)
 
@@ -132,6 +160,7 @@ CASES = {
     "divergence fwd+bwd (none)": (make_divergence, dict(reduction="none", backward=True), IMPLS),
     "logprobs+entropy fwd": (make_logprobs, dict(backward=False), IMPLS),
     "logprobs+entropy fwd+bwd": (make_logprobs, dict(backward=True), IMPLS),
+    "logprobs loss fwd+bwd": (make_logprobs_loss, dict(), ("naive", "reference", "cpu", "cpu:fused")),
     "top-k k=64": (make_topk, dict(), ("naive", "naive+lse", "reference", "cpu")),
 }
 

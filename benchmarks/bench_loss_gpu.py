@@ -116,6 +116,25 @@ def check(name, got, want, tol):
     return ok
 
 
+class _LossCoeff:
+    """d loss / d lp = d loss / d entropy = tg, as the logprobs_backward checks use (a linear loss)."""
+
+    def __init__(self, tg):
+        self.tg = tg
+
+    def __call__(self, r0, rows, lp, ent):
+        t = self.tg[r0:r0 + rows]
+        return t, t
+
+
+def _unfused_loss(tri, xs, ws, ids, spec, coeff):
+    """What the op layer does where the path has no fused form: forward, coefficients, backward."""
+    lp, ent, lse = tri.logprobs_forward(xs, ws, ids, spec)
+    g_lp, g_ent = coeff(0, xs.shape[0], lp, ent)
+    dx, dw = tri.logprobs_backward(xs, ws, ids, lse, ent, g_lp, g_ent, None, spec)
+    return lp, ent, dx, dw
+
+
 def correctness_path(dtype, path):
     from copsd.backends import _triton_linear as tri
     from copsd.backends import reference as ref
@@ -150,6 +169,12 @@ def correctness_path(dtype, path):
     rdx, rdw = ref.logprobs_backward(f[0], f[1], ids, rlse, rent, tg, tg, None, spec)
     ok &= check(P + "logprobs d_hidden", dx, rdx, 2e-2)
     ok &= check(P + "logprobs d_weight", dw, rdw, 2e-2)
+    # per-token loss with the gradient in the forward pass (linear_logprobs_loss; fused on the chunked path)
+    coeff = _LossCoeff(tg)
+    out = tri.logprobs_loss(xs, ws, ids, spec, coeff) or _unfused_loss(tri, xs, ws, ids, spec, coeff)
+    ok &= check(P + "logprobs_loss logprobs", out[0], rlp, 2e-3)
+    ok &= check(P + "logprobs_loss d_hidden", out[2], rdx, 2e-2)
+    ok &= check(P + "logprobs_loss d_weight", out[3], rdw, 2e-2)
     ti, tl_, tlse = tri.topk(xs, ws, 64, spec)
     z = torch.cat([(f[0][i:i + 128] @ f[1].T) for i in range(0, N, 128)])
     L = z.logsumexp(1)
@@ -285,11 +310,23 @@ def main():
             m = peak_extra(lp_step)
             record(f"[{path}] copsd logprobs+entropy fwd+bwd", t, m, f"{t / bare_lp:.2f}x bare GEMMs (target <=1.3)")
 
+        def lp_loss():
+            coeff = _LossCoeff(tg)
+
+            def step():
+                return tri.logprobs_loss(xs, ws, ids, spec, coeff) or _unfused_loss(tri, xs, ws, ids, spec, coeff)
+
+            t = bench_ms(step, 800)
+            m = peak_extra(step)
+            record(f"[{path}] copsd logprobs loss, gradient in forward (linear_logprobs_loss)", t, m,
+                   f"{t / bare_lp:.2f}x bare GEMMs (target <=1.3)")
+
         with use_path(path):
             guarded(f"[{path}] copsd reverse_kl fwd", kl_fwd)
             guarded(f"[{path}] copsd reverse_kl fwd+bwd, reduction mean", kl_mean)
             guarded(f"[{path}] copsd reverse_kl fwd+bwd, reduction none", kl_none)
             guarded(f"[{path}] copsd logprobs+entropy fwd+bwd", lp)
+            guarded(f"[{path}] copsd logprobs loss, gradient in forward (linear_logprobs_loss)", lp_loss)
             guarded(f"[{path}] copsd topk k=64", top)
 
     def base_top():

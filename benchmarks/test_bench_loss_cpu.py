@@ -37,9 +37,11 @@ def _checked(case, impl):
     return fn
 
 
-@pytest.mark.parametrize("impl", ["naive", "cpu"])
+@pytest.mark.parametrize("impl", ["naive", "cpu", "cpu:fused"])
 @pytest.mark.parametrize("case", list(B.CASES))
 def test_loss_cpu(benchmark, case, impl):
+    if impl not in B.CASES[case][2]:
+        pytest.skip(f"{case} has no {impl} variant")
     torch.manual_seed(0)
     fn = _checked(case, impl)
     benchmark.group = case

@@ -343,58 +343,7 @@ def test_empty_token_set():
     assert loss.shape == (0,) and dx.shape == (0, 16) and (dw == 0).all()
 
 
-# ----------------------------------------------------------------------------- sm_90 compile check on CPU
-
-_AOT_ROWS = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from copsd_kernels.linear_rows import div_row_kernel, lp_grad_row_kernel, lp_row_kernel
-
-target = GPUTarget("cuda", 90, 32)
-opts = dict(num_warps=8)
-scal = ["logit_scale", "softcap", "inv_temp"]
-names = ["zs_ptr", "zt_ptr", "loss_ptr", "tg_ptr", "dz_ptr", "V", "stride_zs", "stride_zt", "stride_dz"] + scal + [
-    "beta", "log_beta", "log_1mb", "clip"]
-for kind, clip, grad, cap in [(0, False, True, False), (0, False, False, False), (2, True, True, True),
-                              (1, True, True, False)]:
-    types = ["*fp32", "*fp32", "*fp32", "*fp32", "*bf16", "i32", "i32", "i32", "i32"] + ["fp32"] * 7
-    consts = dict(BLOCK=2048, HAS_SOFTCAP=cap, KIND=kind, CLIP=clip, GRAD=grad)
-    sig = dict(zip(names, types), **{c: "constexpr" for c in consts})
-    k = triton.compile(ASTSource(fn=div_row_kernel, signature=sig, constexprs=consts), target=target, options=opts)
-    assert "ld.local" not in k.asm["ptx"], "local-memory spills"
-names = ["z_ptr", "ids_ptr", "lse_ptr", "ent_ptr", "zid_ptr", "V", "stride_z"] + scal
-types = ["*fp32", "*i64", "*fp32", "*fp32", "*fp32", "i32", "i32"] + ["fp32"] * 3
-for ent, gat, cap in [(True, True, False), (False, False, True)]:
-    consts = dict(BLOCK=2048, HAS_SOFTCAP=cap, ENTROPY=ent, GATHER=gat)
-    sig = dict(zip(names, types), **{c: "constexpr" for c in consts})
-    triton.compile(ASTSource(fn=lp_row_kernel, signature=sig, constexprs=consts), target=target, options=opts)
-names = ["z_ptr", "ids_ptr", "lse_ptr", "a_ptr", "b_ptr", "c_ptr", "dz_ptr", "V", "stride_z", "stride_dz"] + scal
-types = ["*fp32", "*i64", "*fp32", "*fp32", "*fp32", "*fp32", "*bf16", "i32", "i32", "i32"] + ["fp32"] * 3
-for hb, gat, cap in [(True, True, False), (False, False, True)]:
-    consts = dict(BLOCK=2048, HAS_SOFTCAP=cap, HAS_B=hb, GATHER=gat)
-    sig = dict(zip(names, types), **{c: "constexpr" for c in consts})
-    triton.compile(ASTSource(fn=lp_grad_row_kernel, signature=sig, constexprs=consts), target=target, options=opts)
-print("compiled")
-"""
-
-
-@path_independent
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the row kernels are compiled and run by the gpu tests")
-def test_row_kernels_compile_for_sm90():
-    """Compile the chunked path's row kernels for an H100/H200 (sm_90) without a GPU: catches lowering
-    errors the interpreter cannot see (loop-carried types, constexpr branches, stores of bf16 dZ)."""
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"cannot compile ahead of time here: {e}")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    code = "import copsd.backends._triton_linear\n" + _AOT_ROWS
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
-        pytest.skip("no ptxas here")
-    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-4000:]
+# The sm_90 compile check of every Triton kernel (the row kernels included) is tests/test_triton_sm90.py.
 
 
 # ----------------------------------------------------------------------------- GPU

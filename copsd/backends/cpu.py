@@ -77,6 +77,14 @@ def logprobs_backward(hidden, weight, ids, lse, entropy, g_logprobs, g_entropy, 
                                 *_logit_args(logit), WORKSPACE_BYTES)
 
 
+def logprobs_loss(hidden, weight, ids, logit: LogitSpec, coeff):
+    """A per-token loss of the log-probs / entropies with its gradient taken in the forward pass: the C++
+    driver keeps each token chunk's logits between the row statistics and the row gradients (3 GEMMs).
+    ``coeff(r0, rows, lp, ent)`` returns the chunk's (d loss / d lp, d loss / d ent).  Returns
+    ``(lp, ent, d_hidden, d_weight)``."""
+    return _C.logprobs_loss(hidden, weight, ids.long(), coeff, *_logit_args(logit), WORKSPACE_BYTES)
+
+
 def topk(hidden, weight, k, logit: LogitSpec):
     return _C.topk(hidden, weight, int(k), *_logit_args(logit), WORKSPACE_BYTES)
 

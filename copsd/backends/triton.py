@@ -29,6 +29,7 @@ try:  # linear ops (issue 3)
         divergence,
         logprobs_backward,
         logprobs_forward,
+        logprobs_loss,
         topk,
     )
 except ImportError:

@@ -50,3 +50,120 @@ def linear_logprobs(hidden, weight, ids, *, temperature=1.0, logit_scale=1.0, so
     lp, ent, lse = _LinearLogprobs.apply(hidden.contiguous(), weight.contiguous(), ids.long().contiguous(),
                                          spec, impl)
     return lp, (ent if return_entropy else None), lse
+
+
+# ----------------------------------------------------------------------------- per-token loss, gradient in forward
+
+
+class _Coefficients:
+    """Calls ``loss_fn`` on each token chunk and returns d loss / d logprobs and d loss / d entropy.
+
+    The chunk's log-probs and entropies are fresh leaves; ``loss_fn`` may use other tensors only as constants:
+    a graph reaching any other tensor that requires grad is an error (its gradient would be lost)."""
+
+    def __init__(self, loss_fn, n_tokens):
+        self.loss_fn = loss_fn
+        self.n_tokens = n_tokens
+        self.total = None
+
+    def __call__(self, r0, rows, lp, ent, grad=True):
+        r0, rows = int(r0), int(rows)
+        lp = lp.detach().clone().requires_grad_(grad)
+        ent = ent.detach().clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            per = self.loss_fn(lp, ent, slice(r0, r0 + rows))
+        if not isinstance(per, torch.Tensor) or per.shape != (rows,) or not per.is_floating_point():
+            got = f"{tuple(per.shape)} {per.dtype}" if isinstance(per, torch.Tensor) else type(per).__name__
+            raise ValueError(f"loss_fn: expected a floating [{rows}] tensor of per-token losses for rows "
+                             f"[{r0}, {r0 + rows}), got {got}")
+        part = per.detach().double().sum()
+        self.total = part if self.total is None else self.total + part
+        if not (grad and per.requires_grad):
+            return None, None
+        _check_leaves(per, (lp, ent))
+        with torch.enable_grad():
+            g_lp, g_ent = torch.autograd.grad(per.sum(), (lp, ent), allow_unused=True)
+        return g_lp, g_ent
+
+
+def _check_leaves(out, allowed):
+    """Raise if ``out``'s graph reaches a tensor that requires grad other than ``allowed``."""
+    ids = {id(t) for t in allowed}
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None and id(var) not in ids:
+            raise ValueError("loss_fn: the loss depends on a tensor that requires grad other than the log-probs "
+                             f"and entropies (shape {tuple(var.shape)}); its gradient would be lost: pass it "
+                             "detached, or use linear_logprobs")
+        stack.extend(f for f, _ in fn.next_functions)
+
+
+class _LinearLogprobsLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, spec, impl, coeff):
+        fused = getattr(impl, "logprobs_loss", None)
+        out = fused(hidden, weight, ids, spec, coeff) if fused is not None else None
+        if out is None:  # forward, the loss's coefficients, recomputing backward
+            lp, ent, lse = impl.logprobs_forward(hidden, weight, ids, spec)
+            g_lp, g_ent = coeff(0, hidden.shape[0], lp, ent)
+            if g_lp is None and g_ent is None:
+                g_lp = torch.zeros_like(lp)
+            dx, dw = impl.logprobs_backward(hidden, weight, ids, lse, ent, g_lp, g_ent, None, spec)
+        else:
+            lp, ent, dx, dw = out
+        total = coeff.total if coeff.total is not None else torch.zeros((), dtype=torch.float64)
+        ctx.save_for_backward(dx, dw)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(lp, ent)
+        return total.to(device=hidden.device, dtype=lp.dtype), lp, ent
+
+    @staticmethod
+    def backward(ctx, g, _g_lp, _g_ent):
+        dx, dw = ctx.saved_tensors
+        if not (g.numel() == 1 and float(g) == 1.0):
+            dx, dw = dx * g.to(dx.dtype), dw * g.to(dw.dtype)
+        dh = dx.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        dW = dw.to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return dh, dW, None, None, None, None
+
+
+def linear_logprobs_loss(hidden, weight, ids, loss_fn, *, temperature=1.0, logit_scale=1.0, softcap=None,
+                         backend="auto"):
+    """A scalar loss ``sum_t loss_fn(logprobs, entropy, rows)[t]`` of the per-token log-probs of ``ids`` and the
+    token entropies, with its gradient computed in the forward pass.
+
+    ``loss_fn(logprobs[T], entropy[T], rows)`` is called once per token chunk (rows ``rows``, a ``slice`` into
+    the N tokens, in order) and returns the chunk's per-token losses ``[T]``; slice any per-token side input
+    (advantages, old log-probs, masks, weights) with ``rows``.  It must be elementwise over tokens.  Other
+    tensors it uses are constants: a loss reaching another tensor that requires grad raises ``ValueError``.
+
+    Returns ``(loss, logprobs[N], entropy[N])``: the loss (float32, float64 for float64 inputs) is
+    differentiable with respect to ``hidden`` and ``weight`` (the stored gradient is scaled by the upstream
+    gradient in backward); the log-probs and entropies are detached, for logging.  On the C++ CPU backend and
+    the Triton ``chunked`` path each chunk's logits are kept between the statistics and the gradient: three
+    lm_head-sized GEMMs instead of the four of ``linear_logprobs`` forward + backward.
+    """
+    V.linear_pair("hidden", hidden, "weight", weight)
+    spec = logit_spec(temperature, logit_scale, softcap)
+    V.ids_in_range("ids", ids, hidden.shape[0], weight.shape[0])
+    V.same_device([("hidden", hidden), ("ids", ids)])
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn: expected a callable (logprobs, entropy, rows) -> [T] losses, got "
+                         f"{type(loss_fn).__name__}")
+    impl = backends.get("logprobs_forward", hidden.device, backend)
+    coeff = _Coefficients(loss_fn, hidden.shape[0])
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        # no gradient wanted (evaluation): the statistics and the loss only
+        with torch.no_grad():
+            lp, ent, _ = impl.logprobs_forward(hidden.contiguous(), weight.contiguous(), ids.long().contiguous(),
+                                               spec)
+            coeff(0, hidden.shape[0], lp, ent, grad=False)
+        total = coeff.total if coeff.total is not None else torch.zeros((), dtype=torch.float64)
+        return total.to(device=hidden.device, dtype=lp.dtype), lp, ent
+    return _LinearLogprobsLoss.apply(hidden.contiguous(), weight.contiguous(), ids.long().contiguous(), spec, impl,
+                                     coeff)

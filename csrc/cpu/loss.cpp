@@ -11,6 +11,7 @@
 // Low-precision weights are up-cast per vocabulary block (also bounded) so every GEMM runs
 // and accumulates in fp32 (fp64 for fp64 inputs).
 #include <torch/extension.h>
+#include <pybind11/functional.h>
 
 #include <ATen/Parallel.h>
 
@@ -19,6 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -227,11 +229,61 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
     COPSD_PARALLEL_ROWS
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t n = r0 + r;
-      K.logprob_bwd(zp + r * V, V, id[n], plse[n], pent[n], pa[n], pb[n], pc[n], lp);
+      K.logprob_bwd(zp + r * V, V, id[n], plse[n], pent[n], pa[n], pb[n], pc[n], lp, false);
     }
     gemm_grads(zc, xc, weight, dx.narrow(0, r0, nr), dw, r0 == 0, vb);
   }
   return {dx, dw};
+}
+
+// Per-token loss with the gradient in the forward pass: for each token chunk, the logits GEMM, the row
+// statistics (the rows keep their transformed logits), then `coeff(r0, rows, lp, ent)` -- a Python callable
+// returning the chunk's (d loss / d lp, d loss / d entropy), each [rows] or None -- then the row gradients from
+// the kept logits and the dX / dW GEMMs: 3 lm_head GEMMs instead of the 4 of forward + recomputing backward.
+using CoeffFn = std::function<std::tuple<std::optional<Tensor>, std::optional<Tensor>>(int64_t, int64_t, Tensor,
+                                                                                        Tensor)>;
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden, const Tensor& weight,
+                                                           const Tensor& ids, const LogitParams& lp,
+                                                           const CoeffFn& coeff, int64_t budget) {
+  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  const auto st = acc_type(hidden);
+  auto opts = at::TensorOptions().dtype(st);
+  Tensor out_lp = at::empty({N}, opts), out_ent = at::empty({N}, opts);
+  Tensor dx = at::empty({N, H}, opts), dw = at::zeros({V, H}, opts);
+  if (N == 0) return {out_lp, out_ent, dx, dw};
+  const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
+  const int64_t vb = upcast_block(V, H, sizeof(T), budget);
+  Tensor z = at::empty({rows, V}, opts);
+  Tensor lse = at::empty({rows}, opts);
+  const auto& K = kernels<T>();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  T* plp = out_lp.data_ptr<T>();
+  T* pent = out_ent.data_ptr<T>();
+  T* plse = lse.data_ptr<T>();
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t nr = std::min(rows, N - r0);
+    Tensor zc = z.narrow(0, 0, nr);
+    Tensor xc = hidden.narrow(0, r0, nr).to(st);
+    gemm_logits(xc, weight, zc, vb);
+    T* zp = zc.data_ptr<T>();
+    COPSD_PARALLEL_ROWS
+    for (int64_t r = 0; r < nr; ++r)
+      K.logprob_fwd(zp + r * V, V, id[r0 + r], lp, plp + r0 + r, pent + r0 + r, plse + r);
+    auto [g_lp, g_ent] = coeff(r0, nr, out_lp.narrow(0, r0, nr), out_ent.narrow(0, r0, nr));
+    Tensor a = g_lp.has_value() && g_lp->defined() ? g_lp->to(st).contiguous() : at::zeros({nr}, opts);
+    Tensor b = g_ent.has_value() && g_ent->defined() ? g_ent->to(st).contiguous() : at::zeros({nr}, opts);
+    TORCH_CHECK(a.dim() == 1 && a.size(0) == nr && b.dim() == 1 && b.size(0) == nr,
+                "logprobs_loss: the coefficient callback must return [rows] tensors");
+    const T* pa = a.data_ptr<T>();
+    const T* pb = b.data_ptr<T>();
+    COPSD_PARALLEL_ROWS
+    for (int64_t r = 0; r < nr; ++r)
+      K.logprob_bwd(zp + r * V, V, id[r0 + r], plse[r], pent[r0 + r], pa[r], pb[r], T(0), lp, true);
+    gemm_grads(zc, xc, weight, dx.narrow(0, r0, nr), dw, r0 == 0, vb);
+  }
+  return {out_lp, out_ent, dx, dw};
 }
 
 // ------------------------------------------------------------------------------ top-k
@@ -375,6 +427,18 @@ std::tuple<Tensor, Tensor> logprobs_backward(const Tensor& hidden, const Tensor&
                                     vec_or_zeros<float>(g_ent, N, st), vec_or_zeros<float>(g_lse, N, st), lp, budget);
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss(const Tensor& hidden, const Tensor& weight,
+                                                         const Tensor& ids, const CoeffFn& coeff, double temperature,
+                                                         double logit_scale, std::optional<double> softcap,
+                                                         int64_t budget) {
+  at::NoGradGuard no_grad;  // outputs are plain tensors; the op layer owns autograd (coeff may enable grad)
+  check_2d_same(hidden, weight, "hidden", "weight");
+  const auto lp = logit_params(temperature, logit_scale, softcap);
+  Tensor idc = ids.contiguous();
+  if (acc_type(hidden) == at::kDouble) return logprobs_loss_t<double>(hidden, weight, idc, lp, coeff, budget);
+  return logprobs_loss_t<float>(hidden, weight, idc, lp, coeff, budget);
+}
+
 std::tuple<Tensor, Tensor, Tensor> topk(const Tensor& hidden, const Tensor& weight, int64_t k, double temperature,
                                         double logit_scale, std::optional<double> softcap, int64_t budget) {
   at::NoGradGuard no_grad;  // outputs are plain tensors; the op layer owns autograd
@@ -429,6 +493,10 @@ void register_loss(pybind11::module& m) {
         py::arg("lse"), py::arg("entropy"), py::arg("g_logprobs"), py::arg("g_entropy"), py::arg("g_lse"),
         py::arg("temperature"), py::arg("logit_scale"), py::arg("softcap"), py::arg("workspace_bytes"),
         "(d_hidden, d_weight) of sum(g_lp*lp + g_ent*H + g_lse*lse)");
+  m.def("logprobs_loss", &logprobs_loss, py::arg("hidden"), py::arg("weight"), py::arg("ids"), py::arg("coeff"),
+        py::arg("temperature"), py::arg("logit_scale"), py::arg("softcap"), py::arg("workspace_bytes"),
+        "(logprobs[N], entropy[N], d_hidden, d_weight) of sum over chunks of a per-token loss whose "
+        "(d/d lp, d/d entropy) coeff(r0, rows, lp, ent) returns");
   m.def("topk", &topk, py::arg("hidden"), py::arg("weight"), py::arg("k"), py::arg("temperature"),
         py::arg("logit_scale"), py::arg("softcap"), py::arg("workspace_bytes"),
         "(ids[N,k], logprobs[N,k], lse[N]), descending");

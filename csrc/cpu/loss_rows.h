@@ -205,8 +205,8 @@ void logprob_row_fwd(T* z, int64_t V, int64_t id, const LogitParams& lp, T* out_
 // In place: y -> d(a*lp + b*H + c*lse)/dy.
 template <typename T>
 void logprob_row_bwd(T* z, int64_t V, int64_t id, T lse, T ent, T g_lp, T g_ent, T g_lse,
-                     const LogitParams& lp) {
-  transform_row(z, V, lp);
+                     const LogitParams& lp, bool transformed) {
+  if (!transformed) transform_row(z, V, lp);
   const Chain<T> chain(lp);
   const T z_id = z[id];
   const T a = g_lp - g_lse + g_ent * (ent - lse);  // dz_j = -q_j (a + g_ent z_j) off id

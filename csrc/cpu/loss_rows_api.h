@@ -31,7 +31,9 @@ struct DivParams {
 template <typename T>
 struct RowKernels {
   void (*logprob_fwd)(T* y, int64_t V, int64_t id, const LogitParams&, T* lp, T* ent, T* lse);
-  void (*logprob_bwd)(T* y, int64_t V, int64_t id, T lse, T ent, T g_lp, T g_ent, T g_lse, const LogitParams&);
+  // transformed: y already holds the transformed logits (as logprob_fwd leaves them), not the raw GEMM output.
+  void (*logprob_bwd)(T* y, int64_t V, int64_t id, T lse, T ent, T g_lp, T g_ent, T g_lse, const LogitParams&,
+                      bool transformed);
   void (*topk)(T* y, int64_t V, int64_t k, const LogitParams&, int64_t* ids, T* lp, T* lse);
   // Returns the row's loss; with grad, ys becomes tg * dloss/dys (yt is clobbered).
   // K/k: teacher top-k ids of the row (support == SUPPORT_TOPK); scratch: 3k values.

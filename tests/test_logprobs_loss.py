@@ -1,0 +1,204 @@
+"""``linear_logprobs_loss``: a per-token loss of the log-probs / entropies with its gradient in the forward pass,
+against the dense float64 formulas (tests/dense.py) through autograd, on every backend that runs here: the
+reference backend, the C++ CPU backend (several token chunks) and the Triton backend in the interpreter (both
+GPU paths; the ``chunked`` one keeps each chunk's logits between the statistics and the gradient)."""
+
+import dense
+import pytest
+import torch
+
+from copsd.backends import cpu
+from copsd.ops import linear_logprobs_loss
+
+SPECS = {
+    "plain": dict(),
+    "all": dict(temperature=0.7, logit_scale=1.3, softcap=3.0),
+}
+
+
+def _backends():
+    out = [("reference", None)]
+    if cpu.available():
+        out.append(("cpu", None))
+    try:
+        import triton  # noqa: F401
+
+        out += [("triton", "fused"), ("triton", "chunked")]
+    except ImportError:
+        pass
+    return out
+
+
+@pytest.fixture(params=_backends(), ids=lambda p: p[0] + (f"-{p[1]}" if p[1] else ""))
+def backend(request, monkeypatch):
+    name, path = request.param
+    if name == "cpu":
+        monkeypatch.setattr(cpu, "WORKSPACE_BYTES", 3 * 61 * 8)  # ~3 rows per chunk
+    if name == "triton":
+        if not torch.cuda.is_available():
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+        from copsd.backends import _triton_linear as tri
+
+        monkeypatch.setenv("COPSD_TRITON_PATH", path)
+        monkeypatch.setattr(tri, "CHUNK_BYTES", 1)  # one token per chunk on the chunked path
+    return name
+
+
+def _ppo_like(adv, old, weight_ent):
+    """A PPO-style per-token loss: nonlinear in the log-prob, linear in the entropy."""
+    def fn(lp, ent, rows):
+        ratio = torch.exp(lp - old[rows])
+        pg = -torch.minimum(ratio * adv[rows], ratio.clamp(0.8, 1.2) * adv[rows])
+        return pg - weight_ent * ent
+    return fn
+
+
+def _dense_loss(x, w, ids, fn, spec):
+    lp, ent, _ = dense.logprobs(x, w, ids, **spec)
+    return fn(lp, ent, slice(0, x.shape[0])).sum(), lp, ent
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+@pytest.mark.parametrize("N,H,V", [(13, 24, 61), (1, 8, 1), (7, 16, 5)])
+@pytest.mark.parametrize("use", ["lp", "ent", "both"])
+def test_matches_dense_float64(backend, spec, N, H, V, use):
+    g = torch.Generator().manual_seed(N * 100 + V)
+    x = torch.randn(N, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * (2.0 / H**0.5)
+    ids = torch.randint(0, V, (N,), generator=g)
+    adv = torch.randn(N, generator=g, dtype=torch.float64)
+    old = torch.randn(N, generator=g, dtype=torch.float64) * 0.1 - 1.0
+    base = _ppo_like(adv, old, 0.3)
+    fn = {"lp": lambda lp, ent, rows: base(lp, ent.detach(), rows) + 0.3 * ent.detach(),
+          "ent": lambda lp, ent, rows: -0.3 * ent + 0.0 * lp.detach(),
+          "both": base}[use]
+    dtype = torch.float32 if backend == "triton" else torch.float64  # the Triton backend serves fp32/bf16
+    tol = 2e-5 if dtype == torch.float32 else 1e-10
+    xb = x.to(dtype).requires_grad_(True)
+    wb = w.to(dtype).requires_grad_(True)
+    calls = []
+
+    def recording(lp, ent, rows):
+        calls.append((rows.start, rows.stop))
+        return fn(lp.double(), ent.double(), rows).to(lp.dtype)
+
+    loss, lp, ent = linear_logprobs_loss(xb, wb, ids, recording, backend=backend, **SPECS[spec])
+    assert not lp.requires_grad and not ent.requires_grad
+    # the chunks cover the tokens once, in order
+    assert calls[0][0] == 0 and calls[-1][1] == N
+    assert all(a[1] == b[0] for a, b in zip(calls, calls[1:]))
+    # an upstream gradient that is not 1 (the stored gradient is scaled in backward)
+    dx, dw = torch.autograd.grad(loss * 2.5, (xb, wb))
+    xd, wd = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ref, lp_d, ent_d = _dense_loss(xd, wd, ids, fn, SPECS[spec])
+    dx_d, dw_d = torch.autograd.grad(ref * 2.5, (xd, wd))
+    for got, exp in ((loss, ref), (lp, lp_d), (ent, ent_d), (dx, dx_d), (dw, dw_d)):
+        got, exp = got.double(), exp.detach()
+        err = (got - exp).abs().max().item()
+        assert err <= tol * (1 + exp.abs().max().item()), (err, got.shape)
+
+
+def test_extreme_logits_and_one_hot(backend):
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 9, 8, 37
+    x = torch.randn(N, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * 1e3  # logits of order 1e4
+    ids = torch.randint(0, V, (N,), generator=g)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    xb, wb = x.to(dtype).requires_grad_(True), w.to(dtype).requires_grad_(True)
+
+    def fn(lp, ent, rows):
+        return -lp + 0.1 * ent
+
+    loss, lp, ent = linear_logprobs_loss(xb, wb, ids, fn, backend=backend)
+    dx, dw = torch.autograd.grad(loss, (xb, wb))
+    xd, wd = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ref, _, _ = _dense_loss(xd, wd, ids, fn, {})
+    dx_d, dw_d = torch.autograd.grad(ref, (xd, wd))
+    assert torch.isfinite(loss) and torch.isfinite(dx).all() and torch.isfinite(dw).all()
+    rel = 1e-4 if dtype == torch.float32 else 1e-9
+    for got, exp in ((loss, ref), (dx, dx_d), (dw, dw_d)):
+        assert (got.double() - exp.detach()).abs().max().item() <= rel * (1 + exp.abs().max().item())
+
+
+def test_constant_loss_and_no_tokens(backend):
+    x = torch.randn(5, 8, dtype=torch.float32, requires_grad=True)
+    w = torch.randn(11, 8, dtype=torch.float32, requires_grad=True)
+    ids = torch.randint(0, 11, (5,))
+    loss, _, _ = linear_logprobs_loss(x, w, ids, lambda lp, ent, rows: torch.ones_like(lp), backend=backend)
+    dx, dw = torch.autograd.grad(loss, (x, w))
+    assert float(loss) == 5.0 and (dx == 0).all() and (dw == 0).all()
+    e = torch.zeros(0, 8, requires_grad=True)
+    loss, lp, _ = linear_logprobs_loss(e, w, ids[:0], lambda lp, ent, rows: -lp, backend=backend)
+    dx, dw = torch.autograd.grad(loss, (e, w))
+    assert float(loss) == 0.0 and lp.shape == (0,) and dx.shape == (0, 8) and (dw == 0).all()
+
+
+def test_without_gradients_only_the_loss(backend):
+    x = torch.randn(6, 8, dtype=torch.float32)
+    w = torch.randn(13, 8, dtype=torch.float32)
+    ids = torch.randint(0, 13, (6,))
+    fn = lambda lp, ent, rows: -lp * 2.0 + ent  # noqa: E731
+    loss, lp, ent = linear_logprobs_loss(x, w, ids, fn, backend=backend)
+    lp_d, ent_d, _ = dense.logprobs(x.double(), w.double(), ids)
+    assert not loss.requires_grad
+    assert abs(float(loss) - float(fn(lp_d, ent_d, None).sum())) <= 1e-4 * (1 + abs(float(loss)))
+    with torch.no_grad():
+        loss2, _, _ = linear_logprobs_loss(x.requires_grad_(True), w, ids, fn, backend=backend)
+    assert not loss2.requires_grad and float(loss2) == float(loss)
+
+
+def test_bad_loss_fn_is_reported():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    ids = torch.randint(0, 11, (4,))
+    with pytest.raises(ValueError, match="loss_fn: expected a callable"):
+        linear_logprobs_loss(x, w, ids, "mean")
+    with pytest.raises(ValueError, match=r"loss_fn: expected a floating \[4\] tensor"):
+        linear_logprobs_loss(x, w, ids, lambda lp, ent, rows: lp.sum(), backend="reference")
+    with pytest.raises(ValueError, match=r"loss_fn: expected a floating \[4\] tensor"):
+        linear_logprobs_loss(x, w, ids, lambda lp, ent, rows: 0.0, backend="reference")
+    scale = torch.ones((), requires_grad=True)  # a trainable side input: its gradient would be lost
+    with pytest.raises(ValueError, match="requires grad other than the log-probs"):
+        linear_logprobs_loss(x, w, ids, lambda lp, ent, rows: scale * lp, backend="reference")
+    with pytest.raises(ValueError, match="ids"):
+        linear_logprobs_loss(x, w, ids + 11, lambda lp, ent, rows: lp, backend="reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["fused", "chunked"])
+def test_gpu_bf16_flash_criterion(path, monkeypatch):
+    """bf16 on a GPU: the op's error against float64 at most 2x that of plain bf16 PyTorch autograd."""
+    from copsd.backends import _triton_linear as tri
+
+    monkeypatch.setenv("COPSD_TRITON_PATH", path)
+    monkeypatch.setattr(tri, "CHUNK_BYTES", 64 * 5003 * 6)  # several token chunks (dW accumulated)
+    g = torch.Generator().manual_seed(7)
+    N, H, V = 300, 512, 5003
+    x = torch.randn(N, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * (3.0 / H**0.5)
+    ids = torch.randint(0, V, (N,), generator=g)
+    adv = torch.randn(N, generator=g, dtype=torch.float64)
+    old = torch.randn(N, generator=g, dtype=torch.float64) * 0.1 - 2.0
+    fn = _ppo_like(adv.cuda(), old.cuda(), 0.01)
+    errs = {}
+    for name in ("copsd", "torch"):
+        xb = x.to("cuda", torch.bfloat16).requires_grad_(True)
+        wb = w.to("cuda", torch.bfloat16).requires_grad_(True)
+        if name == "copsd":
+            loss, _, _ = linear_logprobs_loss(xb, wb, ids.cuda(), fn, backend="triton")
+        else:
+            ls = (xb @ wb.T).float().log_softmax(-1).to(torch.bfloat16)
+            lp = ls.gather(1, ids.cuda()[:, None])[:, 0]
+            ent = -(ls.exp() * ls).sum(-1)
+            loss = fn(lp.float(), ent.float(), slice(0, N)).sum()
+        dx, dw = torch.autograd.grad(loss, (xb, wb))
+        errs[name] = (loss.double().cpu(), dx.double().cpu(), dw.double().cpu())
+    xd, wd = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    fn64 = _ppo_like(adv, old, 0.01)
+    ref, _, _ = _dense_loss(xd, wd, ids, fn64, {})
+    exact = (ref.detach(),) + torch.autograd.grad(ref, (xd, wd))
+    for i, e in enumerate(exact):
+        k_err = (errs["copsd"][i] - e).abs().max().item()
+        t_err = (errs["torch"][i] - e).abs().max().item()
+        assert k_err <= 2 * t_err + 1e-6, (i, k_err, t_err)
