@@ -44,8 +44,8 @@ from copsd.data import load_prompt_rows
 from copsd.objectives import (
     PaperParams,
     divergence_loss,
+    fused_paper_loss,
     group_token_zscore,
-    paper_loss,
     sampled_logprobs,
     token_rewards,
 )
@@ -514,16 +514,17 @@ class Distiller:
         sel = torch.cat([torch.arange(offsets[j], offsets[j + 1], device=self.device) for j in micro])
         tgt = ids_all[sel]
         tmask = torch.ones_like(tgt, dtype=torch.bool)
-        logp, ent = sampled_logprobs(h, weight, tgt, temperature=cfg.temperature, logit_scale=self.s_scale,
-                                     softcap=self.s_softcap, entropy=True, backend=cfg.backend)
         ref = ref_logp[sel] if ref_logp is not None else None
+        lkw = dict(temperature=cfg.temperature, logit_scale=self.s_scale, softcap=self.s_softcap, backend=cfg.backend)
         if cfg.objective == "paper":
-            loss, stats = paper_loss(logp, rollout_logp[sel], adv[sel], tmask, normalizer, ref_logp=ref,
-                                     params=params)
+            # the per-token loss goes into the fused op: its gradient is taken in the forward pass
+            loss, stats, logp, ent = fused_paper_loss(h, weight, tgt, rollout_logp[sel], adv[sel], tmask, normalizer,
+                                                      ref_logp=ref, params=params, **lkw)
             sums.add("pg_loss", float(stats["pg_loss_sum"]), float(len(tgt)))
             sums.add("clip_fraction", float(stats["clip_sum"]), float(len(tgt)))
             sums.add("dual_clip_fraction", float(stats["dual_clip_sum"]), float(len(tgt)))
         else:
+            logp, ent = sampled_logprobs(h, weight, tgt, entropy=True, **lkw)
             th = teacher_hidden[sel].to(tw.dtype)
             loss, stats = divergence_loss(cfg.objective, h, weight, th, tw, tmask, normalizer, logp=logp,
                                           ref_logp=ref, kl_coef=cfg.kl_coef, beta=cfg.beta, topk=cfg.topk,

@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
+from copsd.backends import available_backends
 from copsd.objectives import (
     PaperParams,
     divergence_loss,
+    fused_paper_loss,
     group_token_zscore,
     k3_kl,
     paper_loss,
@@ -104,6 +106,19 @@ def test_paper_loss_and_grad(with_ref):
     assert (hs1.grad[~mask] == 0).all()
     # the perturbation must exercise both clip regions, or this test proves little
     assert stats["clip_sum"] > 0 and stats["dual_clip_sum"] > 0
+    # the same loss with the gradient taken inside the fused op (the trainer's path)
+    backends = ["reference"] + (["cpu"] if "cpu" in available_backends() else [])
+    for backend in backends:
+        hs3, ws3 = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+        loss3, stats3, lp3, _ = fused_paper_loss(hs3, ws3, ids, old, adv, mask, normalizer,
+                                                 ref_logp=ref if with_ref else None, params=params, backend=backend)
+        loss3.backward()
+        torch.testing.assert_close(loss3, want.detach(), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(hs3.grad, hs2.grad, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(ws3.grad, ws2.grad, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(lp3, lp.detach(), rtol=1e-9, atol=1e-12)
+        for k in stats:
+            torch.testing.assert_close(stats3[k], stats[k])
 
 
 def test_paper_loss_masked_garbage_is_not_nan():
