@@ -175,6 +175,9 @@ def _drive_linear(rec, path: str, dtype):
         for g_ent in (None, ones):
             tl_.logprobs_backward(x, w, ids, torch.zeros(N), torch.zeros(N), ones, g_ent, None, logit)
         tl_.logprobs_backward(x, w, ids, torch.zeros(N), torch.zeros(N), None, ones, ones, logit)
+        rec.site = f"logprobs_loss {path} {dtype} softcap={cap}"
+        tl_.logprobs_loss(x, w, ids, logit, lambda r0, rows, lp, ent: (ones[:rows], None))
+        tl_.logprobs_loss(x, w, ids, logit, lambda r0, rows, lp, ent: (ones[:rows], ones[:rows]))
         for k in (8, 64, 200):
             rec.site = f"topk k={k} {path} {dtype} softcap={cap}"
             tl_.topk(x, w, k, logit)
