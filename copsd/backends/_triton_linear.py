@@ -372,7 +372,10 @@ def _lp_forward_chunked(hidden, weight, ids, logit, entropy=True, gather=True):
     return zid, ent, lse
 
 
-def _lp_backward_chunked(hidden, weight, ids, lse, a, b, c, logit):
+def _lp_grad_chunked(hidden, weight, ids, logit, chunk_coeffs):
+    """The gradient chunk loop of the log-prob ops: per token chunk [n0, n1), the logits GEMM into an fp32
+    buffer, ``chunk_coeffs(n0, n1, z)`` -> the chunk's (lse, a, b | None, c | None) (it may run row kernels on
+    the logits ``z``), the row gradient dz = -q (a + b ls) + [j == id] c, then the dX / dW GEMMs."""
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -389,49 +392,45 @@ def _lp_backward_chunked(hidden, weight, ids, lse, a, b, c, logit):
         n1 = min(N, n0 + T)
         zc, d = z[: n1 - n0], dz[: n1 - n0]
         _mm_f32(hidden[n0:n1], weight.t(), zc)
+        lse, a, b, c = chunk_coeffs(n0, n1, zc)
         krow.lp_grad_row_kernel[(n1 - n0,)](
-            zc, ids[n0:n1], lse[n0:n1], a[n0:n1], b[n0:n1] if b is not None else f32,
-            c[n0:n1] if c is not None else f32, d, V, zc.stride(0), d.stride(0), scale, cap, inv_t,
+            zc, ids[n0:n1], lse, a, b if b is not None else f32, c if c is not None else f32, d, V,
+            zc.stride(0), d.stride(0), scale, cap, inv_t,
             BLOCK=block, HAS_SOFTCAP=has_cap, HAS_B=b is not None, GATHER=c is not None, **launch)
         _chunk_grads(d, hidden[n0:n1], weight, dx[n0:n1], dw, n0 == 0)
     return dx, dw
+
+
+def _lp_backward_chunked(hidden, weight, ids, lse, a, b, c, logit):
+    def chunk_coeffs(n0, n1, z):
+        return (lse[n0:n1], a[n0:n1], None if b is None else b[n0:n1], None if c is None else c[n0:n1])
+
+    return _lp_grad_chunked(hidden, weight, ids, logit, chunk_coeffs)
 
 
 def _lp_loss_chunked(hidden, weight, ids, logit, coeff):
     """Per-token loss, gradient in the forward pass: per token chunk, the logits GEMM, the row statistics,
     ``coeff`` (the chunk's d loss / d lp and d loss / d entropy), then the row gradients from the same logits
     buffer and the dX / dW GEMMs (3 GEMMs instead of the 4 of forward + recomputing backward)."""
-    N, H = hidden.shape
-    V = weight.shape[0]
-    dev = hidden.device
-    gdt = _grad_dtype(hidden)
-    T = _chunk_rows(N, V, V * (4 + torch.empty((), dtype=gdt).element_size()))
-    z = torch.empty(T, V, dtype=torch.float32, device=dev)
-    dz = torch.empty(T, V, dtype=gdt, device=dev)
-    lse = torch.empty(N, dtype=torch.float32, device=dev)
-    ent = torch.empty(N, dtype=torch.float32, device=dev)
-    zid = torch.empty(N, dtype=torch.float32, device=dev)
-    dx = torch.empty(N, H, dtype=torch.float32, device=dev)
-    dw = torch.empty(V, H, dtype=torch.float32, device=dev)
+    N, V = hidden.shape[0], weight.shape[0]
+    lse, ent, zid = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
     (scale, cap, inv_t), has_cap = _logit_args(logit)
     block, launch = _row_cfg()
-    for n0 in range(0, N, T):
-        n1 = min(N, n0 + T)
-        zc, d = z[: n1 - n0], dz[: n1 - n0]
-        _mm_f32(hidden[n0:n1], weight.t(), zc)
+
+    def chunk_coeffs(n0, n1, z):
         krow.lp_row_kernel[(n1 - n0,)](
-            zc, ids[n0:n1], lse[n0:n1], ent[n0:n1], zid[n0:n1], V, zc.stride(0),
+            z, ids[n0:n1], lse[n0:n1], ent[n0:n1], zid[n0:n1], V, z.stride(0),
             scale, cap, inv_t, BLOCK=block, HAS_SOFTCAP=has_cap, ENTROPY=True, GATHER=True, **launch)
         lp_c = zid[n0:n1] - lse[n0:n1]
         g_lp, g_ent = coeff(n0, n1 - n0, lp_c, ent[n0:n1])
         g_lp = torch.zeros_like(lp_c) if g_lp is None else g_lp.float().contiguous()
         # kernel form: dz = -q (a + b ls) + [j == id] c  with a = g_lp + g_ent H, b = g_ent, c = g_lp
-        a = g_lp if g_ent is None else (g_lp + g_ent.float() * ent[n0:n1]).contiguous()
-        b = None if g_ent is None else g_ent.float().contiguous()
-        krow.lp_grad_row_kernel[(n1 - n0,)](
-            zc, ids[n0:n1], lse[n0:n1], a, b if b is not None else a, g_lp, d, V, zc.stride(0), d.stride(0),
-            scale, cap, inv_t, BLOCK=block, HAS_SOFTCAP=has_cap, HAS_B=b is not None, GATHER=True, **launch)
-        _chunk_grads(d, hidden[n0:n1], weight, dx[n0:n1], dw, n0 == 0)
+        if g_ent is None:
+            return lse[n0:n1], g_lp, None, g_lp
+        g_ent = g_ent.float().contiguous()
+        return lse[n0:n1], (g_lp + g_ent * ent[n0:n1]).contiguous(), g_ent, g_lp
+
+    dx, dw = _lp_grad_chunked(hidden, weight, ids, logit, chunk_coeffs)
     return zid - lse, ent, dx, dw
 
 

@@ -168,6 +168,21 @@ Tensor vec_or_zeros(const std::optional<Tensor>& t, int64_t n, at::ScalarType st
 
 // ------------------------------------------------------------------------------ log-probs
 
+// Tokens [r0, r0 + nr) of one lm_head pass: their logits into the chunk buffer `z` (returned, [nr, V]), then the
+// rows' log-prob statistics; the rows keep their transformed logits.
+template <typename T>
+Tensor chunk_logprob_stats(const Tensor& xc, const Tensor& weight, const Tensor& z, int64_t vb, const int64_t* id,
+                           const LogitParams& lp, T* plp, T* pent, T* plse) {
+  const int64_t nr = xc.size(0), V = weight.size(0);
+  Tensor zc = z.narrow(0, 0, nr);
+  gemm_logits(xc, weight, zc, vb);
+  T* zp = zc.data_ptr<T>();
+  const auto& K = kernels<T>();
+  COPSD_PARALLEL_ROWS
+  for (int64_t r = 0; r < nr; ++r) K.logprob_fwd(zp + r * V, V, id[r], lp, plp + r, pent + r, plse + r);
+  return zc;
+}
+
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> logprobs_forward_t(const Tensor& hidden, const Tensor& weight, const Tensor& ids,
                                                       const LogitParams& lp, int64_t budget) {
@@ -179,19 +194,11 @@ std::tuple<Tensor, Tensor, Tensor> logprobs_forward_t(const Tensor& hidden, cons
   const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
   const int64_t vb = upcast_block(V, H, sizeof(T), budget);
   Tensor z = at::empty({rows, V}, opts);
-  const auto& K = kernels<T>();
   const int64_t* id = ids.data_ptr<int64_t>();
-  T* plp = out_lp.data_ptr<T>();
-  T* pent = out_ent.data_ptr<T>();
-  T* plse = out_lse.data_ptr<T>();
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
-    Tensor zc = z.narrow(0, 0, nr);
-    gemm_logits(hidden.narrow(0, r0, nr).to(st), weight, zc, vb);
-    T* zp = zc.data_ptr<T>();
-    COPSD_PARALLEL_ROWS
-    for (int64_t r = 0; r < nr; ++r)
-      K.logprob_fwd(zp + r * V, V, id[r0 + r], lp, plp + r0 + r, pent + r0 + r, plse + r0 + r);
+    chunk_logprob_stats<T>(hidden.narrow(0, r0, nr).to(st), weight, z, vb, id + r0, lp,
+                           out_lp.data_ptr<T>() + r0, out_ent.data_ptr<T>() + r0, out_lse.data_ptr<T>() + r0);
   }
   return {out_lp, out_ent, out_lse};
 }
@@ -255,22 +262,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
   if (N == 0) return {out_lp, out_ent, dx, dw};
   const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
   const int64_t vb = upcast_block(V, H, sizeof(T), budget);
-  Tensor z = at::empty({rows, V}, opts);
-  Tensor lse = at::empty({rows}, opts);
+  Tensor z = at::empty({rows, V}, opts), lse = at::empty({rows}, opts);
   const auto& K = kernels<T>();
   const int64_t* id = ids.data_ptr<int64_t>();
-  T* plp = out_lp.data_ptr<T>();
-  T* pent = out_ent.data_ptr<T>();
-  T* plse = lse.data_ptr<T>();
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
-    Tensor zc = z.narrow(0, 0, nr);
     Tensor xc = hidden.narrow(0, r0, nr).to(st);
-    gemm_logits(xc, weight, zc, vb);
-    T* zp = zc.data_ptr<T>();
-    COPSD_PARALLEL_ROWS
-    for (int64_t r = 0; r < nr; ++r)
-      K.logprob_fwd(zp + r * V, V, id[r0 + r], lp, plp + r0 + r, pent + r0 + r, plse + r);
+    T* pent = out_ent.data_ptr<T>() + r0;
+    T* plse = lse.data_ptr<T>();
+    Tensor zc = chunk_logprob_stats<T>(xc, weight, z, vb, id + r0, lp, out_lp.data_ptr<T>() + r0, pent, plse);
     auto [g_lp, g_ent] = coeff(r0, nr, out_lp.narrow(0, r0, nr), out_ent.narrow(0, r0, nr));
     Tensor a = g_lp.has_value() && g_lp->defined() ? g_lp->to(st).contiguous() : at::zeros({nr}, opts);
     Tensor b = g_ent.has_value() && g_ent->defined() ? g_ent->to(st).contiguous() : at::zeros({nr}, opts);
@@ -278,9 +278,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
                 "logprobs_loss: the coefficient callback must return [rows] tensors");
     const T* pa = a.data_ptr<T>();
     const T* pb = b.data_ptr<T>();
+    T* zp = zc.data_ptr<T>();
     COPSD_PARALLEL_ROWS
     for (int64_t r = 0; r < nr; ++r)
-      K.logprob_bwd(zp + r * V, V, id[r0 + r], plse[r], pent[r0 + r], pa[r], pb[r], T(0), lp, true);
+      K.logprob_bwd(zp + r * V, V, id[r0 + r], plse[r], pent[r], pa[r], pb[r], T(0), lp, true);
     gemm_grads(zc, xc, weight, dx.narrow(0, r0, nr), dw, r0 == 0, vb);
   }
   return {out_lp, out_ent, dx, dw};
