@@ -262,7 +262,29 @@ def compile_sm90(launch: Launch):
     if m:
         out.update(regs=int(m.group(1)), stack=int(m.group(2)), local=int(m.group(4)))
     out["fits_smem"] = out["shared"] <= SM90_SMEM_LIMIT
+    out["ptx_sha"] = ptx_digest(k.asm["ptx"])
     return out
+
+
+def ptx_digest(ptx: str) -> str:
+    """SHA-256 of the PTX without its source-location and debug lines: equal digests before and after a
+    refactoring of a kernel's Python source mean the GPU code did not change."""
+    import hashlib
+
+    keep = []
+    in_debug = False
+    for line in ptx.splitlines():
+        t = line.strip()
+        if t.startswith(".section") and ".debug" in t:
+            in_debug = True
+        if in_debug:
+            if t == "}":
+                in_debug = False
+            continue
+        if t.startswith((".loc", ".file", "//")) or not t or re.fullmatch(r"\$L__tmp\d+:", t):
+            continue  # source locations and the labels of inlined-call debug scopes
+        keep.append(t)
+    return hashlib.sha256("\n".join(keep).encode()).hexdigest()[:16]
 
 
 def cover(launches):

@@ -50,15 +50,22 @@ def logits_tile(x_ptr, w_ptr, rows, cols, N, V, H, stride_x, stride_w,
             acc = tl.dot(x, w, acc)
         xp += BLOCK_H
         wp += BLOCK_H
-    z = acc * logit_scale
+    z, th = transform(acc, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+    z = tl.where(cmask[None, :], z, float("-inf"))
+    return z, th
+
+
+@triton.jit
+def transform(r, logit_scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
+    """Raw logits r = x . w -> (final logits, th = tanh(logit_scale r / softcap); zeros without softcap,
+    where the chain rule does not read it)."""
+    z = r * logit_scale
     if HAS_SOFTCAP:
         th = tanh_exp(z / softcap)
         z = softcap * th
     else:
-        th = tl.full((BLOCK_N, BLOCK_V), 1.0, tl.float32)
-    z = z * inv_temp
-    z = tl.where(cmask[None, :], z, float("-inf"))
-    return z, th
+        th = z * 0.0
+    return z * inv_temp, th
 
 
 @triton.jit
@@ -68,6 +75,27 @@ def chain_rule(dz, th, logit_scale, inv_temp, HAS_SOFTCAP: tl.constexpr):
     if HAS_SOFTCAP:
         dz = dz * (1.0 - th * th)
     return dz * logit_scale
+
+
+@triton.jit
+def tile_coords(N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP: tl.constexpr):
+    """This program's tile of the [N, V] logits, in grouped order: (rows, cols, vocabulary block, blocks)."""
+    pid = tl.program_id(0)
+    nb_n = tl.cdiv(N, BLOCK_N)
+    nb_v = tl.cdiv(V, BLOCK_V)
+    pid_n, pid_v = swizzle(pid, nb_n, nb_v, GROUP)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    return rows, cols, pid_v, nb_v
+
+
+@triton.jit
+def store_grad_tile(dz_ptr, stride_dz, rows, cols, dz, th, N, V, logit_scale, inv_temp,
+                    HAS_SOFTCAP: tl.constexpr):
+    """Apply the logit chain rule to a d(final logits) tile and store it (in dz_ptr's dtype)."""
+    dz = chain_rule(dz, th, logit_scale, inv_temp, HAS_SOFTCAP)
+    ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :]
+    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=(rows < N)[:, None] & (cols < V)[None, :])
 
 
 @triton.jit

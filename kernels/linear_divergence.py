@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import chain_rule, logits_tile, swizzle
+from ._common import logits_tile, store_grad_tile, tile_coords
 
 GROUP = tl.constexpr(8)  # row blocks per swizzle group
 REVERSE_KL, FORWARD_KL, JSD = 0, 1, 2
@@ -57,15 +57,28 @@ def _summand(ls, lt, beta, log_beta, log_1mb, clip, KIND: tl.constexpr, CLIP: tl
 
 
 @triton.jit
-def _pair_tiles(xs_ptr, ws_ptr, xt_ptr, wt_ptr, rows, cols, N, V, H, HT, sxs, sws, sxt, swt,
-                logit_scale, softcap, inv_temp,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def _pair_program(xs_ptr, ws_ptr, xt_ptr, wt_ptr, N, V, H, HT, sxs, sws, sxt, swt,
+                  logit_scale, softcap, inv_temp,
+                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """This program's tile: rows, columns, their masks, its vocabulary block and the number of blocks, then the
+    student and teacher logits tiles (and the student's tanh factor for the chain rule)."""
+    rows, cols, pid_v, nb_v = tile_coords(N, V, BLOCK_N, BLOCK_V, GROUP)
+    rmask = rows < N
+    cmask = cols < V
     zs, th = logits_tile(xs_ptr, ws_ptr, rows, cols, N, V, H, sxs, sws, logit_scale, softcap,
                          inv_temp, BLOCK_N, BLOCK_V, BLOCK_H, HAS_SOFTCAP, UPCAST, IEEE)
     zt, _ = logits_tile(xt_ptr, wt_ptr, rows, cols, N, V, HT, sxt, swt, logit_scale, softcap,
                         inv_temp, BLOCK_N, BLOCK_V, BLOCK_H, HAS_SOFTCAP, UPCAST, IEEE)
-    return zs, zt, th
+    return rows, cols, rmask, cmask, pid_v, nb_v, zs, zt, th
+
+
+@triton.jit
+def _pair_logprobs(zs, zt, lse_s, lse_t, cmask):
+    """Student / teacher log-probs of the tile from the rows' LSEs (0 in padded columns)."""
+    ls = tl.where(cmask[None, :], zs - lse_s[:, None], 0.0)
+    lt = tl.where(cmask[None, :], zt - lse_t[:, None], 0.0)
+    return ls, lt
 
 
 @triton.jit
@@ -74,17 +87,9 @@ def pair_stats_kernel(xs_ptr, ws_ptr, xt_ptr, wt_ptr, state_ptr,
                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                       HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """state_ptr: [6, n_vblocks, N] fp32 = (ms, Ss, mt, St, A, B)."""
-    pid = tl.program_id(0)
-    nb_n = tl.cdiv(N, BLOCK_N)
-    nb_v = tl.cdiv(V, BLOCK_V)
-    pid_n, pid_v = swizzle(pid, nb_n, nb_v, GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    rmask = rows < N
-    cmask = cols < V
-    zs, zt, th = _pair_tiles(xs_ptr, ws_ptr, xt_ptr, wt_ptr, rows, cols, N, V, H, HT, sxs, sws, sxt, swt,
-                             logit_scale, softcap, inv_temp, BLOCK_N, BLOCK_V, BLOCK_H,
-                             HAS_SOFTCAP, UPCAST, IEEE)
+    rows, cols, rmask, cmask, pid_v, nb_v, zs, zt, th = _pair_program(
+        xs_ptr, ws_ptr, xt_ptr, wt_ptr, N, V, H, HT, sxs, sws, sxt, swt, logit_scale, softcap, inv_temp,
+        BLOCK_N, BLOCK_V, BLOCK_H, HAS_SOFTCAP, UPCAST, IEEE)
     ms = tl.max(zs, 1)
     mt = tl.max(zt, 1)
     es = tl.exp(zs - ms[:, None])
@@ -108,21 +113,12 @@ def pair_sum_kernel(xs_ptr, ws_ptr, xt_ptr, wt_ptr, lse_s_ptr, lse_t_ptr, out_pt
                     HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                     KIND: tl.constexpr, CLIP: tl.constexpr):
     """out_ptr: [2, n_vblocks, N] fp32 = per-tile (sum s', sum g')."""
-    pid = tl.program_id(0)
-    nb_n = tl.cdiv(N, BLOCK_N)
-    nb_v = tl.cdiv(V, BLOCK_V)
-    pid_n, pid_v = swizzle(pid, nb_n, nb_v, GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    rmask = rows < N
-    cmask = cols < V
-    zs, zt, th = _pair_tiles(xs_ptr, ws_ptr, xt_ptr, wt_ptr, rows, cols, N, V, H, HT, sxs, sws, sxt, swt,
-                             logit_scale, softcap, inv_temp, BLOCK_N, BLOCK_V, BLOCK_H,
-                             HAS_SOFTCAP, UPCAST, IEEE)
+    rows, cols, rmask, cmask, pid_v, nb_v, zs, zt, th = _pair_program(
+        xs_ptr, ws_ptr, xt_ptr, wt_ptr, N, V, H, HT, sxs, sws, sxt, swt, logit_scale, softcap, inv_temp,
+        BLOCK_N, BLOCK_V, BLOCK_H, HAS_SOFTCAP, UPCAST, IEEE)
     lse_s = tl.load(lse_s_ptr + rows, mask=rmask, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=rmask, other=0.0)
-    ls = tl.where(cmask[None, :], zs - lse_s[:, None], 0.0)
-    lt = tl.where(cmask[None, :], zt - lse_t[:, None], 0.0)
+    ls, lt = _pair_logprobs(zs, zt, lse_s, lse_t, cmask)
     s, g = _summand(ls, lt, beta, log_beta, log_1mb, clip, KIND, CLIP)
     s = tl.where(cmask[None, :], s, 0.0)
     g = tl.where(cmask[None, :], g, 0.0)
@@ -139,26 +135,15 @@ def pair_grad_kernel(xs_ptr, ws_ptr, xt_ptr, wt_ptr, lse_s_ptr, lse_t_ptr, G_ptr
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                      KIND: tl.constexpr, CLIP: tl.constexpr):
-    pid = tl.program_id(0)
-    nb_n = tl.cdiv(N, BLOCK_N)
-    nb_v = tl.cdiv(V, BLOCK_V)
-    pid_n, pid_v = swizzle(pid, nb_n, nb_v, GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    rmask = rows < N
-    cmask = cols < V
-    zs, zt, th = _pair_tiles(xs_ptr, ws_ptr, xt_ptr, wt_ptr, rows, cols, N, V, H, HT, sxs, sws, sxt, swt,
-                             logit_scale, softcap, inv_temp, BLOCK_N, BLOCK_V, BLOCK_H,
-                             HAS_SOFTCAP, UPCAST, IEEE)
+    rows, cols, rmask, cmask, pid_v, nb_v, zs, zt, th = _pair_program(
+        xs_ptr, ws_ptr, xt_ptr, wt_ptr, N, V, H, HT, sxs, sws, sxt, swt, logit_scale, softcap, inv_temp,
+        BLOCK_N, BLOCK_V, BLOCK_H, HAS_SOFTCAP, UPCAST, IEEE)
     lse_s = tl.load(lse_s_ptr + rows, mask=rmask, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=rmask, other=0.0)
     G = tl.load(G_ptr + rows, mask=rmask, other=0.0)
     tg = tl.load(tg_ptr + rows, mask=rmask, other=0.0)
-    ls = tl.where(cmask[None, :], zs - lse_s[:, None], 0.0)
-    lt = tl.where(cmask[None, :], zt - lse_t[:, None], 0.0)
+    ls, lt = _pair_logprobs(zs, zt, lse_s, lse_t, cmask)
     _, g = _summand(ls, lt, beta, log_beta, log_1mb, clip, KIND, CLIP)
     dz = tg[:, None] * (g - tl.exp(ls) * G[:, None])
     dz = tl.where(cmask[None, :], dz, 0.0)
-    dz = chain_rule(dz, th, logit_scale, inv_temp, HAS_SOFTCAP)
-    ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :]
-    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    store_grad_tile(dz_ptr, stride_dz, rows, cols, dz, th, N, V, logit_scale, inv_temp, HAS_SOFTCAP)

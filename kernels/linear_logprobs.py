@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import chain_rule, logits_tile, swizzle
+from ._common import logits_tile, store_grad_tile, tile_coords
 
 GROUP = tl.constexpr(8)  # row blocks per swizzle group
 
@@ -45,12 +45,7 @@ def row_stats_kernel(x_ptr, w_ptr, ids_ptr, k_ptr, state_ptr, zid_ptr,
                      HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                      ENTROPY: tl.constexpr, GATHER: tl.constexpr, EXCLUDE: tl.constexpr):
     """state_ptr: [NSTATE, n_vblocks, N] fp32 = (max, sumexp[, entropy acc][, tail max, tail sumexp])."""
-    pid = tl.program_id(0)
-    nb_n = tl.cdiv(N, BLOCK_N)
-    nb_v = tl.cdiv(V, BLOCK_V)
-    pid_n, pid_v = swizzle(pid, nb_n, nb_v, GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows, cols, pid_v, nb_v = tile_coords(N, V, BLOCK_N, BLOCK_V, GROUP)
     rmask = rows < N
     z, th = logits_tile(x_ptr, w_ptr, rows, cols, N, V, H, stride_x, stride_w,
                         logit_scale, softcap, inv_temp, BLOCK_N, BLOCK_V, BLOCK_H,
@@ -91,12 +86,7 @@ def dense_grad_kernel(x_ptr, w_ptr, lse_ptr, a_ptr, b_ptr, t_ptr, u_ptr, ids_ptr
                       HAS_B: tl.constexpr, HAS_TAIL: tl.constexpr, GATHER: tl.constexpr):
     """dz[N, V] of the dense gradient form in the module doc for the vocabulary slice
     [col0, col0 + V) (w_ptr points at its first row; ids and K hold global ids)."""
-    pid = tl.program_id(0)
-    nb_n = tl.cdiv(N, BLOCK_N)
-    nb_v = tl.cdiv(V, BLOCK_V)
-    pid_n, pid_v = swizzle(pid, nb_n, nb_v, GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows, cols, _, _ = tile_coords(N, V, BLOCK_N, BLOCK_V, GROUP)
     rmask = rows < N
     cmask = cols < V
     z, th = logits_tile(x_ptr, w_ptr, rows, cols, N, V, H, stride_x, stride_w,
@@ -122,9 +112,7 @@ def dense_grad_kernel(x_ptr, w_ptr, lse_ptr, a_ptr, b_ptr, t_ptr, u_ptr, ids_ptr
         ids = tl.load(ids_ptr + rows, mask=rmask, other=-1)
         c = tl.load(c_ptr + rows, mask=rmask, other=0.0)
         dz += tl.where((col0 + cols).to(tl.int64)[None, :] == ids[:, None], c[:, None], 0.0)
-    dz = chain_rule(dz, th, logit_scale, inv_temp, HAS_SOFTCAP)
-    ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :]
-    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    store_grad_tile(dz_ptr, stride_dz, rows, cols, dz, th, N, V, logit_scale, inv_temp, HAS_SOFTCAP)
 
 
 def grid_tiles(N, V, cfg):

@@ -22,27 +22,27 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import tanh_exp
+from ._common import chain_rule as _chain
+from ._common import transform as _transform
 from .linear_divergence import _summand
 
 
 @triton.jit
-def _transform(r, logit_scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
-    z = r * logit_scale
-    if HAS_SOFTCAP:
-        th = tanh_exp(z / softcap)
-        z = softcap * th
-    else:
-        th = z * 0.0
-    return z * inv_temp, th
+def _load_logits(row_ptr, v0, offs, V, logit_scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
+    """Block [v0, v0 + BLOCK) of a raw fp32 logits row, transformed: (in-range mask, logits, tanh factor)."""
+    cm = (v0 + offs) < V
+    z, th = _transform(tl.load(row_ptr + v0 + offs, mask=cm, other=0.0).to(tl.float32),
+                       logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+    return cm, z, th
 
 
 @triton.jit
-def _chain(dz, th, logit_scale, inv_temp, HAS_SOFTCAP: tl.constexpr):
-    dz = dz * inv_temp
-    if HAS_SOFTCAP:
-        dz = dz * (1.0 - th * th)
-    return dz * logit_scale
+def _pair_block(zs_row, zt_row, v0, offs, V, lse_s, lse_t, logit_scale, softcap, inv_temp,
+                HAS_SOFTCAP: tl.constexpr):
+    """Student / teacher log-probs of one block of a row pair (0 out of range) and the student's tanh factor."""
+    cm, zs, th = _load_logits(zs_row, v0, offs, V, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+    _, zt, _ = _load_logits(zt_row, v0, offs, V, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+    return cm, tl.where(cm, zs - lse_s, 0.0), tl.where(cm, zt - lse_t, 0.0), th
 
 
 @triton.jit
@@ -52,9 +52,7 @@ def _row_lse(ptr, V, logit_scale, softcap, inv_temp, BLOCK: tl.constexpr, HAS_SO
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK,), tl.float32)
     for v0 in range(0, V, BLOCK):
-        cm = (v0 + offs) < V
-        r = tl.load(ptr + v0 + offs, mask=cm, other=0.0).to(tl.float32)
-        z, _ = _transform(r, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+        cm, z, _ = _load_logits(ptr, v0, offs, V, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
         z = tl.where(cm, z, float("-inf"))
         m_new = tl.maximum(m, z)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -80,13 +78,8 @@ def div_row_kernel(zs_ptr, zt_ptr, loss_ptr, tg_ptr, dz_ptr, V, stride_zs, strid
     acc_s = tl.zeros((BLOCK,), tl.float32)
     acc_g = tl.zeros((BLOCK,), tl.float32)
     for v0 in range(0, V, BLOCK):
-        cm = (v0 + offs) < V
-        zs, _ = _transform(tl.load(zs_row + v0 + offs, mask=cm, other=0.0).to(tl.float32),
-                           logit_scale, softcap, inv_temp, HAS_SOFTCAP)
-        zt, _ = _transform(tl.load(zt_row + v0 + offs, mask=cm, other=0.0).to(tl.float32),
-                           logit_scale, softcap, inv_temp, HAS_SOFTCAP)
-        ls = tl.where(cm, zs - lse_s, 0.0)
-        lt = tl.where(cm, zt - lse_t, 0.0)
+        cm, ls, lt, _ = _pair_block(zs_row, zt_row, v0, offs, V, lse_s, lse_t, logit_scale, softcap, inv_temp,
+                                    HAS_SOFTCAP)
         s, g = _summand(ls, lt, beta, log_beta, log_1mb, clip, KIND, CLIP)
         acc_s += tl.where(cm, s, 0.0)
         acc_g += tl.where(cm, g, 0.0)
@@ -106,13 +99,8 @@ def div_row_kernel(zs_ptr, zt_ptr, loss_ptr, tg_ptr, dz_ptr, V, stride_zs, strid
         tg = tl.load(tg_ptr + row)
         dz_row = dz_ptr + row * stride_dz
         for v0 in range(0, V, BLOCK):
-            cm = (v0 + offs) < V
-            zs, th = _transform(tl.load(zs_row + v0 + offs, mask=cm, other=0.0).to(tl.float32),
-                                logit_scale, softcap, inv_temp, HAS_SOFTCAP)
-            zt, _ = _transform(tl.load(zt_row + v0 + offs, mask=cm, other=0.0).to(tl.float32),
-                               logit_scale, softcap, inv_temp, HAS_SOFTCAP)
-            ls = tl.where(cm, zs - lse_s, 0.0)
-            lt = tl.where(cm, zt - lse_t, 0.0)
+            cm, ls, lt, th = _pair_block(zs_row, zt_row, v0, offs, V, lse_s, lse_t, logit_scale, softcap,
+                                         inv_temp, HAS_SOFTCAP)
             _, g = _summand(ls, lt, beta, log_beta, log_1mb, clip, KIND, CLIP)
             dz = tg * (g - tl.exp(ls) * G)
             dz = _chain(tl.where(cm, dz, 0.0), th, logit_scale, inv_temp, HAS_SOFTCAP)
@@ -132,9 +120,7 @@ def lp_row_kernel(z_ptr, ids_ptr, lse_ptr, ent_ptr, zid_ptr, V, stride_z,
         offs = tl.arange(0, BLOCK)
         acc = tl.zeros((BLOCK,), tl.float32)
         for v0 in range(0, V, BLOCK):
-            cm = (v0 + offs) < V
-            z, _ = _transform(tl.load(z_row + v0 + offs, mask=cm, other=0.0).to(tl.float32),
-                              logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+            cm, z, _ = _load_logits(z_row, v0, offs, V, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
             ls = tl.where(cm, z - lse, 0.0)
             acc += tl.where(cm, tl.exp(ls) * ls, 0.0)
         tl.store(ent_ptr + row, -tl.sum(acc, 0))

@@ -350,16 +350,13 @@ def _div_chunked(s_hidden, s_weight, t_hidden, t_weight, logit, div, token_grad)
     return loss, dx, dw
 
 
-def _lp_forward_chunked(hidden, weight, ids, logit, entropy=True, gather=True):
-    N = hidden.shape[0]
-    V = weight.shape[0]
-    dev = hidden.device
+def _row_stat_chunks(hidden, weight, logit, lse, ent=None, ids=None, zid=None):
+    """Yield ``(n0, n1, z)`` per token chunk after the cuBLAS logits GEMM into an fp32 buffer ``z`` and the row
+    kernel's statistics: the LSE into ``lse``, the entropy into ``ent`` and the logit at ``ids`` into ``zid``
+    when given."""
+    N, V = hidden.shape[0], weight.shape[0]
     T = _chunk_rows(N, V, 4 * V)
-    z = torch.empty(T, V, dtype=torch.float32, device=dev)
-    lse = torch.empty(N, dtype=torch.float32, device=dev)
-    ent = torch.empty(N, dtype=torch.float32, device=dev) if entropy else lse
-    zid = torch.empty(N, dtype=torch.float32, device=dev) if gather else lse
-    ids = ids if gather else torch.zeros(1, dtype=torch.int64, device=dev)
+    z = torch.empty(T, V, dtype=torch.float32, device=hidden.device)
     (scale, cap, inv_t), has_cap = _logit_args(logit)
     block, launch = _row_cfg()
     for n0 in range(0, N, T):
@@ -367,8 +364,17 @@ def _lp_forward_chunked(hidden, weight, ids, logit, entropy=True, gather=True):
         zc = z[: n1 - n0]
         _mm_f32(hidden[n0:n1], weight.t(), zc)
         krow.lp_row_kernel[(n1 - n0,)](
-            zc, ids[n0:n1] if gather else ids, lse[n0:n1], ent[n0:n1], zid[n0:n1], V, zc.stride(0),
-            scale, cap, inv_t, BLOCK=block, HAS_SOFTCAP=has_cap, ENTROPY=entropy, GATHER=gather, **launch)
+            zc, lse if ids is None else ids[n0:n1], lse[n0:n1], lse if ent is None else ent[n0:n1],
+            lse if zid is None else zid[n0:n1], V, zc.stride(0), scale, cap, inv_t,
+            BLOCK=block, HAS_SOFTCAP=has_cap, ENTROPY=ent is not None, GATHER=ids is not None, **launch)
+        yield n0, n1, zc
+
+
+def _lp_forward_chunked(hidden, weight, ids, logit):
+    N = hidden.shape[0]
+    lse, ent, zid = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    for _ in _row_stat_chunks(hidden, weight, logit, lse, ent=ent, ids=ids, zid=zid):
+        pass
     return zid, ent, lse
 
 
@@ -445,22 +451,12 @@ def _topk_chunked(hidden, weight, k, logit):
     """Token-chunked cuBLAS logits (fp32 output) + torch.topk + the row kernel's LSE.  The logit
     transform is increasing (positive scale, temperature, softcap), so the top k of the raw logits
     are the top k of the final ones."""
-    N, V = hidden.shape[0], weight.shape[0]
+    N = hidden.shape[0]
     dev = hidden.device
     ids = torch.empty(N, k, dtype=torch.int64, device=dev)
     lp = torch.empty(N, k, dtype=torch.float32, device=dev)
     lse = torch.empty(N, dtype=torch.float32, device=dev)
-    T = _chunk_rows(N, V, 4 * V)
-    z = torch.empty(T, V, dtype=torch.float32, device=dev)
-    (scale, cap, inv_t), has_cap = _logit_args(logit)
-    block, launch = _row_cfg()
-    for n0 in range(0, N, T):
-        n1 = min(N, n0 + T)
-        zc = z[: n1 - n0]
-        _mm_f32(hidden[n0:n1], weight.t(), zc)
-        krow.lp_row_kernel[(n1 - n0,)](
-            zc, lse, lse[n0:n1], lse, lse, V, zc.stride(0), scale, cap, inv_t,
-            BLOCK=block, HAS_SOFTCAP=has_cap, ENTROPY=False, GATHER=False, **launch)
+    for n0, n1, zc in _row_stat_chunks(hidden, weight, logit, lse):
         v, i = zc.topk(k, dim=1)
         ids[n0:n1] = i
         lp[n0:n1] = _transform_torch(v, logit) - lse[n0:n1, None]
