@@ -38,6 +38,7 @@ from common import cuda_peak_extra as peak_extra  # noqa: E402
 GIB = 2**30
 PATHS = ("fused", "chunked")
 ROWS: list[dict] = []
+CHECK = {"device": "cuda", "shape": (512, 1024, 32000)}  # the correctness problem (--smoke-cpu: tiny, on CPU)
 CHECKS: list[dict] = []
 META: dict = {}
 
@@ -140,14 +141,15 @@ def correctness_path(dtype, path):
     from copsd.backends import reference as ref
     from copsd.ops._spec import DivergenceSpec, LogitSpec
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    N, H, V = 512, 1024, 32000
-    xs = torch.randn(N, H, device="cuda", generator=g).to(dtype)
-    xt = torch.randn(N, H, device="cuda", generator=g).to(dtype)
-    ws = (torch.randn(V, H, device="cuda", generator=g) * 4 / H**0.5).to(dtype)
-    wt = (torch.randn(V, H, device="cuda", generator=g) * 4 / H**0.5).to(dtype)
-    ids = torch.randint(0, V, (N,), device="cuda", generator=g)
-    tg = torch.randn(N, device="cuda", generator=g)
+    dev = CHECK["device"]
+    g = torch.Generator(device=dev).manual_seed(0)
+    N, H, V = CHECK["shape"]
+    xs = torch.randn(N, H, device=dev, generator=g).to(dtype)
+    xt = torch.randn(N, H, device=dev, generator=g).to(dtype)
+    ws = (torch.randn(V, H, device=dev, generator=g) * 4 / H**0.5).to(dtype)
+    wt = (torch.randn(V, H, device=dev, generator=g) * 4 / H**0.5).to(dtype)
+    ids = torch.randint(0, V, (N,), device=dev, generator=g)
+    tg = torch.randn(N, device=dev, generator=g)
     f = (xs.float(), ws.float(), xt.float(), wt.float())
     # The kernel variants the timings use (each fused Triton variant costs ~15-30 s of compilation;
     # tests/test_backend_triton.py covers every option).  The chunked path runs with 4 token chunks
@@ -196,7 +198,8 @@ def correctness(dtype):
         old = tri.CHUNK_BYTES
         try:
             with use_path(path):
-                tri.CHUNK_BYTES = 128 * 32000 * 10  # 128-token chunks: 4 chunks at N=512
+                N, _, V = CHECK["shape"]
+                tri.CHUNK_BYTES = (N // 4) * V * 10  # 4 token chunks (dW accumulated over chunks)
                 ok &= correctness_path(dtype, path)
         except Exception as e:
             traceback.print_exc()
@@ -204,7 +207,8 @@ def correctness(dtype):
             ok = False
         finally:
             tri.CHUNK_BYTES = old
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return ok
 
 
@@ -218,8 +222,19 @@ def main():
     ap.add_argument("--v", type=int, default=151936)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget-s", type=float, default=130.0, help="skip optional baselines after this")
+    ap.add_argument("--smoke-cpu", action="store_true",
+                    help="run only the correctness checks, tiny and on CPU in the Triton interpreter "
+                         "(TRITON_INTERPRET=1), to catch errors in this script before a GPU run")
     args = ap.parse_args()
     t_start = time.time()
+    if args.smoke_cpu:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("--smoke-cpu needs TRITON_INTERPRET=1")
+            return 2
+        CHECK.update(device="cpu", shape=(40, 48, 300))
+        ok = correctness(torch.float32)
+        print(f"smoke-cpu correctness: {'ok' if ok else 'FAILED'}")
+        return 0 if ok else 1
     if not torch.cuda.is_available():
         print("no CUDA device; nothing to benchmark")
         return 0
