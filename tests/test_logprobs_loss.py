@@ -148,21 +148,23 @@ def test_without_gradients_only_the_loss(backend):
     assert not loss2.requires_grad and float(loss2) == float(loss)
 
 
-def test_bad_loss_fn_is_reported():
+def test_bad_loss_fn_is_reported(backend):
+    """Also through the C++ driver and the Triton paths, which call loss_fn from inside their chunk loops."""
     x = torch.randn(4, 8, requires_grad=True)
     w = torch.randn(11, 8, requires_grad=True)
     ids = torch.randint(0, 11, (4,))
     with pytest.raises(ValueError, match="loss_fn: expected a callable"):
-        linear_logprobs_loss(x, w, ids, "mean")
-    with pytest.raises(ValueError, match=r"loss_fn: expected a floating \[4\] tensor"):
-        linear_logprobs_loss(x, w, ids, lambda lp, ent, rows: lp.sum(), backend="reference")
-    with pytest.raises(ValueError, match=r"loss_fn: expected a floating \[4\] tensor"):
-        linear_logprobs_loss(x, w, ids, lambda lp, ent, rows: 0.0, backend="reference")
+        linear_logprobs_loss(x, w, ids, "mean", backend=backend)
+    wrong = r"loss_fn: expected a floating \[\d+\] tensor of per-token losses for rows \[0, "  # chunk sizes differ
+    with pytest.raises(ValueError, match=wrong):
+        linear_logprobs_loss(x, w, ids, lambda lp, ent, rows: lp.sum(), backend=backend)
+    with pytest.raises(ValueError, match=wrong):
+        linear_logprobs_loss(x, w, ids, lambda lp, ent, rows: 0.0, backend=backend)
     scale = torch.ones((), requires_grad=True)  # a trainable side input: its gradient would be lost
     with pytest.raises(ValueError, match="requires grad other than the log-probs"):
-        linear_logprobs_loss(x, w, ids, lambda lp, ent, rows: scale * lp, backend="reference")
+        linear_logprobs_loss(x, w, ids, lambda lp, ent, rows: scale * lp, backend=backend)
     with pytest.raises(ValueError, match="ids"):
-        linear_logprobs_loss(x, w, ids + 11, lambda lp, ent, rows: lp, backend="reference")
+        linear_logprobs_loss(x, w, ids + 11, lambda lp, ent, rows: lp, backend=backend)
 
 
 @pytest.mark.gpu

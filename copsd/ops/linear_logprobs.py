@@ -61,9 +61,8 @@ class _Coefficients:
     The chunk's log-probs and entropies are fresh leaves; ``loss_fn`` may use other tensors only as constants:
     a graph reaching any other tensor that requires grad is an error (its gradient would be lost)."""
 
-    def __init__(self, loss_fn, n_tokens):
+    def __init__(self, loss_fn):
         self.loss_fn = loss_fn
-        self.n_tokens = n_tokens
         self.total = None
 
     def __call__(self, r0, rows, lp, ent, grad=True):
@@ -156,7 +155,7 @@ def linear_logprobs_loss(hidden, weight, ids, loss_fn, *, temperature=1.0, logit
         raise ValueError(f"loss_fn: expected a callable (logprobs, entropy, rows) -> [T] losses, got "
                          f"{type(loss_fn).__name__}")
     impl = backends.get("logprobs_forward", hidden.device, backend)
-    coeff = _Coefficients(loss_fn, hidden.shape[0])
+    coeff = _Coefficients(loss_fn)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         # no gradient wanted (evaluation): the statistics and the loss only
         with torch.no_grad():
