@@ -28,7 +28,7 @@ def logits_tile(x_ptr, w_ptr, rows, cols, N, V, H, stride_x, stride_w,
                 HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """z[BLOCK_N, BLOCK_V] = transform(x[rows] . w[cols]^T), fp32; padded columns are -inf.
 
-    Returns (z, th) with th = tanh(logit_scale * x.w / softcap) (ones when no softcap), which the
+    Returns (z, th) with th = tanh(logit_scale * x.w / softcap) (unused zeros when no softcap), which the
     backward needs for the chain rule.  Pointer offsets are int64 (N*H and V*H exceed 2^31).
     """
     offs_h = tl.arange(0, BLOCK_H)
