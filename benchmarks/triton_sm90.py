@@ -91,19 +91,12 @@ class Recorder:
     def run(self, fn, *args, grid, warmup, **kwargs):
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "num_ctas") if k in kwargs}
         names = fn.arg_names
-        if len(args) > len(names):
-            raise TypeError(f"{fn.__name__}: {len(args)} positional arguments for {len(names)} parameters")
-        bound = dict(zip(names, args))
-        unknown = set(kwargs) - set(names)
-        if unknown:
-            raise TypeError(f"{fn.__name__}: unknown launch arguments {sorted(unknown)}")
-        bound.update(kwargs)
-        missing = [n for n in names if n not in bound]
-        for n in missing:
-            param = fn.signature.parameters[n]
-            if param.default is param.empty:
-                raise TypeError(f"{fn.__name__}: missing launch argument {n!r}")
-            bound[n] = param.default
+        try:
+            ba = fn.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{fn.__name__}: {e}") from None
+        ba.apply_defaults()
+        bound = ba.arguments
         constexpr_names = {fn.arg_names[i] for i in fn.constexprs}
         signature, constexprs, divisible = {}, {}, []
         for i, n in enumerate(names):
