@@ -63,7 +63,7 @@ class _Coefficients:
 
     def __init__(self, loss_fn):
         self.loss_fn = loss_fn
-        self.total = None
+        self.total = torch.zeros((), dtype=torch.float64)
 
     def __call__(self, r0, rows, lp, ent, grad=True):
         r0, rows = int(r0), int(rows)
@@ -75,8 +75,7 @@ class _Coefficients:
             got = f"{tuple(per.shape)} {per.dtype}" if isinstance(per, torch.Tensor) else type(per).__name__
             raise ValueError(f"loss_fn: expected a floating [{rows}] tensor of per-token losses for rows "
                              f"[{r0}, {r0 + rows}), got {got}")
-        part = per.detach().double().sum()
-        self.total = part if self.total is None else self.total + part
+        self.total = self.total + per.detach().double().sum()  # a 0-dim start combines with any device
         if not (grad and per.requires_grad):
             return None, None
         _check_leaves(per, (lp, ent))
@@ -110,16 +109,13 @@ class _LinearLogprobsLoss(torch.autograd.Function):
         if out is None:  # forward, the loss's coefficients, recomputing backward
             lp, ent, lse = impl.logprobs_forward(hidden, weight, ids, spec)
             g_lp, g_ent = coeff(0, hidden.shape[0], lp, ent)
-            if g_lp is None and g_ent is None:
-                g_lp = torch.zeros_like(lp)
             dx, dw = impl.logprobs_backward(hidden, weight, ids, lse, ent, g_lp, g_ent, None, spec)
         else:
             lp, ent, dx, dw = out
-        total = coeff.total if coeff.total is not None else torch.zeros((), dtype=torch.float64)
         ctx.save_for_backward(dx, dw)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(lp, ent)
-        return total.to(device=hidden.device, dtype=lp.dtype), lp, ent
+        return coeff.total.to(device=hidden.device, dtype=lp.dtype), lp, ent
 
     @staticmethod
     def backward(ctx, g, _g_lp, _g_ent):
@@ -156,13 +152,11 @@ def linear_logprobs_loss(hidden, weight, ids, loss_fn, *, temperature=1.0, logit
                          f"{type(loss_fn).__name__}")
     impl = backends.get("logprobs_forward", hidden.device, backend)
     coeff = _Coefficients(loss_fn)
+    args = (hidden.contiguous(), weight.contiguous(), ids.long().contiguous(), spec)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         # no gradient wanted (evaluation): the statistics and the loss only
         with torch.no_grad():
-            lp, ent, _ = impl.logprobs_forward(hidden.contiguous(), weight.contiguous(), ids.long().contiguous(),
-                                               spec)
+            lp, ent, _ = impl.logprobs_forward(*args)
             coeff(0, hidden.shape[0], lp, ent, grad=False)
-        total = coeff.total if coeff.total is not None else torch.zeros((), dtype=torch.float64)
-        return total.to(device=hidden.device, dtype=lp.dtype), lp, ent
-    return _LinearLogprobsLoss.apply(hidden.contiguous(), weight.contiguous(), ids.long().contiguous(), spec, impl,
-                                     coeff)
+        return coeff.total.to(device=hidden.device, dtype=lp.dtype), lp, ent
+    return _LinearLogprobsLoss.apply(*args, impl, coeff)
