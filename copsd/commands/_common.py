@@ -13,3 +13,15 @@ def setup_logging():
 def is_main_process():
     """Rank 0 of a torchrun / accelerate launch (or a single process)."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def run_stage(args, config_cls, train, command, loss_label):
+    """Build ``config_cls`` from the parsed arguments, run ``train(cfg)`` and report on the main process."""
+    from copsd.config import config_from_args
+
+    cfg = config_from_args(config_cls, args)
+    setup_logging()
+    metrics = train(cfg)
+    if is_main_process():
+        print(f"copsd {command}: wrote {cfg.output_dir} ({loss_label} {metrics.get('loss', float('nan')):.4f})")
+    return 0

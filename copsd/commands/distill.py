@@ -11,14 +11,8 @@ def add_arguments(parser):
 
 
 def run(args):
-    from copsd.commands._common import is_main_process, setup_logging
-    from copsd.config import DistillConfig, config_from_args
+    from copsd.commands._common import run_stage
+    from copsd.config import DistillConfig
     from copsd.distill import distill
 
-    cfg = config_from_args(DistillConfig, args)
-    setup_logging()
-    metrics = distill(cfg)
-    if is_main_process():
-        print(f"copsd distill: wrote {cfg.output_dir} (last loss {metrics.get('loss', float('nan')):.4f})")
-    return 0
-
+    return run_stage(args, DistillConfig, distill, "distill", "last loss")

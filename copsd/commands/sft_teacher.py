@@ -11,14 +11,8 @@ def add_arguments(parser):
 
 
 def run(args):
-    from copsd.commands._common import is_main_process, setup_logging
-    from copsd.config import SFTTeacherConfig, config_from_args
+    from copsd.commands._common import run_stage
+    from copsd.config import SFTTeacherConfig
     from copsd.sft import sft_teacher
 
-    cfg = config_from_args(SFTTeacherConfig, args)
-    setup_logging()
-    metrics = sft_teacher(cfg)
-    if is_main_process():
-        print(f"copsd sft-teacher: wrote {cfg.output_dir} (final loss {metrics.get('loss', float('nan')):.4f})")
-    return 0
-
+    return run_stage(args, SFTTeacherConfig, sft_teacher, "sft-teacher", "final loss")
