@@ -93,8 +93,10 @@ class TrainConfig:
                 raise ValueError(f"config key 'report_to' entries must be in {REPORTERS}, got {r!r}")
         if "{constitution}" not in self.teacher_template or "{query}" not in self.teacher_template:
             raise ValueError("config key 'teacher_template' must contain '{constitution}' and '{query}'")
-        if not self.constitution:
-            raise ValueError("config key 'constitution' is required (path to a Markdown or YAML constitution)")
+        if not self.constitution:  # none given: the bundled default constitution
+            from copsd.constitution import DEFAULT_CONSTITUTION
+
+            self.constitution = DEFAULT_CONSTITUTION
         return self
 
 

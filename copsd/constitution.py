@@ -6,6 +6,11 @@ File formats
 * Markdown: everything before the first ``## category: <name>`` heading is the default text; each such
   heading starts that category's text.
 
+In either format a category text may contain ``{default}``: it is replaced by the default text when the
+file is loaded, so a category can add its own guidance before or after the shared protocol without
+repeating it.  :data:`DEFAULT_CONSTITUTION` is the bundled default (``copsd/data/constitutions/default.md``),
+used when a config names no constitution.
+
 Views
 -----
 The *student view* of a prompt is the conversation as given.  The *teacher view* is the same
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 import yaml
 
 DEFAULT_TEMPLATE = "{constitution}\n\n---\n\n{query}\n\n---"
+DEFAULT_CONSTITUTION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "constitutions", "default.md")
 _CATEGORY_HEADING = re.compile(r"^##\s+category:\s*(\S.*?)\s*$", re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"\{(constitution|query)\}")
 
@@ -72,6 +78,7 @@ def load_constitution(path: str) -> Constitution:
         c = _from_markdown(text, path)
     else:
         raise ValueError(f"constitution file {path}: expected a .md or .yaml file, got extension {ext!r}")
+    c.categories = {k: v.replace("{default}", c.default) for k, v in c.categories.items()}
     c.path = path
     return c
 
