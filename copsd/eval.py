@@ -12,8 +12,18 @@ prompt row (``kind``: harmful / benign / general), sample ``num_samples`` respon
 * constitution leakage: fraction of responses repeating a long word n-gram of a constitution.
 
 Refusals are judged by :mod:`copsd.textmetrics` (keyword detector by default, or a local
-classifier / judge).  Outputs: ``report.json``, ``responses-<model>.jsonl``, a printed table and
-PNG plots (safety vs helpfulness, length and entropy distributions).
+classifier / judge).  Every rate comes with a percentile bootstrap interval (``metrics_ci``), resampling
+prompts (a prompt's samples are not independent), so two models can be told apart from noise.
+
+With ``judge=`` (a local chat model, :mod:`copsd.judge`) the responses are also judged, as the paper
+evaluates: pointwise safety (1-10, on harmful prompts) and helpfulness (1-10, on benign and general prompts)
+and a pairwise win-rate of every model against ``baseline`` (each pair judged in both orders, so the
+judge's position bias cancels), all with bootstrap intervals; malformed verdicts are counted and left out.
+The paper decodes greedily with up to 512 new tokens (``temperature=0, max_new_tokens=512``, one sample per
+prompt); the defaults here sample 4 responses at temperature 1, which diversity needs.
+
+Outputs: ``report.json``, ``responses-<model>.jsonl``, a printed table and PNG plots (safety vs helpfulness,
+length and entropy distributions).
 """
 
 from __future__ import annotations
@@ -42,6 +52,9 @@ TABLE_COLUMNS = (
     ("diversity", "diversity", "{:.3f}"),
     ("leak_rate", "leak", "{:.1%}"),
 )
+
+
+RATES = ("harmful_refusal", "benign_compliance", "over_refusal_compliance", "general_compliance", "leak_rate")
 
 
 def _mean(xs) -> float | None:
@@ -154,12 +167,15 @@ def response_entropies(model, prompt_ids: list[list[int]], completion_ids: list[
 
 def evaluate_model(entry: dict, rows, *, num_samples=4, max_new_tokens=64, temperature=1.0, top_p=1.0,
                    top_k=0, batch_size=32, seed=0, refusal_detector=None, leak_texts=None, leak_ngram=8,
-                   teacher_template=None, device=None, dtype=None, progress=True) -> dict:
-    """Generate and score one model on prompt rows (``copsd.data.PromptRow``); see the module doc."""
+                   teacher_template=None, device=None, dtype=None, progress=True, n_boot=1000,
+                   ci_level=0.95) -> dict:
+    """Generate and score one model on prompt rows (``copsd.data.PromptRow``); see the module doc.
+    ``temperature=0`` decodes greedily."""
     import torch
     from tqdm.auto import tqdm
 
     from copsd.constitution import DEFAULT_TEMPLATE, load_constitution, render_ids, teacher_messages
+    from copsd.judge import bootstrap_ci
     from copsd.rollout import generate
 
     detector = refusal_detector or tm.KeywordRefusalDetector()
@@ -242,6 +258,19 @@ def evaluate_model(entry: dict, rows, *, num_samples=4, max_new_tokens=64, tempe
             "diversity": _mean([1.0 - sb[i] for i in prompts_here if i in sb]),
             "leak_rate": rate(idx, "leak") if leak_det else None,
         }
+    def rate_ci(idx, key, invert=False):
+        vals = [(1.0 - float(bool(samples[j][key]))) if invert else float(bool(samples[j][key])) for j in idx]
+        ci = bootstrap_ci(vals, [samples[j]["prompt_index"] for j in idx], n_boot=n_boot, alpha=1 - ci_level,
+                          seed=seed)
+        return list(ci) if ci else None
+
+    metrics_ci = {
+        "harmful_refusal": rate_ci(harmful, "refusal"),
+        "benign_compliance": rate_ci(benign, "refusal", invert=True),
+        "over_refusal_compliance": rate_ci(over, "refusal", invert=True),
+        "general_compliance": rate_ci(general, "refusal", invert=True),
+        "leak_rate": rate_ci(everything, "leak") if leak_det else None,
+    }
     metrics = {
         "harmful_refusal": rate(harmful, "refusal"),
         "benign_compliance": rate(benign, "refusal", invert=True),
@@ -258,7 +287,8 @@ def evaluate_model(entry: dict, rows, *, num_samples=4, max_new_tokens=64, tempe
     return {
         "name": entry["name"], "path": entry.get("path"), "constitution": entry.get("constitution"),
         "constitution_sha256": constitution.sha256 if constitution else None,
-        "metrics": metrics, "per_kind": kinds, "generation_seconds": round(gen_seconds, 2),
+        "metrics": metrics, "metrics_ci": metrics_ci, "per_kind": kinds,
+        "generation_seconds": round(gen_seconds, 2),
         "_samples": samples,
     }
 
@@ -268,14 +298,19 @@ def evaluate_models(models: list[dict], prompt_files: list[str], output_dir: str
                     batch_size: int = 32, seed: int = 0, refusal_detector="keyword",
                     leak_constitutions: list[str] | None = None, leak_ngram: int = 8,
                     teacher_template: str | None = None, device=None, dtype=None, progress: bool = True,
-                    plots: bool = True, print_table: bool = True) -> dict:
+                    plots: bool = True, print_table: bool = True, judge=None, baseline: str | None = None,
+                    judge_max_new_tokens: int = 128, judge_batch_size: int = 8, n_boot: int = 1000,
+                    ci_level: float = 0.95) -> dict:
     """Evaluate every model on every prompt file and write ``output_dir/report.json`` (+ plots).
 
     ``models``: ``[{"name": str, "path": dir, "constitution": None | file}]`` (a loaded ``model`` and
     ``tokenizer`` may be given instead of ``path``).  ``refusal_detector``: ``"keyword"``,
     ``"classifier:PATH"``, ``"judge:PATH"``, a model directory, or any callable
     ``(prompts, responses) -> list[bool]``.  ``leak_constitutions``: the constitution files whose
-    text counts as leaked (default: every constitution named in ``models``).  Returns the report.
+    text counts as leaked (default: every constitution named in ``models``).  ``temperature=0``: greedy.
+    ``judge``: a local chat-model directory or a :class:`copsd.judge.Judge`; ``baseline``: the model
+    the others are compared with pairwise (default: the first).  ``n_boot`` / ``ci_level``: the bootstrap
+    intervals.  Returns the report.
     """
     from copsd.constitution import load_constitution
     from copsd.data import load_prompt_rows
@@ -283,11 +318,20 @@ def evaluate_models(models: list[dict], prompt_files: list[str], output_dir: str
     models = _check_models(models)
     if isinstance(prompt_files, str) or not isinstance(prompt_files, Sequence) or not prompt_files:
         raise ValueError("prompt_files: expected a non-empty list of JSONL paths")
-    for name, v in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+    for name, v in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
+                    ("judge_max_new_tokens", judge_max_new_tokens), ("judge_batch_size", judge_batch_size),
+                    ("n_boot", n_boot)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    if not isinstance(ci_level, float) or not 0 < ci_level < 1:
+        raise ValueError(f"ci_level: expected a float in (0, 1), got {ci_level!r}")
     if not isinstance(output_dir, str) or not output_dir:
         raise ValueError("output_dir: expected a directory path")
+    names = [m["name"] for m in models]
+    if baseline is not None and baseline not in names:
+        raise ValueError(f"baseline: no model named {baseline!r} (models: {names})")
+    if judge is not None and not hasattr(judge, "pairwise") and not (isinstance(judge, str) and os.path.isdir(judge)):
+        raise ValueError(f"judge: expected a local model directory or a copsd.judge.Judge, got {judge!r}")
     rows = []
     for f in prompt_files:
         if not os.path.isfile(f):
@@ -304,24 +348,46 @@ def evaluate_models(models: list[dict], prompt_files: list[str], output_dir: str
         res = evaluate_model(entry, rows, num_samples=num_samples, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed,
                              refusal_detector=detector, leak_texts=leak_texts or None, leak_ngram=leak_ngram,
-                             teacher_template=teacher_template, device=device, dtype=dtype, progress=progress)
+                             teacher_template=teacher_template, device=device, dtype=dtype, progress=progress,
+                             n_boot=n_boot, ci_level=ci_level)
+        samples = res["_samples"]
+        res["_lengths"] = [s["length"] for s in samples if s["kind"] != "harmful"]
+        res["_entropies"] = [s["mean_entropy"] for s in samples if s["kind"] != "harmful" and s["mean_entropy"]]
+        results.append(res)
+
+    judge_settings = None
+    if judge is not None:
+        from copsd.judge import Judge
+
+        if isinstance(judge, str):
+            judge_path = judge
+            judge = Judge.from_pretrained(judge, device=device, dtype=dtype, max_new_tokens=judge_max_new_tokens,
+                                          batch_size=judge_batch_size)
+        else:
+            judge_path = getattr(getattr(judge.model, "config", None), "_name_or_path", None)
+        base_name = baseline or names[0]
+        judge_results(judge, results, base_name, n_boot=n_boot, ci_level=ci_level, seed=seed, progress=progress)
+        judge_settings = {"judge": judge_path, "baseline": base_name, "judge_max_new_tokens": judge.max_new_tokens,
+                          "judge_decoding": "greedy", "judge_truncated_prompts": judge.truncated_prompts}
+
+    for res in results:
         samples = res.pop("_samples")
-        fname = f"responses-{_slug(entry['name'])}.jsonl"
+        fname = f"responses-{_slug(res['name'])}.jsonl"
         with open(os.path.join(output_dir, fname), "w", encoding="utf-8") as f:
             for s in samples:
                 f.write(json.dumps(s, ensure_ascii=False) + "\n")
         res["responses_file"] = fname
-        res["_lengths"] = [s["length"] for s in samples if s["kind"] != "harmful"]
-        res["_entropies"] = [s["mean_entropy"] for s in samples if s["kind"] != "harmful" and s["mean_entropy"]]
-        results.append(res)
 
     report = {
         "prompt_files": list(prompt_files), "n_prompts": len(rows),
         "n_prompts_by_kind": {k: sum(r.kind == k for r in rows) for k in ("harmful", "benign", "general")},
         "settings": {"num_samples": num_samples, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                     "decoding": "greedy" if temperature == 0 else "sampling",
                      "top_p": top_p, "top_k": top_k, "seed": seed, "leak_ngram": leak_ngram,
                      "refusal_detector": refusal_detector if isinstance(refusal_detector, str)
-                     else type(refusal_detector).__name__, "leak_constitutions": leak_files},
+                     else type(refusal_detector).__name__, "leak_constitutions": leak_files,
+                     "bootstrap": {"n_boot": n_boot, "ci_level": ci_level, "resampled": "prompts"},
+                     **({"judge": judge_settings} if judge_settings else {})},
         "metrics": list(METRICS),
         "models": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
     }
@@ -331,7 +397,64 @@ def evaluate_models(models: list[dict], prompt_files: list[str], output_dir: str
         json.dump(report, f, indent=2)
     if print_table:
         print(format_table(report))
+        print()
+        print(format_intervals(report))
     return report
+
+
+def _summary(values, clusters, *, n_boot, ci_level, seed) -> dict:
+    from copsd.judge import bootstrap_ci
+
+    valid = [v for v in values if v is not None]
+    ci = bootstrap_ci(values, clusters, n_boot=n_boot, alpha=1 - ci_level, seed=seed)
+    return {"mean": sum(valid) / len(valid) if valid else None, "ci": list(ci) if ci else None,
+            "n": len(valid), "malformed": len(values) - len(valid)}
+
+
+def judge_results(judge, results: list[dict], baseline: str, *, n_boot=1000, ci_level=0.95, seed=0,
+                  progress=True) -> None:
+    """Add ``judge`` sections to ``results`` (from :func:`evaluate_model`, ``_samples`` kept) and judge fields
+    to their samples: safety on harmful prompts, helpfulness on the others, win-rate against ``baseline``."""
+    from tqdm.auto import tqdm
+
+    by_name = {r["name"]: r for r in results}
+    base = by_name[baseline]["_samples"]
+    bar = tqdm(total=len(results), desc="judge", disable=not progress, unit="model")
+    for res in results:
+        samples = res["_samples"]
+        section = {}
+        for key, kinds, fn in (("safety", ("harmful",), judge.safety),
+                               ("helpfulness", ("benign", "general"), judge.helpfulness)):
+            idx = [j for j, s in enumerate(samples) if s["kind"] in kinds]
+            out = fn([samples[j]["query"] for j in idx], [samples[j]["response"] for j in idx])
+            for j, v, t in zip(idx, out.values, out.texts):
+                samples[j][f"judge_{key}"] = v
+                samples[j][f"judge_{key}_raw"] = t
+            section[key] = _summary(out.values, [samples[j]["prompt_index"] for j in idx], n_boot=n_boot,
+                                    ci_level=ci_level, seed=seed)
+            section[key]["scale"] = [1, 10]
+        if res["name"] != baseline:
+            if [s["prompt_index"] for s in samples] != [s["prompt_index"] for s in base]:
+                raise ValueError("pairwise judging needs the same prompts and samples per prompt for every model")
+            pw = judge.pairwise([s["query"] for s in samples], [s["response"] for s in samples],
+                                [s["response"] for s in base])
+            scores = pw["scores"]
+            for s, v in zip(samples, scores):
+                s[f"judge_win_vs_{baseline}"] = v
+            first, second = pw["first"].values, pw["second"].values
+            both = [(a, b) for a, b in zip(first, second) if a is not None and b is not None]
+            consistent = sum((a, b) in (("A", "B"), ("B", "A"), ("tie", "tie")) for a, b in both)
+            summary = _summary(scores, [s["prompt_index"] for s in samples], n_boot=n_boot, ci_level=ci_level,
+                               seed=seed)
+            section["pairwise"] = {
+                "baseline": baseline, "win_rate": summary["mean"], "ci": summary["ci"], "n_pairs": summary["n"],
+                "pairs_without_verdict": summary["malformed"],
+                "malformed_verdicts": pw["first"].malformed + pw["second"].malformed,
+                "position_consistency": consistent / len(both) if both else None,
+            }
+        res["judge"] = section
+        bar.update(1)
+    bar.close()
 
 
 def _slug(name: str) -> str:
@@ -351,6 +474,35 @@ def format_table(report: dict) -> str:
     widths = [max(len(r[i]) for r in [header] + lines) for i in range(len(header))]
     fmt_row = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([fmt_row(header), "  ".join("-" * w for w in widths)] + [fmt_row(r) for r in lines])
+
+
+def format_intervals(report: dict) -> str:
+    """Each rate (and judge score) with its bootstrap interval, one line per model."""
+    level = report.get("settings", {}).get("bootstrap", {}).get("ci_level", 0.95)
+    lines = [f"{level:.0%} bootstrap intervals (prompts resampled):"]
+    for m in report["models"]:
+        parts = []
+        for key in RATES:
+            v, ci = m["metrics"].get(key), (m.get("metrics_ci") or {}).get(key)
+            if v is not None:
+                parts.append(f"{key} {v:.1%}" + (f" [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else ""))
+        j = m.get("judge") or {}
+        for key in ("safety", "helpfulness"):
+            d = j.get(key)
+            if d and d["mean"] is not None:
+                parts.append(f"judge_{key} {d['mean']:.2f}/10 [{d['ci'][0]:.2f}, {d['ci'][1]:.2f}] "
+                             f"({d['malformed']} malformed)")
+            elif d:
+                parts.append(f"judge_{key} - ({d['malformed']} malformed)")
+        pw = j.get("pairwise")
+        if pw:
+            if pw["win_rate"] is not None:
+                parts.append(f"win_rate_vs_{pw['baseline']} {pw['win_rate']:.1%} [{pw['ci'][0]:.1%}, "
+                             f"{pw['ci'][1]:.1%}] ({pw['malformed_verdicts']} malformed verdicts)")
+            else:
+                parts.append(f"win_rate_vs_{pw['baseline']} - ({pw['malformed_verdicts']} malformed verdicts)")
+        lines.append(f"  {m['name']}: " + "; ".join(parts))
+    return "\n".join(lines)
 
 
 def write_plots(results: list[dict], output_dir: str) -> dict:

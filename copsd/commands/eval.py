@@ -1,4 +1,8 @@
-"""``copsd eval``: refusal, helpfulness, length, entropy, diversity and leakage for one or more models."""
+"""``copsd eval``: refusal, helpfulness, length, entropy, diversity and leakage for one or more models,
+with bootstrap intervals; optionally judged by a local chat model (``--judge``).
+
+The paper's evaluation settings: ``--greedy --max_new_tokens 512 --judge JUDGE_DIR --baseline base``.
+"""
 
 NAME = "eval"
 HELP = "evaluate models (base, teacher, students) on JSONL prompt sets: safety vs helpfulness and collapse metrics"
@@ -16,15 +20,29 @@ def add_arguments(parser):
     parser.add_argument("--prompts", action="append", required=True, metavar="JSONL",
                         help="prompt rows with 'prompt' and 'kind' (harmful/benign/general); repeatable")
     parser.add_argument("--output_dir", required=True, help="where report.json, responses and plots go")
-    parser.add_argument("--num_samples", type=int, default=4, help="samples per prompt (diversity needs >= 2)")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--num_samples", type=int, default=None,
+                        help="samples per prompt (default 4, or 1 with --greedy; diversity needs >= 2)")
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="(the paper evaluates with 512)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--greedy", action="store_true",
+                        help="greedy decoding, as the paper evaluates (same as --temperature 0)")
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=16, help="prompts per generation batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--refusal_detector", default="keyword",
                         help="'keyword', 'classifier:PATH', 'judge:PATH' or a local model directory")
+    parser.add_argument("--judge", default=None, metavar="MODEL_DIR",
+                        help="a local chat model that judges the responses: pointwise safety and helpfulness "
+                             "(1-10) and a pairwise win-rate against --baseline, both orders (no API calls). "
+                             "The keyword detector stays the fast default for refusal rates")
+    parser.add_argument("--baseline", default=None, metavar="NAME",
+                        help="the --model the others are compared with pairwise (default: the first)")
+    parser.add_argument("--judge_max_new_tokens", type=int, default=128, help="judge reply budget (greedy)")
+    parser.add_argument("--judge_batch_size", type=int, default=8)
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples (of prompts) for the confidence intervals")
+    parser.add_argument("--ci_level", type=float, default=0.95)
     parser.add_argument("--leak_constitution", action="append", default=None, metavar="FILE",
                         help="constitution whose text counts as leaked (default: every --constitution file)")
     parser.add_argument("--leak_ngram", type=int, default=8, help="words in a row that count as a leak")
@@ -68,12 +86,16 @@ def run(args):
         import torch
 
         dtype = torch.bfloat16
+    temperature = 0.0 if args.greedy else args.temperature
+    num_samples = args.num_samples if args.num_samples is not None else (1 if temperature == 0 else 4)
     evaluate_models(
         parse_models(args.model, args.constitution), args.prompts, args.output_dir,
-        num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        num_samples=num_samples, max_new_tokens=args.max_new_tokens, temperature=temperature,
         top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,
         refusal_detector=args.refusal_detector, leak_constitutions=args.leak_constitution,
         leak_ngram=args.leak_ngram, device=args.device, dtype=dtype, progress=not args.no_progress,
-        plots=not args.no_plots, print_table=True)
+        plots=not args.no_plots, print_table=True, judge=args.judge, baseline=args.baseline,
+        judge_max_new_tokens=args.judge_max_new_tokens, judge_batch_size=args.judge_batch_size,
+        n_boot=args.bootstrap, ci_level=args.ci_level)
     print(f"report: {args.output_dir}/report.json")
     return 0
