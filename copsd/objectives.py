@@ -7,7 +7,10 @@ the token-mean of PAPER.md however the step is split.
 
 * ``paper``: r = clip(log pi_T(y) - log pi_S^rollout(y), low, high) + bonus on the sampled token;
   A = per-group token z-score of r; PPO clipped surrogate with dual clip; + kl_coef * k3 KL to the
-  initial student.
+  initial student (k3 clamped at ``kl_clamp``, 10 by default as in the reference implementation).
+* ``hybrid`` rows marked for the judge: one outcome reward per sampled answer (the judge's score),
+  A = per-group z-score of the G answers' rewards (:func:`group_outcome_zscore`) broadcast to every token
+  of the answer, then the same PPO dual-clip loss and k3 KL as ``paper``.
 * ``reverse_kl`` / ``topk`` / ``jsd``: a divergence per token between the student and teacher
   next-token distributions, computed by :func:`copsd.ops.linear_divergence` from hidden states and
   lm_head weights (never full logits); + the same optional k3 KL term.
@@ -38,6 +41,7 @@ class PaperParams:
     epsilon_high: float | None = None
     dual_clip: float = 3.0
     kl_coef: float = 0.005
+    kl_clamp: float | None = 10.0
 
 
 # --------------------------------------------------------------------------- paper (sampled-token)
@@ -69,10 +73,35 @@ def group_token_zscore(rewards, group, mask, eps=1e-6):
     return torch.where(ok, adv, torch.zeros_like(adv))
 
 
-def k3_kl(logp, ref_logp):
-    """k3 estimator of KL(pi || pi_ref) per sampled token: e^(ref-logp) - (ref-logp) - 1 (>= 0)."""
+def k3_kl(logp, ref_logp, clamp: float | None = 10.0):
+    """k3 estimator of KL(pi || pi_ref) per sampled token: e^(ref-logp) - (ref-logp) - 1 (>= 0), clamped at
+    ``clamp`` (``None``: no clamp).  Beyond the clamp a token contributes a constant and no gradient, which
+    keeps one very unlikely token from dominating the step; the reference implementation clamps at 10."""
     d = (_f(ref_logp) - _f(logp)).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    return torch.exp(d) - d - 1
+    k3 = torch.exp(d) - d - 1
+    return k3 if clamp is None else k3.clamp(max=clamp)
+
+
+def group_outcome_zscore(scores, group, eps=1e-6):
+    """Outcome-level GRPO advantage: ``(s - mean_g) / (std_g + eps)`` over the answers of each prompt group.
+
+    ``scores`` ``[N]`` holds one reward per answer and ``group`` ``[N]`` its prompt-group id; ``std`` is the
+    unbiased sample std (as ``torch.std``).  A group with a single answer gets 0 (no baseline to compare
+    against); a group whose answers all scored the same gets 0.  Broadcast the result to an answer's tokens.
+    """
+    gid = torch.unique(group, return_inverse=True)[1]
+    n_groups = int(gid.max()) + 1 if gid.numel() else 0
+    # shift each group by its first score: a group whose answers all scored the same gets exactly 0
+    pos = torch.arange(gid.numel(), device=gid.device)
+    first = torch.full((n_groups,), gid.numel(), device=gid.device).scatter_reduce_(0, gid, pos, "amin")
+    s = _f(scores)
+    s = s - s[first][gid]
+    count = torch.zeros(n_groups, dtype=s.dtype, device=s.device).index_add_(0, gid, torch.ones_like(s))
+    mean = torch.zeros_like(count).index_add_(0, gid, s) / count.clamp_min(1)
+    dev = s - mean[gid]
+    var = torch.zeros_like(count).index_add_(0, gid, dev * dev) / (count - 1).clamp_min(1)
+    adv = dev / (var.sqrt()[gid] + eps)
+    return torch.where(count[gid] > 1, adv, torch.zeros_like(adv))
 
 
 def ppo_dual_clip(logp, old_logp, adv, mask, epsilon=0.2, epsilon_high=None, dual_clip=3.0):
@@ -103,7 +132,7 @@ def paper_terms(logp, old_logp, adv, mask, ref_logp=None, params: PaperParams = 
     stats = {"pg_loss_sum": pg.detach().sum(), "clip_sum": clipped.sum().float(),
              "dual_clip_sum": dual.sum().float()}
     if ref_logp is not None:
-        kl = k3_kl(logp, ref_logp.detach())
+        kl = k3_kl(logp, ref_logp.detach(), params.kl_clamp)
         kl = torch.where(mask, kl, torch.zeros_like(kl))
         stats["kl_sum"] = kl.detach().sum()
         if params.kl_coef:
@@ -159,7 +188,7 @@ def divergence_terms(objective, student_hidden, student_weight, teacher_hidden, 
 
 
 def divergence_loss(objective, student_hidden, student_weight, teacher_hidden, teacher_weight, mask, normalizer,
-                    *, logp=None, ref_logp=None, kl_coef=0.0, **kw):
+                    *, logp=None, ref_logp=None, kl_coef=0.0, kl_clamp=10.0, **kw):
     """Token-sum of the divergence (+ kl_coef * k3 on the sampled tokens) divided by ``normalizer``."""
     # A scalar (sum) reduction lets the op compute the gradient in its forward pass: on GPU that is
     # 4 lm_head-sized GEMMs per step instead of 6 for a per-token loss with a recomputing backward.
@@ -167,7 +196,7 @@ def divergence_loss(objective, student_hidden, student_weight, teacher_hidden, t
                              reduction="sum", **kw)
     stats = {"divergence_sum": total.detach()}
     if ref_logp is not None and logp is not None:
-        kl = k3_kl(logp, ref_logp.detach())
+        kl = k3_kl(logp, ref_logp.detach(), kl_clamp)
         kl = torch.where(mask, kl, torch.zeros_like(kl))
         stats["kl_sum"] = kl.detach().sum()
         if kl_coef:

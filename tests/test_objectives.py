@@ -10,6 +10,7 @@ from copsd.objectives import (
     PaperParams,
     divergence_loss,
     fused_paper_loss,
+    group_outcome_zscore,
     group_token_zscore,
     k3_kl,
     paper_loss,
@@ -136,6 +137,55 @@ def test_k3_nonnegative_and_zero_at_equality():
     assert (k3_kl(a, b) >= -1e-7).all() and torch.allclose(k3_kl(a, a), torch.zeros(100))
 
 
+def test_k3_clamp_value_and_gradient():
+    ref = torch.zeros(5, dtype=torch.float64)
+    # ref - logp = d: k3(d) = e^d - d - 1; d = 4 gives 49.6, d = -12 gives 11.0, both above 10
+    logp = torch.tensor([0.0, -0.5, 1.0, -4.0, 12.0], dtype=torch.float64, requires_grad=True)
+    d = ref - logp.detach()
+    raw = torch.exp(d) - d - 1
+    for clamp in (10.0, 2.0, None):
+        logp.grad = None
+        k = k3_kl(logp, ref, clamp)
+        want = raw if clamp is None else raw.clamp(max=clamp)
+        torch.testing.assert_close(k, want, rtol=0, atol=1e-12)
+        k.sum().backward()
+        grad = 1 - torch.exp(d)                         # d k3 / d logp
+        if clamp is not None:
+            grad = torch.where(raw > clamp, torch.zeros_like(grad), grad)
+        torch.testing.assert_close(logp.grad, grad, rtol=1e-12, atol=1e-12)
+    assert k3_kl(logp, ref).max() == 10.0                     # the default clamp is the reference's 10
+    assert (raw > 10).sum() == 2 and (raw[:3] < 2).all()      # the cases above do hit and miss the clamp
+
+
+def test_paper_loss_kl_clamp_param():
+    lp = torch.tensor([-1.0, -20.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-1.0, -1.0], dtype=torch.float64)
+    mask = torch.tensor([True, True])
+    zero = torch.zeros(2, dtype=torch.float64)
+    loss, stats = paper_loss(lp, lp.detach(), zero, mask, 1.0, ref_logp=ref, params=PaperParams(kl_coef=1.0))
+    assert float(stats["kl_sum"]) == pytest.approx(10.0) and float(loss) == pytest.approx(10.0)
+    loss.backward()
+    assert lp.grad[1] == 0
+    _, stats = paper_loss(lp, lp.detach(), zero, mask, 1.0, ref_logp=ref,
+                          params=PaperParams(kl_coef=1.0, kl_clamp=None))
+    assert float(stats["kl_sum"]) == pytest.approx(math.exp(19) - 19 - 1)
+
+
+def test_group_outcome_zscore_matches_loop():
+    g = torch.Generator().manual_seed(5)
+    scores = torch.rand(11, generator=g, dtype=torch.float64)
+    group = torch.tensor([3, 3, 3, 3, 7, 7, 7, 9, 1, 1, 1])
+    scores[8:] = 0.4                                        # a group whose answers all scored the same
+    adv = group_outcome_zscore(scores, group)
+    for gid in group.unique():
+        sel = group == gid
+        x = scores[sel] - scores[sel][0]                    # z-scores do not change under a shift
+        want = torch.zeros_like(x) if len(x) < 2 else (x - x.mean()) / (x.std() + 1e-6)
+        torch.testing.assert_close(adv[sel], want, rtol=1e-12, atol=1e-12)
+    assert adv[7] == 0 and (adv[8:] == 0).all()             # single answer; all equal
+    assert group_outcome_zscore(torch.zeros(0), torch.zeros(0, dtype=torch.long)).numel() == 0
+
+
 def _div_reference(kind, hs, ws, ht, wt, mask, beta=0.5, k=None, temp=1.0):
     lq = torch.log_softmax(hs @ ws.T / temp, -1)
     lp = torch.log_softmax(ht @ wt.T / temp, -1)
@@ -169,7 +219,8 @@ def test_divergence_loss_and_grad(objective, temp):
     per = _div_reference(objective, hs2, ws2, ht, wt, mask, beta=0.3, k=5, temp=temp)
     lp2 = _ref_logp(hs2, ws2, ids, temp)
     d = ref - lp2
-    want = (per.sum() + 0.01 * torch.where(mask, torch.exp(d) - d - 1, torch.zeros_like(d)).sum()) / normalizer
+    k3 = (torch.exp(d) - d - 1).clamp(max=10.0)  # the default k3 clamp (hit here at temperature 0.7)
+    want = (per.sum() + 0.01 * torch.where(mask, k3, torch.zeros_like(d)).sum()) / normalizer
     want.backward()
     torch.testing.assert_close(loss, want, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(hs1.grad, hs2.grad, rtol=1e-5, atol=1e-8)
