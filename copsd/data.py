@@ -1,7 +1,8 @@
 """Prompt rows and SFT rows, from JSONL files or Hugging Face ``datasets``.
 
 Prompt row: ``{"prompt": [messages] | str, "kind": "harmful"|"benign"|"general", "category"?: str,
-"reference"?: str, "constitution"?: str}`` (``constitution`` overrides the constitution text for that row).
+"reference"?: str, "constitution"?: str, "reward"?: "token"|"judge"}`` (``constitution`` overrides the
+constitution text for that row; ``reward`` picks the row's reward under the ``hybrid`` objective).
 SFT row: ``{"messages": [{"role", "content"}, ...]}`` ending with an assistant message.
 A malformed row is a ``ValueError`` naming the file and line.
 """
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 
 KINDS = ("harmful", "benign", "general")
 ROLES = ("system", "user", "assistant")
-PROMPT_KEYS = {"prompt", "kind", "category", "reference", "constitution", "id"}
+PROMPT_KEYS = {"prompt", "kind", "category", "reference", "constitution", "id", "reward"}
+REWARD_TYPES = ("token", "judge")
 SFT_KEYS = {"messages", "kind", "category", "source", "constitution", "id"}
 
 
@@ -26,10 +28,11 @@ class PromptRow:
     reference: str | None = None
     constitution: str | None = None
     where: str = ""
+    reward: str | None = None
 
     def to_json(self) -> dict:
         d = {"prompt": self.messages, "kind": self.kind}
-        for k in ("category", "reference", "constitution"):
+        for k in ("category", "reference", "constitution", "reward"):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         return d
@@ -122,8 +125,10 @@ def parse_prompt_row(rec, where: str) -> PromptRow:
     for k in ("category", "reference", "constitution"):
         if rec.get(k) is not None and not isinstance(rec[k], str):
             raise ValueError(f"{where}: '{k}' must be a string, got {type(rec[k]).__name__}")
+    if rec.get("reward") is not None and rec["reward"] not in REWARD_TYPES:
+        raise ValueError(f"{where}: 'reward' must be one of {REWARD_TYPES}, got {rec['reward']!r}")
     return PromptRow(messages=messages, kind=kind, category=rec.get("category"), reference=rec.get("reference"),
-                     constitution=rec.get("constitution"), where=where)
+                     constitution=rec.get("constitution"), where=where, reward=rec.get("reward"))
 
 
 def parse_sft_row(rec, where: str) -> SFTRow:
