@@ -18,7 +18,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
-OBJECTIVES = ("paper", "reverse_kl", "topk", "jsd")
+OBJECTIVES = ("paper", "reverse_kl", "topk", "jsd", "hybrid")
+OLD_LOGPROBS = ("recompute", "rollout")
+LOSS_AGGREGATIONS = ("global_token_mean", "micro_batch_token_mean")
 TEACHER_MODES = ("checkpoint", "initial", "ema")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 REPORTERS = ("jsonl", "tensorboard", "none")
@@ -69,6 +71,10 @@ class TrainConfig:
     resume_from_checkpoint: Optional[str] = None
     disable_tqdm: bool = False
     backend: str = "auto"
+    # apply weight_decay to 1-D parameters (norms, biases) too, as the reference implementation does
+    weight_decay_1d_params: bool = False
+    # a named set of defaults under the YAML and flags (see PRESETS); "paper": the paper's hyper-parameters
+    preset: str = field(default="", metadata=_choices("", "paper"))
 
     def validate(self):
         for name in ("model_name_or_path", "output_dir"):
@@ -161,6 +167,18 @@ class DistillConfig(TrainConfig):
     epsilon_high: Optional[float] = None
     dual_clip: float = 3.0
     kl_coef: float = 0.005
+    kl_clamp: Optional[float] = 10.0  # k3 clamped at this value (the reference's); null: no clamp
+    # pi_old of the PPO ratio: "recompute" (the student's log-probs from a forward pass before the update, as
+    # the reference) or "rollout" (the sampler's log-probs, no extra pass)
+    old_logprobs: str = field(default="recompute", metadata=_choices(*OLD_LOGPROBS))
+    # "global_token_mean": loss = token sum / all tokens of the mini-batch (independent of the micro-batch
+    # split); "micro_batch_token_mean": the mean over micro-batches of each one's token mean (the reference)
+    loss_aggregation: str = field(default="global_token_mean", metadata=_choices(*LOSS_AGGREGATIONS))
+    # objective "hybrid": rows scored by the teacher as a judge (their own 'reward' field wins)
+    judge_kinds: list[str] = field(default_factory=lambda: ["general"])
+    judge_categories: list[str] = field(default_factory=list)
+    judge_max_new_tokens: int = 128
+    judge_batch_size: int = 8
     prefix_reuse: bool = True
     sample_every_steps: int = 10
     refusal_detector: str = "keyword"
@@ -208,6 +226,13 @@ class DistillConfig(TrainConfig):
                              "(the Stage-1 output); or use teacher_mode 'initial' / 'ema'")
         if self.sample_every_steps < 0:
             raise ValueError(f"config key 'sample_every_steps' must be >= 0, got {self.sample_every_steps}")
+        if self.kl_clamp is not None:
+            _positive("kl_clamp", self.kl_clamp)
+        for name in ("judge_max_new_tokens", "judge_batch_size"):
+            _positive(name, getattr(self, name))
+        for k in self.judge_kinds:
+            if k not in ("harmful", "benign", "general"):
+                raise ValueError(f"config key 'judge_kinds' entries must be harmful, benign or general, got {k!r}")
         return self
 
 
@@ -224,6 +249,40 @@ class RunConfig:
     distill: DistillConfig
     eval_prompt_files: list[str]
     eval_max_new_tokens: int = 256
+
+
+# The paper's hyper-parameters (a verl run on 8 GPUs: 128 prompts x G = 16 per step in 4 mini-batches of 32
+# prompts, micro-batches of 8 sequences).  Here for one process: 8 x 64 accumulation x 4 mini-batches = 2048
+# completions = 128 prompts; with N processes divide gradient_accumulation_steps by N to keep 128 prompts.
+PRESETS = {
+    "paper": {
+        "SFTTeacherConfig": {"num_train_epochs": 2.0, "weight_decay": 0.01, "weight_decay_1d_params": True},
+        "DistillConfig": {
+            "learning_rate": 2e-6, "num_generations": 16, "max_completion_length": 2048, "temperature": 1.0,
+            "top_p": 1.0, "top_k": 0, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 64,
+            "num_mini_batches": 4, "num_train_epochs": 3.0, "lr_scheduler_type": "constant", "warmup_ratio": 0.0,
+            "weight_decay": 0.01, "weight_decay_1d_params": True, "max_grad_norm": 1.0, "reward_clip_low": -3.0,
+            "reward_clip_high": 5.0, "reward_bonus": 0.02, "epsilon": 0.2, "dual_clip": 3.0, "kl_coef": 0.005,
+            "kl_clamp": 10.0, "old_logprobs": "recompute", "loss_aggregation": "micro_batch_token_mean",
+            "gradient_checkpointing": True,
+        },
+    },
+}
+
+
+def preset_values(cls, name, where: str = "") -> dict:
+    """The values preset ``name`` gives to ``cls`` (``{}`` for no preset); the other keys keep their defaults."""
+    if not name:
+        return {}
+    if name not in PRESETS:
+        raise ValueError(f"config key 'preset'{where} must be one of {sorted(PRESETS)}, got {name!r}")
+    fields = _fields(cls)
+    out = {}
+    for base in cls.__mro__:
+        for k, v in PRESETS[name].get(base.__name__, {}).items():
+            if k in fields:
+                out.setdefault(k, v)
+    return out
 
 
 def _positive(name, value, allow_zero=False):
@@ -286,6 +345,8 @@ def build_config(cls, values: dict, where: str = ""):
     if not isinstance(values, dict):
         raise ValueError(f"config{where} must be a mapping of keys to values, got {type(values).__name__}")
     fields = _fields(cls)
+    if values.get("preset"):  # the preset's values sit under the given ones
+        values = {**preset_values(cls, values["preset"], where), **values}
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
@@ -380,8 +441,10 @@ def config_from_args(cls, args: argparse.Namespace):
     if getattr(args, "config", None):
         values = read_yaml(args.config)
         where = f" in {args.config}"
-    cfg = build_config(cls, values, where)
     overrides = flag_overrides(args, cls)
+    if "preset" in overrides:  # a preset given as a flag still sits under the YAML
+        values = {**values, "preset": overrides["preset"]}
+    cfg = build_config(cls, values, where)
     if overrides:
         cfg = build_config(cls, {**_asdict_shallow(cfg), **overrides}, " (command line)")
     return cfg.validate()

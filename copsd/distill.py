@@ -115,7 +115,7 @@ def make_optimizer(model, cfg: TrainConfig):
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if p.dim() >= 2 or cfg.weight_decay_1d_params else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
@@ -321,6 +321,13 @@ class Distiller:
         self.scorer = TeacherScorer(self.teacher, prefix_reuse=cfg.prefix_reuse)
         self.t_scale, self.t_softcap = _hf.logit_transform(self.teacher.config)
         self.s_scale, self.s_softcap = _hf.logit_transform(hf_model(self.model).config)
+        self.judge = None
+        if cfg.objective == "hybrid":  # the constitution-conditioned teacher also judges whole answers
+            from copsd.hybrid import OutcomeJudge, reward_type
+
+            self.judge = OutcomeJudge(self.teacher, self.tokenizer, max_new_tokens=cfg.judge_max_new_tokens,
+                                      batch_size=cfg.judge_batch_size)
+            self.reward_types = [reward_type(r, cfg.judge_kinds, cfg.judge_categories) for r in self.rows]
 
         world = self.acc.num_processes
         self.per_device_completions = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
@@ -425,6 +432,65 @@ class Distiller:
             out.append(lp.float())
         return torch.cat(out)
 
+    @torch.no_grad()
+    def _policy_logprobs(self, samples) -> torch.Tensor:
+        """pi_old recomputed: the student's log-probs of its samples from the same forward as the update
+        (``old_logprobs: recompute``), before the step's first optimizer step."""
+        cfg, out = self.cfg, []
+        for j in range(0, len(samples), cfg.per_device_train_batch_size):
+            part = samples[j:j + cfg.per_device_train_batch_size]
+            ids, mask = pad_right([s.student_ctx + s.completion for s in part], self.tokenizer.pad_token_id,
+                                  self.device)
+            with self.acc.autocast():
+                hidden, weight = self.policy(ids, mask)
+            h = gather_rows(hidden, [len(s.student_ctx) - 1 for s in part], [len(s.completion) for s in part])
+            tgt = torch.tensor([t for s in part for t in s.completion], device=self.device, dtype=torch.long)
+            lp, _ = sampled_logprobs(h.to(weight.dtype), weight, tgt, temperature=cfg.temperature,
+                                     logit_scale=self.s_scale, softcap=self.s_softcap, backend=cfg.backend)
+            out.append(lp.float())
+        return torch.cat(out) if out else torch.zeros(0, device=self.device)
+
+    def _micro_normalizer(self, mb_normalizer: float, micro: list[int], lengths: list[int]) -> float:
+        """The loss divisor of one micro-batch: the mini-batch's global token count (``global_token_mean``),
+        or the micro-batch's own token count times the number of micro-batches summed into one optimizer step
+        (``micro_batch_token_mean``: the mean of the micro-batches' token means, as the reference)."""
+        if self.cfg.loss_aggregation == "global_token_mean":
+            return mb_normalizer
+        return max(float(sum(lengths[j] for j in micro)), 1.0) * self.cfg.gradient_accumulation_steps \
+            * self.acc.num_processes
+
+    def _hybrid_advantages(self, step, samples, rewards, group_all, lengths, sums):
+        """Token advantages for the token rows, judge outcome advantages broadcast over the judged answers."""
+        from copsd.hybrid import broadcast, log_malformed, outcome_advantages
+
+        judged = [i for i, s in enumerate(samples) if self.reward_types[s.prompt] == "judge"]
+        is_judge = torch.zeros(len(samples), dtype=torch.bool, device=self.device)
+        is_judge[judged] = True
+        judge_tok = broadcast(is_judge, lengths)
+        adv = group_token_zscore(rewards, group_all, ~judge_tok)
+        per_answer = torch.zeros(len(samples), device=self.device)
+        if judged:
+            rows = [self.rows[samples[i].prompt] for i in judged]
+            scores = self.judge([self._constitution_text(r) for r in rows], [r.messages[-1]["content"] for r in rows],
+                                [self.tokenizer.decode(samples[i].completion, skip_special_tokens=True)
+                                 for i in judged], [r.reference for r in rows])
+            log_malformed(step + 1, scores)
+            per_answer[judged] = outcome_advantages(scores.rewards, [samples[i].group for i in judged],
+                                                    device=self.device)
+            valid = [r for r in scores.rewards if r is not None]
+            sums.add("reward_judge", float(sum(valid)), float(len(valid)))
+            sums.add("judge_malformed", float(scores.malformed), float(len(judged)))
+            sums.add("judge_malformed_count", float(scores.malformed), 1.0 / self.acc.num_processes)
+        adv = torch.where(judge_tok, broadcast(per_answer, lengths), adv)
+        n_tok, n_judge_tok = float((~judge_tok).sum()), float(judge_tok.sum())
+        sums.add("judge_fraction", float(len(judged)), float(len(samples)))
+        sums.add("reward_token", float(rewards[~judge_tok].sum()), n_tok)
+        sums.add("advantage_abs_token", float(adv[~judge_tok].abs().sum()), n_tok)
+        sums.add("advantage_abs_judge", float(adv[judge_tok].abs().sum()), n_judge_tok)
+        sums.add("completion_length_token", n_tok, float(len(samples) - len(judged)))
+        sums.add("completion_length_judge", n_judge_tok, float(len(judged)))
+        return adv
+
     def train_step(self, step: int) -> dict:
         cfg, acc = self.cfg, self.acc
         t0 = time.perf_counter()
@@ -447,13 +513,20 @@ class Distiller:
         group_all = torch.tensor([s.group for s in samples for _ in s.completion], device=self.device)
         rewards = token_rewards(teacher_logp, rollout_logp, mask_all, cfg.reward_clip_low, cfg.reward_clip_high,
                                 cfg.reward_bonus)
-        adv = group_token_zscore(rewards, group_all, mask_all)
+        sums = _Sums(self.device)
+        if cfg.objective == "hybrid":
+            adv = self._hybrid_advantages(step, samples, rewards, group_all, lengths, sums)
+        else:
+            adv = group_token_zscore(rewards, group_all, mask_all)
         ref_logp = self._ref_logprobs(samples) if cfg.kl_coef > 0 else None
+        old_logp = rollout_logp
+        if cfg.old_logprobs == "recompute" and cfg.objective in ("paper", "hybrid"):
+            old_logp = self._policy_logprobs(samples)
+            sums.add("old_logp_rollout_abs_diff", float((old_logp - rollout_logp).abs().sum()), float(len(ids_all)))
         t2 = time.perf_counter()
 
-        sums = _Sums(self.device)
         params = PaperParams(cfg.reward_clip_low, cfg.reward_clip_high, cfg.reward_bonus, cfg.epsilon,
-                             cfg.epsilon_high, cfg.dual_clip, cfg.kl_coef)
+                             cfg.epsilon_high, cfg.dual_clip, cfg.kl_coef, kl_clamp=cfg.kl_clamp)
         per_mb = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
         self.policy.train()
         for mb in range(cfg.num_mini_batches):
@@ -466,8 +539,8 @@ class Distiller:
                 last = a == cfg.gradient_accumulation_steps - 1
                 ctx = acc.no_sync(self.policy) if not last else _nullcontext()
                 with ctx:
-                    loss = self._micro_loss(samples, micro, offsets, ids_all, rollout_logp, adv, ref_logp,
-                                            teacher_hidden, tw, normalizer, params, sums)
+                    loss = self._micro_loss(samples, micro, offsets, ids_all, old_logp, adv, ref_logp, teacher_hidden,
+                                            tw, self._micro_normalizer(normalizer, micro, lengths), params, sums)
                     acc.backward(loss * acc.num_processes)  # DDP averages gradients over processes
             if cfg.max_grad_norm > 0:
                 gn = acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
@@ -501,7 +574,7 @@ class Distiller:
             self._sample_table(step + 1, samples, rewards, offsets)
         return m
 
-    def _micro_loss(self, samples, micro, offsets, ids_all, rollout_logp, adv, ref_logp, teacher_hidden, tw,
+    def _micro_loss(self, samples, micro, offsets, ids_all, old_logp, adv, ref_logp, teacher_hidden, tw,
                     normalizer, params, sums):
         cfg = self.cfg
         part = [samples[j] for j in micro]
@@ -516,9 +589,9 @@ class Distiller:
         tmask = torch.ones_like(tgt, dtype=torch.bool)
         ref = ref_logp[sel] if ref_logp is not None else None
         lkw = dict(temperature=cfg.temperature, logit_scale=self.s_scale, softcap=self.s_softcap, backend=cfg.backend)
-        if cfg.objective == "paper":
+        if cfg.objective in ("paper", "hybrid"):
             # the per-token loss goes into the fused op: its gradient is taken in the forward pass
-            loss, stats, logp, ent = fused_paper_loss(h, weight, tgt, rollout_logp[sel], adv[sel], tmask, normalizer,
+            loss, stats, logp, ent = fused_paper_loss(h, weight, tgt, old_logp[sel], adv[sel], tmask, normalizer,
                                                       ref_logp=ref, params=params, **lkw)
             sums.add("pg_loss", float(stats["pg_loss_sum"]), float(len(tgt)))
             sums.add("clip_fraction", float(stats["clip_sum"]), float(len(tgt)))
@@ -527,7 +600,8 @@ class Distiller:
             logp, ent = sampled_logprobs(h, weight, tgt, entropy=True, **lkw)
             th = teacher_hidden[sel].to(tw.dtype)
             loss, stats = divergence_loss(cfg.objective, h, weight, th, tw, tmask, normalizer, logp=logp,
-                                          ref_logp=ref, kl_coef=cfg.kl_coef, beta=cfg.beta, topk=cfg.topk,
+                                          ref_logp=ref, kl_coef=cfg.kl_coef, kl_clamp=cfg.kl_clamp, beta=cfg.beta,
+                                          topk=cfg.topk,
                                           temperature=cfg.temperature, logit_scale=self.s_scale,
                                           softcap=self.s_softcap, backend=cfg.backend)
             sums.add("divergence", float(stats["divergence_sum"]), float(len(tgt)))
@@ -538,7 +612,7 @@ class Distiller:
         sums.add("loss", float(loss.detach()) / k, 1.0 / (k * cfg.gradient_accumulation_steps * self.acc.num_processes))
         sums.add("entropy", float(ent.detach().sum()), float(len(tgt)))
         with torch.no_grad():
-            sums.add("ratio", float(torch.exp(logp.detach() - rollout_logp[sel]).sum()), float(len(tgt)))
+            sums.add("ratio", float(torch.exp(logp.detach() - old_logp[sel]).sum()), float(len(tgt)))
         return loss
 
     @torch.no_grad()
