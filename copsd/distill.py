@@ -17,29 +17,17 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 
 import torch
 
 from copsd import _hf
-from copsd.checkpoint import (
-    list_checkpoints,
-    load_extra,
-    load_model_weights,
-    load_training_state,
-    model_card,
-    resolve_resume,
-    save_checkpoint,
-)
-from copsd.config import DistillConfig, TrainConfig, to_dict
-from copsd.constitution import check_view_consistency, load_constitution, render_views, require_chat_template
+from copsd.checkpoint import list_checkpoints, load_extra
+from copsd.config import DistillConfig
+from copsd.constitution import check_view_consistency, load_constitution, render_views
 from copsd.data import load_prompt_rows
 from copsd.objectives import (
     PaperParams,
@@ -49,221 +37,25 @@ from copsd.objectives import (
     sampled_logprobs,
     token_rewards,
 )
+from copsd.training import (
+    PolicyHidden,
+    StageTrainer,
+    Sums,
+    gather_rows,
+    hf_model,
+    load_causal_lm,
+    load_tokenizer,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    micro_batches,
+    pad_right,
+    prepare_trainable,
+    step_seed,
+    strided_share,
+)
 
 logger = logging.getLogger("copsd")
-
-
-# --------------------------------------------------------------------------- shared helpers (also Stage 1)
-
-def make_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
-
-    # cpu=True where there is no GPU: it is what lets accelerate pick gloo (MULTI_CPU) under torchrun
-    return Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available())
-
-
-def load_tokenizer(path: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    require_chat_template(tok)
-    if tok.pad_token_id is None:
-        if tok.eos_token_id is None:
-            raise ValueError(f"tokenizer of {path} has neither a pad nor an eos token")
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_causal_lm(path: str, *, trust_remote_code: bool, dtype=torch.float32, device=None):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    return model.to(device) if device is not None else model
-
-
-def prepare_trainable(model, cfg: TrainConfig):
-    """Gradient checkpointing and LoRA (peft) as configured; returns the (maybe wrapped) model."""
-    if cfg.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if cfg.use_peft:
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError:
-            raise ValueError("use_peft=true needs the 'peft' package (pip install copsd[peft])") from None
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=cfg.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
-        if cfg.gradient_checkpointing:
-            model.enable_input_require_grads()
-    return model
-
-
-def hf_model(model):
-    """The transformers model inside a peft wrapper (LoRA layers still active), or the model itself."""
-    return model.get_base_model() if is_peft(model) else model
-
-
-def is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def make_optimizer(model, cfg: TrainConfig):
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 or cfg.weight_decay_1d_params else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-
-
-def make_scheduler(optimizer, cfg: TrainConfig, total_optimizer_steps: int):
-    from transformers import get_scheduler
-
-    return get_scheduler(cfg.lr_scheduler_type, optimizer,
-                         num_warmup_steps=math.ceil(cfg.warmup_ratio * total_optimizer_steps),
-                         num_training_steps=total_optimizer_steps)
-
-
-class PolicyHidden(torch.nn.Module):
-    """``forward(ids, mask) -> (final hidden states, lm_head weight)``: what the fused loss ops consume.
-
-    Wrapping this (not the LM) in DDP keeps the lm_head GEMM out of the model's forward, so full logits
-    are never built, while every parameter still takes part in DDP's gradient reduction.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        decoder, head = _hf.decoder_and_head(hf_model(self.model))
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state, head.weight
-
-
-def pad_right(rows: list[list[int]], pad: int, device):
-    n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), pad, dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), n), dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long, device=device)
-        mask[i, :len(r)] = 1
-    return ids, mask
-
-
-def gather_rows(hidden: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
-    """Packed ``[sum(lengths), H]``: rows ``starts[i] .. starts[i]+lengths[i]`` of each sequence i."""
-    idx_b, idx_t = [], []
-    for i, (s, n) in enumerate(zip(starts, lengths)):
-        idx_b += [i] * n
-        idx_t += list(range(s, s + n))
-    dev = hidden.device
-    return hidden[torch.tensor(idx_b, device=dev, dtype=torch.long), torch.tensor(idx_t, device=dev, dtype=torch.long)]
-
-
-class MetricsLogger:
-    """Main process only: metrics JSONL (truncated to the resumed step), TensorBoard if installed, samples."""
-
-    def __init__(self, output_dir: str, report_to: list[str], start_step: int, enabled: bool):
-        self.enabled = enabled
-        self.tb = None
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.samples_path = os.path.join(output_dir, "samples.jsonl")
-        self.use_jsonl = "jsonl" in report_to and "none" not in report_to
-        if not enabled:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        for path in (self.path, self.samples_path):
-            _truncate_jsonl(path, start_step)
-        if "tensorboard" in report_to and "none" not in report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(output_dir, "runs"), purge_step=start_step + 1)
-            except ImportError:
-                logger.info("tensorboard is not installed; logging to metrics.jsonl only")
-
-    def log(self, step: int, metrics: dict):
-        if not self.enabled:
-            return
-        if self.use_jsonl:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
-
-    def samples(self, step: int, rows: list[dict]):
-        if not self.enabled:
-            return
-        with open(self.samples_path, "a", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n")
-        table = ["| prompt | completion | reward | refusal |", "|---|---|---|---|"]
-        for r in rows:
-            cells = [str(r.get(k, "")).replace("|", "\\|").replace("\n", " ")[:300]
-                     for k in ("prompt", "completion", "reward", "refusal")]
-            table.append("| " + " | ".join(cells) + " |")
-        if self.tb is not None:
-            self.tb.add_text("samples", "\n".join(table), step)
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _finite_or_none(v):
-    """JSON has no NaN: a metric with no data this step (e.g. no benign prompt drawn) is written as null."""
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-def _truncate_jsonl(path: str, keep_upto: int):
-    """Drop lines logged after ``keep_upto`` (a resumed run re-logs those steps)."""
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= keep_upto]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
-
-
-def save_final(output_dir: str, model, tokenizer, constitution, card: str):
-    """HF model loadable by transformers (LoRA merged; the adapter kept in ``adapter/``)."""
-    os.makedirs(output_dir, exist_ok=True)
-    if is_peft(model):
-        model.save_pretrained(os.path.join(output_dir, "adapter"))
-        merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(output_dir)
-    else:
-        model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
-        f.write(card)
-    if constitution.path:
-        shutil.copyfile(constitution.path, os.path.join(output_dir, "constitution" +
-                                                        os.path.splitext(constitution.path)[1]))
-    with open(os.path.join(output_dir, "constitution.json"), "w", encoding="utf-8") as f:
-        json.dump(constitution.to_dict(), f, indent=2, ensure_ascii=False)
-
-
-def step_seed(seed: int, step: int, index: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{step}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    """The data order of one epoch: a permutation fixed by (seed, epoch), so any position can be recomputed."""
-    g = torch.Generator().manual_seed(step_seed(seed, -1, epoch))
-    return tuple(torch.randperm(n, generator=g).tolist())
 
 
 # --------------------------------------------------------------------------- Stage 2
@@ -279,8 +71,12 @@ class _Sample:
     finish: str
 
 
-class Distiller:
+class Distiller(StageTrainer):
     """``Distiller(cfg).train()`` runs Stage 2; models, tokenizer, teacher and detector may be passed in."""
+
+    stage = "distill"
+    card_title = "COPSD student"
+    card_stage = "Stage 2, on-policy distillation"
 
     def __init__(self, cfg: DistillConfig, *, refusal_detector=None, accelerator=None):
         cfg.validate()
@@ -347,6 +143,9 @@ class Distiller:
 
     # ------------------------------------------------------------------ setup checks
 
+    def prepare(self):
+        self.check_views()
+
     def check_views(self):
         """Render one sample per kind in both views; fail if the response token ids differ."""
         seen = set()
@@ -372,12 +171,8 @@ class Distiller:
 
     def _prompt_indices(self, step: int) -> list[int]:
         """This process's prompts for ``step`` (0-based): a strided share of the global batch."""
-        n, world, rank = len(self.rows), self.acc.num_processes, self.acc.process_index
-        out = []
-        for k in range(self.prompts_per_device):
-            g = step * self.prompts_per_step + rank + k * world
-            out.append(epoch_order(n, self.cfg.seed, g // n)[g % n])
-        return out
+        return strided_share(step, self.prompts_per_device, len(self.rows), self.cfg.seed, self.acc.process_index,
+                             self.acc.num_processes)
 
     # ------------------------------------------------------------------ one step
 
@@ -513,7 +308,7 @@ class Distiller:
         group_all = torch.tensor([s.group for s in samples for _ in s.completion], device=self.device)
         rewards = token_rewards(teacher_logp, rollout_logp, mask_all, cfg.reward_clip_low, cfg.reward_clip_high,
                                 cfg.reward_bonus)
-        sums = _Sums(self.device)
+        sums = Sums(self.device)
         if cfg.objective == "hybrid":
             adv = self._hybrid_advantages(step, samples, rewards, group_all, lengths, sums)
         else:
@@ -531,23 +326,14 @@ class Distiller:
         self.policy.train()
         for mb in range(cfg.num_mini_batches):
             mb_samples = list(range(mb * per_mb, (mb + 1) * per_mb))
-            local_tokens = sum(lengths[j] for j in mb_samples)
-            normalizer = float(acc.reduce(torch.tensor(float(local_tokens), device=self.device), "sum"))
-            normalizer = max(normalizer, 1.0)
-            for a in range(cfg.gradient_accumulation_steps):
-                micro = mb_samples[a * cfg.per_device_train_batch_size:(a + 1) * cfg.per_device_train_batch_size]
-                last = a == cfg.gradient_accumulation_steps - 1
-                ctx = acc.no_sync(self.policy) if not last else _nullcontext()
-                with ctx:
-                    loss = self._micro_loss(samples, micro, offsets, ids_all, old_logp, adv, ref_logp, teacher_hidden,
-                                            tw, self._micro_normalizer(normalizer, micro, lengths), params, sums)
-                    acc.backward(loss * acc.num_processes)  # DDP averages gradients over processes
+            normalizer = self.global_token_count(sum(lengths[j] for j in mb_samples))
+            gn = self.optimizer_step(
+                functools.partial(self._micro_loss, samples, micro, offsets, ids_all, old_logp, adv, ref_logp,
+                                  teacher_hidden, tw, self._micro_normalizer(normalizer, micro, lengths), params,
+                                  sums)
+                for micro in micro_batches(mb_samples, cfg.per_device_train_batch_size))
             if cfg.max_grad_norm > 0:
-                gn = acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
-                sums.add("grad_norm", float(gn) / acc.num_processes, 1.0 / acc.num_processes)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+                sums.add("grad_norm", gn / acc.num_processes, 1.0 / acc.num_processes)
             if cfg.teacher_mode == "ema":
                 self._ema_update()
         t3 = time.perf_counter()
@@ -682,28 +468,17 @@ class Distiller:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _state(self) -> dict:
+    def checkpoint_state(self) -> dict:
         return {"global_step": self.step, "optimizer_steps": self.step * self.cfg.num_mini_batches,
                 "max_steps": self.max_steps, "prompts_consumed": self.step * self.prompts_per_step,
                 "num_rows": len(self.rows), "prompts_per_step": self.prompts_per_step,
                 "num_processes": self.acc.num_processes, "constitution_sha256": self.constitution.sha256,
-                "initial_metrics": self.initial, "stage": "distill", "config": to_dict(self.cfg)}
+                "initial_metrics": self.initial}
 
-    def _card(self) -> str:
-        return model_card(title="COPSD student", base_model=self.cfg.model_name_or_path,
-                          constitution=self.constitution, stage="Stage 2, on-policy distillation", step=self.step,
-                          config=to_dict(self.cfg))
+    def extra_tensors(self):
+        return {"ema_teacher": dict(self.ema.state_dict())} if self.cfg.teacher_mode == "ema" else None
 
-    def save(self):
-        extra = {"ema_teacher": dict(self.ema.state_dict())} if self.cfg.teacher_mode == "ema" else None
-        save_checkpoint(self.cfg.output_dir, self.step, model=self.acc.unwrap_model(self.policy).model,
-                        tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
-                        state=self._state(), extra_tensors=extra, model_card=self._card(),
-                        is_main=self.acc.is_main_process, rank=self.acc.process_index,
-                        barrier=self.acc.wait_for_everyone, save_total_limit=self.cfg.save_total_limit)
-
-    def resume(self, ckpt: str):
-        state = load_training_state(ckpt, self.optimizer, self.scheduler, rank=self.acc.process_index)
+    def check_resume(self, ckpt: str, state: dict):
         if state.get("constitution_sha256") != self.constitution.sha256:
             raise ValueError(f"resume_from_checkpoint: {ckpt} was trained with constitution "
                              f"{state.get('constitution_sha256')}, but {self.cfg.constitution} hashes to "
@@ -712,86 +487,26 @@ class Distiller:
             raise ValueError(f"resume_from_checkpoint: {ckpt} was written with {state.get('num_rows')} rows and "
                              f"{state.get('prompts_per_step')} prompts per step; now {len(self.rows)} and "
                              f"{self.prompts_per_step}: the data position cannot be restored")
-        load_model_weights(self.model, ckpt)
+
+    def restore_extra(self, ckpt: str, state: dict):
         if self.cfg.teacher_mode == "ema":
             self.ema.load_state_dict(load_extra(ckpt, "ema_teacher"))
-        self.step = int(state["global_step"])
         self.initial = state.get("initial_metrics") or {}
 
-    # ------------------------------------------------------------------ loop
+    # ------------------------------------------------------------------ loop hooks
 
-    def train(self) -> dict:
-        from tqdm.auto import tqdm
-
-        cfg, acc = self.cfg, self.acc
-        self.check_views()
-        ckpt = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
-        if ckpt:
-            self.resume(ckpt)
-            logger.info("resumed from %s at step %d", ckpt, self.step)
-        self.logger = MetricsLogger(cfg.output_dir, cfg.report_to, self.step, acc.is_main_process)
-        bar = tqdm(total=self.max_steps, initial=self.step, desc="copsd distill",
-                   disable=cfg.disable_tqdm or not acc.is_main_process, dynamic_ncols=True)
-        last = {}
-        try:
-            while self.step < self.max_steps:
-                m = self.train_step(self.step)
-                self.step += 1
-                alarms = self._alarms(m)
-                m["alarms"] = len(alarms)
-                last = m
-                if self.step % cfg.logging_steps == 0 or self.step == self.max_steps:
-                    self.logger.log(self.step, m)
-                for a in alarms:
-                    logger.warning("copsd collapse alarm at step %d: %s", self.step, a)
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", len=f"{m['completion_length']:.0f}",
-                                ent=f"{m['entropy']:.2f}")
-                if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.max_steps:
-                    self.save()
-                if alarms and cfg.stop_on_collapse:
-                    logger.warning("stop_on_collapse: stopping at step %d", self.step)
-                    self.save()
-                    break
-        finally:
-            bar.close()
-            self.logger.close()
-        if self.step >= self.max_steps:
-            if cfg.save_steps:
-                self.save()
-            if acc.is_main_process:
-                save_final(cfg.output_dir, acc.unwrap_model(self.policy).model, self.tokenizer, self.constitution,
-                           self._card())
-            acc.wait_for_everyone()
-        return last
-
-
-class _Sums:
-    """Named (sum, count) pairs, reduced over processes in one all-reduce."""
-
-    def __init__(self, device):
-        self.device = device
-        self.data: dict[str, list[float]] = {}
-
-    def add(self, name, total, count):
-        s = self.data.setdefault(name, [0.0, 0.0])
-        s[0] += total
-        s[1] += count
-
-    def reduce(self, acc) -> dict:
-        names = sorted(self.data)
-        t = torch.tensor([self.data[n] for n in names], dtype=torch.float64, device=self.device).reshape(-1, 2)
-        if acc.num_processes > 1:
-            t = acc.reduce(t, "sum")
-        return {n: (float(s / c) if c > 0 else float("nan")) for n, (s, c) in zip(names, t.tolist())}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def end_of_step(self, m: dict) -> bool:
+        alarms = self._alarms(m)
+        m["alarms"] = len(alarms)
+        for a in alarms:
+            logger.warning("copsd collapse alarm at step %d: %s", self.step, a)
+        if alarms and self.cfg.stop_on_collapse:
+            logger.warning("stop_on_collapse: stopping at step %d", self.step)
+            return True
         return False
+
+    def progress_postfix(self, m: dict) -> dict:
+        return {"loss": f"{m['loss']:.4f}", "len": f"{m['completion_length']:.0f}", "ent": f"{m['entropy']:.2f}"}
 
 
 def distill(cfg: DistillConfig, **kwargs) -> dict:

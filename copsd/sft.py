@@ -9,6 +9,7 @@ loss on the final assistant turn only (token-mean over the optimizer step).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -17,22 +18,14 @@ import time
 import torch
 
 from copsd import _hf
-from copsd.checkpoint import (
-    load_model_weights,
-    load_training_state,
-    model_card,
-    read_state,
-    resolve_resume,
-    save_checkpoint,
-)
-from copsd.config import SFTTeacherConfig, to_dict
+from copsd.checkpoint import resolve_resume
+from copsd.config import SFTTeacherConfig
 from copsd.constitution import load_constitution, render_ids, teacher_messages
 from copsd.data import SFTRow, load_prompt_rows, load_sft_rows, write_jsonl
-from copsd.distill import (
-    MetricsLogger,
+from copsd.objectives import sampled_logprobs
+from copsd.training import (
     PolicyHidden,
-    _nullcontext,
-    epoch_order,
+    StageTrainer,
     gather_rows,
     hf_model,
     load_causal_lm,
@@ -40,12 +33,12 @@ from copsd.distill import (
     make_accelerator,
     make_optimizer,
     make_scheduler,
+    micro_batches,
     pad_right,
     prepare_trainable,
-    save_final,
     step_seed,
+    strided_share,
 )
-from copsd.objectives import sampled_logprobs
 
 logger = logging.getLogger("copsd")
 SET_FILE = "cross_sft_set.jsonl"
@@ -134,7 +127,13 @@ def encode_example(tokenizer, row: SFTRow, constitution_text: str, template: str
 
 # --------------------------------------------------------------------------- training
 
-class CrossSFT:
+class CrossSFT(StageTrainer):
+    """``CrossSFT(cfg).train()`` builds (or reads) the Cross-SFT set and fine-tunes the teacher on it."""
+
+    stage = "sft-teacher"
+    card_title = "COPSD Cross-SFT teacher"
+    card_stage = "Stage 1, Cross-SFT"
+
     def __init__(self, cfg: SFTTeacherConfig, accelerator=None):
         cfg.validate()
         self.cfg = cfg
@@ -168,14 +167,12 @@ class CrossSFT:
         acc.wait_for_everyone()
         return path
 
-    def train(self) -> dict:
-        from tqdm.auto import tqdm
-
+    def prepare(self):
+        """The set, its tokenised examples, the trainable model, optimizer and scheduler."""
         cfg, acc = self.cfg, self.acc
-        set_path = self.build_set()
-        rows = load_sft_rows(set_path)
+        self.set_path = self.build_set()
         examples = []
-        for r in rows:
+        for r in load_sft_rows(self.set_path):
             text = self.constitution.text_for(r.meta.get("category"), r.meta.get("constitution"))
             ex = encode_example(self.tokenizer, r, text, cfg.teacher_template, cfg.max_length)
             if ex is None:
@@ -184,95 +181,59 @@ class CrossSFT:
             else:
                 examples.append(ex)
         if not examples:
-            raise ValueError(f"{set_path}: no trainable example (all truncated by max_length={cfg.max_length}?)")
+            raise ValueError(f"{self.set_path}: no trainable example (all truncated by max_length={cfg.max_length}?)")
         self.examples = examples
-        world = acc.num_processes
-        per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
-        max_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * len(examples)
-                                                                             / per_step))
-        model = prepare_trainable(self.base, cfg)
-        self.model = model
-        optimizer = make_optimizer(model, cfg)
-        scheduler = make_scheduler(optimizer, cfg, max_steps)
-        policy = acc.prepare_model(PolicyHidden(model))
-        ckpt = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
-        if ckpt:
-            state = load_training_state(ckpt, optimizer, scheduler, rank=acc.process_index)
-            if state.get("num_examples") != len(examples) or state.get("examples_per_step") != per_step:
-                raise ValueError(f"resume_from_checkpoint: {ckpt} was written for {state.get('num_examples')} "
-                                 f"examples x {state.get('examples_per_step')} per step; now {len(examples)} x "
-                                 f"{per_step}: the data position cannot be restored")
-            load_model_weights(model, ckpt)
-            self.step = int(read_state(ckpt)["global_step"])
-        log = MetricsLogger(cfg.output_dir, cfg.report_to, self.step, acc.is_main_process)
-        bar = tqdm(total=max_steps, initial=self.step, desc="copsd sft-teacher",
-                   disable=cfg.disable_tqdm or not acc.is_main_process, dynamic_ncols=True)
-        scale, softcap = _hf.logit_transform(hf_model(model).config)
-        n, rank = len(examples), acc.process_index
-        last = {}
-        state = lambda: {"global_step": self.step, "max_steps": max_steps, "num_examples": n,  # noqa: E731
-                         "examples_per_step": per_step, "constitution_sha256": self.constitution.sha256,
-                         "stage": "sft-teacher", "config": to_dict(cfg), "cross_sft_set": set_path}
-        card = lambda: model_card(title="COPSD Cross-SFT teacher", base_model=cfg.model_name_or_path,  # noqa: E731
-                                  constitution=self.constitution, stage="Stage 1, Cross-SFT", step=self.step,
-                                  config=to_dict(cfg))
-        try:
-            while self.step < max_steps:
-                t0 = time.perf_counter()
-                pos = [self.step * per_step + rank + k * world
-                       for k in range(cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps)]
-                local = [epoch_order(n, cfg.seed, p // n)[p % n] for p in pos]
-                local_tokens = sum(len(examples[i][0]) - examples[i][1] for i in local)
-                normalizer = max(float(acc.reduce(torch.tensor(float(local_tokens), device=self.device), "sum")), 1.)
-                total = 0.0
-                policy.train()
-                for a in range(cfg.gradient_accumulation_steps):
-                    micro = local[a * cfg.per_device_train_batch_size:(a + 1) * cfg.per_device_train_batch_size]
-                    last_micro = a == cfg.gradient_accumulation_steps - 1
-                    with acc.no_sync(policy) if not last_micro else _nullcontext():
-                        ids, mask = pad_right([examples[i][0] for i in micro], self.tokenizer.pad_token_id,
-                                              self.device)
-                        with acc.autocast():
-                            hidden, weight = policy(ids, mask)
-                        starts = [examples[i][1] - 1 for i in micro]
-                        lens = [len(examples[i][0]) - examples[i][1] for i in micro]
-                        h = gather_rows(hidden, starts, lens).to(weight.dtype)
-                        tgt = torch.tensor([t for i in micro for t in examples[i][0][examples[i][1]:]],
-                                           device=self.device)
-                        lp, _ = sampled_logprobs(h, weight, tgt, logit_scale=scale, softcap=softcap,
-                                                 backend=cfg.backend)
-                        loss = -lp.sum() / normalizer
-                        acc.backward(loss * acc.num_processes)  # DDP averages gradients over processes
-                        total += float(loss.detach())
-                gn = float("nan")
-                if cfg.max_grad_norm > 0:
-                    gn = float(acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   cfg.max_grad_norm))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                loss_all = float(acc.reduce(torch.tensor(total, device=self.device), "sum"))
-                last = {"loss": loss_all, "grad_norm": gn, "learning_rate": scheduler.get_last_lr()[0],
-                        "epoch": self.step * per_step / n, "tokens": normalizer,
-                        "time_step": time.perf_counter() - t0}
-                if self.step % cfg.logging_steps == 0 or self.step == max_steps:
-                    log.log(self.step, last)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_all:.4f}")
-                if cfg.save_steps and self.step % cfg.save_steps == 0:
-                    save_checkpoint(cfg.output_dir, self.step, model=acc.unwrap_model(policy).model,
-                                    tokenizer=self.tokenizer, optimizer=optimizer, scheduler=scheduler,
-                                    state=state(), model_card=card(), is_main=acc.is_main_process,
-                                    rank=acc.process_index, barrier=acc.wait_for_everyone,
-                                    save_total_limit=cfg.save_total_limit)
-        finally:
-            bar.close()
-            log.close()
-        if acc.is_main_process:
-            save_final(cfg.output_dir, acc.unwrap_model(policy).model, self.tokenizer, self.constitution, card())
-        acc.wait_for_everyone()
-        return last
+        self.per_device = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        self.per_step = self.per_device * acc.num_processes
+        self.max_steps = cfg.max_steps if cfg.max_steps > 0 else max(
+            1, math.ceil(cfg.num_train_epochs * len(examples) / self.per_step))
+        self.model = prepare_trainable(self.base, cfg)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, self.max_steps)
+        self.policy = acc.prepare_model(PolicyHidden(self.model))
+        self.scale, self.softcap = _hf.logit_transform(hf_model(self.model).config)
+
+    def train_step(self, step: int) -> dict:
+        cfg, acc, examples = self.cfg, self.acc, self.examples
+        t0 = time.perf_counter()
+        n = len(examples)
+        local = strided_share(step, self.per_device, n, cfg.seed, acc.process_index, acc.num_processes)
+        normalizer = self.global_token_count(sum(len(examples[i][0]) - examples[i][1] for i in local))
+        total = 0.0
+
+        def micro_loss(micro):
+            nonlocal total
+            ids, mask = pad_right([examples[i][0] for i in micro], self.tokenizer.pad_token_id, self.device)
+            with acc.autocast():
+                hidden, weight = self.policy(ids, mask)
+            starts = [examples[i][1] - 1 for i in micro]
+            lens = [len(examples[i][0]) - examples[i][1] for i in micro]
+            h = gather_rows(hidden, starts, lens).to(weight.dtype)
+            tgt = torch.tensor([t for i in micro for t in examples[i][0][examples[i][1]:]], device=self.device)
+            lp, _ = sampled_logprobs(h, weight, tgt, logit_scale=self.scale, softcap=self.softcap,
+                                     backend=cfg.backend)
+            loss = -lp.sum() / normalizer
+            total += float(loss.detach())
+            return loss
+
+        self.policy.train()
+        gn = self.optimizer_step(functools.partial(micro_loss, micro)
+                                 for micro in micro_batches(local, cfg.per_device_train_batch_size))
+        loss_all = float(acc.reduce(torch.tensor(total, device=self.device), "sum"))
+        return {"loss": loss_all, "grad_norm": gn, "learning_rate": self.scheduler.get_last_lr()[0],
+                "epoch": (step + 1) * self.per_step / n, "tokens": normalizer,
+                "time_step": time.perf_counter() - t0}
+
+    def checkpoint_state(self) -> dict:
+        return {"global_step": self.step, "max_steps": self.max_steps, "num_examples": len(self.examples),
+                "examples_per_step": self.per_step, "constitution_sha256": self.constitution.sha256,
+                "cross_sft_set": self.set_path}
+
+    def check_resume(self, ckpt: str, state: dict):
+        if state.get("num_examples") != len(self.examples) or state.get("examples_per_step") != self.per_step:
+            raise ValueError(f"resume_from_checkpoint: {ckpt} was written for {state.get('num_examples')} "
+                             f"examples x {state.get('examples_per_step')} per step; now {len(self.examples)} x "
+                             f"{self.per_step}: the data position cannot be restored")
 
     @torch.no_grad()
     def dataset_loss(self) -> float:

@@ -173,7 +173,7 @@ def test_kl_clamp_reaches_the_loss(dirs, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flag", [False, True])
 def test_weight_decay_on_1d_params(dirs, tmp_path, flag):
-    from copsd.distill import make_optimizer
+    from copsd.training import make_optimizer
 
     d = _hybrid(dirs, tmp_path, objective="paper", weight_decay_1d_params=flag, weight_decay=0.01)
     opt = make_optimizer(d.model, d.cfg)

@@ -1,0 +1,437 @@
+"""The training loop both stages share.
+
+A stage (``copsd.sft.CrossSFT``, ``copsd.distill.Distiller``) subclasses :class:`StageTrainer` and
+writes only its algorithm: what one step computes (``train_step``), what its checkpoints record
+(``checkpoint_state``, ``extra_tensors``, ``model_card``) and what a resume must check
+(``check_resume``, ``restore_extra``).  Everything else lives here, once:
+
+* the accelerator, model loading, LoRA / gradient checkpointing, optimizer and scheduler;
+* micro-batching with gradient accumulation (``no_sync`` on all but the last micro-batch, so DDP
+  all-reduces once per optimizer step), clipping, optimizer and scheduler step
+  (:meth:`StageTrainer.optimizer_step`);
+* the step loop: progress bar, metrics logging (``metrics.jsonl``, TensorBoard if installed),
+  checkpoints every ``save_steps`` steps and at the end (atomic, rotated by ``save_total_limit``),
+  exact resume, and the final Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+
+import torch
+
+from copsd import _hf
+from copsd.checkpoint import load_model_weights, load_training_state, resolve_resume, save_checkpoint
+from copsd.config import TrainConfig
+from copsd.constitution import require_chat_template
+
+logger = logging.getLogger("copsd")
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    # cpu=True where there is no GPU: it is what lets accelerate pick gloo (MULTI_CPU) under torchrun
+    return Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available())
+
+
+def load_tokenizer(path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    require_chat_template(tok)
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer of {path} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, *, trust_remote_code: bool, dtype=torch.float32, device=None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(device) if device is not None else model
+
+
+def prepare_trainable(model, cfg: TrainConfig):
+    """Gradient checkpointing and LoRA (peft) as configured; returns the (maybe wrapped) model."""
+    if cfg.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.use_peft:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ValueError("use_peft=true needs the 'peft' package (pip install copsd[peft])") from None
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def hf_model(model):
+    """The transformers model inside a peft wrapper (LoRA layers still active), or the model itself."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 or cfg.weight_decay_1d_params else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, total_optimizer_steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(cfg.lr_scheduler_type, optimizer,
+                         num_warmup_steps=math.ceil(cfg.warmup_ratio * total_optimizer_steps),
+                         num_training_steps=total_optimizer_steps)
+
+
+class PolicyHidden(torch.nn.Module):
+    """``forward(ids, mask) -> (final hidden states, lm_head weight)``: what the fused loss ops consume.
+
+    Wrapping this (not the LM) in DDP keeps the lm_head GEMM out of the model's forward, so full logits
+    are never built, while every parameter still takes part in DDP's gradient reduction.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        decoder, head = _hf.decoder_and_head(hf_model(self.model))
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state, head.weight
+
+
+def pad_right(rows: list[list[int]], pad: int, device):
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), n), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long, device=device)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def gather_rows(hidden: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
+    """Packed ``[sum(lengths), H]``: rows ``starts[i] .. starts[i]+lengths[i]`` of each sequence i."""
+    idx_b, idx_t = [], []
+    for i, (s, n) in enumerate(zip(starts, lengths)):
+        idx_b += [i] * n
+        idx_t += list(range(s, s + n))
+    dev = hidden.device
+    return hidden[torch.tensor(idx_b, device=dev, dtype=torch.long), torch.tensor(idx_t, device=dev, dtype=torch.long)]
+
+
+def micro_batches(items: list, size: int) -> list[list]:
+    """``items`` cut into consecutive micro-batches of ``size``."""
+    return [items[a:a + size] for a in range(0, len(items), size)]
+
+
+def step_seed(seed: int, step: int, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{step}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The data order of one epoch: a permutation fixed by (seed, epoch), so any position can be recomputed."""
+    g = torch.Generator().manual_seed(step_seed(seed, -1, epoch))
+    return tuple(torch.randperm(n, generator=g).tolist())
+
+
+def strided_share(step: int, per_device: int, n: int, seed: int, rank: int, world: int) -> list[int]:
+    """This process's data indices for ``step``: global positions ``step * per_device * world + rank + k * world``
+    of the epoch orders, so the global batch does not depend on how it is split over processes."""
+    out = []
+    for k in range(per_device):
+        g = step * per_device * world + rank + k * world
+        out.append(epoch_order(n, seed, g // n)[g % n])
+    return out
+
+
+class Sums:
+    """Named (sum, count) pairs, reduced over processes in one all-reduce."""
+
+    def __init__(self, device):
+        self.device = device
+        self.data: dict[str, list[float]] = {}
+
+    def add(self, name, total, count):
+        s = self.data.setdefault(name, [0.0, 0.0])
+        s[0] += total
+        s[1] += count
+
+    def reduce(self, acc) -> dict:
+        names = sorted(self.data)
+        t = torch.tensor([self.data[n] for n in names], dtype=torch.float64, device=self.device).reshape(-1, 2)
+        if acc.num_processes > 1:
+            t = acc.reduce(t, "sum")
+        return {n: (float(s / c) if c > 0 else float("nan")) for n, (s, c) in zip(names, t.tolist())}
+
+
+# --------------------------------------------------------------------------- logging
+
+class MetricsLogger:
+    """Main process only: metrics JSONL (truncated to the resumed step), TensorBoard if installed, samples."""
+
+    def __init__(self, output_dir: str, report_to: list[str], start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.tb = None
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.samples_path = os.path.join(output_dir, "samples.jsonl")
+        self.use_jsonl = "jsonl" in report_to and "none" not in report_to
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        for path in (self.path, self.samples_path):
+            _truncate_jsonl(path, start_step)
+        if "tensorboard" in report_to and "none" not in report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(output_dir, "runs"), purge_step=start_step + 1)
+            except ImportError:
+                logger.info("tensorboard is not installed; logging to metrics.jsonl only")
+
+    def log(self, step: int, metrics: dict):
+        if not self.enabled:
+            return
+        if self.use_jsonl:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def samples(self, step: int, rows: list[dict]):
+        if not self.enabled:
+            return
+        with open(self.samples_path, "a", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n")
+        table = ["| prompt | completion | reward | refusal |", "|---|---|---|---|"]
+        for r in rows:
+            cells = [str(r.get(k, "")).replace("|", "\\|").replace("\n", " ")[:300]
+                     for k in ("prompt", "completion", "reward", "refusal")]
+            table.append("| " + " | ".join(cells) + " |")
+        if self.tb is not None:
+            self.tb.add_text("samples", "\n".join(table), step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _finite_or_none(v):
+    """JSON has no NaN: a metric with no data this step (e.g. no benign prompt drawn) is written as null."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _truncate_jsonl(path: str, keep_upto: int):
+    """Drop lines logged after ``keep_upto`` (a resumed run re-logs those steps)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= keep_upto]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- final model
+
+def save_final(output_dir: str, model, tokenizer, constitution, card: str):
+    """HF model loadable by transformers (LoRA merged; the adapter kept in ``adapter/``)."""
+    os.makedirs(output_dir, exist_ok=True)
+    if is_peft(model):
+        model.save_pretrained(os.path.join(output_dir, "adapter"))
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(output_dir)
+    else:
+        model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
+        f.write(card)
+    if constitution.path:
+        shutil.copyfile(constitution.path, os.path.join(output_dir, "constitution" +
+                                                        os.path.splitext(constitution.path)[1]))
+    with open(os.path.join(output_dir, "constitution.json"), "w", encoding="utf-8") as f:
+        json.dump(constitution.to_dict(), f, indent=2, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------- the loop
+
+class StageTrainer:
+    """The step loop of one stage.
+
+    A subclass sets, before :meth:`train` reaches the loop (in ``__init__`` or :meth:`prepare`):
+    ``cfg``, ``acc``, ``device``, ``tokenizer``, ``constitution``, ``model`` (the trainable model, maybe a
+    peft wrapper), ``policy`` (``acc.prepare_model(PolicyHidden(model))``), ``optimizer``, ``scheduler``
+    and ``max_steps``; and implements :meth:`train_step` and :meth:`checkpoint_state`.
+    """
+
+    stage = "train"          # name in trainer_state.json and the progress bar
+    card_title = "copsd model"
+    card_stage = ""
+    step = 0
+    logger: MetricsLogger | None = None
+
+    # ------------------------------------------------------------------ stage hooks
+
+    def prepare(self):
+        """Everything that must happen before a resume and step 1 (checks, data, models)."""
+
+    def train_step(self, step: int) -> dict:
+        """One step (0-based); returns its metrics (already reduced over processes)."""
+        raise NotImplementedError
+
+    def checkpoint_state(self) -> dict:
+        """What ``trainer_state.json`` records beyond the stage name (must include ``global_step``)."""
+        raise NotImplementedError
+
+    def extra_tensors(self) -> dict | None:
+        """Named tensor dicts saved beside the model in each checkpoint (e.g. an EMA teacher)."""
+        return None
+
+    def check_resume(self, ckpt: str, state: dict):
+        """Raise if ``ckpt`` cannot continue this run (other data, constitution, batch size)."""
+
+    def restore_extra(self, ckpt: str, state: dict):
+        """Restore what :meth:`extra_tensors` saved and any stage state."""
+
+    def end_of_step(self, metrics: dict) -> bool:
+        """After step ``self.step`` (1-based, metrics not yet logged); return True to stop now."""
+        return False
+
+    def progress_postfix(self, metrics: dict) -> dict:
+        return {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
+
+    def model_card(self) -> str:
+        from copsd.checkpoint import model_card
+        from copsd.config import to_dict
+
+        return model_card(title=self.card_title, base_model=self.cfg.model_name_or_path,
+                          constitution=self.constitution, stage=self.card_stage, step=self.step,
+                          config=to_dict(self.cfg))
+
+    # ------------------------------------------------------------------ shared pieces
+
+    def global_token_count(self, local_tokens: int) -> float:
+        """Tokens summed over processes (at least 1): the normalizer that makes the loss a token-mean."""
+        t = torch.tensor(float(local_tokens), device=self.device)
+        return max(float(self.acc.reduce(t, "sum")), 1.0)
+
+    def optimizer_step(self, micro_losses) -> float:
+        """Backward each micro-batch's loss (``micro_losses``: callables returning a scalar tensor whose sum over
+        micro-batches and processes is the step's loss), gradients all-reduced only after the last; then clip,
+        optimizer and scheduler step.  Returns the gradient norm before clipping (NaN when not clipping)."""
+        acc, cfg = self.acc, self.cfg
+        micro_losses = list(micro_losses)
+        for a, loss_fn in enumerate(micro_losses):
+            last = a == len(micro_losses) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.policy):
+                loss = loss_fn()
+                acc.backward(loss * acc.num_processes)  # DDP averages gradients over processes
+        grad_norm = float("nan")
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                  cfg.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def unwrapped_model(self):
+        return self.acc.unwrap_model(self.policy).model
+
+    def save(self):
+        """Checkpoint ``checkpoint-<step>`` (every process calls this)."""
+        from copsd.config import to_dict
+
+        state = {"stage": self.stage, "config": to_dict(self.cfg), **self.checkpoint_state()}
+        save_checkpoint(self.cfg.output_dir, self.step, model=self.unwrapped_model(), tokenizer=self.tokenizer,
+                        optimizer=self.optimizer, scheduler=self.scheduler, state=state,
+                        extra_tensors=self.extra_tensors(), model_card=self.model_card(),
+                        is_main=self.acc.is_main_process, rank=self.acc.process_index,
+                        barrier=self.acc.wait_for_everyone, save_total_limit=self.cfg.save_total_limit)
+
+    def resume(self, ckpt: str):
+        state = load_training_state(ckpt, self.optimizer, self.scheduler, rank=self.acc.process_index)
+        self.check_resume(ckpt, state)
+        load_model_weights(self.model, ckpt)
+        self.restore_extra(ckpt, state)
+        self.step = int(state["global_step"])
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> dict:
+        """Prepare, resume if asked, run the steps, checkpoint, save the final model; returns the last metrics."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.acc
+        self.prepare()
+        ckpt = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+        if ckpt:
+            self.resume(ckpt)
+            logger.info("resumed from %s at step %d", ckpt, self.step)
+        self.logger = MetricsLogger(cfg.output_dir, cfg.report_to, self.step, acc.is_main_process)
+        bar = tqdm(total=self.max_steps, initial=self.step, desc=f"copsd {self.stage}",
+                   disable=cfg.disable_tqdm or not acc.is_main_process, dynamic_ncols=True)
+        last: dict = {}
+        try:
+            while self.step < self.max_steps:
+                m = self.train_step(self.step)
+                self.step += 1
+                stop = self.end_of_step(m)
+                last = m
+                if self.step % cfg.logging_steps == 0 or self.step == self.max_steps:
+                    self.logger.log(self.step, m)
+                bar.update(1)
+                bar.set_postfix(**self.progress_postfix(m))
+                saved = bool(cfg.save_steps) and self.step % cfg.save_steps == 0 and self.step < self.max_steps
+                if saved:
+                    self.save()
+                if stop:
+                    if not saved:
+                        self.save()
+                    break
+        finally:
+            bar.close()
+            self.logger.close()
+        if self.step >= self.max_steps:
+            if cfg.save_steps:
+                self.save()
+            if acc.is_main_process:
+                save_final(cfg.output_dir, self.unwrapped_model(), self.tokenizer, self.constitution,
+                           self.model_card())
+            acc.wait_for_everyone()
+        return last
