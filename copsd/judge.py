@@ -135,16 +135,16 @@ def parse_score(text, low: float = 1, high: float = 10) -> float | None:
     found.sort()
     value = found[-1][1]
     # the verdict line is the last one; an earlier, different tagged score is a conflict
-    if len({v for _, v in found}) > 1 and _last_line_score(text) is None:
+    if len({v for _, v in found}) > 1 and not _last_line_has(text, _SCORE_PATTERNS):
         return None
     if not math.isfinite(value) or not low <= value <= high:
         return None
     return value
 
 
-def _last_line_score(text):
+def _last_line_has(text: str, patterns) -> bool:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return any(p.search(lines[-1]) for p in _SCORE_PATTERNS) or None
+    return any(p.search(lines[-1]) for p in patterns)
 
 
 def parse_choice(text) -> str | None:
@@ -160,10 +160,8 @@ def parse_choice(text) -> str | None:
     found.sort()
     labels = {_norm_choice(c) for _, c in found}
     last = _norm_choice(found[-1][1])
-    if len(labels) > 1:
-        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-        if not any(p.search(lines[-1]) for p in _CHOICE_PATTERNS):
-            return None
+    if len(labels) > 1 and not _last_line_has(text, _CHOICE_PATTERNS):
+        return None
     return last
 
 
