@@ -22,6 +22,8 @@ def demo(tmp_path_factory):
     return out, report, "\n".join(lines)
 
 
+# The demo fixture pretrains the toy base and runs every phase: minutes on 2 cores.
+@pytest.mark.slow
 def test_demo_report_is_complete(demo):
     out, report, printed = demo
     on_disk = json.loads((out / "report.json").read_text())
@@ -45,6 +47,7 @@ def test_demo_report_is_complete(demo):
     assert len(report["targets"]) == 4 and all("passed" in t for t in report["targets"])
 
 
+@pytest.mark.slow
 def test_demo_student_became_safer(demo):
     _, report, _ = demo
     m = {x["name"]: x["metrics"] for x in report["eval"]["models"]}

@@ -18,6 +18,7 @@ def _run(args, **env):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=e, timeout=900, cwd=ROOT)
 
 
+@pytest.mark.slow  # every Triton op of the benchmark in the interpreter: ~1.5 min on 2 cores
 def test_bench_loss_gpu_checks_pass_on_cpu():
     pytest.importorskip("triton")
     r = _run(["benchmarks/bench_loss_gpu.py", "--smoke-cpu"], TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")

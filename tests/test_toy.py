@@ -145,6 +145,7 @@ def test_pretraining_is_deterministic_and_cached(tmp_path):
 # ------------------------------------------------------------------------------- behaviour
 
 
+@pytest.mark.slow  # pretrains the shipped toy base (~1-2 min on 2 cores) unless test_demo already did
 def test_base_model_has_the_conditional_behaviour(tmp_path_factory, tmp_path):
     """The paper's starting point, measured on held-out prompts with ``copsd.eval``."""
     from copsd.eval import evaluate_models

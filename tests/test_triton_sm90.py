@@ -45,6 +45,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow  # ~6 min on 2 cores (compiles ~75 kernel specialisations with ptxas)
 def test_every_kernel_compiles_for_sm90(tmp_path):
     out = tmp_path / "sm90.json"
     res = subprocess.run([sys.executable, str(SCRIPT), "--cover", "--dtypes", "bf16,fp32", "--jobs", "2",
