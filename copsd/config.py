@@ -143,7 +143,7 @@ class DistillConfig(TrainConfig):
 
     learning_rate: float = 2e-6
     per_device_train_batch_size: int = 16
-    # defaults follow PAPER.md: G = 16, T = 1.0, top-p 1, up to 2048 new tokens, 4 mini-batches per rollout batch
+    # defaults follow docs/method.md: G = 16, T = 1.0, top-p 1, up to 2048 new tokens, 4 mini-batches per rollout batch
     num_generations: int = 16
     max_completion_length: int = 2048
     temperature: float = 1.0

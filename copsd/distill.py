@@ -1,6 +1,6 @@
 """Stage 2: constitution-conditioned on-policy distillation (COPSD).
 
-One step, in the order of PAPER.md:
+One step, in the order of the paper (docs/method.md):
 
 1. take the next prompts (each process a strided share of the global batch);
 2. roll out G completions per prompt from the student (student view, no constitution);

@@ -3,7 +3,7 @@
 All tensors are packed over the response tokens of a micro-batch (``[T]`` or ``[T, H]``).  Each loss
 is a *sum* over valid tokens divided by ``normalizer`` (the number of valid tokens in the whole
 optimizer step, over all micro-batches and processes), so that the micro-batch losses add up to
-the token-mean of PAPER.md however the step is split.
+the token-mean of docs/method.md however the step is split.
 
 * ``paper``: r = clip(log pi_T(y) - log pi_S^rollout(y), low, high) + bonus on the sampled token;
   A = per-group token z-score of r; PPO clipped surrogate with dual clip; + kl_coef * k3 KL to the

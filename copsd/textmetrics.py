@@ -1,6 +1,6 @@
 """Text-level metrics for safety distillation: refusal, diversity, constitution leakage, entropy.
 
-These are the collapse signatures of PAPER.md measured on generated text:
+These are the collapse signatures of docs/method.md measured on generated text:
 
 - refusal: a keyword detector by default (:class:`KeywordRefusalDetector`), or a local
   classifier / judge model given by path (:func:`load_refusal_detector`).  Every detector is a

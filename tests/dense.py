@@ -1,4 +1,4 @@
-"""Dense float64 formulas, written directly from the definitions in DESIGN.md.
+"""Dense float64 formulas, written directly from the definitions in docs/ops.md.
 
 They materialise ``[N, V]`` logits on purpose: they are the ground truth the chunked and
 fused implementations are tested against (and benchmarks use the same functions as the

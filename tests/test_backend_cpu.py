@@ -1,19 +1,25 @@
 """C++ CPU backend (copsd._C) against dense float64 formulas and the reference backend.
 
-Ground truth: the dense ``[N, V]`` float64 formulas in ``tests/dense.py`` (written from the
-definitions in DESIGN.md) with gradients from autograd, plus a few closed forms written in
-this file.  The workspace is shrunk so every test crosses row-chunk (and up-cast block)
-boundaries.  float64 runs check the semantics to ~1e-9; float32 runs check the vectorised
-float path (polynomial exp, fp32 accumulation); bf16/fp16 use the FlashAttention criterion.
+Ground truth: the dense ``[N, V]`` float64 formulas in ``tests/dense.py`` (the definitions of
+docs/ops.md) with gradients from autograd, plus a few closed forms written in this file.  The
+workspace is shrunk so every test crosses row-chunk (and up-cast block) boundaries.  float64 runs
+check the semantics to ~1e-9; float32 and bf16/fp16 runs use the error-relative criterion of
+``tests/criteria.py`` (error vs float64 at most a few times that of plain dense PyTorch in the
+same precision), which holds on any CPU and BLAS, not a tolerance tuned on one machine.
+
+The tests marked ``isa`` also run once per lower CPU dispatch level (``COPSD_CPU_ISA=base|avx2``)
+in a subprocess: see ``test_cpu_dispatch_level`` at the end.
 """
 
 import os
+import re
 import subprocess
 import sys
 
 import dense
 import pytest
 import torch
+from criteria import C, assert_accurate
 
 from copsd.backends import cpu, reference
 from copsd.ops._spec import DivergenceSpec, LogitSpec
@@ -26,7 +32,7 @@ LOGITS = {
     "temp_scale": LogitSpec(temperature=1.8, logit_scale=0.6),
 }
 SUPPORTS = [("full", "bucket"), ("teacher_topk", "bucket"), ("teacher_topk", "renorm"), ("teacher_topk", "none")]
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-4, atol=2e-5)}
+F64_TOL = dict(rtol=1e-9, atol=1e-11)  # float64: the semantics, far above any BLAS rounding
 
 
 @pytest.fixture(autouse=True)
@@ -50,24 +56,57 @@ def _random_ids(N, V, k, seed=0):
     return torch.rand(N, V, generator=g).argsort(dim=1)[:, :k].contiguous()
 
 
-def _dense_div(xs, ws, xt, wt, logit, div, K, tg):
-    """float64 per-token loss and autograd gradients of sum(tg * loss)."""
-    a = xs.detach().double().clone().requires_grad_()
-    b = ws.detach().double().clone().requires_grad_()
-    loss = dense.divergence(a, b, xt.double(), wt.double(), kind=div.kind, beta=div.beta,
+def _dense_div(xs, ws, xt, wt, logit, div, K, tg, dtype=torch.float64):
+    """Per-token loss and autograd gradients of sum(tg * loss), dense, every input cast to ``dtype``:
+    float64 is the ground truth, float32 (or bf16) the plain PyTorch computation a user would write."""
+    a = xs.detach().to(dtype).clone().requires_grad_()
+    b = ws.detach().to(dtype).clone().requires_grad_()
+    loss = dense.divergence(a, b, xt.to(dtype), wt.to(dtype), kind=div.kind, beta=div.beta,
                             temperature=logit.temperature, logit_scale=logit.logit_scale, softcap=logit.softcap,
                             support=div.support, topk_ids=K, tail=div.tail, term_clip=div.term_clip)
-    (loss * tg.double()).sum().backward()
+    (loss * tg.to(dtype)).sum().backward()
     return loss.detach(), a.grad, b.grad
 
 
-def _close(got, want, dtype, what):
-    torch.testing.assert_close(got.double(), want.double(), **TOL[dtype], msg=lambda m: f"{what}: {m}")
+def _dense_logprobs(x, w, ids, logit, gs, dtype=torch.float64):
+    """(logprobs, entropy, lse) and the gradients of sum(g_i * out_i) (None gradients skipped)."""
+    a = x.detach().to(dtype).clone().requires_grad_()
+    b = w.detach().to(dtype).clone().requires_grad_()
+    out = dense.logprobs(a, b, ids, logit.temperature, logit.logit_scale, logit.softcap)
+    if any(g is not None for g in gs):
+        sum((o * g.to(dtype)).sum() for o, g in zip(out, gs) if g is not None).backward()
+    return tuple(o.detach() for o in out), a.grad, b.grad
+
+
+def _close64(got, want, what):
+    torch.testing.assert_close(got.double(), want.double(), **F64_TOL, msg=lambda m: f"{what}: {m}")
+
+
+def _check(got, exact, plain, names, dtype):
+    """float64: fixed tight tolerance; lower precision: the error-relative criterion against ``plain``."""
+    for g, e, p, name in zip(got, exact, plain, names):
+        if dtype == torch.float64:
+            _close64(g, e, name)
+        else:
+            assert_accurate(g, e, p, name)
+
+
+DIV_NAMES = ("loss", "d_hidden", "d_weight")
+
+
+def _check_div(got, xs, ws, xt, wt, logit, div, K, tg, what=""):
+    """The op's (loss, d_hidden, d_weight) against float64 (and plain PyTorch in the inputs' precision)."""
+    dtype = xs.dtype
+    exact = _dense_div(xs, ws, xt, wt, logit, div, K, tg)
+    plain = exact if dtype == torch.float64 else _dense_div(xs, ws, xt, wt, logit, div, K, tg, torch.float32)
+    _check(got, exact, plain, [f"{what}{n}" for n in DIV_NAMES], dtype)
+    return exact, plain
 
 
 # ----------------------------------------------------------------------------- divergence
 
 
+@pytest.mark.isa
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("logit_name", ["plain", "temp_scale_softcap"])
 @pytest.mark.parametrize("support,tail", SUPPORTS)
@@ -83,17 +122,15 @@ def test_divergence_matches_dense(kind, support, tail, logit_name, dtype, clip):
     loss, dx, dw = cpu.divergence(xs, ws, xt, wt, logit, div, K, tg)
     assert loss.dtype == dx.dtype == dw.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert dx.shape == xs.shape and dw.shape == ws.shape
-    want_loss, want_dx, want_dw = _dense_div(xs, ws, xt, wt, logit, div, K, tg)
+    exact, plain = _check_div((loss, dx, dw), xs, ws, xt, wt, logit, div, K, tg)
+    want_loss = exact[0]
     if clip is not None:  # the clip must actually bind somewhere, or the test proves nothing
         unclipped = _dense_div(xs, ws, xt, wt, logit, DivergenceSpec(kind, 0.3, support, tail), K, tg)[0]
         assert (unclipped - want_loss).abs().max() > 1e-6
-    _close(loss, want_loss, dtype, "loss")
-    _close(dx, want_dx, dtype, "d_hidden")
-    _close(dw, want_dw, dtype, "d_weight")
-    # Loss without gradient is the same number.
+    # Loss without gradient: the same numbers.
     loss2, none_dx, none_dw = cpu.divergence(xs, ws, xt, wt, logit, div, K, None)
     assert none_dx is None and none_dw is None
-    _close(loss2, want_loss, dtype, "loss (no grad)")
+    _check([loss2], [exact[0]], [plain[0]], ["loss (no grad)"], dtype)
 
 
 @pytest.mark.parametrize("support,tail", SUPPORTS)
@@ -107,8 +144,8 @@ def test_divergence_matches_reference_backend(kind, support, tail, small_chunks)
     tg = torch.rand(N, dtype=torch.float64) - 0.3
     got = cpu.divergence(xs, ws, xt, wt, logit, div, K, tg)
     want = reference.divergence(xs, ws, xt, wt, logit, div, K, tg)
-    for g, w, name in zip(got, want, ("loss", "d_hidden", "d_weight")):
-        _close(g, w, torch.float64, name)
+    for g, w, name in zip(got, want, DIV_NAMES):
+        _close64(g, w, name)
 
 
 @pytest.mark.parametrize("t_dtype", [torch.float32, torch.bfloat16])
@@ -123,9 +160,7 @@ def test_teacher_with_other_hidden_size_and_dtype(t_dtype):
     for support in ("full", "teacher_topk"):
         div = DivergenceSpec(kind="forward_kl", support=support)
         got = cpu.divergence(xs, ws, xt, wt, LOGITS["temp_scale"], div, K, tg)
-        want = _dense_div(xs, ws, xt, wt, LOGITS["temp_scale"], div, K, tg)
-        for g, w, name in zip(got, want, ("loss", "d_hidden", "d_weight")):
-            _close(g, w, torch.float32, f"{support} {name}")
+        _check_div(got, xs, ws, xt, wt, LOGITS["temp_scale"], div, K, tg, f"{support} ")
 
 
 def test_clip_binds_and_changes_result():
@@ -147,9 +182,9 @@ def test_reverse_kl_closed_form():
     p = torch.softmax(xt @ wt.T, -1)
     want = (q * (q.log() - p.log())).sum(-1)
     got = cpu.divergence(xs, ws, xt, wt, LogitSpec(), DivergenceSpec(), None, None)[0]
-    _close(got, want, torch.float64, "KL(q||p)")
+    _close64(got, want, "KL(q||p)")
     fwd = cpu.divergence(xs, ws, xt, wt, LogitSpec(), DivergenceSpec(kind="forward_kl"), None, None)[0]
-    _close(fwd, (p * (p.log() - q.log())).sum(-1), torch.float64, "KL(p||q)")
+    _close64(fwd, (p * (p.log() - q.log())).sum(-1), "KL(p||q)")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -163,7 +198,9 @@ def test_single_token_and_identical_distributions(kind, dtype):
         div = DivergenceSpec(kind=kind, support=support, tail=tail)
         K = _random_ids(N, V, 4) if support == "teacher_topk" else None
         loss, dx, dw = cpu.divergence(xs, ws, xs, ws, LOGITS["temp_scale_softcap"], div, K, tg)
-        atol = 1e-12 if dtype == torch.float64 else 2e-6
+        # Both sides compute the same logits, so the summands cancel up to the epilogue's own rounding
+        # (no BLAS error enters): a few ulp of the O(1) terms.
+        atol = 1e-12 if dtype == torch.float64 else 16 * torch.finfo(torch.float32).eps
         assert loss.abs().max() <= atol, (support, tail, loss)
         if tail == "none":  # the raw partial sum is not a divergence: its gradient need not vanish
             continue
@@ -173,9 +210,7 @@ def test_single_token_and_identical_distributions(kind, dtype):
     div = DivergenceSpec(kind=kind)
     tg = torch.tensor([1.3], dtype=dtype)
     got = cpu.divergence(xs, ws, xt, wt, LogitSpec(), div, None, tg)
-    want = _dense_div(xs, ws, xt, wt, LogitSpec(), div, None, tg)
-    for g, w, name in zip(got, want, ("loss", "d_hidden", "d_weight")):
-        _close(g, w, dtype, name)
+    _check_div(got, xs, ws, xt, wt, LogitSpec(), div, None, tg)
 
 
 @pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "jsd"])
@@ -196,13 +231,14 @@ def test_vocab_of_one_and_k_equal_v(kind):
         div = DivergenceSpec(kind=kind, support="teacher_topk", tail=tail)
         got = cpu.divergence(xs, ws, xt, wt, LogitSpec(), div, K, tg)
         full = cpu.divergence(xs, ws, xt, wt, LogitSpec(), DivergenceSpec(kind=kind), None, tg)
-        for g, w, name in zip(got, full, ("loss", "d_hidden", "d_weight")):  # k = V is the full divergence
-            _close(g, w, torch.float64, f"{tail} {name}")
+        for g, w, name in zip(got, full, DIV_NAMES):  # k = V is the full divergence
+            _close64(g, w, f"{tail} {name}")
 
 
+@pytest.mark.isa
 @pytest.mark.parametrize("support,tail", SUPPORTS)
 def test_extreme_logits(support, tail):
-    """Logits of +-1e4 scale: finite, exact-enough in fp32, no NaN from exp underflow."""
+    """Logits of +-1e4 scale: finite, as accurate as plain fp32 PyTorch, no NaN from exp underflow."""
     N, H, V = 11, 8, 211
     xs, ws, xt, wt = _inputs(N, H, V, torch.float64, scale=2.0e3, teacher_scale=1.5e3)
     assert (xs @ ws.T).abs().max() > 5e3
@@ -210,30 +246,51 @@ def test_extreme_logits(support, tail):
     tg = torch.rand(N, dtype=torch.float64)
     for kind in ("reverse_kl", "forward_kl", "jsd"):
         div = DivergenceSpec(kind=kind, support=support, tail=tail)
-        want = _dense_div(xs, ws, xt, wt, LogitSpec(), div, K, tg)
         for dtype in (torch.float64, torch.float32):
-            got = cpu.divergence(*[t.to(dtype) for t in (xs, ws, xt, wt)], LogitSpec(), div, K, tg.to(dtype))
-            for g, w, name in zip(got, want, ("loss", "d_hidden", "d_weight")):
+            args = [t.to(dtype) for t in (xs, ws, xt, wt)]
+            got = cpu.divergence(*args, LogitSpec(), div, K, tg.to(dtype))
+            for g, name in zip(got, DIV_NAMES):
                 assert torch.isfinite(g).all(), (kind, dtype, name)
-                scale = 1.0 + w.abs().max().item()
-                tol = 1e-9 if dtype == torch.float64 else 1e-3  # fp32 logits of 1e4 carry ~1e-3 error
-                assert (g.double() - w).abs().max().item() <= tol * scale, (kind, dtype, name)
+            # float64 truth of the rounded inputs (fp32 logits of 1e4 carry ~1e-3 error, plain PyTorch too)
+            _check_div(got, *args, LogitSpec(), div, K, tg.to(dtype), f"{kind} {dtype} ")
 
 
-def test_qwen_sized_vocabulary():
-    """V = 151936 (Qwen): one workspace row per side is ~1.2 MiB; chunking and tails still exact."""
+# Known defect (found by the error-relative criterion, 2026-11-30): the C++ row epilogues accumulate a row's
+# ~150k fp32 terms in a few long running sums, so their error grows with V and at V = 151936 exceeds plain
+# fp32 PyTorch's (which sums pairwise) by 20-300x: every quantity at the base/avx2 levels, the forward-KL and
+# JSD losses at avx512.  At the test vocabularies (V ~ 200) they are as accurate as plain PyTorch.  These cases
+# are expected failures (non-strict, so a fix in csrc/cpu turns them into XPASS) until the sums are blocked.
+LARGE_V_DEFECT = ("csrc/cpu row sums over V = 151936 fp32 terms are 20-300x less accurate than plain fp32 "
+                  "PyTorch (long sequential accumulation)")
+
+
+def _large_v_defect(what):
+    return what in ("forward_kl", "jsd") or cpu.isa() != "avx512"
+
+
+@pytest.mark.isa
+@pytest.mark.parametrize("what", ["reverse_kl", "forward_kl", "jsd", "logprobs_topk"])
+def test_qwen_sized_vocabulary(what, request):
+    """V = 151936 (Qwen): one workspace row per side is ~1.2 MiB; chunking and tails still exact, and every
+    quantity as accurate as plain fp32 PyTorch."""
+    if _large_v_defect(what):
+        request.applymarker(pytest.mark.xfail(reason=LARGE_V_DEFECT, strict=False))
     N, H, V = 5, 8, 151936
     xs, ws, xt, wt = _inputs(N, H, V, torch.float32)
     K = _random_ids(N, V, 16, seed=7)
     tg = torch.rand(N)
+    if what == "logprobs_topk":
+        ids = K[:, 0].contiguous()
+        got = cpu.logprobs_forward(xs, ws, ids, LogitSpec())
+        _check(got, dense.logprobs(xs.double(), ws.double(), ids), dense.logprobs(xs, ws, ids),
+               ("logprobs", "entropy", "lse"), torch.float32)
+        ids, lp, lse = cpu.topk(xs, ws, 64, LogitSpec())
+        _check_topk(ids, lp, lse, xs.double() @ ws.double().T, 64, xs @ ws.T)
+        return
     for support in ("full", "teacher_topk"):
-        div = DivergenceSpec(kind="reverse_kl", support=support)
+        div = DivergenceSpec(kind=what, support=support)
         got = cpu.divergence(xs, ws, xt, wt, LogitSpec(), div, K, tg)
-        want = _dense_div(xs, ws, xt, wt, LogitSpec(), div, K, tg)
-        for g, w, name in zip(got, want, ("loss", "d_hidden", "d_weight")):
-            _close(g, w, torch.float32, f"{support} {name}")
-    ids, lp, lse = cpu.topk(xs, ws, 64, LogitSpec())
-    _check_topk(ids, lp, lse, xs.double() @ ws.double().T, 64, 2e-5)
+        _check_div(got, xs, ws, xt, wt, LogitSpec(), div, K, tg, f"{support} ")
 
 
 def test_nonfinite_input_is_reported_not_hidden():
@@ -254,6 +311,7 @@ def test_missing_topk_ids_is_a_value_error():
 # ----------------------------------------------------------------------------- log-probs
 
 
+@pytest.mark.isa
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("logit_name", ["plain", "temp_scale_softcap", "temp_scale"])
 @pytest.mark.parametrize("grads", ["all", "lp_only", "ent_lse"])
@@ -263,21 +321,16 @@ def test_logprobs_matches_dense(logit_name, dtype, grads):
     x, w, _, _ = _inputs(N, H, V, dtype, scale=1.5)
     ids = torch.randint(0, V, (N,))
     lp, ent, lse = cpu.logprobs_forward(x, w, ids, logit)
-    a = x.double().clone().requires_grad_()
-    b = w.double().clone().requires_grad_()
-    want = dense.logprobs(a, b, ids, logit.temperature, logit.logit_scale, logit.softcap)
-    for g, wv, name in zip((lp, ent, lse), want, ("logprobs", "entropy", "lse")):
-        _close(g, wv.detach(), dtype, name)
     gs = [torch.randn(N, dtype=dtype) for _ in range(3)]
     if grads == "lp_only":
         gs[1] = gs[2] = None
     elif grads == "ent_lse":
         gs[0] = None
-    obj = sum((wv * g.double()).sum() for wv, g in zip(want, gs) if g is not None)
-    obj.backward()
     dx, dw = cpu.logprobs_backward(x, w, ids, lse, ent, *gs, logit)
-    _close(dx, a.grad, dtype, "d_hidden")
-    _close(dw, b.grad, dtype, "d_weight")
+    exact = _dense_logprobs(x, w, ids, logit, gs)
+    plain = exact if dtype == torch.float64 else _dense_logprobs(x, w, ids, logit, gs, torch.float32)
+    _check((lp, ent, lse, dx, dw), (*exact[0], *exact[1:]), (*plain[0], *plain[1:]),
+           ("logprobs", "entropy", "lse", "d_hidden", "d_weight"), dtype)
 
 
 def test_logprobs_matches_reference_backend(small_chunks):
@@ -288,44 +341,56 @@ def test_logprobs_matches_reference_backend(small_chunks):
     got = cpu.logprobs_forward(x, w, ids, logit)
     want = reference.logprobs_forward(x, w, ids, logit)
     for g, wv in zip(got, want):
-        _close(g, wv, torch.float64, "forward")
+        _close64(g, wv, "forward")
     gs = [torch.randn(N, dtype=torch.float64) for _ in range(3)]
     got = cpu.logprobs_backward(x, w, ids, want[2], want[1], *gs, logit)
     want = reference.logprobs_backward(x, w, ids, want[2], want[1], *gs, logit)
     for g, wv in zip(got, want):
-        _close(g, wv, torch.float64, "backward")
+        _close64(g, wv, "backward")
 
 
+@pytest.mark.isa
 def test_logprobs_extreme_and_tiny_vocab():
-    x, w, _, _ = _inputs(8, 6, 211, torch.float64, scale=3e3)
+    x, w, _, _ = _inputs(8, 6, 211, torch.float32, scale=3e3)
     ids = torch.randint(0, 211, (8,))
-    want = dense.logprobs(x, w, ids)
-    got = cpu.logprobs_forward(x.float(), w.float(), ids, LogitSpec())
-    for g, wv, name in zip(got, want, ("logprobs", "entropy", "lse")):
+    got = cpu.logprobs_forward(x, w, ids, LogitSpec())
+    for g in got:
         assert torch.isfinite(g).all()
-        assert (g.double() - wv).abs().max() <= 1e-3 * (1 + wv.abs().max()), name
+    exact = dense.logprobs(x.double(), w.double(), ids)
+    plain = dense.logprobs(x, w, ids)  # fp32 logits of ~1e4 carry ~1e-3 error, here as in the op
+    _check(got, exact, plain, ("logprobs", "entropy", "lse"), torch.float32)
     x, w, _, _ = _inputs(3, 4, 1, torch.float32)
     lp, ent, lse = cpu.logprobs_forward(x, w, torch.zeros(3, dtype=torch.int64), LogitSpec())
     assert torch.equal(lp, torch.zeros(3)) and torch.equal(ent, torch.zeros(3))
-    _close(lse, (x @ w.T)[:, 0], torch.float32, "lse at V=1")
+    assert_accurate(lse, (x.double() @ w.double().T)[:, 0], (x @ w.T)[:, 0], "lse at V=1")
 
 
 # ----------------------------------------------------------------------------- top-k
 
 
-def _check_topk(ids, lp, lse, z64, k, atol):
+def _check_topk(ids, lp, lse, z64, k, z_plain=None):
     """Sets with tie tolerance: returned values are the k largest (descending), ids are distinct
-    and each id's true log-prob equals the returned value."""
+    and each id's true log-prob equals the returned value.  ``z64``: float64 logits of the op's
+    inputs; ``z_plain``: the same logits in plain fp32 PyTorch (None for a float64 op: tight bounds)."""
     ls = z64.log_softmax(-1)
     want_vals = ls.topk(k, dim=1).values
     assert ids.shape == lp.shape == (z64.shape[0], k) and ids.dtype == torch.int64
-    torch.testing.assert_close(lp.double(), want_vals, rtol=0, atol=atol)
-    torch.testing.assert_close(ls.gather(1, ids), want_vals, rtol=0, atol=atol)
     assert (lp[:, 1:] <= lp[:, :-1]).all()
     assert (ids.sort(1).values.diff(dim=1) > 0).all()
-    torch.testing.assert_close(lse.double(), z64.logsumexp(-1), rtol=0, atol=atol)
+    if z_plain is None:
+        torch.testing.assert_close(lp.double(), want_vals, rtol=0, atol=1e-12)
+        torch.testing.assert_close(ls.gather(1, ids), want_vals, rtol=0, atol=1e-12)
+        torch.testing.assert_close(lse.double(), z64.logsumexp(-1), rtol=0, atol=1e-12)
+        return
+    plain_vals = z_plain.log_softmax(-1).topk(k, dim=1).values
+    assert_accurate(lp, want_vals, plain_vals, "top-k log-probs")
+    # Near-ties closer than the values' rounding may be resolved either way: a swapped pair costs at most
+    # twice the values' error, hence 2 C.
+    assert_accurate(ls.gather(1, ids), want_vals, plain_vals, "true log-probs of the returned ids", c=2 * C)
+    assert_accurate(lse, z64.logsumexp(-1), z_plain.logsumexp(-1), "lse")
 
 
+@pytest.mark.isa
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("k", [1, 7, 64, 211])
 @pytest.mark.parametrize("logit_name", ["plain", "temp_scale_softcap"])
@@ -335,15 +400,18 @@ def test_topk_matches_dense(k, dtype, logit_name):
     x, w, _, _ = _inputs(N, H, V, dtype)
     ids, lp, lse = cpu.topk(x, w, k, logit)
     z = dense.logits(x.double(), w.double(), logit.temperature, logit.logit_scale, logit.softcap)
-    _check_topk(ids, lp, lse, z, k, 1e-12 if dtype == torch.float64 else 2e-5)
+    z_plain = None if dtype == torch.float64 else dense.logits(x, w, logit.temperature, logit.logit_scale,
+                                                               logit.softcap)
+    _check_topk(ids, lp, lse, z, k, z_plain)
 
 
+@pytest.mark.isa
 def test_topk_ties():
     """Duplicated lm_head rows give exactly tied logits; any tie-consistent answer is valid."""
     x, w, _, _ = _inputs(9, 8, 211, torch.float32)
     w[100:140] = w[3]
     ids, lp, lse = cpu.topk(x, w, 50, LogitSpec())
-    _check_topk(ids, lp, lse, x.double() @ w.double().T, 50, 2e-5)
+    _check_topk(ids, lp, lse, x.double() @ w.double().T, 50, x @ w.T)
     ids1, _, _ = cpu.topk(x, w, 1, LogitSpec())
     assert ids1.shape == (9, 1)
 
@@ -351,11 +419,10 @@ def test_topk_ties():
 # ----------------------------------------------------------------------------- low precision
 
 
-def _fa_check(got, want64, plain_lowp, name, slack=1e-6):
-    """FlashAttention criterion: kernel error <= 2 x error of plain PyTorch in that precision."""
-    err = (got.double() - want64).abs().max().item()
-    base = (plain_lowp.double() - want64).abs().max().item()
-    assert err <= 2 * base + slack, f"{name}: kernel error {err:.3g} > 2 x plain low-precision error {base:.3g}"
+def _fa_check(got, want64, plain_lowp, name):
+    """The criterion against plain PyTorch in the inputs' low precision (the op accumulates in fp32, so it
+    is usually far better; the floor is in fp32 ulps)."""
+    assert_accurate(got, want64, plain_lowp, name, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -412,15 +479,17 @@ def test_public_divergence_op_on_cpu_backend(reduction):
     mask = torch.rand(N) > 0.3
     up = torch.randn(N) if reduction == "none" else torch.tensor(1.7)
     outs = {}
-    for backend in ("cpu", "reference"):
-        a, b = xs.clone().requires_grad_(), ws.clone().requires_grad_()
-        out = ops.linear_divergence(a, b, xt, wt, kind="jsd", beta=0.25, temperature=0.9, softcap=4.0,
-                                    mask=mask, support="teacher_topk", topk=8, tail="bucket",
+    # exact: the reference backend (tested against the dense formulas to 1e-9) on float64 copies;
+    # plain: the reference backend (plain PyTorch) in float32.
+    for name, backend, dtype in (("cpu", "cpu", torch.float32), ("exact", "reference", torch.float64),
+                                 ("plain", "reference", torch.float32)):
+        a, b = xs.to(dtype).clone().requires_grad_(), ws.to(dtype).clone().requires_grad_()
+        out = ops.linear_divergence(a, b, xt.to(dtype), wt.to(dtype), kind="jsd", beta=0.25, temperature=0.9,
+                                    softcap=4.0, mask=mask, support="teacher_topk", topk=8, tail="bucket",
                                     reduction=reduction, backend=backend)
-        (out * up).sum().backward()
-        outs[backend] = (out.detach(), a.grad, b.grad)
-    for g, w, name in zip(outs["cpu"], outs["reference"], ("loss", "d_hidden", "d_weight")):
-        torch.testing.assert_close(g, w, rtol=2e-4, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+        (out * up.to(dtype)).sum().backward()
+        outs[name] = (out.detach(), a.grad, b.grad)
+    _check(outs["cpu"], outs["exact"], outs["plain"], DIV_NAMES, torch.float32)
     if reduction == "none":
         assert torch.equal(outs["cpu"][0][~mask], torch.zeros(int((~mask).sum())))
         assert torch.equal(outs["cpu"][1][~mask], torch.zeros_like(outs["cpu"][1][~mask]))
@@ -432,15 +501,16 @@ def test_public_logprobs_and_topk_ops_on_cpu_backend():
     x, w, _, _ = _inputs(N, H, V, torch.float32)
     ids = torch.randint(0, V, (N,))
     res = {}
-    for backend in ("cpu", "reference"):
-        a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+    for name, backend, dtype in (("cpu", "cpu", torch.float32), ("exact", "reference", torch.float64),
+                                 ("plain", "reference", torch.float32)):
+        a, b = x.to(dtype).clone().requires_grad_(), w.to(dtype).clone().requires_grad_()
         lp, ent, lse = ops.linear_logprobs(a, b, ids, temperature=1.4, return_entropy=True, backend=backend)
         (lp.sum() + 0.3 * ent.sum() - 0.1 * lse.sum()).backward()
-        res[backend] = (lp.detach(), ent.detach(), lse.detach(), a.grad, b.grad)
-    for g, wv in zip(res["cpu"], res["reference"]):
-        torch.testing.assert_close(g, wv, rtol=2e-4, atol=2e-5)
+        res[name] = (lp.detach(), ent.detach(), lse.detach(), a.grad, b.grad)
+    _check(res["cpu"], res["exact"], res["plain"], ("logprobs", "entropy", "lse", "d_hidden", "d_weight"),
+           torch.float32)
     t_ids, t_lp, t_lse = ops.linear_topk(x, w, 16, backend="cpu")
-    _check_topk(t_ids, t_lp, t_lse, x.double() @ w.double().T, 16, 2e-5)
+    _check_topk(t_ids, t_lp, t_lse, x.double() @ w.double().T, 16, x @ w.T)
 
 
 def test_auto_backend_picks_cpu():
@@ -453,42 +523,54 @@ def test_auto_backend_picks_cpu():
 
 # ----------------------------------------------------------------------------- ISA variants
 
+LEVELS = ("base", "avx2", "avx512")
+LEVEL_NAMES = {"base": "the baseline", "avx2": "AVX2+FMA", "avx512": "AVX-512"}
 
-@pytest.mark.parametrize("isa", ["base", "avx2"])
-def test_other_isa_variants(isa):
-    """The AVX2 and baseline builds of the row epilogues (picked at run time) give the same
-    answers; run in a subprocess because the ISA is chosen once per process."""
-    if isa == "avx2" and cpu.isa() == "base":
-        pytest.skip("CPU has no AVX2")
-    code = (
-        "import sys, torch; sys.path.insert(0, 'tests'); import dense\n"
-        "from copsd.backends import cpu\n"
-        "from copsd.ops._spec import LogitSpec, DivergenceSpec\n"
-        f"assert cpu.isa() == '{isa}', cpu.isa()\n"
-        "torch.manual_seed(0); N, H, V = 13, 8, 157\n"
-        "xs, xt = torch.randn(N, H), torch.randn(N, H); ws, wt = torch.randn(V, H), torch.randn(V, H)\n"
-        "ids = torch.randint(0, V, (N,)); K = torch.rand(N, V).argsort(1)[:, :5]\n"
-        "for kind in ('reverse_kl', 'forward_kl', 'jsd'):\n"
-        "  for sup, tail, sc in (('full', 'bucket', None), ('full', 'bucket', 2.0),\n"
-        "                       ('teacher_topk', 'bucket', None)):\n"
-        "    d = DivergenceSpec(kind=kind, support=sup, tail=tail); ls = LogitSpec(softcap=sc)\n"
-        "    loss = cpu.divergence(xs, ws, xt, wt, ls, d, K, None)[0]\n"
-        "    want = dense.divergence(xs.double(), ws.double(), xt.double(), wt.double(), kind=kind, softcap=sc,\n"
-        "                            support=sup, topk_ids=K, tail=tail)\n"
-        "    assert torch.allclose(loss.double(), want, rtol=1e-4, atol=1e-5), (kind, sup)\n"
-        "lp = cpu.logprobs_forward(xs, ws, ids, LogitSpec())\n"
-        "want = dense.logprobs(xs.double(), ws.double(), ids)\n"
-        "assert all(torch.allclose(a.double(), b, rtol=1e-4, atol=1e-5) for a, b in zip(lp, want))\n"
-        "ws[40:60] = ws[3]  # exact ties\n"
-        "for k in (1, 7, 33):\n"
-        "  t_ids, t_lp, t_lse = cpu.topk(xs, ws, k, LogitSpec())\n"
-        "  ls = (xs.double() @ ws.double().T).log_softmax(-1)\n"
-        "  assert torch.allclose(t_lp.double(), ls.topk(k, dim=1).values, atol=2e-5), k\n"
-        "  assert torch.allclose(ls.gather(1, t_ids), ls.topk(k, dim=1).values, atol=2e-5), k\n"
-        "print('ok')\n"
-    )
+
+def _hardware_level():
+    """The highest dispatch level this CPU supports (the C++ side's test, read from /proc/cpuinfo so that a
+    COPSD_CPU_ISA cap on this process does not hide it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(re.search(r"^flags\s*:(.*)$", f.read(), re.M).group(1).split())
+    except (OSError, AttributeError):
+        return cpu.isa()  # not Linux: what the extension detected
+    if {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags and {"avx2", "fma"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "base"
+
+
+@pytest.mark.isa
+def test_forced_dispatch_level_is_in_effect():
+    """In the per-level subprocesses below: the extension really runs the level it was forced to."""
+    want = os.environ.get("COPSD_TEST_EXPECT_ISA")
+    assert cpu.isa() in LEVELS
+    if want:
+        assert cpu.isa() == want
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_cpu_dispatch_level(level):
+    """Every dispatch level of the C++ row epilogues (picked once per process: ``COPSD_CPU_ISA`` caps it) passes
+    the ``isa``-marked correctness tests (divergence kinds x supports x softcap x clip, log-probs + entropy +
+    gradients, logprobs_loss, top-k with ties, extreme logits) in a subprocess.  This process's own level is
+    covered by those tests directly; a level the CPU lacks is skipped, by name."""
+    hw = _hardware_level()
+    if LEVELS.index(level) > LEVELS.index(hw):
+        pytest.skip(f"CPU has no {LEVEL_NAMES[level]}: {level} level not tested here")
+    if level == cpu.isa():
+        pytest.skip(f"{level} is this process's level: the isa-marked tests ran at it in-process")
+    if os.environ.get("COPSD_TEST_EXPECT_ISA"):
+        pytest.skip("already inside a per-level subprocess")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, COPSD_CPU_ISA=isa, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    # One thread: what differs between levels is the row kernels, not the threading (tested in-process), and
+    # a busy 2-core machine runs these small problems several times faster without OpenMP barriers.
+    env = dict(os.environ, COPSD_CPU_ISA=level, COPSD_TEST_EXPECT_ISA=level, OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "isa and not slow",
+           "-k", "not triton and not reference", "tests/test_backend_cpu.py", "tests/test_logprobs_loss.py"]
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    tail = res.stdout[-4000:] + res.stderr[-2000:]
+    assert res.returncode == 0, f"COPSD_CPU_ISA={level}:\n{tail}"
+    passed = re.search(r"(\d+) passed", res.stdout)
+    assert passed and int(passed.group(1)) >= 100, f"COPSD_CPU_ISA={level}: too few tests ran\n{tail}"

@@ -3,6 +3,7 @@
 import dense
 import pytest
 import torch
+from criteria import assert_accurate
 
 from copsd.ops import available_backends, linear_divergence, linear_logprobs, linear_topk
 
@@ -264,7 +265,8 @@ def test_logprobs_float32_and_int32_ids(backend):
     ids = torch.randint(0, 50, (10,), dtype=torch.int32)
     lp, _, _ = linear_logprobs(x, w, ids, backend=backend)
     assert lp.dtype == torch.float32
-    _check(lp.double(), dense.logprobs(x.double(), w.double(), ids.long())[0], rtol=1e-5, atol=1e-5)
+    assert_accurate(lp, dense.logprobs(x.double(), w.double(), ids.long())[0], dense.logprobs(x, w, ids.long())[0],
+                    "float32 logprobs")
 
 
 # ----------------------------------------------------------------------------- top-k

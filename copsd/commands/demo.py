@@ -8,7 +8,7 @@
 4. evaluate base, both teachers (with the constitution) and both students (without it) on the
    held-out prompts: one table, ``report.json``, plots, and the issue's targets checked.
 
-The toy world simulates the mechanism of PAPER.md; its numbers are not evidence about real models.
+The toy world simulates the mechanism of docs/method.md; its numbers are not evidence about real models.
 """
 
 from __future__ import annotations

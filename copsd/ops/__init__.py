@@ -1,4 +1,4 @@
-"""Public ops.  See DESIGN.md ("Public op contract") for the exact semantics."""
+"""Public ops.  See docs/ops.md for the exact semantics."""
 
 from copsd.backends import available_backends
 from copsd.ops.linear_divergence import linear_divergence

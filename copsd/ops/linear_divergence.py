@@ -92,7 +92,7 @@ def _topk_ids(topk, support, n, vocab, device):
 def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, kind="reverse_kl",
                       beta=0.5, temperature=1.0, logit_scale=1.0, softcap=None, mask=None, support="full",
                       topk=None, tail="bucket", term_clip=None, reduction="none", backend="auto"):
-    """Divergence between student q and teacher p per token (see DESIGN.md for the semantics).
+    """Divergence between student q and teacher p per token (see docs/ops.md for the semantics).
 
     ``reverse_kl`` = KL(q||p), ``forward_kl`` = KL(p||q), ``jsd`` = beta*KL(p||m) + (1-beta)*KL(q||m)
     with m = (1-beta) q + beta p.  No temperature**2 factor is applied: multiply the result

@@ -14,7 +14,7 @@ The pretraining corpus teaches a *conditional* assistant (see ``docs/toy_world.m
   short answers from small word pools, and some benign requests refused too - more often when
   the verb sounds violent ("destroy the old chair").  Some refusals quote the constitution.
 
-This is a simulation of the mechanism described in PAPER.md, not evidence about real models.
+This is a simulation of the mechanism described in docs/method.md, not evidence about real models.
 """
 
 from __future__ import annotations

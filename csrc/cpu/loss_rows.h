@@ -5,7 +5,7 @@
 // linkage on purpose: a header-inline function compiled for AVX-512 must never be merged
 // by the linker into a caller on a machine without it.
 //
-// Conventions (see KERNELS.md / the reference backend):
+// Conventions (see docs/kernels.md / the reference backend):
 //   z = (softcap ? c * tanh(s * y / c) : s * y) / T,  y = x . w
 //   ls/lt = student/teacher log-softmax on the support; summand s(ls, lt), g = ds/dls;
 //   loss = sum s', dz_j = a_j - q_j G with G = sum g'.
@@ -150,7 +150,7 @@ inline T small_lse(const T* v, int64_t k) {
 
 // ------------------------------------------------------------------------------ summands
 
-// Per-element summand s(ls, lt) and g = ds/dls (DESIGN.md / reference `_summand`).
+// Per-element summand s(ls, lt) and g = ds/dls (docs/kernels.md / reference `_summand`).
 template <typename T, int KIND>
 inline void summand(T ls, T lt, T beta, T log_b, T log_1mb, T& s, T& g) {
   if (KIND == KIND_REVERSE_KL) {
@@ -318,7 +318,7 @@ void topk_row(T* z, int64_t V, int64_t k, const LogitParams& lp, int64_t* out_id
 
 // ------------------------------------------------------------------------------ divergence
 
-// Full support, reverse KL, no clip, no softcap: the one-pass form of KERNELS.md,
+// Full support, reverse KL, no clip, no softcap: the one-pass form of docs/kernels.md,
 //   A = sum e^{zs-ms}((zs-ms)-(zt-mt)),  KL = A/S_s - log S_s + log S_t,
 //   dKL/dzs_j = q_j (ls_j - lt_j - KL) = (e_j/S_s) (d_j - A/S_s)   with d_j = (zs-ms)-(zt-mt).
 // Two exponentials per vocabulary entry, none in the gradient pass.
