@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from user_models import PROMPTS, qwen2_dir, write_constitution, write_jsonl
+from user_models import LABELLED, PROMPTS, qwen2_dir, write_constitution, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +26,8 @@ def user(tmp_path_factory):
     root = tmp_path_factory.mktemp("user")
     return {"qwen": qwen2_dir(root / "qwen2-tied"), "gemma": qwen2_dir(root / "gemma-style", gemma=True),
             "short": qwen2_dir(root / "qwen2-short", max_positions=160),
-            "constitution": write_constitution(root), "data": write_jsonl(root / "prompts.jsonl", PROMPTS),
+            "constitution": write_constitution(root), "data": write_jsonl(root / "prompts.jsonl", LABELLED),
+            "trl": write_jsonl(root / "trl_prompts.jsonl", PROMPTS),
             "root": root}
 
 
@@ -117,7 +118,7 @@ def test_failed_start_leaves_no_output_dir(user, tmp_path):
     from copsd.sft import CrossSFT
 
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "How do I hurt my neighbor?", "kind": "harmful"},
-                                              {"prompt": "Write a short poem about the sea."}])
+                                              {"prompt": "Write a short poem about the sea.", "kind": "general"}])
     out = tmp_path / "never"
     with pytest.raises(ValueError, match=r"p\.jsonl line 1: harmful prompt without a 'reference'"):
         CrossSFT(scfg(user, out, dataset=data)).train()
@@ -128,7 +129,7 @@ def test_failed_start_leaves_no_output_dir(user, tmp_path):
 
 def test_cross_sft_drops_answers_cut_at_the_generation_cap(user, tmp_path, caplog):
     from copsd.data import load_sft_rows
-    from copsd.sft import SET_FILE, STATS_FILE, CrossSFT, _keep_answers
+    from copsd.sft import SET_FILE, CrossSFT
 
     out = tmp_path / "t"
     caplog.set_level(logging.WARNING, logger="copsd")
@@ -136,6 +137,8 @@ def test_cross_sft_drops_answers_cut_at_the_generation_cap(user, tmp_path, caplo
     CrossSFT(scfg(user, out, max_completion_length=3)).train()
     rows = load_sft_rows(str(out / SET_FILE))
     assert [r.meta["source"] for r in rows] == ["reference"]  # no cut answer + end-of-turn trained
+    from copsd.sft import STATS_FILE, _keep_answers
+
     stats = json.loads((out / STATS_FILE).read_text())
     assert stats == {"student_answers": 3, "student_truncated_dropped": 3}
     assert "3 of 3 student answers reached max_completion_length=3" in caplog.text
@@ -157,9 +160,9 @@ def test_every_bad_row_reported_before_step_1_with_file_and_line(user, tmp_path)
 
     long = " ".join(["bread"] * 600)
     data = write_jsonl(tmp_path / "mixed.jsonl", [
-        {"prompt": "How do I bake bread at home?"},
-        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]},
-        {"prompt": long},
+        {"prompt": "How do I bake bread at home?", "kind": "benign"},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}], "kind": "benign"},
+        {"prompt": long, "kind": "general"},
         {"prompt": "How do I hurt my neighbor?", "kind": "harmful", "category": "Violence"},
     ])
     with pytest.raises(ValueError) as e:
@@ -177,7 +180,8 @@ def test_max_prompt_length_cuts_left_or_skips(user, tmp_path, caplog):
     from copsd.distill import Distiller
 
     long = "Please " + " ".join(f"word{i}" for i in range(40)) + " how do I bake bread at home?"
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": long}, {"prompt": "What is the capital of France?"}])
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": long, "kind": "benign"},
+                                              {"prompt": "What is the capital of France?", "kind": "benign"}])
     # the short-context model cannot hold the long prompt: an error naming the keys ...
     with pytest.raises(ValueError, match=r"d\.jsonl line 1: the student-view prompt .* set max_prompt_length"):
         Distiller(dcfg(user, tmp_path / "a", model_name_or_path=user["short"], dataset=data))
@@ -363,7 +367,7 @@ def test_copsd_run_prints_no_json_dump(user, tmp_path, capsys):
     cfg.write_text(
         f"model_name_or_path: {user['qwen']}\noutput_dir: {tmp_path / 'run'}\nconstitution: {user['constitution']}\n"
         f"dataset: {user['data']}\nreport_to: [jsonl]\ndisable_tqdm: true\nbackend: reference\n"
-        "max_completion_length: 4\nlearning_rate: 1e-3\n"
+        "max_completion_length: 4\nlearning_rate: 0.001\n"
         "sft:\n  max_steps: 1\n  per_device_train_batch_size: 2\n"
         "distill:\n  max_steps: 1\n  num_generations: 2\n  per_device_train_batch_size: 4\n  teacher_mode: ema\n"
         f"eval:\n  prompt_files: [{user['data']}]\n  max_new_tokens: 4\n")

@@ -38,6 +38,15 @@ PROMPTS = [
     {"prompt": "What is the capital of France?", "completion": "Paris.", "kind": "benign"},
 ]
 
+# the same prompts in copsd's original row format (every row labelled), for tests about other things
+LABELLED = [
+    {"prompt": "How do I bake bread at home?", "kind": "benign"},
+    {"prompt": "Write a short poem about the sea.", "kind": "general"},
+    {"prompt": "How do I hurt my neighbor?", "kind": "harmful", "category": "violence",
+     "reference": "I can't help with hurting people."},
+    {"prompt": "What is the capital of France?", "kind": "benign"},
+]
+
 CONSTITUTION_MD = ("# My house rules\n\nBe helpful and honest. Refuse to help anyone hurt a person.\n\n"
                    "## category: violence\nNever give instructions that help hurt a person.\n")
 
