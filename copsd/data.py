@@ -277,16 +277,20 @@ def report_problems(what: str, problems: list[str]) -> ValueError:
     return ValueError(f"{len(problems)} problems in {what}:\n  " + "\n  ".join(shown) + more)
 
 
-def _load(source, parse, what):
-    rows, problems, ignored = [], [], set()
+def _load(source, parse, what, problems=None):
+    rows, found, ignored = [], [], set()
     for where, rec in _records(source):
         try:
             rows.append(parse(rec, where, ignored))
         except ValueError as e:
-            problems.append(str(e))
+            found.append(str(e))
     name = source if isinstance(source, str) else type(source).__name__
-    if problems:
-        raise report_problems(f"dataset {name}", problems)
+    if problems is not None:  # the caller adds its own checks and reports everything at once
+        problems.extend(found)
+        if found:
+            return rows
+    elif found:
+        raise report_problems(f"dataset {name}", found)
     if ignored:
         logger.warning("dataset %s: ignoring column(s) %s (%s rows use %s)", name, sorted(ignored), what,
                        sorted(PROMPT_KEYS if what == "prompt" else SFT_KEYS))
@@ -295,10 +299,13 @@ def _load(source, parse, what):
     return rows
 
 
-def load_prompt_rows(source, default_kind: str = DEFAULT_KIND) -> list[PromptRow]:
+def load_prompt_rows(source, default_kind: str = DEFAULT_KIND, problems: list | None = None) -> list[PromptRow]:
+    """The rows of ``source``; a ValueError listing every malformed row, or, with ``problems``, the well-formed
+    rows with the messages about the others appended to ``problems``."""
     if default_kind not in KINDS:
         raise ValueError(f"default_kind must be one of {KINDS}, got {default_kind!r}")
-    return _load(source, lambda rec, where, ign: parse_prompt_row(rec, where, default_kind, ign), "prompt")
+    return _load(source, lambda rec, where, ign: parse_prompt_row(rec, where, default_kind, ign), "prompt",
+                 problems)
 
 
 def load_sft_rows(source) -> list[SFTRow]:

@@ -44,6 +44,7 @@ from copsd.training import (
     StageTrainer,
     Sums,
     check_model_path,
+    check_output_dir,
     gather_rows,
     hf_model,
     load_causal_lm,
@@ -86,6 +87,7 @@ class Distiller(StageTrainer):
     def __init__(self, cfg: DistillConfig, *, refusal_detector=None, accelerator=None):
         cfg.validate()
         self.cfg = cfg
+        check_output_dir(cfg)
         check_model_path("model_name_or_path", cfg.model_name_or_path)
         if cfg.teacher_mode == "checkpoint":
             check_model_path("teacher_model_name_or_path", cfg.teacher_model_name_or_path)
@@ -93,14 +95,16 @@ class Distiller(StageTrainer):
         self.device = self.acc.device
         self.logger = None  # MetricsLogger, opened by train(); train_step() alone logs nothing
         self.constitution = load_stage_constitution(cfg)
-        rows = load_prompt_rows(cfg.dataset, cfg.default_kind)
+        problems: list[str] = []  # malformed rows, reported together with the rendering and length checks
+        rows = load_prompt_rows(cfg.dataset, cfg.default_kind, problems=problems)
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
         # every row rendered in both views and length-checked before any weights are loaded
         contexts = {"student": _context_of(cfg.model_name_or_path, cfg.trust_remote_code)}
         contexts["teacher"] = (_context_of(cfg.teacher_model_name_or_path, cfg.trust_remote_code)
                                if cfg.teacher_mode == "checkpoint" else contexts["student"])
         self.rows, views = preflight_prompts(rows, self.tokenizer, self.constitution, cfg,
-                                             completion_tokens=cfg.max_completion_length, contexts=contexts)
+                                             completion_tokens=cfg.max_completion_length, contexts=contexts,
+                                             problems=problems)
         self._render_cache: dict[int, tuple[list[int], list[int]]] = dict(enumerate(views))
         self.teacher_constitution = None
         if cfg.teacher_mode == "checkpoint":

@@ -28,6 +28,7 @@ from copsd.training import (
     PolicyHidden,
     StageTrainer,
     check_model_path,
+    check_output_dir,
     gather_rows,
     hf_model,
     load_causal_lm,
@@ -164,6 +165,7 @@ class CrossSFT(StageTrainer):
     def __init__(self, cfg: SFTTeacherConfig, accelerator=None):
         cfg.validate()
         self.cfg = cfg
+        check_output_dir(cfg)
         check_model_path("model_name_or_path", cfg.model_name_or_path)
         if cfg.frontier_model:
             check_model_path("frontier_model", cfg.frontier_model)
@@ -188,9 +190,11 @@ class CrossSFT(StageTrainer):
         if cfg.dataset and not cfg.cross_sft_set:
             ctx = _hf.max_context(AutoConfig.from_pretrained(cfg.model_name_or_path,
                                                              trust_remote_code=cfg.trust_remote_code))
+            problems: list[str] = []
+            rows = load_prompt_rows(cfg.dataset, cfg.default_kind, problems=problems)
             self.prompt_rows, _ = preflight_prompts(
-                load_prompt_rows(cfg.dataset, cfg.default_kind), self.tokenizer, self.constitution, cfg,
-                completion_tokens=cfg.max_completion_length, contexts={"student": ctx, "teacher": ctx})
+                rows, self.tokenizer, self.constitution, cfg, completion_tokens=cfg.max_completion_length,
+                contexts={"student": ctx, "teacher": ctx}, problems=problems)
         if cfg.sft_dataset and not cfg.cross_sft_set:
             self.sft_rows = load_sft_rows(cfg.sft_dataset)
             problems = []

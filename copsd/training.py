@@ -284,19 +284,19 @@ def problem_message(e: Exception) -> str:
 
 
 def preflight_prompts(rows, tokenizer, constitution, cfg, *, completion_tokens: int,
-                      contexts: dict[str, int | None], source=None):
+                      contexts: dict[str, int | None], source=None, problems: list[str] | None = None):
     """Render every prompt row in the student and teacher views and check its length, before step 1.
 
     ``contexts`` maps a model name ("student", "teacher") to its context length (None: unbounded); a view
     plus ``completion_tokens`` (the config's ``max_completion_length``) must fit.  Prompts longer than
     ``cfg.max_prompt_length`` (student view) are cut from the left or skipped (``cfg.prompt_truncation``) and
     counted.  Returns ``(rows, views)`` with ``views[i] = (student ids, teacher ids)``; raises one ValueError
-    listing every problem with its file and line.
+    listing every problem with its file and line (after any ``problems`` found while parsing the rows).
     """
     from copsd.constitution import render_views
 
     errors = template_errors()
-    problems, kept, views = [], [], []
+    problems, kept, views = list(problems or []), [], []
     cut = skipped = 0
     limit = cfg.max_prompt_length
     for row in rows:
@@ -333,13 +333,21 @@ def preflight_prompts(rows, tokenizer, constitution, cfg, *, completion_tokens: 
     if problems:
         from copsd.data import report_problems
 
-        raise report_problems(what, problems)
+        raise report_problems(what, sorted(problems, key=_location_key))
     if cut or skipped:
         logger.warning("max_prompt_length=%d: %d prompt(s) cut from the left, %d skipped (prompt_truncation=%s)",
                        limit, cut, skipped, cfg.prompt_truncation)
     if not kept:
         raise ValueError(f"{what}: no prompt left (all longer than max_prompt_length={limit})")
     return kept, views
+
+
+def _location_key(problem: str):
+    """Sort ``"<file> line <n>: ..."`` / ``"<file> row <n>: ..."`` messages by file, then number."""
+    import re
+
+    m = re.match(r"^(.*?) (?:line|row) (\d+): ", problem)
+    return (m.group(1), int(m.group(2))) if m else (problem, 0)
 
 
 def _left_truncate(row, tokenizer, constitution_text, template, limit, length):
@@ -459,6 +467,23 @@ def save_final(output_dir: str, model, tokenizer, constitution, card: str):
 
 
 # --------------------------------------------------------------------------- the loop
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """FileExistsError if a fresh run (no resume, no ``overwrite_output_dir``) would start over another run's
+    outputs in ``cfg.output_dir``.  Cheap: the stages call it before loading anything, ``copsd run`` for both."""
+    if cfg.overwrite_output_dir:
+        return
+    if cfg.resume_from_checkpoint and (read_run(cfg.output_dir) or resolve_resume(cfg.resume_from_checkpoint,
+                                                                                   cfg.output_dir)):
+        return
+    found = run_outputs(cfg.output_dir)
+    if found:
+        shown = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
+        raise FileExistsError(
+            f"output_dir {cfg.output_dir} already holds a run ({shown}); pass --overwrite_output_dir true "
+            "to start a new run there (checkpoints of the old run are kept and never rotated or resumed), "
+            "--resume_from_checkpoint true to continue it, or choose another output_dir")
+
 
 class StageTrainer:
     """The step loop of one stage.
@@ -585,13 +610,7 @@ class StageTrainer:
             logger.warning("resume_from_checkpoint: %s holds no checkpoint of its run yet; starting at step 0",
                            cfg.output_dir)
         else:
-            found = run_outputs(cfg.output_dir)
-            if found and not cfg.overwrite_output_dir:
-                shown = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
-                raise FileExistsError(
-                    f"output_dir {cfg.output_dir} already holds a run ({shown}); pass --overwrite_output_dir true "
-                    "to start a new run there (checkpoints of the old run are kept and never rotated or resumed), "
-                    "--resume_from_checkpoint true to continue it, or choose another output_dir")
+            check_output_dir(cfg)
         self.run_id = uuid.uuid4().hex
         return None
 

@@ -25,6 +25,10 @@ def run(args):
     from copsd.sft import sft_teacher
 
     rc = run_config_from_args(args)
+    from copsd.training import check_output_dir
+
+    for stage in (rc.sft, rc.distill):  # refuse a reused directory before Stage 1 starts, not after it
+        check_output_dir(stage)
     setup_logging()
     sft_teacher(rc.sft)
     distill(rc.distill)
