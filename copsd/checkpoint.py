@@ -297,7 +297,9 @@ def model_card(*, title: str, base_model: str, constitution, stage: str, step: i
     lines = [
         "---",
         "library_name: transformers",
-        f"base_model: {base_model}" if base_model and not os.path.isabs(base_model) else "",
+        # the hub metadata field names hub ids only; a local directory is given (absolute) in the body
+        f"base_model: {base_model}" if base_model and not os.path.isabs(base_model) and not os.path.isdir(base_model)
+        else "",
         "tags: [copsd, safety, distillation]",
         "---",
         f"# {title}",

@@ -44,7 +44,6 @@ from copsd.training import (
     StageTrainer,
     Sums,
     check_model_path,
-    check_output_dir,
     gather_rows,
     hf_model,
     load_causal_lm,
@@ -87,7 +86,6 @@ class Distiller(StageTrainer):
     def __init__(self, cfg: DistillConfig, *, refusal_detector=None, accelerator=None):
         cfg.validate()
         self.cfg = cfg
-        check_output_dir(cfg)
         check_model_path("model_name_or_path", cfg.model_name_or_path)
         if cfg.teacher_mode == "checkpoint":
             check_model_path("teacher_model_name_or_path", cfg.teacher_model_name_or_path)

@@ -28,7 +28,6 @@ from copsd.training import (
     PolicyHidden,
     StageTrainer,
     check_model_path,
-    check_output_dir,
     gather_rows,
     hf_model,
     load_causal_lm,
@@ -165,7 +164,6 @@ class CrossSFT(StageTrainer):
     def __init__(self, cfg: SFTTeacherConfig, accelerator=None):
         cfg.validate()
         self.cfg = cfg
-        check_output_dir(cfg)
         check_model_path("model_name_or_path", cfg.model_name_or_path)
         if cfg.frontier_model:
             check_model_path("frontier_model", cfg.frontier_model)
