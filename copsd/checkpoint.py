@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 TRAINER_STATE = "trainer_state.json"
+RUN_FILE = "copsd_run.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -28,8 +29,8 @@ def checkpoint_dir(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, f"checkpoint-{step}")
 
 
-def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints (those with a trainer state), sorted by step."""
+def list_checkpoints(output_dir: str, run_id: str | None = None) -> list[tuple[int, str]]:
+    """Complete checkpoints (those with a trainer state), sorted by step; with ``run_id``, only that run's."""
     if not os.path.isdir(output_dir):
         return []
     out = []
@@ -37,17 +38,57 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
         m = _CKPT.match(name)
         path = os.path.join(output_dir, name)
         if m and os.path.isfile(os.path.join(path, TRAINER_STATE)):
+            if run_id is not None and _run_id_of(path) != run_id:
+                continue
             out.append((int(m.group(1)), path))
     return sorted(out)
 
 
+def _run_id_of(ckpt: str) -> str | None:
+    try:
+        return read_state(ckpt).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- runs
+
+def read_run(output_dir: str) -> dict | None:
+    """The run record ``output_dir/copsd_run.json`` (run id, stage, finished), or None."""
+    path = os.path.join(output_dir, RUN_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_run(output_dir: str, record: dict) -> None:
+    """Write the run record atomically."""
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = os.path.join(output_dir, f".{RUN_FILE}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(output_dir, RUN_FILE))
+
+
+def run_outputs(output_dir: str) -> list[str]:
+    """What a copsd run leaves in ``output_dir`` (run record, checkpoints, metrics, a final model)."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = sorted(os.listdir(output_dir))
+    found = [n for n in names if n in (RUN_FILE, "metrics.jsonl", "config.json", "adapter", "trainer_state.json")
+             or _CKPT.match(n) or (n.startswith("model") and n.endswith(".safetensors"))]
+    return found
+
+
 def resolve_resume(value: str | None, output_dir: str) -> str | None:
-    """``None`` -> no resume; ``"latest"`` -> newest checkpoint in output_dir (None if there is none);
-    a path -> that checkpoint, which must exist."""
+    """``None`` -> no resume; ``"latest"`` -> newest checkpoint in output_dir of the run recorded there (any
+    run's when there is no record; None if there is none); a path -> that checkpoint, which must exist."""
     if not value:
         return None
     if value == "latest":
-        ckpts = list_checkpoints(output_dir)
+        run = read_run(output_dir)
+        ckpts = list_checkpoints(output_dir, run.get("run_id") if run else None)
         return ckpts[-1][1] if ckpts else None
     if not os.path.isfile(os.path.join(value, TRAINER_STATE)):
         raise FileNotFoundError(f"resume_from_checkpoint: {value} is not a checkpoint directory "
@@ -90,7 +131,9 @@ def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, optimizer, 
                     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None, model_card: str | None = None,
                     is_main: bool = True, rank: int = 0, barrier=lambda: None,
                     save_total_limit: int | None = None) -> str:
-    """Write ``checkpoint-<step>`` atomically; every process calls this (each writes its own RNG state)."""
+    """Write ``checkpoint-<step>`` atomically; every process calls this (each writes its own RNG state).
+
+    ``save_total_limit`` rotation deletes only older checkpoints of the same run (``state["run_id"]``)."""
     final = checkpoint_dir(output_dir, step)
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
     if is_main:
@@ -107,8 +150,7 @@ def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, optimizer, 
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         for name, tensors in (extra_tensors or {}).items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                      os.path.join(tmp, f"{name}.safetensors"))
+            save_tensors(tensors, os.path.join(tmp, f"{name}.safetensors"))
         if model_card:
             with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
                 f.write(model_card)
@@ -128,10 +170,40 @@ def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, optimizer, 
             os.replace(tmp, final)
         _fsync_dir(output_dir)
         if save_total_limit:
-            for _, path in list_checkpoints(output_dir)[:-save_total_limit]:
+            for _, path in list_checkpoints(output_dir, state.get("run_id"))[:-save_total_limit]:
                 shutil.rmtree(path, ignore_errors=True)
     barrier()
     return final
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """safetensors file of ``tensors``, where names sharing one storage (tied embeddings: ``lm_head.weight`` and
+    ``model.embed_tokens.weight``) are written once and recorded as aliases in the metadata."""
+    kept, aliases, by_view, storages = {}, {}, {}, set()
+    for k, v in tensors.items():
+        ptr = (v.device, v.untyped_storage().data_ptr())
+        view = (*ptr, v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+        if v.numel() and view in by_view:
+            aliases[k] = by_view[view]
+            continue
+        by_view[view] = k
+        v = v.detach().cpu().contiguous()
+        # a different view of a storage already written (rare): its own copy, so no two tensors share memory
+        kept[k] = v.clone() if v.numel() and ptr in storages else v
+        storages.add(ptr)
+    save_file(kept, path, metadata={"copsd_aliases": json.dumps(aliases)} if aliases else None)
+
+
+def load_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Read a file written by ``save_tensors``; each alias maps to the same tensor as the name it shares."""
+    from safetensors import safe_open
+
+    tensors = load_file(path)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    for alias, name in json.loads(meta.get("copsd_aliases", "{}")).items():
+        tensors[alias] = tensors[name]
+    return tensors
 
 
 def _fsync_dir(path):
@@ -208,7 +280,7 @@ def load_extra(ckpt: str, name: str) -> dict[str, torch.Tensor]:
     path = os.path.join(ckpt, f"{name}.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"resume_from_checkpoint: {ckpt} has no {name}.safetensors")
-    return load_file(path)
+    return load_tensors(path)
 
 
 def _is_peft(model) -> bool:
@@ -217,14 +289,17 @@ def _is_peft(model) -> bool:
 
 # --------------------------------------------------------------------------- model card
 
-def model_card(*, title: str, base_model: str, constitution, stage: str, step: int, config: dict) -> str:
+def model_card(*, title: str, base_model: str, constitution, stage: str, step: int, config: dict,
+               extra: dict | None = None) -> str:
     """A README.md with the constitution's hash (so a model can be traced to the principles it learned)."""
     keys = ("objective", "teacher_mode", "learning_rate", "num_generations", "max_steps", "num_train_epochs",
             "kl_coef", "seed", "use_peft")
     lines = [
         "---",
         "library_name: transformers",
-        f"base_model: {base_model}" if base_model and not os.path.isabs(base_model) else "",
+        # the hub metadata field names hub ids only; a local directory is given (absolute) in the body
+        f"base_model: {base_model}" if base_model and not os.path.isabs(base_model) and not os.path.isdir(base_model)
+        else "",
         "tags: [copsd, safety, distillation]",
         "---",
         f"# {title}",
@@ -233,7 +308,8 @@ def model_card(*, title: str, base_model: str, constitution, stage: str, step: i
         "",
         f"- constitution sha256: `{constitution.sha256}`",
         f"- constitution file: `{os.path.basename(constitution.path)}`" if constitution.path else "",
-        f"- base model: `{base_model}`",
+        f"- base model: `{os.path.abspath(base_model) if os.path.isdir(base_model) else base_model}`",
     ]
+    lines += [f"- {k}: `{v}`" for k, v in (extra or {}).items()]
     lines += [f"- {k}: `{config[k]}`" for k in keys if k in config]
     return "\n".join(line for line in lines if line != "") + "\n"

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors: one clear line, no traceback
         print(f"copsd {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -24,6 +24,8 @@ LOSS_AGGREGATIONS = ("global_token_mean", "micro_batch_token_mean")
 TEACHER_MODES = ("checkpoint", "initial", "ema")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 REPORTERS = ("jsonl", "tensorboard", "none")
+CATEGORY_MODES = ("replace", "extend")
+KINDS = ("harmful", "benign", "general")
 
 
 def _choices(*options):
@@ -37,10 +39,20 @@ class TrainConfig:
     # inputs / outputs
     model_name_or_path: str = ""
     output_dir: str = ""
+    overwrite_output_dir: bool = False
     constitution: str = ""
     dataset: str = ""
     trust_remote_code: bool = False
     teacher_template: str = "{constitution}\n\n---\n\n{query}\n\n---"
+    # a row's category text replaces the default text ("replace") or follows it ("extend")
+    category_mode: str = field(default="replace", metadata=_choices(*CATEGORY_MODES))
+    constitution_title: bool = False  # send a Markdown constitution's "# title" line to the teacher
+    default_kind: str = field(default="general", metadata=_choices(*KINDS))  # kind of a row without 'kind'
+    # TRL's meaning: prompts (student view, in tokens) longer than this are cut from the left ("left": the
+    # start of the last user message is cut, so the template and the constitution stay whole) or dropped
+    # ("skip"); every such row is counted in the log.  None: no limit (prompts must fit the context).
+    max_prompt_length: Optional[int] = None
+    prompt_truncation: str = field(default="left", metadata=_choices("left", "skip"))
     # optimisation (TRL / transformers names)
     learning_rate: float = 1e-5
     per_device_train_batch_size: int = 8
@@ -94,6 +106,8 @@ class TrainConfig:
         if self.save_total_limit is not None:
             _positive("save_total_limit", self.save_total_limit)
         _positive("max_grad_norm", self.max_grad_norm, allow_zero=True)
+        if self.max_prompt_length is not None:
+            _positive("max_prompt_length", self.max_prompt_length)
         for r in self.report_to:
             if r not in REPORTERS:
                 raise ValueError(f"config key 'report_to' entries must be in {REPORTERS}, got {r!r}")
@@ -325,6 +339,12 @@ def coerce(key: str, value: Any, tp, where: str = ""):
         if not isinstance(value, list):
             raise ValueError(f"config key '{key}'{where} must be a list of {_type_name(inner)}, got {value!r}")
         return [coerce(key, v, inner, where) for v in value]
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads 1e-5 (no dot) as a string; TRL's parsers take it as a number, and so do we
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = (tp is bool and isinstance(value, bool)
           or tp is int and isinstance(value, int) and not isinstance(value, bool)
           or tp is float and isinstance(value, (int, float)) and not isinstance(value, bool)

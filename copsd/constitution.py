@@ -4,7 +4,19 @@ File formats
 ------------
 * YAML: ``default: <text>`` (required), ``categories: {name: text}`` (optional), ``version`` (optional).
 * Markdown: everything before the first ``## category: <name>`` heading is the default text; each such
-  heading starts that category's text.
+  heading starts that category's text.  A leading level-1 title (``# My constitution``) names the
+  document and is not sent to the teacher unless ``include_title=True`` (config ``constitution_title``).
+
+Categories
+----------
+A row's ``category`` selects its category text.  With ``category_mode="replace"`` (the default) that text
+is sent instead of the default text; with ``"extend"`` the default text is sent followed by it.  When the
+constitution defines categories, a row category that is not one of them (or differs only in case) is an
+error, never a silent fallback to the default; a constitution without categories treats ``category`` as a
+label for metrics only.
+
+The hash (``sha256``) is over what can be sent: default text, categories, version, and the mode and title
+when they are not the defaults.
 
 In either format a category text may contain ``{default}``: it is replaced by the default text when the
 file is loaded, so a category can add its own guidance before or after the shared protocol without
@@ -33,6 +45,7 @@ import yaml
 DEFAULT_TEMPLATE = "{constitution}\n\n---\n\n{query}\n\n---"
 DEFAULT_CONSTITUTION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "constitutions", "default.md")
 _CATEGORY_HEADING = re.compile(r"^##\s+category:\s*(\S.*?)\s*$", re.IGNORECASE)
+_TITLE = re.compile(r"^#\s+(\S.*?)\s*$")
 _PLACEHOLDER = re.compile(r"\{(constitution|query)\}")
 
 
@@ -42,20 +55,38 @@ class Constitution:
     categories: dict[str, str] = field(default_factory=dict)
     version: str = ""
     path: str = ""
+    title: str = ""
+    category_mode: str = "replace"
 
     @property
     def sha256(self) -> str:
         """Hash of the content (default + categories + version), independent of the file format."""
-        blob = json.dumps({"default": self.default, "categories": self.categories, "version": self.version},
-                          sort_keys=True, ensure_ascii=False)
+        content = {"default": self.default, "categories": self.categories, "version": self.version}
+        if self.category_mode != "replace":
+            content["category_mode"] = self.category_mode
+        blob = json.dumps(content, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
+    def check_category(self, category: str | None) -> str | None:
+        """An error message for a row category this constitution does not define, else None."""
+        if not category or not self.categories or category in self.categories:
+            return None
+        near = [c for c in self.categories if c.lower() == category.lower()]
+        hint = f" (did you mean {near[0]!r}? categories are case-sensitive)" if near else ""
+        return (f"category {category!r} is not defined in the constitution{hint}; defined: "
+                f"{sorted(self.categories)}")
+
     def text_for(self, category: str | None = None, override: str | None = None) -> str:
-        """The text for a row: its own override, else its category's text, else the default."""
+        """The text for a row: its own override, else its category's text (replacing or extending the
+        default, ``category_mode``), else the default.  An undefined category is a ValueError."""
         if override:
             return override
-        if category and category in self.categories:
-            return self.categories[category]
+        if category and self.categories:
+            problem = self.check_category(category)
+            if problem:
+                raise ValueError(problem)
+            text = self.categories[category]
+            return f"{self.default}\n\n{text}" if self.category_mode == "extend" else text
         return self.default
 
     def all_texts(self) -> list[str]:
@@ -63,10 +94,16 @@ class Constitution:
 
     def to_dict(self) -> dict:
         return {"default": self.default, "categories": dict(self.categories), "version": self.version,
-                "sha256": self.sha256, "path": self.path}
+                "sha256": self.sha256, "path": self.path, "title": self.title, "category_mode": self.category_mode}
 
 
-def load_constitution(path: str) -> Constitution:
+CATEGORY_MODES = ("replace", "extend")
+
+
+def load_constitution(path: str, *, category_mode: str = "replace", include_title: bool = False) -> Constitution:
+    """Read a Markdown or YAML constitution (see the module docstring)."""
+    if category_mode not in CATEGORY_MODES:
+        raise ValueError(f"category_mode must be one of {CATEGORY_MODES}, got {category_mode!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"constitution file not found: {path}")
     with open(path, encoding="utf-8") as f:
@@ -80,6 +117,9 @@ def load_constitution(path: str) -> Constitution:
         raise ValueError(f"constitution file {path}: expected a .md or .yaml file, got extension {ext!r}")
     c.categories = {k: v.replace("{default}", c.default) for k, v in c.categories.items()}
     c.path = path
+    c.category_mode = category_mode
+    if c.title and include_title:
+        c.default = f"# {c.title}\n\n{c.default}"
     return c
 
 
@@ -122,6 +162,13 @@ def _from_markdown(text: str, path: str) -> Constitution:
             cats[current] = []
             continue
         (default_lines if current is None else cats[current]).append(line)
+    title = ""
+    first = next((i for i, line in enumerate(default_lines) if line.strip()), None)
+    if first is not None:
+        m = _TITLE.match(default_lines[first])
+        if m:
+            title = m.group(1)
+            default_lines = default_lines[first + 1:]
     default = "\n".join(default_lines).strip()
     if not default:
         raise ValueError(f"constitution file {path}: no default text before the first '## category:' heading")
@@ -131,7 +178,7 @@ def _from_markdown(text: str, path: str) -> Constitution:
         if not body:
             raise ValueError(f"constitution file {path}: category {k!r} has no text")
         categories[k] = body
-    return Constitution(default=default, categories=categories)
+    return Constitution(default=default, categories=categories, title=title)
 
 
 # --------------------------------------------------------------------------- views

@@ -1,23 +1,52 @@
-"""Prompt rows and SFT rows, from JSONL files or Hugging Face ``datasets``.
+"""Prompt rows and SFT rows, from local files, Hugging Face ``datasets`` or Python lists.
 
-Prompt row: ``{"prompt": [messages] | str, "kind": "harmful"|"benign"|"general", "category"?: str,
-"reference"?: str, "constitution"?: str, "reward"?: "token"|"judge"}`` (``constitution`` overrides the
-constitution text for that row; ``reward`` picks the row's reward under the ``hybrid`` objective).
-SFT row: ``{"messages": [{"role", "content"}, ...]}`` ending with an assistant message.
-A malformed row is a ``ValueError`` naming the file and line.
+Sources (``dataset:``, ``sft_dataset:``): a JSONL file (errors name the file and line), a JSON file (JSON
+lines or one array), a Parquet file, a directory of such files or one written by ``Dataset.save_to_disk``
+(``dir:split`` picks a split), a ``datasets.Dataset`` / ``DatasetDict`` object or a list of dicts (Python
+API), or a hub dataset name (``name:split``, default split ``train``) where a network exists.
+
+Prompt rows, in the formats TRL uses:
+
+* ``{"prompt": "text"}`` or ``{"prompt": [messages]}`` (prompt-only, standard or conversational);
+* ``{"prompt": ..., "completion": "text" | [assistant messages]}`` (prompt-completion): the completion
+  becomes the row's ``reference`` answer;
+* ``{"messages": [...]}`` (conversational): the prompt is everything up to the last user message, the
+  assistant message after it (if any) the ``reference``.
+
+Optional keys: ``kind`` (``harmful``, ``benign`` or ``general``; default ``general``, see below), ``category``
+(selects a category text of the constitution), ``reference`` (a safe answer, used for harmful rows in
+Stage 1), ``constitution`` (overrides the constitution text for that row), ``reward`` (``token`` or
+``judge``: the row's reward under the ``hybrid`` objective), ``id``.  Other columns are ignored
+with one warning naming them.
+
+``kind`` says what Stage 1 does with a row and how metrics are split: ``harmful`` rows are answered by
+their ``reference`` (or a ``frontier_model``), ``benign`` and ``general`` rows by the student's own sampled
+answer; refusal rates are reported per kind (a benign refusal is over-refusal).  A row without ``kind``
+is ``general`` (an ordinary request with no safety label): that keeps a plain TRL prompt set usable
+unchanged; label the harmful ones.
+
+SFT rows: ``{"messages": [..., assistant]}`` or ``{"prompt": ..., "completion": ...}``.
+
+Every row is checked; all malformed rows are reported at once, each with its file and line (or row).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 
+logger = logging.getLogger("copsd")
+
 KINDS = ("harmful", "benign", "general")
+DEFAULT_KIND = "general"
 ROLES = ("system", "user", "assistant")
-PROMPT_KEYS = {"prompt", "kind", "category", "reference", "constitution", "id", "reward"}
+PROMPT_KEYS = {"prompt", "messages", "completion", "kind", "category", "reference", "constitution", "id", "reward"}
 REWARD_TYPES = ("token", "judge")
-SFT_KEYS = {"messages", "kind", "category", "source", "constitution", "id"}
+SFT_KEYS = {"messages", "prompt", "completion", "kind", "category", "source", "constitution", "id"}
+DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
+MAX_REPORTED = 30
 
 
 @dataclass
@@ -28,7 +57,7 @@ class PromptRow:
     reference: str | None = None
     constitution: str | None = None
     where: str = ""
-    reward: str | None = None
+    reward: str | None = None     # "token" / "judge": the row's reward under the hybrid objective
 
     def to_json(self) -> dict:
         d = {"prompt": self.messages, "kind": self.kind}
@@ -45,42 +74,115 @@ class SFTRow:
     where: str = ""
 
 
-def _records(source):
-    """Yield ``(where, record)`` from a JSONL path, a ``datasets`` dataset/name, or a list of dicts."""
-    if isinstance(source, (list, tuple)):
-        for i, rec in enumerate(source):
-            yield f"row {i}", rec
-        return
-    if not isinstance(source, str):
-        raise ValueError(f"dataset must be a path or a list of rows, got {type(source).__name__}")
-    if source.endswith((".jsonl", ".json")) or os.path.isfile(source):
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"dataset file not found: {source}")
-        with open(source, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{source} line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-                yield f"{source} line {lineno}", rec
-        return
+def looks_local(path: str) -> bool:
+    """A path a user means as a local file or directory (never a hub id): absolute, ``./``, ``../``, ``~``,
+    a backslash, more than one ``/``, or a first component that exists here (``out/teacher`` with ``out/``)."""
+    if path.startswith(("/", "./", "../", "~", ".\\")) or "\\" in path or path in (".", ".."):
+        return True
+    parts = path.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def _is_hf_dataset(obj) -> bool:
+    return type(obj).__module__.split(".")[0] == "datasets"
+
+
+def _import_datasets(what: str):
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"dataset {source!r} is not a JSONL file and the 'datasets' package is not installed "
-                         "(pip install datasets to read Hugging Face datasets)") from None
-    name, _, split = source.partition(":")
-    if os.path.isdir(name):
-        ds = datasets.load_from_disk(name)
-    else:
-        ds = datasets.load_dataset(name)
-    if isinstance(ds, datasets.DatasetDict):
+        raise ValueError(f"{what} needs the 'datasets' package (pip install datasets)") from None
+    return datasets
+
+
+def _split_of(ds, name: str, split: str):
+    datasets = _import_datasets(name)
+    if isinstance(ds, (datasets.DatasetDict, dict)):
         split = split or "train"
         if split not in ds:
             raise ValueError(f"dataset {name!r} has no split {split!r}; splits: {list(ds)}")
         ds = ds[split]
+    return ds
+
+
+def _json_file(path: str):
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json") and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        for i, rec in enumerate(data):
+            yield f"{path} row {i}", rec
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield f"{path} line {lineno}", _BadJSON(f"invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        yield f"{path} line {lineno}", rec
+
+
+class _BadJSON:
+    def __init__(self, message):
+        self.message = message
+
+
+def _file_records(path: str):
+    if path.endswith(".parquet"):
+        datasets = _import_datasets(f"dataset {path} (Parquet)")
+        ds = datasets.load_dataset("parquet", data_files=path, split="train")
+        for i, rec in enumerate(ds):
+            yield f"{path} row {i}", rec
+        return
+    yield from _json_file(path)
+
+
+def _records(source):
+    """Yield ``(where, record)`` from any source the module docstring lists."""
+    if isinstance(source, (list, tuple)):
+        for i, rec in enumerate(source):
+            yield f"row {i}", rec
+        return
+    if _is_hf_dataset(source):
+        ds = _split_of(source, "dataset object", "")
+        for i, rec in enumerate(ds):
+            yield f"dataset row {i}", rec
+        return
+    if not isinstance(source, str):
+        raise ValueError(f"dataset must be a path, a dataset name, a datasets.Dataset or a list of rows, "
+                         f"got {type(source).__name__}")
+    if os.path.isfile(source):
+        if not source.endswith(DATA_EXTENSIONS):
+            raise ValueError(f"dataset file {source}: expected a .jsonl, .json or .parquet file")
+        yield from _file_records(source)
+        return
+    name, _, split = source.rpartition(":") if ":" in source and not os.path.exists(source) else (source, "", "")
+    if os.path.isdir(name):
+        if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
+            datasets = _import_datasets(f"dataset directory {name} (written by save_to_disk)")
+            ds = _split_of(datasets.load_from_disk(name), name, split)
+            for i, rec in enumerate(ds):
+                yield f"{name} row {i}", rec
+            return
+        files = sorted(os.path.join(root, f) for root, _, fs in os.walk(name) for f in fs
+                       if f.endswith(DATA_EXTENSIONS))
+        if split:
+            files = [f for f in files if os.path.basename(f).split(".")[0].split("-")[0] == split]
+        if not files:
+            raise FileNotFoundError(f"dataset directory {name} holds no .jsonl, .json or .parquet file"
+                                    + (f" for split {split!r}" if split else ""))
+        for f in files:
+            yield from _file_records(f)
+        return
+    if source.endswith(DATA_EXTENSIONS) or looks_local(source):
+        raise FileNotFoundError(f"dataset file not found: {source}")
+    datasets = _import_datasets(f"dataset {source!r} (not a local file: read as a Hugging Face hub name)")
+    ds = _split_of(datasets.load_dataset(name), name, split)
     for i, rec in enumerate(ds):
         yield f"{name} row {i}", rec
 
@@ -97,29 +199,52 @@ def _check_messages(messages, where, key):
     return out
 
 
-def _check_record(rec, where: str, allowed, required: str, what: str):
-    """A JSON object with only ``allowed`` keys and the ``required`` one."""
+def _as_messages(value, where, key, role):
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"{where}: '{key}' is empty")
+        return [{"role": role, "content": value}]
+    return _check_messages(value, where, key)
+
+
+def _check_record(rec, where: str, allowed, ignored: set):
+    if isinstance(rec, _BadJSON):
+        raise ValueError(f"{where}: {rec.message}")
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    unknown = set(rec) - allowed
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; {what} rows have {sorted(allowed)}")
-    if required not in rec:
-        raise ValueError(f"{where}: missing key '{required}'")
+    ignored.update(k for k in rec if k not in allowed)
 
 
-def parse_prompt_row(rec, where: str) -> PromptRow:
-    _check_record(rec, where, PROMPT_KEYS, "prompt", "prompt")
-    prompt = rec["prompt"]
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ValueError(f"{where}: 'prompt' is empty")
-        messages = [{"role": "user", "content": prompt}]
+def _present(rec, key):
+    return rec.get(key) is not None
+
+
+def parse_prompt_row(rec, where: str, default_kind: str = DEFAULT_KIND, ignored: set | None = None) -> PromptRow:
+    _check_record(rec, where, PROMPT_KEYS, set() if ignored is None else ignored)
+    reference = rec.get("reference")
+    if _present(rec, "messages"):
+        if _present(rec, "prompt"):
+            raise ValueError(f"{where}: give either 'prompt' or 'messages', not both")
+        msgs = _check_messages(rec["messages"], where, "messages")
+        last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
+        if last_user is None:
+            raise ValueError(f"{where}: 'messages' has no user message")
+        after = [m for m in msgs[last_user + 1:] if m["role"] == "assistant"]
+        if reference is None and after:
+            reference = after[0]["content"]
+        messages = msgs[:last_user + 1]
+    elif _present(rec, "prompt"):
+        messages = _as_messages(rec["prompt"], where, "prompt", "user")
     else:
-        messages = _check_messages(prompt, where, "prompt")
+        raise ValueError(f"{where}: missing key 'prompt' (or 'messages')")
     if messages[-1]["role"] != "user":
         raise ValueError(f"{where}: the prompt's last message must have role 'user', got {messages[-1]['role']!r}")
+    if _present(rec, "completion"):
+        completion = _as_messages(rec["completion"], where, "completion", "assistant")
+        if reference is None:
+            reference = "".join(m["content"] for m in completion if m["role"] == "assistant")
     kind = rec.get("kind")
+    kind = default_kind if kind is None else kind
     if kind not in KINDS:
         raise ValueError(f"{where}: 'kind' must be one of {KINDS}, got {kind!r}")
     for k in ("category", "reference", "constitution"):
@@ -127,30 +252,69 @@ def parse_prompt_row(rec, where: str) -> PromptRow:
             raise ValueError(f"{where}: '{k}' must be a string, got {type(rec[k]).__name__}")
     if rec.get("reward") is not None and rec["reward"] not in REWARD_TYPES:
         raise ValueError(f"{where}: 'reward' must be one of {REWARD_TYPES}, got {rec['reward']!r}")
-    return PromptRow(messages=messages, kind=kind, category=rec.get("category"), reference=rec.get("reference"),
+    return PromptRow(messages=messages, kind=kind, category=rec.get("category"), reference=reference or None,
                      constitution=rec.get("constitution"), where=where, reward=rec.get("reward"))
 
 
-def parse_sft_row(rec, where: str) -> SFTRow:
-    _check_record(rec, where, SFT_KEYS, "messages", "SFT")
-    messages = _check_messages(rec["messages"], where, "messages")
+def parse_sft_row(rec, where: str, ignored: set | None = None) -> SFTRow:
+    _check_record(rec, where, SFT_KEYS, set() if ignored is None else ignored)
+    if _present(rec, "messages"):
+        if _present(rec, "prompt") or _present(rec, "completion"):
+            raise ValueError(f"{where}: give either 'messages' or 'prompt' + 'completion', not both")
+        messages = _check_messages(rec["messages"], where, "messages")
+    elif _present(rec, "prompt") and _present(rec, "completion"):
+        messages = (_as_messages(rec["prompt"], where, "prompt", "user")
+                    + _as_messages(rec["completion"], where, "completion", "assistant"))
+    else:
+        raise ValueError(f"{where}: missing key 'messages' (or 'prompt' and 'completion')")
     if messages[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in messages):
         raise ValueError(f"{where}: 'messages' must contain a user turn and end with an assistant turn")
-    return SFTRow(messages=messages, meta={k: rec[k] for k in rec if k != "messages"}, where=where)
+    meta = {k: rec[k] for k in rec if k in SFT_KEYS - {"messages", "prompt", "completion"} and rec[k] is not None}
+    return SFTRow(messages=messages, meta=meta, where=where)
 
 
-def load_prompt_rows(source) -> list[PromptRow]:
-    rows = [parse_prompt_row(rec, where) for where, rec in _records(source)]
+def report_problems(what: str, problems: list[str]) -> ValueError:
+    """One error listing every problem (the first ``MAX_REPORTED``), each starting with its file and line."""
+    shown = problems[:MAX_REPORTED]
+    more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+    if len(problems) == 1:
+        return ValueError(problems[0])
+    return ValueError(f"{len(problems)} problems in {what}:\n  " + "\n  ".join(shown) + more)
+
+
+def _load(source, parse, what, problems=None):
+    rows, found, ignored = [], [], set()
+    for where, rec in _records(source):
+        try:
+            rows.append(parse(rec, where, ignored))
+        except ValueError as e:
+            found.append(str(e))
+    name = source if isinstance(source, str) else type(source).__name__
+    if problems is not None:  # the caller adds its own checks and reports everything at once
+        problems.extend(found)
+        if found:
+            return rows
+    elif found:
+        raise report_problems(f"dataset {name}", found)
+    if ignored:
+        logger.warning("dataset %s: ignoring column(s) %s (%s rows use %s)", name, sorted(ignored), what,
+                       sorted(PROMPT_KEYS if what == "prompt" else SFT_KEYS))
     if not rows:
-        raise ValueError(f"dataset {source!r} has no rows")
+        raise ValueError(f"dataset {name!r} has no rows")
     return rows
+
+
+def load_prompt_rows(source, default_kind: str = DEFAULT_KIND, problems: list | None = None) -> list[PromptRow]:
+    """The rows of ``source``; a ValueError listing every malformed row, or, with ``problems``, the well-formed
+    rows with the messages about the others appended to ``problems``."""
+    if default_kind not in KINDS:
+        raise ValueError(f"default_kind must be one of {KINDS}, got {default_kind!r}")
+    return _load(source, lambda rec, where, ign: parse_prompt_row(rec, where, default_kind, ign), "prompt",
+                 problems)
 
 
 def load_sft_rows(source) -> list[SFTRow]:
-    rows = [parse_sft_row(rec, where) for where, rec in _records(source)]
-    if not rows:
-        raise ValueError(f"dataset {source!r} has no rows")
-    return rows
+    return _load(source, parse_sft_row, "SFT")
 
 
 def write_jsonl(path: str, records) -> None:

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -27,7 +29,7 @@ import torch
 from copsd import _hf
 from copsd.checkpoint import list_checkpoints, load_extra
 from copsd.config import DistillConfig
-from copsd.constitution import check_view_consistency, load_constitution, render_views
+from copsd.constitution import check_view_consistency, render_views
 from copsd.data import load_prompt_rows
 from copsd.objectives import (
     PaperParams,
@@ -41,15 +43,18 @@ from copsd.training import (
     PolicyHidden,
     StageTrainer,
     Sums,
+    check_model_path,
     gather_rows,
     hf_model,
     load_causal_lm,
+    load_stage_constitution,
     load_tokenizer,
     make_accelerator,
     make_optimizer,
     make_scheduler,
     micro_batches,
     pad_right,
+    preflight_prompts,
     prepare_trainable,
     step_seed,
     strided_share,
@@ -81,12 +86,27 @@ class Distiller(StageTrainer):
     def __init__(self, cfg: DistillConfig, *, refusal_detector=None, accelerator=None):
         cfg.validate()
         self.cfg = cfg
+        check_model_path("model_name_or_path", cfg.model_name_or_path)
+        if cfg.teacher_mode == "checkpoint":
+            check_model_path("teacher_model_name_or_path", cfg.teacher_model_name_or_path)
         self.acc = accelerator or make_accelerator(cfg)
         self.device = self.acc.device
         self.logger = None  # MetricsLogger, opened by train(); train_step() alone logs nothing
-        self.constitution = load_constitution(cfg.constitution)
-        self.rows = load_prompt_rows(cfg.dataset)
+        self.constitution = load_stage_constitution(cfg)
+        problems: list[str] = []  # malformed rows, reported together with the rendering and length checks
+        rows = load_prompt_rows(cfg.dataset, cfg.default_kind, problems=problems)
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+        # every row rendered in both views and length-checked before any weights are loaded
+        contexts = {"student": _context_of(cfg.model_name_or_path, cfg.trust_remote_code)}
+        contexts["teacher"] = (_context_of(cfg.teacher_model_name_or_path, cfg.trust_remote_code)
+                               if cfg.teacher_mode == "checkpoint" else contexts["student"])
+        self.rows, views = preflight_prompts(rows, self.tokenizer, self.constitution, cfg,
+                                             completion_tokens=cfg.max_completion_length, contexts=contexts,
+                                             problems=problems)
+        self._render_cache: dict[int, tuple[list[int], list[int]]] = dict(enumerate(views))
+        self.teacher_constitution = None
+        if cfg.teacher_mode == "checkpoint":
+            self.teacher_constitution = _teacher_provenance(cfg.teacher_model_name_or_path, self.constitution)
         if refusal_detector is None:
             from copsd.textmetrics import load_refusal_detector
 
@@ -101,10 +121,12 @@ class Distiller(StageTrainer):
             self.ref = copy.deepcopy(student).to(frozen_dtype).eval().requires_grad_(False)
         if cfg.teacher_mode == "checkpoint":
             self.teacher = load_causal_lm(cfg.teacher_model_name_or_path, trust_remote_code=cfg.trust_remote_code,
-                                          dtype=frozen_dtype, device=self.device).eval().requires_grad_(False)
+                                          dtype=frozen_dtype, device=self.device,
+                                          key="teacher_model_name_or_path").eval().requires_grad_(False)
             from copsd.teacher import check_compatible
 
-            teacher_tok = load_tokenizer(cfg.teacher_model_name_or_path, cfg.trust_remote_code)
+            teacher_tok = load_tokenizer(cfg.teacher_model_name_or_path, cfg.trust_remote_code,
+                                         key="teacher_model_name_or_path")
             check_compatible(student, self.teacher, self.tokenizer, teacher_tok)
         elif cfg.teacher_mode == "initial":
             self.teacher = self.ref
@@ -137,7 +159,6 @@ class Distiller(StageTrainer):
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, self.max_steps * cfg.num_mini_batches)
         self.policy = self.acc.prepare_model(PolicyHidden(self.model))
-        self._render_cache: dict[int, tuple[list[int], list[int]]] = {}
         self.step = 0
         self.initial: dict = {}
 
@@ -473,7 +494,14 @@ class Distiller(StageTrainer):
                 "max_steps": self.max_steps, "prompts_consumed": self.step * self.prompts_per_step,
                 "num_rows": len(self.rows), "prompts_per_step": self.prompts_per_step,
                 "num_processes": self.acc.num_processes, "constitution_sha256": self.constitution.sha256,
-                "initial_metrics": self.initial}
+                "initial_metrics": self.initial, **self.card_extra()}
+
+    def card_extra(self) -> dict:
+        if self.cfg.teacher_mode != "checkpoint":
+            return {"teacher": f"{self.cfg.teacher_mode} (the student itself)"}
+        path = self.cfg.teacher_model_name_or_path
+        return {"teacher": os.path.abspath(path) if os.path.isdir(path) else path,
+                "teacher constitution sha256": self.teacher_constitution or "unknown (no constitution.json)"}
 
     def extra_tensors(self):
         return {"ema_teacher": dict(self.ema.state_dict())} if self.cfg.teacher_mode == "ema" else None
@@ -507,6 +535,31 @@ class Distiller(StageTrainer):
 
     def progress_postfix(self, m: dict) -> dict:
         return {"loss": f"{m['loss']:.4f}", "len": f"{m['completion_length']:.0f}", "ent": f"{m['entropy']:.2f}"}
+
+
+def _context_of(path: str, trust_remote_code: bool) -> int | None:
+    from transformers import AutoConfig
+
+    return _hf.max_context(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+
+
+def _teacher_provenance(teacher_path: str, constitution) -> str | None:
+    """The constitution hash a Stage-1 teacher recorded (``constitution.json``); a loud warning if it is not the
+    one distillation uses."""
+    path = os.path.join(teacher_path, "constitution.json") if os.path.isdir(teacher_path) else ""
+    if not os.path.isfile(path):
+        logger.warning("teacher %s records no constitution (no constitution.json): cannot check that it was "
+                       "trained with the constitution given here", teacher_path)
+        return None
+    with open(path, encoding="utf-8") as f:
+        recorded = json.load(f).get("sha256")
+    if recorded != constitution.sha256:
+        bar = "!" * 78
+        logger.warning("\n%s\nCONSTITUTION MISMATCH: the teacher %s was trained with constitution %s, but this "
+                       "distillation puts %s (%s) in its user turn. The teacher will see principles it was not "
+                       "trained on; use the Stage-1 constitution unless this is intended.\n%s", bar, teacher_path,
+                       recorded, constitution.sha256, constitution.path, bar)
+    return recorded
 
 
 def distill(cfg: DistillConfig, **kwargs) -> dict:

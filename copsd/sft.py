@@ -10,6 +10,7 @@ loss on the final assistant turn only (token-mean over the optimizer step).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -20,34 +21,41 @@ import torch
 from copsd import _hf
 from copsd.checkpoint import resolve_resume
 from copsd.config import SFTTeacherConfig
-from copsd.constitution import load_constitution, render_ids, teacher_messages
+from copsd.constitution import render_ids, teacher_messages
 from copsd.data import SFTRow, load_prompt_rows, load_sft_rows, write_jsonl
 from copsd.objectives import sampled_logprobs
 from copsd.training import (
     PolicyHidden,
     StageTrainer,
+    check_model_path,
     gather_rows,
     hf_model,
     load_causal_lm,
+    load_stage_constitution,
     load_tokenizer,
     make_accelerator,
     make_optimizer,
     make_scheduler,
     micro_batches,
     pad_right,
+    preflight_prompts,
     prepare_trainable,
+    problem_message,
     step_seed,
     strided_share,
+    template_errors,
 )
 
 logger = logging.getLogger("copsd")
 SET_FILE = "cross_sft_set.jsonl"
+STATS_FILE = "cross_sft_stats.json"  # answers generated / left out for being cut, per source
 
 
 # --------------------------------------------------------------------------- building the set
 
 @torch.no_grad()
-def _answers(model, tokenizer, prompts: list[list[int]], cfg: SFTTeacherConfig, salt: int) -> list[str]:
+def _answers(model, tokenizer, prompts: list[list[int]], cfg: SFTTeacherConfig, salt: int) -> list[str | None]:
+    """One sampled answer per prompt; ``None`` for an answer cut at ``max_completion_length`` (no end of turn)."""
     from copsd.rollout import generate
 
     out = []
@@ -56,29 +64,51 @@ def _answers(model, tokenizer, prompts: list[list[int]], cfg: SFTTeacherConfig, 
         ro = generate(model, prompts[j:j + cfg.generation_batch_size], num_generations=1,
                       max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=gen)
-        out += [tokenizer.decode(c, skip_special_tokens=True).strip() for c in ro.completion_ids]
+        out += [tokenizer.decode(c, skip_special_tokens=True).strip() if fin != "length" else None
+                for c, fin in zip(ro.completion_ids, ro.finish_reason)]
     return out
 
 
-def build_cross_sft_set(cfg: SFTTeacherConfig, student, tokenizer, constitution, frontier=None) -> list[dict]:
-    """Rows ``{"messages", "kind", "category", "source", "constitution"?}``; see the module docstring."""
+def _keep_answers(rows, answers, source, records, stats, cfg):
+    """Append the usable answers; an answer cut at the generation cap is left out (training it with the
+    end-of-turn token after it would teach the teacher to stop at ``max_completion_length``)."""
+    cut = 0
+    for r, a in zip(rows, answers):
+        if a is None:
+            cut += 1
+        elif a:
+            records.append(_record(r, a, source))
+        else:
+            logger.warning("%s: the %s answer is empty; row left out of the Cross-SFT set", r.where, source)
+    stats[f"{source}_answers"] = len(rows)
+    stats[f"{source}_truncated_dropped"] = cut
+    if cut:
+        logger.warning("Cross-SFT: %d of %d %s answers reached max_completion_length=%d without ending and were "
+                       "left out of the set (raise max_completion_length to keep them)", cut, len(rows), source,
+                       cfg.max_completion_length)
+
+
+def build_cross_sft_set(cfg: SFTTeacherConfig, student, tokenizer, constitution, frontier=None,
+                        stats: dict | None = None, rows=None, sft_rows=None) -> list[dict]:
+    """Rows ``{"messages", "kind", "category", "source", "constitution"?}``; see the module docstring.
+
+    ``stats`` (if given) receives the number of generated answers and of those left out for being cut at
+    ``max_completion_length``, per source.  ``rows`` / ``sft_rows``: already loaded (and checked) rows of
+    ``cfg.dataset`` / ``cfg.sft_dataset``."""
     records = []
+    stats = {} if stats is None else stats
     if cfg.dataset:
-        rows = load_prompt_rows(cfg.dataset)
+        rows = rows if rows is not None else load_prompt_rows(cfg.dataset, cfg.default_kind)
         own = [r for r in rows if r.kind in ("benign", "general")]
         harmful = [r for r in rows if r.kind == "harmful"]
-        if own:
-            answers = _answers(student, tokenizer, [render_ids(tokenizer, r.messages, add_generation_prompt=True)
-                                                    for r in own], cfg, salt=1)
-            for r, a in zip(own, answers):
-                if a:
-                    records.append(_record(r, a, "student"))
-                else:
-                    logger.warning("%s: the student's answer is empty; row left out of the Cross-SFT set", r.where)
         missing = [r for r in harmful if not r.reference]
         if missing and frontier is None:
             raise ValueError(f"{missing[0].where}: harmful prompt without a 'reference' answer; add one or pass "
                              "--frontier_model to generate safe answers under the constitution")
+        if own:
+            answers = _answers(student, tokenizer, [render_ids(tokenizer, r.messages, add_generation_prompt=True)
+                                                    for r in own], cfg, salt=1)
+            _keep_answers(own, answers, "student", records, stats, cfg)
         for r in harmful:
             if r.reference:
                 records.append(_record(r, r.reference, "reference"))
@@ -86,13 +116,10 @@ def build_cross_sft_set(cfg: SFTTeacherConfig, student, tokenizer, constitution,
             prompts = [render_ids(tokenizer, teacher_messages(
                 r.messages, constitution.text_for(r.category, r.constitution), cfg.teacher_template),
                 add_generation_prompt=True) for r in missing]
-            for r, a in zip(missing, _answers(frontier, tokenizer, prompts, cfg, salt=2)):
-                if a:
-                    records.append(_record(r, a, "frontier"))
-                else:
-                    logger.warning("%s: the frontier model's answer is empty; row left out", r.where)
+            _keep_answers(missing, _answers(frontier, tokenizer, prompts, cfg, salt=2), "frontier", records, stats,
+                          cfg)
     if cfg.sft_dataset:
-        for row in load_sft_rows(cfg.sft_dataset):
+        for row in sft_rows if sft_rows is not None else load_sft_rows(cfg.sft_dataset):
             records.append({"messages": row.messages, **row.meta, "source": row.meta.get("source", "data")})
     if not records:
         raise ValueError("the Cross-SFT set is empty (no usable rows in dataset / sft_dataset)")
@@ -137,13 +164,53 @@ class CrossSFT(StageTrainer):
     def __init__(self, cfg: SFTTeacherConfig, accelerator=None):
         cfg.validate()
         self.cfg = cfg
+        check_model_path("model_name_or_path", cfg.model_name_or_path)
+        if cfg.frontier_model:
+            check_model_path("frontier_model", cfg.frontier_model)
         self.acc = accelerator or make_accelerator(cfg)
         self.device = self.acc.device
-        self.constitution = load_constitution(cfg.constitution)
+        self.constitution = load_stage_constitution(cfg)
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+        self.preflight()
         self.base = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code,
                                    device=self.device)
         self.step = 0
+
+    def preflight(self):
+        """Every row of ``dataset`` (both views, generation length) and ``sft_dataset`` (teacher view) checked
+        before any weights are loaded; all problems reported at once with file and line."""
+        from transformers import AutoConfig
+
+        from copsd.data import report_problems
+
+        cfg = self.cfg
+        self.prompt_rows = self.sft_rows = None
+        if cfg.dataset and not cfg.cross_sft_set:
+            ctx = _hf.max_context(AutoConfig.from_pretrained(cfg.model_name_or_path,
+                                                             trust_remote_code=cfg.trust_remote_code))
+            problems: list[str] = []
+            rows = load_prompt_rows(cfg.dataset, cfg.default_kind, problems=problems)
+            self.prompt_rows, _ = preflight_prompts(
+                rows, self.tokenizer, self.constitution, cfg, completion_tokens=cfg.max_completion_length,
+                contexts={"student": ctx, "teacher": ctx}, problems=problems)
+        if cfg.sft_dataset and not cfg.cross_sft_set:
+            self.sft_rows = load_sft_rows(cfg.sft_dataset)
+            problems = []
+            for r in self.sft_rows:
+                try:
+                    self._encode(r)
+                except template_errors() as e:
+                    problems.append(f"{r.where}: {problem_message(e)}")
+            if problems:
+                raise report_problems(f"sft_dataset {cfg.sft_dataset} (checked before step 1)", problems)
+
+    def _encode(self, r: SFTRow):
+        category = r.meta.get("category")
+        problem = self.constitution.check_category(category) if not r.meta.get("constitution") else None
+        if problem:
+            raise ValueError(problem)
+        text = self.constitution.text_for(category, r.meta.get("constitution"))
+        return encode_example(self.tokenizer, r, text, self.cfg.teacher_template, self.cfg.max_length)
 
     def build_set(self) -> str:
         """Write (main process) or read the Cross-SFT set; returns its path."""
@@ -156,14 +223,18 @@ class CrossSFT(StageTrainer):
             frontier = None
             if cfg.frontier_model:
                 frontier = load_causal_lm(cfg.frontier_model, trust_remote_code=cfg.trust_remote_code,
-                                          device=self.device).eval()
+                                          device=self.device, key="frontier_model").eval()
                 from copsd.teacher import check_compatible
 
-                check_compatible(self.base, frontier, self.tokenizer, load_tokenizer(cfg.frontier_model,
-                                                                                    cfg.trust_remote_code))
+                check_compatible(self.base, frontier, self.tokenizer,
+                                 load_tokenizer(cfg.frontier_model, cfg.trust_remote_code, key="frontier_model"))
             os.makedirs(cfg.output_dir, exist_ok=True)
+            stats: dict = {}
             write_jsonl(path, build_cross_sft_set(cfg, self.base.eval(), self.tokenizer, self.constitution,
-                                                  frontier))
+                                                  frontier, stats=stats, rows=self.prompt_rows,
+                                                  sft_rows=self.sft_rows))
+            with open(os.path.join(cfg.output_dir, STATS_FILE), "w", encoding="utf-8") as f:
+                json.dump(stats, f, indent=2, sort_keys=True)
         acc.wait_for_everyone()
         return path
 
@@ -173,8 +244,7 @@ class CrossSFT(StageTrainer):
         self.set_path = self.build_set()
         examples = []
         for r in load_sft_rows(self.set_path):
-            text = self.constitution.text_for(r.meta.get("category"), r.meta.get("constitution"))
-            ex = encode_example(self.tokenizer, r, text, cfg.teacher_template, cfg.max_length)
+            ex = self._encode(r)
             if ex is None:
                 logger.warning("%s: no assistant tokens left within max_length=%d; example skipped", r.where,
                                cfg.max_length)

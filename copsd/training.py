@@ -25,11 +25,22 @@ import logging
 import math
 import os
 import shutil
+import uuid
 
 import torch
 
 from copsd import _hf
-from copsd.checkpoint import load_model_weights, load_training_state, resolve_resume, save_checkpoint
+from copsd.checkpoint import (
+    RUN_FILE,
+    load_model_weights,
+    load_training_state,
+    read_run,
+    read_state,
+    resolve_resume,
+    run_outputs,
+    save_checkpoint,
+    write_run,
+)
 from copsd.config import TrainConfig
 from copsd.constitution import require_chat_template
 
@@ -45,10 +56,36 @@ def make_accelerator(cfg: TrainConfig):
     return Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available())
 
 
-def load_tokenizer(path: str, trust_remote_code: bool):
+def check_model_path(key: str, path: str) -> None:
+    """Fail at once, naming the config key, for a local model path that does not exist (no hub look-up for a
+    path that is plainly local); hub ids are left to transformers."""
+    from copsd.data import looks_local
+
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{key}: expected a model directory or hub id, got {path!r}")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{key}: {path} is a directory but holds no Hugging Face model "
+                                    "(no config.json)")
+        return
+    if os.path.exists(path):
+        raise ValueError(f"{key}: {path} is a file; expected a model directory or hub id")
+    if looks_local(os.path.expanduser(path)):
+        raise FileNotFoundError(f"{key}: no such model directory: {path}")
+
+
+def _load_error(key: str, path: str, e: Exception) -> Exception:
+    return OSError(f"{key}: could not load {path!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e})")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool, key: str = "model_name_or_path"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    check_model_path(key, path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise _load_error(key, path, e) from e
     require_chat_template(tok)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
@@ -57,10 +94,15 @@ def load_tokenizer(path: str, trust_remote_code: bool):
     return tok
 
 
-def load_causal_lm(path: str, *, trust_remote_code: bool, dtype=torch.float32, device=None):
+def load_causal_lm(path: str, *, trust_remote_code: bool, dtype=torch.float32, device=None,
+                   key: str = "model_name_or_path"):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    check_model_path(key, path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise _load_error(key, path, e) from e
     return model.to(device) if device is not None else model
 
 
@@ -80,6 +122,9 @@ def prepare_trainable(model, cfg: TrainConfig):
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
+        if os.path.isdir(cfg.model_name_or_path):  # adapters name their base by absolute path, not the cwd's
+            for pc in model.peft_config.values():
+                pc.base_model_name_or_path = os.path.abspath(cfg.model_name_or_path)
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     return model
@@ -196,17 +241,149 @@ class Sums:
         return {n: (float(s / c) if c > 0 else float("nan")) for n, (s, c) in zip(names, t.tolist())}
 
 
+# --------------------------------------------------------------------------- checks before step 1
+
+def load_stage_constitution(cfg: TrainConfig):
+    from copsd.constitution import load_constitution
+
+    return load_constitution(cfg.constitution, category_mode=cfg.category_mode, include_title=cfg.constitution_title)
+
+
+def dataset_name(source) -> str:
+    return source if isinstance(source, str) else f"<{type(source).__name__}>"
+
+
+def config_dict(cfg) -> dict:
+    """The config as plain data (a dataset object passed in the Python API is named, not copied)."""
+    import dataclasses
+
+    from copsd.config import to_dict
+
+    if all(isinstance(getattr(cfg, k, ""), (str, type(None))) for k in ("dataset", "sft_dataset")):
+        return to_dict(cfg)
+    shallow = dataclasses.replace(cfg)
+    for k in ("dataset", "sft_dataset"):
+        if hasattr(shallow, k) and not isinstance(getattr(shallow, k), (str, type(None))):
+            object.__setattr__(shallow, k, dataset_name(getattr(shallow, k)))
+    return to_dict(shallow)
+
+
+def template_errors():
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # pragma: no cover - jinja2 comes with transformers' chat templates
+        return (ValueError, TypeError, KeyError)
+    return (ValueError, TypeError, KeyError, TemplateError)
+
+
+def problem_message(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    if type(e).__module__.startswith("jinja2"):
+        return f"the chat template fails on this row ({type(e).__name__}: {text})"
+    return text
+
+
+def preflight_prompts(rows, tokenizer, constitution, cfg, *, completion_tokens: int,
+                      contexts: dict[str, int | None], source=None, problems: list[str] | None = None):
+    """Render every prompt row in the student and teacher views and check its length, before step 1.
+
+    ``contexts`` maps a model name ("student", "teacher") to its context length (None: unbounded); a view
+    plus ``completion_tokens`` (the config's ``max_completion_length``) must fit.  Prompts longer than
+    ``cfg.max_prompt_length`` (student view) are cut from the left or skipped (``cfg.prompt_truncation``) and
+    counted.  Returns ``(rows, views)`` with ``views[i] = (student ids, teacher ids)``; raises one ValueError
+    listing every problem with its file and line (after any ``problems`` found while parsing the rows).
+    """
+    from copsd.constitution import render_views
+
+    errors = template_errors()
+    problems, kept, views = list(problems or []), [], []
+    cut = skipped = 0
+    limit = cfg.max_prompt_length
+    for row in rows:
+        try:
+            problem = constitution.check_category(row.category) if not row.constitution else None
+            if problem:
+                raise ValueError(problem)
+            text = constitution.text_for(row.category, row.constitution)
+            s_ids, t_ids = render_views(tokenizer, row.messages, text, cfg.teacher_template)
+            if limit is not None and len(s_ids) > limit:
+                if cfg.prompt_truncation == "skip":
+                    skipped += 1
+                    continue
+                row, s_ids, t_ids = _left_truncate(row, tokenizer, text, cfg.teacher_template, limit, len(s_ids))
+                cut += 1
+        except errors as e:
+            problems.append(f"{row.where}: {problem_message(e)}")
+            continue
+        too_long = False
+        for view, ids in (("student", s_ids), ("teacher", t_ids)):
+            ctx = contexts.get(view)
+            if ctx is not None and len(ids) + completion_tokens > ctx:
+                too_long = True
+                problems.append(
+                    f"{row.where}: the {view}-view prompt ({len(ids)} tokens) + max_completion_length "
+                    f"({completion_tokens}) = {len(ids) + completion_tokens} exceed the {view} model's context of "
+                    f"{ctx} tokens (max_position_embeddings); shorten the prompt, lower max_completion_length or "
+                    "set max_prompt_length")
+                break  # one problem per row
+        if not too_long:
+            kept.append(row)
+            views.append((s_ids, t_ids))
+    what = f"dataset {dataset_name(source if source is not None else cfg.dataset)} (checked before step 1)"
+    if problems:
+        from copsd.data import report_problems
+
+        raise report_problems(what, sorted(problems, key=_location_key))
+    if cut or skipped:
+        logger.warning("max_prompt_length=%d: %d prompt(s) cut from the left, %d skipped (prompt_truncation=%s)",
+                       limit, cut, skipped, cfg.prompt_truncation)
+    if not kept:
+        raise ValueError(f"{what}: no prompt left (all longer than max_prompt_length={limit})")
+    return kept, views
+
+
+def _location_key(problem: str):
+    """Sort ``"<file> line <n>: ..."`` / ``"<file> row <n>: ..."`` messages by file, then number."""
+    import re
+
+    m = re.match(r"^(.*?) (?:line|row) (\d+): ", problem)
+    return (m.group(1), int(m.group(2))) if m else (problem, 0)
+
+
+def _left_truncate(row, tokenizer, constitution_text, template, limit, length):
+    """Cut the start of the last user message until the student view fits ``limit`` tokens."""
+    import dataclasses
+
+    from copsd.constitution import render_views
+
+    idx = max(i for i, m in enumerate(row.messages) if m["role"] == "user")
+    content_ids = tokenizer(row.messages[idx]["content"], add_special_tokens=False)["input_ids"]
+    drop = length - limit
+    for _ in range(8):
+        if drop >= len(content_ids):
+            break
+        messages = [dict(m) for m in row.messages]
+        messages[idx]["content"] = tokenizer.decode(content_ids[drop:], skip_special_tokens=True)
+        s_ids, t_ids = render_views(tokenizer, messages, constitution_text, template)
+        if len(s_ids) <= limit:
+            return dataclasses.replace(row, messages=messages), s_ids, t_ids
+        drop += len(s_ids) - limit
+    raise ValueError(f"the prompt cannot be cut to max_prompt_length={limit} tokens by shortening its last user "
+                     "message (the rest of the conversation and the template are longer); use "
+                     "prompt_truncation: skip or raise max_prompt_length")
+
+
 # --------------------------------------------------------------------------- logging
 
 class MetricsLogger:
-    """Main process only: metrics JSONL (truncated to the resumed step), TensorBoard if installed, samples."""
+    """Main process only: ``metrics.jsonl`` (always; truncated to the resumed step), TensorBoard when asked for
+    and installed (a warning when asked for and missing), samples."""
 
     def __init__(self, output_dir: str, report_to: list[str], start_step: int, enabled: bool):
         self.enabled = enabled
         self.tb = None
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.samples_path = os.path.join(output_dir, "samples.jsonl")
-        self.use_jsonl = "jsonl" in report_to and "none" not in report_to
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -218,14 +395,15 @@ class MetricsLogger:
 
                 self.tb = SummaryWriter(os.path.join(output_dir, "runs"), purge_step=start_step + 1)
             except ImportError:
-                logger.info("tensorboard is not installed; logging to metrics.jsonl only")
+                logger.warning("report_to includes 'tensorboard' but tensorboard is not installed "
+                               "(pip install tensorboard); metrics go to %s only", self.path)
 
     def log(self, step: int, metrics: dict):
         if not self.enabled:
             return
-        if self.use_jsonl:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}) + "\n")
+        # metrics.jsonl is written whatever report_to says: the one record that needs no optional package
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}) + "\n")
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
@@ -290,6 +468,23 @@ def save_final(output_dir: str, model, tokenizer, constitution, card: str):
 
 # --------------------------------------------------------------------------- the loop
 
+def check_output_dir(cfg: TrainConfig) -> None:
+    """FileExistsError if a fresh run (no resume, no ``overwrite_output_dir``) would start over another run's
+    outputs in ``cfg.output_dir``.  Cheap: the stages call it before loading anything, ``copsd run`` for both."""
+    if cfg.overwrite_output_dir:
+        return
+    if cfg.resume_from_checkpoint and (read_run(cfg.output_dir) or resolve_resume(cfg.resume_from_checkpoint,
+                                                                                   cfg.output_dir)):
+        return
+    found = run_outputs(cfg.output_dir)
+    if found:
+        shown = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
+        raise FileExistsError(
+            f"output_dir {cfg.output_dir} already holds a run ({shown}); pass --overwrite_output_dir true "
+            "to start a new run there (checkpoints of the old run are kept and never rotated or resumed), "
+            "--resume_from_checkpoint true to continue it, or choose another output_dir")
+
+
 class StageTrainer:
     """The step loop of one stage.
 
@@ -303,6 +498,7 @@ class StageTrainer:
     card_title = "copsd model"
     card_stage = ""
     step = 0
+    run_id = ""
     logger: MetricsLogger | None = None
 
     # ------------------------------------------------------------------ stage hooks
@@ -335,13 +531,16 @@ class StageTrainer:
     def progress_postfix(self, metrics: dict) -> dict:
         return {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
 
+    def card_extra(self) -> dict:
+        """Further ``- key: value`` lines for the model card (e.g. the teacher's provenance)."""
+        return {}
+
     def model_card(self) -> str:
         from copsd.checkpoint import model_card
-        from copsd.config import to_dict
 
         return model_card(title=self.card_title, base_model=self.cfg.model_name_or_path,
                           constitution=self.constitution, stage=self.card_stage, step=self.step,
-                          config=to_dict(self.cfg))
+                          config=config_dict(self.cfg), extra=self.card_extra())
 
     # ------------------------------------------------------------------ shared pieces
 
@@ -375,9 +574,8 @@ class StageTrainer:
 
     def save(self):
         """Checkpoint ``checkpoint-<step>`` (every process calls this)."""
-        from copsd.config import to_dict
-
-        state = {"stage": self.stage, "config": to_dict(self.cfg), **self.checkpoint_state()}
+        state = {"stage": self.stage, "config": config_dict(self.cfg), "run_id": self.run_id,
+                 **self.checkpoint_state()}
         save_checkpoint(self.cfg.output_dir, self.step, model=self.unwrapped_model(), tokenizer=self.tokenizer,
                         optimizer=self.optimizer, scheduler=self.scheduler, state=state,
                         extra_tensors=self.extra_tensors(), model_card=self.model_card(),
@@ -393,16 +591,76 @@ class StageTrainer:
 
     # ------------------------------------------------------------------ loop
 
+    def _claim_output_dir(self) -> str | None:
+        """Refuse to start a fresh run over another run's outputs; returns the checkpoint to resume from.
+
+        Sets ``self.run_id`` (a new id, or the resumed checkpoint's) and ``self._finished`` (resuming a run that
+        already completed: nothing to do)."""
+        cfg = self.cfg
+        record = read_run(cfg.output_dir)
+        ckpt = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+        self._finished = False
+        if ckpt:
+            self.run_id = read_state(ckpt).get("run_id") or (record or {}).get("run_id") or uuid.uuid4().hex
+            return ckpt
+        if cfg.resume_from_checkpoint and record:
+            if record.get("finished"):
+                self._finished = True
+                return None
+            logger.warning("resume_from_checkpoint: %s holds no checkpoint of its run yet; starting at step 0",
+                           cfg.output_dir)
+        else:
+            check_output_dir(cfg)
+        self.run_id = uuid.uuid4().hex
+        return None
+
+    def _write_run(self, finished: bool):
+        if self.acc.is_main_process:
+            write_run(self.cfg.output_dir, {"run_id": self.run_id, "stage": self.stage, "finished": finished,
+                                            "global_step": self.step, "max_steps": self.max_steps})
+
+    def _clean_failed_start(self, created: bool):
+        """After an error before step 1 in an output_dir this run created: leave no empty directory."""
+        out = self.cfg.output_dir
+        if not (created and self.acc.is_main_process and os.path.isdir(out)):
+            return
+        for name in (RUN_FILE, "metrics.jsonl", "samples.jsonl"):
+            path = os.path.join(out, name)
+            if os.path.isfile(path) and (name == RUN_FILE or os.path.getsize(path) == 0):
+                os.remove(path)
+        runs = os.path.join(out, "runs")
+        if os.path.isdir(runs) and not any(files for _, _, files in os.walk(runs)):
+            shutil.rmtree(runs, ignore_errors=True)
+        if not os.listdir(out):
+            os.rmdir(out)
+
     def train(self) -> dict:
         """Prepare, resume if asked, run the steps, checkpoint, save the final model; returns the last metrics."""
+        cfg, acc = self.cfg, self.acc
+        created = not os.path.exists(cfg.output_dir)
+        ckpt = self._claim_output_dir()
+        acc.wait_for_everyone()  # every process has read output_dir before anything is written to it
+        if self._finished:
+            logger.info("%s: the run there has already finished; nothing to resume", cfg.output_dir)
+            return {}
+        start = self.step
+        try:
+            self.prepare()
+            if ckpt:
+                self.resume(ckpt)
+                logger.info("resumed from %s at step %d", ckpt, self.step)
+                start = self.step
+            self._write_run(finished=False)
+            return self._loop()
+        except BaseException:
+            if self.step == start:
+                self._clean_failed_start(created)
+            raise
+
+    def _loop(self) -> dict:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.acc
-        self.prepare()
-        ckpt = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
-        if ckpt:
-            self.resume(ckpt)
-            logger.info("resumed from %s at step %d", ckpt, self.step)
         self.logger = MetricsLogger(cfg.output_dir, cfg.report_to, self.step, acc.is_main_process)
         bar = tqdm(total=self.max_steps, initial=self.step, desc=f"copsd {self.stage}",
                    disable=cfg.disable_tqdm or not acc.is_main_process, dynamic_ncols=True)
@@ -433,5 +691,6 @@ class StageTrainer:
             if acc.is_main_process:
                 save_final(cfg.output_dir, self.unwrapped_model(), self.tokenizer, self.constitution,
                            self.model_card())
+                self._write_run(finished=True)
             acc.wait_for_everyone()
         return last

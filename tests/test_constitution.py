@@ -14,12 +14,21 @@ from copsd.data import bundled
 
 def test_markdown_and_yaml_agree_and_hash():
     md, ym = load_constitution(bundled("constitution.md")), load_constitution(bundled("constitution.yaml"))
-    assert md.default.startswith("# Tiny constitution") and "Refuse to help with harm" in md.default
+    # the Markdown title names the document; it is not part of the text sent to the teacher unless asked
+    assert md.title == "Tiny constitution" and md.default == ym.default
+    assert "Refuse to help with harm" in md.default
     assert set(md.categories) == set(ym.categories) == {"violence", "privacy"}
     assert md.categories["privacy"] == ym.categories["privacy"]
-    assert len(md.sha256) == 64 and md.sha256 != ym.sha256  # default texts differ (heading) -> hashes differ
+    assert len(md.sha256) == 64 and md.sha256 != ym.sha256  # versions differ (YAML "tiny-1") -> hashes differ
+    titled = load_constitution(bundled("constitution.md"), include_title=True)
+    assert titled.default.startswith("# Tiny constitution") and titled.sha256 != md.sha256
     assert md.text_for("violence") == md.categories["violence"]
-    assert md.text_for("unknown") == md.default and md.text_for(None, override="X") == "X"
+    assert md.text_for(None) == md.default and md.text_for(None, override="X") == "X"
+    # an undefined or miscased category is an error, not a silent fallback to the default
+    with pytest.raises(ValueError, match="'unknown' is not defined"):
+        md.text_for("unknown")
+    with pytest.raises(ValueError, match="did you mean 'privacy'"):
+        md.text_for("Privacy")
 
 
 def test_hash_changes_with_content(tmp_path):

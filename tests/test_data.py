@@ -18,14 +18,13 @@ def test_bundled_rows():
 
 @pytest.mark.parametrize("line, match", [
     ('{"prompt": "x", "kind": "harmful"', "invalid JSON"),
-    ('{"prompt": "x"}', "'kind' must be one of"),
     ('{"prompt": "x", "kind": "evil"}', "'kind' must be one of"),
     ('{"kind": "benign"}', "missing key 'prompt'"),
     ('{"prompt": "", "kind": "benign"}', "'prompt' is empty"),
     ('{"prompt": [{"role": "bot", "content": "x"}], "kind": "benign"}', r"'prompt'\[0\]"),
     ('{"prompt": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "kind": "benign"}',
      "last message must have role 'user'"),
-    ('{"prompt": "x", "kind": "benign", "label": 1}', "unknown key"),
+    ('{"prompt": "x", "messages": [{"role": "user", "content": "x"}]}', "either 'prompt' or 'messages'"),
     ('{"prompt": "x", "kind": "benign", "category": 3}', "'category' must be a string"),
     ('[1, 2]', "expected a JSON object"),
 ])
@@ -58,3 +57,25 @@ def test_list_rows_and_roundtrip(tmp_path):
     out = tmp_path / "o.jsonl"
     write_jsonl(str(out), [r.to_json() for r in rows])
     assert load_prompt_rows(str(out))[0].to_json() == rows[0].to_json()
+
+
+def test_kind_defaults_and_extra_columns_warn(tmp_path, caplog):
+    import logging
+
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "x"}\n{"prompt": "y", "kind": "benign", "label": 1}\n')
+    caplog.set_level(logging.WARNING, logger="copsd")
+    rows = load_prompt_rows(str(p))
+    assert [r.kind for r in rows] == ["general", "benign"]
+    assert "ignoring column(s) ['label']" in caplog.text
+
+
+def test_all_bad_lines_reported_at_once(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "ok"}\n{"prompt": ""}\n{"prompt": "x", "kind": "evil"}\n{"prompt": "x"\n')
+    with pytest.raises(ValueError) as e:
+        load_prompt_rows(str(p))
+    msg = str(e.value)
+    assert msg.startswith("3 problems in dataset")
+    for n in (2, 3, 4):
+        assert f"d.jsonl line {n}: " in msg

@@ -91,6 +91,25 @@ def peaked_teacher_dir(path, seed=1, scale=30.0):
     return str(path)
 
 
+def ending_model_dir(path, seed=2, eos_weight=0.65):
+    """A model whose answers end: every position gives the end-of-sequence token a probability near 0.3.
+
+    Residual dimension 0 is a constant (embeddings set to 50 there, no layer writes to it), so after the final
+    norm it is a positive constant, and only the eos row of the lm_head reads it."""
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=seed)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 50.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0].zero_()
+            layer.mlp.down_proj.weight[0].zero_()
+        model.lm_head.weight[tok.eos_token_id].zero_()
+        model.lm_head.weight[tok.eos_token_id, 0] = eos_weight
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
@@ -272,7 +291,11 @@ def test_sft_teacher_reduces_loss_and_writes_set(dirs, tmp_path):
     s.train()
     rows = load_sft_rows(str(out / SET_FILE))
     sources = [r.meta["source"] for r in rows]
-    assert sources.count("reference") == 4 and sources.count("student") == 4 and sources.count("data") == 4
+    # the random student never ends an answer within 6 tokens: its 4 answers are cut, so left out (training
+    # them with an end-of-turn token would teach the teacher to stop at the cap) and counted
+    assert sources.count("reference") == 4 and sources.count("student") == 0 and sources.count("data") == 4
+    stats = json.loads((out / "cross_sft_stats.json").read_text())
+    assert stats == {"student_answers": 4, "student_truncated_dropped": 4}
     # harmful rows train on the reference answers; benign/general on the student's own answers
     assert all(r.messages[-1]["content"].startswith("i can not") for r in rows if r.meta["source"] == "reference")
     from copsd.sft import CrossSFT as Fresh
@@ -296,8 +319,8 @@ def test_sft_harmful_without_reference_needs_frontier(dirs, tmp_path):
                            constitution=bundled("constitution.md"), dataset=str(data), disable_tqdm=True)
     with pytest.raises(ValueError, match=r"p\.jsonl line 1: harmful prompt without a 'reference'"):
         CrossSFT(cfg).train()
-    cfg.frontier_model = dirs["teacher"]
-    cfg.max_completion_length = 4
+    cfg.frontier_model = ending_model_dir(tmp_path / "frontier")  # its answers end (cut ones are left out)
+    cfg.max_completion_length = 32
     cfg.max_steps = 1
     CrossSFT(cfg).train()
     with open(tmp_path / "o" / "cross_sft_set.jsonl") as f:

@@ -18,8 +18,10 @@ def is_main_process():
 def run_stage(args, config_cls, train, command, loss_label):
     """Build ``config_cls`` from the parsed arguments, run ``train(cfg)`` and report on the main process."""
     from copsd.config import config_from_args
+    from copsd.training import check_output_dir
 
     cfg = config_from_args(config_cls, args)
+    check_output_dir(cfg)  # a reused output_dir is refused before any model is loaded
     setup_logging()
     metrics = train(cfg)
     if is_main_process():

@@ -106,7 +106,8 @@ def run_demo(output_dir: str, *, toy_config=None, settings: DemoSettings | None 
             raise ValueError(f"DemoSettings: prompts_per_step * num_generations = {rollout} must be a multiple of "
                              f"num_mini_batches = {settings.num_mini_batches}")
         common = dict(constitution=base.constitution, dataset=base.train_prompts, seed=settings.seed,
-                      report_to=["jsonl"], disable_tqdm=not progress, save_steps=0, logging_steps=1)
+                      report_to=["jsonl"], disable_tqdm=not progress, save_steps=0, logging_steps=1,
+                      overwrite_output_dir=True)  # the demo owns its directories: a rerun replaces them
         distill_args = dict(common, max_steps=settings.distill_steps, learning_rate=settings.distill_learning_rate,
                             per_device_train_batch_size=rollout // settings.num_mini_batches,
                             num_mini_batches=settings.num_mini_batches, num_generations=settings.num_generations,

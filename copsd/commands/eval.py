@@ -47,9 +47,22 @@ def add_arguments(parser):
                         help="constitution whose text counts as leaked (default: every --constitution file)")
     parser.add_argument("--leak_ngram", type=int, default=8, help="words in a row that count as a leak")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--bf16", action="store_true", help="load the models in bfloat16")
+    parser.add_argument("--bf16", nargs="?", const=True, default=False, type=parse_bool, metavar="BOOL",
+                        help="load the models in bfloat16 (--bf16, or --bf16 true/false as in training)")
     parser.add_argument("--no_plots", action="store_true")
     parser.add_argument("--no_progress", action="store_true")
+
+
+def parse_bool(text) -> bool:
+    """``true``/``false`` (also yes/no, 1/0), case-insensitive: the values a training flag takes."""
+    import argparse
+
+    value = str(text).strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def parse_models(model_args, constitution_args) -> list[dict]:

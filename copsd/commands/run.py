@@ -17,7 +17,6 @@ def add_arguments(parser):
 
 
 def run(args):
-    import json
     import os
 
     from copsd.commands._common import setup_logging
@@ -26,6 +25,10 @@ def run(args):
     from copsd.sft import sft_teacher
 
     rc = run_config_from_args(args)
+    from copsd.training import check_output_dir
+
+    for stage in (rc.sft, rc.distill):  # refuse a reused directory before Stage 1 starts, not after it
+        check_output_dir(stage)
     setup_logging()
     sft_teacher(rc.sft)
     distill(rc.distill)
@@ -40,9 +43,10 @@ def run(args):
     models = [{"name": "base", "path": rc.sft.model_name_or_path},
               {"name": "teacher", "path": rc.sft.output_dir, "constitution": rc.sft.constitution},
               {"name": "student", "path": rc.distill.output_dir}]
-    report = evaluate_models(models, rc.eval_prompt_files, out, max_new_tokens=rc.eval_max_new_tokens,
-                             seed=rc.distill.seed, teacher_template=rc.sft.teacher_template,
-                             leak_constitutions=[rc.distill.constitution], progress=not rc.distill.disable_tqdm)
-    print(json.dumps(report, indent=2, default=str)[:4000])
-    print(f"copsd run: teacher in {rc.sft.output_dir}, student in {rc.distill.output_dir}, evaluation in {out}")
+    evaluate_models(models, rc.eval_prompt_files, out, max_new_tokens=rc.eval_max_new_tokens,
+                    seed=rc.distill.seed, teacher_template=rc.sft.teacher_template,
+                    leak_constitutions=[rc.distill.constitution], progress=not rc.distill.disable_tqdm)
+    # evaluate_models printed the table; the whole report is in report.json (no JSON dump here)
+    print(f"copsd run: teacher in {rc.sft.output_dir}, student in {rc.distill.output_dir}, evaluation in {out} "
+          f"(report: {os.path.join(out, 'report.json')})")
     return 0
