@@ -41,7 +41,8 @@ def test_category_sections_add_guidance_before_the_whole_protocol():
         note = body[: -len(c.default)].strip()
         assert note.startswith("This request may"), name
         assert c.text_for(name) == body
-    assert c.text_for("no_such_category") == c.default
+    with pytest.raises(ValueError, match="no_such_category"):  # an undefined category is an error, not the default
+        c.text_for("no_such_category")
 
 
 def test_default_placeholder_in_user_files(tmp_path):
