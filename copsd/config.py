@@ -133,6 +133,9 @@ class SFTTeacherConfig(TrainConfig):
     max_completion_length: int = 256
     temperature: float = 1.0
     generation_batch_size: int = 16
+    # an own (or frontier) answer cut at max_completion_length: left out of the set ("drop") or trained without
+    # an end-of-turn token ("no_eos"); never trained with one (that would teach the teacher to stop at the cap)
+    truncated_answers: str = field(default="drop", metadata=_choices("drop", "no_eos"))
 
     def validate(self):
         super().validate()

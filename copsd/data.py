@@ -44,7 +44,7 @@ DEFAULT_KIND = "general"
 ROLES = ("system", "user", "assistant")
 PROMPT_KEYS = {"prompt", "messages", "completion", "kind", "category", "reference", "constitution", "id", "reward"}
 REWARD_TYPES = ("token", "judge")
-SFT_KEYS = {"messages", "prompt", "completion", "kind", "category", "source", "constitution", "id"}
+SFT_KEYS = {"messages", "prompt", "completion", "kind", "category", "source", "constitution", "id", "truncated"}
 DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
 MAX_REPORTED = 30
 

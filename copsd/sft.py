@@ -54,8 +54,9 @@ STATS_FILE = "cross_sft_stats.json"  # answers generated / left out for being cu
 # --------------------------------------------------------------------------- building the set
 
 @torch.no_grad()
-def _answers(model, tokenizer, prompts: list[list[int]], cfg: SFTTeacherConfig, salt: int) -> list[str | None]:
-    """One sampled answer per prompt; ``None`` for an answer cut at ``max_completion_length`` (no end of turn)."""
+def _answers(model, tokenizer, prompts: list[list[int]], cfg: SFTTeacherConfig, salt: int) -> list[tuple[str, bool]]:
+    """One sampled answer per prompt: ``(text, cut)``, ``cut`` when it reached ``max_completion_length`` without
+    ending."""
     from copsd.rollout import generate
 
     out = []
@@ -64,28 +65,34 @@ def _answers(model, tokenizer, prompts: list[list[int]], cfg: SFTTeacherConfig, 
         ro = generate(model, prompts[j:j + cfg.generation_batch_size], num_generations=1,
                       max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=gen)
-        out += [tokenizer.decode(c, skip_special_tokens=True).strip() if fin != "length" else None
+        out += [(tokenizer.decode(c, skip_special_tokens=True).strip(), fin == "length")
                 for c, fin in zip(ro.completion_ids, ro.finish_reason)]
     return out
 
 
 def _keep_answers(rows, answers, source, records, stats, cfg):
-    """Append the usable answers; an answer cut at the generation cap is left out (training it with the
-    end-of-turn token after it would teach the teacher to stop at ``max_completion_length``)."""
+    """Append the usable ``(text, cut)`` answers.  An answer cut at the generation cap is never trained with the
+    end-of-turn token after it (that would teach the teacher to stop at ``max_completion_length``): it is left
+    out (``truncated_answers: drop``) or kept with no end of turn (``no_eos``, marked ``"truncated": true``)."""
     cut = 0
-    for r, a in zip(rows, answers):
-        if a is None:
+    for r, (a, was_cut) in zip(rows, answers):
+        if was_cut:
             cut += 1
+            if cfg.truncated_answers == "drop" or not a:
+                continue
+            records.append({**_record(r, a, source), "truncated": True})
         elif a:
             records.append(_record(r, a, source))
         else:
             logger.warning("%s: the %s answer is empty; row left out of the Cross-SFT set", r.where, source)
     stats[f"{source}_answers"] = len(rows)
-    stats[f"{source}_truncated_dropped"] = cut
+    stats[f"{source}_truncated_{'dropped' if cfg.truncated_answers == 'drop' else 'kept_without_eos'}"] = cut
     if cut:
-        logger.warning("Cross-SFT: %d of %d %s answers reached max_completion_length=%d without ending and were "
-                       "left out of the set (raise max_completion_length to keep them)", cut, len(rows), source,
-                       cfg.max_completion_length)
+        what = ("were left out of the set (raise max_completion_length to keep them, or truncated_answers: no_eos)"
+                if cfg.truncated_answers == "drop" else "are trained without an end of turn (truncated_answers: "
+                "no_eos)")
+        logger.warning("Cross-SFT: %d of %d %s answers reached max_completion_length=%d without ending and %s",
+                       cut, len(rows), source, cfg.max_completion_length, what)
 
 
 def build_cross_sft_set(cfg: SFTTeacherConfig, student, tokenizer, constitution, frontier=None,
@@ -139,9 +146,16 @@ def _record(row, answer, source):
 # --------------------------------------------------------------------------- tokenisation
 
 def encode_example(tokenizer, row: SFTRow, constitution_text: str, template: str, max_length: int):
-    """(ids, first label position) of the teacher-view conversation; loss on the last assistant turn only."""
+    """(ids, first label position) of the teacher-view conversation; loss on the last assistant turn only.
+
+    A row marked ``"truncated": true`` (an answer cut at the generation cap) is the prompt followed by the
+    answer's tokens alone: no end-of-turn token or template tail is trained after it."""
     msgs = teacher_messages(row.messages[:-1], constitution_text, template)
     prompt = render_ids(tokenizer, msgs, add_generation_prompt=True)
+    if row.meta.get("truncated"):
+        answer = tokenizer(row.messages[-1]["content"], add_special_tokens=False)["input_ids"]
+        full = (prompt + list(answer))[:max_length]
+        return (full, len(prompt)) if len(full) > len(prompt) else None
     full = render_ids(tokenizer, msgs + [row.messages[-1]], add_generation_prompt=False)
     if full[:len(prompt)] != prompt:
         raise ValueError(f"{row.where}: the chat template is not prefix-consistent (the prompt with the assistant "

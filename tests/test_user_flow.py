@@ -142,15 +142,38 @@ def test_cross_sft_drops_answers_cut_at_the_generation_cap(user, tmp_path, caplo
     stats = json.loads((out / STATS_FILE).read_text())
     assert stats == {"student_answers": 3, "student_truncated_dropped": 3}
     assert "3 of 3 student answers reached max_completion_length=3" in caplog.text
-    # an answer that ended is kept, a cut one (None) is not
+    # an answer that ended is kept, a cut one is not
     from copsd.data import PromptRow
 
     rows = [PromptRow([{"role": "user", "content": "q"}], "benign", where="x line 1"),
             PromptRow([{"role": "user", "content": "r"}], "benign", where="x line 2")]
     records, stats = [], {}
-    _keep_answers(rows, [None, "a full answer"], "student", records, stats, scfg(user, out))
+    _keep_answers(rows, [("a cut ans", True), ("a full answer", False)], "student", records, stats,
+                  scfg(user, out))
     assert [r["messages"][-1]["content"] for r in records] == ["a full answer"]
     assert stats["student_truncated_dropped"] == 1
+
+
+def test_cross_sft_no_eos_keeps_cut_answers_without_end_of_turn(user, tmp_path):
+    from copsd.data import load_sft_rows
+    from copsd.sft import SET_FILE, STATS_FILE, CrossSFT
+
+    out = tmp_path / "t"
+    s = CrossSFT(scfg(user, out, max_completion_length=3, truncated_answers="no_eos"))
+    s.train()
+    rows = load_sft_rows(str(out / SET_FILE))
+    assert [r.meta["source"] for r in rows].count("student") == 3
+    assert json.loads((out / STATS_FILE).read_text())["student_truncated_kept_without_eos"] == 3
+    eot = s.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    cut = [r for r in rows if r.meta.get("truncated")]
+    assert len(cut) == 3
+    for r in cut:  # the trained labels are the answer's tokens only: no end of turn after the cut
+        ids, start = s._encode(r)
+        answer = s.tokenizer(r.messages[-1]["content"], add_special_tokens=False)["input_ids"]
+        assert ids[start:] == answer and eot not in ids[start:]
+    ref = next(r for r in rows if r.meta["source"] == "reference")
+    ids, start = s._encode(ref)
+    assert eot in ids[start:]  # a complete answer still learns to end
 
 
 # --------------------------------------------------------------------------- 4. every row checked before step 1
