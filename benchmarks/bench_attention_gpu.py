@@ -164,7 +164,7 @@ def main():
     print(f"# device {name}  torch {torch.__version__}  triton {triton.__version__}  "
           f"python {platform.python_version()}")
     failures = []
-    cases = [  # (B, S, Hq, Hkv, D, P): 1B-class Llama heads (32/8, D=64); issue 4's scoring shape first
+    cases = [  # (B, S, Hq, Hkv, D, P): 1B-class Llama heads (32/8, D=64); the teacher-scoring shape first
         (256, 512, 32, 8, 64, 2048),
         (16, 512, 32, 8, 128, 2048),
         (64, 128, 32, 8, 64, 4096),
