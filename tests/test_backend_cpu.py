@@ -50,15 +50,7 @@ def _random_ids(N, V, k, seed=0):
     return torch.rand(N, V, generator=g).argsort(dim=1)[:, :k].contiguous()
 
 
-def _dense_div(xs, ws, xt, wt, logit, div, K, tg):
-    """float64 per-token loss and autograd gradients of sum(tg * loss)."""
-    a = xs.detach().double().clone().requires_grad_()
-    b = ws.detach().double().clone().requires_grad_()
-    loss = dense.divergence(a, b, xt.double(), wt.double(), kind=div.kind, beta=div.beta,
-                            temperature=logit.temperature, logit_scale=logit.logit_scale, softcap=logit.softcap,
-                            support=div.support, topk_ids=K, tail=div.tail, term_clip=div.term_clip)
-    (loss * tg.double()).sum().backward()
-    return loss.detach(), a.grad, b.grad
+_dense_div = dense.divergence_grads  # float64 loss and gradients, shared with the Triton tests
 
 
 def _close(got, want, dtype, what):

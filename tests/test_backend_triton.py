@@ -85,23 +85,8 @@ def close(actual, expected, tol):
     assert err <= tol * (1.0 + expected.abs().max().item()), f"max err {err}"
 
 
-def dense_logprobs_grads(x, w, ids, spec, g):
-    xd = x.detach().double().cpu().requires_grad_()
-    wd = w.detach().double().cpu().requires_grad_()
-    lp, ent, lse = dense.logprobs(xd, wd, ids.cpu(), **spec_kwargs(spec))
-    total = sum((gi.double().cpu() * t).sum() for gi, t in zip(g, (lp, ent, lse)) if gi is not None)
-    dx, dw = torch.autograd.grad(total, (xd, wd))
-    return (lp.detach(), ent.detach(), lse.detach()), dx, dw
-
-
-def dense_div_grads(xs, ws, xt, wt, spec, div, K, tg):
-    xd = xs.detach().double().cpu().requires_grad_()
-    wd = ws.detach().double().cpu().requires_grad_()
-    loss = dense.divergence(xd, wd, xt.double().cpu(), wt.double().cpu(), kind=div.kind, beta=div.beta,
-                            support=div.support, topk_ids=None if K is None else K.cpu(), tail=div.tail,
-                            term_clip=div.term_clip, **spec_kwargs(spec))
-    dx, dw = torch.autograd.grad((loss * tg.double().cpu()).sum(), (xd, wd))
-    return loss.detach(), dx, dw
+dense_logprobs_grads = dense.logprobs_grads  # float64 values and gradients, shared with the CPU tests
+dense_div_grads = dense.divergence_grads
 
 
 # ----------------------------------------------------------------------------- log-probs
