@@ -16,47 +16,26 @@ Run: ``python benchmarks/bench_attention_gpu.py`` (about 30 s on an H100, most o
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import MIB, cuda_peak_extra, median_time  # noqa: E402
 
 DEVICE = "cuda"  # "--cpu-smoke" runs tiny shapes on CPU (reference backend) to check this script itself
 
 
 def median_ms(fn, warmup=3, iters=15):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if DEVICE == "cpu":
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-            continue
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+    return median_time(fn, repeats=iters, warmup=warmup, device=DEVICE)[0] * 1e3
 
 
 def peak_mib(fn):
-    if DEVICE == "cpu":
-        return float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return float("nan") if DEVICE == "cpu" else cuda_peak_extra(fn) / MIB
 
 
 def bench_case(b, s, hq, hkv, d, p, dtype, failures):
@@ -164,7 +143,7 @@ def main():
     print(f"# device {name}  torch {torch.__version__}  triton {triton.__version__}  "
           f"python {platform.python_version()}")
     failures = []
-    cases = [  # (B, S, Hq, Hkv, D, P): 1B-class Llama heads (32/8, D=64); issue 4's scoring shape first
+    cases = [  # (B, S, Hq, Hkv, D, P): 1B-class Llama heads (32/8, D=64); the teacher-scoring shape first
         (256, 512, 32, 8, 64, 2048),
         (16, 512, 32, 8, 128, 2048),
         (64, 128, 32, 8, 64, 4096),

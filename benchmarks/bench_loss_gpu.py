@@ -4,7 +4,7 @@ Liger-Kernel's fused-linear JSD (beta=1, i.e. reverse KL), naive PyTorch and GEM
 Both GPU paths of the Triton backend are measured (``COPSD_TRITON_PATH``): ``fused`` (tile-fused
 GEMM + epilogue kernels, 6 GEMM-equivalents per divergence gradient step) and ``chunked`` (cuBLAS
 logits per token chunk + one Triton row kernel, 4 GEMMs); ``auto`` picks ``fused`` until the chunked
-path has passed a GPU run (``copsd/backends/_triton_linear._path``).  Every row is
+path has passed a GPU run (``copsd.backends.triton.DEFAULT_PATH``).  Every row is
 guarded: a failing row is recorded in the table (error/OOM) and the others still run.
 
 Default problem: H100, bf16, N=8192 tokens, H=4096, V=151936.  Every op is first checked against
@@ -137,8 +137,8 @@ def _unfused_loss(tri, xs, ws, ids, spec, coeff):
 
 
 def correctness_path(dtype, path):
-    from copsd.backends import _triton_linear as tri
     from copsd.backends import reference as ref
+    from copsd.backends import triton as tri
     from copsd.ops._spec import DivergenceSpec, LogitSpec
 
     dev = CHECK["device"]
@@ -191,22 +191,22 @@ def correctness_path(dtype, path):
 
 def correctness(dtype):
     """Both paths; a path that raises counts as failed and the other one still runs."""
-    from copsd.backends import _triton_linear as tri
+    from copsd.backends import _triton_common as tc
 
     ok = True
     for path in PATHS:
-        old = tri.CHUNK_BYTES
+        old = tc.CHUNK_BYTES
         try:
             with use_path(path):
                 N, _, V = CHECK["shape"]
-                tri.CHUNK_BYTES = (N // 4) * V * 10  # 4 token chunks (dW accumulated over chunks)
+                tc.CHUNK_BYTES = (N // 4) * V * 10  # 4 token chunks (dW accumulated over chunks)
                 ok &= correctness_path(dtype, path)
         except Exception as e:
             traceback.print_exc()
             CHECKS.append(dict(check=f"[{path}] correctness", ok=False, error=f"{type(e).__name__}: {str(e)[:200]}"))
             ok = False
         finally:
-            tri.CHUNK_BYTES = old
+            tc.CHUNK_BYTES = old
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return ok
@@ -238,7 +238,7 @@ def main():
     if not torch.cuda.is_available():
         print("no CUDA device; nothing to benchmark")
         return 0
-    from copsd.backends import _triton_linear as tri
+    from copsd.backends import triton as tri
     from copsd.ops._spec import DivergenceSpec, LogitSpec
 
     dev = torch.cuda.get_device_name()

@@ -4,7 +4,7 @@ The Triton interpreter (``TRITON_INTERPRET=1``, what the CPU tests run) executes
 and never lowers them, so it misses everything the GPU compiler would reject (types, layouts,
 shared memory) and says nothing about register pressure.  This script closes that gap offline:
 
-1. It drives the Triton backend's entry points (``copsd.backends._triton_linear`` for both the
+1. It drives the Triton backend's entry points (``copsd.backends.triton``'s lm_head ops for both the
    ``fused`` and the ``chunked`` path, and the cascade-attention kernels) on small CPU tensors with
    the GPU launch configurations (not the interpreter's tiny tiles), with ``JITFunction.run``
    replaced by a recorder: each launch is recorded (argument types, constexprs, ``num_warps``,
@@ -149,7 +149,7 @@ def recording():
 
 def _drive_linear(rec, path: str, dtype):
     """Every launch of the fused lm_head ops for one path and dtype (small shapes, GPU configs)."""
-    from copsd.backends import _triton_linear as tl_
+    from copsd.backends import triton as tl_
     from copsd.ops._spec import DivergenceSpec, LogitSpec
 
     os.environ["COPSD_TRITON_PATH"] = path

@@ -120,10 +120,12 @@ def response_entropies(model, prompt_ids: list[list[int]], completion_ids: list[
                        batch_tokens: int = 8192) -> list[list[float]]:
     """Per-token entropy (nats, temperature 1) of the model's next-token distribution at every
     position that produced a completion token.  Only the selected positions go through the
-    lm_head, in chunks, so no ``[tokens, vocab]`` tensor is built for the whole batch."""
+    lm_head, through ``copsd.ops.linear_logprobs`` (the model's logit scale and softcap, fp32
+    statistics), so no ``[tokens, vocab]`` tensor is built."""
     import torch
 
     from copsd import _hf
+    from copsd.ops import linear_logprobs
 
     base, head = _hf.decoder_and_head(model)
     scale, softcap = _hf.logit_transform(model.config)
@@ -147,10 +149,10 @@ def response_entropies(model, prompt_ids: list[list[int]], completion_ids: list[
                 if n_c == 0:
                     continue
                 h = hidden[r, n_p - 1 : n_p - 1 + n_c]
-                z = (h @ head.weight.T).float() * scale
-                if softcap:
-                    z = softcap * torch.tanh(z / softcap)
-                out[i] = tm.entropy_from_logits(z).tolist()
+                ids_c = torch.tensor(completion_ids[i], dtype=torch.long, device=device)
+                _, ent, _ = linear_logprobs(h, head.weight, ids_c, logit_scale=scale, softcap=softcap,
+                                            return_entropy=True)
+                out[i] = ent.tolist()
 
     tokens = 0
     for i in order:

@@ -36,7 +36,6 @@ __all__ = [
     "ConstitutionLeakDetector",
     "leak_rate",
     "entropy_from_logits",
-    "masked_mean",
 ]
 
 
@@ -568,14 +567,3 @@ def entropy_from_logits(logits, *, temperature: float = 1.0, chunk_size: int = 4
         plogp = torch.where(logp > float("-inf"), logp.exp() * logp, torch.zeros_like(logp))
         out[a : a + chunk_size] = -plogp.sum(-1)
     return out.reshape(lead)
-
-
-def masked_mean(values, mask) -> float:
-    """Mean of ``values`` where ``mask`` is true; NaN when the mask is empty."""
-
-    if values.shape != mask.shape:
-        raise ValueError(f"values and mask: expected the same shape, got {tuple(values.shape)} "
-                         f"and {tuple(mask.shape)}")
-    mask = mask.bool()
-    n = int(mask.sum())
-    return float("nan") if n == 0 else float(values.float()[mask].sum() / n)

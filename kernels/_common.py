@@ -4,15 +4,11 @@ the small host-side helpers every op uses."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from . import interpreting  # noqa: F401  (re-exported: the one switch, defined in __init__)
 
 
 @triton.jit
@@ -149,15 +145,3 @@ def merge_lse(m: torch.Tensor, s: torch.Tensor, dim: int = 0):
     Ms = torch.where(torch.isinf(M), torch.zeros_like(M), M)
     S = (s * torch.exp(m - Ms.unsqueeze(dim))).sum(dim)
     return M, S
-
-
-def compute_dtype(t: torch.Tensor):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def token_chunk(N: int, V: int, elem_bytes: int, budget_bytes: int = 256 << 20) -> int:
-    """Tokens per backward chunk so the [chunk, V] gradient workspace stays within budget."""
-    c = max(1, budget_bytes // max(1, V * elem_bytes))
-    if c >= 128:
-        c = c // 128 * 128
-    return min(N, c)

@@ -13,7 +13,7 @@ Backward: the same tile is recomputed and turned into d(x.w^T) for
 
 which covers the log-prob/entropy/LSE gradient and the dense part of the top-k-support
 divergence gradient.  Tiles go to a bounded [chunk, V] workspace; dX and dW come from two GEMMs
-on it (see ``copsd.backends._triton_linear``).
+on it (see ``copsd.backends._triton_common``).
 """
 
 from __future__ import annotations

@@ -16,11 +16,10 @@ Query rows are numbered ``r = (b * S + s) * G + g`` in both parts (the suffix pa
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from copsd_kernels import interpreting
 from copsd_kernels.merge_attention_states import merge_attention_states as _merge
 
 _LOG2E = 1.4426950408889634
@@ -154,13 +153,9 @@ def _attn_fwd_kernel(
     tl.store(lse_ptr + (b * HQ + hq) * S + s, lse, mask=rmask)
 
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _config(d, dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim d; one config (no autotune)."""
-    if _interpreting():
+    if interpreting():
         return 16, 16, 1, 1
     if dtype == torch.float32:
         # exact fp32 (IEEE) dots run on the FMA units and hold whole fp32 tiles in registers: these are the
@@ -191,7 +186,7 @@ def _launch(q, k, v, o, lse, lens, scale, n_keys, causal):
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, lens if lens is not None else q,
         scale * _LOG2E, n_rows, s, hq, hkv, n_keys, G=g, D=d,
-        CAUSAL=causal, HAS_LENS=lens is not None, DOT_F32=_interpreting(), IEEE=q.dtype == torch.float32,
+        CAUSAL=causal, HAS_LENS=lens is not None, DOT_F32=interpreting(), IEEE=q.dtype == torch.float32,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
     )
 

@@ -60,3 +60,35 @@ def logprobs(x, w, ids, temperature=1.0, logit_scale=1.0, softcap=None):
     ls = z.log_softmax(-1)
     ent = -(ls.exp() * ls).sum(-1)
     return ls.gather(1, ids[:, None])[:, 0], ent, z.logsumexp(-1)
+
+
+# ----------------------------------------------------------------------------- gradients (shared test helpers)
+
+
+def _spec_kwargs(logit):
+    return dict(temperature=logit.temperature, logit_scale=logit.logit_scale, softcap=logit.softcap)
+
+
+def logprobs_grads(x, w, ids, logit, g, dtype=torch.float64):
+    """``((logprobs, entropy, lse), d_x, d_w)`` on the CPU with the gradients of ``sum_i g[i] * out[i]``
+    (``g``: three per-token weights or None) through autograd; ``logit`` is a ``LogitSpec``.  float64 is the
+    ground truth; float32 is the plain PyTorch computation the error-relative criterion compares against."""
+    xd = x.detach().to(dtype).cpu().requires_grad_()
+    wd = w.detach().to(dtype).cpu().requires_grad_()
+    lp, ent, lse = logprobs(xd, wd, ids.cpu(), **_spec_kwargs(logit))
+    total = sum((gi.to(dtype).cpu() * t).sum() for gi, t in zip(g, (lp, ent, lse)) if gi is not None)
+    dx, dw = torch.autograd.grad(total, (xd, wd))
+    return (lp.detach(), ent.detach(), lse.detach()), dx, dw
+
+
+def divergence_grads(xs, ws, xt, wt, logit, div, topk_ids, token_grad, dtype=torch.float64):
+    """Per-token loss (CPU) and the student gradients of ``sum(token_grad * loss)`` through autograd, every
+    input cast to ``dtype`` (float64: the ground truth; float32: the plain PyTorch computation);
+    ``logit`` / ``div`` are a ``LogitSpec`` / ``DivergenceSpec``."""
+    xd = xs.detach().to(dtype).cpu().requires_grad_()
+    wd = ws.detach().to(dtype).cpu().requires_grad_()
+    loss = divergence(xd, wd, xt.detach().to(dtype).cpu(), wt.detach().to(dtype).cpu(), kind=div.kind, beta=div.beta,
+                      support=div.support, topk_ids=None if topk_ids is None else topk_ids.cpu(), tail=div.tail,
+                      term_clip=div.term_clip, **_spec_kwargs(logit))
+    dx, dw = torch.autograd.grad((loss * token_grad.to(dtype).cpu()).sum(), (xd, wd))
+    return loss.detach(), dx, dw

@@ -56,16 +56,7 @@ def _random_ids(N, V, k, seed=0):
     return torch.rand(N, V, generator=g).argsort(dim=1)[:, :k].contiguous()
 
 
-def _dense_div(xs, ws, xt, wt, logit, div, K, tg, dtype=torch.float64):
-    """Per-token loss and autograd gradients of sum(tg * loss), dense, every input cast to ``dtype``:
-    float64 is the ground truth, float32 (or bf16) the plain PyTorch computation a user would write."""
-    a = xs.detach().to(dtype).clone().requires_grad_()
-    b = ws.detach().to(dtype).clone().requires_grad_()
-    loss = dense.divergence(a, b, xt.to(dtype), wt.to(dtype), kind=div.kind, beta=div.beta,
-                            temperature=logit.temperature, logit_scale=logit.logit_scale, softcap=logit.softcap,
-                            support=div.support, topk_ids=K, tail=div.tail, term_clip=div.term_clip)
-    (loss * tg.to(dtype)).sum().backward()
-    return loss.detach(), a.grad, b.grad
+_dense_div = dense.divergence_grads  # loss and gradients in float64 (or plain fp32), shared with the Triton tests
 
 
 def _dense_logprobs(x, w, ids, logit, gs, dtype=torch.float64):

@@ -24,14 +24,17 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
     for _name in ("copsd_kernels._common", "copsd_kernels.linear_logprobs",
                   "copsd_kernels.linear_divergence", "copsd_kernels.linear_topk",
-                  "copsd_kernels.linear_rows", "copsd.backends._triton_linear"):
+                  "copsd_kernels.linear_rows", "copsd.backends._triton_common", "copsd.backends._triton_logprobs",
+                  "copsd.backends._triton_topk", "copsd.backends._triton_divergence"):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
 
 import dense  # noqa: E402
 
-from copsd.backends import _triton_linear as tri  # noqa: E402
+from copsd.backends import _cuda_topk  # noqa: E402
+from copsd.backends import _triton_common as tc  # noqa: E402
 from copsd.backends import reference as ref  # noqa: E402
+from copsd.backends import triton as tri  # noqa: E402
 from copsd.ops._spec import DivergenceSpec, LogitSpec  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,9 +62,9 @@ def path(request, monkeypatch):
 def slices(monkeypatch):
     """Tiny gradient workspaces: several vocabulary slices per backward (exercises dX accumulation)
     on the fused path, one token per chunk on the chunked path (exercises the dW accumulation)."""
-    monkeypatch.setattr(tri, "WORKSPACE_BYTES", 1)
-    monkeypatch.setattr(tri, "GATHER_ELEMS", 64)
-    monkeypatch.setattr(tri, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(tc, "WORKSPACE_BYTES", 1)
+    monkeypatch.setattr(tc, "GATHER_ELEMS", 64)
+    monkeypatch.setattr(tc, "CHUNK_BYTES", 1)
 
 
 def rand_lm(N, H, V, scale=1.0, dtype=torch.float32, device=DEV):
@@ -82,23 +85,8 @@ def close(actual, expected, tol):
     assert err <= tol * (1.0 + expected.abs().max().item()), f"max err {err}"
 
 
-def dense_logprobs_grads(x, w, ids, spec, g):
-    xd = x.detach().double().cpu().requires_grad_()
-    wd = w.detach().double().cpu().requires_grad_()
-    lp, ent, lse = dense.logprobs(xd, wd, ids.cpu(), **spec_kwargs(spec))
-    total = sum((gi.double().cpu() * t).sum() for gi, t in zip(g, (lp, ent, lse)) if gi is not None)
-    dx, dw = torch.autograd.grad(total, (xd, wd))
-    return (lp.detach(), ent.detach(), lse.detach()), dx, dw
-
-
-def dense_div_grads(xs, ws, xt, wt, spec, div, K, tg):
-    xd = xs.detach().double().cpu().requires_grad_()
-    wd = ws.detach().double().cpu().requires_grad_()
-    loss = dense.divergence(xd, wd, xt.double().cpu(), wt.double().cpu(), kind=div.kind, beta=div.beta,
-                            support=div.support, topk_ids=None if K is None else K.cpu(), tail=div.tail,
-                            term_clip=div.term_clip, **spec_kwargs(spec))
-    dx, dw = torch.autograd.grad((loss * tg.double().cpu()).sum(), (xd, wd))
-    return loss.detach(), dx, dw
+dense_logprobs_grads = dense.logprobs_grads  # float64 values and gradients, shared with the CPU tests
+dense_div_grads = dense.divergence_grads
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -334,7 +322,7 @@ def test_topk_merge_wrapper_validates_on_cpu():
     v = torch.randn(4, 10)
     i = torch.arange(40).view(4, 10)
     with pytest.raises(ValueError, match="CUDA tensors"):
-        tri.topk_merge(v, i, 3)
+        _cuda_topk.topk_merge(v, i, 3)
 
 
 def test_empty_token_set():
@@ -440,12 +428,12 @@ def test_gpu_fp32_output_gemms():
     b = torch.randn(1000, 500, device=DEV, generator=g).bfloat16()
     want = a.double() @ b.double()
     out = torch.empty(300, 500, device=DEV)
-    tri._mm_f32(a, b, out)
-    assert tri._OUT_DTYPE["ok"] is True
+    tc.mm_f32(a, b, out)
+    assert tc._OUT_DTYPE["ok"] is True
     assert (out.double() - want).abs().max().item() <= 1e-4 * want.abs().max().item()
     acc = out.clone()
-    tri._addmm_f32(acc, a, b)
-    assert tri._ADDMM_OK.get((a.device, a.dtype)) is True
+    tc.addmm_f32(acc, a, b)
+    assert tc._ADDMM_OK.get((a.device, a.dtype)) is True
     assert (acc.double() - 2 * want).abs().max().item() <= 2e-4 * want.abs().max().item()
 
 
@@ -458,7 +446,7 @@ def test_gpu_cuda_topk_merge(k, M):
     vals = torch.randn(rows, M, device=DEV)
     vals[:, ::7] = vals[:, :1]  # ties
     ids = torch.randperm(rows * M, device=DEV).view(rows, M)
-    v, i = tri.topk_merge(vals, ids, k)
+    v, i = _cuda_topk.topk_merge(vals, ids, k)
     ev = vals.topk(k, dim=1).values
     torch.testing.assert_close(v, ev, rtol=0, atol=0)
     torch.testing.assert_close(vals.gather(1, (ids.unsqueeze(2) == i.unsqueeze(1)).float().argmax(1)), v)
@@ -466,13 +454,13 @@ def test_gpu_cuda_topk_merge(k, M):
     assert torch.equal(rv, v) and torch.equal(ri, i)
     # user-facing errors come from the Python wrapper
     with pytest.raises(ValueError, match="k must be"):
-        tri.topk_merge(vals, ids, M + 1)
+        _cuda_topk.topk_merge(vals, ids, M + 1)
     with pytest.raises(ValueError, match="float32"):
-        tri.topk_merge(vals.double(), ids, k)
+        _cuda_topk.topk_merge(vals.double(), ids, k)
     with pytest.raises(ValueError, match="int64"):
-        tri.topk_merge(vals, ids.int(), k)
+        _cuda_topk.topk_merge(vals, ids.int(), k)
     with pytest.raises(ValueError, match="shape"):
-        tri.topk_merge(vals, ids[:, :-1], k)
+        _cuda_topk.topk_merge(vals, ids[:, :-1], k)
 
 
 RAW_ERROR_SCRIPT = """

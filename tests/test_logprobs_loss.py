@@ -41,10 +41,10 @@ def backend(request, monkeypatch):
     if name == "triton":
         if not torch.cuda.is_available():
             monkeypatch.setenv("TRITON_INTERPRET", "1")
-        from copsd.backends import _triton_linear as tri
+        from copsd.backends import _triton_common as tc
 
         monkeypatch.setenv("COPSD_TRITON_PATH", path)
-        monkeypatch.setattr(tri, "CHUNK_BYTES", 1)  # one token per chunk on the chunked path
+        monkeypatch.setattr(tc, "CHUNK_BYTES", 1)  # one token per chunk on the chunked path
     return name
 
 
@@ -205,10 +205,10 @@ def test_bad_loss_fn_is_reported(backend):
 @pytest.mark.parametrize("path", ["fused", "chunked"])
 def test_gpu_bf16_flash_criterion(path, monkeypatch):
     """bf16 on a GPU: the op's error against float64 at most 2x that of plain bf16 PyTorch autograd."""
-    from copsd.backends import _triton_linear as tri
+    from copsd.backends import _triton_common as tc
 
     monkeypatch.setenv("COPSD_TRITON_PATH", path)
-    monkeypatch.setattr(tri, "CHUNK_BYTES", 64 * 5003 * 6)  # several token chunks (dW accumulated)
+    monkeypatch.setattr(tc, "CHUNK_BYTES", 64 * 5003 * 6)  # several token chunks (dW accumulated)
     g = torch.Generator().manual_seed(7)
     N, H, V = 300, 512, 5003
     x = torch.randn(N, H, generator=g, dtype=torch.float64)

@@ -18,6 +18,8 @@ NV_BYTES = N * V * 4  # one materialised float32 [N, V] tensor: 205 MB
 # extra memory on top of its inputs.  Large blocks come from mmap and go back on free.
 SCRIPT = textwrap.dedent("""
     import json, resource, sys, torch
+    sys.path.insert(0, {TESTS!r})
+    import dense  # the tests' dense reference: holds several [N, V] tensors
     from copsd.ops import linear_divergence, linear_logprobs
     torch.set_num_threads(2)
     what, backend = sys.argv[1], sys.argv[2]
@@ -26,8 +28,7 @@ SCRIPT = textwrap.dedent("""
         return xs, ws, torch.randn(N, H), torch.randn(V, H) * 0.1, torch.randint(0, V, (N,))
     def run(xs, ws, xt, wt, ids):
         if what == "dense":
-            z = xs @ ws.T
-            out = (z.softmax(-1) * (z.log_softmax(-1) - (xt @ wt.T).log_softmax(-1))).sum(-1).mean()
+            out = dense.divergence(xs, ws, xt, wt).mean()
         elif what == "logprobs":
             lp, ent, _ = linear_logprobs(xs, ws, ids, return_entropy=True, backend=backend)
             out = (lp + ent).sum()
@@ -40,7 +41,7 @@ SCRIPT = textwrap.dedent("""
     run(*big)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(dict(extra=peak - base)))
-""").format(N=N, H=H, V=V)
+""").format(N=N, H=H, V=V, TESTS=os.path.dirname(os.path.abspath(__file__)))
 
 
 def _extra(what, backend):

@@ -13,6 +13,7 @@ Kernel-level interface: see the docstring of :mod:`copsd.backends`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -20,7 +21,6 @@ import torch
 from copsd.ops._spec import DivergenceSpec, LogitSpec
 
 NAME = "cpu"
-
 
 
 def _workspace_bytes():
@@ -46,8 +46,18 @@ _TAIL = {"bucket": 0, "renorm": 1, "none": 2}
 
 try:
     from copsd import _C
-except ImportError:  # extension not built (COPSD_SKIP_NATIVE=1 or no compiler)
-    _C = None
+
+    _C_ERROR = None
+except ImportError as e:  # not built (COPSD_SKIP_NATIVE=1 or no compiler), or built but broken
+    _C, _C_ERROR = None, e
+
+
+def missing():
+    if _C is not None:
+        return None
+    if importlib.util.find_spec("copsd._C") is None:
+        return "the C++ extension copsd._C is not built (COPSD_SKIP_NATIVE=1 or no compiler at install time)"
+    raise ImportError(f"the C++ extension copsd._C is built but does not load: {_C_ERROR}") from _C_ERROR
 
 
 def available():

@@ -8,7 +8,7 @@ against (together with the dense float64 formulas in the tests):
 With ``ls``/``lt`` the student/teacher log-probabilities on the support and a per-element
 summand ``s(ls, lt)`` with ``g = ds/dls``, the loss of a token is ``sum_v s_v`` and its gradient
 with respect to the student logits is ``dz_j = a_j - q_j * G`` where ``G = sum_v g_v`` and
-``a_j = g_j`` on the support (see ``_support_terms`` for the teacher-top-k tails).
+``a_j = g_j`` on the support (see ``support_terms`` for the teacher-top-k tails).
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ from copsd.ops._spec import DivergenceSpec, LogitSpec
 NAME = "reference"
 CHUNK_TOKENS = 256
 CHUNK_VOCAB = 4096
+
+
+def missing():
+    return None
 
 
 def available():
@@ -51,9 +55,12 @@ def _compute_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _logits(x, w, spec: LogitSpec):
-    """Tile of final logits and the pre-softcap tanh (for the chain rule)."""
-    z = (x @ w.T) * spec.logit_scale
+def transform(r, spec: LogitSpec):
+    """Raw logits ``r = x . w`` -> (final logits, the softcap's tanh for the chain rule, or None).
+
+    The one torch copy of the logit transform: the Triton host code (gathered teacher-top-k logits,
+    the chunked top-k) uses it too; the kernels have their own in ``copsd_kernels._common``."""
+    z = r * spec.logit_scale
     th = None
     if spec.softcap is not None:
         th = torch.tanh(z / spec.softcap)
@@ -61,7 +68,12 @@ def _logits(x, w, spec: LogitSpec):
     return z / spec.temperature, th
 
 
-def _chain(dz, th, spec: LogitSpec):
+def _logits(x, w, spec: LogitSpec):
+    """Tile of final logits and the pre-softcap tanh (for the chain rule)."""
+    return transform(x @ w.T, spec)
+
+
+def chain_rule(dz, th, spec: LogitSpec):
     """d(final logits) -> d(x @ w.T)."""
     dz = dz / spec.temperature
     if th is not None:
@@ -153,7 +165,7 @@ def logprobs_backward(hidden, weight, ids, lse, entropy, g_lp, g_ent, g_lse, log
             inside = (idc >= v0) & (idc < v1)
             rows = torch.nonzero(inside)[:, 0]
             dz[rows, idc[rows] - v0] += a[rows, 0]
-            dz = _chain(dz, th, logit)
+            dz = chain_rule(dz, th, logit)
             dx[n0:n1] += dz @ wc
             dw[v0:v1] += dz.T @ x
     return dx, dw
@@ -212,7 +224,8 @@ def _summand(ls, lt, div: DivergenceSpec):
     return s, (1.0 - b) * q * (ls - lm)
 
 
-def _clipped(ls, lt, div):
+def clipped_summand(ls, lt, div):
+    """Per-element summand and its ls-derivative, each clipped to ``div.term_clip`` when set."""
     s, g = _summand(ls, lt, div)
     if div.term_clip is not None:
         keep = s <= div.term_clip
@@ -254,7 +267,7 @@ def _full_stats(x, w, logit, cd, V, K=None):
     return _lse_of(m, s), zK, _lse_of(mt, st)
 
 
-def _support_terms(zsK, zs_lse, zs_tail, ztK, zt_lse, zt_tail, div, has_tail):
+def support_terms(zsK, zs_lse, zs_tail, ztK, zt_lse, zt_tail, div, has_tail):
     """Loss and support gradients for teacher-top-k support.
 
     Returns loss[T], gK[T,k] (= a_j on K), g_tail[T] (gradient of the tail entry, scaled by
@@ -266,13 +279,13 @@ def _support_terms(zsK, zs_lse, zs_tail, ztK, zt_lse, zt_tail, div, has_tail):
     else:
         Ls, Lt = zs_lse, zt_lse
     ls, lt = zsK - Ls[:, None], ztK - Lt[:, None]
-    s, g = _clipped(ls, lt, div)
+    s, g = clipped_summand(ls, lt, div)
     loss, G = s.sum(1), g.sum(1)
     g_tail = ls_tail = None
     if div.tail == "bucket" and has_tail:
         ls_tail = zs_tail - zs_lse
         lt_tail = zt_tail - zt_lse
-        st, gt = _clipped(ls_tail, lt_tail, div)
+        st, gt = clipped_summand(ls_tail, lt_tail, div)
         loss, G, g_tail = loss + st, G + gt, gt
     return loss, g, g_tail, ls_tail, G, Ls
 
@@ -298,7 +311,7 @@ def divergence(s_hidden, s_weight, t_hidden, t_weight, logit: LogitSpec, div: Di
             for v0, v1 in _vocab_chunks(V):
                 zs, _ = _logits(xs, s_weight[v0:v1].to(cd), logit)
                 zt, _ = _logits(xt, t_weight[v0:v1].to(cd), logit)
-                s, g = _clipped(zs - ls_lse[:, None], zt - lt_lse[:, None], div)
+                s, g = clipped_summand(zs - ls_lse[:, None], zt - lt_lse[:, None], div)
                 tot += s.sum(1)
                 G += g.sum(1)
             loss[n0:n1] = tot
@@ -309,8 +322,8 @@ def divergence(s_hidden, s_weight, t_hidden, t_weight, logit: LogitSpec, div: Di
                     zs, th = _logits(xs, wc, logit)
                     zt, _ = _logits(xt, t_weight[v0:v1].to(cd), logit)
                     ls = zs - ls_lse[:, None]
-                    _, g = _clipped(ls, zt - lt_lse[:, None], div)
-                    dz = _chain(tg * (g - torch.exp(ls) * G[:, None]), th, logit)
+                    _, g = clipped_summand(ls, zt - lt_lse[:, None], div)
+                    dz = chain_rule(tg * (g - torch.exp(ls) * G[:, None]), th, logit)
                     dx[n0:n1] += dz @ wc
                     dw[v0:v1] += dz.T @ xs
             continue
@@ -319,7 +332,7 @@ def divergence(s_hidden, s_weight, t_hidden, t_weight, logit: LogitSpec, div: Di
         has_tail = K.shape[1] < V
         zs_lse, zsK, zs_tail = _full_stats(xs, s_weight, logit, cd, V, K)
         zt_lse, ztK, zt_tail = _full_stats(xt, t_weight, logit, cd, V, K)
-        tot, gK, g_tail, ls_tail, G, Ls = _support_terms(
+        tot, gK, g_tail, ls_tail, G, Ls = support_terms(
             zsK, zs_lse, zs_tail, ztK, zt_lse, zt_tail, div, has_tail)
         loss[n0:n1] = tot
         if not want_grad:
@@ -340,7 +353,7 @@ def divergence(s_hidden, s_weight, t_hidden, t_weight, logit: LogitSpec, div: Di
                 if g_tail is not None:
                     off = torch.exp(zs - zs_lse[:, None] - ls_tail[:, None]) * g_tail[:, None]
                     a = torch.where(in_k, a, off)
-            dz = _chain(tg * (a - q * G[:, None]), th, logit)
+            dz = chain_rule(tg * (a - q * G[:, None]), th, logit)
             dx[n0:n1] += dz @ wc
             dw[v0:v1] += dz.T @ xs
     if want_grad:

@@ -55,15 +55,31 @@ def linear_pair(hidden_name, hidden, weight_name, weight):
     same_device([(hidden_name, hidden), (weight_name, weight)])
 
 
-def ids_in_range(name, ids, n, vocab, k=None):
+def ids_shape(name, ids, n, k=None):
+    """Type and shape of an id tensor (static: also checked while ``torch.compile`` traces)."""
     tensor(name, ids, ndim=1 if k is None else 2, dtypes=(torch.int64, torch.int32))
     want = (n,) if k is None else (n, k)
     if tuple(ids.shape) != want:
         raise ValueError(f"{name} must have shape {list(want)}, got {list(ids.shape)}")
+
+
+def ids_values(name, ids, vocab):
+    """Values of an id tensor (reads the data: checked inside the custom ops, where the data exists)."""
     if ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"{name} must hold token ids in [0, {vocab}), got values in [{lo}, {hi}]")
+
+
+def ids_in_range(name, ids, n, vocab, k=None):
+    ids_shape(name, ids, n, k)
+    ids_values(name, ids, vocab)
+
+
+def backend(b):
+    if not isinstance(b, str):
+        raise ValueError(f"backend must be a string, got {type(b).__name__}")
+    return b
 
 
 def mask(m, n, device):

@@ -26,10 +26,10 @@ def _wants_grad(*ts):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-def _pick(op, device, backend, tensors):
+def _pick(op, device, backend, tensors, dtypes):
     if backend == "auto" and _wants_grad(*tensors) and _forced_backend() in ("", "auto"):
-        return backends.get(op, device, "reference")
-    mod = backends.get(op, device, backend)
+        return backends.resolve(op, device, "reference")
+    mod = backends.resolve(op, device, backend, dtypes)
     if mod.NAME != "reference" and _wants_grad(*tensors):
         raise ValueError(f"backend={backend!r} resolved to {mod.NAME!r}, which computes {op} forward only, "
                          "but an input requires grad; use backend='reference' (or 'auto') to differentiate")
@@ -64,8 +64,8 @@ def merge_attention_states(o_a, lse_a, o_b, lse_b, *, backend="auto"):
     if lse_b.dtype != lse_a.dtype:
         raise ValueError(f"lse_b must have lse_a's dtype {lse_a.dtype}, got {lse_b.dtype}")
     V.same_device([("o_a", o_a), ("lse_a", lse_a), ("o_b", o_b), ("lse_b", lse_b)])
-    mod = _pick("merge_attention_states", o_a.device, backend, (o_a, lse_a, o_b, lse_b))
-    return mod.merge_attention_states(o_a.contiguous(), lse_a.contiguous(),
+    mod = _pick("merge_attention_states", o_a.device, backend, (o_a, lse_a, o_b, lse_b), (o_a.dtype, lse_a.dtype))
+    return mod(o_a.contiguous(), lse_a.contiguous(),
                                       o_b.contiguous(), lse_b.contiguous())
 
 
@@ -118,6 +118,6 @@ def shared_prefix_attention(q, k, v, prefix_k, prefix_v, *, scale=None, seq_lens
         if lo < 0 or hi > s:
             raise ValueError(f"seq_lens must hold lengths in [0, S={s}], got values in [{lo}, {hi}]")
         seq_lens = seq_lens.contiguous()
-    mod = _pick("shared_prefix_attention", q.device, backend, (q, k, v, prefix_k, prefix_v))
-    return mod.shared_prefix_attention(q.contiguous(), k.contiguous(), v.contiguous(), prefix_k.contiguous(),
+    mod = _pick("shared_prefix_attention", q.device, backend, (q, k, v, prefix_k, prefix_v), (q.dtype,))
+    return mod(q.contiguous(), k.contiguous(), v.contiguous(), prefix_k.contiguous(),
                                        prefix_v.contiguous(), scale, seq_lens)

@@ -10,48 +10,172 @@ import torch
 
 from copsd import backends
 from copsd.ops import _validate as V
-from copsd.ops._spec import KINDS, REDUCTIONS, SUPPORTS, TAILS, DivergenceSpec
-from copsd.ops.linear_logprobs import logit_spec
+from copsd.ops._spec import KINDS, REDUCTIONS, SUPPORTS, TAILS, DivergenceSpec, LogitSpec
+from copsd.ops.linear_logprobs import logit_spec, stat_dtype
 from copsd.ops.linear_topk import check_k
 
+_OPTIONS = ("float temperature, float logit_scale, float? softcap, str kind, float beta, str support, str tail, "
+            "float? term_clip, str backend")
+_INPUTS = "Tensor student_hidden, Tensor student_weight, Tensor teacher_hidden, Tensor teacher_weight, Tensor? mask"
 
-class _LinearDivergence(torch.autograd.Function):
-    """Student-side gradients only; teacher inputs are constants (stop-gradient).
 
-    For ``reduction`` "sum"/"mean" the upstream gradient is a scalar, so the gradient is
-    computed during the forward pass and scaled in backward.  For "none" the backward is a
-    real recomputation with the per-token upstream gradient.
-    """
+# ----------------------------------------------------------------------------- custom ops (torch.library)
+#
+# The public function validates what it can see without reading data and calls one of two custom ops:
+#   copsd::linear_divergence          per-token losses (reduction "none"; teacher top-k ids it computed from an
+#                                     int ``topk`` are a second output, kept for the backward op)
+#   copsd::linear_divergence_reduced  "sum" / "mean", with the student gradient computed in the same pass when
+#                                     it is wanted (scaled by the upstream gradient in backward)
+# Masked tokens are removed inside the ops (a data-dependent shape) and get zero loss and zero gradient.
 
-    @staticmethod
-    def forward(ctx, xs, ws, xt, wt, topk_ids, logit, div, reduction, impl):
-        n = xs.shape[0]
-        ctx.reduction = reduction
-        ctx.xs_dtype, ctx.ws_dtype = xs.dtype, ws.dtype
-        if reduction == "none":
-            loss, _, _ = impl.divergence(xs, ws, xt, wt, logit, div, topk_ids, None)
-            ctx.save_for_backward(xs, ws, xt, wt, topk_ids)
-            ctx.logit, ctx.div, ctx.impl = logit, div, impl
-            return loss
-        scale = 1.0 / n if (reduction == "mean" and n > 0) else 1.0
-        cd = torch.float64 if xs.dtype == torch.float64 else torch.float32
-        tg = torch.full((n,), scale, dtype=cd, device=xs.device)
-        loss, dxs, dws = impl.divergence(xs, ws, xt, wt, logit, div, topk_ids, tg)
-        ctx.save_for_backward(dxs, dws)
-        return loss.sum() * scale
 
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.reduction == "none":
-            xs, ws, xt, wt, topk_ids = ctx.saved_tensors
-            _, dxs, dws = ctx.impl.divergence(xs, ws, xt, wt, ctx.logit, ctx.div, topk_ids, grad.contiguous())
-        else:
-            dxs, dws = ctx.saved_tensors
-            if not bool(grad == 1):  # a plain loss.backward(): skip a full pass over d_weight
-                dxs, dws = dxs * grad, dws * grad
-        dxs = dxs.to(ctx.xs_dtype) if ctx.needs_input_grad[0] else None
-        dws = dws.to(ctx.ws_dtype) if ctx.needs_input_grad[1] else None
-        return dxs, dws, None, None, None, None, None, None, None
+def _specs(temperature, logit_scale, softcap, kind, beta, support, tail, term_clip):
+    return (LogitSpec(temperature, logit_scale, softcap),
+            DivergenceSpec(kind=kind, beta=beta, support=support, tail=tail, term_clip=term_clip))
+
+
+def _compact(mask, *tensors):
+    """Rows of ``tensors`` where ``mask`` is set (and their index), or the tensors themselves."""
+    if mask is None or bool(mask.all()):
+        return None, tensors
+    idx = torch.nonzero(mask)[:, 0]
+    return idx, tuple(None if t is None else t.index_select(0, idx) for t in tensors)
+
+
+def _expand(idx, rows, n):
+    """Scatter compacted ``rows`` back into ``n`` rows (zeros where masked)."""
+    if idx is None:
+        return rows
+    return rows.new_zeros((n,) + tuple(rows.shape[1:])).index_copy(0, idx, rows)
+
+
+def _teacher_ids(xt, wt, topk_ids, topk_k, logit, div, backend):
+    """The teacher-top-k support of the (compacted) rows: given ids (checked) or the teacher's top k."""
+    if div.support != "teacher_topk":
+        return None
+    if topk_ids is None:
+        impl = backends.resolve("topk", xt.device, backend, (xt.dtype,))
+        return impl(xt, wt, topk_k, logit)[0].long().contiguous()
+    return topk_ids.long().contiguous()
+
+
+def _check_topk_values(topk_ids, vocab):
+    if topk_ids is None:
+        return
+    V.ids_values("topk", topk_ids, vocab)
+    if topk_ids.shape[1] > 1:
+        srt = topk_ids.sort(dim=1).values
+        if bool((srt[:, 1:] == srt[:, :-1]).any()):
+            raise ValueError("topk must hold distinct ids in every row")
+
+
+def _run(xs, ws, xt, wt, mask, topk_ids, topk_k, options, token_grad=None, per_token_grad=None):
+    """Compact, pick the backend, run; returns (loss[n], dxs[n] | None, dws | None, ids[n] | None, idx)."""
+    *spec_args, backend = options
+    logit, div = _specs(*spec_args)
+    idx, (xs_c, xt_c, ids_c, g_c) = _compact(mask, xs, xt, topk_ids, per_token_grad)
+    ids_c = _teacher_ids(xt_c, wt, ids_c, topk_k, logit, div, backend)
+    impl = backends.resolve("divergence", xs.device, backend, (xs.dtype,))
+    if token_grad is not None:
+        g_c = torch.full((xs_c.shape[0],), token_grad, dtype=stat_dtype(xs), device=xs.device)
+    loss, dxs, dws = impl(xs_c, ws, xt_c, wt, logit, div, ids_c, None if g_c is None else g_c.contiguous())
+    return loss, dxs, dws, ids_c, idx
+
+
+@torch.library.custom_op("copsd::linear_divergence", mutates_args=(), schema=(
+    f"({_INPUTS}, Tensor? topk_ids, int topk_k, {_OPTIONS}) -> (Tensor, Tensor)"))
+def _per_token_op(xs, ws, xt, wt, mask, topk_ids, topk_k, *options):
+    _check_topk_values(topk_ids, ws.shape[0])
+    loss, _, _, ids, idx = _run(xs, ws, xt, wt, mask, topk_ids, topk_k, options)
+    n = xs.shape[0]
+    if ids is None or topk_ids is not None:  # only ids it computed are returned (never an input)
+        ids = torch.zeros(0, 0, dtype=torch.int64, device=xs.device)
+    else:
+        ids = _expand(idx, ids, n)
+    return _expand(idx, loss, n), ids
+
+
+@_per_token_op.register_fake
+def _per_token_fake(xs, ws, xt, wt, mask, topk_ids, topk_k, temperature, logit_scale, softcap, kind, beta,
+                    support, tail, term_clip, backend):
+    n = xs.shape[0]
+    k = topk_k if (topk_ids is None and support == "teacher_topk") else 0
+    ids = xs.new_empty((n, k) if k else (0, 0), dtype=torch.int64)
+    return xs.new_empty(n, dtype=stat_dtype(xs)), ids
+
+
+@torch.library.custom_op("copsd::linear_divergence_backward", mutates_args=(), schema=(
+    f"({_INPUTS}, Tensor? topk_ids, Tensor grad, {_OPTIONS}) -> (Tensor, Tensor)"))
+def _per_token_backward_op(xs, ws, xt, wt, mask, topk_ids, grad, *options):
+    _, dxs, dws, _, idx = _run(xs, ws, xt, wt, mask, topk_ids, 0, options, per_token_grad=grad)
+    return _expand(idx, dxs, xs.shape[0]).to(xs.dtype), dws.to(ws.dtype)
+
+
+@_per_token_backward_op.register_fake
+def _per_token_backward_fake(xs, ws, xt, wt, mask, topk_ids, grad, *options):
+    return torch.empty_like(xs), torch.empty_like(ws)
+
+
+def _per_token_setup(ctx, inputs, output):
+    xs, ws, xt, wt, mask, topk_ids, topk_k, *options = inputs
+    computed = topk_ids is None and options[5] == "teacher_topk"  # options[5]: support
+    ctx.save_for_backward(xs, ws, xt, wt, mask, output[1] if computed else topk_ids)
+    ctx.options = options
+
+
+def _per_token_backward(ctx, grad, _g_ids):
+    xs, ws, xt, wt, mask, ids = ctx.saved_tensors
+    dxs, dws = _per_token_backward_op(xs, ws, xt, wt, mask, ids, grad.contiguous(), *ctx.options)
+    return (dxs if ctx.needs_input_grad[0] else None, dws if ctx.needs_input_grad[1] else None,
+            *([None] * (len(ctx.options) + 5)))
+
+
+_per_token_op.register_autograd(_per_token_backward, setup_context=_per_token_setup)
+
+
+@torch.library.custom_op("copsd::linear_divergence_reduced", mutates_args=(), schema=(
+    f"({_INPUTS}, Tensor? topk_ids, int topk_k, str reduction, bool with_grad, {_OPTIONS}) "
+    "-> (Tensor, Tensor, Tensor)"))
+def _reduced_op(xs, ws, xt, wt, mask, topk_ids, topk_k, reduction, with_grad, *options):
+    _check_topk_values(topk_ids, ws.shape[0])
+    n = xs.shape[0] if mask is None else int(mask.sum())
+    scale = 1.0 / n if (reduction == "mean" and n > 0) else 1.0
+    loss, dxs, dws, _, idx = _run(xs, ws, xt, wt, mask, topk_ids, topk_k, options,
+                                  token_grad=scale if with_grad else None)
+    if not with_grad:
+        empty = torch.zeros(0, dtype=loss.dtype, device=xs.device)
+        return loss.sum() * scale, empty, empty.clone()
+    return loss.sum() * scale, _expand(idx, dxs, xs.shape[0]), dws
+
+
+@_reduced_op.register_fake
+def _reduced_fake(xs, ws, xt, wt, mask, topk_ids, topk_k, reduction, with_grad, *options):
+    cd = stat_dtype(xs)
+    if not with_grad:
+        return xs.new_empty((), dtype=cd), xs.new_empty(0, dtype=cd), xs.new_empty(0, dtype=cd)
+    return xs.new_empty((), dtype=cd), xs.new_empty(xs.shape, dtype=cd), xs.new_empty(ws.shape, dtype=cd)
+
+
+def _reduced_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+    ctx.n_inputs = len(inputs)
+
+
+def _reduced_backward(ctx, grad, _g_dxs, _g_dws):
+    dxs, dws = ctx.saved_tensors
+    if dxs.dim() == 1:
+        raise RuntimeError("copsd::linear_divergence_reduced ran with with_grad=False: it has no gradient "
+                           "(linear_divergence passes with_grad=True whenever a student input requires grad)")
+    # A plain loss.backward() (gradient 1) skips a pass over dW.  A traced gradient (torch.compile, export,
+    # opcheck) is a tensor subclass without data to compare: always scaled.
+    if type(grad) is not torch.Tensor or not bool(grad == 1):
+        dxs, dws = dxs * grad, dws * grad
+    return (dxs.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
+            dws.to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None, *([None] * (ctx.n_inputs - 2)))
+
+
+_reduced_op.register_autograd(_reduced_backward, setup_context=_reduced_setup)
 
 
 def _divergence_spec(kind, beta, support, tail, term_clip):
@@ -69,24 +193,21 @@ def _divergence_spec(kind, beta, support, tail, term_clip):
                           term_clip=None if term_clip is None else float(term_clip))
 
 
-def _topk_ids(topk, support, n, vocab, device):
+def _topk_arg(topk, support, n, vocab):
+    """``(ids tensor | None, k)`` from the ``topk`` argument (static checks; values are checked in the op)."""
     if support == "full":
         if topk is not None:
             raise ValueError("topk is only used with support='teacher_topk'; got topk with support='full'")
-        return None
+        return None, 0
     if topk is None:
         raise ValueError("support='teacher_topk' needs topk: an int k or an [N, k] tensor of teacher ids")
     if isinstance(topk, torch.Tensor):
         if topk.dim() != 2:
             raise ValueError(f"topk must be an int or an [N, k] id tensor, got shape {list(topk.shape)}")
         k = check_k(topk.shape[1], vocab, name="topk.shape[1]")
-        V.ids_in_range("topk", topk, n, vocab, k=k)
-        V.same_device([("teacher_hidden", torch.empty(0, device=device)), ("topk", topk)])
-        srt = topk.sort(dim=1).values
-        if k > 1 and bool((srt[:, 1:] == srt[:, :-1]).any()):
-            raise ValueError("topk must hold distinct ids in every row")
-        return topk
-    return check_k(topk, vocab, name="topk")
+        V.ids_shape("topk", topk, n, k=k)
+        return topk.long().contiguous(), k
+    return None, check_k(topk, vocab, name="topk")
 
 
 def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, kind="reverse_kl",
@@ -98,7 +219,9 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
     with m = (1-beta) q + beta p.  No temperature**2 factor is applied: multiply the result
     yourself if you want Hinton-style gradient scaling.  Masked-out tokens give exactly 0 loss
     and 0 gradient; ``reduction="mean"`` averages over unmasked tokens (0 when there are none).
-    Gradients flow to ``student_hidden`` and ``student_weight`` only.
+    Gradients flow to ``student_hidden`` and ``student_weight`` only.  ``torch.library`` custom ops
+    (``torch.ops.copsd.linear_divergence`` / ``linear_divergence_reduced``): works under
+    ``torch.compile(fullgraph=True)``.
     """
     V.linear_pair("student_hidden", student_hidden, "student_weight", student_weight)
     V.linear_pair("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
@@ -113,24 +236,15 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
     div = _divergence_spec(kind, beta, support, tail, term_clip)
     V.choice("reduction", reduction, REDUCTIONS)
     mask = V.mask(mask, n, student_hidden.device)
-    topk = _topk_ids(topk, support, n, vocab, student_hidden.device)
-    impl = backends.get("divergence", student_hidden.device, backend)
-
-    xt, wt = teacher_hidden.detach(), teacher_weight.detach()
-    xs, ws = student_hidden, student_weight
-    idx = None
-    if mask is not None and not bool(mask.all()):
-        idx = torch.nonzero(mask)[:, 0]
-        xs, xt = xs.index_select(0, idx), xt.index_select(0, idx)
-        if isinstance(topk, torch.Tensor):
-            topk = topk.index_select(0, idx)
-    if isinstance(topk, int):
-        topk_impl = backends.get("topk", xt.device, backend)
-        topk = topk_impl.topk(xt.contiguous(), wt.contiguous(), topk, logit)[0]
-    topk_ids = topk.long().contiguous() if topk is not None else None
-
-    out = _LinearDivergence.apply(xs.contiguous(), ws.contiguous(), xt.contiguous(), wt.contiguous(),
-                                  topk_ids, logit, div, reduction, impl)
-    if reduction == "none" and idx is not None:
-        out = torch.zeros(n, dtype=out.dtype, device=out.device).index_copy(0, idx, out)
-    return out
+    topk_ids, topk_k = _topk_arg(topk, support, n, vocab)
+    if topk_ids is not None:
+        V.same_device([("teacher_hidden", teacher_hidden), ("topk", topk_ids)])
+    V.backend(backend)
+    tensors = (student_hidden.contiguous(), student_weight.contiguous(), teacher_hidden.detach().contiguous(),
+               teacher_weight.detach().contiguous(), mask)
+    options = (logit.temperature, logit.logit_scale, logit.softcap, div.kind, div.beta, div.support, div.tail,
+               div.term_clip, backend)
+    if reduction == "none":
+        return _per_token_op(*tensors, topk_ids, topk_k, *options)[0]
+    with_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad)
+    return _reduced_op(*tensors, topk_ids, topk_k, reduction, with_grad, *options)[0]
