@@ -56,11 +56,15 @@ def run_cell(seed: int, isa: str, work: str, extra: list[str]) -> dict:
             "wall_seconds": round(wall, 1),
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()], "output_dir": out}
-    report_path = os.path.join(out, "report.json")
-    if proc.returncode != 0 or not os.path.isfile(report_path):
+    if proc.returncode != 0 or not os.path.isfile(os.path.join(out, "report.json")):
         cell["error"] = (proc.stderr or proc.stdout)[-3000:]
         return cell
-    with open(report_path) as f:
+    return add_report(cell, out)
+
+
+def add_report(cell: dict, out: str) -> dict:
+    """Add the metrics, targets and times of the demo report in ``out`` to ``cell``."""
+    with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     models = {m["name"]: m["metrics"] for m in report["eval"]["models"]}
     cell.update(targets=report["targets"], passed=sum(t["passed"] for t in report["targets"]),
@@ -71,6 +75,21 @@ def run_cell(seed: int, isa: str, work: str, extra: list[str]) -> dict:
     cell["margin"] = {t["metric"]: (t["value"] / t["threshold"] if t["value"] is not None and t["threshold"]
                                     else None) for t in report["targets"]}
     return cell
+
+
+def collect(work: str) -> list[dict]:
+    """Cells from the ``demo-s<seed>-<isa>/report.json`` files already in ``work`` (runs started by
+    another driver, or by hand with the same layout); the wall time is the demo's own total."""
+    cells = []
+    for name in sorted(os.listdir(work)):
+        parts = name.split("-")
+        out = os.path.join(work, name)
+        if len(parts) != 3 or parts[0] != "demo" or not os.path.isfile(os.path.join(out, "report.json")):
+            continue
+        cell = add_report({"seed": int(parts[1][1:]), "isa": parts[2], "output_dir": out, "returncode": 0}, out)
+        cell["wall_seconds"] = cell["phase_seconds"]["total"]
+        cells.append(cell)
+    return cells
 
 
 def summarise(cells: list[dict]) -> dict:
@@ -95,6 +114,17 @@ def summarise(cells: list[dict]) -> dict:
     return out
 
 
+def _print_cell(c: dict):
+    if "targets" in c:
+        vals = "  ".join(f"{t['metric']} {t['value']:.3f}/{t['threshold']:.3f}{'' if t['passed'] else ' MISS'}"
+                         for t in c["targets"])
+        load = f"load {c['loadavg_before'][0]:.1f}  " if "loadavg_before" in c else ""
+        print(f"seed {c['seed']} {c['isa']:>6}: {c['passed']}/4  {c['wall_seconds']:.0f} s wall  "
+              f"{c.get('cpu_seconds') or 0:.0f} s CPU  {load}{vals}", flush=True)
+    else:
+        print(f"seed {c['seed']} {c['isa']:>6}: FAILED (exit {c['returncode']})\n{c['error']}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -105,27 +135,33 @@ def main(argv=None) -> int:
                                                    "demo_matrix.json"), help="raw results file")
     ap.add_argument("--demo_args", nargs=argparse.REMAINDER, default=[],
                     help="passed on to `copsd demo` (e.g. --demo_args --quick)")
+    ap.add_argument("--collect", metavar="WORK_DIR", default=None,
+                    help="run nothing: summarise the demo-s<seed>-<isa>/report.json files in WORK_DIR")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error(f"--jobs: expected an int >= 1, got {args.jobs}")
-    work = os.path.abspath(args.work_dir or tempfile.mkdtemp(prefix="copsd-demo-matrix-"))
-    os.makedirs(work, exist_ok=True)
-    grid = [(s, isa) for s in args.seeds for isa in args.isa]
     started = datetime.datetime.now(datetime.timezone.utc)
-    print(f"{len(grid)} runs ({args.jobs} at a time), work dir {work}", flush=True)
-    cells = []
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futs = {pool.submit(run_cell, s, isa, work, args.demo_args): (s, isa) for s, isa in grid}
-        for fut in concurrent.futures.as_completed(futs):
-            c = fut.result()
-            cells.append(c)
-            if "targets" in c:
-                vals = "  ".join(f"{t['metric']} {t['value']:.3f}/{t['threshold']:.3f}"
-                                 f"{'' if t['passed'] else ' MISS'}" for t in c["targets"])
-                print(f"seed {c['seed']} {c['isa']:>6}: {c['passed']}/4  {c['wall_seconds']:.0f} s wall  "
-                      f"load {c['loadavg_before'][0]:.1f}  {vals}", flush=True)
-            else:
-                print(f"seed {c['seed']} {c['isa']:>6}: FAILED (exit {c['returncode']})\n{c['error']}", flush=True)
+    if args.collect:
+        work = os.path.abspath(args.collect)
+        if not os.path.isdir(work):
+            ap.error(f"--collect: {work} is not a directory")
+        cells = collect(work)
+        for c in cells:
+            _print_cell(c)
+    else:
+        work = os.path.abspath(args.work_dir or tempfile.mkdtemp(prefix="copsd-demo-matrix-"))
+        os.makedirs(work, exist_ok=True)
+        grid = [(s, isa) for s in args.seeds for isa in args.isa]
+        print(f"{len(grid)} runs ({args.jobs} at a time), work dir {work}", flush=True)
+        cells = []
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            futs = {pool.submit(run_cell, s, isa, work, args.demo_args): (s, isa) for s, isa in grid}
+            for fut in concurrent.futures.as_completed(futs):
+                cells.append(fut.result())
+                _print_cell(cells[-1])
+    if not cells:
+        print("no completed runs")
+        return 1
     cells.sort(key=lambda c: (c["seed"], c["isa"]))
     summary = summarise(cells)
     print(f"\n{'metric':<28}{'copsd_student min / median / max':>36}{'margin min':>12}{'passed':>8}")
@@ -142,7 +178,9 @@ def main(argv=None) -> int:
               "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "host": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                        "python": platform.python_version()},
-              "seeds": args.seeds, "isa": args.isa, "jobs": args.jobs, "demo_args": args.demo_args,
+              "seeds": sorted({c["seed"] for c in cells}), "isa": sorted({c["isa"] for c in cells}),
+              "jobs": None if args.collect else args.jobs, "demo_args": None if args.collect else args.demo_args,
+              "collected_from": work if args.collect else None,
               "summary": summary, "cells": cells}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     tmp = args.json + ".tmp"
