@@ -50,14 +50,19 @@ def run_cell(seed: int, isa: str, work: str, extra: list[str]) -> dict:
            *extra]
     load_before = os.getloadavg()
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # output to a file, not a pipe: a run outlives this driver (killed, or a closed terminal) instead of
+    # dying on its next write, and --collect can still summarise it
+    log_path = out + ".log"
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     wall = time.time() - t0
     cell = {"seed": seed, "isa": isa, "command": " ".join(cmd), "returncode": proc.returncode,
             "wall_seconds": round(wall, 1),
             "loadavg_before": [round(x, 2) for x in load_before],
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()], "output_dir": out}
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()], "output_dir": out, "log": log_path}
     if proc.returncode != 0 or not os.path.isfile(os.path.join(out, "report.json")):
-        cell["error"] = (proc.stderr or proc.stdout)[-3000:]
+        with open(log_path) as f:
+            cell["error"] = f.read()[-3000:]
         return cell
     return add_report(cell, out)
 

@@ -76,6 +76,7 @@ def plot_training_dynamics(runs: dict[str, str], out_png: str, *, window: int = 
             ax.plot([s for s, _ in smooth], [y for _, y in smooth], color=color, linewidth=2, label=label)
         ax.set_title(name)
         ax.set_ylabel(ylabel, fontsize=8)
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(alpha=0.3)
         if key.startswith("refusal"):
             ax.set_ylim(-0.03, 1.03)
