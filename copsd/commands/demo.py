@@ -28,11 +28,11 @@ class DemoSettings:
 
     seed: int = 0
     # Stage 1
-    sft_epochs: float = 2.0
+    sft_epochs: float = 4.0
     sft_learning_rate: float = 2e-3
     sft_batch_size: int = 16
     # Stage 2 (both runs)
-    distill_steps: int = 160
+    distill_steps: int = 200
     distill_learning_rate: float = 3e-4
     prompts_per_step: int = 4
     num_generations: int = 8
