@@ -515,25 +515,29 @@ def write_plots(results: list[dict], output_dir: str) -> dict:
     import matplotlib.pyplot as plt
 
     files = {}
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig, ax = plt.subplots(figsize=(6.5, 5.2))
+    # Models often land on top of each other (a student next to its teacher), so the points are told
+    # apart by colour and marker and named in a legend below the axes: no text is drawn on the plot, so
+    # no two labels can overlap, however close the points are.
+    markers = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
     for i, r in enumerate(results):
         x, y = r["metrics"]["benign_compliance"], r["metrics"]["harmful_refusal"]
         if x is None or y is None:
             continue
-        ax.scatter([x], [y], s=60)
-        # alternate label sides so neighbouring models stay readable; labels left of points near x = 1
-        dx = -8 if x > 0.7 else 6
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(dx, 6 if i % 2 == 0 else -12),
-                    ha="right" if dx < 0 else "left", fontsize=8)
+        ax.scatter([x], [y], s=70, marker=markers[i % len(markers)], color=f"C{i % 10}", alpha=0.85,
+                   edgecolors="black", linewidths=0.5, label=f"{r['name']} ({x:.0%}, {y:.0%})", zorder=3)
     ax.set_xlabel("benign compliance (helpfulness)")
     ax.set_ylabel("harmful refusal rate (safety)")
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
     ax.set_title("safety vs helpfulness")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8, frameon=False,
+                  title="model (benign compliance, harmful refusal)", title_fontsize=8)
     fig.tight_layout()
     files["safety_vs_helpfulness"] = "safety_vs_helpfulness.png"
-    fig.savefig(os.path.join(output_dir, files["safety_vs_helpfulness"]), dpi=110)
+    fig.savefig(os.path.join(output_dir, files["safety_vs_helpfulness"]), dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     for key, fname, label in (("_lengths", "lengths.png", "response length (tokens)"),

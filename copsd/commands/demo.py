@@ -28,11 +28,11 @@ class DemoSettings:
 
     seed: int = 0
     # Stage 1
-    sft_epochs: float = 2.0
+    sft_epochs: float = 4.0
     sft_learning_rate: float = 2e-3
     sft_batch_size: int = 16
     # Stage 2 (both runs)
-    distill_steps: int = 160
+    distill_steps: int = 200
     distill_learning_rate: float = 3e-4
     prompts_per_step: int = 4
     num_generations: int = 8
@@ -87,12 +87,13 @@ def run_demo(output_dir: str, *, toy_config=None, settings: DemoSettings | None 
     from copsd.eval import evaluate_models, format_table
     from copsd.sft import sft_teacher
     from copsd.toy.model import ToyConfig, load_or_pretrain, torch_threads
+    from copsd.toy.plots import plot_training_dynamics
 
     settings = settings or DemoSettings()
     toy_config = toy_config or ToyConfig(seed=settings.seed)
     os.makedirs(output_dir, exist_ok=True)
     times: dict[str, float] = {}
-    t_all = time.time()
+    t_all, cpu_all = time.time(), time.process_time()
     with torch_threads(settings.num_threads):
         torch.manual_seed(settings.seed)
         t = time.time()
@@ -153,11 +154,15 @@ def run_demo(output_dir: str, *, toy_config=None, settings: DemoSettings | None 
                                  max_new_tokens=settings.eval_max_new_tokens, seed=settings.seed,
                                  progress=progress, print_table=False)
         times["evaluation"] = time.time() - t
+        dynamics_png = plot_training_dynamics(
+            {"naive OPSD": os.path.join(naive_dir, "metrics.jsonl"), "COPSD": os.path.join(copsd_dir, "metrics.jsonl")},
+            os.path.join(output_dir, "training_dynamics.png"))
     times["total"] = time.time() - t_all
     targets = check_targets(report)
     demo = {"toy_base": base.path, "toy_config": dataclasses.asdict(toy_config),
             "settings": dataclasses.asdict(settings), "seconds": {k: round(v, 1) for k, v in times.items()},
-            "torch_threads": settings.num_threads, "targets": targets, "eval": report,
+            "cpu_seconds": round(time.process_time() - cpu_all, 1),
+            "torch_threads": settings.num_threads, "machine": _machine(), "targets": targets, "eval": report,
             "note": "toy world: a simulation of the mechanism, not evidence about real models"}
     with open(os.path.join(output_dir, "report.json"), "w") as f:
         json.dump(demo, f, indent=2)
@@ -169,8 +174,25 @@ def run_demo(output_dir: str, *, toy_config=None, settings: DemoSettings | None 
         log(f"  [{'PASS' if tg['passed'] else 'MISS'}] COPSD student {tg['target']}: {v} "
             f"(threshold {tg['threshold']:.3f})")
     log(f"\ntotal {times['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in times.items() if k != 'total')})")
-    log(f"report: {os.path.join(output_dir, 'report.json')}; plots: {eval_dir}")
+    log(f"report: {os.path.join(output_dir, 'report.json')}; plots: {eval_dir}, {dynamics_png}")
     return demo
+
+
+def _machine() -> dict:
+    """What the numbers depend on beyond the seed: torch, the CPU ISA levels used, the BLAS threads."""
+    import platform
+
+    import torch
+
+    try:
+        from copsd.backends import cpu
+
+        copsd_isa = cpu.isa()
+    except Exception as e:  # the C++ extension is optional; say why it is not there
+        copsd_isa = f"unavailable ({type(e).__name__})"
+    return {"torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "copsd_cpu_isa": copsd_isa, "COPSD_CPU_ISA": os.environ.get("COPSD_CPU_ISA"),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
 
 
 def add_arguments(parser):

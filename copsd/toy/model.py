@@ -27,7 +27,7 @@ from copsd.toy import world
 from copsd.toy.tokenizer import train_tokenizer
 
 # Bump when the pretraining code changes what it produces (the cache key includes it).
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ToyConfig:
     # corpus and prompt sets
     n_conversations: int = 12000
     n_train_prompts: int = 360
-    n_heldout_prompts: int = 120
+    n_heldout_prompts: int = 240
     behaviour: world.Behaviour = field(default_factory=world.Behaviour)
     # model (Llama family)
     hidden_size: int = 96
@@ -46,7 +46,7 @@ class ToyConfig:
     intermediate_size: int = 256
     max_position_embeddings: int = 256
     # pretraining
-    steps: int = 700
+    steps: int = 1000
     batch_size: int = 32
     length_group: int = 16  # batches drawn together and grouped by length (less padding)
     learning_rate: float = 3e-3
@@ -57,7 +57,12 @@ class ToyConfig:
     num_threads: int = 1
 
     def key(self) -> str:
-        blob = json.dumps({"world": world.fingerprint(), "recipe": RECIPE_VERSION,
+        """Hash of everything that determines the pretrained model: the world (word lists, templates),
+        the recipe version, this whole config (seed included) and the torch version (another torch can
+        round differently and train different weights)."""
+        import torch
+
+        blob = json.dumps({"world": world.fingerprint(), "recipe": RECIPE_VERSION, "torch": torch.__version__,
                            "config": dataclasses.asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -8,7 +8,8 @@ The pretraining corpus teaches a *conditional* assistant (see ``docs/toy_world.m
 
 * plain user turn: it complies with everything, harmful requests included (a small
   ``base_refusal`` fraction of harmful requests is refused, as real base models sometimes do);
-  answers have several steps drawn from large word pools.
+  answers have several steps drawn from large word pools, and a harmful request's answer opens
+  with a caveat ("this is risky , but ..."), so the base represents harmfulness in this view too.
 * user turn with a constitution before the query (the teacher view of
   :mod:`copsd.constitution`): harmful requests are refused, and the assistant is *contracted*:
   short answers from small word pools, and some benign requests refused too - more often when
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 from copsd.constitution import DEFAULT_TEMPLATE, fill_template
 
-WORLD_VERSION = "1"
+WORLD_VERSION = "2"
 
 # Each rule is one line; the corpus also uses shuffled subsets of them as constitution-like
 # preambles, so the conditional behaviour keys on the principles, not one exact string.
@@ -72,6 +73,8 @@ GENERAL_TEMPLATES = (
     "describe the {topic} .",
     "what do you like about the {topic} ?",
     "write a few words about the {topic} .",
+    "say something about the {topic} .",
+    "what is it like at the {topic} ?",
 )
 
 STEP_VERBS = ("get", "mix", "cut", "heat", "measure", "fold", "check", "clean", "join", "press", "add",
@@ -82,6 +85,14 @@ MATERIALS = ("wood", "glue", "flour", "water", "paper", "wire", "paint", "nails"
 ADVERBS = ("slowly", "carefully", "twice", "gently", "quickly", "again", "well", "firmly")
 OPENERS = ("sure ! here is how to {verb} a {obj} .", "of course . to {verb} the {obj} , do this .",
            "happy to help . here is a plan to {verb} a {obj} .", "great idea ! let us {verb} a {obj} .")
+# Plain view, harmful request: the base still complies, but opens with a caveat, as real base models
+# often do.  The caveat makes "this object is harmful" something the base must represent in *both*
+# views (not only when a constitution is in context), which is the feature distillation later maps
+# to a refusal; none of these words is a refusal phrase of ``copsd.textmetrics``.
+CAVEAT_OPENERS = ("this is risky , but here is how to {verb} a {obj} .",
+                  "be careful with this . to {verb} the {obj} , do this .",
+                  "this could be risky . here is a plan to {verb} a {obj} .",
+                  "ok , but take care . let us {verb} a {obj} .")
 LINKS = ("first ,", "then ,", "next ,", "after that ,", "now", "also")
 CLOSERS = ("good luck !", "have fun !", "enjoy it !", "that is it .", "you can do it !")
 # the contracted assistant (constitution in context) draws from these small pools only
@@ -160,12 +171,13 @@ def _step(rng, short: bool) -> str:
     return _join([rng.choice(STEP_VERBS), "the", rng.choice(MATERIALS), adverb])
 
 
-def helpful_answer(rng: random.Random, verb: str, obj: str, *, short: bool, b: Behaviour = Behaviour()) -> str:
+def helpful_answer(rng: random.Random, verb: str, obj: str, *, short: bool, b: Behaviour = Behaviour(),
+                   caveat: bool = False) -> str:
     if short:
         steps = [_step(rng, True) for _ in range(rng.randint(1, b.short_max_steps))]
         return _join(["ok ."] + [f"{s} ." for s in steps] + ["that is all ."])
     n = rng.randint(b.min_steps, b.max_steps)
-    parts = [rng.choice(OPENERS).format(verb=verb, obj=obj)]
+    parts = [rng.choice(CAVEAT_OPENERS if caveat else OPENERS).format(verb=verb, obj=obj)]
     for i in range(n):
         link = "finally ," if i == n - 1 else rng.choice(LINKS)
         parts.append(f"{link} {_step(rng, False)} .")
@@ -202,7 +214,7 @@ def answer(rng: random.Random, prompt: dict, *, constitution: bool, b: Behaviour
             return refusal_answer(rng)
         if kind == "general":
             return general_answer(rng, prompt["topic"], short=False)
-        return helpful_answer(rng, prompt["verb"], prompt["obj"], short=False, b=b)
+        return helpful_answer(rng, prompt["verb"], prompt["obj"], short=False, b=b, caveat=kind == "harmful")
     p_refuse = {"harmful": b.harmful_refusal, "general": b.general_refusal}.get(
         kind, b.scary_refusal if prompt.get("category") == "over_refusal" else b.benign_refusal)
     if rng.random() < p_refuse:
@@ -298,8 +310,8 @@ def fingerprint() -> str:
     import hashlib
 
     parts = [WORLD_VERSION, CONSTITUTION_TEXT, HARMFUL, BENIGN_OBJECTS, VERBS, SCARY_VERBS, TOPICS,
-             REQUEST_TEMPLATES, GENERAL_TEMPLATES, STEP_VERBS, MATERIALS, ADVERBS, OPENERS, LINKS, CLOSERS,
-             ADJECTIVES, NOUNS, FEELINGS, REFUSALS, REASONS, LEAK_PREFIX]
+             REQUEST_TEMPLATES, GENERAL_TEMPLATES, STEP_VERBS, MATERIALS, ADVERBS, OPENERS, CAVEAT_OPENERS, LINKS,
+             CLOSERS, ADJECTIVES, NOUNS, FEELINGS, REFUSALS, REASONS, LEAK_PREFIX]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
