@@ -31,9 +31,12 @@ namespace {
 
 // ------------------------------------------------------------------------------ exp
 
-// exp(x) in float, branch-free so loops over it vectorise.  Cody-Waite reduction plus a
-// degree-6 minimax polynomial (relative error ~1 ulp).  NaN propagates, x < -87.3 -> 0,
-// x > 88 -> inf: callers only pass x <= 0 (logit minus a running max) or tiny ranges.
+// exp(x) in float, branch-free so loops over it vectorise at the full width of the ISA the file
+// is compiled for (16 lanes with AVX-512, 8 with AVX2, 4 at the SSE baseline).  Cody-Waite
+// reduction plus a degree-6 minimax polynomial: max relative error 8.4e-8 (< 1 ulp) against
+// float64 exp over [-87.3, 88] (tests/test_cpu_kernels.py).  Edges: NaN propagates,
+// x < -87.34 -> 0 (no denormals), x > 88 -> inf; callers pass x <= 0 (a logit minus a maximum)
+// or tiny ranges.  double uses the C library's exp.
 inline float fexp(float x) {
   const float hi = 88.0f, lo = -87.33654f;
   float xc = x > hi ? hi : x;
@@ -508,6 +511,8 @@ T div_row(T* zs, T* zt, int64_t V, const int64_t* K, int64_t k, T tg, bool grad,
   }
 }
 
+#include "loss_cols.h"  // column-layout epilogues (same ISA, same helpers)
+
 }  // namespace
 
 // The exported table for this ISA.
@@ -527,6 +532,14 @@ const RowKernels<float>& kernels_f32() {
 }
 const RowKernels<double>& kernels_f64() {
   static const RowKernels<double> t = make_table<double>();
+  return t;
+}
+const ColKernels<float>& cols_f32() {
+  static const ColKernels<float> t = make_col_table<float>();
+  return t;
+}
+const ColKernels<double>& cols_f64() {
+  static const ColKernels<double> t = make_col_table<double>();
   return t;
 }
 
