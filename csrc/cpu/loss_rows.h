@@ -511,7 +511,11 @@ T div_row(T* zs, T* zt, int64_t V, const int64_t* K, int64_t k, T tg, bool grad,
   }
 }
 
-#include "loss_cols.h"  // column-layout epilogues (same ISA, same helpers)
+template <typename T>
+void exp_array(const T* x, T* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = fexp(x[i]);
+}
 
 }  // namespace
 
@@ -523,6 +527,7 @@ RowKernels<T> make_table() {
   t.logprob_bwd = &logprob_row_bwd<T>;
   t.topk = &topk_row<T>;
   t.div = &div_row<T>;
+  t.exp = &exp_array<T>;
   return t;
 }
 
@@ -532,14 +537,6 @@ const RowKernels<float>& kernels_f32() {
 }
 const RowKernels<double>& kernels_f64() {
   static const RowKernels<double> t = make_table<double>();
-  return t;
-}
-const ColKernels<float>& cols_f32() {
-  static const ColKernels<float> t = make_col_table<float>();
-  return t;
-}
-const ColKernels<double>& cols_f64() {
-  static const ColKernels<double> t = make_col_table<double>();
   return t;
 }
 

@@ -39,48 +39,14 @@ struct RowKernels {
   // K/k: teacher top-k ids of the row (support == SUPPORT_TOPK); scratch: 3k values.
   T (*div)(T* ys, T* yt, int64_t V, const int64_t* K, int64_t k, T tg, bool grad, const LogitParams&,
            const DivParams&, T* scratch);
-};
-
-// Vocabulary-major ("column") layout of a chunk of R tokens: z[V][R], entry (token r, vocab j) at
-// z[j * R + r].  The lm_head GEMM writes this layout at full-GEMM speed (W[V, H] @ x[R, H]^T), and
-// every loop below runs over the R tokens of one vocabulary entry: contiguous, full vector width,
-// no horizontal reductions.  Routines work on the vocabulary block [j0, j1) and write per-token
-// partial statistics (arrays of R) that the driver merges across blocks (log-sum-exp merge).
-template <typename T>
-struct ColKernels {
-  // y = exp(x) elementwise with this ISA's vectorised polynomial (exposed for tests).
+  // y = exp(x) elementwise with the epilogues' vectorised exp (exposed for tests).
   void (*exp)(const T* x, T* y, int64_t n);
-  // In place y -> z (temperature / scale / softcap) on entries [j0, j1).
-  void (*transform)(T* z, int64_t R, int64_t j0, int64_t j1, const LogitParams&);
-  // m = max_j z, s = sum_j e^{z - m}, w = sum_j e^{z - m} (z - m) (w may be null).
-  void (*lse_stats)(const T* z, int64_t R, int64_t j0, int64_t j1, T* m, T* s, T* w);
-  // Reverse KL one-pass statistics over the block: ms, mt, Ss, St and A = sum e^{zs-ms}((zs-ms)-(zt-mt)) with
-  // the block's maxima; with store, zs <- e^{zs-ms} and zt <- (zs-ms)-(zt-mt) for rkl_grad.
-  void (*rkl_stats)(T* zs, T* zt, int64_t R, int64_t j0, int64_t j1, T* ms, T* mt, T* Ss, T* St, T* A,
-                    bool store);
-  // zs <- zs F (zt + Sh) with this block's per-token F, Sh (reverse KL gradient, no exponential).
-  void (*rkl_grad)(T* zs, const T* zt, int64_t R, int64_t j0, int64_t j1, const T* F, const T* Sh);
-  // Per-token partial sums of the summand s(ls, lt) and of g = ds/dls with ls = (zs-ms)-lss,
-  // lt = (zt-mt)-lst; with store_g, zt <- g.
-  void (*div_terms)(const T* zs, T* zt, int64_t R, int64_t j0, int64_t j1, const T* ms, const T* lss,
-                    const T* mt, const T* lst, const DivParams&, bool store_g, T* loss, T* G);
-  // zs <- (g - e^{ls} G) tg dz/dy with g in zt (after div_terms with store_g).
-  void (*div_grad)(T* zs, const T* zt, int64_t R, int64_t j0, int64_t j1, const T* ms, const T* lss, const T* G,
-                   const T* tg, const LogitParams&);
-  // z <- -e^{z - lse} (a + b z) dz/dy; with transform, z holds raw GEMM output first.
-  void (*logprob_grad)(T* z, int64_t R, int64_t j0, int64_t j1, const T* lse, const T* a, const T* b,
-                       const LogitParams&, bool transform);
-  // Top-k of the G <= 16 tokens [g0, g0 + G) over the whole vocabulary, descending (ties: lower id first);
-  // token g0 + i's values / ids go to vals[i * k ...] / ids[i * k ...].  NaN logits never enter.
-  void (*topk)(const T* z, int64_t R, int64_t V, int64_t g0, int64_t G, int64_t k, T* vals, int64_t* ids);
 };
 
 #define COPSD_DECLARE_ISA(isa)                  \
   namespace isa {                               \
   const RowKernels<float>& kernels_f32();       \
   const RowKernels<double>& kernels_f64();      \
-  const ColKernels<float>& cols_f32();          \
-  const ColKernels<double>& cols_f64();         \
   }
 
 COPSD_DECLARE_ISA(base)
