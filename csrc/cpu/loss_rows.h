@@ -31,9 +31,12 @@ namespace {
 
 // ------------------------------------------------------------------------------ exp
 
-// exp(x) in float, branch-free so loops over it vectorise.  Cody-Waite reduction plus a
-// degree-6 minimax polynomial (relative error ~1 ulp).  NaN propagates, x < -87.3 -> 0,
-// x > 88 -> inf: callers only pass x <= 0 (logit minus a running max) or tiny ranges.
+// exp(x) in float, branch-free so loops over it vectorise at the full width of the ISA the file
+// is compiled for (16 lanes with AVX-512, 8 with AVX2, 4 at the SSE baseline).  Cody-Waite
+// reduction plus a degree-6 minimax polynomial: max relative error 8.4e-8 (< 1 ulp) against
+// float64 exp over [-87.3, 88] (tests/test_cpu_kernels.py).  Edges: NaN propagates,
+// x < -87.34 -> 0 (no denormals), x > 88 -> inf; callers pass x <= 0 (a logit minus a maximum)
+// or tiny ranges.  double uses the C library's exp.
 inline float fexp(float x) {
   const float hi = 88.0f, lo = -87.33654f;
   float xc = x > hi ? hi : x;
@@ -65,6 +68,8 @@ inline double flog(double x) { return std::log(x); }
 
 template <typename T>
 inline T neg_inf() { return -std::numeric_limits<T>::infinity(); }
+
+constexpr int64_t SUM_BLOCK = 512;  // vocabulary entries per partial sum (see rkl_full_row)
 
 // ------------------------------------------------------------------------------ passes
 
@@ -123,8 +128,13 @@ template <typename T>
 inline T row_sumexp(const T* z, int64_t n, T m) {
   if (m == neg_inf<T>()) return T(0);
   T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += fexp(z[j] - m);
+  for (int64_t b0 = 0; b0 < n; b0 += SUM_BLOCK) {
+    const int64_t b1 = b0 + SUM_BLOCK < n ? b0 + SUM_BLOCK : n;
+    T p = 0;
+#pragma omp simd reduction(+ : p)
+    for (int64_t j = b0; j < b1; ++j) p += fexp(z[j] - m);
+    s += p;
+  }
   return s;
 }
 
@@ -188,12 +198,18 @@ void logprob_row_fwd(T* z, int64_t V, int64_t id, const LogitParams& lp, T* out_
   transform_row(z, V, lp);
   const T m = row_max(z, V);
   T s = 0, w = 0;
-#pragma omp simd reduction(+ : s, w)
-  for (int64_t j = 0; j < V; ++j) {
-    const T d = z[j] - m;
-    const T e = fexp(d);
-    s += e;
-    w += e * d;
+  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
+    const int64_t b1 = b0 + SUM_BLOCK < V ? b0 + SUM_BLOCK : V;
+    T ps = 0, pw = 0;
+#pragma omp simd reduction(+ : ps, pw)
+    for (int64_t j = b0; j < b1; ++j) {
+      const T d = z[j] - m;
+      const T e = fexp(d);
+      ps += e;
+      pw += e * d;
+    }
+    s += ps;
+    w += pw;
   }
   const T log_s = flog(s);
   const T lse = m + log_s;
@@ -329,27 +345,36 @@ T rkl_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& lp) 
   T ms, mt;
   row_max2(zs, zt, V, ms, mt);
   T Ss = 0, St = 0, A = 0;
-  if (grad) {
-#pragma omp simd reduction(+ : Ss, St, A)
-    for (int64_t j = 0; j < V; ++j) {
-      const T ds = zs[j] - ms, dt = zt[j] - mt;
-      const T es = fexp(ds);
-      const T d = ds - dt;
-      Ss += es;
-      St += fexp(dt);
-      A += es * d;
-      zs[j] = es;
-      zt[j] = d;
+  // Two-level sums (vector partial sums per SUM_BLOCK entries, added into the totals) keep fp32
+  // rounding independent of V and of the ISA's lane count.
+  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
+    const int64_t b1 = b0 + SUM_BLOCK < V ? b0 + SUM_BLOCK : V;
+    T s1 = 0, s2 = 0, a = 0;
+    if (grad) {
+#pragma omp simd reduction(+ : s1, s2, a)
+      for (int64_t j = b0; j < b1; ++j) {
+        const T ds = zs[j] - ms, dt = zt[j] - mt;
+        const T es = fexp(ds);
+        const T d = ds - dt;
+        s1 += es;
+        s2 += fexp(dt);
+        a += es * d;
+        zs[j] = es;
+        zt[j] = d;
+      }
+    } else {
+#pragma omp simd reduction(+ : s1, s2, a)
+      for (int64_t j = b0; j < b1; ++j) {
+        const T ds = zs[j] - ms, dt = zt[j] - mt;
+        const T es = fexp(ds);
+        s1 += es;
+        s2 += fexp(dt);
+        a += es * (ds - dt);
+      }
     }
-  } else {
-#pragma omp simd reduction(+ : Ss, St, A)
-    for (int64_t j = 0; j < V; ++j) {
-      const T ds = zs[j] - ms, dt = zt[j] - mt;
-      const T es = fexp(ds);
-      Ss += es;
-      St += fexp(dt);
-      A += es * (ds - dt);
-    }
+    Ss += s1;
+    St += s2;
+    A += a;
   }
   const T inv_s = T(1) / Ss;
   const T loss = A * inv_s - flog(Ss) + flog(St);
@@ -370,10 +395,16 @@ T generic_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& 
   T ms, mt;
   row_max2(zs, zt, V, ms, mt);
   T Ss = 0, St = 0;
-#pragma omp simd reduction(+ : Ss, St)
-  for (int64_t j = 0; j < V; ++j) {
-    Ss += fexp(zs[j] - ms);
-    St += fexp(zt[j] - mt);
+  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
+    const int64_t b1 = b0 + SUM_BLOCK < V ? b0 + SUM_BLOCK : V;
+    T s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+    for (int64_t j = b0; j < b1; ++j) {
+      s1 += fexp(zs[j] - ms);
+      s2 += fexp(zt[j] - mt);
+    }
+    Ss += s1;
+    St += s2;
   }
   // ls = (zs - ms) - log S_s: relative to the max so large logits do not cancel.
   const T log_ss = flog(Ss), log_st = flog(St);
@@ -383,14 +414,20 @@ T generic_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& 
   const T clip = static_cast<T>(dp.clip);
   T loss = 0, G = 0;
   if (grad) {
-#pragma omp simd reduction(+ : loss, G)
-    for (int64_t j = 0; j < V; ++j) {
-      T s, g;
-      clipped<T, KIND>((zs[j] - ms) - log_ss, (zt[j] - mt) - log_st, dp, beta, log_b, log_1mb,
-                       clip, s, g);
-      loss += s;
-      G += g;
-      zt[j] = g;
+    for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
+      const int64_t b1 = b0 + SUM_BLOCK < V ? b0 + SUM_BLOCK : V;
+      T pl = 0, pg = 0;
+#pragma omp simd reduction(+ : pl, pg)
+      for (int64_t j = b0; j < b1; ++j) {
+        T s, g;
+        clipped<T, KIND>((zs[j] - ms) - log_ss, (zt[j] - mt) - log_st, dp, beta, log_b, log_1mb,
+                         clip, s, g);
+        pl += s;
+        pg += g;
+        zt[j] = g;
+      }
+      loss += pl;
+      G += pg;
     }
     const Chain<T> chain(lp);
     const T tgG = G;
@@ -400,12 +437,17 @@ T generic_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& 
       zs[j] = (zt[j] - fexp((zj - ms) - log_ss) * tgG) * tg * chain(zj);
     }
   } else {
-#pragma omp simd reduction(+ : loss)
-    for (int64_t j = 0; j < V; ++j) {
-      T s, g;
-      clipped<T, KIND>((zs[j] - ms) - log_ss, (zt[j] - mt) - log_st, dp, beta, log_b, log_1mb,
-                       clip, s, g);
-      loss += s;
+    for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
+      const int64_t b1 = b0 + SUM_BLOCK < V ? b0 + SUM_BLOCK : V;
+      T pl = 0;
+#pragma omp simd reduction(+ : pl)
+      for (int64_t j = b0; j < b1; ++j) {
+        T s, g;
+        clipped<T, KIND>((zs[j] - ms) - log_ss, (zt[j] - mt) - log_st, dp, beta, log_b, log_1mb,
+                         clip, s, g);
+        pl += s;
+      }
+      loss += pl;
     }
   }
   return loss;
@@ -508,6 +550,12 @@ T div_row(T* zs, T* zt, int64_t V, const int64_t* K, int64_t k, T tg, bool grad,
   }
 }
 
+template <typename T>
+void exp_array(const T* x, T* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = fexp(x[i]);
+}
+
 }  // namespace
 
 // The exported table for this ISA.
@@ -518,6 +566,7 @@ RowKernels<T> make_table() {
   t.logprob_bwd = &logprob_row_bwd<T>;
   t.topk = &topk_row<T>;
   t.div = &div_row<T>;
+  t.exp = &exp_array<T>;
   return t;
 }
 

@@ -39,6 +39,8 @@ struct RowKernels {
   // K/k: teacher top-k ids of the row (support == SUPPORT_TOPK); scratch: 3k values.
   T (*div)(T* ys, T* yt, int64_t V, const int64_t* K, int64_t k, T tg, bool grad, const LogitParams&,
            const DivParams&, T* scratch);
+  // y = exp(x) elementwise with the epilogues' vectorised exp (exposed for tests).
+  void (*exp)(const T* x, T* y, int64_t n);
 };
 
 #define COPSD_DECLARE_ISA(isa)                  \

@@ -1,0 +1,384 @@
+"""CPU loss ops against their peers, side by side in one process: copsd's C++ backend, the GEMM floor, naive
+PyTorch, a 256-row chunked autograd loop (eager and ``torch.compile``), and -- when installed -- Liger-Kernel's
+``LigerFusedLinearJSDLoss``, cut-cross-entropy's ``torch_compile`` path and TRL's ``generalized_jsd_loss``
+(optional: a missing or CPU-incapable package is skipped with a message, never required).
+
+Cases (per-token losses summed; every gradient w.r.t. the student hidden states and lm_head):
+  rkl      reverse KL(student || teacher) fwd+bwd, floor = 4 GEMMs (two logits, d_hidden, d_weight)
+  lpent    log-probs + entropy fwd+bwd (a PPO-like loss of both), floor = 3 GEMMs (logits, d_hidden, d_weight)
+  ce       cross-entropy fwd+bwd, floor = 3 GEMMs
+  topk     top-64 log-probs, floor = 1 GEMM
+
+The floor runs the GEMMs alone into preallocated outputs (no softmax, no allocation): nothing that computes the
+loss can be faster.  Implementations run round-robin, ``--repeats`` rounds; each round's time is divided by the
+same round's floor and the table reports the median of those same-round ratios (robust on a shared machine)
+next to the median time.  Every implementation's outputs are checked against naive before timing (the script
+exits non-zero on a mismatch).  With ``--memory`` each implementation's peak extra resident memory is measured
+in a fresh process (``common.cpu_peak_extra``).
+
+Run: ``python benchmarks/bench_loss_cpu_peers.py [--n 2048 --h 256 --v 32000] [--dtype float32|bfloat16]
+[--case rkl ...] [--repeats 5] [--memory] [--out FILE.md]``.  ``COPSD_CPU_ISA=avx2`` (or ``base``) caps the
+instruction set of copsd's epilogues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import common  # noqa: E402
+
+from copsd import ops  # noqa: E402
+
+K_TOP = 64
+CHUNK = 256
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _inputs(n, h, v, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(n, h, generator=g).to(dtype)
+    xt = torch.randn(n, h, generator=g).to(dtype)
+    ws = (torch.randn(v, h, generator=g) / h**0.5 * 2).to(dtype)
+    wt = (torch.randn(v, h, generator=g) / h**0.5 * 2).to(dtype)
+    ids = torch.randint(0, v, (n,), generator=g)
+    up = torch.rand(n, generator=g)
+    return xs, ws, xt, wt, ids, up
+
+
+# ----------------------------------------------------------------------------- per-token losses on logits
+
+
+def _rkl(zs, zt):
+    ls = zs.float().log_softmax(-1)
+    lt = zt.float().log_softmax(-1)
+    return (ls.exp() * (ls - lt)).sum(-1)
+
+
+def _lpent(z, ids, up):
+    ls = z.float().log_softmax(-1)
+    lp = ls.gather(1, ids[:, None])[:, 0]
+    ent = -(ls.exp() * ls).sum(-1)
+    return -up * lp.exp() + 0.01 * ent
+
+
+def _ce(z, ids):
+    return torch.nn.functional.cross_entropy(z.float(), ids, reduction="none")
+
+
+_compiled = {}
+
+
+def _chunk_fn(case, compiled):
+    """Per-chunk loss sum of the 256-row loop (compiled once per case)."""
+    def rkl(xc, ws, xtc, wt):
+        with torch.no_grad():
+            zt = xtc @ wt.T
+        return _rkl(xc @ ws.T, zt).sum()
+
+    def lpent(xc, w, idc, upc):
+        return _lpent(xc @ w.T, idc, upc).sum()
+
+    def ce(xc, w, idc):
+        return _ce(xc @ w.T, idc).sum()
+
+    fn = {"rkl": rkl, "lpent": lpent, "ce": ce}[case]
+    if not compiled:
+        return fn
+    if case not in _compiled:
+        _compiled[case] = torch.compile(fn, dynamic=False)
+    return _compiled[case]
+
+
+# ----------------------------------------------------------------------------- optional peers
+
+
+def _liger_jsd():
+    """Liger's fused linear JSD (beta = 1 is the reverse KL of student from teacher); None if unusable on CPU."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        return None, f"liger-kernel not importable ({type(e).__name__}: {e})"
+    # The chunked-loss family is plain PyTorch under torch.compile (runs on CPU); soft loss only.
+    return LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0, temperature=1.0), None
+
+
+def _cce():
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception as e:  # noqa: BLE001
+        return None, f"cut-cross-entropy not importable ({type(e).__name__}: {e})"
+    return linear_cross_entropy, None
+
+
+def _trl_gjsd():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                from trl.experimental.gkd.gkd_trainer import GKDTrainer
+            except ImportError:
+                from trl.trainer.gkd_trainer import GKDTrainer
+    except Exception as e:  # noqa: BLE001
+        return None, f"trl not importable ({type(e).__name__}: {e})"
+    return GKDTrainer.generalized_jsd_loss, None
+
+
+# ----------------------------------------------------------------------------- factories
+
+
+def impls_for(case):
+    base = ["floor", "naive", "chunked", "chunked+compile", "copsd"]
+    return {"rkl": base + ["liger", "trl"], "lpent": base + ["copsd:loss"], "ce": base + ["cce"],
+            "topk": ["floor", "naive", "copsd"]}[case]
+
+
+def make_case(case, impl, n, h, v, dtype="float32"):
+    """Zero-argument callable running one implementation of one case; returns its outputs (loss, grads...).
+    Raises ``RuntimeError("skip: ...")`` when an optional peer is unavailable."""
+    dt = DTYPES[dtype]
+    xs, ws, xt, wt, ids, up = _inputs(n, h, v, dt)
+    grad = case != "topk"
+    if impl != "floor":
+        xs.requires_grad_(grad)
+        ws.requires_grad_(grad)
+
+    if impl == "floor":
+        gd = torch.float32 if dt == torch.bfloat16 else dt  # GEMMs as copsd runs them (fp32 accumulate/out)
+        a, b, c, d = (t.to(gd) for t in (xs, ws, xt, wt))
+        z1, z2 = torch.empty(n, v, dtype=gd), torch.empty(n, v, dtype=gd)
+        dx, dw = torch.empty(n, h, dtype=gd), torch.empty(v, h, dtype=gd)
+
+        def run():
+            torch.mm(a, b.T, out=z1)
+            if case == "rkl":
+                torch.mm(c, d.T, out=z2)
+            if grad:
+                torch.mm(z1, b, out=dx)
+                torch.mm(z1.T, a, out=dw)
+            return ()
+        return run
+
+    def grads(loss):
+        xs.grad = ws.grad = None
+        loss.backward()
+        return loss.detach().float(), xs.grad.float(), ws.grad.float()
+
+    if case == "topk":
+        if impl == "naive":
+            return lambda: (x_ := (xs @ ws.T).float()).topk(K_TOP, dim=1)[0] - x_.logsumexp(-1, keepdim=True)
+        if impl == "copsd":
+            return lambda: ops.linear_topk(xs, ws, K_TOP, backend="cpu")[1].float()
+        raise RuntimeError(f"skip: no {impl} for topk")
+
+    if impl == "naive":
+        def run():
+            xs.grad = ws.grad = None
+            if case == "rkl":
+                with torch.no_grad():
+                    zt = xt @ wt.T
+                loss = _rkl(xs @ ws.T, zt).sum()
+            elif case == "lpent":
+                loss = _lpent(xs @ ws.T, ids, up).sum()
+            else:
+                loss = _ce(xs @ ws.T, ids).sum()
+            return grads(loss)
+        return run
+
+    if impl in ("chunked", "chunked+compile"):
+        fn = _chunk_fn(case, impl.endswith("compile"))
+
+        def run():
+            xs.grad = ws.grad = None
+            total = 0.0
+            for r0 in range(0, n, CHUNK):
+                sl = slice(r0, r0 + CHUNK)
+                if case == "rkl":
+                    loss = fn(xs[sl], ws, xt[sl], wt)
+                elif case == "lpent":
+                    loss = fn(xs[sl], ws, ids[sl], up[sl])
+                else:
+                    loss = fn(xs[sl], ws, ids[sl])
+                loss.backward()
+                total += loss.detach().float()
+            return total, xs.grad.float(), ws.grad.float()
+        return run
+
+    if impl == "copsd":
+        def run():
+            if case == "rkl":
+                loss = ops.linear_divergence(xs, ws, xt, wt, kind="reverse_kl", reduction="sum", backend="cpu")
+            elif case == "lpent":
+                lp, ent, _ = ops.linear_logprobs(xs, ws, ids, return_entropy=True, backend="cpu")
+                loss = (-up * lp.exp() + 0.01 * ent).sum()
+            else:
+                lp, _, _ = ops.linear_logprobs(xs, ws, ids, backend="cpu")
+                loss = -lp.sum()
+            return grads(loss)
+        return run
+
+    if impl == "copsd:loss":
+        def run():
+            loss, _, _ = ops.linear_logprobs_loss(
+                xs, ws, ids, lambda lp, ent, rows: -up[rows] * lp.exp() + 0.01 * ent, backend="cpu")
+            return grads(loss)
+        return run
+
+    if impl == "liger":
+        mod, why = _liger_jsd()
+        if mod is None:
+            raise RuntimeError("skip: " + why)
+
+        def run():
+            # Liger takes [N, H] hiddens and [V, H] weights of both models (+ labels for its hard loss, weighted 0)
+            # and returns the mean over tokens.
+            loss = mod(xs, ws, xt, wt, ids) * n
+            return grads(loss)
+        return run
+
+    if impl == "trl":
+        fn, why = _trl_gjsd()
+        if fn is None:
+            raise RuntimeError("skip: " + why)
+
+        def run():
+            with torch.no_grad():
+                zt = xt @ wt.T
+            # beta = 1: KL(student || teacher) per TRL's convention; reduction "sum" over tokens and vocab.
+            loss = fn((xs @ ws.T).float(), zt.float(), beta=1.0, reduction="sum")
+            return grads(loss)
+        return run
+
+    if impl == "cce":
+        fn, why = _cce()
+        if fn is None:
+            raise RuntimeError("skip: " + why)
+
+        def run():
+            loss = fn(xs, ws, ids, impl="torch_compile", reduction="sum")
+            return grads(loss)
+        return run
+
+    raise RuntimeError(f"skip: no {impl} for {case}")
+
+
+# ----------------------------------------------------------------------------- check / run
+
+
+def check(case, impl, out, ref, dtype):
+    if impl == "floor":
+        return
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    tol = 2e-4 if dtype == "float32" else 3e-2
+    for i, (g, w) in enumerate(zip(outs, refs)):
+        g, w = torch.as_tensor(g).double(), torch.as_tensor(w).double()
+        scale = w.abs().max().item()
+        err = (g - w).abs().max().item()
+        if err > tol * (1 + scale):
+            raise AssertionError(f"{case} / {impl}: output {i} differs from naive by {err:.3g} (scale {scale:.3g})")
+
+
+def run_case(case, n, h, v, dtype, repeats, memory):
+    fns, skipped = {}, {}
+    for impl in impls_for(case):
+        try:
+            fns[impl] = make_case(case, impl, n, h, v, dtype)
+        except RuntimeError as e:
+            if not str(e).startswith("skip:"):
+                raise
+            skipped[impl] = str(e)[6:]
+    ref = fns["naive"]()
+    first = {}
+    for impl, fn in list(fns.items()):
+        t0 = time.perf_counter()
+        try:
+            out = fn()  # warm-up (and compilation), checked
+        except Exception as e:  # noqa: BLE001 - an optional peer failing on CPU is reported, not fatal
+            if impl in ("liger", "trl", "cce"):
+                skipped[impl] = f"fails on CPU ({type(e).__name__}: {str(e)[:120]})"
+                del fns[impl]
+                continue
+            raise
+        first[impl] = time.perf_counter() - t0
+        check(case, impl, out, ref, dtype)
+        del out
+    del ref
+    for impl, why in skipped.items():
+        print(f"  [{case}] {impl}: skipped -- {why}", flush=True)
+    times = {i: [] for i in fns}
+    for _ in range(repeats):
+        for impl, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[impl].append(time.perf_counter() - t0)
+    rows = []
+    for impl in fns:
+        ratios = [t / f for t, f in zip(times[impl], times["floor"])]
+        mem = float("nan")
+        if memory and impl != "floor":
+            mem = common.cpu_peak_extra(os.path.abspath(__file__), "make_case", case=case, impl=impl, n=n, h=h, v=v,
+                                        dtype=dtype) / common.MIB
+        rows.append(dict(case=case, impl=impl, ms=statistics.median(times[impl]) * 1e3,
+                         ratio=statistics.median(ratios), mib=mem))
+        print(f"  {case:6s} {impl:16s} {rows[-1]['ms']:9.1f} ms  x{rows[-1]['ratio']:.2f} floor  {mem:8.1f} MiB",
+              flush=True)
+    for impl, why in skipped.items():
+        rows.append(dict(case=case, impl=impl, skipped=why))
+    return rows
+
+
+def table(rows, args):
+    isa = os.environ.get("COPSD_CPU_ISA", "native")
+    from copsd.backends import cpu
+    lines = [
+        f"N={args.n}, H={args.h}, V={args.v}, {args.dtype} inputs, copsd epilogue ISA {cpu.isa()} "
+        f"(COPSD_CPU_ISA={isa}); {args.repeats} round-robin rounds; `x floor` = median of same-round ratios.",
+        "",
+        f"Machine: {common.machine()}",
+        "",
+        "| case | impl | median ms | x floor | peak extra MiB |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['case']} | {r['impl']} | skipped: {r['skipped']} | | |")
+        else:
+            mem = "" if r["mib"] != r["mib"] else f"{r['mib']:.0f}"
+            lines.append(f"| {r['case']} | {r['impl']} | {r['ms']:.0f} | {r['ratio']:.2f} | {mem} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=2048)
+    p.add_argument("--h", type=int, default=256)
+    p.add_argument("--v", type=int, default=32000)
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--case", action="append", choices=["rkl", "lpent", "ce", "topk"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--memory", action="store_true", help="peak memory per implementation (fresh processes)")
+    p.add_argument("--out", help="append the markdown table to this file")
+    a = p.parse_args(argv)
+    rows = []
+    for case in a.case or ["rkl", "lpent", "ce", "topk"]:
+        rows += run_case(case, a.n, a.h, a.v, a.dtype, a.repeats, a.memory)
+    md = table(rows, a)
+    print()
+    print(md)
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(md + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
