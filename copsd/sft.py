@@ -24,7 +24,6 @@ from copsd.constitution import load_constitution, render_ids, teacher_messages
 from copsd.data import SFTRow, load_prompt_rows, load_sft_rows, write_jsonl
 from copsd.objectives import sampled_logprobs
 from copsd.training import (
-    PolicyHidden,
     StageTrainer,
     gather_rows,
     hf_model,
@@ -38,6 +37,7 @@ from copsd.training import (
     prepare_trainable,
     step_seed,
     strided_share,
+    wrap_policy,
 )
 
 logger = logging.getLogger("copsd")
@@ -188,9 +188,10 @@ class CrossSFT(StageTrainer):
         self.max_steps = cfg.max_steps if cfg.max_steps > 0 else max(
             1, math.ceil(cfg.num_train_epochs * len(examples) / self.per_step))
         self.model = prepare_trainable(self.base, cfg)
+        # before the optimizer: FSDP2 replaces the parameters
+        self.policy = wrap_policy(acc, self.model, cfg, self.tokenizer.pad_token_id)
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, self.max_steps)
-        self.policy = acc.prepare_model(PolicyHidden(self.model))
         self.scale, self.softcap = _hf.logit_transform(hf_model(self.model).config)
 
     def train_step(self, step: int) -> dict:
