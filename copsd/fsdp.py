@@ -155,6 +155,11 @@ def full_state_dict(model) -> dict | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    seen = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:  # a tied parameter (lm_head = embeddings) is saved once, as save_pretrained does
+            sd.pop(name, None)
+        seen.add(id(p))
     return sd or None
 
 
