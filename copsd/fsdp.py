@@ -3,8 +3,9 @@
 copsd applies ``fully_shard`` itself when the accelerate launch asks for FSDP version 2
 (``ACCELERATE_USE_FSDP=true`` and ``FSDP_VERSION=2``, which ``accelerate launch`` sets from an FSDP config
 with ``fsdp_version: 2``), on GPUs and on CPU (gloo) alike.  accelerate's own FSDP2 path is not used:
-on CPU accelerate 1.15 ignores an FSDP config and would wrap the model in plain DDP, and on GPU it only
-shards through ``Accelerator.prepare(model, optimizer)``, which does not fit the loss ops below.
+on CPU accelerate 1.15 ignores an FSDP config and would wrap the model in plain DDP, and on GPU its
+``Accelerator.prepare_model`` refuses FSDP2 (it shards only through ``prepare(model, optimizer)``), while
+copsd needs its own layout and the lm_head handling below.
 
 Layout.  Every transformer block is one FSDP unit; all other parameters (embeddings, final norm,
 lm_head, tied or not) form one more unit that stays gathered from the start of the forward pass to the
