@@ -130,10 +130,13 @@ def _tuplify(x):
 def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, optimizer, scheduler, state: dict,
                     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None, model_card: str | None = None,
                     is_main: bool = True, rank: int = 0, barrier=lambda: None,
-                    save_total_limit: int | None = None) -> str:
+                    save_total_limit: int | None = None, model_state_dict: dict | None = None,
+                    optimizer_shard: tuple[dict, int] | None = None) -> str:
     """Write ``checkpoint-<step>`` atomically; every process calls this (each writes its own RNG state).
 
-    ``save_total_limit`` rotation deletes only older checkpoints of the same run (``state["run_id"]``)."""
+    ``save_total_limit`` rotation deletes only older checkpoints of the same run (``state["run_id"]``).
+    FSDP2: ``model_state_dict`` is the gathered full state dict (main process), and ``optimizer_shard`` is
+    ``(this process's optimizer state, number of processes)``: each process writes its own shard."""
     final = checkpoint_dir(output_dir, step)
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
     if is_main:
@@ -143,11 +146,16 @@ def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, optimizer, 
         os.makedirs(tmp)
     barrier()
     torch.save(capture_rng(), os.path.join(tmp, f"rng_state_{rank}.pth"))
+    if optimizer_shard is not None:
+        from copsd.fsdp import optimizer_shard_name
+
+        torch.save(optimizer_shard[0], os.path.join(tmp, optimizer_shard_name(rank, optimizer_shard[1])))
     if is_main:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=model_state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        if optimizer_shard is None:
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         for name, tensors in (extra_tensors or {}).items():
             save_tensors(tensors, os.path.join(tmp, f"{name}.safetensors"))
@@ -257,18 +265,24 @@ def load_model_weights(model, ckpt: str) -> None:
 
 def _tied_names(model) -> set[str]:
     """Parameter names that share storage with an earlier parameter (dropped by save_pretrained)."""
+    from torch.distributed.tensor import DTensor
+
     seen, tied = {}, set()
     for name, p in model.named_parameters(remove_duplicate=False):
-        if p.data_ptr() in seen:
+        key = id(p) if isinstance(p, DTensor) else p.data_ptr()  # a DTensor's data_ptr() is 0 (FSDP2)
+        if key in seen:
             tied.add(name)
         else:
-            seen[p.data_ptr()] = name
+            seen[key] = name
     return tied
 
 
 def load_training_state(ckpt: str, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore optimizer, scheduler and this process's RNG; return the trainer state."""
-    optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True, map_location="cpu"))
+    """Restore optimizer (unless None: FSDP2 shards are restored by ``copsd.fsdp``), scheduler and this process's
+    RNG; return the trainer state."""
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True,
+                                             map_location="cpu"))
     scheduler.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=True))
     rng = os.path.join(ckpt, f"rng_state_{rank}.pth")
     if os.path.isfile(rng):

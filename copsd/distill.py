@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from copsd import _hf
+from copsd import _hf, fsdp
 from copsd.checkpoint import list_checkpoints, load_extra
 from copsd.config import DistillConfig
 from copsd.constitution import check_view_consistency, render_views
@@ -40,7 +40,6 @@ from copsd.objectives import (
     token_rewards,
 )
 from copsd.training import (
-    PolicyHidden,
     StageTrainer,
     Sums,
     check_model_path,
@@ -58,6 +57,7 @@ from copsd.training import (
     prepare_trainable,
     step_seed,
     strided_share,
+    wrap_policy,
 )
 
 logger = logging.getLogger("copsd")
@@ -156,9 +156,10 @@ class Distiller(StageTrainer):
             self.max_steps = cfg.max_steps
         else:
             self.max_steps = max(1, math.ceil(cfg.num_train_epochs * len(self.rows) / self.prompts_per_step))
+        # before the optimizer: FSDP2 replaces the parameters
+        self.policy = wrap_policy(self.acc, self.model, cfg, self.tokenizer.pad_token_id)
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, self.max_steps * cfg.num_mini_batches)
-        self.policy = self.acc.prepare_model(PolicyHidden(self.model))
         self.step = 0
         self.initial: dict = {}
 
@@ -205,6 +206,8 @@ class Distiller(StageTrainer):
         samples = []
         world, rank = self.acc.num_processes, self.acc.process_index
         per_call = len(indices)
+        # a sharded student gathers its parameters in every forward: all processes decode the same number of steps
+        all_done = functools.partial(fsdp.all_processes_done, device=self.device) if self.sharded() else None
         if cfg.generation_batch_size is not None:
             per_call = cfg.generation_batch_size // cfg.num_generations
         for k0 in range(0, len(indices), per_call):
@@ -218,7 +221,7 @@ class Distiller(StageTrainer):
                 ro = generate(hf_model(self.model), [s_ids for s_ids, _ in views], num_generations=cfg.num_generations,
                               max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                               top_p=cfg.top_p, top_k=cfg.top_k, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id, generator=gens)
+                              pad_token_id=tok.pad_token_id, generator=gens, all_done=all_done)
             for p, c, lp, fin in zip(ro.prompt_index, ro.completion_ids, ro.logprobs, ro.finish_reason):
                 k = ks[p]
                 s_ids, t_ids = views[p]
@@ -427,7 +430,7 @@ class Distiller(StageTrainer):
         d = self.cfg.ema_decay
         for pe, p in zip(self.ema.parameters(), self.model.parameters()):
             if p.requires_grad:
-                pe.mul_(d).add_(p.detach().to(pe.dtype), alpha=1 - d)
+                pe.mul_(d).add_(fsdp.full_tensor(p.detach()).to(pe.dtype), alpha=1 - d)
 
     def _text_metrics(self, samples, sums):
         from copsd.textmetrics import leak_rate, self_bleu

@@ -84,7 +84,7 @@ def _sample(probs: torch.Tensor, generator) -> torch.Tensor:
 def generate(model, prompts: Sequence[Sequence[int]], *, num_generations: int = 1, max_new_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
              stop_token_ids=None, pad_token_id=None,
-             generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Rollouts:
+             generator: torch.Generator | Sequence[torch.Generator] | None = None, all_done=None) -> Rollouts:
     """Sample ``num_generations`` completions per prompt (token ids in, token ids out).
 
     ``eos_token_id=None`` uses ``model.generation_config.eos_token_id`` (pass ``[]`` for none); generation
@@ -94,6 +94,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_generations: int = 
     generator per prompt: prompt i's samples then draw only from generator i, so with per-prompt seeds a
     prompt gets the same draws whichever prompts share its batch (the sampled tokens can still differ where
     batching changes the logits in their last bits).  The model's train/eval mode is restored.
+    ``all_done``: optional ``f(local_done: bool) -> bool`` deciding when decoding stops (e.g. only once every
+    process is done, for a sharded model); samples that finished meanwhile are unchanged.
     """
     _, head = _hf.decoder_and_head(model)
     vocab = head.weight.shape[0]
@@ -149,12 +151,13 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_generations: int = 
     model.eval()
     try:
         return _generate(model, rows, num_generations, max_new_tokens, float(temperature), float(top_p),
-                         top_k, stops, int(pad_token_id), generator, device)
+                         top_k, stops, int(pad_token_id), generator, device, all_done)
     finally:
         model.train(was_training)
 
 
-def _generate(model, rows, g, max_new, temperature, top_p, top_k, stops, pad, generator, device) -> Rollouts:
+def _generate(model, rows, g, max_new, temperature, top_p, top_k, stops, pad, generator, device,
+              all_done=None) -> Rollouts:
     b = len(rows)
     width = max(len(p) for p in rows)
     ids = torch.full((b, width), pad, dtype=torch.long)
@@ -201,7 +204,10 @@ def _generate(model, rows, g, max_new, temperature, top_p, top_k, stops, pad, ge
         lengths = torch.where(hit, torch.full_like(lengths, step + 1), lengths)
         stopped |= hit
         done |= hit
-        if step == max_new - 1 or bool(done.all()):
+        if step == max_new - 1:
+            break
+        finished = bool(done.all())
+        if all_done(finished) if all_done is not None else finished:
             break
         mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],

@@ -25,7 +25,6 @@ from copsd.constitution import render_ids, teacher_messages
 from copsd.data import SFTRow, load_prompt_rows, load_sft_rows, write_jsonl
 from copsd.objectives import sampled_logprobs
 from copsd.training import (
-    PolicyHidden,
     StageTrainer,
     check_model_path,
     gather_rows,
@@ -44,6 +43,7 @@ from copsd.training import (
     step_seed,
     strided_share,
     template_errors,
+    wrap_policy,
 )
 
 logger = logging.getLogger("copsd")
@@ -272,9 +272,10 @@ class CrossSFT(StageTrainer):
         self.max_steps = cfg.max_steps if cfg.max_steps > 0 else max(
             1, math.ceil(cfg.num_train_epochs * len(examples) / self.per_step))
         self.model = prepare_trainable(self.base, cfg)
+        # before the optimizer: FSDP2 replaces the parameters
+        self.policy = wrap_policy(acc, self.model, cfg, self.tokenizer.pad_token_id)
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, self.max_steps)
-        self.policy = acc.prepare_model(PolicyHidden(self.model))
         self.scale, self.softcap = _hf.logit_transform(hf_model(self.model).config)
 
     def train_step(self, step: int) -> dict:

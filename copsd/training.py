@@ -29,7 +29,7 @@ import uuid
 
 import torch
 
-from copsd import _hf
+from copsd import _hf, fsdp
 from copsd.checkpoint import (
     RUN_FILE,
     load_model_weights,
@@ -121,6 +121,7 @@ def prepare_trainable(model, cfg: TrainConfig):
             raise ValueError("use_peft=true needs the 'peft' package (pip install copsd[peft])") from None
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
+        torch.manual_seed(cfg.seed)  # LoRA's initialisation is random: the same in every process and every run
         model = get_peft_model(model, lora)
         if os.path.isdir(cfg.model_name_or_path):  # adapters name their base by absolute path, not the cwd's
             for pc in model.peft_config.values():
@@ -171,7 +172,15 @@ class PolicyHidden(torch.nn.Module):
     def forward(self, input_ids, attention_mask):
         decoder, head = _hf.decoder_and_head(hf_model(self.model))
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state, head.weight
+        return out.last_hidden_state, fsdp.full_weight(head)
+
+
+def wrap_policy(acc, model, cfg: TrainConfig, pad_token_id: int):
+    """``PolicyHidden(model)`` prepared for the launch: FSDP2-sharded when asked (see ``copsd.fsdp``), else
+    through accelerate (DDP over processes).  Build the optimizer after this: FSDP2 replaces the parameters."""
+    if fsdp.requested():
+        return fsdp.shard_policy(PolicyHidden(model), acc, bf16=cfg.bf16, pad_token_id=pad_token_id)
+    return acc.prepare_model(PolicyHidden(model))
 
 
 def pad_right(rows: list[list[int]], pad: int, device):
@@ -447,15 +456,16 @@ def _truncate_jsonl(path: str, keep_upto: int):
 
 # --------------------------------------------------------------------------- final model
 
-def save_final(output_dir: str, model, tokenizer, constitution, card: str):
-    """HF model loadable by transformers (LoRA merged; the adapter kept in ``adapter/``)."""
+def save_final(output_dir: str, model, tokenizer, constitution, card: str, state_dict: dict | None = None):
+    """HF model loadable by transformers (LoRA merged; the adapter kept in ``adapter/``); ``state_dict``: the
+    gathered weights of an FSDP-sharded model."""
     os.makedirs(output_dir, exist_ok=True)
     if is_peft(model):
         model.save_pretrained(os.path.join(output_dir, "adapter"))
         merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(output_dir)
     else:
-        model.save_pretrained(output_dir)
+        model.save_pretrained(output_dir, state_dict=state_dict)
     tokenizer.save_pretrained(output_dir)
     with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
         f.write(card)
@@ -562,8 +572,8 @@ class StageTrainer:
                 acc.backward(loss * acc.num_processes)  # DDP averages gradients over processes
         grad_norm = float("nan")
         if cfg.max_grad_norm > 0:
-            grad_norm = float(acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                  cfg.max_grad_norm))
+            norm = acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            grad_norm = float(fsdp.full_tensor(norm))  # a DTensor when the model is FSDP2-sharded
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -576,15 +586,34 @@ class StageTrainer:
         """Checkpoint ``checkpoint-<step>`` (every process calls this)."""
         state = {"stage": self.stage, "config": config_dict(self.cfg), "run_id": self.run_id,
                  **self.checkpoint_state()}
+        sharded = self.sharded()
         save_checkpoint(self.cfg.output_dir, self.step, model=self.unwrapped_model(), tokenizer=self.tokenizer,
                         optimizer=self.optimizer, scheduler=self.scheduler, state=state,
                         extra_tensors=self.extra_tensors(), model_card=self.model_card(),
                         is_main=self.acc.is_main_process, rank=self.acc.process_index,
-                        barrier=self.acc.wait_for_everyone, save_total_limit=self.cfg.save_total_limit)
+                        barrier=self.acc.wait_for_everyone, save_total_limit=self.cfg.save_total_limit,
+                        model_state_dict=fsdp.full_state_dict(self.model) if sharded else None,
+                        optimizer_shard=(fsdp.local_optimizer_state(self.optimizer), self.acc.num_processes)
+                        if sharded else None)
+
+    def sharded(self) -> bool:
+        return fsdp.is_sharded(self.model)
+
+    def whole_copy(self, state_dict: dict):
+        """A whole (unsharded, CPU) copy of the trainable model holding ``state_dict``, e.g. to merge LoRA."""
+        cfg = self.cfg
+        model = prepare_trainable(load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code),
+                                  cfg)
+        model.load_state_dict(state_dict)
+        return model
 
     def resume(self, ckpt: str):
-        state = load_training_state(ckpt, self.optimizer, self.scheduler, rank=self.acc.process_index)
+        sharded = self.sharded()
+        state = load_training_state(ckpt, None if sharded else self.optimizer, self.scheduler,
+                                    rank=self.acc.process_index)
         self.check_resume(ckpt, state)
+        if sharded:
+            fsdp.load_optimizer_shard(self.optimizer, ckpt, self.acc.process_index, self.acc.num_processes)
         load_model_weights(self.model, ckpt)
         self.restore_extra(ckpt, state)
         self.step = int(state["global_step"])
@@ -688,9 +717,13 @@ class StageTrainer:
         if self.step >= self.max_steps:
             if cfg.save_steps:
                 self.save()
+            full = fsdp.full_state_dict(self.model) if self.sharded() else None
             if acc.is_main_process:
-                save_final(cfg.output_dir, self.unwrapped_model(), self.tokenizer, self.constitution,
-                           self.model_card())
+                model = self.unwrapped_model()
+                if full is not None and is_peft(model):  # LoRA is merged on a whole copy
+                    model, full = self.whole_copy(full), None
+                save_final(cfg.output_dir, model, self.tokenizer, self.constitution, self.model_card(),
+                           state_dict=full)
                 self._write_run(finished=True)
             acc.wait_for_everyone()
         return last
