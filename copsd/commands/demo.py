@@ -42,6 +42,13 @@ class DemoSettings:
     # differences; one batched run gave 89.9% harmful refusal instead of 91.1%)
     generation_batch_size: int | None = None
     max_completion_length: int = 64
+    # Stage 1 draws the base's own answers with a higher cap, so that (almost) none is cut: Stage 1 leaves cut
+    # answers out (training an end of turn after them would teach stopping at the cap), and leaving out the
+    # longest answers would bias the teacher, and so the student, towards short answers
+    sft_max_completion_length: int = 128
+    # pi_old in the PPO ratio: the rollout's own log-probs (the same policy, one PPO epoch), which saves the
+    # recompute forward pass that the trainer's default (the reference implementation's) pays for
+    old_logprobs: str = "rollout"
     objective: str = "paper"
     kl_coef: float = 0.005
     # evaluation
@@ -114,6 +121,7 @@ def run_demo(output_dir: str, *, toy_config=None, settings: DemoSettings | None 
                             num_mini_batches=settings.num_mini_batches, num_generations=settings.num_generations,
                             max_completion_length=settings.max_completion_length, objective=settings.objective,
                             kl_coef=settings.kl_coef, teacher_mode="checkpoint", sample_every_steps=0,
+                            old_logprobs=settings.old_logprobs,
                             generation_batch_size=settings.generation_batch_size or settings.num_generations)
 
         t = time.time()
@@ -129,7 +137,7 @@ def run_demo(output_dir: str, *, toy_config=None, settings: DemoSettings | None 
         sft_teacher(SFTTeacherConfig(model_name_or_path=base.path, output_dir=teacher_dir,
                                      learning_rate=settings.sft_learning_rate, num_train_epochs=settings.sft_epochs,
                                      per_device_train_batch_size=settings.sft_batch_size,
-                                     max_completion_length=settings.max_completion_length,
+                                     max_completion_length=settings.sft_max_completion_length,
                                      generation_batch_size=32, max_length=256, **common))
         times["cross_sft"] = time.time() - t
 
@@ -202,6 +210,7 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a shortened run (smaller steps; for smoke tests)")
     parser.add_argument("--distill_steps", type=int, default=None, help="steps of each distillation run")
+    parser.add_argument("--sft_epochs", type=float, default=None, help="Cross-SFT epochs")
     parser.add_argument("--objective", default=None, choices=("paper", "reverse_kl", "topk", "jsd"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny model: 1 is usually fastest)")
     parser.add_argument("--no_progress", action="store_true")
@@ -215,6 +224,10 @@ def run(args):
         if args.distill_steps < 1:
             raise ValueError(f"--distill_steps: expected an int >= 1, got {args.distill_steps}")
         over["distill_steps"] = args.distill_steps
+    if args.sft_epochs is not None:
+        if not args.sft_epochs > 0:
+            raise ValueError(f"--sft_epochs: expected a number > 0, got {args.sft_epochs}")
+        over["sft_epochs"] = args.sft_epochs
     if args.objective:
         over["objective"] = args.objective
     if args.threads < 1:
