@@ -41,7 +41,12 @@ def _env(extra=None):
 
 
 def _port():
-    return str(31500 + (os.getpid() * 7 + int(time.time())) % 2000)
+    """A port free right now (the OS picks it), so parallel jobs on one machine do not collide."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def _run(argv, cwd, extra_env=None):
@@ -168,10 +173,11 @@ def test_fsdp2_sft_two_processes_equal_one(tmp_path):
         f"model_name_or_path: {student}\nconstitution: {bundled('constitution.md')}\n"
         f"cross_sft_set: {bundled('tiny_sft.jsonl')}\nmax_steps: 3\nlearning_rate: 1.0e-2\n"
         "report_to: [jsonl]\ndisable_tqdm: true\nbackend: reference\n")
+    # gradient accumulation under FSDP2 too: 1 process x 4 micro-batches = 2 processes x 2 micro-batches
     _run([sys.executable, "-m", "copsd.cli", "sft-teacher", "--config", str(cfg), "--output_dir", "one",
-          "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2"], tmp_path)
+          "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4"], tmp_path)
     r = _run(_two(["sft-teacher", "--config", str(cfg), "--output_dir", "two", "--per_device_train_batch_size",
-                   "1"]), tmp_path, FSDP_ENV)
+                   "1", "--gradient_accumulation_steps", "2"]), tmp_path, FSDP_ENV)
     _assert_sharded(r.stderr)
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for k in a:
