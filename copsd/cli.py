@@ -41,10 +41,21 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        rc = int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors: one clear line, no traceback
         print(f"copsd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    _close_process_group()
+    return rc
+
+
+def _close_process_group():
+    """End a multi-process run cleanly: all processes meet, then the process group is destroyed, so no process
+    exits while another still talks to it (an early exit with the group alive can abort in its destructor)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
