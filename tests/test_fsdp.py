@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import tiny_model_dir
+from test_trainer import tiny_model_dir, tiny_sft_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
@@ -165,14 +165,7 @@ def test_fsdp2_lora_two_processes_equal_one(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp2_sft_two_processes_equal_one(tmp_path):
-    from copsd.data import bundled
-
-    student = tiny_model_dir(tmp_path / "student")
-    cfg = tmp_path / "s.yaml"
-    cfg.write_text(
-        f"model_name_or_path: {student}\nconstitution: {bundled('constitution.md')}\n"
-        f"cross_sft_set: {bundled('tiny_sft.jsonl')}\nmax_steps: 3\nlearning_rate: 1.0e-2\n"
-        "report_to: [jsonl]\ndisable_tqdm: true\nbackend: reference\n")
+    cfg = tiny_sft_config(tmp_path, tiny_model_dir(tmp_path / "student"))
     # gradient accumulation under FSDP2 too: 1 process x 4 micro-batches = 2 processes x 2 micro-batches
     _run([sys.executable, "-m", "copsd.cli", "sft-teacher", "--config", str(cfg), "--output_dir", "one",
           "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4"], tmp_path)

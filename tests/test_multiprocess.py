@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import tiny_model_dir
+from test_trainer import tiny_model_dir, tiny_sft_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,14 +55,7 @@ def test_two_processes_equal_one(tmp_path):
 
 
 def test_sft_two_processes_equal_one(tmp_path):
-    from copsd.data import bundled
-
-    student = tiny_model_dir(tmp_path / "student")
-    cfg = tmp_path / "s.yaml"
-    cfg.write_text(
-        f"model_name_or_path: {student}\nconstitution: {bundled('constitution.md')}\n"
-        f"cross_sft_set: {bundled('tiny_sft.jsonl')}\nmax_steps: 3\nlearning_rate: 1.0e-2\n"
-        "report_to: [jsonl]\ndisable_tqdm: true\nbackend: reference\n")
+    cfg = tiny_sft_config(tmp_path, tiny_model_dir(tmp_path / "student"))
     _run([sys.executable, "-m", "copsd.cli", "sft-teacher", "--config", str(cfg), "--output_dir", "one",
           "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2"], tmp_path)
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

@@ -4,12 +4,12 @@ weight decay on 1-D parameters, the hybrid routing keys."""
 import argparse
 
 import pytest
+from test_config import _parse
 
 from copsd.config import (
     PRESETS,
     DistillConfig,
     SFTTeacherConfig,
-    add_config_arguments,
     add_run_arguments,
     build_config,
     config_from_args,
@@ -21,10 +21,6 @@ BASE = {"model_name_or_path": "m", "output_dir": "o", "constitution": "c.md", "d
         "teacher_mode": "initial"}
 
 
-def _args(cls, argv):
-    p = argparse.ArgumentParser()
-    add_config_arguments(p, cls)
-    return p.parse_args(argv)
 
 
 def test_defaults_that_follow_the_reference():
@@ -55,13 +51,13 @@ def test_preset_layers_under_yaml_and_flags(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("model_name_or_path: m\noutput_dir: o\ndataset: d.jsonl\nteacher_mode: initial\n"
                  "num_generations: 8\nnum_train_epochs: 1\n")
-    cfg = config_from_args(DistillConfig, _args(DistillConfig, ["--config", str(y), "--preset", "paper",
+    cfg = config_from_args(DistillConfig, _parse(DistillConfig, ["--config", str(y), "--preset", "paper",
                                                                 "--learning_rate", "1e-6"]))
     assert cfg.preset == "paper"
     assert cfg.num_generations == 8 and cfg.num_train_epochs == 1.0      # YAML over preset
     assert cfg.learning_rate == 1e-6                                      # flag over preset
     assert cfg.max_completion_length == 2048                              # preset over default
-    cfg = config_from_args(DistillConfig, _args(DistillConfig, ["--config", str(y)]))
+    cfg = config_from_args(DistillConfig, _parse(DistillConfig, ["--config", str(y)]))
     assert cfg.max_completion_length == DistillConfig.max_completion_length
 
 

@@ -71,6 +71,18 @@ def tiny_model(tokenizer, seed=0, hidden=32, layers=2):
                           pad_token_id=tokenizer.pad_token_id)
 
 
+def tiny_sft_config(tmp_path, student):
+    """A Stage-1 config over the bundled tiny Cross-SFT set (3 steps; the tests add batch shape and output)."""
+    from copsd.data import bundled
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(
+        f"model_name_or_path: {student}\nconstitution: {bundled('constitution.md')}\n"
+        f"cross_sft_set: {bundled('tiny_sft.jsonl')}\nmax_steps: 3\nlearning_rate: 1.0e-2\n"
+        "report_to: [jsonl]\ndisable_tqdm: true\nbackend: reference\n")
+    return cfg
+
+
 def tiny_model_dir(path, seed=0, hidden=32):
     """Save a tiny model + tokenizer to ``path`` (loadable by from_pretrained) and return the path."""
     tok = tiny_tokenizer()
