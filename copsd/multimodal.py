@@ -269,6 +269,26 @@ def vision_features(parts: VLMParts, vision: VisionInputs) -> tuple[torch.Tensor
     return embeds, deep
 
 
+def features_per_row(parts: VLMParts, vision: Sequence[VisionInputs | None]) -> list[tuple | None]:
+    """`vision_features` of each row's images (None for a row without), from ONE vision-tower pass over
+    all of them: ``[(embeds [n_b, H], deepstack list | None) | None]``."""
+    present = [v for v in vision if v is not None]
+    if not present:
+        return [None] * len(vision)
+    embeds, deep = vision_features(parts, concat_vision(present))
+    sizes = [sum(v.tokens_per_image(parts.merge_size)) for v in present]
+    rows = embeds.split(sizes)
+    deep_rows = [d.split(sizes) for d in deep] if deep else None
+    out, k = [], 0
+    for v in vision:
+        if v is None:
+            out.append(None)
+            continue
+        out.append((rows[k], [d[k] for d in deep_rows] if deep_rows else None))
+        k += 1
+    return out
+
+
 def embed(parts: VLMParts, ids: torch.Tensor, features: Sequence[tuple | None],
           context_lens: Sequence[int] | None = None) -> tuple[torch.Tensor, dict]:
     """``inputs_embeds`` [B, S, H] of a padded batch and the extra language-model kwargs (deepstack).
@@ -302,6 +322,30 @@ def embed(parts: VLMParts, ids: torch.Tensor, features: Sequence[tuple | None],
     return embeds, extra
 
 
-__all__ = ["VLMParts", "VisionInputs", "check_vision", "concat_vision", "embed", "is_vlm",
+def hidden_states(model, ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  vision: Sequence[VisionInputs | None], context_lens: Sequence[int] | None = None,
+                  parts: VLMParts | None = None) -> torch.Tensor:
+    """Final-norm hidden states [B, S, H] of a padded batch through a VLM's language model (autograd on).
+
+    The same forward as the model's own (vision features at the context's image placeholders, Qwen3-VL
+    deepstack, M-RoPE positions from ``get_rope_index``) except that tokens past ``context_lens[b]`` are
+    always text, so a sampled response that contains the placeholder id is scored as text, as it was
+    generated.  Feed the result and the lm_head weight to copsd's fused loss ops.
+    """
+    parts = parts if parts is not None else vlm_parts(model)
+    if parts is None:
+        raise ValueError(f"model: expected a vision-language model, got {type(model).__name__}")
+    vision = list(vision)
+    if len(vision) != ids.shape[0]:
+        raise ValueError(f"vision: expected one VisionInputs or None per row ({ids.shape[0]}), got {len(vision)}")
+    pos = rope_positions(parts, ids, attention_mask, vision, context_lens)
+    embeds, extra = embed(parts, ids, features_per_row(parts, vision), context_lens)
+    out = parts.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=pos,
+                               use_cache=False, **extra)
+    return out.last_hidden_state
+
+
+__all__ = ["VLMParts", "VisionInputs", "check_vision", "concat_vision", "embed", "features_per_row",
+           "hidden_states", "is_vlm",
            "language_model_and_head", "rope_positions", "text_config", "token_types", "vision_features",
            "vlm_parts"]

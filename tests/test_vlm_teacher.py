@@ -198,3 +198,37 @@ def test_bad_vision_inputs(model, processor):
         scorer.score([c, c], [[5], [6]], vision=[v, None])
     with pytest.raises(ValueError, match=r"vision\[0\]: expected a copsd.multimodal.VisionInputs"):
         scorer.score([c], [[5]], vision=[v.pixel_values])
+
+
+def test_hidden_states_helper_matches_the_model_with_gradients(family):
+    """copsd.multimodal.hidden_states (the training forward of a VLM): a right-padded batch equals the model's
+    own per-row forward, values and gradients (language model and vision tower)."""
+    from copsd.multimodal import hidden_states
+
+    model = tiny_vlm(family, seed=4)
+    processor = vlm_processor(family)
+    ctxs, resps, vis = _batch(processor, 1, seed=3, queries=QUERIES[:3])
+    seqs = [list(c) + list(r) for c, r in zip(ctxs, resps)]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    probe = torch.randn(width, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    params = [vlm_parts(model).language_model.layers[0].self_attn.q_proj.weight, vlm_parts(model).core.visual.
+              patch_embed.proj.weight]
+
+    h = hidden_states(model, ids, mask, vis, [len(c) for c in ctxs])
+    loss = sum((h[b, : len(s)] * probe[: len(s)]).sum() for b, s in enumerate(seqs))
+    grads = torch.autograd.grad(loss, params)
+
+    base = vlm_parts(model).core
+    ref_loss = 0
+    for b, (s, v) in enumerate(zip(seqs, vis)):
+        row = torch.tensor([s])
+        kw = {} if v is None else dict(pixel_values=v.pixel_values, image_grid_thw=v.image_grid_thw,
+                                       mm_token_type_ids=(row == model.config.image_token_id).int())
+        ref = base(input_ids=row, **kw).last_hidden_state[0]
+        torch.testing.assert_close(h[b, : len(s)].detach(), ref.detach(), atol=1e-4, rtol=0)
+        ref_loss = ref_loss + (ref * probe[: len(s)]).sum()
+    for g, r in zip(grads, torch.autograd.grad(ref_loss, params)):
+        assert float(r.abs().max()) > 0
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
