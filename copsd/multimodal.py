@@ -42,7 +42,7 @@ class VisionInputs:
 
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
-    _digest: list = field(default_factory=list, repr=False, compare=False)
+    _digest: list = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         pv, grid = self.pixel_values, self.image_grid_thw
@@ -64,6 +64,7 @@ class VisionInputs:
             raise ValueError(f"pixel_values: expected {patches} patch rows (the sum over image_grid_thw of t*h*w), "
                              f"got {pv.shape[0]}")
         object.__setattr__(self, "image_grid_thw", grid)
+        object.__setattr__(self, "_digest", [])  # fingerprint(), computed on first use
 
     @classmethod
     def from_processor_output(cls, output: Any) -> VisionInputs | None:
