@@ -272,22 +272,23 @@ def vision_features(parts: VLMParts, vision: VisionInputs) -> tuple[torch.Tensor
 
 def features_per_row(parts: VLMParts, vision: Sequence[VisionInputs | None]) -> list[tuple | None]:
     """`vision_features` of each row's images (None for a row without), from ONE vision-tower pass over
-    all of them: ``[(embeds [n_b, H], deepstack list | None) | None]``."""
-    present = [v for v in vision if v is not None]
+    the distinct ``VisionInputs`` objects (rows holding the same object, e.g. the G samples of a prompt,
+    share its features): ``[(embeds [n_b, H], deepstack list | None) | None]``."""
+    unique: dict[int, int] = {}
+    present = []
+    for v in vision:
+        if v is not None and id(v) not in unique:
+            unique[id(v)] = len(present)
+            present.append(v)
     if not present:
         return [None] * len(vision)
     embeds, deep = vision_features(parts, concat_vision(present))
     sizes = [sum(v.tokens_per_image(parts.merge_size)) for v in present]
     rows = embeds.split(sizes)
     deep_rows = [d.split(sizes) for d in deep] if deep else None
-    out, k = [], 0
-    for v in vision:
-        if v is None:
-            out.append(None)
-            continue
-        out.append((rows[k], [d[k] for d in deep_rows] if deep_rows else None))
-        k += 1
-    return out
+    return [None if v is None else
+            (rows[unique[id(v)]], [d[unique[id(v)]] for d in deep_rows] if deep_rows else None)
+            for v in vision]
 
 
 def embed(parts: VLMParts, ids: torch.Tensor, features: Sequence[tuple | None],

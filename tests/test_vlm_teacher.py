@@ -202,12 +202,13 @@ def test_bad_vision_inputs(model, processor):
 
 def test_hidden_states_helper_matches_the_model_with_gradients(family):
     """copsd.multimodal.hidden_states (the training forward of a VLM): a right-padded batch equals the model's
-    own per-row forward, values and gradients (language model and vision tower)."""
+    own per-row forward, values and gradients (language model and vision tower); rows sharing a VisionInputs
+    share its vision-tower pass."""
     from copsd.multimodal import hidden_states
 
     model = tiny_vlm(family, seed=4)
     processor = vlm_processor(family)
-    ctxs, resps, vis = _batch(processor, 1, seed=3, queries=QUERIES[:3])
+    ctxs, resps, vis = _batch(processor, 2, seed=3, queries=QUERIES[:3])  # rows 2k, 2k+1 share one VisionInputs
     seqs = [list(c) + list(r) for c, r in zip(ctxs, resps)]
     width = max(map(len, seqs))
     ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
@@ -216,7 +217,14 @@ def test_hidden_states_helper_matches_the_model_with_gradients(family):
     params = [vlm_parts(model).language_model.layers[0].self_attn.q_proj.weight, vlm_parts(model).core.visual.
               patch_embed.proj.weight]
 
-    h = hidden_states(model, ids, mask, vis, [len(c) for c in ctxs])
+    seen = []
+    handle = vlm_parts(model).core.visual.register_forward_hook(
+        lambda m, a, kw, o: seen.append(int(kw["grid_thw"].shape[0])), with_kwargs=True)
+    try:
+        h = hidden_states(model, ids, mask, vis, [len(c) for c in ctxs])
+    finally:
+        handle.remove()
+    assert seen == [3]  # one vision-tower pass over the 3 distinct images of the 6 rows
     loss = sum((h[b, : len(s)] * probe[: len(s)]).sum() for b, s in enumerate(seqs))
     grads = torch.autograd.grad(loss, params)
 
