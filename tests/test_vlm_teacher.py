@@ -179,6 +179,18 @@ def test_context_ending_with_an_image_falls_back_with_one_warning(model, process
         _check(scorer.score(ctxs, resps, vision=vis, return_logprobs=True), *ref)
 
 
+def test_sliding_window_falls_back_with_one_warning():
+    # Qwen2-VL-style text layers with a sliding window shorter than the sequences: not reusable exactly
+    over = dict(use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    model = tiny_vlm("qwen2_vl", seed=6, text_overrides=over)
+    assert model.config.text_config.layer_types == ["sliding_attention"] * 2
+    ctxs, resps, vis = _batch(vlm_processor("qwen2_vl"), 2, seed=6, queries=QUERIES[:2])
+    ref = _plain(model, ctxs, resps, vis)
+    with pytest.warns(UserWarning, match="sliding window 8"):
+        out = TeacherScorer(model).score(ctxs, resps, vision=vis, return_logprobs=True)
+    _check(out, *ref)
+
+
 def test_cascade_attention(family):
     model = tiny_vlm(family, seed=2)
     processor = vlm_processor(family)
