@@ -545,7 +545,7 @@ class TeacherScorer:
     def _score_reuse_inner(self, ctxs, resps, device, vision=None) -> torch.Tensor:
         hsize = self.head.weight.shape[1]
         cascade = self.attention == "cascade" or (self.attention == "auto" and device.type == "cuda")
-        cascade = cascade and not getattr(self.model.config, "attn_logit_softcapping", None)  # Gemma2
+        cascade = cascade and not getattr(mm.text_config(self.model), "attn_logit_softcapping", None)  # Gemma2
         rows: list[torch.Tensor | None] = [None] * len(ctxs)
         # Distinct contexts, without their last token (that one starts each request's suffix); with images,
         # a context is its tokens and its pixels.
