@@ -3,8 +3,11 @@ sampling log-probs == a plain forward with the images, the vision tower run once
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from criteria import assert_accurate
 from vlm_models import FAMILIES, encode, synthetic_image, tiny_vlm, vlm_processor
 
 from copsd.multimodal import VisionInputs, vlm_parts
@@ -103,11 +106,16 @@ def test_sampling_logprobs_match_a_plain_forward(setup):
     out = generate(model, prompts, num_generations=3, max_new_tokens=7, temperature=0.8, eos_token_id=[],
                    vision=vision, generator=gens)
     assert out.prompt_index == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    model64 = copy.deepcopy(model).double()
     for j, comp in enumerate(out.completion_ids):
         assert len(comp) == 7 and out.finish_reason[j] == "length"
         i = out.prompt_index[j]
         ref = _plain_logprobs(model, prompts[i], vision[i], comp, 0.8)
         torch.testing.assert_close(out.logprobs[j].double(), ref, atol=1e-4, rtol=0)
+        # and the project's error-relative criterion against a float64 twin of the model
+        vis64 = vision[i] and vision[i].to(dtype=torch.float64)
+        exact = _plain_logprobs(model64, prompts[i], vis64, comp, 0.8)
+        assert_accurate(out.logprobs[j], exact, ref.float(), "sampling log-probs", dtype=torch.float32)
     # a prompt's samples do not depend on the other prompts of the batch (per-prompt generators)
     alone = generate(model, [prompts[2]], num_generations=3, max_new_tokens=7, temperature=0.8, eos_token_id=[],
                      vision=[vision[2]], generator=[torch.Generator().manual_seed(12)])

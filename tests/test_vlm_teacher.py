@@ -6,10 +6,12 @@ norm) over each full ``context + response`` with the context's ``pixel_values``,
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
+from criteria import assert_accurate
 from vlm_models import FAMILIES, encode, synthetic_image, tiny_vlm, vlm_processor
 
 from copsd.multimodal import VisionInputs, vlm_parts
@@ -75,9 +77,19 @@ def image_free(tokens, model) -> bool:
     return model.config.image_token_id not in tokens
 
 
-def _check(out, ref_h, ref_lp):
+def _check(out, ref_h, ref_lp, exact=None):
+    """Within 1e-4 of the plain float32 forward; with ``exact`` (the same from a float64 copy of the model)
+    also the project's error-relative criterion (``tests/criteria.py``)."""
     torch.testing.assert_close(out.hidden, ref_h, atol=1e-4, rtol=0)
     torch.testing.assert_close(out.logprobs.double(), ref_lp, atol=1e-4, rtol=0)
+    if exact is not None:
+        assert_accurate(out.hidden, exact[0].float(), ref_h, "hidden", dtype=torch.float32)
+        assert_accurate(out.logprobs, exact[1], ref_lp, "logprobs", dtype=torch.float32)
+
+
+def _exact(model, ctxs, resps, vis):
+    model64 = copy.deepcopy(model).double()
+    return _plain(model64, ctxs, resps, [v and v.to(dtype=torch.float64) for v in vis])
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -99,11 +111,12 @@ def processor(family):
 def test_reuse_matches_plain_forward(model, processor, g):
     ctxs, resps, vis = _batch(processor, g)
     ref_h, ref_lp = _plain(model, ctxs, resps, vis)
+    exact = _exact(model, ctxs, resps, vis) if g == 1 else None  # float64 twin: once per family (time)
     scorer = TeacherScorer(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback
         out = scorer.score(ctxs, resps, vision=vis, return_logprobs=True, topk=3)
-    _check(out, ref_h, ref_lp)
+    _check(out, ref_h, ref_lp, exact)
     assert out.offsets.tolist() == [0] + torch.tensor([len(r) for r in resps]).cumsum(0).tolist()
     # the constitution (text before the images) is the shared, cached prefix; a second call hits it
     assert scorer.stats == {"prefix_hits": 0, "prefix_misses": 1}
@@ -115,7 +128,7 @@ def test_reuse_matches_plain_forward(model, processor, g):
     _check(again, ref_h, ref_lp)
     # the re-encoding reference path gives the same numbers
     naive = TeacherScorer(model, prefix_reuse=False).score(ctxs, resps, vision=vis, return_logprobs=True, topk=3)
-    _check(naive, ref_h, ref_lp)
+    _check(naive, ref_h, ref_lp, exact)
     torch.testing.assert_close(out.topk_logprobs, naive.topk_logprobs, atol=1e-4, rtol=0)
 
 
