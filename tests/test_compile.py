@@ -192,7 +192,8 @@ def test_opcheck_divergence(backend, support, topk):
 
 # ----------------------------------------------------------------------------- attention ops
 
-ATTN_BACKENDS = ["reference", "reference-chunked"]
+# "auto": dispatch on CPU tensors passes over the C++ backend (no attention kernels) to the reference
+ATTN_BACKENDS = ["reference", "reference-chunked", "auto"]
 
 
 def _attn_backend(name, monkeypatch):
@@ -200,7 +201,7 @@ def _attn_backend(name, monkeypatch):
         from copsd.backends import _reference_attention
 
         monkeypatch.setattr(_reference_attention, "USE_CPU_FLASH", False)
-    return "reference"
+    return "auto" if name == "auto" else "reference"
 
 
 def _attn_inputs(b=2, s=5, hq=4, hkv=2, d=8, p=3, grad=True, seed=0):
