@@ -9,15 +9,17 @@ For B sequences that share one P-token prefix and have S own tokens each:
 * ``sdpa-masked``  -- SDPA with the suffix queries only against ``prefix + own`` keys (B copies of the
   prefix K/V, KV heads expanded) and a boolean mask: the same useful work as the cascade.
 
-Every timed output is checked against the float32 SDPA result; the script exits non-zero on a mismatch.
-Run: ``python benchmarks/bench_attention_gpu.py`` (about 30 s on an H100, most of it Triton compilation).
+Every timed output is checked against the dense float64 attention of ``copsd.reference`` (the reference the
+tests use), on the first sequences: the cascade's error must be at most twice that of SDPA re-encoding in the
+same precision; the script exits non-zero on a mismatch.
+Run: ``python benchmarks/bench_attention_gpu.py [--out DIR]`` (about 30 s on an H100, most of it Triton
+compilation); the tables go to stdout and ``bench_attention_gpu.json`` to ``--out`` (default ``$OUT`` or ``.``).
+``--cpu-smoke`` runs tiny shapes on CPU (reference backend) to check the script itself.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import sys
 
 import torch
@@ -25,13 +27,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import MIB, cuda_peak_extra, median_time  # noqa: E402
+from common import MIB, arg_parser, cuda_peak_extra, gpu_or_smoke, median_ms, run_meta, write_json  # noqa: E402
+
+from copsd import reference as dense  # noqa: E402
 
 DEVICE = "cuda"  # "--cpu-smoke" runs tiny shapes on CPU (reference backend) to check this script itself
 
 
-def median_ms(fn, warmup=3, iters=15):
-    return median_time(fn, repeats=iters, warmup=warmup, device=DEVICE)[0] * 1e3
+def time_ms(fn):
+    return median_ms(fn, repeats=15, warmup=3, device=DEVICE)
 
 
 def peak_mib(fn):
@@ -73,10 +77,9 @@ def bench_case(b, s, hq, hkv, d, p, dtype, failures):
     def masked():
         return F.scaled_dot_product_attention(q_t, exp_k, exp_v, attn_mask=mask)
 
-    # correctness: float32 SDPA on the first sequences (math backend, GQA expanded)
+    # correctness: the dense float64 reference on the first sequences
     n_chk = min(b, 4)
-    ref = F.scaled_dot_product_attention(q_t[:n_chk].float(), exp_k[:n_chk].float(), exp_v[:n_chk].float(),
-                                         attn_mask=mask).transpose(1, 2)
+    ref = dense.attention(q[:n_chk], k[:n_chk], v[:n_chk], pk, pv, d ** -0.5, None)[0]
     o, lse = cascade()
     o_re = reencode()[:n_chk, :, p:].transpose(1, 2)
     err = (o[:n_chk].float() - ref).abs().max().item()
@@ -87,9 +90,9 @@ def bench_case(b, s, hq, hkv, d, p, dtype, failures):
                         f"vs sdpa {err_sdpa:.3e} (or non-finite lse)")
 
     row = {"shape": f"B={b} S={s} Hq={hq} Hkv={hkv} D={d} P={p}", "dtype": str(dtype).replace("torch.", "")}
-    row["cascade_ms"] = median_ms(cascade)
-    row["reencode_ms"] = median_ms(reencode)
-    row["masked_ms"] = median_ms(masked)
+    row["cascade_ms"] = time_ms(cascade)
+    row["reencode_ms"] = time_ms(reencode)
+    row["masked_ms"] = time_ms(masked)
     row["cascade_mib"] = peak_mib(cascade)
     row["reencode_mib"] = peak_mib(reencode)
     # useful FLOPs: suffix queries x (prefix + causal own keys), QK and PV
@@ -108,10 +111,7 @@ def bench_merge(b, s, h, d, dtype, failures):
     o_b = torch.randn(b, s, h, d, device=DEVICE, dtype=dtype)
     lse_a = torch.randn(b, h, s, device=DEVICE) * 4
     lse_b = torch.randn(b, h, s, device=DEVICE) * 4
-    la, lb = lse_a.double(), lse_b.double()
-    lse_ref = torch.logaddexp(la, lb)
-    o_ref = (torch.exp(la - lse_ref).transpose(1, 2)[..., None] * o_a.double()
-             + torch.exp(lb - lse_ref).transpose(1, 2)[..., None] * o_b.double())
+    o_ref, _ = dense.merge_attention_states(o_a, lse_a, o_b, lse_b)
     rows = []
     for name in ("triton", "cuda"):
         if name not in backends.available_backends():
@@ -122,27 +122,29 @@ def bench_merge(b, s, h, d, dtype, failures):
         err = (o.double() - o_ref).abs().max().item()
         if err > 2 * torch.finfo(dtype).eps * (1 + o_ref.abs().max().item()):
             failures.append(f"merge {name} {dtype}: error {err:.3e}")
-        ms = median_ms(fn)
+        ms = time_ms(fn)
         nbytes = 3 * o_a.numel() * o_a.element_size() + 3 * lse_a.numel() * 4
         rows.append({"backend": name, "ms": ms, "GB/s": nbytes / ms / 1e6, "err": err})
     return rows
 
 
-def main():
+def main(argv=None):
     global DEVICE
-    smoke = "--cpu-smoke" in sys.argv
-    if smoke:
-        DEVICE = "cpu"
-    elif not torch.cuda.is_available():
-        print("bench_attention_gpu: no CUDA device; skipped (use --cpu-smoke to check the script on CPU)")
+    ap = arg_parser(__doc__)
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks this script, not a benchmark")
+    args = ap.parse_args(argv)
+    smoke = args.cpu_smoke
+    DEVICE = gpu_or_smoke("bench_attention_gpu", smoke)
+    if DEVICE is None:
         return 0
-    import triton
-
-    name = "CPU smoke run (not a benchmark)" if smoke else torch.cuda.get_device_name()
-    print(f"# cascade attention benchmark  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
-    print(f"# device {name}  torch {torch.__version__}  triton {triton.__version__}  "
-          f"python {platform.python_version()}")
+    meta = run_meta(DEVICE, dtype="bfloat16")
+    if smoke:
+        meta["device"] = "CPU smoke run (not a benchmark)"
+    print(f"# cascade attention benchmark  {meta['date']}")
+    print(f"# device {meta['device']}  torch {meta['torch']}  triton {meta.get('triton', '-')}  "
+          f"python {meta['python']}")
     failures = []
+    rows = []
     cases = [  # (B, S, Hq, Hkv, D, P): 1B-class Llama heads (32/8, D=64); the teacher-scoring shape first
         (256, 512, 32, 8, 64, 2048),
         (16, 512, 32, 8, 128, 2048),
@@ -157,6 +159,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     for case in cases:
         r = bench_case(*case, torch.bfloat16, failures)
+        rows.append(r)
         print(f"| {r['shape']} | {r['dtype']} | {r['cascade_ms']:.3f} | {r['reencode_ms']:.3f} | "
               f"{r['masked_ms']:.3f} | {r['reencode_ms'] / r['cascade_ms']:.2f}x | "
               f"{r['cascade_tflops']:.0f} | "
@@ -164,7 +167,10 @@ def main():
               flush=True)
     print(f"\n| merge o {list(merge_shape)} bf16 | ms | GB/s | max err |")
     print("|---|---|---|---|")
-    for r in bench_merge(*merge_shape, torch.bfloat16, failures):
+    merge_rows = bench_merge(*merge_shape, torch.bfloat16, failures)
+    write_json(os.path.join(args.out, "bench_attention_gpu.json"),
+               dict(meta=meta, cases=rows, merge=merge_rows, failures=failures))
+    for r in merge_rows:
         if "note" in r:
             print(f"| {r['backend']} | {r['note']} | | |")
         else:
@@ -172,7 +178,7 @@ def main():
     if failures:
         print("\nFAILED checks:\n  " + "\n  ".join(failures))
         return 1
-    print("\nall outputs checked against float32 SDPA: OK")
+    print("\nall outputs checked against the dense float64 reference: OK")
     return 0
 
 

@@ -9,8 +9,11 @@ guarded: a failing row is recorded in the table (error/OOM) and the others still
 
 Default problem: H100, bf16, N=8192 tokens, H=4096, V=151936.  Every op is first checked against
 the reference backend (fp32) at a smaller size in the same run; the script exits non-zero on a
-mismatch.  Times are medians of ``triton.testing.do_bench``; memory is the peak allocated above
-what was allocated before the call (inputs excluded, outputs included).
+mismatch.  Times are medians of CUDA-synchronised wall times over about ``rep_ms`` of runs (``median_time`` of
+``benchmarks/common.py``, the timer of every benchmark here; results in RESULTS.md before 2026-11-30 were
+taken with ``triton.testing.do_bench``); memory is the peak allocated above what was allocated before the call
+(inputs excluded, outputs included).  The naive baseline is the dense reference of ``copsd.reference`` (the
+one the tests use).
 
 Run: ``python benchmarks/bench_loss_gpu.py [--n 8192 --h 4096 --v 151936] [--out DIR]``; writes
 ``bench_loss_gpu.json`` and ``bench_loss_gpu.md`` to ``--out`` (default ``$OUT`` or ``.``).
@@ -19,10 +22,7 @@ Budget: under 150 s on an H200, a good part of it Triton compilation.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime
-import json
 import os
 import sys
 import time
@@ -30,9 +30,9 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import arg_parser, median_ms, run_meta, write_json  # noqa: E402
 from common import cuda_peak_extra as peak_extra  # noqa: E402
 
 GIB = 2**30
@@ -44,9 +44,8 @@ META: dict = {}
 
 
 def bench_ms(fn, rep_ms=400):
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
+    """Median ms of ``fn()`` over about ``rep_ms`` of runs (after 3 warm-up runs)."""
+    return median_ms(fn, repeats=5, warmup=3, device="cuda", budget_s=rep_ms / 1e3)
 
 
 def record(name, ms, mem=None, note=""):
@@ -65,8 +64,7 @@ def write_files():
     out = META["out"]
     os.makedirs(out, exist_ok=True)
     meta = {k: v for k, v in META.items() if k != "out"}
-    with open(os.path.join(out, "bench_loss_gpu.json"), "w") as fh:
-        json.dump(dict(meta=meta, rows=ROWS, checks=CHECKS), fh, indent=1)
+    write_json(os.path.join(out, "bench_loss_gpu.json"), dict(meta=meta, rows=ROWS, checks=CHECKS))
     lines = [f"# bench_loss_gpu ({meta['device']}, {meta['date']})", "",
              f"N={meta['N']} H={meta['H']} V={meta['V']} bf16; torch {meta['torch']}; correctness vs "
              f"reference: {meta.get('correctness_ok', 'not run')}", "",
@@ -216,11 +214,10 @@ def correctness(dtype):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = arg_parser(__doc__)
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--h", type=int, default=4096)
     ap.add_argument("--v", type=int, default=151936)
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget-s", type=float, default=130.0, help="skip optional baselines after this")
     ap.add_argument("--smoke-cpu", action="store_true",
                     help="run only the correctness checks, tiny and on CPU in the Triton interpreter "
@@ -241,9 +238,8 @@ def main():
     from copsd.backends import triton as tri
     from copsd.ops._spec import DivergenceSpec, LogitSpec
 
-    dev = torch.cuda.get_device_name()
-    META.update(out=args.out, device=dev, torch=torch.__version__, N=args.n, H=args.h, V=args.v,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(), dtype="bfloat16")
+    META.update(out=args.out, **run_meta("cuda", N=args.n, H=args.h, V=args.v, dtype="bfloat16"))
+    dev = META["device"]
     print(f"device: {dev}; torch {torch.__version__}; N={args.n} H={args.h} V={args.v} bf16", flush=True)
     print("correctness (bf16 inputs vs fp32 reference, N=512 H=1024 V=32000):", flush=True)
     try:
@@ -380,7 +376,7 @@ def main():
 
     # naive PyTorch
     def naive():
-        import dense
+        from copsd import reference as dense
 
         a = xs.detach().requires_grad_()
         w = ws.detach().requires_grad_()

@@ -27,6 +27,10 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import median_times_interleaved  # noqa: E402
+
 MODEL = dict(vocab_size=32000, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
              intermediate_size=1024, max_position_embeddings=2048)
 
@@ -106,16 +110,12 @@ def _worker(variant, repeats, queue):
 
 
 def _interleaved_times(variants, repeats):
-    """Best-of-``repeats`` times, variants interleaved in one process so they see the same machine load."""
+    """Best-of-``repeats`` times, variants interleaved in one process so they see the same machine load
+    (``median_times_interleaved`` of benchmarks/common.py, the timer of every benchmark here)."""
     model = _model()
     fns = {v: _make(v, model) for v in variants}
-    times = {v: [] for v in variants}
-    for _ in range(repeats):
-        for v in variants:
-            t = time.perf_counter()
-            fns[v]()
-            times[v].append(time.perf_counter() - t)
-    return {v: min(ts) for v, ts in times.items()}
+    timed = median_times_interleaved(fns, repeats=repeats, warmup=0)
+    return {v: min(ts) for v, (_, ts) in timed.items()}
 
 
 def _run(variant, repeats):

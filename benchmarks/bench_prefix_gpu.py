@@ -16,38 +16,28 @@ Usage: python benchmarks/bench_prefix_gpu.py [--tiny]   (--tiny: small sizes, ru
 
 from __future__ import annotations
 
-import argparse
-import statistics
+import os
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import arg_parser, cuda_peak_extra, median_time  # noqa: E402
 
 from copsd import ops
 from copsd._hf import tiny_causal_lm
 from copsd.teacher import TeacherScorer
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timed(fn, device, repeats):
-    times, out = [], None
-    peak = 0
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        _sync(device)
-        t = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-        if device.type == "cuda":
-            peak = max(peak, torch.cuda.max_memory_allocated())
-    return statistics.median(times), peak, out
+    """(median seconds, peak CUDA memory allocated during a run, the last output); benchmarks/common.py's
+    timer and memory helper (the peak counts what was allocated before, the model included)."""
+    out = []
+    med, _ = median_time(lambda: out.append(fn()), repeats=repeats, warmup=0, device=device)
+    peak = cuda_peak_extra(lambda: out.append(fn()), absolute=True) if device.type == "cuda" else 0
+    return med, peak, out[-1]
 
 
 def _floor(model, const, prompts, responses, max_batch_tokens):
@@ -66,7 +56,7 @@ def _floor(model, const, prompts, responses, max_batch_tokens):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
+    ap = arg_parser(__doc__)
     ap.add_argument("--tiny", action="store_true", help="small sizes (smoke test, any device)")
     args = ap.parse_args(argv)
     start = time.perf_counter()

@@ -1,9 +1,13 @@
 """Shared speed and peak-memory helpers for the benchmarks (CPU and CUDA).
 
-* :func:`median_time` -- median wall time of ``fn()`` over repeats (CUDA synchronised);
-  :func:`median_times_interleaved` does several callables round-robin (fair under load).
+The one timer and the one memory helper of every benchmark here (CPU and GPU):
+
+* :func:`median_time` -- median wall time of ``fn()`` over repeats (CUDA synchronised; ``budget_s`` sets the
+  repeat count from a first timing, for GPU ops of very different sizes);
+  :func:`median_times_interleaved` does several callables round-robin (fair under load);
+  :func:`median_ms` is :func:`median_time` in milliseconds, without the list of times.
 * :func:`cuda_peak_extra` -- peak ``torch.cuda.max_memory_allocated`` above what was
-  allocated before the call (inputs excluded, outputs included).
+  allocated before the call (inputs excluded, outputs included; ``absolute=True``: the peak itself).
 * :func:`cpu_peak_extra` -- peak resident memory above the baseline, measured in a fresh
   subprocess: the child builds the inputs, runs the case once to warm up (thread pools, MKL
   buffers), resets the kernel's high-water mark (``/proc/self/clear_refs``), reads ``VmRSS``,
@@ -12,6 +16,10 @@
   RSS tracks live memory instead of being hidden by allocator reuse.  This counts everything
   the process touches (MKL workspaces, the extension's buffers), not only torch tensors.
 * :func:`machine` -- a one-line description of the machine for result tables.
+
+And the ``main()`` boilerplate the GPU benchmarks share: :func:`arg_parser` (``--out``, default ``$OUT`` or
+``.``), :func:`run_meta` (device, torch/triton versions, UTC date), :func:`write_json` (atomic), :func:`gpu_or_smoke`
+(a CUDA device, or a CPU smoke run of the script when asked, or a clean skip).
 """
 
 from __future__ import annotations
@@ -36,12 +44,20 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def median_time(fn, *, repeats=5, warmup=1, device="cpu"):
+def median_time(fn, *, repeats=5, warmup=1, device="cpu", budget_s=None, max_repeats=1000):
     """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs; returns
-    ``(median, [all times])``."""
+    ``(median, [all times])``.  With ``budget_s``, the number of runs is raised so that they take about
+    ``budget_s`` seconds in all (from the time of the last warm-up run; at most ``max_repeats``)."""
+    last = None
     for _ in range(warmup):
+        _sync(device)
+        t0 = time.perf_counter()
         fn()
+        _sync(device)
+        last = time.perf_counter() - t0
     _sync(device)
+    if budget_s is not None and last:
+        repeats = max(repeats, min(max_repeats, int(budget_s / max(last, 1e-7))))
     times = []
     for _ in range(repeats):
         gc.collect()
@@ -72,13 +88,19 @@ def median_times_interleaved(fns, *, repeats=5, warmup=1, device="cpu"):
     return {name: (statistics.median(ts), ts) for name, ts in times.items()}
 
 
-def cuda_peak_extra(fn):
-    """Peak CUDA memory allocated during ``fn()`` above what was allocated before it (bytes)."""
+def median_ms(fn, *, repeats=5, warmup=1, device="cpu", budget_s=None):
+    """:func:`median_time` in milliseconds (the median only)."""
+    return median_time(fn, repeats=repeats, warmup=warmup, device=device, budget_s=budget_s)[0] * 1e3
+
+
+def cuda_peak_extra(fn, absolute=False):
+    """Peak CUDA memory allocated during ``fn()`` above what was allocated before it (bytes); with
+    ``absolute=True`` the peak itself (what was allocated before included, e.g. a model's weights)."""
     torch.cuda.synchronize()
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    base = 0 if absolute else torch.cuda.memory_allocated()
     out = fn()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
@@ -158,3 +180,53 @@ def machine():
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"{load}, {date}")
+
+
+# ----------------------------------------------------------------------------- main() boilerplate (GPU benchmarks)
+
+
+def arg_parser(doc):
+    """An ``argparse`` parser described by the first paragraph of ``doc``, with ``--out`` (the result folder,
+    default ``$OUT`` or ``.``)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the result files")
+    return ap
+
+
+def run_meta(device="cuda", **extra):
+    """What a result file says about the run: device name, torch (and triton) version, UTC date, and ``extra``."""
+    dev = torch.device(device)
+    meta = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else machine(),
+                torch=torch.__version__, python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    meta.update(extra)
+    return meta
+
+
+def write_json(path, obj):
+    """Write ``obj`` as JSON to ``path`` atomically (a timed-out run never leaves a half-written file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def gpu_or_smoke(name, smoke):
+    """The device a GPU benchmark runs on: ``"cuda"``; ``"cpu"`` for a smoke run of the script itself
+    (``smoke``: tiny shapes, not a benchmark); ``None`` (after saying so) when there is no CUDA device and no
+    smoke run was asked for."""
+    if smoke:
+        return "cpu"
+    if not torch.cuda.is_available():
+        print(f"{name}: no CUDA device; skipped (a smoke run of the script on CPU: see --help)")
+        return None
+    return "cuda"

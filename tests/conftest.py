@@ -36,3 +36,38 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------- backend fixtures of the op tests
+# (applied with the marks tests/oplib.py defines: CPU, TRITON)
+
+
+@pytest.fixture
+def cpu_workspace(monkeypatch):
+    """The C++ CPU backend with ~5 rows per chunk at the test vocabularies, so the row-chunk loop runs many
+    times; skipped where the extension is not built."""
+    from copsd.backends import cpu
+
+    if not cpu.available():
+        pytest.skip("copsd._C (C++ CPU extension) is not built")
+    monkeypatch.setattr(cpu, "WORKSPACE_BYTES", 5 * 2 * 211 * 8)
+
+
+@pytest.fixture(params=["fused", "chunked"])
+def triton_path(request, monkeypatch):
+    """Run a Triton test on both GPU paths of the backend (once for tests that do not use them)."""
+    if getattr(request.function, "path_independent", False) and request.param == "fused":
+        pytest.skip("does not depend on the path")
+    monkeypatch.setenv("COPSD_TRITON_PATH", request.param)
+    return request.param
+
+
+@pytest.fixture
+def triton_slices(monkeypatch):
+    """Tiny gradient workspaces: several vocabulary slices per backward (exercises dX accumulation)
+    on the fused path, one token per chunk on the chunked path (exercises the dW accumulation)."""
+    from copsd.backends import _triton_common as tc
+
+    monkeypatch.setattr(tc, "WORKSPACE_BYTES", 1)
+    monkeypatch.setattr(tc, "GATHER_ELEMS", 64)
+    monkeypatch.setattr(tc, "CHUNK_BYTES", 1)

@@ -5,7 +5,7 @@ blocking (MKL, OpenBLAS, the thread count) and the SIMD width of the row epilogu
 bound that holds on an AVX-512 Xeon can fail on an AVX2 EPYC although both are correct.  Instead, as
 FlashAttention does for low precision, every such check computes three things from the *same* inputs:
 
-- ``exact``: the quantity in float64 (the dense formulas of ``tests/dense.py``, autograd for gradients);
+- ``exact``: the quantity in float64 (the dense definitions of ``copsd.reference``, autograd for gradients);
 - ``plain``: the same quantity computed the naive way a user would, dense PyTorch in the op's precision
   (float32 logits, ``log_softmax``, autograd) -- its error is what this machine's float32 costs;
 - ``got``: the op under test;
@@ -23,7 +23,7 @@ d_hidden of the full-vocabulary reverse KL at the base/avx2 levels.  4 leaves ro
 making the tests blind: a dropped tail bucket, a swapped KL direction, a wrong gradient sign, a 1e-4 relative
 bias of the loss, a 1e-3 scale error of d_weight or a 1e-3 shift of the top-k LSE all fail them (checked by
 mutating the CPU backend).  The one place the C++ backend itself misses the bound, sums over a 151936-word
-vocabulary, is a known defect marked as an expected failure in ``test_backend_cpu.py`` (``LARGE_V_DEFECT``).
+vocabulary, is a known defect marked as an expected failure in ``test_backend_cpu.py`` (``LARGE_V_FORWARD_KL``).
 
 ``floor`` (default: ``FLOOR_ULPS`` units in the last place of ``max(1, max |exact|)``) covers the case where
 the plain computation happens to round almost like float64 while a correct op is a couple of roundings away.

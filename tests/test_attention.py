@@ -1,7 +1,9 @@
-"""Cascade attention ops against a dense float64 attention reference written here.
+"""Cascade attention ops (values and gradients) against the dense float64 attention of ``copsd.reference``.
 
 The reference materialises the full ``[B, Hq, S, P + S]`` score matrix (prefix keys always visible,
 own keys causal, padded keys/queries masked) -- independent of the chunked cascade code under test.
+Gradients: the ops' explicit backward (the registered autograd of the custom ops) against autograd through
+that dense attention.
 Low precision follows FlashAttention's criterion: kernel error <= 2 x the error of plain PyTorch
 attention computed in the same precision (both against float64).
 """
@@ -24,6 +26,7 @@ import pytest  # noqa: E402
 from criteria import assert_accurate  # noqa: E402
 
 from copsd import backends  # noqa: E402
+from copsd import reference as dense  # noqa: E402
 from copsd.ops.attention import merge_attention_states, shared_prefix_attention  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -33,38 +36,10 @@ NEG_INF = float("-inf")
 # ----------------------------------------------------------------------------- dense references
 
 
-def dense_attention(q, k, v, pk, pv, scale, seq_lens, dtype=torch.float64):
-    """Materialised attention in ``dtype``: returns o [B, S, Hq, D] and lse [B, Hq, S] (natural log)."""
-    b, s, hq, d = q.shape
-    hkv = k.shape[2]
-    g = hq // hkv
-    p = pk.shape[0]
-    q, k, v, pk, pv = (t.to(dtype) for t in (q, k, v, pk, pv))
-    keys = torch.cat([pk.unsqueeze(0).expand(b, p, hkv, d), k], dim=1).repeat_interleave(g, dim=2)
-    vals = torch.cat([pv.unsqueeze(0).expand(b, p, hkv, d), v], dim=1).repeat_interleave(g, dim=2)
-    scores = torch.einsum("bshd,bthd->bhst", q, keys) * scale  # [B, Hq, S, P+S]
-    pos = torch.arange(s, device=q.device)
-    allowed = torch.ones(b, s, p + s, dtype=torch.bool, device=q.device)
-    allowed[:, :, p:] = pos[None, :] <= pos[:, None]
-    lens = torch.full((b,), s, device=q.device) if seq_lens is None else seq_lens.to(q.device)
-    key_ok = torch.cat([torch.ones(b, p, dtype=torch.bool, device=q.device), pos[None] < lens[:, None]], 1)
-    allowed &= key_ok[:, None, :]
-    row_ok = pos[None] < lens[:, None]  # [B, S]
-    allowed &= row_ok[:, :, None]
-    scores = scores.masked_fill(~allowed[:, None], NEG_INF)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked (padded) rows -> 0
-    o = torch.einsum("bhst,bthd->bshd", probs, vals)
-    return o, lse
-
-
-def merge_float64(o_a, lse_a, o_b, lse_b):
-    """Merge by the textbook formula in float64 (independent of the code under test)."""
-    la, lb = lse_a.double(), lse_b.double()
-    lse = torch.logaddexp(la, lb)
-    wa = torch.exp(la - lse).nan_to_num(0.0).transpose(1, 2).unsqueeze(-1)
-    wb = torch.exp(lb - lse).nan_to_num(0.0).transpose(1, 2).unsqueeze(-1)
-    return wa * o_a.double() + wb * o_b.double(), lse
+# The dense references of both ops (copsd.reference, shared with the benchmarks): the full [B, Hq, S, P + S]
+# score matrix materialised, and the textbook merge in float64.
+dense_attention = dense.attention
+merge_float64 = dense.merge_attention_states
 
 
 def random_inputs(b, s, hq, hkv, d, p, dtype=torch.float32, device="cpu", mag=1.0):
@@ -248,6 +223,94 @@ def test_reference_gradients_float64():
     q, k, v, pk, pv = random_inputs(1, 4, 2, 1, 4, 3, dtype=torch.float64)
     inputs = tuple(t.requires_grad_() for t in (q, k, v, pk, pv))
     assert torch.autograd.gradcheck(lambda *x: shared_prefix_attention(*x), inputs)
+
+
+def _dense_grads(inputs, lens, scale, w_o, w_lse, dtype):
+    """Gradients of ``sum(w_o * o) + sum(w_lse * lse)`` (lse = -inf rows left out) through the dense attention."""
+    xs = tuple(t.detach().to(dtype).requires_grad_() for t in inputs)
+    o, lse = dense_attention(*xs, scale, lens, dtype=dtype)
+    total = (o * w_o.to(dtype)).sum() + torch.where(torch.isfinite(lse), lse * w_lse.to(dtype), 0).sum()
+    return torch.autograd.grad(total, xs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "reference-chunked"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}S{}Hq{}Hkv{}D{}P{}".format(*s))
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_shared_prefix_gradients_match_dense(backend, shape, padded, dtype, monkeypatch):
+    """The explicit backward (registered autograd of the custom op) against autograd through the dense
+    attention: float64 to 1e-10, float32 by the error-relative criterion; o and lse both carry gradient."""
+    backend = _spa_backend(backend, monkeypatch)
+    b, s, hq, hkv, d, p = shape
+    inputs = random_inputs(b, s, hq, hkv, d, p, dtype=dtype)
+    lens = random_lens(b, s) if padded else None
+    w_o, w_lse = torch.randn(b, s, hq, d, dtype=torch.float64), torch.randn(b, hq, s, dtype=torch.float64)
+    xs = tuple(t.clone().requires_grad_() for t in inputs)
+    o, lse = shared_prefix_attention(*xs, seq_lens=lens, backend=backend)
+    total = (o * w_o.to(dtype)).sum() + torch.where(torch.isfinite(lse), lse * w_lse.to(dtype), 0).sum()
+    got = torch.autograd.grad(total, xs)
+    exact = _dense_grads(inputs, lens, d ** -0.5, w_o, w_lse, torch.float64)
+    plain = _dense_grads(inputs, lens, d ** -0.5, w_o, w_lse, dtype)
+    for name, g_got, g_exact, g_plain in zip(("q", "k", "v", "prefix_k", "prefix_v"), got, exact, plain):
+        assert g_got.dtype == dtype and g_got.shape == g_exact.shape, name
+        if dtype == torch.float64:
+            assert _err(g_got, g_exact) < 1e-10, f"{backend} {shape} d{name}: {_err(g_got, g_exact):.3e}"
+        else:
+            assert_accurate(g_got, g_exact, g_plain, f"{backend} {shape} d{name}", c=2)
+    if lens is not None:  # keys past a sequence's length get no gradient
+        pad = torch.arange(s)[None] >= lens[:, None]
+        assert (got[1][pad] == 0).all() and (got[2][pad] == 0).all() and (got[0][pad] == 0).all()
+
+
+def test_shared_prefix_backward_chunk_loops(monkeypatch):
+    """Tiny blocks: the backward's loops over query rows and prefix keys run many times."""
+    from copsd.backends import _reference_attention as ref
+
+    monkeypatch.setattr(ref, "_BLOCK_ELEMS", 64)
+    monkeypatch.setattr(ref, "_KEY_BLOCK", 4)
+    inputs = random_inputs(2, 9, 4, 2, 8, 23, dtype=torch.float64)
+    lens = torch.tensor([9, 4])
+    w_o, w_lse = torch.randn(2, 9, 4, 8, dtype=torch.float64), torch.randn(2, 4, 9, dtype=torch.float64)
+    xs = tuple(t.clone().requires_grad_() for t in inputs)
+    o, lse = shared_prefix_attention(*xs, seq_lens=lens, backend="reference")
+    got = torch.autograd.grad((o * w_o).sum() + torch.where(torch.isfinite(lse), lse * w_lse, 0).sum(), xs)
+    for g_got, g_exact in zip(got, _dense_grads(inputs, lens, 8 ** -0.5, w_o, w_lse, torch.float64)):
+        assert _err(g_got, g_exact) < 1e-10
+
+
+def test_merge_gradients_match_autograd_and_empty_rows_get_zero():
+    """The explicit merge backward against autograd through the float64 textbook merge (rows where both
+    sides are finite); rows empty on both sides get zero gradient and no NaN, one empty side gets zero."""
+    o_a, lse_a = random_state(2, 5, 3, 8, dtype=torch.float64, empty_frac=0.0)
+    o_b, lse_b = random_state(2, 5, 3, 8, dtype=torch.float64, empty_frac=0.0)
+    lse_a, lse_b = lse_a.double(), lse_b.double()
+    w_o, w_lse = torch.randn(2, 5, 3, 8, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    xs = tuple(t.clone().requires_grad_() for t in (o_a, lse_a, o_b, lse_b))
+    o, lse = merge_attention_states(*xs, backend="reference")
+    got = torch.autograd.grad((o * w_o).sum() + (lse * w_lse).sum(), xs)
+    ys = tuple(t.clone().requires_grad_() for t in (o_a, lse_a, o_b, lse_b))
+    o64, lse64 = merge_float64(*ys)
+    want = torch.autograd.grad((o64 * w_o).sum() + (lse64 * w_lse).sum(), ys)
+    for g_got, g_want in zip(got, want):
+        assert _err(g_got, g_want) < 1e-12
+    lse_a2, lse_b2 = lse_a.clone(), lse_b.clone()
+    lse_a2[0, 0, :] = NEG_INF
+    lse_b2[0, 0, :] = NEG_INF  # both empty
+    lse_a2[1, 1, 2] = NEG_INF  # one empty side
+    xs = tuple(t.clone().requires_grad_() for t in (o_a, lse_a2, o_b, lse_b2))
+    o, lse = merge_attention_states(*xs, backend="reference")
+    got = torch.autograd.grad((o * w_o).sum() + torch.where(torch.isfinite(lse), lse * w_lse, 0).sum(), xs)
+    assert not any(g.isnan().any() for g in got)
+    assert (got[0][0, :, 0] == 0).all() and (got[2][0, :, 0] == 0).all()
+    assert (got[1][0, 0] == 0).all() and (got[3][0, 0] == 0).all()
+    assert got[0][1, 2, 1].abs().sum() == 0 and got[1][1, 1, 2] == 0 and got[2][1, 2, 1].abs().sum() > 0
+
+
+def test_merge_gradcheck():
+    o_a, lse_a = random_state(1, 3, 2, 4, dtype=torch.float64, empty_frac=0.0)
+    o_b, lse_b = random_state(1, 3, 2, 4, dtype=torch.float64, empty_frac=0.0)
+    xs = tuple(t.double().requires_grad_() for t in (o_a, lse_a, o_b, lse_b))
+    assert torch.autograd.gradcheck(lambda *x: merge_attention_states(*x, backend="reference"), xs)
 
 
 def test_kernel_backend_refuses_grad():

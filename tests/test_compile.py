@@ -1,7 +1,9 @@
 """The public ops as ``torch.library`` custom ops: ``torch.compile(fullgraph=True)`` over a function calling each
 op compiles (no graph break) and matches eager, values and gradients, on the reference and C++ CPU backends;
 ``torch.library.opcheck`` passes for every registered op (schema, fake implementation, autograd registration,
-AOT dispatch with dynamic shapes).  Tiny shapes: this is about the op plumbing, not the math (tests/test_ops.py).
+AOT dispatch with dynamic shapes).  Tiny shapes: this is about the op plumbing, not the math (the per-op test
+files).  The attention ops have no C++ CPU kernels: on CPU tensors they run on the reference backend, with
+PyTorch's CPU flash kernel (``reference``) or the chunked torch path (``reference-chunked``).
 
 The compiled functions use the ``aot_eager`` backend: Dynamo + AOTAutograd (fake tensors, the joint forward /
 backward graph through the registered autograd) without Inductor's C++ code generation, which would only
@@ -11,7 +13,15 @@ compile the few torch ops around the custom ops and takes minutes on a small CI 
 import pytest
 import torch
 
-from copsd.ops import available_backends, linear_divergence, linear_logprobs, linear_logprobs_loss, linear_topk
+from copsd.ops import (
+    available_backends,
+    linear_divergence,
+    linear_logprobs,
+    linear_logprobs_loss,
+    linear_topk,
+    merge_attention_states,
+    shared_prefix_attention,
+)
 
 OPS = torch.ops.copsd
 
@@ -178,3 +188,91 @@ def test_opcheck_divergence(backend, support, topk):
     grad = torch.linspace(0.5, 2, 9, dtype=F64)
     torch.library.opcheck(OPS.linear_divergence_backward.default,
                           (xs.detach(), ws.detach(), xt, wt, mask, saved, grad, *opts))
+
+
+# ----------------------------------------------------------------------------- attention ops
+
+# "auto": dispatch on CPU tensors passes over the C++ backend (no attention kernels) to the reference
+ATTN_BACKENDS = ["reference", "reference-chunked", "auto"]
+
+
+def _attn_backend(name, monkeypatch):
+    if name == "reference-chunked":
+        from copsd.backends import _reference_attention
+
+        monkeypatch.setattr(_reference_attention, "USE_CPU_FLASH", False)
+    return "auto" if name == "auto" else "reference"
+
+
+def _attn_inputs(b=2, s=5, hq=4, hkv=2, d=8, p=3, grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(b, s, hq, d), (b, s, hkv, d), (b, s, hkv, d), (p, hkv, d), (p, hkv, d)]
+    return tuple(torch.randn(*sh, generator=g, dtype=F64).requires_grad_(grad) for sh in shapes)
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+def test_shared_prefix_attention_compiles(backend, padded, monkeypatch):
+    backend = _attn_backend(backend, monkeypatch)
+    inputs = _attn_inputs()
+    lens = torch.tensor([5, 2]) if padded else None
+    w_o = torch.linspace(-1, 1, 2 * 5 * 4 * 8, dtype=F64).reshape(2, 5, 4, 8)
+
+    def f(q, k, v, pk, pv):
+        o, lse = shared_prefix_attention(q, k, v, pk, pv, scale=0.4, seq_lens=lens, backend=backend)
+        return (o * w_o).sum() + 0.3 * torch.where(torch.isfinite(lse), lse, 0).sum()
+
+    (ye, ge), (yc, gc) = _eager_and_compiled(f, inputs, inputs)
+    _same(yc, ye)
+    for a, b in zip(gc, ge):
+        _same(a, b)
+    assert all(g.abs().sum() > 0 for g in ge)
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_merge_attention_states_compiles(backend, monkeypatch):
+    backend = _attn_backend(backend, monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    o_a, o_b = (torch.randn(2, 4, 3, 8, generator=g, dtype=F64).requires_grad_() for _ in range(2))
+    lse_a, lse_b = (torch.randn(2, 3, 4, generator=g, dtype=F64) for _ in range(2))
+    lse_a[0, 0, 1] = lse_b[0, 0, 1] = float("-inf")  # an empty row: zero gradients, no NaN
+    lse_a, lse_b = lse_a.requires_grad_(), lse_b.requires_grad_()
+    w_o = torch.linspace(-1, 1, 2 * 4 * 3 * 8, dtype=F64).reshape(2, 4, 3, 8)
+
+    def f(o_a, lse_a, o_b, lse_b):
+        o, lse = merge_attention_states(o_a, lse_a, o_b, lse_b, backend=backend)
+        return (o * w_o).sum() + 0.3 * torch.where(torch.isfinite(lse), lse, 0).sum()
+
+    inputs = (o_a, lse_a, o_b, lse_b)
+    (ye, ge), (yc, gc) = _eager_and_compiled(f, inputs, inputs)
+    _same(yc, ye)
+    for a, b in zip(gc, ge):
+        _same(a, b)
+        assert not a.isnan().any()
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("p", [0, 3])
+def test_opcheck_shared_prefix_attention(backend, p, monkeypatch):
+    backend = _attn_backend(backend, monkeypatch)
+    q, k, v, pk, pv = _attn_inputs(p=p)
+    lens = torch.tensor([5, 2])
+    for sl in (None, lens):
+        torch.library.opcheck(OPS.shared_prefix_attention.default, (q, k, v, pk, pv, 0.4, sl, backend, True))
+    args = tuple(t.detach() for t in (q, k, v, pk, pv))
+    o, lse = OPS.shared_prefix_attention.default(*args, 0.4, lens, backend, False)
+    g_o, g_lse = torch.randn_like(o), torch.randn_like(lse)
+    torch.library.opcheck(OPS.shared_prefix_attention_backward.default, (*args, 0.4, lens, o, lse, g_o, g_lse))
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_opcheck_merge_attention_states(backend, monkeypatch):
+    backend = _attn_backend(backend, monkeypatch)
+    g = torch.Generator().manual_seed(4)
+    o_a, o_b = (torch.randn(2, 4, 3, 8, generator=g, dtype=F64).requires_grad_() for _ in range(2))
+    lse_a, lse_b = (torch.randn(2, 3, 4, generator=g, dtype=F64).requires_grad_() for _ in range(2))
+    torch.library.opcheck(OPS.merge_attention_states.default, (o_a, lse_a, o_b, lse_b, backend, True))
+    args = tuple(t.detach() for t in (o_a, lse_a, o_b, lse_b))
+    o, lse = OPS.merge_attention_states.default(*args, backend, False)
+    torch.library.opcheck(OPS.merge_attention_states_backward.default,
+                          (*args, lse, torch.randn_like(o), torch.randn_like(lse)))

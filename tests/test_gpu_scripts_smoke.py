@@ -3,6 +3,7 @@ Python error in them: ``bench_loss_gpu.py --smoke-cpu`` runs its correctness sec
 op it times, against the reference backend) in the Triton interpreter; ``bench_prefix_gpu.py --tiny`` runs its
 whole flow (naive, reuse, floor, output checks) on a tiny model."""
 
+import json
 import os
 import subprocess
 import sys
@@ -32,3 +33,13 @@ def test_bench_prefix_gpu_tiny_runs_and_checks():
     r = _run(["benchmarks/bench_prefix_gpu.py", "--tiny"], CUDA_VISIBLE_DEVICES="")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "output check PASSED" in r.stdout
+
+
+def test_bench_attention_gpu_cpu_smoke(tmp_path):
+    """``bench_attention_gpu.py --cpu-smoke``: tiny shapes on CPU, every output checked against the dense
+    float64 reference, the JSON result written."""
+    r = _run(["benchmarks/bench_attention_gpu.py", "--cpu-smoke", "--out", str(tmp_path)], CUDA_VISIBLE_DEVICES="")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "checked against the dense float64 reference: OK" in r.stdout
+    result = json.loads((tmp_path / "bench_attention_gpu.json").read_text())
+    assert len(result["cases"]) == 2 and not result["failures"]

@@ -6,11 +6,11 @@ GPU paths; the ``chunked`` one keeps each chunk's logits between the statistics 
 float64 runs are held to 1e-10; float32 runs to the error-relative criterion of ``tests/criteria.py`` (error vs
 float64 at most a few times that of the same loss written in plain dense fp32 PyTorch)."""
 
-import dense
 import pytest
 import torch
 from criteria import assert_accurate
 
+from copsd import reference as dense
 from copsd.backends import cpu
 from copsd.ops import linear_logprobs_loss
 

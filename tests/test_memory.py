@@ -18,8 +18,7 @@ NV_BYTES = N * V * 4  # one materialised float32 [N, V] tensor: 205 MB
 # extra memory on top of its inputs.  Large blocks come from mmap and go back on free.
 SCRIPT = textwrap.dedent("""
     import json, resource, sys, torch
-    sys.path.insert(0, {TESTS!r})
-    import dense  # the tests' dense reference: holds several [N, V] tensors
+    from copsd import reference as dense  # the dense reference of tests and benchmarks: several [N, V] tensors
     from copsd.ops import linear_divergence, linear_logprobs
     torch.set_num_threads(2)
     what, backend = sys.argv[1], sys.argv[2]
@@ -41,7 +40,7 @@ SCRIPT = textwrap.dedent("""
     run(*big)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(dict(extra=peak - base)))
-""").format(N=N, H=H, V=V, TESTS=os.path.dirname(os.path.abspath(__file__)))
+""").format(N=N, H=H, V=V)
 
 
 def _extra(what, backend):

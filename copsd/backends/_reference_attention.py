@@ -10,6 +10,12 @@ then one merge.  Forward-only CPU calls run each part through PyTorch's blocked 
 (which returns the LSE); otherwise (autograd, other devices) both parts are chunked here so that no
 score block holds more than ``_BLOCK_ELEMS`` elements, whatever the prefix length, written out of
 place so autograd works through it.
+
+The backward of both ops is written out here too (``merge_attention_states_backward``,
+``shared_prefix_attention_backward``): the public ops are ``torch.library`` custom ops, whose
+implementations run below autograd, so their registered autograd calls these explicit formulas
+(FlashAttention's: ``P = exp(scale q.k - lse)``, ``dS = P (dP - rowsum(dO * O) + dlse)``), chunked
+like the forward.
 """
 
 from __future__ import annotations
@@ -194,3 +200,118 @@ def _chunked(q, k, v, prefix_k, prefix_v, scale, seq_lens):
     o = o.permute(0, 2, 1, 3, 4).reshape(b, s_len, hq, d).to(q.dtype)
     lse = lse.permute(0, 1, 3, 2).reshape(b, hq, s_len)
     return o, lse
+
+
+# ----------------------------------------------------------------------------- backward (explicit formulas)
+
+
+def _weights(lse_x, lse):
+    """``exp(lse_x - lse)``, 0 where the merged row is empty (``lse = -inf``) or ``lse_x = -inf``."""
+    ok = torch.isfinite(lse)
+    return torch.where(ok, torch.exp(lse_x - torch.where(ok, lse, torch.zeros_like(lse))), torch.zeros_like(lse))
+
+
+def merge_attention_states_backward(o_a, lse_a, o_b, lse_b, lse, g_o, g_lse):
+    """Gradients of ``merge_attention_states`` given the merged ``lse`` and the output gradients.
+
+    ``o = w_a o_a + w_b o_b`` with ``w_x = exp(lse_x - lse)``, ``lse = logaddexp(lse_a, lse_b)``:
+    ``d o_x = w_x g_o`` and ``d lse_x = w_x (g_lse + <g_o, o_x - o>)`` (the sum over the head dim).
+    An empty row (both sides ``-inf``) gets zero gradients.  Returns ``(d_o_a, d_lse_a, d_o_b, d_lse_b)``.
+    """
+    acc = _acc_dtype(o_a.dtype)
+    lse_acc = lse.to(acc)
+    w_a, w_b = _weights(lse_a.to(acc), lse_acc), _weights(lse_b.to(acc), lse_acc)  # [B, H, S]
+    oa, ob, go = o_a.to(acc), o_b.to(acc), g_o.to(acc)
+    wa, wb = w_a.transpose(1, 2).unsqueeze(-1), w_b.transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
+    o = wa * oa + wb * ob  # the merged output in the accumulation dtype
+    gl = g_lse.to(acc)
+    d_lse_a = w_a * (gl + (go * (oa - o)).sum(-1).transpose(1, 2))
+    d_lse_b = w_b * (gl + (go * (ob - o)).sum(-1).transpose(1, 2))
+    return (wa * go).to(o_a.dtype), d_lse_a.to(lse_a.dtype), (wb * go).to(o_b.dtype), d_lse_b.to(lse_b.dtype)
+
+
+def _block_grads(q, k, v, g_o, lse, delta, scale, mask):
+    """One block of the attention backward (accumulation dtype): ``q``/``g_o`` [..., M, D], ``k``/``v``
+    [..., N, D], ``lse``/``delta`` [..., M] (``lse = +inf`` for rows that attend nothing), ``mask``
+    broadcastable to [..., M, N] or None.  Returns ``(dq [..., M, D], dk [..., N, D], dv [..., N, D])``."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    p = torch.exp(s - lse.unsqueeze(-1))
+    if mask is not None:
+        p = p.masked_fill(~mask, 0.0)
+    dp = torch.matmul(g_o, v.transpose(-1, -2))
+    ds = p * (dp - delta.unsqueeze(-1))
+    return (torch.matmul(ds, k) * scale, torch.matmul(ds.transpose(-1, -2), q) * scale,
+            torch.matmul(p.transpose(-1, -2), g_o))
+
+
+def shared_prefix_attention_backward(q, k, v, prefix_k, prefix_v, scale, seq_lens, o, lse, g_o, g_lse):
+    """Gradients of ``shared_prefix_attention`` with respect to ``q, k, v, prefix_k, prefix_v``.
+
+    ``o`` / ``lse`` are the forward's outputs, ``g_o`` / ``g_lse`` their gradients.  With
+    ``P_ij = exp(scale q_i.k_j - lse_i)`` over the keys query ``i`` attends (the whole prefix and its own
+    keys ``0..i`` below ``seq_lens``): ``dP_ij = g_o_i.v_j``, ``dS_ij = P_ij (dP_ij - <g_o_i, o_i> + g_lse_i)``,
+    ``dq_i = scale sum_j dS_ij k_j``, ``dk_j = scale sum_i dS_ij q_i``, ``dv_j = sum_i P_ij g_o_i`` (summed over
+    the query heads of a KV head, and over the sequences for the shared prefix).  Padded query rows
+    (``lse = -inf``) contribute nothing.  Chunked with the forward's block sizes.
+    """
+    b, s_len, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    p_len = prefix_k.shape[0]
+    acc = _acc_dtype(q.dtype)
+
+    def heads(t):  # [B, S, Hq, D] -> [B, Hkv, S, G, D]
+        return t.to(acc).reshape(b, s_len, hkv, g, d).permute(0, 2, 1, 3, 4)
+
+    qs, gos = heads(q), heads(g_o)
+    ks, vs = k.to(acc).permute(0, 2, 1, 3), v.to(acc).permute(0, 2, 1, 3)  # [B, Hkv, S, D]
+    lse_ = lse.to(acc).reshape(b, hkv, g, s_len).permute(0, 1, 3, 2)  # [B, Hkv, S, G]
+    lse_ = torch.where(torch.isfinite(lse_), lse_, torch.full_like(lse_, float("inf")))  # P = 0 there
+    delta = (gos * heads(o)).sum(-1) - g_lse.to(acc).reshape(b, hkv, g, s_len).permute(0, 1, 3, 2)
+    delta = torch.where(torch.isfinite(lse_), delta, torch.zeros_like(delta))
+    key_valid = None
+    if seq_lens is not None:
+        key_valid = torch.arange(s_len, device=q.device)[None, :] < seq_lens.to(q.device)[:, None]
+
+    dq = torch.zeros_like(qs)
+    dk, dv = torch.zeros_like(ks), torch.zeros_like(vs)
+    # own tokens, causal: query rows in blocks, each against keys 0..r1
+    rb = max(1, min(s_len, _BLOCK_ELEMS // max(1, b * hkv * g * s_len)))
+    pos = torch.arange(s_len, device=q.device)
+    for r0 in range(0, s_len, rb):
+        r1 = min(s_len, r0 + rb)
+        rows = (r1 - r0) * g
+        causal = (pos[None, :r1] <= pos[r0:r1, None]).repeat_interleave(g, dim=0)[None, None]
+        mask = causal if key_valid is None else causal & key_valid[:, None, None, :r1]
+        dq_b, dk_b, dv_b = _block_grads(qs[:, :, r0:r1].reshape(b, hkv, rows, d), ks[:, :, :r1], vs[:, :, :r1],
+                                        gos[:, :, r0:r1].reshape(b, hkv, rows, d),
+                                        lse_[:, :, r0:r1].reshape(b, hkv, rows),
+                                        delta[:, :, r0:r1].reshape(b, hkv, rows), scale, mask)
+        dq[:, :, r0:r1] += dq_b.reshape(b, hkv, r1 - r0, g, d)
+        dk[:, :, :r1] += dk_b
+        dv[:, :, :r1] += dv_b
+    dpk = torch.zeros(hkv, p_len, d, dtype=acc, device=q.device)
+    dpv = torch.zeros_like(dpk)
+    if p_len > 0:
+        # the shared prefix: every query row of every sequence of a KV head's group, in blocks of rows and keys
+        def rows_of(t):  # [B, Hkv, S, G, ...] -> [Hkv, B*S*G, ...]
+            return t.permute(1, 0, 2, 3, *range(4, t.dim())).reshape(hkv, b * s_len * g, *t.shape[4:])
+
+        qg, gg, lg, dg = rows_of(qs), rows_of(gos), rows_of(lse_), rows_of(delta)
+        pk, pv = prefix_k.to(acc).permute(1, 0, 2), prefix_v.to(acc).permute(1, 0, 2)  # [Hkv, P, D]
+        dqg = torch.zeros_like(qg)
+        m_rows = qg.shape[1]
+        kb = min(_KEY_BLOCK, p_len)
+        rb = max(1, min(m_rows, _BLOCK_ELEMS // max(1, hkv * kb)))
+        for r0 in range(0, m_rows, rb):
+            for k0 in range(0, p_len, kb):
+                dq_b, dk_b, dv_b = _block_grads(qg[:, r0:r0 + rb], pk[:, k0:k0 + kb], pv[:, k0:k0 + kb],
+                                                gg[:, r0:r0 + rb], lg[:, r0:r0 + rb], dg[:, r0:r0 + rb], scale,
+                                                None)
+                dqg[:, r0:r0 + rb] += dq_b
+                dpk[:, k0:k0 + kb] += dk_b
+                dpv[:, k0:k0 + kb] += dv_b
+        dq += dqg.reshape(hkv, b, s_len, g, d).permute(1, 0, 2, 3, 4)
+    dq = dq.permute(0, 2, 1, 3, 4).reshape(b, s_len, hq, d).to(q.dtype)
+    return (dq, dk.permute(0, 2, 1, 3).to(k.dtype), dv.permute(0, 2, 1, 3).to(v.dtype),
+            dpk.permute(1, 0, 2).to(prefix_k.dtype), dpv.permute(1, 0, 2).to(prefix_v.dtype))

@@ -48,6 +48,18 @@ def shared_prefix_attention(q, k, v, prefix_k, prefix_v, scale, seq_lens):
     return impl(q, k, v, prefix_k, prefix_v, scale, seq_lens)
 
 
+def merge_attention_states_backward(o_a, lse_a, o_b, lse_b, lse, g_o, g_lse):
+    from copsd.backends._reference_attention import merge_attention_states_backward as impl
+
+    return impl(o_a, lse_a, o_b, lse_b, lse, g_o, g_lse)
+
+
+def shared_prefix_attention_backward(q, k, v, prefix_k, prefix_v, scale, seq_lens, o, lse, g_o, g_lse):
+    from copsd.backends._reference_attention import shared_prefix_attention_backward as impl
+
+    return impl(q, k, v, prefix_k, prefix_v, scale, seq_lens, o, lse, g_o, g_lse)
+
+
 # ----------------------------------------------------------------------------- logits
 
 

@@ -1,0 +1,224 @@
+"""``linear_logprobs``: log-probs of given ids, entropies and LSE (values and gradients) on every backend.
+
+Ground truth: the dense float64 definitions of ``copsd.reference`` (through autograd for gradients); float32
+and lower by the error-relative criterion of ``tests/criteria.py``.  Sections: the public op on the CPU
+backends (reference, C++), the C++ backend's kernel-level functions (``isa``-marked ones rerun per dispatch
+level by ``test_backend_cpu.py::test_cpu_dispatch_level``), the Triton backend (both GPU paths; interpreter
+without a GPU).  ``linear_logprobs_loss`` is ``test_logprobs_loss.py``; torch.compile / opcheck:
+``test_compile.py``.
+"""
+
+import pytest
+import torch
+from criteria import assert_accurate
+from oplib import (
+    CPU,
+    CPU_BACKENDS,
+    DEV,
+    F64,
+    LOGIT_OPTS,
+    LOGITS,
+    SPECS,
+    TRITON,
+    check_accurate,
+    check_close,
+    check_topk,
+    close,
+    close64,
+    cpu_inputs,
+    dense,
+    fa_check,
+    rand_lm,
+)
+
+from copsd.backends import cpu, reference
+from copsd.backends import reference as ref
+from copsd.backends import triton as tri
+from copsd.ops import linear_logprobs
+from copsd.ops._spec import LogitSpec
+
+# ----------------------------------------------------------------------------- public op (reference, C++)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("opts", LOGIT_OPTS, ids=["plain", "temp-scale", "softcap"])
+@pytest.mark.parametrize("scale", [1.0, 2e3])
+def test_logprobs_entropy_lse(backend, opts, scale, small_chunks):
+    N, H, V = 41, 7, 211
+    x = (torch.randn(N, H, dtype=F64) * scale).requires_grad_()
+    w = torch.randn(V, H, dtype=F64, requires_grad=True)
+    ids = torch.randint(0, V, (N,))
+    lp, ent, lse = linear_logprobs(x, w, ids, return_entropy=True, backend=backend, **opts)
+    rlp, rent, rlse = dense.logprobs(x, w, ids, **opts)
+    tol = dict(rtol=1e-8, atol=1e-8 * scale)
+    check_close(lp, rlp, **tol)
+    check_close(ent, rent, **tol)
+    check_close(lse, rlse, **tol)
+    ups = [torch.randn(N, dtype=F64) for _ in range(3)]
+    got = torch.autograd.grad(sum((o * u).sum() for o, u in zip((lp, ent, lse), ups)), (x, w))
+    want = torch.autograd.grad(sum((o * u).sum() for o, u in zip((rlp, rent, rlse), ups)), (x, w))
+    for g, r in zip(got, want):
+        check_close(g, r, **tol)
+    assert linear_logprobs(x, w, ids, backend=backend)[1] is None
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_logprobs_float32_and_int32_ids(backend):
+    x = torch.randn(10, 8)
+    w = torch.randn(50, 8)
+    ids = torch.randint(0, 50, (10,), dtype=torch.int32)
+    lp, _, _ = linear_logprobs(x, w, ids, backend=backend)
+    assert lp.dtype == torch.float32
+    assert_accurate(lp, dense.logprobs(x.double(), w.double(), ids.long())[0], dense.logprobs(x, w, ids.long())[0],
+                    "float32 logprobs")
+
+
+# ----------------------------------------------------------------------------- C++ CPU backend
+
+
+@CPU
+@pytest.mark.isa
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("logit_name", ["plain", "temp_scale_softcap", "temp_scale"])
+@pytest.mark.parametrize("grads", ["all", "lp_only", "ent_lse"])
+def test_cpu_logprobs_matches_dense(logit_name, dtype, grads):
+    N, H, V = 29, 12, 211
+    logit = LOGITS[logit_name]
+    x, w, _, _ = cpu_inputs(N, H, V, dtype, scale=1.5)
+    ids = torch.randint(0, V, (N,))
+    lp, ent, lse = cpu.logprobs_forward(x, w, ids, logit)
+    gs = [torch.randn(N, dtype=dtype) for _ in range(3)]
+    if grads == "lp_only":
+        gs[1] = gs[2] = None
+    elif grads == "ent_lse":
+        gs[0] = None
+    dx, dw = cpu.logprobs_backward(x, w, ids, lse, ent, *gs, logit)
+    exact = dense.logprobs_grads(x, w, ids, logit, gs)
+    plain = exact if dtype == torch.float64 else dense.logprobs_grads(x, w, ids, logit, gs, torch.float32)
+    check_accurate((lp, ent, lse, dx, dw), (*exact[0], *exact[1:]), (*plain[0], *plain[1:]),
+                   ("logprobs", "entropy", "lse", "d_hidden", "d_weight"), dtype)
+
+
+@CPU
+def test_cpu_logprobs_matches_reference_backend(small_chunks):
+    N, H, V = 17, 9, 130
+    logit = LOGITS["temp_scale_softcap"]
+    x, w, _, _ = cpu_inputs(N, H, V, torch.float64)
+    ids = torch.randint(0, V, (N,))
+    got = cpu.logprobs_forward(x, w, ids, logit)
+    want = reference.logprobs_forward(x, w, ids, logit)
+    for g, wv in zip(got, want):
+        close64(g, wv, "forward")
+    gs = [torch.randn(N, dtype=torch.float64) for _ in range(3)]
+    got = cpu.logprobs_backward(x, w, ids, want[2], want[1], *gs, logit)
+    want = reference.logprobs_backward(x, w, ids, want[2], want[1], *gs, logit)
+    for g, wv in zip(got, want):
+        close64(g, wv, "backward")
+
+
+@CPU
+@pytest.mark.isa
+def test_cpu_logprobs_extreme_and_tiny_vocab():
+    x, w, _, _ = cpu_inputs(8, 6, 211, torch.float32, scale=3e3)
+    ids = torch.randint(0, 211, (8,))
+    got = cpu.logprobs_forward(x, w, ids, LogitSpec())
+    for g in got:
+        assert torch.isfinite(g).all()
+    exact = dense.logprobs(x.double(), w.double(), ids)
+    plain = dense.logprobs(x, w, ids)  # fp32 logits of ~1e4 carry ~1e-3 error, here as in the op
+    check_accurate(got, exact, plain, ("logprobs", "entropy", "lse"), torch.float32)
+    x, w, _, _ = cpu_inputs(3, 4, 1, torch.float32)
+    lp, ent, lse = cpu.logprobs_forward(x, w, torch.zeros(3, dtype=torch.int64), LogitSpec())
+    assert torch.equal(lp, torch.zeros(3)) and torch.equal(ent, torch.zeros(3))
+    assert_accurate(lse, (x.double() @ w.double().T)[:, 0], (x @ w.T)[:, 0], "lse at V=1")
+
+
+@CPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_low_precision_logprobs_and_topk(dtype):
+    N, H, V = 24, 16, 211
+    x, w, _, _ = cpu_inputs(N, H, V, dtype)
+    ids = torch.randint(0, V, (N,))
+    got = cpu.logprobs_forward(x, w, ids, LogitSpec())
+    a, b = x.double().clone().requires_grad_(), w.double().clone().requires_grad_()
+    want = dense.logprobs(a, b, ids)
+    plain = dense.logprobs(x, w, ids)
+    for g, wv, pv, name in zip(got, want, plain, ("logprobs", "entropy", "lse")):
+        fa_check(g, wv.detach(), pv, name)
+    g_lp, g_ent = torch.randn(N), torch.randn(N)
+    (want[0] * g_lp.double() + want[1] * g_ent.double()).sum().backward()
+    dx, dw = cpu.logprobs_backward(x, w, ids, got[2], got[1], g_lp, g_ent, None, LogitSpec())
+    pa, pb = x.clone().requires_grad_(), w.clone().requires_grad_()
+    pl = dense.logprobs(pa, pb, ids)
+    (pl[0] * g_lp.to(dtype) + pl[1] * g_ent.to(dtype)).sum().backward()
+    fa_check(dx, a.grad, pa.grad, "d_hidden")
+    fa_check(dw, b.grad, pb.grad, "d_weight")
+    tids, tlp, tlse = cpu.topk(x, w, 5, LogitSpec())
+    z64 = x.double() @ w.double().T
+    plain_vals = (x @ w.T).log_softmax(-1).topk(5, dim=1).values
+    fa_check(tlp, z64.log_softmax(-1).topk(5, dim=1).values, plain_vals, "topk logprobs")
+
+
+@CPU
+def test_cpu_public_logprobs_and_topk_ops_on_cpu_backend():
+    ops = pytest.importorskip("copsd.ops")
+    N, H, V = 20, 12, 211
+    x, w, _, _ = cpu_inputs(N, H, V, torch.float32)
+    ids = torch.randint(0, V, (N,))
+    res = {}
+    for name, backend, dtype in (("cpu", "cpu", torch.float32), ("exact", "reference", torch.float64),
+                                 ("plain", "reference", torch.float32)):
+        a, b = x.to(dtype).clone().requires_grad_(), w.to(dtype).clone().requires_grad_()
+        lp, ent, lse = ops.linear_logprobs(a, b, ids, temperature=1.4, return_entropy=True, backend=backend)
+        (lp.sum() + 0.3 * ent.sum() - 0.1 * lse.sum()).backward()
+        res[name] = (lp.detach(), ent.detach(), lse.detach(), a.grad, b.grad)
+    check_accurate(res["cpu"], res["exact"], res["plain"],
+                   ("logprobs", "entropy", "lse", "d_hidden", "d_weight"), torch.float32)
+    t_ids, t_lp, t_lse = ops.linear_topk(x, w, 16, backend="cpu")
+    check_topk(t_ids, t_lp, t_lse, x.double() @ w.double().T, 16, x @ w.T)
+
+
+# ----------------------------------------------------------------------------- Triton backend
+
+
+@TRITON
+@pytest.mark.parametrize("N,H,V,spec,which", [
+    (19, 40, 53, "plain", (1, 1, 1)),
+    (19, 40, 53, "all", (1, 0, 1)),
+    (1, 24, 1, "all", (1, 1, 0)),  # one token, one vocabulary entry
+])
+def test_triton_logprobs_forward_backward(triton_slices, N, H, V, spec, which):
+    spec = SPECS[spec]
+    x, w = rand_lm(N, H, V, scale=3.0)
+    ids = torch.randint(0, V, (N,), device=DEV)
+    out = tri.logprobs_forward(x, w, ids, spec)
+    g = [torch.randn(N, device=DEV) if on else None for on in which]
+    (lp, ent, lse), dx_d, dw_d = dense.logprobs_grads(x, w, ids, spec, g)
+    for a, e in zip(out, (lp, ent, lse)):
+        close(a, e, 2e-5)
+    dx, dw = tri.logprobs_backward(x, w, ids, out[2], out[1], *g, spec)
+    assert dw.dtype == torch.float32
+    close(dx, dx_d, 2e-5)
+    close(dw, dw_d, 2e-5)
+    rdx, rdw = ref.logprobs_backward(x, w, ids, out[2], out[1], *g, spec)
+    close(dx, rdx, 2e-5)
+    close(dw, rdw, 2e-5)
+
+
+@TRITON
+def test_triton_logprobs_extreme_logits():
+    # logits of +-1e4 scale: no overflow, entropy ~0, log-prob 0 at the argmax
+    N, H, V = 9, 16, 37
+    x, w = rand_lm(N, H, V)
+    spec = LogitSpec(logit_scale=4e3)
+    ids = torch.randint(0, V, (N,), device=DEV)
+    lp, ent, lse = tri.logprobs_forward(x, w, ids, spec)
+    elp, eent, else_ = dense.logprobs(x.double().cpu(), w.double().cpu(), ids.cpu(), logit_scale=4e3)
+    close(lse, else_, 1e-6)
+    close(lp, elp, 1e-6)
+    close(ent, eent, 1e-4)
+    g = torch.randn(N, device=DEV)
+    dx, dw = tri.logprobs_backward(x, w, ids, lse, ent, g, g, None, spec)
+    _, dx_d, dw_d = dense.logprobs_grads(x, w, ids, spec, (g, g, None))
+    close(dx, dx_d, 1e-4)
+    close(dw, dw_d, 1e-4)
