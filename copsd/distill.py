@@ -203,12 +203,11 @@ class Distiller(StageTrainer):
         row = self.rows[i]
         return self.vision.encode(row.images, row.where) if self.vision is not None and row.images else None
 
-    def _vision_kwargs(self, model, ids, part) -> dict:
+    def _vision_kwargs(self, part) -> dict:
+        """The images of samples ``part`` as ``PolicyHidden`` arguments; {} for a text model."""
         if self.vision is None:
             return {}
-        from copsd.vlm import vision_kwargs
-
-        return vision_kwargs(model, ids, [s.vision for s in part])
+        return {"vision": [s.vision for s in part], "context_lens": [len(s.student_ctx) for s in part]}
 
     # ------------------------------------------------------------------ data position
 
@@ -268,8 +267,13 @@ class Distiller(StageTrainer):
             part = samples[j:j + bs]
             ids, mask = pad_right([s.student_ctx + s.completion for s in part], self.tokenizer.pad_token_id,
                                   self.device)
-            h = decoder(input_ids=ids, attention_mask=mask, use_cache=False,
-                        **self._vision_kwargs(self.ref, ids, part)).last_hidden_state
+            if self.vision is not None:
+                from copsd.vlm import hidden_states
+
+                v = self._vision_kwargs(part)
+                h = hidden_states(self.ref, ids, mask, v["vision"], v["context_lens"])
+            else:
+                h = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             h = gather_rows(h, [len(s.student_ctx) - 1 for s in part], [len(s.completion) for s in part])
             tgt = torch.tensor([t for s in part for t in s.completion], device=self.device)
             lp, _ = sampled_logprobs(h.to(head.weight.dtype), head.weight, tgt, temperature=self.cfg.temperature,
@@ -287,7 +291,7 @@ class Distiller(StageTrainer):
             ids, mask = pad_right([s.student_ctx + s.completion for s in part], self.tokenizer.pad_token_id,
                                   self.device)
             with self.acc.autocast():
-                hidden, weight = self.policy(ids, mask, **self._vision_kwargs(hf_model(self.model), ids, part))
+                hidden, weight = self.policy(ids, mask, **self._vision_kwargs(part))
             h = gather_rows(hidden, [len(s.student_ctx) - 1 for s in part], [len(s.completion) for s in part])
             tgt = torch.tensor([t for s in part for t in s.completion], device=self.device, dtype=torch.long)
             lp, _ = sampled_logprobs(h.to(weight.dtype), weight, tgt, temperature=cfg.temperature,
@@ -418,7 +422,7 @@ class Distiller(StageTrainer):
         ids, mask = pad_right([s.student_ctx + s.completion for s in part], self.tokenizer.pad_token_id,
                               self.device)
         with self.acc.autocast():
-            hidden, weight = self.policy(ids, mask, **self._vision_kwargs(hf_model(self.model), ids, part))
+            hidden, weight = self.policy(ids, mask, **self._vision_kwargs(part))
         h = gather_rows(hidden, [len(s.student_ctx) - 1 for s in part], [len(s.completion) for s in part])
         h = h.to(weight.dtype)
         sel = torch.cat([torch.arange(offsets[j], offsets[j + 1], device=self.device) for j in micro])

@@ -162,14 +162,14 @@ def response_entropies(model, prompt_ids: list[list[int]], completion_ids: list[
             seq = list(prompt_ids[i]) + list(completion_ids[i])
             ids[r, : len(seq)] = torch.tensor(seq)
             mask[r, : len(seq)] = 1
-        ids = ids.to(device)
-        extra = {}
-        if visions is not None:
-            from copsd.vlm import vision_kwargs
-
-            extra = vision_kwargs(model, ids, [visions[i] for i in idx])
+        ids, mask = ids.to(device), mask.to(device)
         with torch.no_grad():
-            hidden = base(input_ids=ids, attention_mask=mask.to(device), **extra).last_hidden_state
+            if visions is not None:
+                from copsd.vlm import hidden_states
+
+                hidden = hidden_states(model, ids, mask, [visions[i] for i in idx], [len(prompt_ids[i]) for i in idx])
+            else:
+                hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
             for r, i in enumerate(idx):
                 n_p, n_c = len(prompt_ids[i]), len(completion_ids[i])
                 if n_c == 0:

@@ -342,7 +342,7 @@ class CrossSFT(StageTrainer):
         def micro_loss(micro):
             nonlocal total
             ids, mask = pad_right([examples[i][0] for i in micro], self.tokenizer.pad_token_id, self.device)
-            vision = self._vision_kwargs(ids, micro)
+            vision = self._vision_kwargs(micro)
             with acc.autocast():
                 hidden, weight = self.policy(ids, mask, **vision)
             starts = [examples[i][1] - 1 for i in micro]
@@ -363,15 +363,13 @@ class CrossSFT(StageTrainer):
                 "epoch": (step + 1) * self.per_step / n, "tokens": normalizer,
                 "time_step": time.perf_counter() - t0}
 
-    def _vision_kwargs(self, ids, micro) -> dict:
-        """The images of examples ``micro`` (rows of ``ids``) as forward arguments; {} for text."""
+    def _vision_kwargs(self, micro) -> dict:
+        """The images of examples ``micro`` as ``PolicyHidden`` arguments; {} for a text model."""
         if self.vision is None:
             return {}
-        from copsd.vlm import vision_kwargs
-
         rows = [self.example_rows[i] for i in micro]
-        return vision_kwargs(hf_model(self.model), ids, [self.vision.encode(r.images, r.where) if r.images else None
-                                                         for r in rows])
+        return {"vision": [self.vision.encode(r.images, r.where) if r.images else None for r in rows],
+                "context_lens": [self.examples[i][1] for i in micro]}
 
     def checkpoint_state(self) -> dict:
         return {"global_step": self.step, "max_steps": self.max_steps, "num_examples": len(self.examples),
@@ -393,13 +391,14 @@ class CrossSFT(StageTrainer):
         total, count = 0.0, 0
         for j, (ids, start) in enumerate(self.examples):
             x = torch.tensor([ids], device=self.device)
-            vision = {}
             if self.vision is not None:
-                from copsd.vlm import vision_kwargs
+                from copsd.vlm import hidden_states
 
-                r = self.example_rows[j]
-                vision = vision_kwargs(model, x, [self.vision.encode(r.images, r.where) if r.images else None])
-            h = decoder(input_ids=x, use_cache=False, **vision).last_hidden_state[0, start - 1:len(ids) - 1]
+                v = self._vision_kwargs([j])
+                full = hidden_states(model, x, torch.ones_like(x), v["vision"], v["context_lens"])
+            else:
+                full = decoder(input_ids=x, use_cache=False).last_hidden_state
+            h = full[0, start - 1:len(ids) - 1]
             lp, _ = sampled_logprobs(h.to(head.weight.dtype), head.weight, x[0, start:], logit_scale=scale,
                                      softcap=softcap, backend=self.cfg.backend)
             total -= float(lp.sum())

@@ -202,10 +202,16 @@ class PolicyHidden(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, **vision):
-        """``vision``: ``copsd.vlm.vision_kwargs`` of the batch (images of a vision-language model), or none."""
-        decoder, head = _hf.decoder_and_head(hf_model(self.model))
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **vision)
+    def forward(self, input_ids, attention_mask, vision=None, context_lens=None):
+        """``vision``: one ``VisionInputs`` or None per row (a vision-language model's images, see
+        ``copsd.vlm.hidden_states``), with ``context_lens`` the rows' prompt lengths."""
+        model = hf_model(self.model)
+        decoder, head = _hf.decoder_and_head(model)
+        if vision is not None:
+            from copsd.vlm import hidden_states
+
+            return hidden_states(model, input_ids, attention_mask, vision, context_lens), fsdp.full_weight(head)
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state, fsdp.full_weight(head)
 
 

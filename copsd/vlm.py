@@ -18,9 +18,10 @@ what the processor produces for that text and those images.
 
 Batches
 -------
-:func:`vision_kwargs` turns the per-sequence vision inputs of a batch into the model's ``pixel_values`` /
-``image_grid_thw`` (images concatenated in sequence order) and ``mm_token_type_ids`` (1 at image tokens),
-from which the model computes its 3-D rotary positions (M-RoPE) itself.
+:func:`hidden_states` runs a VLM over a padded batch of ``prompt + response`` rows with each row's images:
+the vision tower once per distinct image set, the image features scattered over the prompt's image tokens,
+the 3-D rotary positions (M-RoPE) from the model's own ``get_rope_index``, then the language model, whose
+final hidden states feed the fused loss ops with the lm_head weight, as for text.
 """
 
 from __future__ import annotations
@@ -216,23 +217,32 @@ def load_vision_processor(path: str, tokenizer=None, *, trust_remote_code: bool 
 
 # --------------------------------------------------------------------------- batches
 
-def vision_kwargs(model, input_ids: torch.Tensor, visions) -> dict:
-    """Keyword arguments adding the images of a batch to a forward of a VLM (or of its base model):
-    ``pixel_values`` and ``image_grid_thw`` of every row's images in row order, and ``mm_token_type_ids``.
-    ``visions``: one ``VisionInputs`` or None per row of ``input_ids``; {} when no row has an image."""
-    if visions is None or all(v is None for v in visions):
-        return {}
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, visions,
+                  context_lens: Sequence[int] | None = None) -> torch.Tensor:
+    """Final hidden states ``[B, S, H]`` (what the lm_head consumes) of a VLM over a right-padded batch.
+
+    ``visions[b]``: row b's ``VisionInputs`` or None; rows holding the same object (the G samples of a prompt)
+    share one vision-tower pass.  ``context_lens[b]``: row b's prompt length; an image-token id sampled after
+    it is text, never an image slot.  The 3-D rotary positions come from the model's own ``get_rope_index``.
+    Gradients flow into the vision tower unless it is frozen."""
+    from copsd import multimodal as mm
+
+    parts = mm.vlm_parts(model)
+    if parts is None:
+        raise ValueError(f"model: {type(model).__name__} is not a vision-language model")
     if len(visions) != input_ids.shape[0]:
         raise ValueError(f"vision: expected one entry per sequence ({input_ids.shape[0]}), got {len(visions)}")
-    present = [v for v in visions if v is not None]
-    device = input_ids.device
-    token_id = int(model.config.image_token_id)
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    return {
-        "pixel_values": torch.cat([v.pixel_values for v in present]).to(device=device, dtype=dtype),
-        "image_grid_thw": torch.cat([v.image_grid_thw for v in present]).to(device),
-        "mm_token_type_ids": (input_ids == token_id).to(torch.int32),
-    }
+    done: dict[int, tuple] = {}
+    features = []
+    for v in visions:
+        if v is not None and id(v) not in done:
+            done[id(v)] = mm.vision_features(parts, v)
+        features.append(done[id(v)] if v is not None else None)
+    embeds, extra = mm.embed(parts, input_ids, features, context_lens)
+    positions = mm.rope_positions(parts, input_ids, attention_mask, visions, context_lens)
+    out = parts.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
+                               use_cache=False, **extra)
+    return out.last_hidden_state
 
 
 def freeze_vision_tower(model) -> int:
@@ -254,4 +264,4 @@ LANGUAGE_ONLY_EXCLUDE = rf"(.*\.)?{VISION_MODULE}(\..*)?"
 
 
 __all__ = ["FAMILIES", "VisionProcessor", "expand_image_tokens", "freeze_vision_tower", "is_vlm", "is_vlm_config",
-           "is_vlm_path", "load_vision_processor", "load_vlm", "open_image", "vision_kwargs"]
+           "is_vlm_path", "load_vision_processor", "load_vlm", "open_image", "hidden_states"]
