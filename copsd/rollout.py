@@ -9,6 +9,12 @@ log-prob under the *untruncated* tempered distribution, even when top-k / top-p 
 This is the quantity a re-scoring forward pass reproduces (and what on-policy objectives compare against
 the teacher); the truncated distribution's log-prob would differ by the log of the kept mass.
 With ``temperature == 0`` decoding is greedy and the log-probs are those of ``log_softmax(logits)``.
+
+Vision-language models (``vision=``, see `copsd.multimodal`): the prefill runs the model's own forward with
+the batch's ``pixel_values`` / ``image_grid_thw`` (the vision tower runs once per batch, never per sample)
+and explicit 3-D M-RoPE positions from the model's ``get_rope_index``; every generated token is text, so
+its position is the row's largest prompt position + 1, + 1 per step (what HF generation derives from its
+"rope deltas"), the same in all three M-RoPE components.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from copsd import _hf
+from copsd import multimodal as mm
 
 
 @dataclass
@@ -84,7 +91,8 @@ def _sample(probs: torch.Tensor, generator) -> torch.Tensor:
 def generate(model, prompts: Sequence[Sequence[int]], *, num_generations: int = 1, max_new_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
              stop_token_ids=None, pad_token_id=None,
-             generator: torch.Generator | Sequence[torch.Generator] | None = None, all_done=None) -> Rollouts:
+             generator: torch.Generator | Sequence[torch.Generator] | None = None, all_done=None,
+             vision: Sequence[mm.VisionInputs | None] | None = None) -> Rollouts:
     """Sample ``num_generations`` completions per prompt (token ids in, token ids out).
 
     ``eos_token_id=None`` uses ``model.generation_config.eos_token_id`` (pass ``[]`` for none); generation
@@ -96,6 +104,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_generations: int = 
     batching changes the logits in their last bits).  The model's train/eval mode is restored.
     ``all_done``: optional ``f(local_done: bool) -> bool`` deciding when decoding stops (e.g. only once every
     process is done, for a sharded model); samples that finished meanwhile are unchanged.
+    ``vision``: for a vision-language model, ``vision[i]`` holds the images of ``prompts[i]`` (or None), whose
+    image placeholders must already be expanded as the processor does it (see `copsd.multimodal`).
     """
     _, head = _hf.decoder_and_head(model)
     vocab = head.weight.shape[0]
@@ -141,7 +151,17 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_generations: int = 
         if pad_token_id is None:
             pad_token_id = stops[0] if stops else 0
     _id_set("pad_token_id", pad_token_id, vocab)
-    limit = _hf.max_context(model.config)
+    parts = mm.vlm_parts(model)
+    if vision is not None:
+        if isinstance(vision, mm.VisionInputs) or not isinstance(vision, Sequence) or len(vision) != len(rows):
+            raise ValueError(f"vision: expected a sequence with one VisionInputs or None per prompt ({len(rows)})")
+        vision = list(vision)
+    if parts is not None or vision is not None:
+        for i, p in enumerate(rows):
+            mm.check_vision(f"vision[{i}]", p, vision[i] if vision is not None else None, parts, f"prompts[{i}]")
+        if vision is not None and all(v is None for v in vision):
+            vision = None
+    limit = _hf.max_context(mm.text_config(model))
     longest = max(len(p) for p in rows)
     if limit is not None and longest + max_new_tokens > limit:
         raise ValueError(f"max_new_tokens: prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceed the "
@@ -151,13 +171,14 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_generations: int = 
     model.eval()
     try:
         return _generate(model, rows, num_generations, max_new_tokens, float(temperature), float(top_p),
-                         top_k, stops, int(pad_token_id), generator, device, all_done)
+                         top_k, stops, int(pad_token_id), generator, device, all_done,
+                         parts if vision is not None else None, vision)
     finally:
         model.train(was_training)
 
 
 def _generate(model, rows, g, max_new, temperature, top_p, top_k, stops, pad, generator, device,
-              all_done=None) -> Rollouts:
+              all_done=None, parts=None, vision=None) -> Rollouts:
     b = len(rows)
     width = max(len(p) for p in rows)
     ids = torch.full((b, width), pad, dtype=torch.long)
@@ -166,14 +187,22 @@ def _generate(model, rows, g, max_new, temperature, top_p, top_k, stops, pad, ge
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    extra = {}
+    if vision is None:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        next_pos = torch.tensor([len(p) for p in rows], device=device)
+    else:
+        positions = mm.rope_positions(parts, ids, mask, vision)  # [3, B, S], no forward
+        next_pos = positions.amax(dim=(0, 2)) + 1
+        images = mm.concat_vision(vision)
+        extra = dict(pixel_values=images.pixel_values.to(device), image_grid_thw=images.image_grid_thw.to(device))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **extra)
     cache = _hf.output_cache(out)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         raise ValueError(f"model: {type(model).__name__} returned no KV cache with batch_repeat_interleave")
     cache_arg = _hf.cache_kwarg(model)
     logits = out.logits[:, -1].float()
-    next_pos = torch.tensor([len(p) for p in rows], device=device)
     if g > 1:
         cache.batch_repeat_interleave(g)
         logits = logits.repeat_interleave(g, dim=0)

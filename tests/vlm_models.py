@@ -103,7 +103,7 @@ def _token_ids(tokenizer) -> dict:
 
 
 def tiny_vlm_config(family: str, *, tie_word_embeddings: bool = False, num_layers: int = 2,
-                    max_position_embeddings: int = 2048):
+                    max_position_embeddings: int = 2048, initializer_range: float = 0.02):
     """The config of `tiny_vlm` (see the module docstring)."""
     import transformers
 
@@ -113,7 +113,7 @@ def tiny_vlm_config(family: str, *, tie_word_embeddings: bool = False, num_layer
     hidden, heads, kv, head_dim = 64, 4, 2, 16
     text = dict(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=128, num_hidden_layers=num_layers,
                 num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max_position_embeddings,
-                rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings,
+                rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings, initializer_range=initializer_range,
                 eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
                 bos_token_id=ids["bos_token_id"])
     if family == "qwen3_vl":
@@ -133,16 +133,19 @@ def tiny_vlm_config(family: str, *, tie_word_embeddings: bool = False, num_layer
                           window_size=2 * patch * MERGE, fullatt_block_indexes=[1])
     top = {k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
     return getattr(transformers, cfg_name)(text_config=text, vision_config=vision,
-                                           tie_word_embeddings=tie_word_embeddings, **top)
+                                           tie_word_embeddings=tie_word_embeddings,
+                                           initializer_range=initializer_range, **top)
 
 
 def tiny_vlm(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, tie_word_embeddings: bool = False,
-             num_layers: int = 2, attn_implementation: str = "sdpa", max_position_embeddings: int = 2048):
-    """A random-weight tiny ``family`` VLM (eval mode); see the module docstring."""
+             num_layers: int = 2, attn_implementation: str = "sdpa", max_position_embeddings: int = 2048,
+             initializer_range: float = 0.02):
+    """A random-weight tiny ``family`` VLM (eval mode); see the module docstring.  A larger
+    ``initializer_range`` (e.g. 0.2) spreads the logits, so greedy decoding has no near-ties."""
     import transformers
 
     config = tiny_vlm_config(family, tie_word_embeddings=tie_word_embeddings, num_layers=num_layers,
-                             max_position_embeddings=max_position_embeddings)
+                             max_position_embeddings=max_position_embeddings, initializer_range=initializer_range)
     cls = getattr(transformers, _FAMILY[family][1])
     torch.manual_seed(seed)
     model = cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
