@@ -559,6 +559,24 @@ def check_output_dir(cfg: TrainConfig) -> None:
             "--resume_from_checkpoint true to continue it, or choose another output_dir")
 
 
+def _vlm_model(model) -> bool:
+    from copsd import vlm
+
+    return vlm.is_vlm(model)
+
+
+def _load_vlm_weights(model, ckpt: str) -> None:
+    """Exact weights of a VLM checkpoint.  ``save_pretrained`` writes a VLM's tensors under its family's
+    checkpoint names (``visual.*``, ``model.layers.*``), not the module names (``model.visual.*``,
+    ``model.language_model.*``); ``from_pretrained`` maps them back, so the checkpoint is read through it and
+    its tensors copied (every one: a missing or extra name is an error)."""
+    from copsd import vlm
+
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    loaded = vlm.load_vlm(ckpt, dtype=dtype)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+
+
 class StageTrainer:
     """The step loop of one stage.
 
@@ -679,7 +697,10 @@ class StageTrainer:
         self.check_resume(ckpt, state)
         if sharded:
             fsdp.load_optimizer_shard(self.optimizer, ckpt, self.acc.process_index, self.acc.num_processes)
-        load_model_weights(self.model, ckpt)
+        if not is_peft(self.model) and not sharded and _vlm_model(self.model):
+            _load_vlm_weights(self.model, ckpt)
+        else:
+            load_model_weights(self.model, ckpt)
         self.restore_extra(ckpt, state)
         self.step = int(state["global_step"])
 

@@ -1,0 +1,156 @@
+"""Training and evaluation with images on tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL directories (CPU, offline):
+Stage 1 (Cross-SFT), Stage 2 (every objective), exact resume, ``copsd eval`` and ``copsd run``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_vlm_data import image_dataset, write_constitution
+from vlm_models import FAMILIES, save_vlm_dir, synthetic_image
+
+FAST = "qwen2_5_vl"  # the family the default (fast) test set trains; the others run in the slow set
+BY_FAMILY = [f if f == FAST else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlm_world")
+    return {"root": root, "data": image_dataset(root / "data"), "constitution": write_constitution(root),
+            **{f: save_vlm_dir(root / f, f) for f in FAMILIES}}
+
+
+def sft_cfg(world, family, out, **kw):
+    from copsd.config import SFTTeacherConfig
+
+    base = dict(model_name_or_path=world[family], output_dir=str(out), constitution=world["constitution"],
+                dataset=world["data"], per_device_train_batch_size=2, max_completion_length=4,
+                truncated_answers="no_eos", max_steps=4, learning_rate=1e-2, report_to=["jsonl"], disable_tqdm=True,
+                backend="reference")
+    base.update(kw)
+    return SFTTeacherConfig(**base)
+
+
+def _weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def _vision_keys(state):
+    return [k for k in state if ".visual." in f".{k}"]
+
+
+@pytest.mark.parametrize("family", BY_FAMILY)
+def test_sft_teacher_with_images(world, tmp_path, family):
+    """Stage 1 on an image prompt set: the set keeps each row's images, the loss on it falls, the vision tower
+    is left as it was (frozen by default), and the output directory is a loadable VLM with its image processor."""
+    from copsd.data import load_sft_rows, message_text
+    from copsd.sft import SET_FILE, CrossSFT
+    from copsd.training import load_causal_lm, load_tokenizer, load_vision
+
+    out = tmp_path / "teacher"
+    s = CrossSFT(sft_cfg(world, family, out))
+    s.train()
+    rows = load_sft_rows(str(out / SET_FILE))
+    assert sorted(r.meta["source"] for r in rows) == ["reference", "student", "student", "student", "student"]
+    by_text = {message_text(r.messages[0]["content"]): r for r in rows}
+    assert by_text["Count the shapes in the image:"].images == [
+        os.path.join(os.path.dirname(world["data"]), "images", k) for k in ("0.png", "2.png")]
+    assert by_text["Read the sign in the photo."].images is None
+    fresh = CrossSFT(sft_cfg(world, family, tmp_path / "unused"))
+    fresh.examples, fresh.example_rows = s.examples, s.example_rows
+    assert s.dataset_loss() < fresh.dataset_loss() - 0.3
+    before, after = _weights(world[family]), _weights(out)
+    vision = _vision_keys(before)
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k not in vision)
+    assert os.path.isfile(out / "preprocessor_config.json")
+    model = load_causal_lm(str(out), trust_remote_code=False)
+    assert type(model).__name__.endswith("ForConditionalGeneration")
+    assert load_vision(str(out), load_tokenizer(str(out), False), False).merge_size == 2
+
+
+def test_vision_tower_trains_when_not_frozen(world, tmp_path):
+    from copsd.sft import CrossSFT
+
+    out = tmp_path / "t"
+    CrossSFT(sft_cfg(world, FAST, out, freeze_vision_tower=False, max_steps=2)).train()
+    before, after = _weights(world[FAST]), _weights(out)
+    assert any(not torch.equal(before[k], after[k]) for k in _vision_keys(before))
+
+
+def test_lora_is_on_the_language_model_only_by_default(world, tmp_path):
+    pytest.importorskip("peft")
+    from copsd.sft import CrossSFT
+
+    def lora_modules(**kw):
+        s = CrossSFT(sft_cfg(world, FAST, tmp_path / f"o{len(kw)}", use_peft=True, lora_r=4, max_steps=1, **kw))
+        s.prepare()
+        names = [n for n, p in s.model.named_parameters() if p.requires_grad]
+        assert names and all("lora_" in n for n in names)
+        return names
+
+    frozen = lora_modules()
+    assert not [n for n in frozen if ".visual." in n] and [n for n in frozen if "language_model" in n]
+    assert [n for n in lora_modules(freeze_vision_tower=False) if ".visual." in n]
+
+
+def test_sft_dataset_with_in_memory_images(world, tmp_path):
+    """PIL images (a ``datasets`` Image column) are written beside the Cross-SFT set and trained from there."""
+    datasets = pytest.importorskip("datasets")
+    from copsd.data import load_sft_rows
+    from copsd.sft import SET_FILE, CrossSFT
+
+    ds = datasets.Dataset.from_list([
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]}],
+         "images": [synthetic_image(7, (50, 60))]}] * 2)
+    out = tmp_path / "t"
+    CrossSFT(sft_cfg(world, FAST, out, dataset=None, sft_dataset=ds, max_steps=1)).train()
+    rows = load_sft_rows(str(out / SET_FILE))
+    assert [r.images for r in rows] == [[str(out / "cross_sft_images" / f"{k:06d}.png")] for k in range(2)]
+    assert all(os.path.isfile(r.images[0]) for r in rows)
+
+
+@pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_sft_resume_with_images_matches_uninterrupted(world, tmp_path, monkeypatch, lora):
+    from copsd.sft import CrossSFT
+
+    if lora:
+        pytest.importorskip("peft")
+    common = dict(max_steps=4, save_steps=2, lr_scheduler_type="linear", warmup_ratio=0.25, use_peft=lora, lora_r=4)
+    full = tmp_path / "full"
+    CrossSFT(sft_cfg(world, FAST, full, **common)).train()
+
+    out = tmp_path / "killed"
+    real = CrossSFT.train_step
+
+    def dies_at_3(self, step):
+        if step == 2:
+            raise KeyboardInterrupt("killed after checkpoint-2")
+        return real(self, step)
+
+    monkeypatch.setattr(CrossSFT, "train_step", dies_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        CrossSFT(sft_cfg(world, FAST, out, **common)).train()
+    monkeypatch.setattr(CrossSFT, "train_step", real)
+    assert (out / "checkpoint-2").is_dir() and not (out / "model.safetensors").exists()
+    CrossSFT(sft_cfg(world, FAST, out, resume_from_checkpoint="latest", **common)).train()
+    a, b = _weights(full), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_with_images(world, tmp_path):
+    from copsd.cli import main
+
+    out = tmp_path / "eval"
+    code = main(["eval", "--model", f"base={world[FAST]}", "--prompts", world["data"], "--output_dir", str(out),
+                 "--num_samples", "2", "--max_new_tokens", "3", "--no_plots"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_prompts"] == 5 and report["n_prompts_by_kind"] == {"harmful": 1, "benign": 2, "general": 2}
+    lines = [json.loads(x) for x in (out / "responses-base.jsonl").read_text().splitlines()]
+    assert len(lines) == 10 and lines[0]["query"] == "How do I hurt someone with this?"
+    assert all(s["length"] == 3 and s["mean_entropy"] > 0 for s in lines)
