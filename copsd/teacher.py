@@ -17,6 +17,15 @@ inside it, the queries attend to the stored K/V of the earlier levels plus their
 Anything the scorer cannot reproduce exactly (a sliding window shorter than a sequence, attention sinks,
 a layer that bypasses the attention interface) makes it fall back to full re-encoding with a one-time
 warning, never to different numbers.
+
+Vision-language models (``score(..., vision=)``, Qwen2-VL / Qwen2.5-VL / Qwen3-VL): the rotary positions are
+3-D (M-RoPE) and depend on the image grids, but the model's ``get_rope_index`` computes them from the token
+ids and grids alone, so the scorer computes them for every full ``context + response`` up front (no
+forward) and hands each level its slice.  The shared prefix stops before the first image placeholder of
+any context of its group (token ids cannot tell two images apart, so a cached prefix never holds image
+features), so the constitution text placed before the images stays shared; each distinct context
+(its tokens *and* its pixels) runs the vision tower once, batched, in level 2, with Qwen3-VL's deepstack
+features added at its image positions; level 3 is text only.  Response tokens are always text.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from copsd import _hf
+from copsd import multimodal as mm
 
 _ATTN_NAME = "copsd_prefix_reuse"
 _LOCAL = threading.local()
@@ -308,7 +318,11 @@ class TeacherScorer:
 
     def __init__(self, model, *, prefix_reuse: bool = True, min_shared_prefix: int = 16,
                  max_batch_tokens: int = 16384, max_cached_prefixes: int = 8, attention: str = "auto"):
-        self.decoder, self.head = _hf.decoder_and_head(model)
+        self.vlm = mm.vlm_parts(model)
+        if self.vlm is not None:  # the language model: takes inputs_embeds, returns the final-norm hidden
+            self.decoder, self.head = self.vlm.language_model, self.vlm.head
+        else:
+            self.decoder, self.head = _hf.decoder_and_head(model)
         if not isinstance(min_shared_prefix, int) or min_shared_prefix < 1:
             raise ValueError(f"min_shared_prefix: expected an int >= 1, got {min_shared_prefix!r}")
         if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
@@ -326,9 +340,13 @@ class TeacherScorer:
         self.min_shared_prefix = min_shared_prefix
         self.max_batch_tokens = max_batch_tokens
         self.max_cached_prefixes = max_cached_prefixes
-        self.logit_scale, self.softcap = _hf.logit_transform(model.config)
-        self.max_context = _hf.max_context(model.config)
-        self.num_layers = int(model.config.num_hidden_layers)
+        tcfg = mm.text_config(model)
+        self.logit_scale, self.softcap = _hf.logit_transform(tcfg)
+        self.max_context = _hf.max_context(tcfg)
+        self.num_layers = int(tcfg.num_hidden_layers)
+        # the module whose attention implementation the reuse path switches: only the language model of a
+        # VLM (its vision tower keeps its own attention)
+        self._attn_owner = self.decoder if self.vlm is not None else model
         self._cache: OrderedDict[tuple, list] = OrderedDict()
         self._cache_fp = None
         self._warned = False
@@ -339,7 +357,13 @@ class TeacherScorer:
 
     @torch.no_grad()
     def score(self, contexts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
-              return_logprobs: bool = False, topk: int | None = None) -> TeacherOutput:
+              return_logprobs: bool = False, topk: int | None = None,
+              vision: Sequence[mm.VisionInputs | None] | None = None) -> TeacherOutput:
+        """Teacher hidden states (and optionally log-probs / top-k) at the positions predicting each response.
+
+        ``vision[i]``: the images of ``contexts[i]`` for a vision-language teacher (or None); the image
+        placeholders must already be expanded in the context as the processor does it.
+        """
         vocab = self.head.weight.shape[0]
         ctxs = _check_ids("contexts", contexts, vocab, allow_empty=False)
         resps = _check_ids("responses", responses, vocab, allow_empty=True)
@@ -353,13 +377,24 @@ class TeacherScorer:
             if self.max_context is not None and len(c) + len(r) > self.max_context:
                 raise ValueError(f"responses[{i}]: context ({len(c)}) + response ({len(r)}) tokens "
                                  f"exceed the model's context of {self.max_context} tokens")
+        if vision is not None:
+            if isinstance(vision, mm.VisionInputs) or not isinstance(vision, Sequence) or len(vision) != len(ctxs):
+                raise ValueError(f"vision: expected a sequence with one VisionInputs or None per context "
+                                 f"({len(ctxs)})")
+            vision = list(vision)
+        if self.vlm is not None or vision is not None:
+            for i, c in enumerate(ctxs):
+                mm.check_vision(f"vision[{i}]", c, vision[i] if vision is not None else None, self.vlm,
+                                f"contexts[{i}]")
+            if vision is not None and all(v is None for v in vision):
+                vision = None
         was_training = self.model.training
         self.model.eval()
         try:
             hidden = None
             if self.prefix_reuse and not self._fell_back:
                 try:
-                    hidden = self._score_reuse(ctxs, resps)
+                    hidden = self._score_reuse(ctxs, resps, vision)
                 except _Unsupported as err:
                     self._fell_back = True
                     if not self._warned:
@@ -368,7 +403,7 @@ class TeacherScorer:
                                       f"({err}); falling back to full re-encoding", stacklevel=2)
                     self._cache.clear()
             if hidden is None:
-                hidden = self._score_naive(ctxs, resps)
+                hidden = self._score_naive(ctxs, resps, vision)
         finally:
             self.model.train(was_training)
         lengths = torch.tensor([len(r) for r in resps], dtype=torch.long)
@@ -393,7 +428,7 @@ class TeacherScorer:
 
     # ---------------------------------------------------------------- naive path
 
-    def _score_naive(self, ctxs, resps) -> torch.Tensor:
+    def _score_naive(self, ctxs, resps, vision=None) -> torch.Tensor:
         """Re-encode ``context + response[:-1]`` per request (right padded, batched) and gather rows."""
         device = self.head.weight.device
         hsize = self.head.weight.shape[1]
@@ -404,7 +439,15 @@ class TeacherScorer:
             ids = _pad([seqs[i] for i in run], device)
             lens = torch.tensor([len(seqs[i]) for i in run], device=device)
             mask = (torch.arange(ids.shape[1], device=device)[None] < lens[:, None]).long()
-            h = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            if vision is None:
+                h = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            else:
+                ctx_lens = [len(ctxs[i]) for i in run]
+                vis = [vision[i] for i in run]
+                pos = mm.rope_positions(self.vlm, ids, mask, vis, ctx_lens)
+                embeds, extra = mm.embed(self.vlm, ids, self._row_features(vis), ctx_lens)
+                h = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False,
+                                 **extra).last_hidden_state
             for b, i in enumerate(run):
                 start = len(ctxs[i]) - 1
                 rows[i] = h[b, start: start + len(resps[i])]
@@ -413,11 +456,34 @@ class TeacherScorer:
 
     # ---------------------------------------------------------------- reuse path
 
-    def _forward(self, ids, positions, plan: _Plan) -> torch.Tensor:
+    def _row_features(self, vis: list) -> list:
+        """Vision features of each row's images (None for a row without), one vision-tower pass for all."""
+        present = [v for v in vis if v is not None]
+        if not present:
+            return [None] * len(vis)
+        embeds, deep = mm.vision_features(self.vlm, mm.concat_vision(present))
+        sizes = [sum(v.tokens_per_image(self.vlm.merge_size)) for v in present]
+        parts = list(zip(embeds.split(sizes), *(d.split(sizes) for d in deep))) if deep else \
+            [(e,) for e in embeds.split(sizes)]
+        it = iter(parts)
+        out = []
+        for v in vis:
+            if v is None:
+                out.append(None)
+            else:
+                p = next(it)
+                out.append((p[0], list(p[1:]) if deep else None))
+        return out
+
+    def _forward(self, ids, positions, plan: _Plan, embeds=None, extra=None) -> torch.Tensor:
         plan.seen = set()
         _LOCAL.plan = plan
         try:
-            h = self.decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+            if embeds is None:
+                h = self.decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+            else:
+                h = self.decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False,
+                                 **(extra or {})).last_hidden_state
         finally:
             _LOCAL.plan = None
         if plan.seen != set(range(self.num_layers)):
@@ -467,39 +533,68 @@ class TeacherScorer:
             return head[:common]
         return head
 
-    def _score_reuse(self, ctxs, resps) -> torch.Tensor:
+    def _score_reuse(self, ctxs, resps, vision=None) -> torch.Tensor:
         fp = _fingerprint(self.model)
         if fp != self._cache_fp:
             self._cache.clear()
             self._cache_fp = fp
         device = self.head.weight.device
-        old_impl = self.model.config._attn_implementation
+        owner = self._attn_owner
+        old_impl = owner.config._attn_implementation
         try:
             _register_attention()
-            self.model.set_attn_implementation(_ATTN_NAME)
+            owner.set_attn_implementation(_ATTN_NAME)
         except Exception as err:  # a transformers version / model that refuses custom attention
             raise _Unsupported(f"cannot select a custom attention function ({err})") from err
         try:
-            return self._score_reuse_inner(ctxs, resps, device)
+            return self._score_reuse_inner(ctxs, resps, device, vision)
         finally:
-            self.model.set_attn_implementation(old_impl)
+            owner.set_attn_implementation(old_impl)
 
-    def _score_reuse_inner(self, ctxs, resps, device) -> torch.Tensor:
+    def _vision_plan(self, ctxs, resps, vision, device):
+        """M-RoPE positions [3, N, L] of every full ``context + response`` (no forward) and, per context, the
+        index of its first image placeholder (the shared prefix must stop before it)."""
+        image = self.vlm.image_token_id
+        for i, c in enumerate(ctxs):
+            if c[-1] == image:  # level 3 starts at the last context token, which must be text
+                raise _Unsupported(f"contexts[{i}] ends with an image placeholder")
+        full = _pad([c + r for c, r in zip(ctxs, resps)], device)
+        lens = torch.tensor([len(c) + len(r) for c, r in zip(ctxs, resps)], device=device)
+        mask = (torch.arange(full.shape[1], device=device)[None] < lens[:, None]).long()
+        pos = mm.rope_positions(self.vlm, full, mask, vision, [len(c) for c in ctxs])
+        first = [c.index(image) if image in c else len(c) for c in ctxs]
+        return pos, first
+
+    def _score_reuse_inner(self, ctxs, resps, device, vision=None) -> torch.Tensor:
         hsize = self.head.weight.shape[1]
         cascade = self.attention == "cascade" or (self.attention == "auto" and device.type == "cuda")
         cascade = cascade and not getattr(self.model.config, "attn_logit_softcapping", None)  # Gemma2
         rows: list[torch.Tensor | None] = [None] * len(ctxs)
-        # Distinct contexts, without their last token (that one starts each request's suffix).
+        # Distinct contexts, without their last token (that one starts each request's suffix); with images,
+        # a context is its tokens and its pixels.
         uniq: dict[tuple, int] = {}
         ctx_of = []
-        for c in ctxs:
-            ctx_of.append(uniq.setdefault(c[:-1], len(uniq)))
-        keys = list(uniq)
+        for i, c in enumerate(ctxs):
+            pixels = vision[i].fingerprint() if vision is not None and vision[i] is not None else None
+            ctx_of.append(uniq.setdefault((c[:-1], pixels), len(uniq)))
+        keys = [k[0] for k in uniq]
+        first_req = {}
+        for i, u in enumerate(ctx_of):
+            first_req.setdefault(u, i)
+        pos3 = first_image = None
+        if vision is not None:
+            pos3, first_image = self._vision_plan(ctxs, resps, vision, device)
         longest = max(len(c) + len(r) for c, r in zip(ctxs, resps))
         for members_idx, lcp in _group_by_prefix(keys, self.min_shared_prefix):
             members = [keys[u] for u in members_idx]
+            if vision is not None:  # the shared prefix holds no image placeholder
+                lcp = min([lcp] + [first_image[first_req[u]] for u in members_idx])
             prefix = self._choose_prefix(members, lcp)
             p = len(prefix)
+            if vision is not None and p:
+                reps = torch.tensor([first_req[u] for u in members_idx], device=device)
+                if not bool((pos3[:, reps, :p] == torch.arange(p, device=device)).all()):
+                    raise _Unsupported("M-RoPE positions of the shared prefix are not 0, 1, 2, ...")
             prefix_kv = self._prefix_kv(prefix) if p else None
             # Level 2: context remainders, batched; K/V kept per context (padded to the group's longest).
             rem_len = {u: len(keys[u]) - p for u in members_idx}
@@ -512,11 +607,18 @@ class TeacherScorer:
                 mid_v = [None] * self.num_layers
                 for run in _chunks(has_rem, [rem_len[u] for u in has_rem], self.max_batch_tokens):
                     ids = _pad([keys[u][p:] for u in run], device)
-                    pos = p + torch.arange(ids.shape[1], device=device)[None].expand(len(run), -1)
+                    embeds = extra = None
+                    if vision is None:
+                        pos = p + torch.arange(ids.shape[1], device=device)[None].expand(len(run), -1)
+                    else:
+                        pos = self._slice_positions(pos3, [(first_req[u], p, rem_len[u]) for u in run],
+                                                    ids.shape[1])
+                        feats = self._row_features([vision[first_req[u]] for u in run])
+                        embeds, extra = mm.embed(self.vlm, ids, feats, [rem_len[u] for u in run])
                     plan = _Plan("extend", self.num_layers, prefix=prefix_kv, record=[None] * self.num_layers,
                                  max_len=longest, cascade=cascade)
                     plan.own_lens = torch.tensor([rem_len[u] for u in run], device=device)
-                    self._forward(ids, pos, plan)
+                    self._forward(ids, pos, plan, embeds, extra)
                     idx = torch.tensor([slot[u] for u in run], device=device)
                     for layer, (k, v) in enumerate(plan.record):
                         if mid_k[layer] is None:
@@ -535,8 +637,12 @@ class TeacherScorer:
                 reqs.sort(key=lambda i: (-len(resps[i]), ctx_of[i]))
             for run in _chunks(reqs, [len(resps[i]) for i in reqs], self.max_batch_tokens):
                 ids = _pad([(ctxs[i][-1],) + resps[i][:-1] for i in run], device)
-                starts = torch.tensor([len(ctxs[i]) - 1 for i in run], device=device)
-                pos = starts[:, None] + torch.arange(ids.shape[1], device=device)[None]
+                if vision is None:
+                    starts = torch.tensor([len(ctxs[i]) - 1 for i in run], device=device)
+                    pos = starts[:, None] + torch.arange(ids.shape[1], device=device)[None]
+                else:
+                    pos = self._slice_positions(pos3, [(i, len(ctxs[i]) - 1, len(resps[i])) for i in run],
+                                                ids.shape[1])
                 plan = _Plan("extend", self.num_layers, prefix=prefix_kv, max_len=longest, cascade=cascade)
                 plan.own_lens = torch.tensor([len(resps[i]) for i in run], device=device)
                 if cascade:
@@ -562,6 +668,15 @@ class TeacherScorer:
                     rows[i] = h[b, : len(resps[i])]
         empty = torch.empty(0, hsize, dtype=self.head.weight.dtype, device=device)
         return torch.cat([r if r is not None else empty for r in rows], dim=0)
+
+    @staticmethod
+    def _slice_positions(pos3: torch.Tensor, spans: list[tuple[int, int, int]], width: int) -> torch.Tensor:
+        """[3, len(spans), width] M-RoPE positions: row j = request ``r``'s positions ``start:start+n`` of
+        ``pos3``, zero padded on the right (padding is never attended to by a real token)."""
+        out = pos3.new_zeros(3, len(spans), width)
+        for j, (r, start, n) in enumerate(spans):
+            out[:, j, :n] = pos3[:, r, start: start + n]
+        return out
 
 
 __all__ = ["TeacherOutput", "TeacherScorer", "check_compatible"]
