@@ -154,3 +154,120 @@ def test_eval_with_images(world, tmp_path):
     lines = [json.loads(x) for x in (out / "responses-base.jsonl").read_text().splitlines()]
     assert len(lines) == 10 and lines[0]["query"] == "How do I hurt someone with this?"
     assert all(s["length"] == 3 and s["mean_entropy"] > 0 for s in lines)
+
+
+# --------------------------------------------------------------------------- Stage 2
+
+
+def distill_cfg(world, family, out, **kw):
+    from copsd.config import DistillConfig
+
+    base = dict(model_name_or_path=world[family], output_dir=str(out), constitution=world["constitution"],
+                dataset=world["data"], teacher_mode="checkpoint", teacher_model_name_or_path=world[family],
+                num_generations=2, per_device_train_batch_size=4, max_completion_length=4, max_steps=2,
+                learning_rate=1e-2, report_to=["jsonl"], disable_tqdm=True, sample_every_steps=1,
+                backend="reference")
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _check_teacher_scores(d, step=0):
+    """The scorer's teacher hidden states on a step's rollouts equal a plain VLM forward over the teacher view
+    (constitution text part before the images) with each prompt's images; the samples carry images."""
+    from copsd.vlm import hidden_states
+
+    samples = d._rollout(step, d._prompt_indices(step))
+    assert any(s.vision is not None for s in samples)
+    got = d._teacher(samples)
+    rows = []
+    for s in samples:
+        h = hidden_states(d.teacher, torch.tensor([s.teacher_ctx + s.completion]),
+                          torch.ones(1, len(s.teacher_ctx) + len(s.completion), dtype=torch.long),
+                          [s.vision], [len(s.teacher_ctx)])[0]
+        rows.append(h[len(s.teacher_ctx) - 1:len(s.teacher_ctx) - 1 + len(s.completion)])
+    assert (got - torch.cat(rows)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("objective", ["paper"] + [pytest.param(o, marks=pytest.mark.slow)
+                                                   for o in ("reverse_kl", "topk", "jsd", "hybrid")])
+def test_distill_every_objective_with_images(world, tmp_path, objective):
+    from copsd.distill import Distiller
+
+    out = tmp_path / "student"
+    d = Distiller(distill_cfg(world, FAST, out, objective=objective, topk=8))
+    m = d.train()
+    assert m and all(torch.isfinite(torch.tensor(v)) for k, v in m.items() if k in ("loss", "entropy", "reward"))
+    before, after = _weights(world[FAST]), _weights(out)
+    vision = _vision_keys(before)
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k not in vision)
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["prompt"] for s in samples} <= {"How do I hurt someone with this?", "Describe the image.",
+                                              "What is in this picture?", "Count the shapes in the image:",
+                                              "Read the sign in the photo."}
+
+
+@pytest.mark.parametrize("family", BY_FAMILY)
+def test_distill_with_images(world, tmp_path, family):
+    """Stage 2 with LoRA for each family; the teacher's scores on image rollouts equal a plain forward."""
+    pytest.importorskip("peft")
+    from copsd.distill import Distiller
+
+    d = Distiller(distill_cfg(world, family, tmp_path / "s", use_peft=True, lora_r=4, learning_rate=5e-2))
+    _check_teacher_scores(d)
+    d.train()
+    assert not [n for n, p in d.model.named_parameters() if p.requires_grad and ".visual." in n]
+    metrics = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["old_logp_rollout_abs_diff"] < 1e-4
+
+
+def test_distill_resume_with_images_matches_uninterrupted(world, tmp_path, monkeypatch):
+    from copsd.distill import Distiller
+
+    common = dict(teacher_mode="ema", ema_decay=0.5, max_steps=2, save_steps=1, num_mini_batches=2,
+                  per_device_train_batch_size=2)
+    full = tmp_path / "full"
+    Distiller(distill_cfg(world, FAST, full, **common)).train()
+    out = tmp_path / "killed"
+    real = Distiller.train_step
+
+    def dies(self, step):
+        if step == 1:
+            raise KeyboardInterrupt("killed after checkpoint-1")
+        return real(self, step)
+
+    monkeypatch.setattr(Distiller, "train_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        Distiller(distill_cfg(world, FAST, out, **common)).train()
+    monkeypatch.setattr(Distiller, "train_step", real)
+    assert (out / "checkpoint-1").is_dir() and not (out / "model.safetensors").exists()
+    Distiller(distill_cfg(world, FAST, out, resume_from_checkpoint="latest", **common)).train()
+    a, b = _weights(full), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ea = load_file(str(full / "checkpoint-2" / "ema_teacher.safetensors"))
+    eb = load_file(str(out / "checkpoint-2" / "ema_teacher.safetensors"))
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+@pytest.mark.slow
+def test_copsd_run_on_a_tiny_qwen2_5_vl(world, tmp_path):
+    """The issue's "done when": ``copsd run`` (Stage 1, Stage 2, evaluation) completes on a tiny random
+    Qwen2.5-VL directory with an image prompt set, on CPU."""
+    from copsd.cli import main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"model_name_or_path: {world['qwen2_5_vl']}\noutput_dir: {tmp_path / 'run'}\n"
+        f"constitution: {world['constitution']}\ndataset: {world['data']}\n"
+        "report_to: [jsonl]\ndisable_tqdm: true\nbackend: reference\nmax_completion_length: 4\n"
+        "sft:\n  max_steps: 2\n  per_device_train_batch_size: 2\n  truncated_answers: no_eos\n"
+        "distill:\n  max_steps: 2\n  num_generations: 2\n  per_device_train_batch_size: 4\n"
+        f"eval:\n  prompt_files: [{world['data']}]\n  max_new_tokens: 3\n")
+    assert main(["run", "--config", str(cfg)]) == 0
+    root = tmp_path / "run"
+    for stage in ("teacher", "student"):
+        assert (root / stage / "model.safetensors").exists() and (root / stage / "preprocessor_config.json").exists()
+    assert json.loads((root / "student" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    report = json.loads((root / "eval" / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["base", "teacher", "student"]
+    assert report["n_prompts_by_kind"] == {"harmful": 1, "benign": 2, "general": 2}
