@@ -282,3 +282,19 @@ def test_hidden_states_equal_the_model_forward(family):
         from test_trainer import tiny_model, tiny_tokenizer
 
         hidden_states(tiny_model(tiny_tokenizer()), ids, mask, [vis, None])
+
+
+def test_image_rows_are_never_cut_from_the_left(vlm_dirs, tmp_path):
+    from copsd.config import DistillConfig
+    from copsd.distill import Distiller
+
+    cfg = DistillConfig(model_name_or_path=vlm_dirs["qwen2_5_vl"], output_dir=str(tmp_path / "o"),
+                        dataset=image_dataset(tmp_path / "d"), teacher_mode="initial",
+                        constitution=write_constitution(tmp_path), num_generations=2, per_device_train_batch_size=2,
+                        max_completion_length=4, max_prompt_length=12, disable_tqdm=True)
+    with pytest.raises(ValueError) as e:
+        Distiller(cfg)
+    msg = str(e.value)
+    for line in (1, 2, 3, 4):
+        assert f"prompts.jsonl line {line}: the student-view prompt (" in msg
+    assert msg.count("a row with images is never cut") == 4
