@@ -213,12 +213,14 @@ def test_distill_with_images(world, tmp_path, family):
     pytest.importorskip("peft")
     from copsd.distill import Distiller
 
-    d = Distiller(distill_cfg(world, family, tmp_path / "s", use_peft=True, lora_r=4, learning_rate=5e-2))
+    d = Distiller(distill_cfg(world, family, tmp_path / "s", use_peft=True, lora_r=4, learning_rate=5e-2,
+                              max_steps=1))
     _check_teacher_scores(d)
     d.train()
     assert not [n for n, p in d.model.named_parameters() if p.requires_grad and ".visual." in n]
     metrics = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["old_logp_rollout_abs_diff"] < 1e-4
+    # the rollouts' sampling log-probs equal the training forward's (images placed the same way in both)
+    assert [m["step"] for m in metrics] == [1] and metrics[-1]["old_logp_rollout_abs_diff"] < 1e-4
 
 
 def test_distill_resume_with_images_matches_uninterrupted(world, tmp_path, monkeypatch):
