@@ -42,7 +42,7 @@ class VisionInputs:
 
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
-    _digest: list = field(default_factory=list, repr=False, compare=False)
+    _digest: list = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         pv, grid = self.pixel_values, self.image_grid_thw
@@ -64,6 +64,7 @@ class VisionInputs:
             raise ValueError(f"pixel_values: expected {patches} patch rows (the sum over image_grid_thw of t*h*w), "
                              f"got {pv.shape[0]}")
         object.__setattr__(self, "image_grid_thw", grid)
+        object.__setattr__(self, "_digest", [])  # fingerprint(), computed on first use
 
     @classmethod
     def from_processor_output(cls, output: Any) -> VisionInputs | None:
@@ -269,6 +270,27 @@ def vision_features(parts: VLMParts, vision: VisionInputs) -> tuple[torch.Tensor
     return embeds, deep
 
 
+def features_per_row(parts: VLMParts, vision: Sequence[VisionInputs | None]) -> list[tuple | None]:
+    """`vision_features` of each row's images (None for a row without), from ONE vision-tower pass over
+    the distinct ``VisionInputs`` objects (rows holding the same object, e.g. the G samples of a prompt,
+    share its features): ``[(embeds [n_b, H], deepstack list | None) | None]``."""
+    unique: dict[int, int] = {}
+    present = []
+    for v in vision:
+        if v is not None and id(v) not in unique:
+            unique[id(v)] = len(present)
+            present.append(v)
+    if not present:
+        return [None] * len(vision)
+    embeds, deep = vision_features(parts, concat_vision(present))
+    sizes = [sum(v.tokens_per_image(parts.merge_size)) for v in present]
+    rows = embeds.split(sizes)
+    deep_rows = [d.split(sizes) for d in deep] if deep else None
+    return [None if v is None else
+            (rows[unique[id(v)]], [d[unique[id(v)]] for d in deep_rows] if deep_rows else None)
+            for v in vision]
+
+
 def embed(parts: VLMParts, ids: torch.Tensor, features: Sequence[tuple | None],
           context_lens: Sequence[int] | None = None) -> tuple[torch.Tensor, dict]:
     """``inputs_embeds`` [B, S, H] of a padded batch and the extra language-model kwargs (deepstack).
@@ -302,6 +324,30 @@ def embed(parts: VLMParts, ids: torch.Tensor, features: Sequence[tuple | None],
     return embeds, extra
 
 
-__all__ = ["VLMParts", "VisionInputs", "check_vision", "concat_vision", "embed", "is_vlm",
+def hidden_states(model, ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  vision: Sequence[VisionInputs | None], context_lens: Sequence[int] | None = None,
+                  parts: VLMParts | None = None) -> torch.Tensor:
+    """Final-norm hidden states [B, S, H] of a padded batch through a VLM's language model (autograd on).
+
+    The same forward as the model's own (vision features at the context's image placeholders, Qwen3-VL
+    deepstack, M-RoPE positions from ``get_rope_index``) except that tokens past ``context_lens[b]`` are
+    always text, so a sampled response that contains the placeholder id is scored as text, as it was
+    generated.  Feed the result and the lm_head weight to copsd's fused loss ops.
+    """
+    parts = parts if parts is not None else vlm_parts(model)
+    if parts is None:
+        raise ValueError(f"model: expected a vision-language model, got {type(model).__name__}")
+    vision = list(vision)
+    if len(vision) != ids.shape[0]:
+        raise ValueError(f"vision: expected one VisionInputs or None per row ({ids.shape[0]}), got {len(vision)}")
+    pos = rope_positions(parts, ids, attention_mask, vision, context_lens)
+    embeds, extra = embed(parts, ids, features_per_row(parts, vision), context_lens)
+    out = parts.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=pos,
+                               use_cache=False, **extra)
+    return out.last_hidden_state
+
+
+__all__ = ["VLMParts", "VisionInputs", "check_vision", "concat_vision", "embed", "features_per_row",
+           "hidden_states", "is_vlm",
            "language_model_and_head", "rope_positions", "text_config", "token_types", "vision_features",
            "vlm_parts"]

@@ -201,7 +201,8 @@ def _generate(model, rows, g, max_new, temperature, top_p, top_k, stops, pad, ge
     cache = _hf.output_cache(out)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         raise ValueError(f"model: {type(model).__name__} returned no KV cache with batch_repeat_interleave")
-    cache_arg = _hf.cache_kwarg(model)
+    # a peft wrapper's forward takes **kwargs: ask the wrapped transformers model for the argument's name
+    cache_arg = _hf.cache_kwarg(model.get_base_model() if hasattr(model, "get_base_model") else model)
     logits = out.logits[:, -1].float()
     if g > 1:
         cache.batch_repeat_interleave(g)

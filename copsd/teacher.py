@@ -442,12 +442,8 @@ class TeacherScorer:
             if vision is None:
                 h = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             else:
-                ctx_lens = [len(ctxs[i]) for i in run]
-                vis = [vision[i] for i in run]
-                pos = mm.rope_positions(self.vlm, ids, mask, vis, ctx_lens)
-                embeds, extra = mm.embed(self.vlm, ids, self._row_features(vis), ctx_lens)
-                h = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False,
-                                 **extra).last_hidden_state
+                h = mm.hidden_states(self.model, ids, mask, [vision[i] for i in run],
+                                     [len(ctxs[i]) for i in run], parts=self.vlm)
             for b, i in enumerate(run):
                 start = len(ctxs[i]) - 1
                 rows[i] = h[b, start: start + len(resps[i])]
@@ -455,25 +451,6 @@ class TeacherScorer:
         return torch.cat([r if r is not None else empty for r in rows], dim=0)
 
     # ---------------------------------------------------------------- reuse path
-
-    def _row_features(self, vis: list) -> list:
-        """Vision features of each row's images (None for a row without), one vision-tower pass for all."""
-        present = [v for v in vis if v is not None]
-        if not present:
-            return [None] * len(vis)
-        embeds, deep = mm.vision_features(self.vlm, mm.concat_vision(present))
-        sizes = [sum(v.tokens_per_image(self.vlm.merge_size)) for v in present]
-        parts = list(zip(embeds.split(sizes), *(d.split(sizes) for d in deep))) if deep else \
-            [(e,) for e in embeds.split(sizes)]
-        it = iter(parts)
-        out = []
-        for v in vis:
-            if v is None:
-                out.append(None)
-            else:
-                p = next(it)
-                out.append((p[0], list(p[1:]) if deep else None))
-        return out
 
     def _forward(self, ids, positions, plan: _Plan, embeds=None, extra=None) -> torch.Tensor:
         plan.seen = set()
@@ -568,7 +545,7 @@ class TeacherScorer:
     def _score_reuse_inner(self, ctxs, resps, device, vision=None) -> torch.Tensor:
         hsize = self.head.weight.shape[1]
         cascade = self.attention == "cascade" or (self.attention == "auto" and device.type == "cuda")
-        cascade = cascade and not getattr(self.model.config, "attn_logit_softcapping", None)  # Gemma2
+        cascade = cascade and not getattr(mm.text_config(self.model), "attn_logit_softcapping", None)  # Gemma2
         rows: list[torch.Tensor | None] = [None] * len(ctxs)
         # Distinct contexts, without their last token (that one starts each request's suffix); with images,
         # a context is its tokens and its pixels.
@@ -613,7 +590,7 @@ class TeacherScorer:
                     else:
                         pos = self._slice_positions(pos3, [(first_req[u], p, rem_len[u]) for u in run],
                                                     ids.shape[1])
-                        feats = self._row_features([vision[first_req[u]] for u in run])
+                        feats = mm.features_per_row(self.vlm, [vision[first_req[u]] for u in run])
                         embeds, extra = mm.embed(self.vlm, ids, feats, [rem_len[u] for u in run])
                     plan = _Plan("extend", self.num_layers, prefix=prefix_kv, record=[None] * self.num_layers,
                                  max_len=longest, cascade=cascade)

@@ -3,8 +3,11 @@ sampling log-probs == a plain forward with the images, the vision tower run once
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from criteria import assert_accurate
 from vlm_models import FAMILIES, encode, synthetic_image, tiny_vlm, vlm_processor
 
 from copsd.multimodal import VisionInputs, vlm_parts
@@ -88,12 +91,13 @@ def test_greedy_matches_hf_generate(setup):
     eos = [model.config.text_config.eos_token_id]
     out = generate(model, prompts, num_generations=2, max_new_tokens=8, temperature=0, eos_token_id=eos,
                    vision=vision)
-    for j, comp in enumerate(out.completion_ids):
-        i = out.prompt_index[j]
-        assert comp == _hf_greedy(model, prompts[i], vision[i], 8, eos), (i, j)
+    for i in range(len(prompts)):
+        a, b = 2 * i, 2 * i + 1  # the two (greedy, hence equal) samples of prompt i
+        assert out.completion_ids[a] == out.completion_ids[b] == _hf_greedy(model, prompts[i], vision[i], 8, eos)
+        torch.testing.assert_close(out.logprobs[a], out.logprobs[b], atol=0, rtol=0)
         # the greedy log-probs are those of the plain forward
-        ref = _plain_logprobs(model, prompts[i], vision[i], comp, 1.0)
-        torch.testing.assert_close(out.logprobs[j].double(), ref, atol=1e-4, rtol=0)
+        ref = _plain_logprobs(model, prompts[i], vision[i], out.completion_ids[a], 1.0)
+        torch.testing.assert_close(out.logprobs[a].double(), ref, atol=1e-4, rtol=0)
 
 
 def test_sampling_logprobs_match_a_plain_forward(setup):
@@ -102,11 +106,16 @@ def test_sampling_logprobs_match_a_plain_forward(setup):
     out = generate(model, prompts, num_generations=3, max_new_tokens=7, temperature=0.8, eos_token_id=[],
                    vision=vision, generator=gens)
     assert out.prompt_index == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    model64 = copy.deepcopy(model).double()
     for j, comp in enumerate(out.completion_ids):
         assert len(comp) == 7 and out.finish_reason[j] == "length"
         i = out.prompt_index[j]
         ref = _plain_logprobs(model, prompts[i], vision[i], comp, 0.8)
         torch.testing.assert_close(out.logprobs[j].double(), ref, atol=1e-4, rtol=0)
+        # and the project's error-relative criterion against a float64 twin of the model
+        vis64 = vision[i] and vision[i].to(dtype=torch.float64)
+        exact = _plain_logprobs(model64, prompts[i], vis64, comp, 0.8)
+        assert_accurate(out.logprobs[j], exact, ref.float(), "sampling log-probs", dtype=torch.float32)
     # a prompt's samples do not depend on the other prompts of the batch (per-prompt generators)
     alone = generate(model, [prompts[2]], num_generations=3, max_new_tokens=7, temperature=0.8, eos_token_id=[],
                      vision=[vision[2]], generator=[torch.Generator().manual_seed(12)])
@@ -156,3 +165,35 @@ def test_vision_on_a_text_model_is_rejected():
     vis = VisionInputs(torch.zeros(4, 8), torch.tensor([[1, 2, 2]]))
     with pytest.raises(ValueError, match=r"vision\[0\]: images were given but the model is not"):
         generate(model, [[5, 6, 7]], max_new_tokens=2, vision=[vis])
+
+
+def test_lora_wrapped_tied_vlm():
+    """What training hands the rollout engine: a peft LoRA model over the language model of a VLM with tied
+    embeddings; greedy equals transformers' generate and the teacher scorer (reusing) equals re-encoding."""
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    from copsd.teacher import TeacherScorer
+
+    model = tiny_vlm("qwen2_5_vl", seed=5, tie_word_embeddings=True, initializer_range=0.2)
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                           target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    wrapped = peft.get_peft_model(model, lora)
+    prompts, vision = _conversations(vlm_processor("qwen2_5_vl"))
+    eos = [model.config.text_config.eos_token_id]
+    out = generate(wrapped, prompts, num_generations=2, max_new_tokens=6, temperature=0, eos_token_id=eos,
+                   vision=vision)
+    for i in range(len(prompts)):
+        assert out.completion_ids[2 * i] == _hf_greedy(wrapped, prompts[i], vision[i], 6, eos), i
+    ctxs = [prompts[i] for i in out.prompt_index]
+    vis = [vision[i] for i in out.prompt_index]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        reuse = TeacherScorer(wrapped, min_shared_prefix=4).score(ctxs, out.completion_ids, vision=vis,
+                                                                  return_logprobs=True)
+    naive = TeacherScorer(wrapped, prefix_reuse=False).score(ctxs, out.completion_ids, vision=vis,
+                                                             return_logprobs=True)
+    torch.testing.assert_close(reuse.hidden, naive.hidden, atol=1e-4, rtol=0)
+    # the teacher's log-probs of a greedy rollout are the rollout's own
+    torch.testing.assert_close(reuse.logprobs, torch.cat(out.logprobs), atol=1e-4, rtol=0)

@@ -6,10 +6,12 @@ norm) over each full ``context + response`` with the context's ``pixel_values``,
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
+from criteria import assert_accurate
 from vlm_models import FAMILIES, encode, synthetic_image, tiny_vlm, vlm_processor
 
 from copsd.multimodal import VisionInputs, vlm_parts
@@ -75,9 +77,19 @@ def image_free(tokens, model) -> bool:
     return model.config.image_token_id not in tokens
 
 
-def _check(out, ref_h, ref_lp):
+def _check(out, ref_h, ref_lp, exact=None):
+    """Within 1e-4 of the plain float32 forward; with ``exact`` (the same from a float64 copy of the model)
+    also the project's error-relative criterion (``tests/criteria.py``)."""
     torch.testing.assert_close(out.hidden, ref_h, atol=1e-4, rtol=0)
     torch.testing.assert_close(out.logprobs.double(), ref_lp, atol=1e-4, rtol=0)
+    if exact is not None:
+        assert_accurate(out.hidden, exact[0].float(), ref_h, "hidden", dtype=torch.float32)
+        assert_accurate(out.logprobs, exact[1], ref_lp, "logprobs", dtype=torch.float32)
+
+
+def _exact(model, ctxs, resps, vis):
+    model64 = copy.deepcopy(model).double()
+    return _plain(model64, ctxs, resps, [v and v.to(dtype=torch.float64) for v in vis])
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -99,11 +111,12 @@ def processor(family):
 def test_reuse_matches_plain_forward(model, processor, g):
     ctxs, resps, vis = _batch(processor, g)
     ref_h, ref_lp = _plain(model, ctxs, resps, vis)
+    exact = _exact(model, ctxs, resps, vis) if g == 1 else None  # float64 twin: once per family (time)
     scorer = TeacherScorer(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback
         out = scorer.score(ctxs, resps, vision=vis, return_logprobs=True, topk=3)
-    _check(out, ref_h, ref_lp)
+    _check(out, ref_h, ref_lp, exact)
     assert out.offsets.tolist() == [0] + torch.tensor([len(r) for r in resps]).cumsum(0).tolist()
     # the constitution (text before the images) is the shared, cached prefix; a second call hits it
     assert scorer.stats == {"prefix_hits": 0, "prefix_misses": 1}
@@ -115,7 +128,7 @@ def test_reuse_matches_plain_forward(model, processor, g):
     _check(again, ref_h, ref_lp)
     # the re-encoding reference path gives the same numbers
     naive = TeacherScorer(model, prefix_reuse=False).score(ctxs, resps, vision=vis, return_logprobs=True, topk=3)
-    _check(naive, ref_h, ref_lp)
+    _check(naive, ref_h, ref_lp, exact)
     torch.testing.assert_close(out.topk_logprobs, naive.topk_logprobs, atol=1e-4, rtol=0)
 
 
@@ -179,6 +192,18 @@ def test_context_ending_with_an_image_falls_back_with_one_warning(model, process
         _check(scorer.score(ctxs, resps, vision=vis, return_logprobs=True), *ref)
 
 
+def test_sliding_window_falls_back_with_one_warning():
+    # Qwen2-VL-style text layers with a sliding window shorter than the sequences: not reusable exactly
+    over = dict(use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    model = tiny_vlm("qwen2_vl", seed=6, text_overrides=over)
+    assert model.config.text_config.layer_types == ["sliding_attention"] * 2
+    ctxs, resps, vis = _batch(vlm_processor("qwen2_vl"), 2, seed=6, queries=QUERIES[:2])
+    ref = _plain(model, ctxs, resps, vis)
+    with pytest.warns(UserWarning, match="sliding window 8"):
+        out = TeacherScorer(model).score(ctxs, resps, vision=vis, return_logprobs=True)
+    _check(out, *ref)
+
+
 def test_cascade_attention(family):
     model = tiny_vlm(family, seed=2)
     processor = vlm_processor(family)
@@ -198,3 +223,45 @@ def test_bad_vision_inputs(model, processor):
         scorer.score([c, c], [[5], [6]], vision=[v, None])
     with pytest.raises(ValueError, match=r"vision\[0\]: expected a copsd.multimodal.VisionInputs"):
         scorer.score([c], [[5]], vision=[v.pixel_values])
+
+
+def test_hidden_states_helper_matches_the_model_with_gradients(family):
+    """copsd.multimodal.hidden_states (the training forward of a VLM): a right-padded batch equals the model's
+    own per-row forward, values and gradients (language model and vision tower); rows sharing a VisionInputs
+    share its vision-tower pass."""
+    from copsd.multimodal import hidden_states
+
+    model = tiny_vlm(family, seed=4)
+    processor = vlm_processor(family)
+    ctxs, resps, vis = _batch(processor, 2, seed=3, queries=QUERIES[:3])  # rows 2k, 2k+1 share one VisionInputs
+    seqs = [list(c) + list(r) for c, r in zip(ctxs, resps)]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    probe = torch.randn(width, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    params = [vlm_parts(model).language_model.layers[0].self_attn.q_proj.weight, vlm_parts(model).core.visual.
+              patch_embed.proj.weight]
+
+    seen = []
+    handle = vlm_parts(model).core.visual.register_forward_hook(
+        lambda m, a, kw, o: seen.append(int(kw["grid_thw"].shape[0])), with_kwargs=True)
+    try:
+        h = hidden_states(model, ids, mask, vis, [len(c) for c in ctxs])
+    finally:
+        handle.remove()
+    assert seen == [3]  # one vision-tower pass over the 3 distinct images of the 6 rows
+    loss = sum((h[b, : len(s)] * probe[: len(s)]).sum() for b, s in enumerate(seqs))
+    grads = torch.autograd.grad(loss, params)
+
+    base = vlm_parts(model).core
+    ref_loss = 0
+    for b, (s, v) in enumerate(zip(seqs, vis)):
+        row = torch.tensor([s])
+        kw = {} if v is None else dict(pixel_values=v.pixel_values, image_grid_thw=v.image_grid_thw,
+                                       mm_token_type_ids=(row == model.config.image_token_id).int())
+        ref = base(input_ids=row, **kw).last_hidden_state[0]
+        torch.testing.assert_close(h[b, : len(s)].detach(), ref.detach(), atol=1e-4, rtol=0)
+        ref_loss = ref_loss + (ref * probe[: len(s)]).sum()
+    for g, r in zip(grads, torch.autograd.grad(ref_loss, params)):
+        assert float(r.abs().max()) > 0
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)

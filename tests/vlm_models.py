@@ -103,7 +103,8 @@ def _token_ids(tokenizer) -> dict:
 
 
 def tiny_vlm_config(family: str, *, tie_word_embeddings: bool = False, num_layers: int = 2,
-                    max_position_embeddings: int = 2048, initializer_range: float = 0.02):
+                    max_position_embeddings: int = 2048, initializer_range: float = 0.02,
+                    text_overrides: dict | None = None):
     """The config of `tiny_vlm` (see the module docstring)."""
     import transformers
 
@@ -131,6 +132,7 @@ def tiny_vlm_config(family: str, *, tie_word_embeddings: bool = False, num_layer
             vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch,
                           spatial_merge_size=MERGE, temporal_patch_size=2, out_hidden_size=hidden,
                           window_size=2 * patch * MERGE, fullatt_block_indexes=[1])
+    text.update(text_overrides or {})
     top = {k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
     return getattr(transformers, cfg_name)(text_config=text, vision_config=vision,
                                            tie_word_embeddings=tie_word_embeddings,
@@ -139,13 +141,15 @@ def tiny_vlm_config(family: str, *, tie_word_embeddings: bool = False, num_layer
 
 def tiny_vlm(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, tie_word_embeddings: bool = False,
              num_layers: int = 2, attn_implementation: str = "sdpa", max_position_embeddings: int = 2048,
-             initializer_range: float = 0.02):
+             initializer_range: float = 0.02, text_overrides: dict | None = None):
     """A random-weight tiny ``family`` VLM (eval mode); see the module docstring.  A larger
-    ``initializer_range`` (e.g. 0.2) spreads the logits, so greedy decoding has no near-ties."""
+    ``initializer_range`` (e.g. 0.2) spreads the logits, so greedy decoding has no near-ties;
+    ``text_overrides`` are extra text-config fields (e.g. a sliding window)."""
     import transformers
 
     config = tiny_vlm_config(family, tie_word_embeddings=tie_word_embeddings, num_layers=num_layers,
-                             max_position_embeddings=max_position_embeddings, initializer_range=initializer_range)
+                             max_position_embeddings=max_position_embeddings, initializer_range=initializer_range,
+                             text_overrides=text_overrides)
     cls = getattr(transformers, _FAMILY[family][1])
     torch.manual_seed(seed)
     model = cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
