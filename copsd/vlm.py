@@ -221,28 +221,16 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
                   context_lens: Sequence[int] | None = None) -> torch.Tensor:
     """Final hidden states ``[B, S, H]`` (what the lm_head consumes) of a VLM over a right-padded batch.
 
-    ``visions[b]``: row b's ``VisionInputs`` or None; rows holding the same object (the G samples of a prompt)
-    share one vision-tower pass.  ``context_lens[b]``: row b's prompt length; an image-token id sampled after
-    it is text, never an image slot.  The 3-D rotary positions come from the model's own ``get_rope_index``.
-    Gradients flow into the vision tower unless it is frozen."""
+    ``visions[b]``: row b's ``VisionInputs`` or None; one vision-tower pass covers the batch's distinct image
+    sets (the G samples of a prompt hold the same object).  ``context_lens[b]``: row b's prompt length; an
+    image-token id sampled after it is text, never an image slot.  The 3-D rotary positions come from the
+    model's own ``get_rope_index``.  Gradients flow into the vision tower unless it is frozen.  This is
+    ``copsd.multimodal.hidden_states``, the forward the rollouts and the teacher scorer are checked against."""
     from copsd import multimodal as mm
 
-    parts = mm.vlm_parts(model)
-    if parts is None:
+    if mm.vlm_parts(model) is None:
         raise ValueError(f"model: {type(model).__name__} is not a vision-language model")
-    if len(visions) != input_ids.shape[0]:
-        raise ValueError(f"vision: expected one entry per sequence ({input_ids.shape[0]}), got {len(visions)}")
-    done: dict[int, tuple] = {}
-    features = []
-    for v in visions:
-        if v is not None and id(v) not in done:
-            done[id(v)] = mm.vision_features(parts, v)
-        features.append(done[id(v)] if v is not None else None)
-    embeds, extra = mm.embed(parts, input_ids, features, context_lens)
-    positions = mm.rope_positions(parts, input_ids, attention_mask, visions, context_lens)
-    out = parts.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
-                               use_cache=False, **extra)
-    return out.last_hidden_state
+    return mm.hidden_states(model, input_ids, attention_mask, visions, context_lens)
 
 
 def freeze_vision_tower(model) -> int:
