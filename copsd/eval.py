@@ -120,7 +120,8 @@ def _load(entry, device, dtype):
             if not entry.get("path"):
                 raise ValueError(f"model {entry['name']!r}: a vision-language model given as 'model' needs "
                                  "'vision' (its copsd.vlm.VisionProcessor) or a 'path' to load it from")
-            vision = vlm.load_vision_processor(entry["path"], tokenizer, key=f"model {entry['name']!r}")
+            vision = vlm.load_vision_processor(entry["path"], tokenizer, key=f"model {entry['name']!r}",
+                                               local_files_only=True)
     except OSError as e:
         raise ValueError(f"model {entry['name']!r}: cannot load {entry['path']!r} from local files ({e})") from None
     return model.eval(), tokenizer, vision

@@ -184,15 +184,16 @@ def _chat_template_file(path: str) -> str | None:
 
 
 def load_vision_processor(path: str, tokenizer=None, *, trust_remote_code: bool = False,
-                          key: str = "model_name_or_path") -> VisionProcessor:
+                          key: str = "model_name_or_path", **kwargs) -> VisionProcessor:
     """The full ``AutoProcessor`` of ``path`` where it can be built, else its tokenizer and image processor
     built separately (one log line says why, e.g. no torchvision for the video processor).  ``tokenizer``: an
-    already loaded tokenizer of ``path`` to use (its pad token settings kept)."""
+    already loaded tokenizer of ``path`` to use (its pad token settings kept); ``kwargs`` go to every
+    ``from_pretrained`` (e.g. ``local_files_only=True``)."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     processor = None
     try:
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (ImportError, OSError, ValueError, TypeError, AttributeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         logger.info("%s: the full processor of %s cannot be built (%s: %s); using its tokenizer and image "
@@ -201,13 +202,13 @@ def load_vision_processor(path: str, tokenizer=None, *, trust_remote_code: bool 
         processor = None
     try:
         image_processor = processor.image_processor if processor is not None else \
-            AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+            AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         raise OSError(f"{key}: {path} is a vision-language model but its image processor cannot be loaded "
                       f"({type(e).__name__}: {e})") from e
     if tokenizer is None:
         tokenizer = processor.tokenizer if processor is not None else \
-            AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     if not getattr(tokenizer, "chat_template", None):
         template = getattr(processor, "chat_template", None) or _chat_template_file(path)
         if template:
