@@ -121,6 +121,17 @@ def _import_datasets(what: str):
     return datasets
 
 
+def _dataset_rows(ds):
+    """The rows of a ``datasets.Dataset``; with an ``images`` column, read through the Arrow format so images stay
+    encoded (``{"bytes", "path"}`` dicts, opened when used): decoded PIL images would hold every picture of the
+    data set in memory for the whole run."""
+    if "images" not in (getattr(ds, "features", None) or {}):
+        yield from ds
+        return
+    for batch in ds.with_format("arrow").iter(batch_size=256):
+        yield from batch.to_pylist()
+
+
 def _split_of(ds, name: str, split: str):
     datasets = _import_datasets(name)
     if isinstance(ds, (datasets.DatasetDict, dict)):
@@ -164,7 +175,7 @@ def _file_records(path: str):
         datasets = _import_datasets(f"dataset {path} (Parquet)")
         ds = datasets.load_dataset("parquet", data_files=path, split="train")
         base = os.path.dirname(os.path.abspath(path))
-        for i, rec in enumerate(ds):
+        for i, rec in enumerate(_dataset_rows(ds)):
             yield f"{path} row {i}", rec, base
         return
     yield from _json_file(path)
@@ -179,7 +190,7 @@ def _records(source):
         return
     if _is_hf_dataset(source):
         ds = _split_of(source, "dataset object", "")
-        for i, rec in enumerate(ds):
+        for i, rec in enumerate(_dataset_rows(ds)):
             yield f"dataset row {i}", rec, os.getcwd()
         return
     if not isinstance(source, str):
@@ -195,7 +206,7 @@ def _records(source):
         if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
             datasets = _import_datasets(f"dataset directory {name} (written by save_to_disk)")
             ds = _split_of(datasets.load_from_disk(name), name, split)
-            for i, rec in enumerate(ds):
+            for i, rec in enumerate(_dataset_rows(ds)):
                 yield f"{name} row {i}", rec, os.path.abspath(name)
             return
         files = sorted(os.path.join(root, f) for root, _, fs in os.walk(name) for f in fs
@@ -212,7 +223,7 @@ def _records(source):
         raise FileNotFoundError(f"dataset file not found: {source}")
     datasets = _import_datasets(f"dataset {source!r} (not a local file: read as a Hugging Face hub name)")
     ds = _split_of(datasets.load_dataset(name), name, split)
-    for i, rec in enumerate(ds):
+    for i, rec in enumerate(_dataset_rows(ds)):
         yield f"{name} row {i}", rec, os.getcwd()
 
 
@@ -276,6 +287,9 @@ def _row_images(rec, messages, where, base):
             img = img if os.path.isabs(img) else os.path.normpath(os.path.join(base or os.getcwd(), img))
         elif img is None:
             raise ValueError(f"{where}: images[{k}] is null")
+        elif isinstance(img, dict) and not img.get("bytes") and isinstance(img.get("path"), str) \
+                and not os.path.isabs(img["path"]):
+            img = {"bytes": None, "path": os.path.normpath(os.path.join(base or os.getcwd(), img["path"]))}
         open_image(img, f"{where}: images[{k}]")  # decodable now, or reported before step 1
         out.append(img)
     return out

@@ -88,13 +88,17 @@ def test_text_only_part_lists_become_strings():
 def test_pil_images_from_a_datasets_column():
     datasets = pytest.importorskip("datasets")
     from copsd.data import load_prompt_rows, load_sft_rows
+    from copsd.vlm import open_image
 
     ds = datasets.Dataset.from_list([
         {"prompt": [{"role": "user", "content": _parts(None, "Describe the image.")}],
          "images": [synthetic_image(3, (32, 40))], "kind": "benign"}])
     ds = ds.cast_column("images", datasets.Sequence(datasets.Image()))
     rows = load_prompt_rows(ds)
-    assert len(rows[0].images) == 1 and rows[0].images[0].size == (32, 40)
+    # kept encoded (bytes), opened when used: a data set's pictures are not all held decoded in memory
+    assert len(rows[0].images) == 1 and isinstance(rows[0].images[0], dict) and rows[0].images[0]["bytes"]
+    assert open_image(rows[0].images[0]).size == (32, 40)
+    assert ds.features["images"].feature.decode  # the caller's data set is not changed
     sft = load_sft_rows([{"messages": [{"role": "user", "content": _parts(None, "Describe the image.")},
                                        {"role": "assistant", "content": "A cat."}],
                           "images": [synthetic_image(4)]}])
