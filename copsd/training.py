@@ -408,7 +408,7 @@ def image_token_counts(row, vision) -> list[int] | None:
     if vision is None:
         raise ValueError(f"the row has {len(row.images)} image(s) but the model is not a vision-language model "
                          "(its config has no vision_config / image_token_id)")
-    return vision.token_counts(vision.encode(row.images, row.where))
+    return vision.count_tokens(row.images, row.where)
 
 
 def _location_key(problem: str):

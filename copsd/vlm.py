@@ -75,8 +75,9 @@ def load_vlm(path: str, *, trust_remote_code: bool = False, dtype=torch.float32,
 
 # --------------------------------------------------------------------------- images
 
-def open_image(image, where: str = ""):
-    """A decoded RGB PIL image from a path, a PIL image, or a ``datasets`` image dict (``bytes`` / ``path``)."""
+def open_image(image, where: str = "", *, decode: bool = True):
+    """A decoded RGB PIL image from a path, a PIL image, or a ``datasets`` image dict (``bytes`` / ``path``);
+    ``decode=False``: opened only (its size known from the header, pixels not read)."""
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - pillow is a dependency
@@ -96,6 +97,8 @@ def open_image(image, where: str = ""):
     else:
         try:
             img = Image.open(image)
+            if not decode:
+                return img
             img.load()
         except FileNotFoundError:
             raise ValueError(f"{prefix}image file not found: {image}") from None
@@ -152,6 +155,21 @@ class VisionProcessor:
         pil = [open_image(x, where) for x in images]
         out = self.image_processor(images=pil, return_tensors="pt")
         return VisionInputs(pixel_values=out["pixel_values"], image_grid_thw=out["image_grid_thw"].long())
+
+    def count_tokens(self, images, where: str = "") -> list[int]:
+        """Image tokens of each image, from its size alone where the image processor can say
+        (``get_number_of_image_patches``, the processor's own resize rule), else by processing it."""
+        count = getattr(self.image_processor, "get_number_of_image_patches", None)
+        if count is not None:
+            try:
+                out = []
+                for x in images:
+                    width, height = open_image(x, where, decode=False).size
+                    out.append(int(count(height, width, {})) // self.merge_size ** 2)
+                return out
+            except (TypeError, KeyError, AttributeError, NotImplementedError):
+                pass  # an image processor with another signature: process the images
+        return self.token_counts(self.encode(images, where))
 
     def token_counts(self, vision) -> list[int]:
         """Image tokens of each image in ``vision`` (``t * h * w / merge_size**2``)."""

@@ -185,6 +185,19 @@ def test_views_are_what_the_processor_produces(family):
     assert proc.tokenizer.decode(response).startswith("A cat sits on a chair.")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_counts_from_the_image_size_equal_the_processed_grid(family, tmp_path):
+    from copsd.vlm import VisionProcessor
+
+    proc = vlm_processor(family)
+    vp = VisionProcessor(proc.tokenizer, proc.image_processor, proc)
+    images = []
+    for k, size in enumerate([(8, 8), (31, 200), (64, 48), (300, 17), (120, 121), (500, 500)]):
+        synthetic_image(k, size).save(tmp_path / f"{k}.png")
+        images.append(str(tmp_path / f"{k}.png"))
+    assert vp.count_tokens(images) == vp.token_counts(vp.encode(images))
+
+
 def test_wrong_image_token_count_is_an_error():
     from copsd.constitution import render_ids
 
