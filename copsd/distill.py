@@ -47,6 +47,7 @@ from copsd.training import (
     StageTrainer,
     Sums,
     check_model_path,
+    check_sharded_images,
     gather_rows,
     hf_model,
     image_token_counts,
@@ -111,6 +112,7 @@ class Distiller(StageTrainer):
         self.rows, views = preflight_prompts(rows, self.tokenizer, self.constitution, cfg,
                                              completion_tokens=cfg.max_completion_length, contexts=contexts,
                                              problems=problems, vision=self.vision)
+        check_sharded_images(self.rows, self.vision, f"dataset {cfg.dataset}")
         self._render_cache: dict[int, tuple[list[int], list[int]]] = dict(enumerate(views))
         self.teacher_constitution = None
         if cfg.teacher_mode == "checkpoint":

@@ -31,6 +31,7 @@ from copsd.objectives import sampled_logprobs
 from copsd.training import (
     StageTrainer,
     check_model_path,
+    check_sharded_images,
     gather_rows,
     hf_model,
     image_token_counts,
@@ -268,6 +269,8 @@ class CrossSFT(StageTrainer):
                     problems.append(f"{r.where}: {problem_message(e)}")
             if problems:
                 raise report_problems(f"sft_dataset {cfg.sft_dataset} (checked before step 1)", problems)
+        check_sharded_images((self.prompt_rows or []) + (self.sft_rows or []), self.vision,
+                             "dataset / sft_dataset")
 
     def _encode(self, r: SFTRow):
         category = r.meta.get("category")
@@ -309,7 +312,9 @@ class CrossSFT(StageTrainer):
         cfg, acc = self.cfg, self.acc
         self.set_path = self.build_set()
         examples, self.example_rows = [], []
-        for r in load_sft_rows(self.set_path):
+        set_rows = load_sft_rows(self.set_path)
+        check_sharded_images(set_rows, self.vision, f"the Cross-SFT set {self.set_path}")
+        for r in set_rows:
             ex = self._encode(r)
             if ex is None:
                 logger.warning("%s: no assistant tokens left within max_length=%d; example skipped", r.where,

@@ -411,6 +411,21 @@ def image_token_counts(row, vision) -> list[int] | None:
     return vision.count_tokens(row.images, row.where)
 
 
+def check_sharded_images(rows, vision, what: str) -> None:
+    """Under FSDP2 every process must run the same sharded modules, the vision tower included: a data set of a
+    vision-language model must then be all image rows or all text rows (a step where one process has an image
+    and another none would desynchronise the processes' collectives)."""
+    if vision is None or not fsdp.requested():
+        return
+    with_images = [r for r in rows if getattr(r, "images", None)]
+    if with_images and len(with_images) != len(rows):
+        text_row = next(r for r in rows if not getattr(r, "images", None))
+        raise ValueError(f"{what}: FSDP2 with a vision-language model needs image rows only or text rows only "
+                         f"({len(with_images)} of {len(rows)} have images; {text_row.where} has none): every "
+                         "process must run the sharded vision tower in the same steps. Use DDP (no FSDP config) "
+                         "or split the data set")
+
+
 def _location_key(problem: str):
     """Sort ``"<file> line <n>: ..."`` / ``"<file> row <n>: ..."`` messages by file, then number."""
     import re
