@@ -19,6 +19,7 @@ Only images are supported: video inputs are rejected with a clear error.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,8 +157,6 @@ def vlm_parts(model) -> VLMParts | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"model: expected a vision-language model with an lm_head, got {type(model).__name__}")
-    import inspect
-
     lm = core.language_model
     params = inspect.signature(lm.forward).parameters
     merge = int(getattr(config.vision_config, "spatial_merge_size", 1) or 1)
