@@ -178,11 +178,9 @@ class VisionProcessor:
         return [int(g.prod()) // self.merge_size ** 2 for g in vision.image_grid_thw]
 
     def save_pretrained(self, path: str) -> None:
-        """The image processor (and the full processor's files when there is one) beside the model."""
-        if self.processor is not None:
-            self.processor.save_pretrained(path)
-        else:
-            self.image_processor.save_pretrained(path)
+        """The image processor beside the model (the tokenizer, chat template included, is saved on its own: a
+        full processor's save would write its own copy of the tokenizer over it)."""
+        self.image_processor.save_pretrained(path)
 
 
 def _chat_template_file(path: str) -> str | None:
