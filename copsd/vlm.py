@@ -245,9 +245,17 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     ``copsd.multimodal.hidden_states``, the forward the rollouts and the teacher scorer are checked against."""
     from copsd import multimodal as mm
 
-    if mm.vlm_parts(model) is None:
+    parts = mm.vlm_parts(model)
+    if parts is None:
         raise ValueError(f"model: {type(model).__name__} is not a vision-language model")
-    return mm.hidden_states(model, input_ids, attention_mask, visions, context_lens)
+    hidden = mm.hidden_states(model, input_ids, attention_mask, visions, context_lens, parts=parts)
+    if torch.is_grad_enabled() and all(v is None for v in visions):
+        # a trainable vision tower unused by this batch (text rows only): a zero term keeps its parameters in
+        # the graph, so DDP, which all-reduces every trainable parameter's gradient, sees them used everywhere
+        trainable = [p for p in parts.core.visual.parameters() if p.requires_grad]
+        if trainable:
+            hidden = hidden + 0.0 * sum(p.reshape(-1)[0] for p in trainable)
+    return hidden
 
 
 def freeze_vision_tower(model) -> int:
