@@ -108,6 +108,8 @@ def logit_transform(config) -> tuple[float, float | None]:
 def max_context(config) -> int | None:
     """The longest sequence the model's positions support, or None if unbounded/unknown."""
     value = getattr(config, "max_position_embeddings", None)
+    if not value and hasattr(config, "get_text_config"):  # a vision-language model: its language model's
+        value = getattr(config.get_text_config(), "max_position_embeddings", None)
     return int(value) if value else None
 
 

@@ -75,6 +75,9 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_target_modules: Optional[list[str]] = None
+    # vision-language models: the vision encoder (and its merger into the language model) is not trained, and
+    # LoRA's default targets leave it out; false trains it too (full fine-tuning, or LoRA on its linear layers)
+    freeze_vision_tower: bool = True
     # bookkeeping
     logging_steps: int = 1
     save_steps: int = 0

@@ -30,6 +30,13 @@ conversation with the last user turn's content replaced by ``teacher_template`` 
 constitution and the query (by default the query is set off by ``---`` separators, after the
 constitution).  Both are rendered by ``tokenizer.apply_chat_template``; the system prompt and the
 assistant header are the template's own, and the sampled response is appended unchanged.
+
+Rows with images (a vision-language model; the last user turn's content is a list of ``{"type": "image"}`` /
+``{"type": "text"}`` parts): the template is split at ``{query}``; what comes before it (the constitution and
+the separator, by default) becomes a text part placed *before* the images and the query, what comes after it a
+text part after them.  So the constitution stays a token prefix shared by every prompt that starts the same
+way.  The student view keeps the parts as given.  ``image_tokens`` (the count of each image's tokens, from
+the image processor) expands the template's one image token per image exactly as the processor does.
 """
 
 from __future__ import annotations
@@ -189,18 +196,32 @@ def fill_template(template: str, constitution_text: str, query: str) -> str:
 
 
 def teacher_messages(messages: list[dict], constitution_text: str, template: str = DEFAULT_TEMPLATE) -> list[dict]:
-    """The conversation with the constitution placed in the last user turn, before the query."""
+    """The conversation with the constitution placed in the last user turn, before the query (and, for a
+    content list of parts, before its images: see the module docstring)."""
     idx = _last_user_index(messages)
     out = [dict(m) for m in messages]
-    out[idx]["content"] = fill_template(template, constitution_text, messages[idx]["content"])
+    content = messages[idx]["content"]
+    if isinstance(content, str):
+        out[idx]["content"] = fill_template(template, constitution_text, content)
+        return out
+    before, _, after = template.partition("{query}")
+    query_text = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+    head = fill_template(before, constitution_text, query_text)
+    tail = fill_template(after, constitution_text, query_text)
+    out[idx]["content"] = ([{"type": "text", "text": head}] if head else []) + [dict(p) for p in content] + \
+        ([{"type": "text", "text": tail}] if tail else [])
     return out
 
 
 def _last_user_index(messages: list[dict]) -> int:
     for i in range(len(messages) - 1, -1, -1):
         if messages[i].get("role") == "user":
-            if not isinstance(messages[i].get("content"), str):
-                raise ValueError("the last user message's 'content' must be a string")
+            content = messages[i].get("content")
+            if not isinstance(content, str) and not (
+                    isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in ("text", "image")
+                                                      for p in content)):
+                raise ValueError("the last user message's 'content' must be a string or a list of "
+                                 "{'type': 'text' | 'image'} parts")
             return i
     raise ValueError("the prompt has no user message to put the query and constitution in")
 
@@ -213,25 +234,34 @@ def require_chat_template(tokenizer):
                          "instruct model's tokenizer)")
 
 
-def render_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
-    """Token ids of ``messages`` rendered by the chat template."""
+def render_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool,
+               image_tokens: list[int] | None = None) -> list[int]:
+    """Token ids of ``messages`` rendered by the chat template; with ``image_tokens`` (a VLM row), the k-th
+    image token is repeated ``image_tokens[k]`` times, as the processor does (``copsd.vlm``)."""
     require_chat_template(tokenizer)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if image_tokens is None:
+        return ids
+    from copsd.vlm import IMAGE_TOKEN, expand_image_tokens
+
+    token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
+    return expand_image_tokens(ids, tokenizer.convert_tokens_to_ids(token), image_tokens)
 
 
-def render_views(tokenizer, messages, constitution_text, template=DEFAULT_TEMPLATE) -> tuple[list[int], list[int]]:
+def render_views(tokenizer, messages, constitution_text, template=DEFAULT_TEMPLATE,
+                 image_tokens: list[int] | None = None) -> tuple[list[int], list[int]]:
     """(student prompt ids, teacher prompt ids), each ending with the assistant header."""
-    student = render_ids(tokenizer, messages, add_generation_prompt=True)
+    student = render_ids(tokenizer, messages, add_generation_prompt=True, image_tokens=image_tokens)
     teacher = render_ids(tokenizer, teacher_messages(messages, constitution_text, template),
-                         add_generation_prompt=True)
+                         add_generation_prompt=True, image_tokens=image_tokens)
     return student, teacher
 
 
-def _response_part(tokenizer, messages, response_text, view):
-    prompt = render_ids(tokenizer, messages, add_generation_prompt=True)
+def _response_part(tokenizer, messages, response_text, view, image_tokens=None):
+    prompt = render_ids(tokenizer, messages, add_generation_prompt=True, image_tokens=image_tokens)
     full = render_ids(tokenizer, messages + [{"role": "assistant", "content": response_text}],
-                      add_generation_prompt=False)
+                      add_generation_prompt=False, image_tokens=image_tokens)
     if full[:len(prompt)] != prompt:
         at = next(i for i, (a, b) in enumerate(zip(prompt, full)) if a != b) if any(
             a != b for a, b in zip(prompt, full)) else min(len(prompt), len(full))
@@ -244,15 +274,16 @@ def _response_part(tokenizer, messages, response_text, view):
     return full[len(prompt):]
 
 
-def check_view_consistency(tokenizer, messages, response_text, constitution_text, template=DEFAULT_TEMPLATE):
+def check_view_consistency(tokenizer, messages, response_text, constitution_text, template=DEFAULT_TEMPLATE,
+                           image_tokens: list[int] | None = None):
     """Fail unless the response renders to identical token ids after the student and teacher prompts.
 
     Catches chat-template / ``<think>`` boundary differences that would give the teacher a
     different response than the student sampled.  Returns the response ids.
     """
-    s = _response_part(tokenizer, messages, response_text, "student")
+    s = _response_part(tokenizer, messages, response_text, "student", image_tokens)
     t = _response_part(tokenizer, teacher_messages(messages, constitution_text, template), response_text,
-                       "teacher")
+                       "teacher", image_tokens)
     if s != t:
         at = next((i for i, (a, b) in enumerate(zip(s, t)) if a != b), min(len(s), len(t)))
         raise ValueError(

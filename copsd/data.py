@@ -27,6 +27,14 @@ unchanged; label the harmful ones.
 
 SFT rows: ``{"messages": [..., assistant]}`` or ``{"prompt": ..., "completion": ...}``.
 
+Rows with images (vision-language models, TRL's format): a message ``content`` may be a list of parts,
+``{"type": "image"}`` and ``{"type": "text", "text": ...}``, and the row's ``images`` column holds one image per
+image part, in the order the parts appear in the conversation: a file path (relative to the dataset file's
+directory, or absolute), a PIL image (a ``datasets`` Image column) or a ``{"bytes"|"path"}`` dict.  A content
+list without image parts is read as the concatenation of its text parts.  Every image is opened when the rows
+are read; a missing or unreadable image, or a count of images that differs from the image parts, is reported
+with the row's file and line, together with every other problem.
+
 Every row is checked; all malformed rows are reported at once, each with its file and line (or row).
 """
 
@@ -42,9 +50,12 @@ logger = logging.getLogger("copsd")
 KINDS = ("harmful", "benign", "general")
 DEFAULT_KIND = "general"
 ROLES = ("system", "user", "assistant")
-PROMPT_KEYS = {"prompt", "messages", "completion", "kind", "category", "reference", "constitution", "id", "reward"}
+PROMPT_KEYS = {"prompt", "messages", "completion", "kind", "category", "reference", "constitution", "id", "reward",
+               "images"}
 REWARD_TYPES = ("token", "judge")
-SFT_KEYS = {"messages", "prompt", "completion", "kind", "category", "source", "constitution", "id", "truncated"}
+SFT_KEYS = {"messages", "prompt", "completion", "kind", "category", "source", "constitution", "id", "truncated",
+            "images"}
+PART_TYPES = ("text", "image")
 DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
 MAX_REPORTED = 30
 
@@ -58,10 +69,11 @@ class PromptRow:
     constitution: str | None = None
     where: str = ""
     reward: str | None = None     # "token" / "judge": the row's reward under the hybrid objective
+    images: list | None = None    # one per image part: absolute path, PIL image or datasets image dict
 
     def to_json(self) -> dict:
         d = {"prompt": self.messages, "kind": self.kind}
-        for k in ("category", "reference", "constitution", "reward"):
+        for k in ("category", "reference", "constitution", "reward", "images"):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         return d
@@ -72,6 +84,20 @@ class SFTRow:
     messages: list[dict]
     meta: dict = field(default_factory=dict)
     where: str = ""
+    images: list | None = None    # as PromptRow.images
+
+
+def message_text(content) -> str:
+    """The text of a message ``content``: the string itself, or its text parts joined (images left out)."""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+
+
+def image_parts(messages) -> int:
+    """Number of ``{"type": "image"}`` parts in a conversation."""
+    return sum(1 for m in messages if isinstance(m.get("content"), list)
+               for p in m["content"] if p.get("type") == "image")
 
 
 def looks_local(path: str) -> bool:
@@ -95,6 +121,17 @@ def _import_datasets(what: str):
     return datasets
 
 
+def _dataset_rows(ds):
+    """The rows of a ``datasets.Dataset``; with an ``images`` column, read through the Arrow format so images stay
+    encoded (``{"bytes", "path"}`` dicts, opened when used): decoded PIL images would hold every picture of the
+    data set in memory for the whole run."""
+    if "images" not in (getattr(ds, "features", None) or {}):
+        yield from ds
+        return
+    for batch in ds.with_format("arrow").iter(batch_size=256):
+        yield from batch.to_pylist()
+
+
 def _split_of(ds, name: str, split: str):
     datasets = _import_datasets(name)
     if isinstance(ds, (datasets.DatasetDict, dict)):
@@ -106,6 +143,7 @@ def _split_of(ds, name: str, split: str):
 
 
 def _json_file(path: str):
+    base = os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if path.endswith(".json") and text.lstrip().startswith("["):
@@ -114,7 +152,7 @@ def _json_file(path: str):
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
         for i, rec in enumerate(data):
-            yield f"{path} row {i}", rec
+            yield f"{path} row {i}", rec, base
         return
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -122,9 +160,9 @@ def _json_file(path: str):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            yield f"{path} line {lineno}", _BadJSON(f"invalid JSON ({e.msg} at column {e.colno})")
+            yield f"{path} line {lineno}", _BadJSON(f"invalid JSON ({e.msg} at column {e.colno})"), base
             continue
-        yield f"{path} line {lineno}", rec
+        yield f"{path} line {lineno}", rec, base
 
 
 class _BadJSON:
@@ -136,22 +174,24 @@ def _file_records(path: str):
     if path.endswith(".parquet"):
         datasets = _import_datasets(f"dataset {path} (Parquet)")
         ds = datasets.load_dataset("parquet", data_files=path, split="train")
-        for i, rec in enumerate(ds):
-            yield f"{path} row {i}", rec
+        base = os.path.dirname(os.path.abspath(path))
+        for i, rec in enumerate(_dataset_rows(ds)):
+            yield f"{path} row {i}", rec, base
         return
     yield from _json_file(path)
 
 
 def _records(source):
-    """Yield ``(where, record)`` from any source the module docstring lists."""
+    """Yield ``(where, record, base directory of relative image paths)`` from any source the module docstring
+    lists."""
     if isinstance(source, (list, tuple)):
         for i, rec in enumerate(source):
-            yield f"row {i}", rec
+            yield f"row {i}", rec, os.getcwd()
         return
     if _is_hf_dataset(source):
         ds = _split_of(source, "dataset object", "")
-        for i, rec in enumerate(ds):
-            yield f"dataset row {i}", rec
+        for i, rec in enumerate(_dataset_rows(ds)):
+            yield f"dataset row {i}", rec, os.getcwd()
         return
     if not isinstance(source, str):
         raise ValueError(f"dataset must be a path, a dataset name, a datasets.Dataset or a list of rows, "
@@ -166,8 +206,8 @@ def _records(source):
         if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
             datasets = _import_datasets(f"dataset directory {name} (written by save_to_disk)")
             ds = _split_of(datasets.load_from_disk(name), name, split)
-            for i, rec in enumerate(ds):
-                yield f"{name} row {i}", rec
+            for i, rec in enumerate(_dataset_rows(ds)):
+                yield f"{name} row {i}", rec, os.path.abspath(name)
             return
         files = sorted(os.path.join(root, f) for root, _, fs in os.walk(name) for f in fs
                        if f.endswith(DATA_EXTENSIONS))
@@ -183,8 +223,30 @@ def _records(source):
         raise FileNotFoundError(f"dataset file not found: {source}")
     datasets = _import_datasets(f"dataset {source!r} (not a local file: read as a Hugging Face hub name)")
     ds = _split_of(datasets.load_dataset(name), name, split)
-    for i, rec in enumerate(ds):
-        yield f"{name} row {i}", rec
+    for i, rec in enumerate(_dataset_rows(ds)):
+        yield f"{name} row {i}", rec, os.getcwd()
+
+
+def _check_parts(parts, where, label):
+    """A list content checked part by part; without image parts it becomes its joined text."""
+    out = []
+    for k, p in enumerate(parts):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind not in PART_TYPES:
+            raise ValueError(f"{where}: {label}[{k}] must be {{\"type\": \"image\"}} or {{\"type\": \"text\", "
+                             f"\"text\": str}}, got {p!r}")
+        if kind == "text":
+            if not isinstance(p.get("text"), str):
+                raise ValueError(f"{where}: {label}[{k}] is a text part without a string 'text'")
+            out.append({"type": "text", "text": p["text"]})
+        else:
+            if p.get("image") is not None or p.get("url") is not None or p.get("path") is not None:
+                raise ValueError(f"{where}: {label}[{k}]: put the image in the row's 'images' column and leave "
+                                 "the part as {\"type\": \"image\"}")
+            out.append({"type": "image"})
+    if not any(p["type"] == "image" for p in out):
+        return "".join(p["text"] for p in out)
+    return out
 
 
 def _check_messages(messages, where, key):
@@ -192,10 +254,44 @@ def _check_messages(messages, where, key):
         raise ValueError(f"{where}: '{key}' must be a non-empty list of messages or a string")
     out = []
     for j, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: '{key}'[{j}] must be {{\"role\": one of {ROLES}, \"content\": str}}, "
-                             f"got {m!r}")
-        out.append({"role": m["role"], "content": m["content"]})
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(content, (str, list)):
+            raise ValueError(f"{where}: '{key}'[{j}] must be {{\"role\": one of {ROLES}, \"content\": str or a "
+                             f"list of parts}}, got {m!r}")
+        if isinstance(content, list):
+            content = _check_parts(content, where, f"'{key}'[{j}].content")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _row_images(rec, messages, where, base):
+    """The row's images (absolute paths or in-memory images), each opened once; None for a text row."""
+    from copsd.vlm import open_image
+
+    wanted = image_parts(messages)
+    images = rec.get("images")
+    if images is None:
+        images = []
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    if wanted != len(images):
+        raise ValueError(f"{where}: the conversation has {wanted} image part(s) ({{\"type\": \"image\"}}) but "
+                         f"'images' holds {len(images)} image(s)")
+    if not wanted:
+        return None
+    out = []
+    for k, img in enumerate(images):
+        if isinstance(img, str):
+            if not img.strip():
+                raise ValueError(f"{where}: images[{k}] is an empty path")
+            img = img if os.path.isabs(img) else os.path.normpath(os.path.join(base or os.getcwd(), img))
+        elif img is None:
+            raise ValueError(f"{where}: images[{k}] is null")
+        elif isinstance(img, dict) and not img.get("bytes") and isinstance(img.get("path"), str) \
+                and not os.path.isabs(img["path"]):
+            img = {"bytes": None, "path": os.path.normpath(os.path.join(base or os.getcwd(), img["path"]))}
+        open_image(img, f"{where}: images[{k}]")  # decodable now, or reported before step 1
+        out.append(img)
     return out
 
 
@@ -219,7 +315,8 @@ def _present(rec, key):
     return rec.get(key) is not None
 
 
-def parse_prompt_row(rec, where: str, default_kind: str = DEFAULT_KIND, ignored: set | None = None) -> PromptRow:
+def parse_prompt_row(rec, where: str, default_kind: str = DEFAULT_KIND, ignored: set | None = None,
+                     base: str | None = None) -> PromptRow:
     _check_record(rec, where, PROMPT_KEYS, set() if ignored is None else ignored)
     reference = rec.get("reference")
     if _present(rec, "messages"):
@@ -230,8 +327,10 @@ def parse_prompt_row(rec, where: str, default_kind: str = DEFAULT_KIND, ignored:
         if last_user is None:
             raise ValueError(f"{where}: 'messages' has no user message")
         after = [m for m in msgs[last_user + 1:] if m["role"] == "assistant"]
+        if image_parts(msgs[last_user + 1:]):
+            raise ValueError(f"{where}: image parts after the last user message (only prompts carry images)")
         if reference is None and after:
-            reference = after[0]["content"]
+            reference = message_text(after[0]["content"])
         messages = msgs[:last_user + 1]
     elif _present(rec, "prompt"):
         messages = _as_messages(rec["prompt"], where, "prompt", "user")
@@ -241,8 +340,10 @@ def parse_prompt_row(rec, where: str, default_kind: str = DEFAULT_KIND, ignored:
         raise ValueError(f"{where}: the prompt's last message must have role 'user', got {messages[-1]['role']!r}")
     if _present(rec, "completion"):
         completion = _as_messages(rec["completion"], where, "completion", "assistant")
+        if image_parts(completion):
+            raise ValueError(f"{where}: 'completion' has image parts (only prompts carry images)")
         if reference is None:
-            reference = "".join(m["content"] for m in completion if m["role"] == "assistant")
+            reference = "".join(message_text(m["content"]) for m in completion if m["role"] == "assistant")
     kind = rec.get("kind")
     kind = default_kind if kind is None else kind
     if kind not in KINDS:
@@ -252,11 +353,12 @@ def parse_prompt_row(rec, where: str, default_kind: str = DEFAULT_KIND, ignored:
             raise ValueError(f"{where}: '{k}' must be a string, got {type(rec[k]).__name__}")
     if rec.get("reward") is not None and rec["reward"] not in REWARD_TYPES:
         raise ValueError(f"{where}: 'reward' must be one of {REWARD_TYPES}, got {rec['reward']!r}")
+    images = _row_images(rec, messages, where, base)
     return PromptRow(messages=messages, kind=kind, category=rec.get("category"), reference=reference or None,
-                     constitution=rec.get("constitution"), where=where, reward=rec.get("reward"))
+                     constitution=rec.get("constitution"), where=where, reward=rec.get("reward"), images=images)
 
 
-def parse_sft_row(rec, where: str, ignored: set | None = None) -> SFTRow:
+def parse_sft_row(rec, where: str, ignored: set | None = None, base: str | None = None) -> SFTRow:
     _check_record(rec, where, SFT_KEYS, set() if ignored is None else ignored)
     if _present(rec, "messages"):
         if _present(rec, "prompt") or _present(rec, "completion"):
@@ -269,8 +371,12 @@ def parse_sft_row(rec, where: str, ignored: set | None = None) -> SFTRow:
         raise ValueError(f"{where}: missing key 'messages' (or 'prompt' and 'completion')")
     if messages[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in messages):
         raise ValueError(f"{where}: 'messages' must contain a user turn and end with an assistant turn")
-    meta = {k: rec[k] for k in rec if k in SFT_KEYS - {"messages", "prompt", "completion"} and rec[k] is not None}
-    return SFTRow(messages=messages, meta=meta, where=where)
+    if not isinstance(messages[-1]["content"], str):
+        raise ValueError(f"{where}: the final assistant turn must be text (no image parts)")
+    images = _row_images(rec, messages, where, base)
+    meta = {k: rec[k] for k in rec
+            if k in SFT_KEYS - {"messages", "prompt", "completion", "images"} and rec[k] is not None}
+    return SFTRow(messages=messages, meta=meta, where=where, images=images)
 
 
 def report_problems(what: str, problems: list[str]) -> ValueError:
@@ -284,9 +390,9 @@ def report_problems(what: str, problems: list[str]) -> ValueError:
 
 def _load(source, parse, what, problems=None):
     rows, found, ignored = [], [], set()
-    for where, rec in _records(source):
+    for where, rec, base in _records(source):
         try:
-            rows.append(parse(rec, where, ignored))
+            rows.append(parse(rec, where, ignored, base))
         except ValueError as e:
             found.append(str(e))
     name = source if isinstance(source, str) else type(source).__name__
@@ -309,12 +415,12 @@ def load_prompt_rows(source, default_kind: str = DEFAULT_KIND, problems: list | 
     rows with the messages about the others appended to ``problems``."""
     if default_kind not in KINDS:
         raise ValueError(f"default_kind must be one of {KINDS}, got {default_kind!r}")
-    return _load(source, lambda rec, where, ign: parse_prompt_row(rec, where, default_kind, ign), "prompt",
-                 problems)
+    return _load(source, lambda rec, where, ign, base: parse_prompt_row(rec, where, default_kind, ign, base),
+                 "prompt", problems)
 
 
-def load_sft_rows(source) -> list[SFTRow]:
-    return _load(source, parse_sft_row, "SFT")
+def load_sft_rows(source, problems: list | None = None) -> list[SFTRow]:
+    return _load(source, parse_sft_row, "SFT", problems)
 
 
 def write_jsonl(path: str, records) -> None:

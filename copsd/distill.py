@@ -11,6 +11,10 @@ One step, in the order of the paper (docs/method.md):
 The loss ops take hidden states and the lm_head weight; no ``[tokens, vocab]`` tensor is built here.
 Rollout sampling uses one generator per (seed, step, prompt), so a prompt's samples do not depend on
 which process drew it or on a resume.
+
+With a vision-language model (``copsd.vlm``) a prompt's images go with it everywhere: the rollout, the
+teacher's scoring (the constitution is a text part before the images) and every student forward, which
+takes the images' ``pixel_values`` and lets the model place its 3-D rotary positions.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from copsd import _hf, fsdp
 from copsd.checkpoint import list_checkpoints, load_extra
 from copsd.config import DistillConfig
 from copsd.constitution import check_view_consistency, render_views
-from copsd.data import load_prompt_rows
+from copsd.data import load_prompt_rows, message_text
 from copsd.objectives import (
     PaperParams,
     divergence_loss,
@@ -43,11 +47,14 @@ from copsd.training import (
     StageTrainer,
     Sums,
     check_model_path,
+    check_sharded_images,
     gather_rows,
     hf_model,
+    image_token_counts,
     load_causal_lm,
     load_stage_constitution,
     load_tokenizer,
+    load_vision,
     make_accelerator,
     make_optimizer,
     make_scheduler,
@@ -74,6 +81,7 @@ class _Sample:
     completion: list[int]
     rollout_logp: torch.Tensor
     finish: str
+    vision: object = None  # copsd.multimodal.VisionInputs of the prompt's images (shared by its G samples)
 
 
 class Distiller(StageTrainer):
@@ -96,13 +104,15 @@ class Distiller(StageTrainer):
         problems: list[str] = []  # malformed rows, reported together with the rendering and length checks
         rows = load_prompt_rows(cfg.dataset, cfg.default_kind, problems=problems)
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+        self.vision = load_vision(cfg.model_name_or_path, self.tokenizer, cfg.trust_remote_code)
         # every row rendered in both views and length-checked before any weights are loaded
         contexts = {"student": _context_of(cfg.model_name_or_path, cfg.trust_remote_code)}
         contexts["teacher"] = (_context_of(cfg.teacher_model_name_or_path, cfg.trust_remote_code)
                                if cfg.teacher_mode == "checkpoint" else contexts["student"])
         self.rows, views = preflight_prompts(rows, self.tokenizer, self.constitution, cfg,
                                              completion_tokens=cfg.max_completion_length, contexts=contexts,
-                                             problems=problems)
+                                             problems=problems, vision=self.vision)
+        check_sharded_images(self.rows, self.vision, f"dataset {cfg.dataset}")
         self._render_cache: dict[int, tuple[list[int], list[int]]] = dict(enumerate(views))
         self.teacher_constitution = None
         if cfg.teacher_mode == "checkpoint":
@@ -177,7 +187,7 @@ class Distiller(StageTrainer):
             seen.add(row.kind)
             response = row.reference or "sure , here is a short answer ."
             check_view_consistency(self.tokenizer, row.messages, response, self._constitution_text(row),
-                                   self.cfg.teacher_template)
+                                   self.cfg.teacher_template, image_tokens=image_token_counts(row, self.vision))
 
     def _constitution_text(self, row):
         return self.constitution.text_for(row.category, row.constitution)
@@ -186,8 +196,20 @@ class Distiller(StageTrainer):
         if i not in self._render_cache:
             row = self.rows[i]
             self._render_cache[i] = render_views(self.tokenizer, row.messages, self._constitution_text(row),
-                                                 self.cfg.teacher_template)
+                                                 self.cfg.teacher_template,
+                                                 image_tokens=image_token_counts(row, self.vision))
         return self._render_cache[i]
+
+    def _vision_of(self, i: int):
+        """``VisionInputs`` of row ``i``'s images (None for a text row)."""
+        row = self.rows[i]
+        return self.vision.encode(row.images, row.where) if self.vision is not None and row.images else None
+
+    def _vision_kwargs(self, part) -> dict:
+        """The images of samples ``part`` as ``PolicyHidden`` arguments; {} for a text model."""
+        if self.vision is None:
+            return {}
+        return {"vision": [s.vision for s in part], "context_lens": [len(s.student_ctx) for s in part]}
 
     # ------------------------------------------------------------------ data position
 
@@ -213,6 +235,8 @@ class Distiller(StageTrainer):
         for k0 in range(0, len(indices), per_call):
             ks = list(range(k0, min(len(indices), k0 + per_call)))
             views = [self._views(indices[k]) for k in ks]
+            visions = [self._vision_of(indices[k]) for k in ks]
+            extra = {"vision": visions} if any(v is not None for v in visions) else {}
             # one generator per prompt, seeded by (seed, step, the prompt's global index): a prompt's draws do
             # not depend on which prompts share its generation call or on the process count
             gens = [torch.Generator(device=self.device).manual_seed(
@@ -221,16 +245,18 @@ class Distiller(StageTrainer):
                 ro = generate(hf_model(self.model), [s_ids for s_ids, _ in views], num_generations=cfg.num_generations,
                               max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                               top_p=cfg.top_p, top_k=cfg.top_k, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id, generator=gens, all_done=all_done)
+                              pad_token_id=tok.pad_token_id, generator=gens, all_done=all_done, **extra)
             for p, c, lp, fin in zip(ro.prompt_index, ro.completion_ids, ro.logprobs, ro.finish_reason):
                 k = ks[p]
                 s_ids, t_ids = views[p]
-                samples.append(_Sample(indices[k], k, s_ids, t_ids, list(c), lp.float().to(self.device), fin))
+                samples.append(_Sample(indices[k], k, s_ids, t_ids, list(c), lp.float().to(self.device), fin,
+                                       visions[p]))
         return samples
 
     @torch.no_grad()
     def _teacher(self, samples):
-        out = self.scorer.score([s.teacher_ctx for s in samples], [s.completion for s in samples])
+        extra = {"vision": [s.vision for s in samples]} if any(s.vision is not None for s in samples) else {}
+        out = self.scorer.score([s.teacher_ctx for s in samples], [s.completion for s in samples], **extra)
         return out.hidden
 
     @torch.no_grad()
@@ -243,7 +269,13 @@ class Distiller(StageTrainer):
             part = samples[j:j + bs]
             ids, mask = pad_right([s.student_ctx + s.completion for s in part], self.tokenizer.pad_token_id,
                                   self.device)
-            h = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            if self.vision is not None:
+                from copsd.vlm import hidden_states
+
+                v = self._vision_kwargs(part)
+                h = hidden_states(self.ref, ids, mask, v["vision"], v["context_lens"])
+            else:
+                h = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             h = gather_rows(h, [len(s.student_ctx) - 1 for s in part], [len(s.completion) for s in part])
             tgt = torch.tensor([t for s in part for t in s.completion], device=self.device)
             lp, _ = sampled_logprobs(h.to(head.weight.dtype), head.weight, tgt, temperature=self.cfg.temperature,
@@ -261,7 +293,7 @@ class Distiller(StageTrainer):
             ids, mask = pad_right([s.student_ctx + s.completion for s in part], self.tokenizer.pad_token_id,
                                   self.device)
             with self.acc.autocast():
-                hidden, weight = self.policy(ids, mask)
+                hidden, weight = self.policy(ids, mask, **self._vision_kwargs(part))
             h = gather_rows(hidden, [len(s.student_ctx) - 1 for s in part], [len(s.completion) for s in part])
             tgt = torch.tensor([t for s in part for t in s.completion], device=self.device, dtype=torch.long)
             lp, _ = sampled_logprobs(h.to(weight.dtype), weight, tgt, temperature=cfg.temperature,
@@ -290,7 +322,8 @@ class Distiller(StageTrainer):
         per_answer = torch.zeros(len(samples), device=self.device)
         if judged:
             rows = [self.rows[samples[i].prompt] for i in judged]
-            scores = self.judge([self._constitution_text(r) for r in rows], [r.messages[-1]["content"] for r in rows],
+            scores = self.judge([self._constitution_text(r) for r in rows],
+                                [message_text(r.messages[-1]["content"]) for r in rows],
                                 [self.tokenizer.decode(samples[i].completion, skip_special_tokens=True)
                                  for i in judged], [r.reference for r in rows])
             log_malformed(step + 1, scores)
@@ -391,7 +424,7 @@ class Distiller(StageTrainer):
         ids, mask = pad_right([s.student_ctx + s.completion for s in part], self.tokenizer.pad_token_id,
                               self.device)
         with self.acc.autocast():
-            hidden, weight = self.policy(ids, mask)
+            hidden, weight = self.policy(ids, mask, **self._vision_kwargs(part))
         h = gather_rows(hidden, [len(s.student_ctx) - 1 for s in part], [len(s.completion) for s in part])
         h = h.to(weight.dtype)
         sel = torch.cat([torch.arange(offsets[j], offsets[j + 1], device=self.device) for j in micro])
@@ -437,7 +470,7 @@ class Distiller(StageTrainer):
 
         tok = self.tokenizer
         texts = [tok.decode(s.completion, skip_special_tokens=True) for s in samples]
-        prompts = [self.rows[s.prompt].messages[-1]["content"] for s in samples]
+        prompts = [message_text(self.rows[s.prompt].messages[-1]["content"]) for s in samples]
         flags = self.refusal(prompts, texts)
         for kind in ("harmful", "benign", "general"):
             sel = [f for f, s in zip(flags, samples) if self.rows[s.prompt].kind == kind]
@@ -461,7 +494,7 @@ class Distiller(StageTrainer):
             if s.group in seen:
                 continue
             seen.add(s.group)
-            prompt = self.rows[s.prompt].messages[-1]["content"]
+            prompt = message_text(self.rows[s.prompt].messages[-1]["content"])
             text = self.tokenizer.decode(s.completion, skip_special_tokens=True)
             flags_for[j] = self.refusal([prompt], [text])[0]
             r = rewards[offsets[j]:offsets[j + 1]]

@@ -24,6 +24,9 @@ prompt); the defaults here sample 4 responses at temperature 1, which diversity 
 
 Outputs: ``report.json``, ``responses-<model>.jsonl``, a printed table and PNG plots (safety vs helpfulness,
 length and entropy distributions).
+
+Prompt rows with images (``copsd.data``) are evaluated on vision-language models (``copsd.vlm``) with their
+images; a text-only model given such rows is an error naming the model.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def _check_models(models) -> list[dict]:
     for i, m in enumerate(models):
         if not isinstance(m, dict):
             raise ValueError(f"models[{i}]: expected a dict, got {type(m).__name__}")
-        unknown = set(m) - {"name", "path", "constitution", "model", "tokenizer"}
+        unknown = set(m) - {"name", "path", "constitution", "model", "tokenizer", "vision"}
         if unknown:
             raise ValueError(f"models[{i}]: unknown key(s) {sorted(unknown)}; expected name, path, constitution")
         name = m.get("name")
@@ -90,21 +93,38 @@ def _check_models(models) -> list[dict]:
 
 
 def _load(entry, device, dtype):
+    """(model, tokenizer, vision): ``vision`` is the ``copsd.vlm.VisionProcessor`` of a vision-language model
+    (given as ``entry["vision"]`` or loaded from its path), else None."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from copsd import vlm
+
     tokenizer = entry.get("tokenizer")
     model = entry.get("model")
+    vision = entry.get("vision")
     try:  # local_files_only: a hub id resolves from the local cache only, never the network
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(entry["path"], local_files_only=True, trust_remote_code=False)
+            if not getattr(tokenizer, "chat_template", None):  # a VLM may keep it beside its processor
+                tokenizer.chat_template = vlm._chat_template_file(entry["path"]) or tokenizer.chat_template
         if model is None:
-            model = AutoModelForCausalLM.from_pretrained(
-                entry["path"], local_files_only=True, trust_remote_code=False, dtype=dtype or torch.float32
-            ).to(device)
+            config = vlm.load_config(entry["path"], local_files_only=True)
+            if vlm.is_vlm_config(config):
+                model = vlm.load_vlm(entry["path"], dtype=dtype or torch.float32, local_files_only=True).to(device)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    entry["path"], local_files_only=True, trust_remote_code=False, dtype=dtype or torch.float32
+                ).to(device)
+        if vision is None and vlm.is_vlm(model):
+            if not entry.get("path"):
+                raise ValueError(f"model {entry['name']!r}: a vision-language model given as 'model' needs "
+                                 "'vision' (its copsd.vlm.VisionProcessor) or a 'path' to load it from")
+            vision = vlm.load_vision_processor(entry["path"], tokenizer, key=f"model {entry['name']!r}",
+                                               local_files_only=True)
     except OSError as e:
         raise ValueError(f"model {entry['name']!r}: cannot load {entry['path']!r} from local files ({e})") from None
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, vision
 
 
 def _stop_ids(model, tokenizer) -> list[int]:
@@ -117,11 +137,12 @@ def _stop_ids(model, tokenizer) -> list[int]:
 
 
 def response_entropies(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *,
-                       batch_tokens: int = 8192) -> list[list[float]]:
+                       batch_tokens: int = 8192, visions=None) -> list[list[float]]:
     """Per-token entropy (nats, temperature 1) of the model's next-token distribution at every
     position that produced a completion token.  Only the selected positions go through the
     lm_head, through ``copsd.ops.linear_logprobs`` (the model's logit scale and softcap, fp32
-    statistics), so no ``[tokens, vocab]`` tensor is built."""
+    statistics), so no ``[tokens, vocab]`` tensor is built.  ``visions``: each prompt's
+    ``VisionInputs`` (or None) for a vision-language model."""
     import torch
 
     from copsd import _hf
@@ -142,8 +163,14 @@ def response_entropies(model, prompt_ids: list[list[int]], completion_ids: list[
             seq = list(prompt_ids[i]) + list(completion_ids[i])
             ids[r, : len(seq)] = torch.tensor(seq)
             mask[r, : len(seq)] = 1
+        ids, mask = ids.to(device), mask.to(device)
         with torch.no_grad():
-            hidden = base(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            if visions is not None:
+                from copsd.vlm import hidden_states
+
+                hidden = hidden_states(model, ids, mask, [visions[i] for i in idx], [len(prompt_ids[i]) for i in idx])
+            else:
+                hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
             for r, i in enumerate(idx):
                 n_p, n_c = len(prompt_ids[i]), len(completion_ids[i])
                 if n_c == 0:
@@ -177,22 +204,33 @@ def evaluate_model(entry: dict, rows, *, num_samples=4, max_new_tokens=64, tempe
     from tqdm.auto import tqdm
 
     from copsd.constitution import DEFAULT_TEMPLATE, load_constitution, render_ids, teacher_messages
+    from copsd.data import message_text
     from copsd.judge import bootstrap_ci
     from copsd.rollout import generate
 
     detector = refusal_detector or tm.KeywordRefusalDetector()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer = _load(entry, device, dtype)
+    model, tokenizer, vision = _load(entry, device, dtype)
     constitution = load_constitution(entry["constitution"]) if entry.get("constitution") else None
     template = teacher_template or DEFAULT_TEMPLATE
 
-    prompt_ids, queries = [], []
+    prompt_ids, queries, visions = [], [], []
     for row in rows:
         messages = row.messages
         if constitution is not None:
             messages = teacher_messages(messages, constitution.text_for(row.category, row.constitution), template)
-        prompt_ids.append(render_ids(tokenizer, messages, add_generation_prompt=True))
-        queries.append(row.messages[-1]["content"])
+        v = None
+        if row.images:
+            if vision is None:
+                raise ValueError(f"{row.where}: the row has images but model {entry['name']!r} is not a "
+                                 "vision-language model")
+            v = vision.encode(row.images, row.where)
+        visions.append(v)
+        prompt_ids.append(render_ids(tokenizer, messages, add_generation_prompt=True,
+                                     image_tokens=vision.token_counts(v) if v is not None else None))
+        queries.append(message_text(row.messages[-1]["content"]))
+    if all(v is None for v in visions):
+        visions = None
 
     stops = _stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
@@ -201,9 +239,10 @@ def evaluate_model(entry: dict, rows, *, num_samples=4, max_new_tokens=64, tempe
     t0 = time.time()
     bar = tqdm(total=len(rows), desc=f"eval {entry['name']}", disable=not progress, unit="prompt")
     for a in range(0, len(rows), batch_size):
+        extra = {"vision": visions[a : a + batch_size]} if visions is not None else {}
         roll = generate(model, prompt_ids[a : a + batch_size], num_generations=num_samples,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                        eos_token_id=stops, pad_token_id=pad, generator=gen)
+                        eos_token_id=stops, pad_token_id=pad, generator=gen, **extra)
         completions.extend(roll.completion_ids)
         bar.update(min(batch_size, len(rows) - a))
     bar.close()
@@ -214,7 +253,8 @@ def evaluate_model(entry: dict, rows, *, num_samples=4, max_new_tokens=64, tempe
     resp_ids = [[t for t in c if t not in stop_set] for c in completions]
     texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in resp_ids]
     refused = detector([queries[p] for p in sample_prompt], texts)
-    entropies = response_entropies(model, [prompt_ids[p] for p in sample_prompt], completions)
+    entropies = response_entropies(model, [prompt_ids[p] for p in sample_prompt], completions,
+                                   visions=[visions[p] for p in sample_prompt] if visions is not None else None)
     leak_det = tm.ConstitutionLeakDetector(leak_texts, n=leak_ngram) if leak_texts else None
     leaks = leak_det(texts) if leak_det else [None] * len(texts)
 

@@ -86,6 +86,10 @@ def load_tokenizer(path: str, trust_remote_code: bool, key: str = "model_name_or
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise _load_error(key, path, e) from e
+    if not getattr(tok, "chat_template", None):  # a VLM directory may keep it beside the processor
+        from copsd.vlm import _chat_template_file
+
+        tok.chat_template = _chat_template_file(path) or tok.chat_template
     require_chat_template(tok)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
@@ -96,18 +100,39 @@ def load_tokenizer(path: str, trust_remote_code: bool, key: str = "model_name_or
 
 def load_causal_lm(path: str, *, trust_remote_code: bool, dtype=torch.float32, device=None,
                    key: str = "model_name_or_path"):
+    """The causal LM of ``path``; for a vision-language model (``copsd.vlm``), its image-text-to-text model."""
     from transformers import AutoModelForCausalLM
+
+    from copsd import vlm
 
     check_model_path(key, path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        if vlm.is_vlm_path(path, trust_remote_code):
+            model = vlm.load_vlm(path, trust_remote_code=trust_remote_code, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise _load_error(key, path, e) from e
     return model.to(device) if device is not None else model
 
 
+def load_vision(path: str, tokenizer, trust_remote_code: bool, key: str = "model_name_or_path"):
+    """The ``copsd.vlm.VisionProcessor`` of a vision-language model directory (sharing ``tokenizer``), or None
+    for a text model."""
+    from copsd import vlm
+
+    if not vlm.is_vlm_path(path, trust_remote_code):
+        return None
+    return vlm.load_vision_processor(path, tokenizer, trust_remote_code=trust_remote_code, key=key)
+
+
 def prepare_trainable(model, cfg: TrainConfig):
     """Gradient checkpointing and LoRA (peft) as configured; returns the (maybe wrapped) model."""
+    from copsd import vlm
+
+    image_model = vlm.is_vlm(model)
+    if image_model and cfg.freeze_vision_tower:
+        vlm.freeze_vision_tower(model)
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -119,8 +144,16 @@ def prepare_trainable(model, cfg: TrainConfig):
             from peft import LoraConfig, get_peft_model
         except ImportError:
             raise ValueError("use_peft=true needs the 'peft' package (pip install copsd[peft])") from None
+        extra = {}
+        if image_model and cfg.freeze_vision_tower:  # LoRA on the language model only
+            import dataclasses
+
+            if "exclude_modules" not in {f.name for f in dataclasses.fields(LoraConfig)}:
+                raise ValueError("use_peft with a vision-language model and freeze_vision_tower=true needs peft >= "
+                                 "0.14 (LoraConfig.exclude_modules)")
+            extra["exclude_modules"] = vlm.LANGUAGE_ONLY_EXCLUDE
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=cfg.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
+                          target_modules=cfg.lora_target_modules or "all-linear", task_type="CAUSAL_LM", **extra)
         torch.manual_seed(cfg.seed)  # LoRA's initialisation is random: the same in every process and every run
         model = get_peft_model(model, lora)
         if os.path.isdir(cfg.model_name_or_path):  # adapters name their base by absolute path, not the cwd's
@@ -169,8 +202,15 @@ class PolicyHidden(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask):
-        decoder, head = _hf.decoder_and_head(hf_model(self.model))
+    def forward(self, input_ids, attention_mask, vision=None, context_lens=None):
+        """``vision``: one ``VisionInputs`` or None per row (a vision-language model's images, see
+        ``copsd.vlm.hidden_states``), with ``context_lens`` the rows' prompt lengths."""
+        model = hf_model(self.model)
+        decoder, head = _hf.decoder_and_head(model)
+        if vision is not None:
+            from copsd.vlm import hidden_states
+
+            return hidden_states(model, input_ids, attention_mask, vision, context_lens), fsdp.full_weight(head)
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state, fsdp.full_weight(head)
 
@@ -293,7 +333,8 @@ def problem_message(e: Exception) -> str:
 
 
 def preflight_prompts(rows, tokenizer, constitution, cfg, *, completion_tokens: int,
-                      contexts: dict[str, int | None], source=None, problems: list[str] | None = None):
+                      contexts: dict[str, int | None], source=None, problems: list[str] | None = None,
+                      vision=None):
     """Render every prompt row in the student and teacher views and check its length, before step 1.
 
     ``contexts`` maps a model name ("student", "teacher") to its context length (None: unbounded); a view
@@ -301,6 +342,8 @@ def preflight_prompts(rows, tokenizer, constitution, cfg, *, completion_tokens: 
     ``cfg.max_prompt_length`` (student view) are cut from the left or skipped (``cfg.prompt_truncation``) and
     counted.  Returns ``(rows, views)`` with ``views[i] = (student ids, teacher ids)``; raises one ValueError
     listing every problem with its file and line (after any ``problems`` found while parsing the rows).
+    ``vision``: the model's ``copsd.vlm.VisionProcessor`` (None for a text model, where a row with images is a
+    problem); each row's images are processed and their tokens counted into its views.
     """
     from copsd.constitution import render_views
 
@@ -314,11 +357,17 @@ def preflight_prompts(rows, tokenizer, constitution, cfg, *, completion_tokens: 
             if problem:
                 raise ValueError(problem)
             text = constitution.text_for(row.category, row.constitution)
-            s_ids, t_ids = render_views(tokenizer, row.messages, text, cfg.teacher_template)
+            counts = image_token_counts(row, vision)
+            s_ids, t_ids = render_views(tokenizer, row.messages, text, cfg.teacher_template, image_tokens=counts)
             if limit is not None and len(s_ids) > limit:
                 if cfg.prompt_truncation == "skip":
                     skipped += 1
                     continue
+                if counts is not None:
+                    raise ValueError(f"the student-view prompt ({len(s_ids)} tokens, images included) is longer "
+                                     f"than max_prompt_length={limit}; a row with images is never cut (raise "
+                                     "max_prompt_length, lower the image processor's max_pixels or use "
+                                     "prompt_truncation: skip)")
                 row, s_ids, t_ids = _left_truncate(row, tokenizer, text, cfg.teacher_template, limit, len(s_ids))
                 cut += 1
         except errors as e:
@@ -349,6 +398,32 @@ def preflight_prompts(rows, tokenizer, constitution, cfg, *, completion_tokens: 
     if not kept:
         raise ValueError(f"{what}: no prompt left (all longer than max_prompt_length={limit})")
     return kept, views
+
+
+def image_token_counts(row, vision) -> list[int] | None:
+    """The image-token count of each of ``row``'s images (None for a text row); a ValueError for a row with
+    images when the model is not a vision-language model (``vision`` None)."""
+    if not getattr(row, "images", None):
+        return None
+    if vision is None:
+        raise ValueError(f"the row has {len(row.images)} image(s) but the model is not a vision-language model "
+                         "(its config has no vision_config / image_token_id)")
+    return vision.count_tokens(row.images, row.where)
+
+
+def check_sharded_images(rows, vision, what: str) -> None:
+    """Under FSDP2 every process must run the same sharded modules, the vision tower included: a data set of a
+    vision-language model must then be all image rows or all text rows (a step where one process has an image
+    and another none would desynchronise the processes' collectives)."""
+    if vision is None or not fsdp.requested():
+        return
+    with_images = [r for r in rows if getattr(r, "images", None)]
+    if with_images and len(with_images) != len(rows):
+        text_row = next(r for r in rows if not getattr(r, "images", None))
+        raise ValueError(f"{what}: FSDP2 with a vision-language model needs image rows only or text rows only "
+                         f"({len(with_images)} of {len(rows)} have images; {text_row.where} has none): every "
+                         "process must run the sharded vision tower in the same steps. Use DDP (no FSDP config) "
+                         "or split the data set")
 
 
 def _location_key(problem: str):
@@ -456,9 +531,11 @@ def _truncate_jsonl(path: str, keep_upto: int):
 
 # --------------------------------------------------------------------------- final model
 
-def save_final(output_dir: str, model, tokenizer, constitution, card: str, state_dict: dict | None = None):
+def save_final(output_dir: str, model, tokenizer, constitution, card: str, state_dict: dict | None = None,
+               vision=None):
     """HF model loadable by transformers (LoRA merged; the adapter kept in ``adapter/``); ``state_dict``: the
-    gathered weights of an FSDP-sharded model."""
+    gathered weights of an FSDP-sharded model; ``vision``: a VLM's ``VisionProcessor`` (its image processor is
+    saved too)."""
     os.makedirs(output_dir, exist_ok=True)
     if is_peft(model):
         model.save_pretrained(os.path.join(output_dir, "adapter"))
@@ -467,6 +544,8 @@ def save_final(output_dir: str, model, tokenizer, constitution, card: str, state
     else:
         model.save_pretrained(output_dir, state_dict=state_dict)
     tokenizer.save_pretrained(output_dir)
+    if vision is not None:
+        vision.save_pretrained(output_dir)
     with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
         f.write(card)
     if constitution.path:
@@ -495,6 +574,24 @@ def check_output_dir(cfg: TrainConfig) -> None:
             "--resume_from_checkpoint true to continue it, or choose another output_dir")
 
 
+def _vlm_model(model) -> bool:
+    from copsd import vlm
+
+    return vlm.is_vlm(model)
+
+
+def _load_vlm_weights(model, ckpt: str) -> None:
+    """Exact weights of a VLM checkpoint.  ``save_pretrained`` writes a VLM's tensors under its family's
+    checkpoint names (``visual.*``, ``model.layers.*``), not the module names (``model.visual.*``,
+    ``model.language_model.*``); ``from_pretrained`` maps them back, so the checkpoint is read through it and
+    its tensors copied (every one: a missing or extra name is an error)."""
+    from copsd import vlm
+
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    loaded = vlm.load_vlm(ckpt, dtype=dtype)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+
+
 class StageTrainer:
     """The step loop of one stage.
 
@@ -510,6 +607,7 @@ class StageTrainer:
     step = 0
     run_id = ""
     logger: MetricsLogger | None = None
+    vision = None            # copsd.vlm.VisionProcessor of a vision-language model
 
     # ------------------------------------------------------------------ stage hooks
 
@@ -614,7 +712,10 @@ class StageTrainer:
         self.check_resume(ckpt, state)
         if sharded:
             fsdp.load_optimizer_shard(self.optimizer, ckpt, self.acc.process_index, self.acc.num_processes)
-        load_model_weights(self.model, ckpt)
+        if not is_peft(self.model) and not sharded and _vlm_model(self.model):
+            _load_vlm_weights(self.model, ckpt)
+        else:
+            load_model_weights(self.model, ckpt)
         self.restore_extra(ckpt, state)
         self.step = int(state["global_step"])
 
@@ -723,7 +824,7 @@ class StageTrainer:
                 if full is not None and is_peft(model):  # LoRA is merged on a whole copy
                     model, full = self.whole_copy(full), None
                 save_final(cfg.output_dir, model, self.tokenizer, self.constitution, self.model_card(),
-                           state_dict=full)
+                           state_dict=full, vision=self.vision)
                 self._write_run(finished=True)
             acc.wait_for_everyone()
         return last
