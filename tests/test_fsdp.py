@@ -345,3 +345,35 @@ def test_one_process_sharded_head_weight_loading_and_optimizer_state(tmp_path):
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-3000:]
 
+
+_EXIT_PATH = r'''
+import atexit, os, sys, threading, time
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from copsd import cli
+
+out = sys.argv[1]
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+t = distribute_tensor(torch.ones(4, 2), init_device_mesh("cpu", (1,)), [Shard(0)])  # torch now holds the group
+atexit.register(lambda: open(os.path.join(out, "atexit"), "w").close())
+threading.Thread(target=lambda: (time.sleep(0.5), open(os.path.join(out, "thread"), "w").close())).start()
+print("buffered", end="")
+assert cli._close_process_group() and not dist.is_initialized()
+cli._end_process(3)
+raise AssertionError("_end_process returned")
+'''
+
+
+def test_multiprocess_exit_skips_teardown_after_flushing(tmp_path):
+    """A launched worker ends with _close_process_group + _end_process: the exit code is the run's, our threads
+    are joined, atexit handlers run and stdout is flushed, and nothing runs after (no interpreter teardown,
+    where the gloo backend torch keeps alive after destroy_process_group used to abort now and then)."""
+    script = tmp_path / "exit.py"
+    script.write_text(_EXIT_PATH)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert r.stdout == "buffered"
+    assert (tmp_path / "atexit").exists() and (tmp_path / "thread").exists()
+    assert "terminate called" not in r.stderr
