@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors: one clear line, no traceback
         print(f"copsd {args.command}: error: {e}", file=sys.stderr)
         return 2
-    if _close_process_group():
+    if _close_process_group():  # a launched worker (torch.distributed initialised) ends here, see _end_process
         _end_process(rc)
     return rc
 
@@ -62,8 +62,9 @@ def _close_process_group() -> bool:
 
 
 def _end_process(rc: int):
-    """Exit a launched worker process without interpreter teardown, as Python's own multiprocessing children
-    do: join our threads, run the atexit handlers (logging and the like flush there), flush stdio, _exit.
+    """Exit a launched worker process without interpreter teardown (Python's multiprocessing ends its child
+    processes with ``os._exit`` too): join our threads, run the atexit handlers (logging and the like flush
+    there), flush stdio, ``os._exit(rc)``.
 
     Why: ``destroy_process_group`` only forgets the groups; the gloo backend is freed, its worker and TCP-loop
     threads joined and sockets closed, when torch drops its last reference, and after a DTensor/FSDP2 run
