@@ -69,11 +69,11 @@ def _end_process(rc: int):
     Why: ``destroy_process_group`` only forgets the groups; the gloo backend is freed, its worker and TCP-loop
     threads joined and sockets closed, when torch drops its last reference, and after a DTensor/FSDP2 run
     torch still holds some (a DeviceMesh keeps its groups, DTensor's thread-local sharding caches keep the
-    mesh, and more).  Those threads were still running when a normal exit tore down the interpreter and then
-    the C++ statics, in an order nobody controls and while the peer process exits too; about one two-process
-    FSDP2 test run in ten was seen to abort at exit ("terminate called without an active exception") after
-    all its work was written.  Without teardown there is nothing left to go wrong: every output is already
-    on disk and closed.
+    mesh, and others not all traced).  Those threads were still running when a normal exit tore down the
+    interpreter and then the C++ statics, in an order nobody controls and while the peer process exits too;
+    about one two-process FSDP2 test run in ten was seen to abort at exit ("terminate called without an
+    active exception") after all its work was written.  Without teardown there is nothing left to go wrong:
+    every output is already on disk and closed.
     """
     import atexit
     import os
