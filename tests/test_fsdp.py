@@ -10,13 +10,12 @@ DTensor on a 2-way mesh, each holding part of it) to prove the sharding happened
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from killrun import sigkill_after_checkpoint
 from safetensors.torch import load_file
 from test_trainer import tiny_model_dir, tiny_sft_config
 
@@ -143,11 +142,12 @@ def test_fsdp2_two_processes_equal_one(tmp_path, objective, teacher_mode, tied):
 
 
 @pytest.mark.slow
-def test_fsdp2_lora_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("objective", ["paper", "reverse_kl"])
+def test_fsdp2_lora_two_processes_equal_one(tmp_path, objective):
     pytest.importorskip("peft")
     student = tiny_model_dir(tmp_path / "student")
-    cfg = _distill_cfg(tmp_path, student, "max_steps: 2\nuse_peft: true\nlora_r: 4\nlora_alpha: 8\n"
-                                          "lora_dropout: 0.0\nlearning_rate: 5.0e-2\n")
+    cfg = _distill_cfg(tmp_path, student, f"max_steps: 2\nobjective: {objective}\nkl_coef: 0.05\nuse_peft: true\n"
+                                          "lora_r: 4\nlora_alpha: 8\nlora_dropout: 0.0\nlearning_rate: 5.0e-2\n")
     _run([sys.executable, "-m", "copsd.cli", "distill", "--config", str(cfg), "--output_dir", "one",
           "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"], tmp_path)
     r = _run(_two(["distill", "--config", str(cfg), "--output_dir", "two", "--per_device_train_batch_size", "4"]),
@@ -185,21 +185,8 @@ def test_fsdp2_sigkill_then_resume_matches_uninterrupted(tmp_path):
     _run(_two(["distill", "--config", str(cfg), "--output_dir", "full"]), tmp_path, FSDP_ENV)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_two(["distill", "--config", str(cfg), "--output_dir", str(out)]), cwd=tmp_path,
-                            env=_env(FSDP_ENV), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    marker = out / "checkpoint-2" / "trainer_state.json"
-    deadline = time.time() + 400
-    while not marker.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"training exited early ({proc.returncode}): {proc.stderr.read().decode()[-3000:]}")
-        if time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("no checkpoint-2 within 400 s")
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-    proc.wait()
-    assert not (out / "model.safetensors").exists(), "the run finished before the kill; nothing was tested"
+    sigkill_after_checkpoint(_two(["distill", "--config", str(cfg), "--output_dir", str(out)]), out, 2,
+                             env=_env(FSDP_ENV), cwd=tmp_path)  # the launcher and both workers
     ckpt = out / "checkpoint-2"
     assert sorted(f for f in os.listdir(ckpt) if f.startswith("optimizer")) == [
         "optimizer-shard-00000-of-00002.pt", "optimizer-shard-00001-of-00002.pt"]
@@ -357,3 +344,36 @@ def test_one_process_sharded_head_weight_loading_and_optimizer_state(tmp_path):
     r = subprocess.run([sys.executable, str(script), str(tmp_path)], env=_env(), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-3000:]
+
+
+_EXIT_PATH = r'''
+import atexit, os, sys, threading, time
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from copsd import cli
+
+out = sys.argv[1]
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+t = distribute_tensor(torch.ones(4, 2), init_device_mesh("cpu", (1,)), [Shard(0)])  # torch now holds the group
+atexit.register(lambda: open(os.path.join(out, "atexit"), "w").close())
+threading.Thread(target=lambda: (time.sleep(0.5), open(os.path.join(out, "thread"), "w").close())).start()
+print("buffered", end="")
+assert cli._close_process_group() and not dist.is_initialized()
+cli._end_process(3)
+raise AssertionError("_end_process returned")
+'''
+
+
+def test_multiprocess_exit_skips_teardown_after_flushing(tmp_path):
+    """A launched worker ends with _close_process_group + _end_process: the exit code is the run's, our threads
+    are joined, atexit handlers run and stdout is flushed, and nothing runs after (no interpreter teardown,
+    where the gloo backend torch keeps alive after destroy_process_group used to abort now and then)."""
+    script = tmp_path / "exit.py"
+    script.write_text(_EXIT_PATH)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert r.stdout == "buffered"
+    assert (tmp_path / "atexit").exists() and (tmp_path / "thread").exists()
+    assert "terminate called" not in r.stderr

@@ -2,13 +2,11 @@
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from killrun import sigkill_after_checkpoint
 from safetensors.torch import load_file
 from test_trainer import distill_cfg, tiny_model_dir
 
@@ -55,20 +53,7 @@ def test_sigkill_then_resume_matches_uninterrupted(student, tmp_path):
         if v is None:
             continue
         argv += [f"--{k}", ",".join(v) if isinstance(v, list) else str(v)]
-    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    marker = out / "checkpoint-2" / "trainer_state.json"
-    deadline = time.time() + 240
-    while not marker.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"training exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail("no checkpoint-2 within 240 s")
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "model.safetensors").exists(), "the run finished before the kill; nothing was tested"
+    sigkill_after_checkpoint(argv, out, 2, env=_env(), timeout=240)
 
     # resume in this process from the latest complete checkpoint
     resumed = Distiller(distill_cfg(dirs, out, resume_from_checkpoint="latest", **COMMON))
