@@ -45,7 +45,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors: one clear line, no traceback
         print(f"copsd {args.command}: error: {e}", file=sys.stderr)
         return 2
-    if _close_process_group():  # a launched worker (torch.distributed initialised) ends here, see _end_process
+    # A launched worker (torch.distributed initialised, or a group a command closed itself) ends here, see
+    # _end_process.
+    if _close_process_group() or getattr(args, "_distributed_ended", False):
         _end_process(rc)
     return rc
 

@@ -435,8 +435,11 @@ def evaluate_models(models: list[dict], prompt_files: list[str], output_dir: str
     }
     if plots:
         report["plots"] = write_plots(results, output_dir)
-    with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as f:
+    path = os.path.join(output_dir, "report.json")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:  # written whole or not at all
         json.dump(report, f, indent=2)
+    os.replace(tmp, path)
     if print_table:
         print(format_table(report))
         print()

@@ -35,6 +35,14 @@ def run(args):
     if args.skip_eval or not rc.eval_prompt_files:
         print(f"copsd run: teacher in {rc.sft.output_dir}, student in {rc.distill.output_dir}")
         return 0
+    # Under a launcher (DDP / FSDP2) the evaluation runs once, in the main process: the processes meet, the
+    # group is closed, the others end here (cli.main then exits every launched process without teardown).
+    from copsd.cli import _close_process_group
+
+    if _close_process_group():
+        args._distributed_ended = True
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
     try:
         from copsd.eval import evaluate_models
     except ImportError as e:
