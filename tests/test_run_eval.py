@@ -114,6 +114,7 @@ def test_run_passes_the_eval_section_and_the_teacher_view(user, tmp_path, monkey
     assert kw["n_boot"] == 100 and kw["ci_level"] == 0.9
     assert kw["teacher_template"] == "{constitution}\n\nQ: {query}"
     assert kw["category_mode"] == "extend" and kw["constitution_title"] is True
+    assert kw["leak_constitutions"] == [user["constitution"]]
     import torch
 
     assert kw["dtype"] == torch.bfloat16  # eval.bf16 unset: as the stages
@@ -172,6 +173,34 @@ def test_copsd_run_evaluates_greedy_with_a_judge(user, tmp_path, capsys):
         assert pw["n_pairs"] + pw["pairs_without_verdict"] == len(LABELLED)
     assert "pairwise" not in models["base"]["judge"]
     assert models["teacher"]["category_mode"] == "extend"
+
+
+@pytest.mark.slow  # two gloo processes through both stages (about a minute on 2 busy cores)
+def test_multi_process_run_evaluates_once_on_the_main_process(user, tmp_path):
+    """Under torchrun the stages train on every process, then only the main process evaluates (the others
+    close the process group and exit): one table, one report, every process exits 0."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"model_name_or_path: {user['qwen']}\noutput_dir: {tmp_path / 'run'}\nconstitution: {user['constitution']}\n"
+        f"dataset: {user['data']}\nreport_to: [jsonl]\ndisable_tqdm: true\nbackend: reference\n"
+        "max_completion_length: 4\nlearning_rate: 0.001\n"
+        "sft:\n  max_steps: 1\n  per_device_train_batch_size: 1\n"
+        "distill:\n  max_steps: 1\n  num_generations: 2\n  per_device_train_batch_size: 2\n  num_mini_batches: 1\n"
+        f"  teacher_mode: initial\neval:\n  prompt_files: [{user['data']}]\n  max_new_tokens: 3\n  greedy: true\n")
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29600 + os.getpid() % 1000), "-m", "copsd.cli", "run", "--config", str(cfg)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("copsd run: teacher in") == 1, r.stdout
+    assert r.stdout.count("bootstrap intervals") == 1
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["base", "teacher", "student"]
 
 
 # --------------------------------------------------------------------------- copsd eval's teacher view

@@ -65,11 +65,28 @@ def eval_kwargs(rc) -> dict:
     return dict(num_samples=num_samples, max_new_tokens=ev.max_new_tokens, temperature=temperature,
                 top_p=ev.top_p, top_k=ev.top_k, batch_size=ev.batch_size, seed=rc.distill.seed,
                 refusal_detector=ev.refusal_detector or rc.distill.refusal_detector,
-                leak_constitutions=[rc.distill.constitution], leak_ngram=ev.leak_ngram,
+                leak_constitutions=sorted({rc.sft.constitution, rc.distill.constitution}), leak_ngram=ev.leak_ngram,
                 teacher_template=rc.sft.teacher_template, category_mode=rc.sft.category_mode,
                 constitution_title=rc.sft.constitution_title, dtype=dtype, progress=not rc.distill.disable_tqdm,
                 judge=ev.judge, baseline=ev.baseline, judge_max_new_tokens=ev.judge_max_new_tokens,
                 judge_batch_size=ev.judge_batch_size, n_boot=ev.bootstrap, ci_level=ev.ci_level)
+
+
+def _main_process_only() -> bool:
+    """After Stage 2: in a multi-process launch all processes meet and close their process group, and only the
+    main process (global rank 0) goes on to the evaluation, alone on its device.  So the evaluation is not
+    repeated by every process (all writing the same files), and no process waits in a collective call, whose
+    timeout a long evaluation would exceed, while the main process evaluates."""
+    from copsd.commands._common import is_main_process
+
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch without distributed support
+        return True
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return is_main_process()
 
 
 def run(args):
@@ -93,6 +110,8 @@ def run(args):
     distill(rc.distill)
     if not evaluate:
         print(f"copsd run: teacher in {rc.sft.output_dir}, student in {rc.distill.output_dir}")
+        return 0
+    if not _main_process_only():
         return 0
     try:
         from copsd.eval import evaluate_models
