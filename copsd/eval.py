@@ -144,6 +144,28 @@ def _load(entry, device, dtype):
     return model.eval(), tokenizer, vision
 
 
+def _check_trained_view(entry, constitution) -> str | None:
+    """The constitution hash a copsd-trained model recorded (``constitution.json``: constitution text, category
+    mode and title line, as it trained), with a warning when the teacher view evaluated here differs."""
+    path = os.path.join(entry["path"], "constitution.json") if isinstance(entry.get("path"), str) else ""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), str):
+        return None
+    if recorded["sha256"] != constitution.sha256:
+        logger.warning("eval: model %r was trained with constitution %s (category_mode %r), but is evaluated with "
+                       "%s (%s, category_mode %r, title line %s): check --constitution, --category_mode and "
+                       "--constitution_title", entry["name"], recorded["sha256"][:12], recorded.get("category_mode"),
+                       constitution.sha256[:12], constitution.path, constitution.category_mode,
+                       "sent" if constitution.title and constitution.default.startswith("# ") else "not sent")
+    return recorded["sha256"]
+
+
 def _stop_ids(model, tokenizer) -> list[int]:
     ids = []
     for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
@@ -231,6 +253,7 @@ def evaluate_model(entry: dict, rows, *, num_samples=4, max_new_tokens=64, tempe
     model, tokenizer, vision = _load(entry, device, dtype)
     constitution = (load_constitution(entry["constitution"], category_mode=category_mode,
                                       include_title=constitution_title) if entry.get("constitution") else None)
+    trained_sha = _check_trained_view(entry, constitution) if constitution is not None else None
     template = teacher_template or DEFAULT_TEMPLATE
 
     prompt_ids, queries, visions = [], [], []
@@ -352,7 +375,8 @@ def evaluate_model(entry: dict, rows, *, num_samples=4, max_new_tokens=64, tempe
     return {
         "name": entry["name"], "path": entry.get("path"), "constitution": entry.get("constitution"),
         "constitution_sha256": constitution.sha256 if constitution else None,
-        **({"category_mode": category_mode, "constitution_title": constitution_title} if constitution else {}),
+        **({"category_mode": category_mode, "constitution_title": constitution_title,
+            "trained_constitution_sha256": trained_sha} if constitution else {}),
         "metrics": metrics, "metrics_ci": metrics_ci, "per_kind": kinds,
         "generation_seconds": round(gen_seconds, 2),
         "_samples": samples,

@@ -173,6 +173,8 @@ def test_copsd_run_evaluates_greedy_with_a_judge(user, tmp_path, capsys):
         assert pw["n_pairs"] + pw["pairs_without_verdict"] == len(LABELLED)
     assert "pairwise" not in models["base"]["judge"]
     assert models["teacher"]["category_mode"] == "extend"
+    # the teacher is evaluated in the view it was trained in (the hash its Stage 1 recorded)
+    assert models["teacher"]["trained_constitution_sha256"] == models["teacher"]["constitution_sha256"]
 
 
 @pytest.mark.slow  # two gloo processes through both stages (about a minute on 2 busy cores)
@@ -398,3 +400,29 @@ def test_a_vision_language_model_can_judge(vl, tmp_path):
                                 print_table=False, n_boot=10)
     pw = report["models"][1]["judge"]["pairwise"]
     assert pw["n_pairs"] + pw["pairs_without_verdict"] == report["n_prompts"]
+
+
+def test_eval_warns_when_the_teacher_view_differs_from_training(user, tmp_path, caplog):
+    """A copsd-trained model records its constitution view (``constitution.json``); evaluating it with another
+    category mode or title setting is a warning naming the flags, and the recorded hash goes into the report."""
+    import shutil
+
+    from copsd import eval as ev
+    from copsd.constitution import load_constitution
+
+    model = tmp_path / "teacher"
+    shutil.copytree(user["qwen"], model)
+    trained = load_constitution(user["constitution"], category_mode="extend", include_title=True)
+    (model / "constitution.json").write_text(json.dumps(trained.to_dict()))
+    models = [{"name": "teacher", "path": str(model), "constitution": user["constitution"]}]
+    kw = dict(num_samples=1, max_new_tokens=2, temperature=0.0, progress=False, plots=False, print_table=False,
+              n_boot=10)
+    caplog.set_level(logging.WARNING, logger="copsd")
+    report = ev.evaluate_models(models, [user["data"]], str(tmp_path / "a"), **kw)
+    assert "was trained with constitution" in caplog.text and "--category_mode" in caplog.text
+    assert report["models"][0]["trained_constitution_sha256"] == trained.sha256
+    caplog.clear()
+    report = ev.evaluate_models(models, [user["data"]], str(tmp_path / "b"), category_mode="extend",
+                                constitution_title=True, **kw)
+    assert "was trained with constitution" not in caplog.text
+    assert report["models"][0]["constitution_sha256"] == trained.sha256
