@@ -443,6 +443,13 @@ def evaluate_models(models: list[dict], prompt_files: list[str], output_dir: str
         if not os.path.isfile(f):
             raise FileNotFoundError(f"prompt file not found: {f}")
         rows.extend(load_prompt_rows(f))
+    for m in models:  # every row's category in every teacher view, before any model generates
+        if m.get("constitution"):
+            c = load_constitution(m["constitution"], category_mode=category_mode, include_title=constitution_title)
+            for row in rows:
+                problem = c.check_category(row.category) if not row.constitution else None
+                if problem:
+                    raise ValueError(f"{row.where}: model {m['name']!r}: {problem}")
     detector = refusal_detector if callable(refusal_detector) else tm.load_refusal_detector(refusal_detector)
     leak_files = leak_constitutions if leak_constitutions is not None else sorted(
         {m["constitution"] for m in models if m.get("constitution")})
