@@ -218,8 +218,8 @@ class Judge:
     """A causal LM with a chat template, decoding greedily (up to ``max_new_tokens``) and parsed.
 
     ``max_prompt_tokens`` keeps the last tokens of a longer prompt (the verdict instructions are at its end)
-    so an over-long answer cannot crash a step; by default the model's ``max_position_embeddings`` minus
-    ``max_new_tokens``.
+    so an over-long answer cannot crash a step; by default the model's ``max_position_embeddings`` (a
+    vision-language model's text config's) minus ``max_new_tokens``.
     """
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 128, batch_size: int = 8,
@@ -232,8 +232,11 @@ class Judge:
                 raise ValueError(f"judge {name}: expected an int >= 1, got {v!r}")
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        if max_prompt_tokens is None:
-            limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if max_prompt_tokens is None:  # a vision-language model keeps the limit in its text config
+            from copsd._hf import max_context
+
+            config = getattr(model, "config", None)
+            limit = max_context(config) if config is not None else None
             max_prompt_tokens = max(1, limit - max_new_tokens) if isinstance(limit, int) else None
         self.max_prompt_tokens = max_prompt_tokens
         self.truncated_prompts = 0

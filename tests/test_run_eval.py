@@ -431,3 +431,20 @@ def test_eval_warns_when_the_teacher_view_differs_from_training(user, tmp_path, 
                                 constitution_title=True, **kw)
     assert "was trained with constitution" not in caplog.text
     assert report["models"][0]["constitution_sha256"] == trained.sha256
+
+
+def test_judge_prompt_limit_of_a_vision_language_model(user):
+    """A VLM keeps ``max_position_embeddings`` in its text config: the judge's prompt limit comes from there
+    (it was unlimited, so an over-long judge prompt could run past the judge's context)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig
+
+    from copsd.judge import Judge
+
+    tok = AutoTokenizer.from_pretrained(user["qwen"])
+    config = Qwen2_5_VLConfig(text_config={"max_position_embeddings": 300})
+    assert getattr(config, "max_position_embeddings", None) is None  # the case being tested
+    assert Judge(SimpleNamespace(config=config), tok, max_new_tokens=20).max_prompt_tokens == 280
+    assert Judge(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64)), tok,
+                 max_new_tokens=4).max_prompt_tokens == 60
