@@ -267,8 +267,67 @@ class RunConfig:
 
     sft: SFTTeacherConfig
     distill: DistillConfig
-    eval_prompt_files: list[str]
-    eval_max_new_tokens: int = 256
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig())
+
+    @property
+    def eval_prompt_files(self) -> list[str]:
+        return self.eval.prompt_files
+
+    @property
+    def eval_max_new_tokens(self) -> int:
+        return self.eval.max_new_tokens
+
+
+RUN_MODELS = ("base", "teacher", "student")
+
+
+@dataclass
+class EvalConfig:
+    """``copsd run``'s ``eval:`` section (``--eval.<key>`` flags): ``copsd eval``'s options, same names and
+    defaults.  The paper evaluates with ``greedy: true, max_new_tokens: 512, judge: JUDGE_DIR`` (baseline: the
+    base model); a top-level ``preset: paper`` sets the first two.  The models are ``base``, ``teacher`` (in
+    its teacher view: the Stage-1 constitution, ``teacher_template``, ``category_mode`` and
+    ``constitution_title``) and ``student``."""
+
+    prompt_files: list[str] = field(default_factory=list)  # empty: no evaluation
+    max_new_tokens: int = 256
+    num_samples: Optional[int] = None  # None: 4, or 1 with greedy
+    temperature: float = 1.0  # 0: greedy
+    greedy: bool = False  # greedy decoding, as the paper evaluates (same as temperature 0)
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 16  # prompts per generation batch
+    refusal_detector: Optional[str] = None  # None: the distill stage's refusal_detector
+    judge: Optional[str] = None  # a local chat-model directory: safety, helpfulness, pairwise win-rate
+    baseline: str = field(default="base", metadata=_choices(*RUN_MODELS))  # compared with pairwise
+    judge_max_new_tokens: int = 128
+    judge_batch_size: int = 8
+    bootstrap: int = 1000  # bootstrap resamples (of prompts) for the intervals
+    ci_level: float = 0.95
+    leak_ngram: int = 8
+    bf16: Optional[bool] = None  # load the models in bfloat16; None: as the stages (the distill stage's bf16)
+
+    def validate(self):
+        for name in ("max_new_tokens", "batch_size", "judge_max_new_tokens", "judge_batch_size", "bootstrap",
+                     "leak_ngram"):
+            _positive(f"eval.{name}", getattr(self, name))
+        if self.num_samples is not None:
+            _positive("eval.num_samples", self.num_samples)
+        _positive("eval.temperature", self.temperature, allow_zero=True)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"config key 'eval.top_p' must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"config key 'eval.top_k' must be >= 0 (0: off), got {self.top_k}")
+        if not 0 < self.ci_level < 1:
+            raise ValueError(f"config key 'eval.ci_level' must be in (0, 1), got {self.ci_level}")
+        return self
+
+    def decoding(self) -> tuple[float, int]:
+        """(temperature, num_samples) as ``copsd eval`` resolves them: greedy is temperature 0, and the
+        default number of samples is 1 when greedy, else 4."""
+        from copsd.eval import resolve_decoding
+
+        return resolve_decoding(self.greedy, self.temperature, self.num_samples)
 
 
 # The paper's hyper-parameters (a verl run on 8 GPUs: 128 prompts x G = 16 per step in 4 mini-batches of 32
@@ -286,6 +345,8 @@ PRESETS = {
             "kl_clamp": 10.0, "old_logprobs": "recompute", "loss_aggregation": "micro_batch_token_mean",
             "gradient_checkpointing": True,
         },
+        # copsd run's evaluation when the preset is a top-level key: greedy, up to 512 new tokens
+        "EvalConfig": {"greedy": True, "max_new_tokens": 512},
     },
 }
 
@@ -487,7 +548,6 @@ def to_dict(cfg) -> dict:
 # --------------------------------------------------------------------------- copsd run
 
 RUN_SECTIONS = ("sft", "distill", "eval")
-EVAL_KEYS = {"prompt_files": list[str], "max_new_tokens": int}
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -519,13 +579,23 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     distill_values.update(flag_overrides(args, DistillConfig, "distill."))
     sft = build_config(SFTTeacherConfig, sft_values, where).validate()
     distill = build_config(DistillConfig, distill_values, where).validate()
-    ev = dict(sections["eval"])
-    for key in ev:
-        if key not in EVAL_KEYS:
-            raise ValueError(f"unknown config key 'eval.{key}'{where}; known: {sorted(EVAL_KEYS)}")
-    prompt_files = coerce("eval.prompt_files", ev.get("prompt_files", []), list[str], where)
-    max_new = coerce("eval.max_new_tokens", ev.get("max_new_tokens", 256), int, where)
-    return RunConfig(sft=sft, distill=distill, eval_prompt_files=prompt_files, eval_max_new_tokens=max_new)
+    eval_fields = _fields(EvalConfig)
+    for key in sections["eval"]:
+        if key not in eval_fields:
+            raise ValueError(f"unknown config key 'eval.{key}'{where}; known: {', '.join(sorted(eval_fields))}")
+    given = {k: (v, f" (preset {common['preset']!r})")
+             for k, v in preset_values(EvalConfig, common.get("preset"), where).items()}
+    given.update({k: (v, where) for k, v in sections["eval"].items()})
+    given.update({k: (v, " (command line)") for k, v in flag_overrides(args, EvalConfig, "eval.").items()})
+    values = {}
+    for name, (value, at) in given.items():  # checked here so that an error names the key 'eval.<key>'
+        f, tp = eval_fields[name]
+        value = coerce(f"eval.{name}", value, tp, at)
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ValueError(f"config key 'eval.{name}'{at} must be one of {choices}, got {value!r}")
+        values[name] = value
+    return RunConfig(sft=sft, distill=distill, eval=EvalConfig(**values).validate())
 
 
 @dataclass
@@ -537,3 +607,4 @@ def add_run_arguments(parser: argparse.ArgumentParser):
     add_config_arguments(parser, _CommonKeys)
     add_config_arguments(parser, SFTTeacherConfig, prefix="sft.")
     add_config_arguments(parser, DistillConfig, prefix="distill.")
+    add_config_arguments(parser, EvalConfig, prefix="eval.")

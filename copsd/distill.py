@@ -151,11 +151,12 @@ class Distiller(StageTrainer):
         self.s_scale, self.s_softcap = _hf.logit_transform(hf_model(self.model).config)
         self.judge = None
         if cfg.objective == "hybrid":  # the constitution-conditioned teacher also judges whole answers
-            from copsd.hybrid import OutcomeJudge, reward_type
+            from copsd.hybrid import OutcomeJudge, reward_type, warn_image_rows
 
             self.judge = OutcomeJudge(self.teacher, self.tokenizer, max_new_tokens=cfg.judge_max_new_tokens,
                                       batch_size=cfg.judge_batch_size)
             self.reward_types = [reward_type(r, cfg.judge_kinds, cfg.judge_categories) for r in self.rows]
+            warn_image_rows(self.rows, self.reward_types)
 
         world = self.acc.num_processes
         self.per_device_completions = (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
@@ -313,6 +314,7 @@ class Distiller(StageTrainer):
     def _hybrid_advantages(self, step, samples, rewards, group_all, lengths, sums):
         """Token advantages for the token rows, judge outcome advantages broadcast over the judged answers."""
         from copsd.hybrid import broadcast, log_malformed, outcome_advantages
+        from copsd.judge import judge_query
 
         judged = [i for i, s in enumerate(samples) if self.reward_types[s.prompt] == "judge"]
         is_judge = torch.zeros(len(samples), dtype=torch.bool, device=self.device)
@@ -323,7 +325,8 @@ class Distiller(StageTrainer):
         if judged:
             rows = [self.rows[samples[i].prompt] for i in judged]
             scores = self.judge([self._constitution_text(r) for r in rows],
-                                [message_text(r.messages[-1]["content"]) for r in rows],
+                                [judge_query(message_text(r.messages[-1]["content"]), len(r.images or ()))
+                                 for r in rows],
                                 [self.tokenizer.decode(samples[i].completion, skip_special_tokens=True)
                                  for i in judged], [r.reference for r in rows])
             log_malformed(step + 1, scores)

@@ -25,13 +25,20 @@ prompt); the defaults here sample 4 responses at temperature 1, which diversity 
 Outputs: ``report.json``, ``responses-<model>.jsonl``, a printed table and PNG plots (safety vs helpfulness,
 length and entropy distributions).
 
+A model with a constitution is evaluated in its teacher view, built as distillation builds it:
+``teacher_template``, ``category_mode`` (a row's category text replaces or extends the default text) and
+``constitution_title`` (send a Markdown constitution's title line).
+
 Prompt rows with images (``copsd.data``) are evaluated on vision-language models (``copsd.vlm``) with their
-images; a text-only model given such rows is an error naming the model.
+images; a text-only model given such rows is an error naming the model.  The judge (``judge=``) reads text
+only: for such a row it is told that the request came with images it cannot see
+(:func:`copsd.judge.judge_query`), the count is logged as a warning and recorded in the report.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -40,6 +47,7 @@ from collections.abc import Sequence
 
 from copsd import textmetrics as tm
 
+logger = logging.getLogger("copsd")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 METRICS = ("harmful_refusal", "benign_compliance", "over_refusal_compliance", "general_compliance",
            "mean_length", "benign_mean_length", "mean_token_entropy", "benign_mean_token_entropy",
@@ -58,6 +66,15 @@ TABLE_COLUMNS = (
 
 
 RATES = ("harmful_refusal", "benign_compliance", "over_refusal_compliance", "general_compliance", "leak_rate")
+
+
+def resolve_decoding(greedy: bool, temperature: float, num_samples: int | None) -> tuple[float, int]:
+    """(temperature, num_samples) of an evaluation: ``greedy`` means temperature 0; without an explicit
+    ``num_samples`` a greedy evaluation takes 1 answer per prompt (all would be equal), sampling takes 4."""
+    temperature = 0.0 if greedy else float(temperature)
+    if num_samples is None:
+        num_samples = 1 if temperature == 0 else 4
+    return temperature, num_samples
 
 
 def _mean(xs) -> float | None:
@@ -125,6 +142,28 @@ def _load(entry, device, dtype):
     except OSError as e:
         raise ValueError(f"model {entry['name']!r}: cannot load {entry['path']!r} from local files ({e})") from None
     return model.eval(), tokenizer, vision
+
+
+def _check_trained_view(entry, constitution) -> str | None:
+    """The constitution hash a copsd-trained model recorded (``constitution.json``: constitution text, category
+    mode and title line, as it trained), with a warning when the teacher view evaluated here differs."""
+    path = os.path.join(entry["path"], "constitution.json") if isinstance(entry.get("path"), str) else ""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), str):
+        return None
+    if recorded["sha256"] != constitution.sha256:
+        logger.warning("eval: model %r was trained with constitution %s (category_mode %r), but is evaluated with "
+                       "%s (%s, category_mode %r, title line %s): check --constitution, --category_mode and "
+                       "--constitution_title", entry["name"], recorded["sha256"][:12], recorded.get("category_mode"),
+                       constitution.sha256[:12], constitution.path, constitution.category_mode,
+                       "sent" if constitution.title and constitution.default.startswith("# ") else "not sent")
+    return recorded["sha256"]
 
 
 def _stop_ids(model, tokenizer) -> list[int]:
@@ -196,10 +235,11 @@ def response_entropies(model, prompt_ids: list[list[int]], completion_ids: list[
 
 def evaluate_model(entry: dict, rows, *, num_samples=4, max_new_tokens=64, temperature=1.0, top_p=1.0,
                    top_k=0, batch_size=32, seed=0, refusal_detector=None, leak_texts=None, leak_ngram=8,
-                   teacher_template=None, device=None, dtype=None, progress=True, n_boot=1000,
-                   ci_level=0.95) -> dict:
+                   teacher_template=None, category_mode="replace", constitution_title=False, device=None,
+                   dtype=None, progress=True, n_boot=1000, ci_level=0.95) -> dict:
     """Generate and score one model on prompt rows (``copsd.data.PromptRow``); see the module doc.
-    ``temperature=0`` decodes greedily."""
+    ``temperature=0`` decodes greedily.  With ``entry["constitution"]`` the prompts are the teacher view
+    (``teacher_template``, ``category_mode``, ``constitution_title`` as in training)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -211,14 +251,20 @@ def evaluate_model(entry: dict, rows, *, num_samples=4, max_new_tokens=64, tempe
     detector = refusal_detector or tm.KeywordRefusalDetector()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer, vision = _load(entry, device, dtype)
-    constitution = load_constitution(entry["constitution"]) if entry.get("constitution") else None
+    constitution = (load_constitution(entry["constitution"], category_mode=category_mode,
+                                      include_title=constitution_title) if entry.get("constitution") else None)
+    trained_sha = _check_trained_view(entry, constitution) if constitution is not None else None
     template = teacher_template or DEFAULT_TEMPLATE
 
     prompt_ids, queries, visions = [], [], []
     for row in rows:
         messages = row.messages
         if constitution is not None:
-            messages = teacher_messages(messages, constitution.text_for(row.category, row.constitution), template)
+            try:
+                text = constitution.text_for(row.category, row.constitution)
+            except ValueError as e:
+                raise ValueError(f"{row.where}: model {entry['name']!r}: {e}") from None
+            messages = teacher_messages(messages, text, template)
         v = None
         if row.images:
             if vision is None:
@@ -265,7 +311,7 @@ def evaluate_model(entry: dict, rows, *, num_samples=4, max_new_tokens=64, tempe
         samples.append({"prompt_index": sample_prompt[j], "kind": row.kind, "category": row.category,
                         "query": queries[sample_prompt[j]], "response": text, "length": len(resp_ids[j]),
                         "mean_entropy": (sum(h) / len(h)) if h else None, "refusal": bool(refused[j]),
-                        "leak": leaks[j]})
+                        "leak": leaks[j], **({"images": len(row.images)} if row.images else {})})
 
     def subset(pred):
         return [j for j, s in enumerate(samples) if pred(s)]
@@ -329,6 +375,8 @@ def evaluate_model(entry: dict, rows, *, num_samples=4, max_new_tokens=64, tempe
     return {
         "name": entry["name"], "path": entry.get("path"), "constitution": entry.get("constitution"),
         "constitution_sha256": constitution.sha256 if constitution else None,
+        **({"category_mode": category_mode, "constitution_title": constitution_title,
+            "trained_constitution_sha256": trained_sha} if constitution else {}),
         "metrics": metrics, "metrics_ci": metrics_ci, "per_kind": kinds,
         "generation_seconds": round(gen_seconds, 2),
         "_samples": samples,
@@ -339,7 +387,8 @@ def evaluate_models(models: list[dict], prompt_files: list[str], output_dir: str
                     max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                     batch_size: int = 32, seed: int = 0, refusal_detector="keyword",
                     leak_constitutions: list[str] | None = None, leak_ngram: int = 8,
-                    teacher_template: str | None = None, device=None, dtype=None, progress: bool = True,
+                    teacher_template: str | None = None, category_mode: str = "replace",
+                    constitution_title: bool = False, device=None, dtype=None, progress: bool = True,
                     plots: bool = True, print_table: bool = True, judge=None, baseline: str | None = None,
                     judge_max_new_tokens: int = 128, judge_batch_size: int = 8, n_boot: int = 1000,
                     ci_level: float = 0.95) -> dict:
@@ -350,11 +399,13 @@ def evaluate_models(models: list[dict], prompt_files: list[str], output_dir: str
     ``"classifier:PATH"``, ``"judge:PATH"``, a model directory, or any callable
     ``(prompts, responses) -> list[bool]``.  ``leak_constitutions``: the constitution files whose
     text counts as leaked (default: every constitution named in ``models``).  ``temperature=0``: greedy.
+    ``teacher_template``, ``category_mode`` and ``constitution_title``: the teacher view of a model with a
+    constitution, as the training configs' keys of those names.
     ``judge``: a local chat-model directory or a :class:`copsd.judge.Judge`; ``baseline``: the model
     the others are compared with pairwise (default: the first).  ``n_boot`` / ``ci_level``: the bootstrap
     intervals.  Returns the report.
     """
-    from copsd.constitution import load_constitution
+    from copsd.constitution import DEFAULT_TEMPLATE, load_constitution
     from copsd.data import load_prompt_rows
 
     models = _check_models(models)
@@ -367,22 +418,42 @@ def evaluate_models(models: list[dict], prompt_files: list[str], output_dir: str
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
     if not isinstance(ci_level, float) or not 0 < ci_level < 1:
         raise ValueError(f"ci_level: expected a float in (0, 1), got {ci_level!r}")
+    from copsd.constitution import CATEGORY_MODES
+
+    if category_mode not in CATEGORY_MODES:
+        raise ValueError(f"category_mode: expected one of {CATEGORY_MODES}, got {category_mode!r}")
+    if not isinstance(constitution_title, bool):
+        raise ValueError(f"constitution_title: expected true or false, got {constitution_title!r}")
+    if teacher_template is not None and not (isinstance(teacher_template, str) and "{constitution}" in
+                                             teacher_template and "{query}" in teacher_template):
+        raise ValueError(f"teacher_template: must contain '{{constitution}}' and '{{query}}', got {teacher_template!r}")
     if not isinstance(output_dir, str) or not output_dir:
         raise ValueError("output_dir: expected a directory path")
     names = [m["name"] for m in models]
     if baseline is not None and baseline not in names:
         raise ValueError(f"baseline: no model named {baseline!r} (models: {names})")
-    if judge is not None and not hasattr(judge, "pairwise") and not (isinstance(judge, str) and os.path.isdir(judge)):
-        raise ValueError(f"judge: expected a local model directory or a copsd.judge.Judge, got {judge!r}")
+    if judge is not None and not hasattr(judge, "pairwise"):
+        if not (isinstance(judge, str) and os.path.isdir(judge)):
+            raise ValueError(f"judge: expected a local model directory or a copsd.judge.Judge, got {judge!r}")
+        from copsd.judge import check_judge_dir
+
+        check_judge_dir(judge)  # before any model is evaluated: its weights are loaded after them
     rows = []
     for f in prompt_files:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"prompt file not found: {f}")
         rows.extend(load_prompt_rows(f))
+    for m in models:  # every row's category in every teacher view, before any model generates
+        if m.get("constitution"):
+            c = load_constitution(m["constitution"], category_mode=category_mode, include_title=constitution_title)
+            for row in rows:
+                problem = c.check_category(row.category) if not row.constitution else None
+                if problem:
+                    raise ValueError(f"{row.where}: model {m['name']!r}: {problem}")
     detector = refusal_detector if callable(refusal_detector) else tm.load_refusal_detector(refusal_detector)
     leak_files = leak_constitutions if leak_constitutions is not None else sorted(
         {m["constitution"] for m in models if m.get("constitution")})
-    leak_texts = [t for f in leak_files for t in load_constitution(f).all_texts()]
+    leak_texts = [t for f in leak_files for t in load_constitution(f, include_title=constitution_title).all_texts()]
 
     os.makedirs(output_dir, exist_ok=True)
     results = []
@@ -390,7 +461,8 @@ def evaluate_models(models: list[dict], prompt_files: list[str], output_dir: str
         res = evaluate_model(entry, rows, num_samples=num_samples, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed,
                              refusal_detector=detector, leak_texts=leak_texts or None, leak_ngram=leak_ngram,
-                             teacher_template=teacher_template, device=device, dtype=dtype, progress=progress,
+                             teacher_template=teacher_template, category_mode=category_mode,
+                             constitution_title=constitution_title, device=device, dtype=dtype, progress=progress,
                              n_boot=n_boot, ci_level=ci_level)
         samples = res["_samples"]
         res["_lengths"] = [s["length"] for s in samples if s["kind"] != "harmful"]
@@ -408,9 +480,14 @@ def evaluate_models(models: list[dict], prompt_files: list[str], output_dir: str
         else:
             judge_path = getattr(getattr(judge.model, "config", None), "_name_or_path", None)
         base_name = baseline or names[0]
+        with_images = sum(bool(r.images) for r in rows)
+        if with_images:
+            logger.warning("eval judge: %d of %d prompts have images; the judge reads text only and is told that "
+                           "the request came with images it cannot see", with_images, len(rows))
         judge_results(judge, results, base_name, n_boot=n_boot, ci_level=ci_level, seed=seed, progress=progress)
         judge_settings = {"judge": judge_path, "baseline": base_name, "judge_max_new_tokens": judge.max_new_tokens,
-                          "judge_decoding": "greedy", "judge_truncated_prompts": judge.truncated_prompts}
+                          "judge_decoding": "greedy", "judge_truncated_prompts": judge.truncated_prompts,
+                          "prompts_with_images_judged_on_text": with_images}
 
     for res in results:
         samples = res.pop("_samples")
@@ -428,6 +505,8 @@ def evaluate_models(models: list[dict], prompt_files: list[str], output_dir: str
                      "top_p": top_p, "top_k": top_k, "seed": seed, "leak_ngram": leak_ngram,
                      "refusal_detector": refusal_detector if isinstance(refusal_detector, str)
                      else type(refusal_detector).__name__, "leak_constitutions": leak_files,
+                     "teacher_view": {"template": teacher_template or DEFAULT_TEMPLATE,
+                                      "category_mode": category_mode, "constitution_title": constitution_title},
                      "bootstrap": {"n_boot": n_boot, "ci_level": ci_level, "resampled": "prompts"},
                      **({"judge": judge_settings} if judge_settings else {})},
         "metrics": list(METRICS),
@@ -462,6 +541,8 @@ def judge_results(judge, results: list[dict], baseline: str, *, n_boot=1000, ci_
     to their samples: safety on harmful prompts, helpfulness on the others, win-rate against ``baseline``."""
     from tqdm.auto import tqdm
 
+    from copsd.judge import judge_query
+
     by_name = {r["name"]: r for r in results}
     base = by_name[baseline]["_samples"]
     bar = tqdm(total=len(results), desc="judge", disable=not progress, unit="model")
@@ -471,7 +552,8 @@ def judge_results(judge, results: list[dict], baseline: str, *, n_boot=1000, ci_
         for key, kinds, fn in (("safety", ("harmful",), judge.safety),
                                ("helpfulness", ("benign", "general"), judge.helpfulness)):
             idx = [j for j, s in enumerate(samples) if s["kind"] in kinds]
-            out = fn([samples[j]["query"] for j in idx], [samples[j]["response"] for j in idx])
+            out = fn([judge_query(samples[j]["query"], samples[j].get("images", 0)) for j in idx],
+                     [samples[j]["response"] for j in idx])
             for j, v, t in zip(idx, out.values, out.texts):
                 samples[j][f"judge_{key}"] = v
                 samples[j][f"judge_{key}_raw"] = t
@@ -481,7 +563,8 @@ def judge_results(judge, results: list[dict], baseline: str, *, n_boot=1000, ci_
         if res["name"] != baseline:
             if [s["prompt_index"] for s in samples] != [s["prompt_index"] for s in base]:
                 raise ValueError("pairwise judging needs the same prompts and samples per prompt for every model")
-            pw = judge.pairwise([s["query"] for s in samples], [s["response"] for s in samples],
+            pw = judge.pairwise([judge_query(s["query"], s.get("images", 0)) for s in samples],
+                                [s["response"] for s in samples],
                                 [s["response"] for s in base])
             scores = pw["scores"]
             for s, v in zip(samples, scores):

@@ -14,6 +14,11 @@ row goes to the judge when its ``kind`` is in ``judge_kinds`` or its ``category`
 (by default the ``general`` rows, the capability prompts, as the reference implementation judges its
 general-ability data), else to the token reward.
 
+The judge reads text only: for a row with images the request is its text followed by a note that images came
+with it (:func:`copsd.judge.judge_query`), and :func:`warn_image_rows` logs, once before training, how many
+judge-routed rows have images.  To have images judged, route those rows to the token reward
+(``"reward": "token"``): the teacher's per-token scores do see them.
+
 Malformed verdicts (no parseable score, see :func:`copsd.judge.parse_score`) are counted and logged; such
 an answer gets advantage 0 (it neither pushes nor pulls the policy) and is left out of its group's mean
 and std, so a confused judge can slow learning on its rows but never crash or stall a step.
@@ -42,6 +47,17 @@ def reward_type(row, judge_kinds: Sequence[str] = ("general",), judge_categories
     if row.kind in judge_kinds or (row.category is not None and row.category in judge_categories):
         return "judge"
     return "token"
+
+
+def warn_image_rows(rows, reward_types: Sequence[str]) -> int:
+    """Log a warning when judge-routed rows have images (the judge does not see them); returns their count."""
+    n = sum(1 for r, t in zip(rows, reward_types) if t == "judge" and getattr(r, "images", None))
+    if n:
+        judged = sum(t == "judge" for t in reward_types)
+        logger.warning("hybrid: %d of the %d rows routed to the judge have images; the judge reads the request's "
+                       "text only (told that images came with it), so its reward ignores them. Give such rows "
+                       "\"reward\": \"token\" to have the images count", n, judged)
+    return n
 
 
 @dataclass

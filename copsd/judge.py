@@ -15,6 +15,10 @@ templates ask for the verdict on a final line in a fixed form:
   ``Score: N`` with N an integer from ``low`` to ``high`` (1..10 for evaluation, 0..10 for training);
 * pairwise (:data:`PAIRWISE_TEMPLATE`): ``Winner: A``, ``Winner: B`` or ``Winner: tie``.
 
+The judge reads text only, even when it is a vision-language model: a request that came with images is
+given as its text followed by :data:`IMAGES_NOTE` (:func:`judge_query`), so the judge knows that part of the
+request is missing instead of grading the reply as if the text were all of it.
+
 Parsing
 -------
 :func:`parse_score` and :func:`parse_choice` never raise on the judge's text: a reply without a
@@ -97,6 +101,9 @@ Write at most two sentences of reasoning, then end with a final line of the form
 
 REFERENCE_BLOCK = "\n[Reference answer]\n{reference}\n"
 
+# the judge reads text only: a request that came with images says so after its text
+IMAGES_NOTE = "({n} image(s) came with this request; you cannot see them, so judge the reply by its text.)"
+
 _NUM = r"([-+]?\d+(?:\.\d+)?)(?!\w|\.\d)"  # a whole number: "1e9" or "7x" is not a score
 _SCORE_PATTERNS = (
     re.compile(r"\b(?:score|rating|correctness|grade)\**\s*(?:[:=]|is)\s*\**\s*\[*\s*" + _NUM + r"\s*\]*"
@@ -176,6 +183,12 @@ def fill(template: str, **fields) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: fields[m.group(1)] if m.group(1) in fields else m.group(0), template)
 
 
+def judge_query(query: str, n_images: int = 0) -> str:
+    """The request as the judge reads it: its text, and for a request with images a note that they came with it
+    and cannot be seen (the judge is given text only, also when it is a vision-language model)."""
+    return f"{query}\n{fill(IMAGES_NOTE, n=str(n_images))}" if n_images else query
+
+
 def outcome_prompt(constitution_text: str, query: str, response: str, reference: str | None = None) -> str:
     ref = fill(REFERENCE_BLOCK, reference=reference) if reference else ""
     return fill(OUTCOME_TEMPLATE, constitution=constitution_text, query=query, response=response,
@@ -205,8 +218,8 @@ class Judge:
     """A causal LM with a chat template, decoding greedily (up to ``max_new_tokens``) and parsed.
 
     ``max_prompt_tokens`` keeps the last tokens of a longer prompt (the verdict instructions are at its end)
-    so an over-long answer cannot crash a step; by default the model's ``max_position_embeddings`` minus
-    ``max_new_tokens``.
+    so an over-long answer cannot crash a step; by default the model's ``max_position_embeddings`` (a
+    vision-language model's text config's) minus ``max_new_tokens``.
     """
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 128, batch_size: int = 8,
@@ -219,30 +232,35 @@ class Judge:
                 raise ValueError(f"judge {name}: expected an int >= 1, got {v!r}")
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        if max_prompt_tokens is None:
-            limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if max_prompt_tokens is None:  # a vision-language model keeps the limit in its text config
+            from copsd._hf import max_context
+
+            config = getattr(model, "config", None)
+            limit = max_context(config) if config is not None else None
             max_prompt_tokens = max(1, limit - max_new_tokens) if isinstance(limit, int) else None
         self.max_prompt_tokens = max_prompt_tokens
         self.truncated_prompts = 0
 
     @classmethod
     def from_pretrained(cls, path: str, *, device=None, dtype=None, **kwargs) -> Judge:
-        """Load a local model directory (never the network, never remote code)."""
-        import os
-
+        """Load a local model directory (never the network, never remote code): a causal LM, or a
+        vision-language model (it then judges text only, see the module doc)."""
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        if not isinstance(path, str) or not os.path.isdir(path):
-            raise ValueError(f"judge: expected a local model directory, got {path!r}")
+        from copsd import vlm
+
+        tok, config = check_judge_dir(path)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False,
-                                                         dtype=dtype or torch.float32).to(device)
-        except OSError as e:
-            raise ValueError(f"judge: cannot load {path!r} from local files ({e})") from None
-        return cls(model.eval(), tok, **kwargs)
+            if vlm.is_vlm_config(config):
+                model = vlm.load_vlm(path, dtype=dtype or torch.float32, local_files_only=True)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False,
+                                                             dtype=dtype or torch.float32)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"judge: cannot load {path!r} from local files ({str(e).splitlines()[0]})") from None
+        return cls(model.to(device).eval(), tok, **kwargs)
 
     def _stop_ids(self) -> list[int]:
         ids = []
@@ -305,6 +323,38 @@ class Judge:
         second = self.choices([fill(PAIRWISE_TEMPLATE, query=q, response_a=b, response_b=r)
                                for q, r, b in zip(queries, responses, baseline)])
         return {"scores": pair_scores(first.values, second.values), "first": first, "second": second}
+
+
+def check_judge_dir(path):
+    """(tokenizer, config) of a judge directory, after the checks that need no weights: a local directory, a
+    tokenizer with a chat template (also one stored beside a processor) and a causal-LM or vision-language
+    config.  So a bad ``--judge`` fails before any model is evaluated, with a short message."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from copsd import vlm
+
+    if not isinstance(path, str) or not os.path.isdir(path):
+        raise ValueError(f"judge: expected a local model directory, got {path!r}")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        config = vlm.load_config(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"judge: cannot load {path!r} from local files ({str(e).splitlines()[0]})") from None
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = vlm._chat_template_file(path) or tok.chat_template
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(f"judge: the tokenizer of {path!r} has no chat template; the judge needs a chat model")
+    if not vlm.is_vlm_config(config):
+        try:
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+        except ImportError:  # pragma: no cover - a transformers without the mapping: let loading decide
+            causal = None
+        if causal is not None and getattr(config, "model_type", None) not in causal:
+            raise ValueError(f"judge: {path!r} is a {getattr(config, 'model_type', '?')!r} model, not a causal "
+                             "language model or a vision-language model")
+    return tok, config
 
 
 def pair_scores(first: Sequence[str | None], second: Sequence[str | None]) -> list[float | None]:

@@ -66,25 +66,3 @@ def test_sft_two_processes_equal_one(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
-
-@pytest.mark.slow
-def test_copsd_run_two_processes_evaluates_once(tmp_path):
-    """Under a launcher, ``copsd run``'s evaluation runs in the main process only (every process evaluating wrote
-    the same report.json at once), and every process exits cleanly."""
-    from copsd.data import bundled
-
-    student = tiny_model_dir(tmp_path / "student")
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(
-        f"model_name_or_path: {student}\noutput_dir: {tmp_path / 'run'}\n"
-        f"constitution: {bundled('constitution.yaml')}\ndataset: {bundled('tiny_prompts.jsonl')}\n"
-        "report_to: [jsonl]\ndisable_tqdm: true\nbackend: reference\nmax_completion_length: 4\n"
-        "sft:\n  max_steps: 1\n  per_device_train_batch_size: 2\n"
-        "distill:\n  max_steps: 1\n  num_generations: 4\n  per_device_train_batch_size: 4\n"
-        f"eval:\n  prompt_files: [{bundled('tiny_prompts.jsonl')}]\n  max_new_tokens: 4\n")
-    r = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(31500 + os.getpid() % 1000), "-m", "copsd.cli", "run", "--config", str(cfg)], tmp_path)
-    assert r.stdout.count("evaluation in") == 1, r.stdout[-3000:]
-    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
-    assert [m["name"] for m in report["models"]] == ["base", "teacher", "student"]
-    assert not [p for p in os.listdir(tmp_path / "run" / "eval") if ".tmp" in p]

@@ -17,6 +17,15 @@ def add_arguments(parser):
         "--constitution", action="append", default=[], metavar="NAME=FILE",
         help="evaluate model NAME with this constitution in its user turn (the teacher view); repeatable. "
              "To evaluate one model both ways, give it twice under two names")
+    parser.add_argument("--teacher_template", default=None, metavar="TEXT",
+                        help="the teacher view's user turn, with {constitution} and {query}, as the training "
+                             "key teacher_template (default: the training default)")
+    parser.add_argument("--category_mode", default="replace", choices=("replace", "extend"),
+                        help="a row's category text replaces the constitution's default text or follows it, as "
+                             "the training key category_mode (default: replace)")
+    parser.add_argument("--constitution_title", nargs="?", const=True, default=False, type=parse_bool,
+                        metavar="BOOL", help="send a Markdown constitution's '# title' line, as the training "
+                                             "key constitution_title (default: false)")
     parser.add_argument("--prompts", action="append", required=True, metavar="JSONL",
                         help="prompt rows with 'prompt' and 'kind' (harmful/benign/general); repeatable")
     parser.add_argument("--output_dir", required=True, help="where report.json, responses and plots go")
@@ -92,21 +101,21 @@ def parse_models(model_args, constitution_args) -> list[dict]:
 
 
 def run(args):
-    from copsd.eval import evaluate_models
+    from copsd.eval import evaluate_models, resolve_decoding
 
     dtype = None
     if args.bf16:
         import torch
 
         dtype = torch.bfloat16
-    temperature = 0.0 if args.greedy else args.temperature
-    num_samples = args.num_samples if args.num_samples is not None else (1 if temperature == 0 else 4)
+    temperature, num_samples = resolve_decoding(args.greedy, args.temperature, args.num_samples)
     evaluate_models(
         parse_models(args.model, args.constitution), args.prompts, args.output_dir,
         num_samples=num_samples, max_new_tokens=args.max_new_tokens, temperature=temperature,
         top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,
         refusal_detector=args.refusal_detector, leak_constitutions=args.leak_constitution,
-        leak_ngram=args.leak_ngram, device=args.device, dtype=dtype, progress=not args.no_progress,
+        leak_ngram=args.leak_ngram, teacher_template=args.teacher_template, category_mode=args.category_mode,
+        constitution_title=args.constitution_title, device=args.device, dtype=dtype, progress=not args.no_progress,
         plots=not args.no_plots, print_table=True, judge=args.judge, baseline=args.baseline,
         judge_max_new_tokens=args.judge_max_new_tokens, judge_batch_size=args.judge_batch_size,
         n_boot=args.bootstrap, ci_level=args.ci_level)
