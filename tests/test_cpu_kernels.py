@@ -192,6 +192,34 @@ def test_exp_float64_is_libm():
     assert rel <= 4.5e-16, rel
 
 
+def _log(x):
+    from copsd import _C
+    return _C.log(x)
+
+
+def test_log_float32_accuracy():
+    """The polynomial log (the JSD's per-entry mixture log): relative error <= 2 ulp (2.4e-7) against float64
+    log from the smallest denormal to the largest float, and at most 2 ulp of absolute error near 1 (where the
+    result itself goes to 0)."""
+    x = torch.cat([torch.logspace(-45, 38, 2_000_003, dtype=torch.float64).float(), torch.rand(100_000) + 0.5,
+                   torch.tensor([1e-45, 1.17e-38, 1.1754944e-38, 3.4e38, 1.0, 2.0, 0.5])])
+    x = x[x > 0]
+    got, want = _log(x).double(), x.double().log()
+    far = (want.abs() > 0.5)
+    rel = ((got - want).abs() / want.abs())[far].max().item()
+    assert rel <= 2.4e-7, rel
+    near = ((got - want).abs())[~far].max().item()
+    assert near <= 2 * 5.96e-8, near
+
+
+def test_log_float32_extremes():
+    x = torch.tensor([0.0, -0.0, -1.0, float("-inf"), float("inf"), float("nan")])
+    got = _log(x)
+    assert torch.isneginf(got[:2]).all(), got
+    assert torch.isnan(got[2]) and torch.isnan(got[3]) and torch.isnan(got[5]), got
+    assert torch.isposinf(got[4]), got
+
+
 @pytest.mark.parametrize("isa", ["base", "avx2"])
 def test_exp_and_epilogues_on_other_isa(isa):
     """The baseline and AVX2 builds of the exp and the epilogues at these shapes (one ISA per process)."""
@@ -206,6 +234,9 @@ def test_exp_and_epilogues_on_other_isa(isa):
         "x = torch.linspace(-87.3, 88.0, 200_003)\n"
         "rel = ((_C.exp(x).double() - x.double().exp()).abs() / x.double().exp()).max().item()\n"
         "assert rel <= 2.4e-7, rel\n"
+        "x = torch.logspace(-40, 38, 200_003, dtype=torch.float64).float()\n"
+        "y, want = _C.log(x).double(), x.double().log()\n"
+        "assert ((y - want).abs() / want.abs().clamp(min=0.5)).max().item() <= 2.4e-7\n"
         "cpu.WORKSPACE_BYTES = 37 * 2 * 5003 * 4\n"
         "torch.manual_seed(0); N, H, V = 83, 16, 5003\n"
         "xs, xt = torch.randn(N, H), torch.randn(N, H); ws, wt = torch.randn(V, H) / 2, torch.randn(V, H) / 2\n"

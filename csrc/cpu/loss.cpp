@@ -140,17 +140,41 @@ void gemm_logits(const Tensor& x, const Tensor& W, Tensor out, int64_t vb) {
   }
 }
 
+// A chunk of fewer rows than this gets its d_hidden product summed in vocabulary blocks (below).
+constexpr int64_t FEW_ROWS = 16;
+// Vocabulary entries per block of those partial products.
+constexpr int64_t DX_BLOCK = 1024;
+
 // dx[rows, H] = dz[rows, V] @ W[V, H]; dw[V, H] (+)= dz^T @ x.
+//
+// d_hidden sums over the whole vocabulary.  A chunk of many rows is a real GEMM, which every BLAS blocks
+// over that dimension (a two-level sum); a chunk of a few rows (small workspace, huge vocabulary, the last
+// chunk) is a matrix-vector product, which a BLAS may accumulate in one running sum per output: at
+// V = 151936 that is ~10x less accurate than the dense GEMM.  Few-row chunks therefore form one product per
+// DX_BLOCK vocabulary entries and add the partial products (so the rounding no longer grows with V);
+// adding the blocks with addmm_ instead would not help, it continues the same running sum.
 void gemm_grads(const Tensor& dz, const Tensor& x, const Tensor& W, Tensor dx, Tensor& dw, bool first,
                 int64_t vb) {
-  if (W.scalar_type() == dz.scalar_type()) {
+  const int64_t V = W.size(0);
+  const bool upcast = W.scalar_type() != dz.scalar_type();
+  const bool few = dz.size(0) < FEW_ROWS && V > DX_BLOCK;
+  if (!upcast && !few) {
     at::mm_out(dx, dz, W);
-  } else {
-    const int64_t V = W.size(0);
+  } else if (!few) {
     dx.zero_();
     for (int64_t v0 = 0; v0 < V; v0 += vb) {
       const int64_t n = std::min(vb, V - v0);
       dx.addmm_(dz.narrow(1, v0, n), W.narrow(0, v0, n).to(dz.scalar_type()));
+    }
+  } else {
+    const int64_t b = upcast ? std::min(vb, DX_BLOCK) : DX_BLOCK;
+    Tensor part = at::empty_like(dx);
+    for (int64_t v0 = 0; v0 < V; v0 += b) {
+      const int64_t n = std::min(b, V - v0);
+      Tensor wb = W.narrow(0, v0, n);
+      if (upcast) wb = wb.to(dz.scalar_type());
+      at::mm_out(v0 == 0 ? dx : part, dz.narrow(1, v0, n), wb);
+      if (v0 > 0) dx.add_(part);
     }
   }
   if (first) {
@@ -516,6 +540,16 @@ void register_loss(pybind11::module& m) {
     }
     return y;
   }, py::arg("x"), "elementwise exp with the row epilogues' vectorised polynomial (for tests)");
+  m.def("log", [](const Tensor& x) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64");
+    Tensor xc = x.contiguous(), y = at::empty_like(xc);
+    if (x.scalar_type() == at::kDouble) {
+      kernels<double>().log(xc.data_ptr<double>(), y.data_ptr<double>(), xc.numel());
+    } else {
+      kernels<float>().log(xc.data_ptr<float>(), y.data_ptr<float>(), xc.numel());
+    }
+    return y;
+  }, py::arg("x"), "elementwise log with the row epilogues' vectorised polynomial (for tests)");
   m.def("isa", []() {
     const int l = isa_level();
     return std::string(l == 2 ? "avx512" : l == 1 ? "avx2" : "base");
