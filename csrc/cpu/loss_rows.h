@@ -25,6 +25,14 @@
 
 #include "loss_rows_api.h"
 
+// No code here reads floating-point exception flags, so let the compiler assume float operations do not trap:
+// with trapping math (GCC's default) it will not if-convert a select whose operands may raise an exception,
+// and a loop with such a select (the special cases of vlog, the term clip, NaN guards) is not vectorised.
+// Results are unchanged: this allows no reassociation or contraction, only speculation of IEEE operations.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 namespace copsd_cpu {
 namespace COPSD_ISA {
 namespace {
@@ -70,17 +78,24 @@ inline double fexp(double x) { return std::exp(x); }
 // normal floats (tests/test_cpu_kernels.py).  Edges: denormals are scaled up first, 0 -> -inf,
 // x < 0 or NaN -> NaN, +inf -> +inf.
 inline float vlog(float x) {
-  const bool tiny = x < 1.17549435e-38f;
-  float xs = tiny ? x * 8388608.0f : x;  // 2^23
+  // Every select below is on an integer condition: a float compare may trap (-ftrapping-math), which stops
+  // GCC from if-converting it and so from vectorising the loop.
+  int32_t bx;
+  std::memcpy(&bx, &x, sizeof(bx));
+  const bool tiny = bx < 0x00800000;  // denormal (or zero / negative, overridden at the end)
+  const int32_t sb = tiny ? 0x4b000000 : 0x3f800000;  // 2^23 or 1, chosen as bits (no conditional multiply)
+  float scale;
+  std::memcpy(&scale, &sb, sizeof(scale));
+  const float xs = x * scale;
   int32_t bits;
   std::memcpy(&bits, &xs, sizeof(bits));
-  int32_t e = ((bits >> 23) & 0xff) - 126;
-  int32_t mb = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  const int32_t d = bits - 0x3f3504f3;  // bits of sqrt(1/2): m lands in [sqrt(1/2), sqrt(2))
+  const int32_t e = d >> 23;
+  const int32_t mb = (d & 0x007fffff) + 0x3f3504f3;
   float m;
   std::memcpy(&m, &mb, sizeof(m));
-  const bool lo = m < 0.707106781186547524f;
-  float fe = static_cast<float>(e - (lo ? 1 : 0)) - (tiny ? 23.0f : 0.0f);
-  float f = (lo ? m + m : m) - 1.0f;
+  const float fe = static_cast<float>(e - (tiny ? 23 : 0));
+  const float f = m - 1.0f;
   const float z = f * f;
   float p = 7.0376836292e-2f;
   p = p * f - 1.1514610310e-1f;
@@ -94,12 +109,11 @@ inline float vlog(float x) {
   float y = f * z * p;
   y = y + fe * -2.12194440e-4f;
   y = y - 0.5f * z;
-  float out = f + y;
-  out = out + fe * 0.693359375f;
-  out = x == 0.0f ? -std::numeric_limits<float>::infinity() : out;
-  out = x < 0.0f ? std::numeric_limits<float>::quiet_NaN() : out;
-  out = x != x ? x : out;
-  out = x == std::numeric_limits<float>::infinity() ? x : out;
+  float out = (f + y) + fe * 0.693359375f;
+  const int32_t ax = bx & 0x7fffffff;
+  out = ax == 0 ? -std::numeric_limits<float>::infinity() : out;
+  out = ((bx < 0) & (ax != 0)) | (ax > 0x7f800000) ? std::numeric_limits<float>::quiet_NaN() : out;
+  out = bx == 0x7f800000 ? x : out;
   return out;
 }
 inline double vlog(double x) { return std::log(x); }
@@ -481,6 +495,74 @@ T fkl_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& lp) 
   return loss;
 }
 
+// Full support, generalised JSD (beta in [0, 1]), no clip, no softcap.  From e^s_j, e^t_j (relative to the
+// row maxima) and their sums, q_j = e^s_j/S_s, p_j = e^t_j/S_t and the mixture log lm_j = log((1-b) q_j + b p_j)
+// (one vectorised log per entry instead of the summand's log-add-exp of four exponentials):
+//   s_j = b p_j (lt_j - lm_j) + (1-b) q_j (ls_j - lm_j),  g_j = (1-b) q_j (ls_j - lm_j),
+//   dJSD/dzs_j = g_j - q_j G,  G = sum g.
+template <typename T>
+T jsd_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& lp, T beta) {
+  transform_row(zs, V, lp);
+  transform_row(zt, V, lp);
+  T ms, mt;
+  row_max2(zs, zt, V, ms, mt);
+  T Ss = 0, St = 0;
+  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
+    const int64_t b1 = b0 + SUM_BLOCK < V ? b0 + SUM_BLOCK : V;
+    T s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+    for (int64_t j = b0; j < b1; ++j) {
+      const T es = fexp(zs[j] - ms), et = fexp(zt[j] - mt);
+      s1 += es;
+      s2 += et;
+    }
+    Ss += s1;
+    St += s2;
+  }
+  const T log_ss = flog(Ss), log_st = flog(St);
+  const T inv_ss = T(1) / Ss, inv_st = T(1) / St;
+  const T b = beta, omb = T(1) - beta;
+  // tiny keeps the mixture log finite where q and p both underflow (their terms are then 0 x finite).
+  const T tiny = static_cast<T>(1e-37);
+  auto term = [&](int64_t j, T& q, T& gq) {
+    const T ds = zs[j] - ms, dt = zt[j] - mt;
+    q = fexp(ds) * inv_ss;
+    const T p = fexp(dt) * inv_st;
+    const T lm = vlog(omb * q + b * p + tiny);
+    gq = omb * q * ((ds - log_ss) - lm);
+    return b * p * ((dt - log_st) - lm) + gq;
+  };
+  T loss = 0, G = 0;
+  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
+    const int64_t b1 = b0 + SUM_BLOCK < V ? b0 + SUM_BLOCK : V;
+    T pl = 0, pg = 0;
+    if (grad) {
+#pragma omp simd reduction(+ : pl, pg)
+      for (int64_t j = b0; j < b1; ++j) {
+        T q, gq;
+        pl += term(j, q, gq);
+        pg += gq;
+        zs[j] = q;
+        zt[j] = gq;
+      }
+    } else {
+#pragma omp simd reduction(+ : pl)
+      for (int64_t j = b0; j < b1; ++j) {
+        T q, gq;
+        pl += term(j, q, gq);
+      }
+    }
+    loss += pl;
+    G += pg;
+  }
+  if (grad) {
+    const T f = tg * static_cast<T>(lp.logit_scale / lp.temperature);
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) zs[j] = (zt[j] - zs[j] * G) * f;
+  }
+  return loss;
+}
+
 // Full support, any kind / clip / softcap.
 template <typename T, int KIND>
 T generic_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& lp, const DivParams& dp) {
@@ -632,6 +714,8 @@ T div_row_kind(T* zs, T* zt, int64_t V, const int64_t* K, int64_t k, T tg, bool 
   if (dp.support == SUPPORT_TOPK) return topk_support_row<T, KIND>(zs, zt, V, K, k, tg, grad, lp, dp, scratch);
   if (KIND == KIND_REVERSE_KL && !dp.has_clip && !(lp.softcap > 0)) return rkl_full_row<T>(zs, zt, V, tg, grad, lp);
   if (KIND == KIND_FORWARD_KL && !dp.has_clip && !(lp.softcap > 0)) return fkl_full_row<T>(zs, zt, V, tg, grad, lp);
+  if (KIND == KIND_JSD && !dp.has_clip && !(lp.softcap > 0))
+    return jsd_full_row<T>(zs, zt, V, tg, grad, lp, static_cast<T>(dp.beta));
   return generic_full_row<T, KIND>(zs, zt, V, tg, grad, lp, dp);
 }
 
