@@ -124,6 +124,34 @@ def test_logprobs_odd_chunks_peaked(chunks, dtype, logit_name):
     _close(dw2, b.grad, dtype, "loss d_weight")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_row_chunks_blocked_d_hidden(monkeypatch, dtype):
+    """Chunks of 3 tokens (a matrix-vector product per chunk) at V = 5003: d_hidden is summed in vocabulary blocks,
+    bf16 weights are up-cast block by block into one reused buffer; both against float64 of the same inputs."""
+    monkeypatch.setattr(cpu, "WORKSPACE_BYTES", 3 * 2 * V * 4)
+    xs, ws, xt, wt = _inputs(dtype, scale=1.3, peaked=True)
+    tg = torch.rand(N, dtype=torch.float64)
+    for kind in ("reverse_kl", "forward_kl", "jsd"):
+        a = xs.double().clone().requires_grad_()
+        b = ws.double().clone().requires_grad_()
+        want = dense.divergence(a, b, xt.double(), wt.double(), kind=kind)
+        (want * tg).sum().backward()
+        loss, dx, dw = cpu.divergence(xs, ws, xt, wt, LogitSpec(), DivergenceSpec(kind=kind), None, tg.float())
+        for g, w, name in ((loss, want.detach(), "loss"), (dx, a.grad, "d_hidden"), (dw, b.grad, "d_weight")):
+            _close(g, w, torch.float32, f"{kind} {name}")
+    ids = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2))
+    a = xs.double().clone().requires_grad_()
+    b = ws.double().clone().requires_grad_()
+    lp_w, ent_w, lse_w = dense.logprobs(a, b, ids)
+    g = torch.rand(N, dtype=torch.float64)
+    (lp_w * g).sum().backward()
+    lp, ent, lse = cpu.logprobs_forward(xs, ws, ids, LogitSpec())
+    dx, dw = cpu.logprobs_backward(xs, ws, ids, lse, ent, g.float(), None, None, LogitSpec())
+    for got, w, name in ((lp, lp_w, "logprobs"), (ent, ent_w, "entropy"), (dx, a.grad, "d_hidden"),
+                         (dw, b.grad, "d_weight")):
+        _close(got, w.detach(), torch.float32, name)
+
+
 def test_extreme_logits_odd_chunks(chunks):
     """Logits of several 1e3 with far-apart maxima: finite results, fp32 within its input rounding (an fp32
     logit of 5e3 is only known to ~5e-4)."""
