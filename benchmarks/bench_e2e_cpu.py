@@ -6,10 +6,11 @@ Every trainer gets the same student (a tiny Qwen2 with tied embeddings and a byt
 ChatML template, built here offline), the same teacher (same architecture, another seed), P prompts per step each
 sampled G times (TRL's trainers sample once per row, so their batch holds each prompt G times), T new tokens
 (no early end: ``min_new_tokens = T`` where the trainer takes it), the generalised JSD with beta = 0.5, AdamW at
-the same learning rate.  Each trainer runs ``--warmup`` steps that are not timed, then ``--steps`` timed steps;
-the table reports the median seconds per step and, for copsd, the split its trainer records (generation,
-teacher scoring, update).  TRL is optional (``pip install trl``): without it those rows are skipped with a
-message.
+the same learning rate, one optimizer step per step (copsd: ``num_mini_batches=1``, whose default of 4 would
+make four updates per rollout batch), no gradient checkpointing.  Each trainer runs ``--warmup`` steps that are
+not timed, then ``--steps`` timed steps; the table reports the median seconds per step and, for copsd, the split
+its trainer records (generation, teacher scoring, update).  TRL is optional (``pip install trl``): without it
+those rows are skipped with a message.
 
 Run: ``python benchmarks/bench_e2e_cpu.py [--prompts 4 --g 4 --new-tokens 32 --hidden 128 --layers 2
 --steps 3 --warmup 1] [--only copsd|gkd|distillation]``.
@@ -83,7 +84,8 @@ def run_copsd(paths, root, a):
     cfg = DistillConfig(model_name_or_path=paths["student"], teacher_mode="checkpoint",
                         teacher_model_name_or_path=paths["teacher"], output_dir=os.path.join(root, "copsd_out"),
                         constitution=constitution, dataset=data, objective="jsd", beta=BETA,
-                        num_generations=a.g, per_device_train_batch_size=a.prompts * a.g,
+                        num_generations=a.g, per_device_train_batch_size=a.prompts * a.g, num_mini_batches=1,
+                        gradient_accumulation_steps=1, gradient_checkpointing=False,
                         max_completion_length=a.new_tokens, max_steps=a.warmup + a.steps, learning_rate=LR,
                         report_to=[], disable_tqdm=True, sample_every_steps=0, backend="cpu")
     trainer = Distiller(cfg)
@@ -122,6 +124,7 @@ def _trl_common(a, root, name):
     return dict(output_dir=os.path.join(root, name), max_steps=a.warmup + a.steps, learning_rate=LR,
                 per_device_train_batch_size=a.prompts * a.g, gradient_accumulation_steps=1, report_to=[],
                 save_strategy="no", logging_steps=10_000, disable_tqdm=True, use_cpu=True, bf16=False,
+                gradient_checkpointing=False,
                 temperature=1.0, beta=BETA, seed=0)
 
 

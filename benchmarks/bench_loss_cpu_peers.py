@@ -315,9 +315,11 @@ def check(case, impl, out, ref, dtype):
             raise AssertionError(f"{case} / {impl}: output {i} differs from naive by {err:.3g} (scale {scale:.3g})")
 
 
-def run_case(case, n, h, v, dtype, repeats, memory):
+def run_case(case, n, h, v, dtype, repeats, memory, only=None):
     fns, skipped = {}, {}
     for impl in impls_for(case):
+        if only and impl not in only and impl not in ("floor", "naive"):  # floor and naive always run
+            continue
         try:
             fns[impl] = make_case(case, impl, n, h, v, dtype)
         except RuntimeError as e:
@@ -391,10 +393,11 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory", action="store_true", help="peak memory per implementation (fresh processes)")
     p.add_argument("--out", help="append the markdown table to this file")
+    p.add_argument("--impl", action="append", help="run only these implementations (plus floor and naive)")
     a = p.parse_args(argv)
     rows = []
     for case in a.case or ["rkl", "fkl", "jsd", "lpent", "ce", "topk"]:
-        rows += run_case(case, a.n, a.h, a.v, a.dtype, a.repeats, a.memory)
+        rows += run_case(case, a.n, a.h, a.v, a.dtype, a.repeats, a.memory, a.impl)
     md = table(rows, a)
     print()
     print(md)
