@@ -33,6 +33,19 @@ import common  # noqa: E402
 
 from copsd import ops  # noqa: E402
 
+try:  # the dense reference of every op, shared with the tests
+    from copsd import reference as _ref  # noqa: E402
+except ImportError:  # a checkout from before copsd.reference: the same formulas in tests/dense.py
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import dense as _ref  # noqa: E402
+_ref_topk = getattr(_ref, "topk", None)
+if _ref_topk is None:  # tests/dense.py has no top-k: the same dense formula
+    def _ref_topk(x, w, k):
+        z = x @ w.T
+        lse = z.logsumexp(-1)
+        vals, ids = z.topk(k, dim=-1)
+        return ids, vals - lse[:, None], lse
+
 K_TOP = 64
 IMPLS = ("naive", "reference", "cpu")
 
@@ -52,16 +65,13 @@ def _inputs(n, h, v, seed=0, dtype=torch.float32):
 
 
 def naive_reverse_kl(xs, ws, xt, wt):
-    """Per-token KL(q||p) the plain way: full [N, V] logits, log_softmax, elementwise KL."""
-    ls = (xs @ ws.T).log_softmax(-1)
-    with torch.no_grad():
-        lt = (xt @ wt.T).log_softmax(-1)
-    return (ls.exp() * (ls - lt)).sum(-1)
+    """Per-token KL(q||p) the plain way (the package's dense reference: full [N, V] logits, log_softmax)."""
+    return _ref.divergence(xs, ws, xt.detach(), wt.detach(), kind="reverse_kl")
 
 
 def naive_logprobs(x, w, ids):
-    ls = (x @ w.T).log_softmax(-1)
-    return ls.gather(1, ids[:, None])[:, 0], -(ls.exp() * ls).sum(-1)
+    lp, ent, _ = _ref.logprobs(x, w, ids)
+    return lp, ent
 
 
 # Factories: build inputs, return a zero-argument callable that runs the case once and
@@ -143,10 +153,9 @@ def make_topk(impl, n, h, v, k=K_TOP):
     def run():
         if impl == "naive":  # the issue's baseline: matmul + torch.topk
             return (x @ w.T).topk(k, dim=1)
-        if impl == "naive+lse":  # same outputs as the fused op (log-probs need the LSE)
-            z = x @ w.T
-            vals, idx = z.topk(k, dim=1)
-            return vals - z.logsumexp(-1, keepdim=True), idx
+        if impl == "naive+lse":  # same outputs as the fused op (log-probs need the LSE): the dense reference
+            idx, lp, _ = _ref_topk(x, w, k)
+            return lp, idx
         ids, lp, _ = ops.linear_topk(x, w, k, backend=impl)
         return lp, ids
 

@@ -5,9 +5,16 @@ PyTorch, a 256-row chunked autograd loop (eager and ``torch.compile``), and -- w
 
 Cases (per-token losses summed; every gradient w.r.t. the student hidden states and lm_head):
   rkl      reverse KL(student || teacher) fwd+bwd, floor = 4 GEMMs (two logits, d_hidden, d_weight)
+  fkl      forward KL(teacher || student) fwd+bwd, floor = 4 GEMMs
+  jsd      generalised JSD (beta = 0.5) fwd+bwd, floor = 4 GEMMs
   lpent    log-probs + entropy fwd+bwd (a PPO-like loss of both), floor = 3 GEMMs (logits, d_hidden, d_weight)
   ce       cross-entropy fwd+bwd, floor = 3 GEMMs
   topk     top-64 log-probs, floor = 1 GEMM
+
+Naive is the package's dense reference of each op (``copsd.reference``, the formulas the tests check against;
+the losses of ``lpent`` / ``ce`` are written on its log-probs and entropies).  bf16 inputs: the GEMMs of naive,
+the chunked loops and the floor run on fp32 copies of the inputs (as copsd's do; bf16 GEMMs without AVX512-BF16
+are far slower), gradients flow back to the bf16 leaves.
 
 The floor runs the GEMMs alone into preallocated outputs (no softmax, no allocation): nothing that computes the
 loss can be faster.  Implementations run round-robin, ``--repeats`` rounds; each round's time is divided by the
@@ -37,6 +44,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import common  # noqa: E402
 
+try:  # the dense reference of every op, shared with the tests
+    from copsd import reference as _ref  # noqa: E402
+except ImportError:  # a checkout from before copsd.reference: the same formulas in tests/dense.py
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import dense as _ref  # noqa: E402
+_ref_topk = getattr(_ref, "topk", None)
+if _ref_topk is None:  # tests/dense.py has no top-k: the same dense formula
+    def _ref_topk(x, w, k):
+        z = x @ w.T
+        lse = z.logsumexp(-1)
+        vals, ids = z.topk(k, dim=-1)
+        return ids, vals - lse[:, None], lse
+
 from copsd import ops  # noqa: E402
 
 K_TOP = 64
@@ -58,21 +78,28 @@ def _inputs(n, h, v, dtype, seed=0):
 # ----------------------------------------------------------------------------- per-token losses on logits
 
 
-def _rkl(zs, zt):
-    ls = zs.float().log_softmax(-1)
-    lt = zt.float().log_softmax(-1)
-    return (ls.exp() * (ls - lt)).sum(-1)
+DIV_KIND = {"rkl": "reverse_kl", "fkl": "forward_kl", "jsd": "jsd"}
+JSD_BETA = 0.5
 
 
-def _lpent(z, ids, up):
-    ls = z.float().log_softmax(-1)
-    lp = ls.gather(1, ids[:, None])[:, 0]
-    ent = -(ls.exp() * ls).sum(-1)
+def _f32(t):
+    return t.float() if t.dtype == torch.bfloat16 else t
+
+
+def _div(case, xs, ws, xt, wt):
+    """Per-token divergence of the reference (teacher side without gradient)."""
+    return _ref.divergence(_f32(xs), _f32(ws), _f32(xt).detach(), _f32(wt).detach(), kind=DIV_KIND[case],
+                           beta=JSD_BETA)
+
+
+def _lpent(x, w, ids, up):
+    lp, ent, _ = _ref.logprobs(_f32(x), _f32(w), ids)
     return -up * lp.exp() + 0.01 * ent
 
 
-def _ce(z, ids):
-    return torch.nn.functional.cross_entropy(z.float(), ids, reduction="none")
+def _ce(x, w, ids):
+    lp, _, _ = _ref.logprobs(_f32(x), _f32(w), ids)
+    return -lp
 
 
 _compiled = {}
@@ -80,18 +107,16 @@ _compiled = {}
 
 def _chunk_fn(case, compiled):
     """Per-chunk loss sum of the 256-row loop (compiled once per case)."""
-    def rkl(xc, ws, xtc, wt):
-        with torch.no_grad():
-            zt = xtc @ wt.T
-        return _rkl(xc @ ws.T, zt).sum()
+    def div(xc, ws, xtc, wt):
+        return _div(case, xc, ws, xtc, wt).sum()
 
     def lpent(xc, w, idc, upc):
-        return _lpent(xc @ w.T, idc, upc).sum()
+        return _lpent(xc, w, idc, upc).sum()
 
     def ce(xc, w, idc):
-        return _ce(xc @ w.T, idc).sum()
+        return _ce(xc, w, idc).sum()
 
-    fn = {"rkl": rkl, "lpent": lpent, "ce": ce}[case]
+    fn = {"rkl": div, "fkl": div, "jsd": div, "lpent": lpent, "ce": ce}[case]
     if not compiled:
         return fn
     if case not in _compiled:
@@ -138,8 +163,8 @@ def _trl_gjsd():
 
 def impls_for(case):
     base = ["floor", "naive", "chunked", "chunked+compile", "copsd"]
-    return {"rkl": base + ["liger", "trl"], "lpent": base + ["copsd:loss"], "ce": base + ["cce"],
-            "topk": ["floor", "naive", "copsd"]}[case]
+    return {"rkl": base + ["liger", "trl"], "fkl": base, "jsd": base, "lpent": base + ["copsd:loss"],
+            "ce": base + ["copsd:loss", "cce"], "topk": ["floor", "naive", "copsd"]}[case]
 
 
 def make_case(case, impl, n, h, v, dtype="float32"):
@@ -160,7 +185,7 @@ def make_case(case, impl, n, h, v, dtype="float32"):
 
         def run():
             torch.mm(a, b.T, out=z1)
-            if case == "rkl":
+            if case in DIV_KIND:
                 torch.mm(c, d.T, out=z2)
             if grad:
                 torch.mm(z1, b, out=dx)
@@ -175,7 +200,7 @@ def make_case(case, impl, n, h, v, dtype="float32"):
 
     if case == "topk":
         if impl == "naive":
-            return lambda: (x_ := (xs @ ws.T).float()).topk(K_TOP, dim=1)[0] - x_.logsumexp(-1, keepdim=True)
+            return lambda: _ref_topk(_f32(xs), _f32(ws), K_TOP)[1]
         if impl == "copsd":
             return lambda: ops.linear_topk(xs, ws, K_TOP, backend="cpu")[1].float()
         raise RuntimeError(f"skip: no {impl} for topk")
@@ -183,14 +208,12 @@ def make_case(case, impl, n, h, v, dtype="float32"):
     if impl == "naive":
         def run():
             xs.grad = ws.grad = None
-            if case == "rkl":
-                with torch.no_grad():
-                    zt = xt @ wt.T
-                loss = _rkl(xs @ ws.T, zt).sum()
+            if case in DIV_KIND:
+                loss = _div(case, xs, ws, xt, wt).sum()
             elif case == "lpent":
-                loss = _lpent(xs @ ws.T, ids, up).sum()
+                loss = _lpent(xs, ws, ids, up).sum()
             else:
-                loss = _ce(xs @ ws.T, ids).sum()
+                loss = _ce(xs, ws, ids).sum()
             return grads(loss)
         return run
 
@@ -202,7 +225,7 @@ def make_case(case, impl, n, h, v, dtype="float32"):
             total = 0.0
             for r0 in range(0, n, CHUNK):
                 sl = slice(r0, r0 + CHUNK)
-                if case == "rkl":
+                if case in DIV_KIND:
                     loss = fn(xs[sl], ws, xt[sl], wt)
                 elif case == "lpent":
                     loss = fn(xs[sl], ws, ids[sl], up[sl])
@@ -215,8 +238,9 @@ def make_case(case, impl, n, h, v, dtype="float32"):
 
     if impl == "copsd":
         def run():
-            if case == "rkl":
-                loss = ops.linear_divergence(xs, ws, xt, wt, kind="reverse_kl", reduction="sum", backend="cpu")
+            if case in DIV_KIND:
+                loss = ops.linear_divergence(xs, ws, xt, wt, kind=DIV_KIND[case], beta=JSD_BETA, reduction="sum",
+                                             backend="cpu")
             elif case == "lpent":
                 lp, ent, _ = ops.linear_logprobs(xs, ws, ids, return_entropy=True, backend="cpu")
                 loss = (-up * lp.exp() + 0.01 * ent).sum()
@@ -228,8 +252,11 @@ def make_case(case, impl, n, h, v, dtype="float32"):
 
     if impl == "copsd:loss":
         def run():
-            loss, _, _ = ops.linear_logprobs_loss(
-                xs, ws, ids, lambda lp, ent, rows: -up[rows] * lp.exp() + 0.01 * ent, backend="cpu")
+            if case == "ce":
+                loss, _, _ = ops.linear_logprobs_loss(xs, ws, ids, lambda lp, ent, rows: -lp, backend="cpu")
+            else:
+                loss, _, _ = ops.linear_logprobs_loss(
+                    xs, ws, ids, lambda lp, ent, rows: -up[rows] * lp.exp() + 0.01 * ent, backend="cpu")
             return grads(loss)
         return run
 
@@ -288,9 +315,11 @@ def check(case, impl, out, ref, dtype):
             raise AssertionError(f"{case} / {impl}: output {i} differs from naive by {err:.3g} (scale {scale:.3g})")
 
 
-def run_case(case, n, h, v, dtype, repeats, memory):
+def run_case(case, n, h, v, dtype, repeats, memory, only=None):
     fns, skipped = {}, {}
     for impl in impls_for(case):
+        if only and impl not in only and impl not in ("floor", "naive"):  # floor and naive always run
+            continue
         try:
             fns[impl] = make_case(case, impl, n, h, v, dtype)
         except RuntimeError as e:
@@ -315,12 +344,8 @@ def run_case(case, n, h, v, dtype, repeats, memory):
     del ref
     for impl, why in skipped.items():
         print(f"  [{case}] {impl}: skipped -- {why}", flush=True)
-    times = {i: [] for i in fns}
-    for _ in range(repeats):
-        for impl, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[impl].append(time.perf_counter() - t0)
+    # round-robin rounds (the warm-up above was the checked call); each list is in round order
+    times = {i: ts for i, (_, ts) in common.median_times_interleaved(fns, repeats=repeats, warmup=0).items()}
     rows = []
     for impl in fns:
         ratios = [t / f for t, f in zip(times[impl], times["floor"])]
@@ -364,14 +389,15 @@ def main(argv=None):
     p.add_argument("--h", type=int, default=256)
     p.add_argument("--v", type=int, default=32000)
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    p.add_argument("--case", action="append", choices=["rkl", "lpent", "ce", "topk"])
+    p.add_argument("--case", action="append", choices=["rkl", "fkl", "jsd", "lpent", "ce", "topk"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory", action="store_true", help="peak memory per implementation (fresh processes)")
     p.add_argument("--out", help="append the markdown table to this file")
+    p.add_argument("--impl", action="append", help="run only these implementations (plus floor and naive)")
     a = p.parse_args(argv)
     rows = []
-    for case in a.case or ["rkl", "lpent", "ce", "topk"]:
-        rows += run_case(case, a.n, a.h, a.v, a.dtype, a.repeats, a.memory)
+    for case in a.case or ["rkl", "fkl", "jsd", "lpent", "ce", "topk"]:
+        rows += run_case(case, a.n, a.h, a.v, a.dtype, a.repeats, a.memory, a.impl)
     md = table(rows, a)
     print()
     print(md)

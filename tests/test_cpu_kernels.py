@@ -124,6 +124,34 @@ def test_logprobs_odd_chunks_peaked(chunks, dtype, logit_name):
     _close(dw2, b.grad, dtype, "loss d_weight")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_row_chunks_blocked_d_hidden(monkeypatch, dtype):
+    """Chunks of 3 tokens (a matrix-vector product per chunk) at V = 5003: d_hidden is summed in vocabulary blocks,
+    bf16 weights are up-cast block by block into one reused buffer; both against float64 of the same inputs."""
+    monkeypatch.setattr(cpu, "WORKSPACE_BYTES", 3 * 2 * V * 4)
+    xs, ws, xt, wt = _inputs(dtype, scale=1.3, peaked=True)
+    tg = torch.rand(N, dtype=torch.float64)
+    for kind in ("reverse_kl", "forward_kl", "jsd"):
+        a = xs.double().clone().requires_grad_()
+        b = ws.double().clone().requires_grad_()
+        want = dense.divergence(a, b, xt.double(), wt.double(), kind=kind)
+        (want * tg).sum().backward()
+        loss, dx, dw = cpu.divergence(xs, ws, xt, wt, LogitSpec(), DivergenceSpec(kind=kind), None, tg.float())
+        for g, w, name in ((loss, want.detach(), "loss"), (dx, a.grad, "d_hidden"), (dw, b.grad, "d_weight")):
+            _close(g, w, torch.float32, f"{kind} {name}")
+    ids = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2))
+    a = xs.double().clone().requires_grad_()
+    b = ws.double().clone().requires_grad_()
+    lp_w, ent_w, lse_w = dense.logprobs(a, b, ids)
+    g = torch.rand(N, dtype=torch.float64)
+    (lp_w * g).sum().backward()
+    lp, ent, lse = cpu.logprobs_forward(xs, ws, ids, LogitSpec())
+    dx, dw = cpu.logprobs_backward(xs, ws, ids, lse, ent, g.float(), None, None, LogitSpec())
+    for got, w, name in ((lp, lp_w, "logprobs"), (ent, ent_w, "entropy"), (dx, a.grad, "d_hidden"),
+                         (dw, b.grad, "d_weight")):
+        _close(got, w.detach(), torch.float32, name)
+
+
 def test_extreme_logits_odd_chunks(chunks):
     """Logits of several 1e3 with far-apart maxima: finite results, fp32 within its input rounding (an fp32
     logit of 5e3 is only known to ~5e-4)."""
@@ -192,6 +220,34 @@ def test_exp_float64_is_libm():
     assert rel <= 4.5e-16, rel
 
 
+def _log(x):
+    from copsd import _C
+    return _C.log(x)
+
+
+def test_log_float32_accuracy():
+    """The polynomial log (the JSD's per-entry mixture log): relative error <= 2 ulp (2.4e-7) against float64
+    log from the smallest denormal to the largest float, and at most 2 ulp of absolute error near 1 (where the
+    result itself goes to 0)."""
+    x = torch.cat([torch.logspace(-45, 38, 2_000_003, dtype=torch.float64).float(), torch.rand(100_000) + 0.5,
+                   torch.tensor([1e-45, 1.17e-38, 1.1754944e-38, 3.4e38, 1.0, 2.0, 0.5])])
+    x = x[x > 0]
+    got, want = _log(x).double(), x.double().log()
+    far = (want.abs() > 0.5)
+    rel = ((got - want).abs() / want.abs())[far].max().item()
+    assert rel <= 2.4e-7, rel
+    near = ((got - want).abs())[~far].max().item()
+    assert near <= 2 * 5.96e-8, near
+
+
+def test_log_float32_extremes():
+    x = torch.tensor([0.0, -0.0, -1.0, float("-inf"), float("inf"), float("nan")])
+    got = _log(x)
+    assert torch.isneginf(got[:2]).all(), got
+    assert torch.isnan(got[2]) and torch.isnan(got[3]) and torch.isnan(got[5]), got
+    assert torch.isposinf(got[4]), got
+
+
 @pytest.mark.parametrize("isa", ["base", "avx2"])
 def test_exp_and_epilogues_on_other_isa(isa):
     """The baseline and AVX2 builds of the exp and the epilogues at these shapes (one ISA per process)."""
@@ -206,6 +262,9 @@ def test_exp_and_epilogues_on_other_isa(isa):
         "x = torch.linspace(-87.3, 88.0, 200_003)\n"
         "rel = ((_C.exp(x).double() - x.double().exp()).abs() / x.double().exp()).max().item()\n"
         "assert rel <= 2.4e-7, rel\n"
+        "x = torch.logspace(-40, 38, 200_003, dtype=torch.float64).float()\n"
+        "y, want = _C.log(x).double(), x.double().log()\n"
+        "assert ((y - want).abs() / want.abs().clamp(min=0.5)).max().item() <= 2.4e-7\n"
         "cpu.WORKSPACE_BYTES = 37 * 2 * 5003 * 4\n"
         "torch.manual_seed(0); N, H, V = 83, 16, 5003\n"
         "xs, xt = torch.randn(N, H), torch.randn(N, H); ws, wt = torch.randn(V, H) / 2, torch.randn(V, H) / 2\n"

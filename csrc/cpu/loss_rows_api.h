@@ -41,6 +41,8 @@ struct RowKernels {
            const DivParams&, T* scratch);
   // y = exp(x) elementwise with the epilogues' vectorised exp (exposed for tests).
   void (*exp)(const T* x, T* y, int64_t n);
+  // y = log(x) elementwise with the epilogues' vectorised log (exposed for tests).
+  void (*log)(const T* x, T* y, int64_t n);
 };
 
 #define COPSD_DECLARE_ISA(isa)                  \
