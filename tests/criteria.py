@@ -22,8 +22,7 @@ avx512``) with 1 and 2 threads: the largest ``c`` any check needed was 1.7 (2.4 
 d_hidden of the full-vocabulary reverse KL at the base/avx2 levels.  4 leaves room for another BLAS without
 making the tests blind: a dropped tail bucket, a swapped KL direction, a wrong gradient sign, a 1e-4 relative
 bias of the loss, a 1e-3 scale error of d_weight or a 1e-3 shift of the top-k LSE all fail them (checked by
-mutating the CPU backend).  The one place the C++ backend itself misses the bound, sums over a 151936-word
-vocabulary, is a known defect marked as an expected failure in ``test_backend_cpu.py`` (``LARGE_V_FORWARD_KL``).
+mutating the CPU backend).
 
 ``floor`` (default: ``FLOOR_ULPS`` units in the last place of ``max(1, max |exact|)``) covers the case where
 the plain computation happens to round almost like float64 while a correct op is a couple of roundings away.
