@@ -44,18 +44,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import common  # noqa: E402
 
-try:  # the dense reference of every op, shared with the tests
-    from copsd import reference as _ref  # noqa: E402
-except ImportError:  # a checkout from before copsd.reference: the same formulas in tests/dense.py
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    import dense as _ref  # noqa: E402
-_ref_topk = getattr(_ref, "topk", None)
-if _ref_topk is None:  # tests/dense.py has no top-k: the same dense formula
-    def _ref_topk(x, w, k):
-        z = x @ w.T
-        lse = z.logsumexp(-1)
-        vals, ids = z.topk(k, dim=-1)
-        return ids, vals - lse[:, None], lse
+from copsd import reference as _ref  # noqa: E402  (the dense reference of every op, shared with the tests)
+
+_ref_topk = _ref.topk
 
 from copsd import ops  # noqa: E402
 
