@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -103,6 +104,27 @@ def test_pil_images_from_a_datasets_column():
                                        {"role": "assistant", "content": "A cat."}],
                           "images": [synthetic_image(4)]}])
     assert sft[0].images[0].size == (64, 64)
+
+
+def test_parquet_image_column_with_paths_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """`Dataset.to_parquet` of PIL images opened from relative paths stores {"path": <as opened>, "bytes": None};
+    `datasets` opens such a path from the working directory, and so does copsd when it is not beside the file."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    from copsd.data import load_prompt_rows
+
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("pics")
+    synthetic_image(1, (32, 40)).save("pics/a.png")
+    ds = datasets.Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": _parts(None, "Describe the image.")}]],
+        "images": [[Image.open("pics/a.png")]], "kind": ["benign"]}).cast_column(
+        "images", datasets.Sequence(datasets.Image()))
+    os.makedirs("data")
+    ds.to_parquet("data/vl.parquet")
+    rows = load_prompt_rows("data/vl.parquet")
+    assert rows[0].images == [{"bytes": None, "path": str(tmp_path / "pics" / "a.png")}]
 
 
 def test_every_image_problem_reported_at_once_with_file_and_line(tmp_path):
