@@ -220,6 +220,25 @@ def test_token_counts_from_the_image_size_equal_the_processed_grid(family, tmp_p
     assert vp.count_tokens(images) == vp.token_counts(vp.encode(images))
 
 
+def test_counting_image_tokens_closes_the_files_it_opens(tmp_path):
+    import gc
+    import warnings
+
+    from copsd.vlm import VisionProcessor
+
+    proc = vlm_processor("qwen2_5_vl")
+    vp = VisionProcessor(proc.tokenizer, proc.image_processor, proc)
+    images = []
+    for k in range(3):
+        synthetic_image(k, (40, 30)).save(tmp_path / f"{k}.png")
+        images.append(str(tmp_path / f"{k}.png"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(vp.count_tokens(images)) == 3
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+
+
 def test_wrong_image_token_count_is_an_error():
     from copsd.constitution import render_ids
 
@@ -247,6 +266,10 @@ def test_vlm_directory_loads_without_torchvision(vlm_dirs, caplog):
     if importlib.util.find_spec("torchvision") is None:
         assert vp.processor is None
         assert "the full processor of" in caplog.text and "torchvision" in caplog.text.lower()
+        # the reason is a whole sentence, not transformers' message cut at its first line break
+        import re
+
+        assert re.search(r"cannot be built \(ImportError: [^()]*torchvision[^()]*\.\);", caplog.text, re.I), caplog.text
     model = load_causal_lm(path, trust_remote_code=False)
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
 
