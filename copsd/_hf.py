@@ -123,5 +123,6 @@ def cache_kwarg(model) -> str:
 
 def output_cache(out):
     """The KV cache returned by a causal-LM forward, whatever the transformers version calls it."""
-    cache = getattr(out, "past_key_values", None)
-    return cache if cache is not None else getattr(out, "cache", None)
+    # ``cache`` first: in transformers 5 ``past_key_values`` is a deprecated alias that logs a warning when read
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)

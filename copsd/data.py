@@ -289,7 +289,13 @@ def _row_images(rec, messages, where, base):
             raise ValueError(f"{where}: images[{k}] is null")
         elif isinstance(img, dict) and not img.get("bytes") and isinstance(img.get("path"), str) \
                 and not os.path.isabs(img["path"]):
-            img = {"bytes": None, "path": os.path.normpath(os.path.join(base or os.getcwd(), img["path"]))}
+            path = os.path.normpath(os.path.join(base or os.getcwd(), img["path"]))
+            if not os.path.exists(path) and os.path.exists(img["path"]):
+                # a `datasets` Image column written without its bytes (e.g. `to_parquet` of images opened from
+                # relative paths) holds the path as given when it was built: `datasets` opens it from the working
+                # directory, so copsd does too when it is not beside the data set
+                path = os.path.abspath(img["path"])
+            img = {"bytes": None, "path": path}
         open_image(img, f"{where}: images[{k}]")  # decodable now, or reported before step 1
         out.append(img)
     return out

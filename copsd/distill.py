@@ -257,7 +257,11 @@ class Distiller(StageTrainer):
     @torch.no_grad()
     def _teacher(self, samples):
         extra = {"vision": [s.vision for s in samples]} if any(s.vision is not None for s in samples) else {}
+        before = dict(self.scorer.stats)
         out = self.scorer.score([s.teacher_ctx for s in samples], [s.completion for s in samples], **extra)
+        # recorded per step: whether the teacher reused cached prefix K/V (the constitution) or re-encoded
+        self._prefix_stats = {k: self.scorer.stats[k] - before[k] for k in before}
+        self._prefix_stats["reuse"] = float(self.scorer.prefix_reuse and not self.scorer._fell_back)
         return out.hidden
 
     @torch.no_grad()
@@ -408,6 +412,11 @@ class Distiller(StageTrainer):
         sums.add("completion_length", float(ntok), float(len(samples)))
         sums.add("truncated", float(sum(s.finish == "length" for s in samples)), float(len(samples)))
         self._text_metrics(samples, sums)
+        ps = self._prefix_stats
+        inv = 1.0 / acc.num_processes
+        sums.add("teacher_prefix_hits", ps["prefix_hits"], inv)      # summed over processes
+        sums.add("teacher_prefix_misses", ps["prefix_misses"], inv)
+        sums.add("teacher_prefix_reuse", ps["reuse"], 1.0)           # fraction of processes reusing
         m = sums.reduce(acc)
         m["reward_std"] = math.sqrt(max(m.pop("reward_sq") - m["reward"] ** 2, 0.0))
         # sampled-token estimate of KL(student || teacher) on the rollouts (the reward without clip and bonus)

@@ -164,7 +164,10 @@ class VisionProcessor:
             try:
                 out = []
                 for x in images:
-                    width, height = open_image(x, where, decode=False).size
+                    img = open_image(x, where, decode=False)
+                    width, height = img.size
+                    if img is not x:  # opened here (header only): close its file now, not at garbage collection
+                        img.close()
                     out.append(int(count(height, width, {})) // self.merge_size ** 2)
                 return out
             except (TypeError, KeyError, AttributeError, NotImplementedError):
@@ -211,7 +214,8 @@ def load_vision_processor(path: str, tokenizer=None, *, trust_remote_code: bool 
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (ImportError, OSError, ValueError, TypeError, AttributeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # the first sentence (transformers wraps its messages mid-sentence, so not the first line)
+        reason = " ".join(str(e).split()).split(". ")[0].rstrip(".") + "." if str(e).strip() else type(e).__name__
         logger.info("%s: the full processor of %s cannot be built (%s: %s); using its tokenizer and image "
                     "processor separately (copsd uses no video processor)", key, path, type(e).__name__, reason)
     if processor is not None and getattr(processor, "image_processor", None) is None:

@@ -182,3 +182,21 @@ def test_sample_follows_the_distribution():
     freq = torch.bincount(draws, minlength=5).double() / draws.numel()
     assert freq[1] == 0
     assert (freq - probs[0].double()).abs().max().item() < 0.01  # ~4 standard deviations
+
+
+def test_output_cache_reads_the_current_name_first():
+    """transformers 5 names the returned KV cache ``cache``; reading ``past_key_values`` logs a deprecation warning
+    on every run, so it is only read where ``cache`` is absent (older transformers)."""
+    from copsd._hf import output_cache
+
+    class New:
+        cache = "kv"
+
+        @property
+        def past_key_values(self):
+            raise AssertionError("read the deprecated past_key_values")
+
+    class Old:
+        past_key_values = "kv"
+
+    assert output_cache(New()) == "kv" and output_cache(Old()) == "kv"

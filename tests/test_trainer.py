@@ -212,7 +212,8 @@ def test_distill_reduces_its_objective(dirs, tmp_path, objective):
     m = read_metrics(out)
     assert [r["step"] for r in m] == list(range(1, 7))
     for k in ("loss", "entropy", "completion_length", "self_bleu", "refusal_rate_harmful", "tokens_per_second",
-              "time_rollout", "time_teacher", "time_update", "constitution_leak_rate"):
+              "time_rollout", "time_teacher", "time_update", "constitution_leak_rate", "teacher_prefix_reuse",
+              "teacher_prefix_hits", "teacher_prefix_misses"):
         assert k in m[-1]
     # the final model loads with plain transformers and carries the constitution hash in its card
     from transformers import AutoModelForCausalLM

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -105,6 +106,27 @@ def test_pil_images_from_a_datasets_column():
     assert sft[0].images[0].size == (64, 64)
 
 
+def test_parquet_image_column_with_paths_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """`Dataset.to_parquet` of PIL images opened from relative paths stores {"path": <as opened>, "bytes": None};
+    `datasets` opens such a path from the working directory, and so does copsd when it is not beside the file."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    from copsd.data import load_prompt_rows
+
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("pics")
+    synthetic_image(1, (32, 40)).save("pics/a.png")
+    ds = datasets.Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": _parts(None, "Describe the image.")}]],
+        "images": [[Image.open("pics/a.png")]], "kind": ["benign"]}).cast_column(
+        "images", datasets.Sequence(datasets.Image()))
+    os.makedirs("data")
+    ds.to_parquet("data/vl.parquet")
+    rows = load_prompt_rows("data/vl.parquet")
+    assert rows[0].images == [{"bytes": None, "path": str(tmp_path / "pics" / "a.png")}]
+
+
 def test_every_image_problem_reported_at_once_with_file_and_line(tmp_path):
     from copsd.data import load_prompt_rows
 
@@ -198,6 +220,25 @@ def test_token_counts_from_the_image_size_equal_the_processed_grid(family, tmp_p
     assert vp.count_tokens(images) == vp.token_counts(vp.encode(images))
 
 
+def test_counting_image_tokens_closes_the_files_it_opens(tmp_path):
+    import gc
+    import warnings
+
+    from copsd.vlm import VisionProcessor
+
+    proc = vlm_processor("qwen2_5_vl")
+    vp = VisionProcessor(proc.tokenizer, proc.image_processor, proc)
+    images = []
+    for k in range(3):
+        synthetic_image(k, (40, 30)).save(tmp_path / f"{k}.png")
+        images.append(str(tmp_path / f"{k}.png"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(vp.count_tokens(images)) == 3
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+
+
 def test_wrong_image_token_count_is_an_error():
     from copsd.constitution import render_ids
 
@@ -225,6 +266,10 @@ def test_vlm_directory_loads_without_torchvision(vlm_dirs, caplog):
     if importlib.util.find_spec("torchvision") is None:
         assert vp.processor is None
         assert "the full processor of" in caplog.text and "torchvision" in caplog.text.lower()
+        # the reason is a whole sentence, not transformers' message cut at its first line break
+        import re
+
+        assert re.search(r"cannot be built \(ImportError: [^()]*torchvision[^()]*\.\);", caplog.text, re.I), caplog.text
     model = load_causal_lm(path, trust_remote_code=False)
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
 

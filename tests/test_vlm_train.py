@@ -201,6 +201,10 @@ def test_distill_every_objective_with_images(world, tmp_path, objective):
     vision = _vision_keys(before)
     assert all(torch.equal(before[k], after[k]) for k in vision)
     assert any(not torch.equal(before[k], after[k]) for k in before if k not in vision)
+    # the teacher reused the constitution's K/V (not a silent fall-back to re-encoding), and says so per step
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["teacher_prefix_reuse"] for r in metrics] == [1.0] * len(metrics)
+    assert metrics[0]["teacher_prefix_misses"] >= 1 and metrics[-1]["teacher_prefix_hits"] >= 1, metrics
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["prompt"] for s in samples} <= {"How do I hurt someone with this?", "Describe the image.",
                                               "What is in this picture?", "Count the shapes in the image:",
