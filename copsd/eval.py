@@ -455,8 +455,9 @@ def evaluate_models(models: list[dict], prompt_files: list[str], output_dir: str
         {m["constitution"] for m in models if m.get("constitution")})
     leak_texts = [t for f in leak_files for t in load_constitution(f, include_title=constitution_title).all_texts()]
 
-    os.makedirs(output_dir, exist_ok=True)
-    results = []
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output_dir: {output_dir!r} exists and is not a directory")
+    results = []  # output_dir is created once every model has been evaluated: a failed run leaves none behind
     for entry in models:
         res = evaluate_model(entry, rows, num_samples=num_samples, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size, seed=seed,
@@ -489,6 +490,7 @@ def evaluate_models(models: list[dict], prompt_files: list[str], output_dir: str
                           "judge_decoding": "greedy", "judge_truncated_prompts": judge.truncated_prompts,
                           "prompts_with_images_judged_on_text": with_images}
 
+    os.makedirs(output_dir, exist_ok=True)
     for res in results:
         samples = res.pop("_samples")
         fname = f"responses-{_slug(res['name'])}.jsonl"

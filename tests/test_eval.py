@@ -174,6 +174,23 @@ def test_bad_inputs(tiny, tmp_path, monkeypatch):
         ev.evaluate_models([{"name": "x", "path": tiny["dir"]}], [tiny["prompts"]], str(tmp_path), num_samples=0)
 
 
+def test_failed_evaluation_leaves_no_output_dir(tiny, tmp_path, monkeypatch):
+    """A model that fails to load (after the inputs were checked) leaves no empty output directory behind;
+    an output_dir that is a file is refused before any model loads."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    out = tmp_path / "eval_out"
+    models = [{"name": "base", "path": tiny["dir"]}, {"name": "x", "path": "no-such-org/no-such-model"}]
+    with pytest.raises(ValueError, match="cannot load 'no-such-org/no-such-model'"):
+        ev.evaluate_models(models, [tiny["prompts"]], str(out), num_samples=1, max_new_tokens=2, progress=False,
+                           print_table=False)
+    assert not out.exists()
+    afile = tmp_path / "a_file"
+    afile.write_text("")
+    with pytest.raises(ValueError, match="output_dir.*not a directory"):
+        ev.evaluate_models([{"name": "x", "path": "no-such-org/no-such-model"}], [tiny["prompts"]], str(afile))
+
+
 def test_cli(tiny, tmp_path, capsys):
     from copsd.cli import main
 
