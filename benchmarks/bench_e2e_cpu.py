@@ -36,8 +36,8 @@ round-robin over the implementations, and each round's copsd time is divided by 
 (the table gives the median of those same-round ratios next to median times: robust on a shared machine).
 ``peak extra MiB``: the largest rise of the process's resident memory over its value at the start of a step
 (``VmHWM`` reset before every step), all implementations living in one process; ``--memory`` adds each
-implementation's whole-process peak RSS (``ru_maxrss``: imports, models, warm-up and one step) in a fresh
-process.
+implementation's whole-process peak RSS (imports, models, warm-up and one step) in a fresh process (its
+``VmHWM`` at the end).
 
 Run: ``python benchmarks/bench_e2e_cpu.py [--prompts 4 --G 4 --new-tokens 64] [--hidden 256 --layers 4
 --vocab 32000] [--steps 5 --warmup 1] [--impl copsd:jsd trl:gkd ...] [--constitution default|small|PATH]
@@ -52,7 +52,6 @@ import functools
 import json
 import logging
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -549,7 +548,8 @@ def main(argv=None):
     a = parse_args(argv)
     res = run(a)
     if a.print_maxrss:
-        print(json.dumps({"maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        # VmHWM, not ru_maxrss: Linux carries the parent's resident size into ru_maxrss across fork + exec
+        print(json.dumps({"maxrss_mib": _read_status("VmHWM") / 2**20}))
         return res
     text = summarize(res)
     print(text)
