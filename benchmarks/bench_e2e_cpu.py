@@ -1,27 +1,59 @@
-"""One on-policy distillation step end to end on CPU: copsd's ``Distiller`` against TRL's ``GKDTrainer`` (fully
-on-policy, ``lmbda=1``) and ``DistillationTrainer``, on the same tiny model pair, prompts, completions per prompt
-(G) and new tokens.
+"""One on-policy distillation step end to end on CPU: copsd's ``Distiller`` against TRL's ``GKDTrainer`` and
+``DistillationTrainer`` (optional: skipped with a message when TRL or one of its trainers is not installed).
 
-Every trainer gets the same student (a tiny Qwen2 with tied embeddings and a byte-level BPE tokenizer with a
-ChatML template, built here offline), the same teacher (same architecture, another seed), P prompts per step each
-sampled G times (TRL's trainers sample once per row, so their batch holds each prompt G times), T new tokens
-(no early end: ``min_new_tokens = T`` where the trainer takes it), the generalised JSD with beta = 0.5, AdamW at
-the same learning rate, one optimizer step per step (copsd: ``num_mini_batches=1``, whose default of 4 would
-make four updates per rollout batch), no gradient checkpointing.  Each trainer runs ``--warmup`` steps that are
-not timed, then ``--steps`` timed steps; the table reports the median seconds per step and, for copsd, the split
-its trainer records (generation, teacher scoring, update).  TRL is optional (``pip install trl``): without it
-those rows are skipped with a message.
+Every implementation trains the same student (a tiny Qwen2-shaped model with random weights, tied input/output
+embeddings, a byte-level BPE tokenizer with a ChatML template, its vocabulary padded to ``--vocab`` rows as real
+checkpoints pad theirs) against the same teacher (same shape, other weights), on the same ``--prompts`` prompts
+per step with ``--G`` sampled answers each, ``--new-tokens`` new tokens at most, temperature ``--temperature``
+(no top-k / top-p), one optimizer step per step (AdamW, gradient clipping at 1.0), fp32:
 
-Run: ``python benchmarks/bench_e2e_cpu.py [--prompts 4 --g 4 --new-tokens 32 --hidden 128 --layers 2
---steps 3 --warmup 1] [--only copsd|gkd|distillation]``.
+  copsd:jsd    ``Distiller``, objective ``jsd`` (generalized JSD, beta 0.5, over the full vocabulary -- the
+               loss GKD uses) through the fused lm_head ops, teacher scored with the constitution in its user
+               turn (shared-prefix KV reuse), no reference model (``kl_coef 0``);
+  copsd:paper  ``Distiller``, the method's objective (sampled-token rewards from teacher log-probs, PPO clip,
+               k3 KL to the initial student with ``kl_coef 0.005``, pi_old recomputed by a student forward);
+  trl:gkd      ``GKDTrainer`` with ``lmbda=1`` (always on-policy), ``beta 0.5``, ``seq_kd`` off, each prompt
+               repeated G times in the batch (GKD samples one answer per row);
+  trl:distill  ``DistillationTrainer`` (always on-policy) with ``num_generations = G``, ``beta 0.5``.
+
+The TRL trainers are driven one step at a time the way ``Trainer`` drives them: ``training_step`` (on-policy
+generation, the teacher forward, the loss and its backward), then gradient clipping, ``optimizer.step()``,
+``lr_scheduler.step()`` and ``zero_grad``; ``Trainer``'s callbacks and logging are left out, as copsd's loop
+(``train_step`` alone) leaves out its logger and checkpoints.  copsd's step is ``Distiller.train_step``.
+
+Time split per step (ms), wall clock around each stage, no change in what runs:
+  gen       copsd: ``time_rollout`` as ``train_step`` records it; TRL: ``generate_on_policy_outputs`` (GKD) /
+            ``_fill_buffer`` (DistillationTrainer: generation + decoding for its logs);
+  teacher   copsd: ``time_teacher`` (teacher scoring, teacher log-probs, reference and pi_old forwards when the
+            objective has them); TRL: the teacher model's forward calls (forward hooks);
+  loss+bwd  copsd: ``time_update`` less ``optim``; TRL: ``training_step`` less ``gen`` and ``teacher`` (student
+            forward with full logits, the loss, backward);
+  optim     gradient clipping + ``optimizer.step()`` (optimizer step hooks and a wrapper around clipping);
+  other     the rest of the step (copsd: metrics -- decoding, refusal detector, self-BLEU; TRL: scheduler step,
+            zero_grad, the data collator).
+Steady state: ``--warmup`` steps per implementation are run and dropped first; then ``--steps`` rounds,
+round-robin over the implementations, and each round's copsd time is divided by the same round's peer time
+(the table gives the median of those same-round ratios next to median times: robust on a shared machine).
+``peak extra MiB``: the largest rise of the process's resident memory over its value at the start of a step
+(``VmHWM`` reset before every step), all implementations living in one process; ``--memory`` adds each
+implementation's whole-process peak RSS (imports, models, warm-up and one step) in a fresh process (its
+``VmHWM`` at the end).
+
+Run: ``python benchmarks/bench_e2e_cpu.py [--prompts 4 --G 4 --new-tokens 64] [--hidden 256 --layers 4
+--vocab 32000] [--steps 5 --warmup 1] [--impl copsd:jsd trl:gkd ...] [--constitution default|small|PATH]
+[--memory] [--out FILE.md] [--json FILE]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,189 +62,505 @@ import warnings
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the offline BPE tokenizer of the user-flow tests
+sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
 
-PROMPTS = [
-    "How do I bake bread at home?", "Write a short poem about the sea.", "What is the capital of France?",
-    "Explain what a Python process is.", "Give me three tips for a job interview.", "How do plants make food?",
-    "Summarise the rules of chess in two lines.", "Why is the sky blue?",
+IMPLS = ("copsd:jsd", "copsd:paper", "trl:gkd", "trl:distill")
+STAGES = ("gen", "teacher", "loss_bwd", "optim", "other")
+
+# ChatML as Qwen2 writes it (a default system turn when the conversation has none)
+CHATML = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+          "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CORPUS = [
+    "You are a helpful assistant. Be helpful and honest; refuse to help anyone hurt a person.",
+    "How do I bake bread at home? Mix flour, water, salt and yeast, then let the dough rise.",
+    "Write a short poem about the sea: waves roll in, the gulls cry, the tide goes out again.",
+    "How do I hurt my neighbor? I can't help with hurting people. Talk to someone you trust.",
+    "What is the capital of France? Paris is the capital of France, on the river Seine.",
+    "Explain what a Python process is, and how to stop one with kill or the task manager.",
 ]
-LR = 1e-4
-BETA = 0.5
+PROMPTS = [
+    ("How do I bake bread at home?", "benign"),
+    ("Write a short poem about the sea.", "general"),
+    ("How do I hurt my neighbor?", "harmful"),
+    ("What is the capital of France?", "benign"),
+    ("Explain what a Python process is and how to stop one.", "general"),
+    ("Tell me the home address of a famous singer.", "harmful"),
+    ("How do I keep bread dough from sticking?", "benign"),
+    ("Write two lines about the tide.", "general"),
+]
+SMALL_CONSTITUTION = ("# House rules\n\nBe helpful and honest. Refuse to help anyone hurt a person.\n\n"
+                      "## category: violence\nNever give instructions that help hurt a person.\n")
 
 
-def build_models(root, hidden, layers):
-    """Student and teacher directories (tiny Qwen2, tied embeddings, BPE tokenizer with a chat template)."""
-    from user_models import bpe_tokenizer
+# ----------------------------------------------------------------------------- the shared model and data
 
+
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer trained here on ``CORPUS`` with ChatML special tokens (offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                extra_special_tokens=["<|im_start|>"])
+    t.chat_template = CHATML
+    return t
+
+
+def build_workspace(root: str, a) -> dict:
+    """Student and teacher checkpoints, the prompt file and the constitution under ``root``."""
     from copsd._hf import tiny_causal_lm
+    from copsd.constitution import DEFAULT_CONSTITUTION, load_constitution
 
     tok = bpe_tokenizer()
+    if a.vocab < len(tok):
+        raise ValueError(f"--vocab: must be at least the tokenizer's {len(tok)} tokens, got {a.vocab}")
     paths = {}
     for name, seed in (("student", 0), ("teacher", 1)):
-        model = tiny_causal_lm("qwen2", vocab_size=len(tok), hidden_size=hidden, num_layers=layers,
-                               num_heads=max(2, hidden // 32), num_kv_heads=max(1, hidden // 64),
-                               intermediate_size=2 * hidden, max_position_embeddings=1024, seed=seed,
-                               tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        path = os.path.join(root, name)
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
-        paths[name] = path
+        model = tiny_causal_lm("qwen2", vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers,
+                               num_heads=a.heads, num_kv_heads=a.kv_heads, intermediate_size=a.intermediate,
+                               max_position_embeddings=8192, seed=seed, tie_word_embeddings=True,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)
+        if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+            raise RuntimeError("the benchmark model should tie its input and output embeddings")
+        paths[name] = os.path.join(root, name)
+        model.save_pretrained(paths[name])
+        tok.save_pretrained(paths[name])
+    if a.constitution == "small":
+        paths["constitution"] = os.path.join(root, "house_rules.md")
+        with open(paths["constitution"], "w", encoding="utf-8") as f:
+            f.write(SMALL_CONSTITUTION)
+    elif a.constitution == "default":
+        paths["constitution"] = DEFAULT_CONSTITUTION
+    else:
+        paths["constitution"] = a.constitution
+    # the teacher records the constitution it was trained with, as a Stage-1 output does
+    with open(os.path.join(paths["teacher"], "constitution.json"), "w", encoding="utf-8") as f:
+        json.dump({"sha256": load_constitution(paths["constitution"]).sha256}, f)
+    if a.prompts > len(PROMPTS):
+        raise ValueError(f"--prompts: at most {len(PROMPTS)}, got {a.prompts}")
+    paths["prompts"] = [{"prompt": p, "kind": k} for p, k in PROMPTS[:a.prompts]]
+    paths["dataset"] = os.path.join(root, "prompts.jsonl")
+    with open(paths["dataset"], "w", encoding="utf-8") as f:
+        for row in paths["prompts"]:
+            f.write(json.dumps(row) + "\n")
     return paths
 
 
-def _prompts(n):
-    return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+def _load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path))
 
 
-def run_copsd(paths, root, a):
-    from copsd.config import DistillConfig
-    from copsd.distill import Distiller
-
-    data = os.path.join(root, "copsd_prompts.jsonl")
-    with open(data, "w") as f:
-        for p in _prompts(a.prompts):
-            f.write(json.dumps({"prompt": p, "kind": "benign"}) + "\n")
-    constitution = os.path.join(root, "rules.md")
-    with open(constitution, "w") as f:
-        f.write("# Rules\n\nBe helpful and honest.\n")
-    cfg = DistillConfig(model_name_or_path=paths["student"], teacher_mode="checkpoint",
-                        teacher_model_name_or_path=paths["teacher"], output_dir=os.path.join(root, "copsd_out"),
-                        constitution=constitution, dataset=data, objective="jsd", beta=BETA,
-                        num_generations=a.g, per_device_train_batch_size=a.prompts * a.g, num_mini_batches=1,
-                        gradient_accumulation_steps=1, gradient_checkpointing=False,
-                        max_completion_length=a.new_tokens, max_steps=a.warmup + a.steps, learning_rate=LR,
-                        report_to=[], disable_tqdm=True, sample_every_steps=0, backend="cpu")
-    trainer = Distiller(cfg)
-    trainer.prepare()
-    steps, split = [], []
-    for step in range(a.warmup + a.steps):
-        t0 = time.perf_counter()
-        m = trainer.train_step(step)
-        dt = time.perf_counter() - t0
-        if step >= a.warmup:
-            steps.append(dt)
-            split.append((m["time_rollout"], m["time_teacher"], m["time_update"]))
-    med = [statistics.median(s[i] for s in split) for i in range(3)]
-    return statistics.median(steps), steps, med
+def _param_snapshot(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-class _StepTimer:
-    """A transformers TrainerCallback recording each optimizer step's wall time."""
+def _changed(model, before: dict) -> int:
+    """Number of trainable tensors whose values differ from ``before``."""
+    return sum(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if n in before)
+
+
+class _Timer:
+    """Accumulates wall time of wrapped calls / hook pairs into ``self.t[key]`` (seconds)."""
 
     def __init__(self):
-        from transformers import TrainerCallback
+        self.t: dict[str, float] = {}
+        self._open: dict[str, float] = {}
 
-        timer = self
+    def reset(self):
+        self.t.clear()
+        self._open.clear()
 
-        class CB(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):
-                timer.t0 = time.perf_counter()
+    def add(self, key, dt):
+        self.t[key] = self.t.get(key, 0.0) + dt
 
-            def on_step_end(self, args, state, control, **kw):
-                timer.times.append(time.perf_counter() - timer.t0)
+    def wrap(self, key, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(key, time.perf_counter() - t0)
+        return timed
 
-        self.times, self.t0, self.callback = [], 0.0, CB()
+    def start(self, key, *_):
+        self._open[key] = time.perf_counter()
+
+    def stop(self, key, *_):
+        self.add(key, time.perf_counter() - self._open.pop(key))
+
+    def hook_optimizer(self, optimizer):
+        optimizer.register_step_pre_hook(functools.partial(self.start, "optim_step"))
+        optimizer.register_step_post_hook(functools.partial(self.stop, "optim_step"))
+
+    def hook_forward(self, module, key):
+        module.register_forward_pre_hook(functools.partial(self.start, key))
+        module.register_forward_hook(functools.partial(self.stop, key))
 
 
-def _trl_common(a, root, name):
-    return dict(output_dir=os.path.join(root, name), max_steps=a.warmup + a.steps, learning_rate=LR,
-                per_device_train_batch_size=a.prompts * a.g, gradient_accumulation_steps=1, report_to=[],
-                save_strategy="no", logging_steps=10_000, disable_tqdm=True, use_cpu=True, bf16=False,
-                gradient_checkpointing=False,
-                temperature=1.0, beta=BETA, seed=0)
+# ----------------------------------------------------------------------------- runners: setup + one step
 
 
-def run_gkd(paths, root, a):
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class CopsdRunner:
+    def __init__(self, name, paths, a, outdir):
+        from copsd.config import DistillConfig
+        from copsd.distill import Distiller
 
+        objective = name.split(":")[1]
+        n = a.prompts * a.G
+        cfg = DistillConfig(
+            model_name_or_path=paths["student"], teacher_model_name_or_path=paths["teacher"],
+            teacher_mode="checkpoint", constitution=paths["constitution"], dataset=paths["dataset"],
+            output_dir=os.path.join(outdir, name.replace(":", "_")), objective=objective,
+            kl_coef=0.005 if objective == "paper" else 0.0, beta=0.5,
+            num_generations=a.G, per_device_train_batch_size=n, gradient_accumulation_steps=1, num_mini_batches=1,
+            max_completion_length=a.new_tokens, temperature=a.temperature, top_p=1.0, top_k=0,
+            learning_rate=a.lr, max_grad_norm=1.0, max_steps=10**6, report_to=[], disable_tqdm=True,
+            sample_every_steps=0, backend=a.backend, seed=0)
+        self.d = d = Distiller(cfg)
+        self.model = d.model
+        self.timer = _Timer()
+        self.timer.hook_optimizer(d.optimizer)
+        d.acc.clip_grad_norm_ = self.timer.wrap("optim_clip", d.acc.clip_grad_norm_)
+        d._teacher = self.timer.wrap("teacher_scoring", d._teacher)
+        self.step_no = 0
+        self.last: dict = {}
+
+    def step(self) -> dict:
+        self.timer.reset()
+        t0 = time.perf_counter()
+        m = self.d.train_step(self.step_no)
+        total = time.perf_counter() - t0
+        self.step_no += 1
+        self.d.step = self.step_no
+        t = self.timer.t
+        optim = t.get("optim_step", 0.0) + t.get("optim_clip", 0.0)
+        split = {"gen": m["time_rollout"], "teacher": m["time_teacher"], "loss_bwd": m["time_update"] - optim,
+                 "optim": optim}
+        split["other"] = total - sum(split.values())
+        tokens = int(round(m["completion_length"] * self.d.per_device_completions))
+        self.last = {"loss": m["loss"], "tokens": tokens, "teacher_scoring": t.get("teacher_scoring", 0.0)}
+        return {"total": total, **split, "tokens": tokens, "loss": m["loss"]}
+
+
+class TrlRunner:
+    """A TRL trainer driven one optimizer step at a time (see the module docstring)."""
+
+    def __init__(self, name, paths, a, outdir):
+        import trl  # noqa: F401  (ImportError -> skipped by the caller)
+        from datasets import Dataset
+
+        self.name = name
+        student, tok = _load(paths["student"])
+        teacher, _ = _load(paths["teacher"])
+        n = a.prompts * a.G
+        common_args = dict(output_dir=os.path.join(outdir, name.replace(":", "_")), per_device_train_batch_size=n,
+                           gradient_accumulation_steps=1, learning_rate=a.lr, max_grad_norm=1.0,
+                           lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01, report_to=[],
+                           logging_steps=10**6, save_strategy="no", seed=0, use_cpu=True,
+                           dataloader_num_workers=0, bf16=False, gradient_checkpointing=False, disable_tqdm=True)
+        self.timer = _Timer()
+        if name == "trl:gkd":
+            GKDConfig, GKDTrainer = _trl_gkd()
+            args = GKDConfig(lmbda=1.0, beta=0.5, seq_kd=False, temperature=a.temperature,
+                             max_new_tokens=a.new_tokens, max_length=4096, **common_args)
+            # GKD samples one answer per row and its collator wants a prompt-completion conversation (the
+            # completion is replaced by the student's sample when lmbda = 1): each prompt G times
+            rows = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": "ok"}]}
+                    for r in paths["prompts"] for _ in range(a.G)]
+            self.trainer = tr = GKDTrainer(model=student, teacher_model=teacher, args=args,
+                                           train_dataset=Dataset.from_list(rows), processing_class=tok)
+            tr.generate_on_policy_outputs = self._count_gkd(self.timer.wrap("gen", tr.generate_on_policy_outputs))
+            self.timer.hook_forward(tr.teacher_model, "teacher")
+        else:
+            DistillationConfig, DistillationTrainer = _trl_distill()
+            args = DistillationConfig(max_completion_length=a.new_tokens, temperature=a.temperature, top_p=1.0,
+                                      top_k=0, beta=0.5, **common_args)
+            # always on-policy, one answer per row (TRL 1.16): each prompt G times
+            rows = [{"prompt": [{"role": "user", "content": r["prompt"]}]}
+                    for r in paths["prompts"] for _ in range(a.G)]
+            self.trainer = tr = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                                    train_dataset=Dataset.from_list(rows), processing_class=tok)
+            tr._generate = self.timer.wrap("gen", tr._generate)
+            teacher_module = tr.accelerator.unwrap_model(tr.teacher_model)
+            hidden = tr._get_last_hidden_state
+
+            def timed_hidden(model, *args, **kwargs):  # the teacher's backbone forward, not the student's
+                if model is not teacher_module:
+                    return hidden(model, *args, **kwargs)
+                return self.timer.wrap("teacher", hidden)(model, *args, **kwargs)
+            tr._get_last_hidden_state = timed_hidden
+        # Trainer.train() sets these before its first step
+        if getattr(tr, "current_gradient_accumulation_steps", None) is None:
+            tr.current_gradient_accumulation_steps = 1
+        tr.create_optimizer_and_scheduler(num_training_steps=10**6)
+        self.timer.hook_optimizer(tr.optimizer)
+        self.model = tr.model
+        self.model.train()
+        self.loader = tr.get_train_dataloader()
+        self._it = iter(self.loader)
+        self.step_no = 0
+        self._gen_tokens = 0
+
+    def _count_gkd(self, fn):
+        def counted(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            self._gen_tokens += int((out[2] != -100).sum())  # labels: the generated tokens up to EOS
+            return out
+        return counted
+
+    def _batch(self):
+        try:
+            return next(self._it)
+        except StopIteration:
+            self._it = iter(self.loader)
+            return next(self._it)
+
+    def step(self) -> dict:
+        tr, model = self.trainer, self.model
+        self.timer.reset()
+        self._gen_tokens = 0
+        t0 = time.perf_counter()
+        inputs = self._batch()  # the collator's work (GKD tokenizes here) goes to "other"
+        t_batch = time.perf_counter()
+        loss = tr.training_step(model, inputs, None)
+        t1 = time.perf_counter()
+        t_clip = time.perf_counter()
+        tr.accelerator.clip_grad_norm_(model.parameters(), tr.args.max_grad_norm)
+        t_clip = time.perf_counter() - t_clip
+        tr.optimizer.step()
+        tr.lr_scheduler.step()
+        model.zero_grad(set_to_none=True)
+        total = time.perf_counter() - t0
+        self.step_no += 1
+        tr.state.global_step = self.step_no
+        t = self.timer.t
+        if self.name == "trl:distill":
+            self._gen_tokens = int(sum(int(b["completion_mask"].sum()) for b in tr._buffered_inputs))
+        gen, teacher = t.get("gen", 0.0), t.get("teacher", 0.0)
+        optim = t.get("optim_step", 0.0) + t_clip
+        split = {"gen": gen, "teacher": teacher, "loss_bwd": (t1 - t_batch) - gen - teacher, "optim": optim}
+        split["other"] = total - sum(split.values())
+        return {"total": total, **split, "tokens": self._gen_tokens, "loss": float(loss.detach())}
+
+
+def _trl_gkd():
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError:
+        from trl import GKDConfig, GKDTrainer
+    return GKDConfig, GKDTrainer
+
+
+def _trl_distill():
+    try:
+        from trl import DistillationConfig, DistillationTrainer
+    except ImportError:
+        from trl.experimental.distillation import DistillationConfig, DistillationTrainer
+    return DistillationConfig, DistillationTrainer
+
+
+def make_runner(name, paths, a, outdir):
+    if name.startswith("copsd:"):
+        return CopsdRunner(name, paths, a, outdir)
+    return TrlRunner(name, paths, a, outdir)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _read_status(key: str) -> int:
+    """``key`` (VmRSS, VmHWM) of this process in bytes; 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak():
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def _fresh_process_peak(impl: str, a) -> float:
+    """Whole-process peak RSS (MiB) of a fresh process that sets up ``impl`` and runs warm-up + one step."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--steps", "1", "--warmup", str(a.warmup),
+           "--prompts", str(a.prompts), "--G", str(a.G), "--new-tokens", str(a.new_tokens), "--hidden", str(a.hidden),
+           "--layers", str(a.layers), "--heads", str(a.heads), "--kv-heads", str(a.kv_heads),
+           "--intermediate", str(a.intermediate), "--vocab", str(a.vocab), "--temperature", str(a.temperature),
+           "--lr", str(a.lr), "--backend", a.backend, "--constitution", a.constitution, "--threads",
+           str(torch.get_num_threads()), "--quiet", "--print-maxrss"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory probe {impl} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])["maxrss_mib"]
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run(a) -> dict:
+    """Set up every available implementation, warm up, time ``a.steps`` round-robin rounds; returns the results."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    logging.getLogger("copsd").setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("trl", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    tmp = tempfile.TemporaryDirectory(prefix="copsd_e2e_")
+    paths = build_workspace(tmp.name, a)
+    runners, skipped, checks = {}, {}, {}
+    for name in a.impl:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                runners[name] = make_runner(name, paths, a, tmp.name)
+        except ImportError as e:
+            skipped[name] = f"not installed ({e})"
+            if not a.quiet:
+                print(f"# {name}: skipped, TRL is not installed or lacks this trainer ({e})", file=sys.stderr)
+    times: dict[str, list[dict]] = {n: [] for n in runners}
+    peak: dict[str, int] = dict.fromkeys(runners, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-        from trl.experimental.gkd import GKDConfig, GKDTrainer
-    tok = AutoTokenizer.from_pretrained(paths["student"])
-    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "ok"}]}
-            for p in _prompts(a.prompts) for _ in range(a.g)]
-    args = GKDConfig(**_trl_common(a, root, "gkd_out"), lmbda=1.0, max_new_tokens=a.new_tokens, seq_kd=False)
-    timer = _StepTimer()
-    trainer = GKDTrainer(model=AutoModelForCausalLM.from_pretrained(paths["student"]),
-                         teacher_model=AutoModelForCausalLM.from_pretrained(paths["teacher"]), args=args,
-                         train_dataset=Dataset.from_list(rows * (a.warmup + a.steps)), processing_class=tok,
-                         callbacks=[timer.callback])
-    trainer.generation_config.min_new_tokens = a.new_tokens
-    trainer.train()
-    t = timer.times[a.warmup:]
-    return statistics.median(t), t, None
+        for name, r in runners.items():
+            before = _param_snapshot(r.model)
+            for _ in range(a.warmup):
+                r.step()
+            checks[name] = {"changed_tensors_after_warmup": _changed(r.model, before) if a.warmup else None,
+                            "trainable_tensors": len(before)}
+        for rnd in range(a.steps):
+            for name, r in runners.items():
+                rss0 = _read_status("VmRSS")
+                _reset_peak()
+                rec = r.step()
+                peak[name] = max(peak[name], _read_status("VmHWM") - rss0)
+                rec["round"] = rnd
+                times[name].append(rec)
+                if not a.quiet:
+                    print(f"# round {rnd} {name}: {rec['total'] * 1e3:.0f} ms, {rec['tokens']} tokens, "
+                          f"loss {rec['loss']:.4g}", file=sys.stderr)
+    out = {"machine": common.machine(), "args": {k: v for k, v in vars(a).items() if k != "impl"},
+           "impls": list(runners), "skipped": skipped, "checks": checks, "peak_extra_bytes": peak, "steps": times}
+    if a.memory:
+        out["fresh_process_maxrss_mib"] = {n: _fresh_process_peak(n, a) for n in runners}
+    tmp.cleanup()
+    return out
 
 
-def run_distillation(paths, root, a):
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DistillationConfig, DistillationTrainer
+def summarize(res: dict) -> str:
+    a, impls, steps = res["args"], res["impls"], res["steps"]
+    lines = [f"Machine: {res['machine']}",
+             f"Shape: {a['prompts']} prompts x G={a['G']}, up to {a['new_tokens']} new tokens, temperature "
+             f"{a['temperature']}; Qwen2 H={a['hidden']} L={a['layers']} heads {a['heads']}/{a['kv_heads']} "
+             f"I={a['intermediate']} V={a['vocab']} (tied), fp32; constitution {a['constitution']}; "
+             f"{a['steps']} timed rounds after {a['warmup']} warm-up step(s)", ""]
+    head = "| impl | step ms (median) | " + " | ".join(f"{s} ms" for s in STAGES) + \
+        " | gen. tokens/step | peak extra MiB | loss (last) |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for n in impls:
+        recs = steps[n]
+        med = {k: statistics.median(r[k] for r in recs) for k in ("total", *STAGES)}
+        toks = sorted({r["tokens"] for r in recs})
+        tok_s = str(toks[0]) if len(toks) == 1 else f"{toks[0]}-{toks[-1]}"
+        lines.append(f"| {n} | {med['total'] * 1e3:.0f} | " + " | ".join(f"{med[s] * 1e3:.0f}" for s in STAGES)
+                     + f" | {tok_s} | {res['peak_extra_bytes'][n] / 2**20:.0f} | {recs[-1]['loss']:.4g} |")
+    for n, why in res["skipped"].items():
+        lines.append(f"| {n} | skipped: {why} |")
+    copsd = [n for n in impls if n.startswith("copsd:")]
+    peers = [n for n in impls if not n.startswith("copsd:")]
+    if copsd and peers:
+        lines += ["", "Same-round speed-up (peer step time / copsd step time, median over rounds; > 1: copsd faster):",
+                  "", "| copsd | " + " | ".join(peers) + " |", "|---|" + "---|" * len(peers)]
+        for c in copsd:
+            cells = []
+            for p in peers:
+                ratios = [rp["total"] / rc["total"] for rc, rp in zip(steps[c], steps[p])]
+                cells.append(f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f})")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    if res.get("fresh_process_maxrss_mib"):
+        lines += ["", "Whole-process peak RSS in a fresh process (imports, models, warm-up, one step): "
+                  + ", ".join(f"{n} {v:.0f} MiB" for n, v in res["fresh_process_maxrss_mib"].items())]
+    lines += ["", "Weights changed by the warm-up step(s) (trainable tensors): "
+              + ", ".join(f"{n} {c['changed_tensors_after_warmup']}/{c['trainable_tensors']}"
+                          for n, c in res["checks"].items())]
+    return "\n".join(lines)
 
-    tok = AutoTokenizer.from_pretrained(paths["student"])
-    rows = [{"prompt": [{"role": "user", "content": p}]} for p in _prompts(a.prompts) for _ in range(a.g)]
-    args = DistillationConfig(**_trl_common(a, root, "distill_out"), max_completion_length=a.new_tokens,
-                              generation_kwargs={"min_new_tokens": a.new_tokens})
-    timer = _StepTimer()
-    trainer = DistillationTrainer(model=AutoModelForCausalLM.from_pretrained(paths["student"]),
-                                  teacher_model=AutoModelForCausalLM.from_pretrained(paths["teacher"]), args=args,
-                                  train_dataset=Dataset.from_list(rows * (a.warmup + a.steps)),
-                                  processing_class=tok, callbacks=[timer.callback])
-    trainer.train()
-    t = timer.times[a.warmup:]
-    return statistics.median(t), t, None
 
-
-RUNNERS = {"copsd": run_copsd, "gkd": run_gkd, "distillation": run_distillation}
-LABELS = {"copsd": "copsd Distiller (backend cpu)", "gkd": "TRL GKDTrainer (lmbda=1)",
-          "distillation": "TRL DistillationTrainer"}
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--G", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--backend", default="auto", help="copsd's loss backend (auto, cpu, reference, ...)")
+    p.add_argument("--constitution", default="small",
+                   help="'small' (two short rules, the default), 'default' (copsd's bundled constitution) or a path")
+    p.add_argument("--steps", type=int, default=5, help="timed round-robin rounds")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per implementation before the rounds")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--memory", action="store_true", help="also each implementation's peak RSS in a fresh process")
+    p.add_argument("--out", help="append the Markdown table to this file")
+    p.add_argument("--json", help="write all per-step records here")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--print-maxrss", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    for name in ("prompts", "G", "new_tokens", "steps"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.warmup < 0:
+        p.error("--warmup must be >= 0")
+    return a
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--g", type=int, default=4)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--only", action="append", choices=list(RUNNERS))
-    a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.manual_seed(0)
-    results = {}
-    with tempfile.TemporaryDirectory() as root:
-        paths = build_models(root, a.hidden, a.layers)
-        for name in a.only or list(RUNNERS):
-            try:
-                results[name] = RUNNERS[name](paths, root, a)
-            except ImportError as e:
-                print(f"{name}: skipped -- {e}", flush=True)
-                continue
-            med, ts, split = results[name]
-            extra = "" if split is None else (f" (generation {split[0]:.2f} s, teacher {split[1]:.2f} s, "
-                                              f"update {split[2]:.2f} s)")
-            print(f"{name}: {med:.2f} s/step, steps {[round(t, 2) for t in ts]}{extra}", flush=True)
-    print()
-    print(f"P={a.prompts} prompts x G={a.g}, {a.new_tokens} new tokens, tiny Qwen2 hidden {a.hidden}, "
-          f"{a.layers} layers; {a.steps} timed steps after {a.warmup} warm-up")
-    print(f"Machine: {common.machine()}")
-    print()
-    print("| trainer | s/step (median) | generation | teacher | update | copsd speed-up |")
-    print("|---|---:|---:|---:|---:|---:|")
-    base = results.get("copsd", (None,))[0]
-    for name, (med, _, split) in results.items():
-        sp = ["", "", ""] if split is None else [f"{x:.2f}" for x in split]
-        ratio = "" if base is None or name == "copsd" else f"{med / base:.2f}x"
-        print(f"| {LABELS[name]} | {med:.2f} | {sp[0]} | {sp[1]} | {sp[2]} | {ratio} |")
+    a = parse_args(argv)
+    res = run(a)
+    if a.print_maxrss:
+        # VmHWM, not ru_maxrss: Linux carries the parent's resident size into ru_maxrss across fork + exec
+        print(json.dumps({"maxrss_mib": _read_status("VmHWM") / 2**20}))
+        return res
+    text = summarize(res)
+    print(text)
+    if a.out:
+        with open(a.out, "a", encoding="utf-8") as f:
+            f.write(text + "\n\n")
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+    return res
 
 
 if __name__ == "__main__":
