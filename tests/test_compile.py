@@ -60,6 +60,16 @@ def _same(a, b):
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def _compiled_matches_eager(fn, inputs, wrt):
+    """``fn`` compiled (fullgraph) gives eager's value and gradients w.r.t. ``wrt``; returns eager's gradients."""
+    (ye, ge), (yc, gc) = _eager_and_compiled(fn, inputs, wrt)
+    _same(yc, ye)
+    assert len(gc) == len(ge)
+    for a, b in zip(gc, ge):
+        _same(a, b)
+    return ge
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_logprobs_compiles(backend):
     x, w = _lm()
@@ -70,10 +80,7 @@ def test_linear_logprobs_compiles(backend):
                                        backend=backend)
         return (lp * torch.linspace(-1, 1, 9, dtype=F64)).sum() + 0.3 * ent.sum() - 0.1 * lse.sum()
 
-    (ye, ge), (yc, gc) = _eager_and_compiled(f, (x, w, ids), (x, w))
-    _same(yc, ye)
-    for a, b in zip(gc, ge):
-        _same(a, b)
+    ge = _compiled_matches_eager(f, (x, w, ids), (x, w))
     assert ge[0].abs().sum() > 0 and ge[1].abs().sum() > 0
 
 
@@ -86,10 +93,7 @@ def test_linear_logprobs_one_output_used_compiles(backend):
     def f(x, w, ids):
         return linear_logprobs(x, w, ids, backend=backend)[0].sum()
 
-    (ye, ge), (yc, gc) = _eager_and_compiled(f, (x, w, ids), (x, w))
-    _same(yc, ye)
-    for a, b in zip(gc, ge):
-        _same(a, b)
+    _compiled_matches_eager(f, (x, w, ids), (x, w))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -108,10 +112,7 @@ def test_linear_logprobs_loss_compiles(backend):
         loss, lp, ent = linear_logprobs_loss(x, w, ids, loss_fn, logit_scale=1.3, backend=backend)
         return loss + 0 * lp.sum() + 0 * ent.sum()
 
-    (ye, ge), (yc, gc) = _eager_and_compiled(f, (x, w, ids), (x, w))
-    _same(yc, ye)
-    for a, b in zip(gc, ge):
-        _same(a, b)
+    _compiled_matches_eager(f, (x, w, ids), (x, w))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -141,10 +142,7 @@ def test_linear_divergence_compiles(backend, reduction, support):
                                  reduction=reduction, backend=backend, **extra)
         return (loss * up).sum() if reduction == "none" else loss * 1.7
 
-    (ye, ge), (yc, gc) = _eager_and_compiled(f, (xs, ws, xt, wt, mask), (xs, ws))
-    _same(yc, ye)
-    for a, b in zip(gc, ge):
-        _same(a, b)
+    ge = _compiled_matches_eager(f, (xs, ws, xt, wt, mask), (xs, ws))
     assert (ge[0][~mask] == 0).all() and ge[1].abs().sum() > 0
 
 
@@ -222,10 +220,7 @@ def test_shared_prefix_attention_compiles(backend, padded, monkeypatch):
         o, lse = shared_prefix_attention(q, k, v, pk, pv, scale=0.4, seq_lens=lens, backend=backend)
         return (o * w_o).sum() + 0.3 * torch.where(torch.isfinite(lse), lse, 0).sum()
 
-    (ye, ge), (yc, gc) = _eager_and_compiled(f, inputs, inputs)
-    _same(yc, ye)
-    for a, b in zip(gc, ge):
-        _same(a, b)
+    ge = _compiled_matches_eager(f, inputs, inputs)
     assert all(g.abs().sum() > 0 for g in ge)
 
 
@@ -244,11 +239,9 @@ def test_merge_attention_states_compiles(backend, monkeypatch):
         return (o * w_o).sum() + 0.3 * torch.where(torch.isfinite(lse), lse, 0).sum()
 
     inputs = (o_a, lse_a, o_b, lse_b)
-    (ye, ge), (yc, gc) = _eager_and_compiled(f, inputs, inputs)
-    _same(yc, ye)
-    for a, b in zip(gc, ge):
-        _same(a, b)
-        assert not a.isnan().any()
+    ge = _compiled_matches_eager(f, inputs, inputs)
+    for g in ge:  # equal to the compiled gradients, checked above
+        assert not g.isnan().any()
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
