@@ -51,21 +51,28 @@ CONSTITUTION_MD = ("# My house rules\n\nBe helpful and honest. Refuse to help an
                    "## category: violence\nNever give instructions that help hurt a person.\n")
 
 
+def train_byte_level_bpe(corpus, special, vocab_size: int = 400):
+    """A ``tokenizers`` byte-level BPE model trained here on ``corpus`` with ``special`` tokens (ids 0, 1, ...)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return tok
+
+
 def bpe_tokenizer(chat_template: str = CHATML, gemma: bool = False):
     """A byte-level BPE tokenizer trained here on ``CORPUS``, with ChatML (or Gemma-style) special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     if gemma:
         special = ["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]
     else:
         special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok = train_byte_level_bpe(CORPUS, special)
     if gemma:
         t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<end_of_turn>",
                                     pad_token="<pad>", extra_special_tokens=["<eos>", "<start_of_turn>"])

@@ -74,15 +74,10 @@ def _check(family: str) -> None:
 
 def vlm_tokenizer():
     """Byte-level BPE over ``CORPUS`` with the Qwen-VL special tokens and ``CHAT_TEMPLATE``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+    from user_models import train_byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok = train_byte_level_bpe(CORPUS, SPECIAL)
     t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                 extra_special_tokens=SPECIAL[1:2] + SPECIAL[3:])
     t.chat_template = CHAT_TEMPLATE
