@@ -38,6 +38,24 @@ def _weights(path):
     return load_file(os.path.join(path, "model.safetensors"))
 
 
+def _interrupted_then_resumed(trainer_cls, make_cfg, out, checkpoint: int, monkeypatch):
+    """Train ``trainer_cls(make_cfg())`` into ``out`` until it is interrupted right after ``checkpoint-<checkpoint>``
+    (before the next step), then resume it from the latest checkpoint to the end."""
+    real = trainer_cls.train_step
+
+    def dies(self, step):
+        if step == checkpoint:
+            raise KeyboardInterrupt(f"killed after checkpoint-{checkpoint}")
+        return real(self, step)
+
+    monkeypatch.setattr(trainer_cls, "train_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        trainer_cls(make_cfg()).train()
+    monkeypatch.setattr(trainer_cls, "train_step", real)
+    assert (out / f"checkpoint-{checkpoint}").is_dir() and not (out / "model.safetensors").exists()
+    trainer_cls(make_cfg(resume_from_checkpoint="latest")).train()
+
+
 def _vision_keys(state):
     return [k for k in state if ".visual." in f".{k}"]
 
@@ -125,19 +143,7 @@ def test_sft_resume_with_images_matches_uninterrupted(world, tmp_path, monkeypat
     CrossSFT(sft_cfg(world, FAST, full, **common)).train()
 
     out = tmp_path / "killed"
-    real = CrossSFT.train_step
-
-    def dies_at_3(self, step):
-        if step == 2:
-            raise KeyboardInterrupt("killed after checkpoint-2")
-        return real(self, step)
-
-    monkeypatch.setattr(CrossSFT, "train_step", dies_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        CrossSFT(sft_cfg(world, FAST, out, **common)).train()
-    monkeypatch.setattr(CrossSFT, "train_step", real)
-    assert (out / "checkpoint-2").is_dir() and not (out / "model.safetensors").exists()
-    CrossSFT(sft_cfg(world, FAST, out, resume_from_checkpoint="latest", **common)).train()
+    _interrupted_then_resumed(CrossSFT, lambda **kw: sft_cfg(world, FAST, out, **common, **kw), out, 2, monkeypatch)
     a, b = _weights(full), _weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -235,19 +241,8 @@ def test_distill_resume_with_images_matches_uninterrupted(world, tmp_path, monke
     full = tmp_path / "full"
     Distiller(distill_cfg(world, FAST, full, **common)).train()
     out = tmp_path / "killed"
-    real = Distiller.train_step
-
-    def dies(self, step):
-        if step == 1:
-            raise KeyboardInterrupt("killed after checkpoint-1")
-        return real(self, step)
-
-    monkeypatch.setattr(Distiller, "train_step", dies)
-    with pytest.raises(KeyboardInterrupt):
-        Distiller(distill_cfg(world, FAST, out, **common)).train()
-    monkeypatch.setattr(Distiller, "train_step", real)
-    assert (out / "checkpoint-1").is_dir() and not (out / "model.safetensors").exists()
-    Distiller(distill_cfg(world, FAST, out, resume_from_checkpoint="latest", **common)).train()
+    _interrupted_then_resumed(Distiller, lambda **kw: distill_cfg(world, FAST, out, **common, **kw), out, 1,
+                              monkeypatch)
     a, b = _weights(full), _weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ea = load_file(str(full / "checkpoint-2" / "ema_teacher.safetensors"))
