@@ -520,6 +520,20 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> divergence(
   return divergence_t<float>(xs, ws, xt, wt, lp, dp, K, token_grad, budget);
 }
 
+// y = f(x) for an fp32/fp64 tensor, f one of the row kernels' vectorised elementwise functions, chosen by
+// pick(kernels<T>()) (exposed to Python for the tests of exp and log).
+template <typename Pick>
+Tensor elementwise(const Tensor& x, Pick pick) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64");
+  Tensor xc = x.contiguous(), y = at::empty_like(xc);
+  if (x.scalar_type() == at::kDouble) {
+    pick(kernels<double>())(xc.data_ptr<double>(), y.data_ptr<double>(), xc.numel());
+  } else {
+    pick(kernels<float>())(xc.data_ptr<float>(), y.data_ptr<float>(), xc.numel());
+  }
+  return y;
+}
+
 }  // namespace
 
 void register_loss(pybind11::module& m) {
@@ -543,26 +557,10 @@ void register_loss(pybind11::module& m) {
         py::arg("beta"), py::arg("support"), py::arg("tail"), py::arg("term_clip"), py::arg("topk_ids"),
         py::arg("token_grad"), py::arg("workspace_bytes"),
         "(loss[N], d_s_hidden | None, d_s_weight | None)");
-  m.def("exp", [](const Tensor& x) {
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64");
-    Tensor xc = x.contiguous(), y = at::empty_like(xc);
-    if (x.scalar_type() == at::kDouble) {
-      kernels<double>().exp(xc.data_ptr<double>(), y.data_ptr<double>(), xc.numel());
-    } else {
-      kernels<float>().exp(xc.data_ptr<float>(), y.data_ptr<float>(), xc.numel());
-    }
-    return y;
-  }, py::arg("x"), "elementwise exp with the row epilogues' vectorised polynomial (for tests)");
-  m.def("log", [](const Tensor& x) {
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64");
-    Tensor xc = x.contiguous(), y = at::empty_like(xc);
-    if (x.scalar_type() == at::kDouble) {
-      kernels<double>().log(xc.data_ptr<double>(), y.data_ptr<double>(), xc.numel());
-    } else {
-      kernels<float>().log(xc.data_ptr<float>(), y.data_ptr<float>(), xc.numel());
-    }
-    return y;
-  }, py::arg("x"), "elementwise log with the row epilogues' vectorised polynomial (for tests)");
+  m.def("exp", [](const Tensor& x) { return elementwise(x, [](const auto& k) { return k.exp; }); }, py::arg("x"),
+        "elementwise exp with the row epilogues' vectorised polynomial (for tests)");
+  m.def("log", [](const Tensor& x) { return elementwise(x, [](const auto& k) { return k.log; }); }, py::arg("x"),
+        "elementwise log with the row epilogues' vectorised polynomial (for tests)");
   m.def("isa", []() {
     const int l = isa_level();
     return std::string(l == 2 ? "avx512" : l == 1 ? "avx2" : "base");
