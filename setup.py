@@ -45,7 +45,8 @@ def _extensions():
         exts.append(cpp_extension.CppExtension(
             "copsd._C", cpu_sources,
             extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            # -ldl: dlopen/dlsym find torch's MKL packed-GEMM symbols at run time (csrc/cpu/gemm.cpp).
+            extra_link_args=["-fopenmp"] + (["-ldl"] if sys.platform.startswith("linux") else []),
         ))
 
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))

@@ -8,8 +8,9 @@
 // its gradient costs exactly the four GEMMs of the naive computation and no [N, V] tensor:
 // the workspace is bounded by `workspace_bytes` (at least one row per side).
 //
-// Low-precision weights are up-cast per vocabulary block (also bounded) so every GEMM runs
-// and accumulates in fp32 (fp64 for fp64 inputs).
+// The GEMMs live in gemm.{h,cpp}: low-precision weights are up-cast per vocabulary block (also
+// bounded) so every GEMM runs and accumulates in fp32 (fp64 for fp64 inputs), and where torch's MKL
+// has the packed-GEMM API an fp32 lm_head is packed once per call for all chunks' logits GEMMs.
 #include <torch/extension.h>
 #include <pybind11/functional.h>
 
@@ -25,6 +26,7 @@
 #include <string>
 #include <tuple>
 
+#include "gemm.h"
 #include "loss_rows_api.h"
 
 namespace copsd_cpu {
@@ -115,88 +117,6 @@ at::ScalarType acc_type(const Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Rows per chunk so that `sides` [rows, V] buffers fit in `budget` bytes (>= 1 row).
-int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget) {
-  int64_t rows = budget / std::max<int64_t>(1, sides * V * elem);
-  return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(N, 1)));
-}
-
-// Vocabulary rows per up-cast block of a low-precision weight.
-int64_t upcast_block(int64_t V, int64_t H, int64_t elem, int64_t budget) {
-  return std::max<int64_t>(1, std::min<int64_t>(V, (budget / 4) / std::max<int64_t>(1, H * elem)));
-}
-
-// Up-cast blocks of a low-precision weight: one [vb, H] buffer per weight and call, filled in place (a fresh
-// tensor per block would be a new mapping each time and page-fault its whole size on every chunk).
-struct Upcast {
-  int64_t vb;
-  Tensor buf;
-  explicit Upcast(int64_t rows) : vb(rows) {}
-  Tensor block(const Tensor& W, int64_t v0, int64_t n, at::ScalarType st) {
-    if (!buf.defined()) buf = at::empty({vb, W.size(1)}, W.options().dtype(st));
-    Tensor b = buf.narrow(0, 0, n);
-    b.copy_(W.narrow(0, v0, n));
-    return b;
-  }
-};
-
-// out[rows, V] = x[rows, H] @ W[V, H]^T in out's dtype.
-void gemm_logits(const Tensor& x, const Tensor& W, Tensor out, Upcast& up) {
-  if (W.scalar_type() == out.scalar_type()) {
-    at::mm_out(out, x, W.t());
-    return;
-  }
-  const int64_t V = W.size(0), vb = up.vb;
-  for (int64_t v0 = 0; v0 < V; v0 += vb) {
-    const int64_t n = std::min(vb, V - v0);
-    Tensor blk = out.narrow(1, v0, n);
-    at::mm_out(blk, x, up.block(W, v0, n, out.scalar_type()).t());
-  }
-}
-
-// A chunk of fewer rows than this gets its d_hidden product summed in vocabulary blocks (below).
-constexpr int64_t FEW_ROWS = 16;
-// Vocabulary entries per block of those partial products.
-constexpr int64_t DX_BLOCK = 1024;
-
-// dx[rows, H] = dz[rows, V] @ W[V, H]; dw[V, H] (+)= dz^T @ x.
-//
-// d_hidden sums over the whole vocabulary.  A chunk of many rows is a real GEMM, which every BLAS blocks
-// over that dimension (a two-level sum); a chunk of a few rows (small workspace, huge vocabulary, the last
-// chunk) is a matrix-vector product, which a BLAS may accumulate in one running sum per output: at
-// V = 151936 that is ~10x less accurate than the dense GEMM.  Few-row chunks therefore form one product per
-// DX_BLOCK vocabulary entries and add the partial products (so the rounding no longer grows with V);
-// adding the blocks with addmm_ instead would not help, it continues the same running sum.
-void gemm_grads(const Tensor& dz, const Tensor& x, const Tensor& W, Tensor dx, Tensor& dw, bool first,
-                Upcast& up) {
-  const int64_t V = W.size(0), vb = up.vb;
-  const bool upcast = W.scalar_type() != dz.scalar_type();
-  const bool few = dz.size(0) < FEW_ROWS && V > DX_BLOCK;
-  if (!upcast && !few) {
-    at::mm_out(dx, dz, W);
-  } else if (!few) {
-    dx.zero_();
-    for (int64_t v0 = 0; v0 < V; v0 += vb) {
-      const int64_t n = std::min(vb, V - v0);
-      dx.addmm_(dz.narrow(1, v0, n), up.block(W, v0, n, dz.scalar_type()));
-    }
-  } else {
-    const int64_t b = upcast ? std::min(vb, DX_BLOCK) : DX_BLOCK;
-    Tensor part = at::empty_like(dx);
-    for (int64_t v0 = 0; v0 < V; v0 += b) {
-      const int64_t n = std::min(b, V - v0);
-      Tensor wb = upcast ? up.block(W, v0, n, dz.scalar_type()) : W.narrow(0, v0, n);
-      at::mm_out(v0 == 0 ? dx : part, dz.narrow(1, v0, n), wb);
-      if (v0 > 0) dx.add_(part);
-    }
-  }
-  if (first) {
-    at::mm_out(dw, dz.t(), x);
-  } else {
-    dw.addmm_(dz.t(), x);
-  }
-}
-
 template <typename T>
 Tensor vec_or_zeros(const std::optional<Tensor>& t, int64_t n, at::ScalarType st) {
   if (t.has_value() && t->defined()) return t->to(st).contiguous();
@@ -208,7 +128,7 @@ Tensor vec_or_zeros(const std::optional<Tensor>& t, int64_t n, at::ScalarType st
 // Tokens [r0, r0 + nr) of one lm_head pass: their logits into the chunk buffer `z` (returned, [nr, V]), then the
 // rows' log-prob statistics; the rows keep their transformed logits.
 template <typename T>
-Tensor chunk_logprob_stats(const Tensor& xc, const Tensor& weight, const Tensor& z, Upcast& vb, const int64_t* id,
+Tensor chunk_logprob_stats(const Tensor& xc, const Tensor& weight, const Tensor& z, LmHead& vb, const int64_t* id,
                            const LogitParams& lp, T* plp, T* pent, T* plse) {
   const int64_t nr = xc.size(0), V = weight.size(0);
   Tensor zc = z.narrow(0, 0, nr);
@@ -229,7 +149,8 @@ std::tuple<Tensor, Tensor, Tensor> logprobs_forward_t(const Tensor& hidden, cons
   Tensor out_lp = at::empty({N}, opts), out_ent = at::empty({N}, opts), out_lse = at::empty({N}, opts);
   if (N == 0) return {out_lp, out_ent, out_lse};
   const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
-  Upcast vb(upcast_block(V, H, sizeof(T), budget));
+  PackBudget pack;
+  LmHead vb(weight, st, rows, N, budget, pack);
   Tensor z = at::empty({rows, V}, opts);
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
@@ -255,7 +176,8 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
     return {dx, dw};
   }
   const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
-  Upcast vb(upcast_block(V, H, sizeof(T), budget));
+  PackBudget pack;
+  LmHead vb(weight, st, rows, N, budget, pack);
   Tensor z = at::empty({rows, V}, opts);
   const auto& K = kernels<T>();
   const int64_t* id = ids.data_ptr<int64_t>();
@@ -298,7 +220,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
   Tensor dx = at::empty({N, H}, opts), dw = at::zeros({V, H}, opts);
   if (N == 0) return {out_lp, out_ent, dx, dw};
   const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
-  Upcast vb(upcast_block(V, H, sizeof(T), budget));
+  PackBudget pack;
+  LmHead vb(weight, st, rows, N, budget, pack);
   Tensor z = at::empty({rows, V}, opts), lse = at::empty({rows}, opts);
   const auto& K = kernels<T>();
   const int64_t* id = ids.data_ptr<int64_t>();
@@ -336,7 +259,8 @@ std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& we
   Tensor out_lp = at::empty({N, k}, opts), out_lse = at::empty({N}, opts);
   if (N == 0) return {out_ids, out_lp, out_lse};
   const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
-  Upcast vb(upcast_block(V, H, sizeof(T), budget));
+  PackBudget pack;
+  LmHead vb(weight, st, rows, N, budget, pack);
   Tensor z = at::empty({rows, V}, opts);
   const auto& K = kernels<T>();
   int64_t* pid = out_ids.data_ptr<int64_t>();
@@ -387,8 +311,9 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> divergence_t(
   const int64_t k = topk ? topk_ids->size(1) : 0;
   const int64_t* pK = topk ? topk_ids->data_ptr<int64_t>() : nullptr;
   const int64_t rows = chunk_rows(N, V, sizeof(T), 2, budget);
-  Upcast vb_s(upcast_block(V, H, sizeof(T), budget));
-  Upcast vb_t(upcast_block(V, xt.size(1), sizeof(T), budget));
+  PackBudget pack;  // the student's lm_head is packed first, the teacher's if the budget still allows
+  LmHead vb_s(ws, st, rows, N, budget, pack);
+  LmHead vb_t(wt, st, rows, N, budget, pack);
   Tensor zs = at::empty({rows, V}, opts), zt = at::empty({rows, V}, opts);
   Tensor scratch = at::empty({rows, std::max<int64_t>(1, 3 * k)}, opts);
   const auto& K = kernels<T>();

@@ -1,0 +1,281 @@
+// GEMMs of the CPU loss drivers; see gemm.h for the design.
+#include "gemm.h"
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <climits>
+#include <cstdlib>
+#include <string>
+
+namespace copsd_cpu {
+
+using at::Tensor;
+
+namespace {
+
+// ------------------------------------------------------------------------------ MKL's packed GEMM, found at run time
+
+// CBLAS constants (values of mkl_cblas.h / cblas.h).
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+
+// LP64 interface (MKL_INT = int), the one torch's MKL builds link.
+using GetSizeFn = size_t (*)(int, int, int, int);
+using PackFn = void (*)(int, int, int, int, int, int, float, const float*, int, float*);
+using ComputeFn = void (*)(int, int, int, int, int, int, const float*, int, const float*, int, float, float*, int);
+
+struct PackedApi {
+  GetSizeFn get_size = nullptr;
+  PackFn pack = nullptr;
+  ComputeFn compute = nullptr;
+};
+
+// A 3x4 @ (5x4)^T product of small integers through the packed path must be exact: guards against a symbol
+// of the same name with another calling convention (e.g. an ILP64 build), which then stays unused.
+bool self_test(const PackedApi& api) {
+  const int m = 3, n = 5, k = 4;
+  float a[m * k], w[n * k], c[m * n];
+  for (int i = 0; i < m * k; ++i) a[i] = static_cast<float>(i % 7 - 3);
+  for (int i = 0; i < n * k; ++i) w[i] = static_cast<float>(i % 5 - 2);
+  const size_t bytes = api.get_size(kBMatrix, m, n, k);
+  if (bytes == 0 || bytes > (size_t(1) << 30)) return false;
+  std::vector<float> packed((bytes + sizeof(float) - 1) / sizeof(float) + 16);
+  api.pack(kRowMajor, kBMatrix, kTrans, m, n, k, 1.0f, w, k, packed.data());
+  api.compute(kRowMajor, kNoTrans, kPacked, m, n, k, a, k, packed.data(), n, 0.0f, c, n);
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      float want = 0;
+      for (int l = 0; l < k; ++l) want += a[i * k + l] * w[j * k + l];
+      if (c[i * n + j] != want) return false;
+    }
+  return true;
+}
+
+PackedApi load_packed_api() {
+  PackedApi api;
+  // The library that holds torch's own CPU operators (and, in MKL builds, MKL): found from one of its symbols,
+  // opened only if already loaded, so a torch without MKL simply has no such symbols.
+  void* lib = nullptr;
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&at::_ops::mm::call), &info) != 0 && info.dli_fname != nullptr)
+    lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+  if (lib == nullptr) lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+  if (lib == nullptr) return api;
+  PackedApi found;
+  found.get_size = reinterpret_cast<GetSizeFn>(dlsym(lib, "cblas_sgemm_pack_get_size"));
+  found.pack = reinterpret_cast<PackFn>(dlsym(lib, "cblas_sgemm_pack"));
+  found.compute = reinterpret_cast<ComputeFn>(dlsym(lib, "cblas_sgemm_compute"));
+  if (found.get_size && found.pack && found.compute && self_test(found)) api = found;
+  return api;  // the handle stays open: torch's library is never unloaded while the extension lives
+}
+
+const PackedApi& packed_api() {
+  static const PackedApi api = load_packed_api();
+  return api;
+}
+
+bool have_packed_api() { return packed_api().compute != nullptr; }
+
+// Counters for tests and profiling (process-wide).
+std::atomic<int64_t> n_packs{0}, n_packed_bytes{0}, n_packed_gemms{0}, n_plain_gemms{0};
+
+bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
+
+// Vocabulary rows per up-cast block of a low-precision weight.
+int64_t upcast_block(int64_t V, int64_t H, int64_t elem, int64_t budget) {
+  return std::max<int64_t>(1, std::min<int64_t>(V, (budget / 4) / std::max<int64_t>(1, H * elem)));
+}
+
+bool env_flag_off(const char* name) {
+  const char* raw = std::getenv(name);
+  if (raw == nullptr) return false;
+  std::string s(raw);
+  for (auto& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  if (s.empty() || s == "1" || s == "true" || s == "on" || s == "yes") return false;
+  if (s == "0" || s == "false" || s == "off" || s == "no") return true;
+  TORCH_CHECK(false, name, " must be 0 or 1 (also false/true, off/on, no/yes), got '", raw, "'");
+}
+
+int64_t env_mib(const char* name, int64_t dflt) {
+  const char* raw = std::getenv(name);
+  if (raw == nullptr || *raw == '\0') return dflt;
+  char* end = nullptr;
+  const long long v = std::strtoll(raw, &end, 10);
+  TORCH_CHECK(end != raw && *end == '\0' && v >= 0 && v < (1LL << 40), name,
+              " must be a non-negative integer (MiB), got '", raw, "'");
+  return static_cast<int64_t>(v);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------ chunking and budgets
+
+int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget) {
+  int64_t rows = budget / std::max<int64_t>(1, sides * V * elem);
+  return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(N, 1)));
+}
+
+// Default budget: both lm_heads of a divergence at V = 32000 and H <= ~600 (MKL pads the packed weight to a
+// fixed panel depth: ~85 MiB each for H = 256 as for H = 512), so 2 x 85 MiB fit.
+constexpr int64_t kDefaultPackMiB = 192;
+
+PackBudget::PackBudget() {
+  if (env_flag_off("COPSD_CPU_PACK")) return;
+  left = env_mib("COPSD_CPU_PACK_MB", kDefaultPackMiB) << 20;
+}
+
+// ------------------------------------------------------------------------------ LmHead
+
+LmHead::LmHead(const Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int64_t budget, PackBudget& pack)
+    : W_(W), st_(st), upcast_(W.scalar_type() != st), rows_(rows) {
+  const int64_t V = W.size(0), H = W.size(1);
+  const int64_t elem = st == at::kDouble ? 8 : 4;
+  vb_ = upcast_ ? upcast_block(V, H, elem, budget) : V;
+  const int64_t chunks = rows > 0 ? (N + rows - 1) / rows : 0;
+  // Pack only when it pays (the weight is read by >= 2 chunk GEMMs), in fp32, within int range and budget.
+  if (st != at::kFloat || chunks < 2 || V == 0 || H == 0 || pack.left <= 0 || !have_packed_api()) return;
+  if (!fits_int(V) || !fits_int(H) || !fits_int(rows) || !fits_int(V * H)) return;
+  int64_t bytes = 0;
+  for (int64_t v0 = 0; v0 < V; v0 += vb_) {
+    const int64_t n = std::min(vb_, V - v0);
+    bytes += static_cast<int64_t>(packed_api().get_size(kBMatrix, static_cast<int>(rows), static_cast<int>(n),
+                                                        static_cast<int>(H)));
+  }
+  if (bytes > pack.left) return;
+  pack.left -= bytes;
+  pack_ = true;
+}
+
+Tensor LmHead::block(int64_t v0, int64_t n) {
+  if (!buf_.defined()) buf_ = at::empty({vb_, W_.size(1)}, W_.options().dtype(st_));
+  Tensor b = buf_.narrow(0, 0, n);
+  b.copy_(W_.narrow(0, v0, n));
+  return b;
+}
+
+void LmHead::pack_weight() {
+  const auto& api = packed_api();
+  const int64_t V = W_.size(0), H = W_.size(1);
+  for (int64_t v0 = 0; v0 < V; v0 += vb_) {
+    const int64_t n = std::min(vb_, V - v0);
+    Tensor src = upcast_ ? block(v0, n) : W_.narrow(0, v0, n);
+    // B = src^T [H, n]: a row-major [n, H] source with unit stride along H is B transposed; a source with unit
+    // stride along the vocabulary (a transposed view) is B itself.  Any other layout is copied first.
+    int trans, ld;
+    if (src.stride(1) == 1 && src.stride(0) >= std::max<int64_t>(1, H) && fits_int(src.stride(0))) {
+      trans = kTrans;
+      ld = static_cast<int>(src.stride(0));
+    } else if (src.stride(0) == 1 && src.stride(1) >= std::max<int64_t>(1, n) && fits_int(src.stride(1))) {
+      trans = kNoTrans;
+      ld = static_cast<int>(src.stride(1));
+    } else {
+      src = src.contiguous();
+      trans = kTrans;
+      ld = static_cast<int>(H);
+    }
+    const size_t bytes = api.get_size(kBMatrix, static_cast<int>(rows_), static_cast<int>(n), static_cast<int>(H));
+    // Allocated by torch's CPU allocator (64-byte aligned); MKL forbids moving a packed buffer, it never moves.
+    Tensor dst = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
+    api.pack(kRowMajor, kBMatrix, trans, static_cast<int>(rows_), static_cast<int>(n), static_cast<int>(H), 1.0f,
+             src.data_ptr<float>(), ld, reinterpret_cast<float*>(dst.data_ptr<uint8_t>()));
+    packed_.push_back(dst);
+    n_packed_bytes += static_cast<int64_t>(bytes);
+  }
+  ++n_packs;
+  // The up-cast buffer is needed again only by the d_hidden products of a low-precision weight.
+}
+
+void LmHead::logits(const Tensor& x_in, Tensor out) {
+  const int64_t V = W_.size(0), H = W_.size(1), m = x_in.size(0);
+  const bool out_rows = out.stride(1) == 1 && out.stride(0) >= V && fits_int(out.stride(0));
+  if (pack_ && out_rows && fits_int(m) && m > 0) {
+    if (packed_.empty()) pack_weight();
+    Tensor x = (x_in.stride(1) == 1 && x_in.stride(0) >= H && fits_int(x_in.stride(0))) ? x_in : x_in.contiguous();
+    const int lda = static_cast<int>(std::max<int64_t>(x.stride(0), H));
+    const auto& api = packed_api();
+    float* c = out.data_ptr<float>();
+    int64_t b = 0;
+    for (int64_t v0 = 0; v0 < V; v0 += vb_, ++b) {
+      const int64_t n = std::min(vb_, V - v0);
+      api.compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(m), static_cast<int>(n), static_cast<int>(H),
+                  x.data_ptr<float>(), lda, reinterpret_cast<const float*>(packed_[b].data_ptr<uint8_t>()),
+                  static_cast<int>(n), 0.0f, c + v0, static_cast<int>(out.stride(0)));
+    }
+    ++n_packed_gemms;
+    return;
+  }
+  ++n_plain_gemms;
+  if (!upcast_) {
+    at::mm_out(out, x_in, W_.t());
+    return;
+  }
+  for (int64_t v0 = 0; v0 < V; v0 += vb_) {
+    const int64_t n = std::min(vb_, V - v0);
+    Tensor blk = out.narrow(1, v0, n);
+    at::mm_out(blk, x_in, block(v0, n).t());
+  }
+}
+
+// A chunk of fewer rows than this gets its d_hidden product summed in vocabulary blocks (below).
+constexpr int64_t FEW_ROWS = 16;
+// Vocabulary entries per block of those partial products.
+constexpr int64_t DX_BLOCK = 1024;
+
+// d_hidden sums over the whole vocabulary.  A chunk of many rows is a real GEMM, which every BLAS blocks over
+// that dimension (a two-level sum); a chunk of a few rows (small workspace, huge vocabulary, the last chunk) is
+// a matrix-vector product, which a BLAS may accumulate in one running sum per output: at V = 151936 that is
+// ~10x less accurate than the dense GEMM.  Few-row chunks therefore form one product per DX_BLOCK vocabulary
+// entries and add the partial products (so the rounding no longer grows with V); adding the blocks with addmm_
+// instead would not help, it continues the same running sum.
+void LmHead::grads(const Tensor& dz, const Tensor& x, Tensor dx, Tensor& dw, bool first) {
+  const int64_t V = W_.size(0), vb = vb_;
+  const bool few = dz.size(0) < FEW_ROWS && V > DX_BLOCK;
+  if (!upcast_ && !few) {
+    at::mm_out(dx, dz, W_);
+  } else if (!few) {
+    dx.zero_();
+    for (int64_t v0 = 0; v0 < V; v0 += vb) {
+      const int64_t n = std::min(vb, V - v0);
+      dx.addmm_(dz.narrow(1, v0, n), block(v0, n));
+    }
+  } else {
+    const int64_t b = upcast_ ? std::min(vb, DX_BLOCK) : DX_BLOCK;
+    Tensor part = at::empty_like(dx);
+    for (int64_t v0 = 0; v0 < V; v0 += b) {
+      const int64_t n = std::min(b, V - v0);
+      Tensor wb = upcast_ ? block(v0, n) : W_.narrow(0, v0, n);
+      at::mm_out(v0 == 0 ? dx : part, dz.narrow(1, v0, n), wb);
+      if (v0 > 0) dx.add_(part);
+    }
+  }
+  if (first) {
+    at::mm_out(dw, dz.t(), x);
+  } else {
+    dw.addmm_(dz.t(), x);
+  }
+}
+
+// ------------------------------------------------------------------------------ bindings (tests, profiling)
+
+void register_gemm(pybind11::module& m) {
+  m.def("packed_gemm_available", &have_packed_api,
+        "whether torch's MKL packed-GEMM API was found (the chunk logits GEMMs then reuse one packed lm_head)");
+  m.def("gemm_stats", []() {
+    pybind11::dict d;
+    d["packs"] = n_packs.load();
+    d["packed_bytes"] = n_packed_bytes.load();
+    d["packed_gemms"] = n_packed_gemms.load();
+    d["plain_gemms"] = n_plain_gemms.load();
+    return d;
+  }, "process-wide counts: lm_head packings (and their bytes), chunk logits GEMMs on a packed / unpacked lm_head");
+  m.def("gemm_stats_reset", []() {
+    n_packs = 0;
+    n_packed_bytes = 0;
+    n_packed_gemms = 0;
+    n_plain_gemms = 0;
+  });
+}
+
+}  // namespace copsd_cpu

@@ -1,0 +1,69 @@
+// GEMMs of the CPU loss drivers (loss.cpp): the lm_head logits of a token chunk and the two gradient
+// products, all with fp32 (fp64 for fp64 inputs) operands and accumulation.
+//
+// A driver builds one LmHead per lm_head and call.  Every chunk's logits GEMM multiplies the same weight, and a
+// BLAS re-packs its B operand (the whole [V, H] weight) into its internal panel layout on every call; when
+// torch's MKL exports the packed-GEMM API (cblas_sgemm_pack / cblas_sgemm_compute) an fp32 LmHead packs the
+// weight once, on the first chunk, and every chunk's GEMM then reads the packed copy.  The packed copy is
+// taken only when the call has >= 2 chunks and its size fits the call's pack budget (COPSD_CPU_PACK_MB,
+// COPSD_CPU_PACK=0 turns packing off); otherwise, and for fp64, every chunk runs at::mm_out as before.
+// Low-precision weights (bf16/fp16) are up-cast in vocabulary blocks into one reused fp32 buffer: when packed,
+// each block is up-cast once per call and packed; when not, once per chunk.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace copsd_cpu {
+
+// Rows per chunk so that `sides` [rows, V] buffers fit in `budget` bytes (>= 1 row).
+int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget);
+
+// Bytes of packed lm_head copies one op call may still hold: COPSD_CPU_PACK_MB (MiB, default 192), or 0 when
+// COPSD_CPU_PACK=0.  Read per call; a bad value is an error naming the variable.
+struct PackBudget {
+  int64_t left = 0;
+  PackBudget();
+};
+
+// One lm_head as the chunk GEMMs see it (see the file comment).  `rows` is the chunk size, `N` the tokens of
+// the call, `budget` the workspace bytes (bounds the up-cast block of a low-precision weight).
+class LmHead {
+ public:
+  LmHead(const at::Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int64_t budget, PackBudget& pack);
+
+  // out[m, V] = x[m, H] @ W^T (x in the compute dtype).
+  void logits(const at::Tensor& x, at::Tensor out);
+  // dx[m, H] = dz[m, V] @ W;  dw[V, H] (+)= dz^T @ x.
+  void grads(const at::Tensor& dz, const at::Tensor& x, at::Tensor dx, at::Tensor& dw, bool first);
+
+  bool packing() const { return pack_; }
+
+ private:
+  at::Tensor block(int64_t v0, int64_t n);  // rows [v0, v0 + n) of W in the compute dtype (reused buffer)
+  void pack_weight();
+
+  at::Tensor W_;
+  at::ScalarType st_;
+  bool upcast_;
+  int64_t vb_;      // vocabulary rows per up-cast (and packed) block
+  int64_t rows_;    // chunk rows the packed copy is made for
+  bool pack_ = false;
+  at::Tensor buf_;  // up-cast block buffer
+  std::vector<at::Tensor> packed_;  // one packed copy per vocabulary block
+};
+
+// The driver-facing calls (W is the LmHead's weight).
+inline void gemm_logits(const at::Tensor& x, const at::Tensor& /*W*/, at::Tensor out, LmHead& head) {
+  head.logits(x, out);
+}
+inline void gemm_grads(const at::Tensor& dz, const at::Tensor& x, const at::Tensor& /*W*/, at::Tensor dx,
+                       at::Tensor& dw, bool first, LmHead& head) {
+  head.grads(dz, x, dx, dw, first);
+}
+
+void register_gemm(pybind11::module& m);
+
+}  // namespace copsd_cpu

@@ -1,0 +1,241 @@
+"""The C++ CPU backend's chunk GEMMs with and without the packed lm_head (``COPSD_CPU_PACK``, ``COPSD_CPU_PACK_MB``).
+
+Every op of the backend (log-probs forward / backward, the 3-GEMM ``logprobs_loss``, top-k, divergence with and
+without gradient) is run at 1 chunk, 2 chunks and 3 chunks with a short last chunk, fp32 / fp64 / bf16 inputs,
+packing on, off and out of budget; values and gradients are compared with float64 (error-relative criterion of
+``tests/criteria.py`` for fp32 / bf16, ~1e-9 for fp64).  The GEMM counters of ``copsd._C`` say which path ran,
+so a packed-path test cannot silently test the fallback: where torch's MKL exports the packed-GEMM API the
+counters must show packed GEMMs; where it does not (another BLAS) they must show none, and the results must
+be the same either way.
+"""
+
+import math
+
+import criteria
+import dense
+import pytest
+import torch
+
+from copsd.backends import cpu
+from copsd.ops._spec import DivergenceSpec, LogitSpec
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="copsd._C (C++ CPU extension) is not built")
+
+H, V, ROWS = 24, 2053, 16  # V > 1024: the last chunk of 9 rows takes the blocked d_hidden path
+CHUNKS = {1: 16, 2: 32, 3: 41}  # chunks -> tokens (3 chunks: 16 + 16 + 9)
+LOGIT = LogitSpec(temperature=1.3, logit_scale=0.9)
+
+
+def _C():
+    from copsd import _C
+    return _C
+
+
+@pytest.fixture
+def mode(monkeypatch):
+    """Sets the workspace to ROWS rows per side and the packing mode: 'on' (default budget), 'off'
+    (COPSD_CPU_PACK=0) or 'tiny' (COPSD_CPU_PACK_MB=0: nothing fits).  Resets the GEMM counters."""
+    def set_mode(name, dtype, sides):
+        elem = 8 if dtype == torch.float64 else 4
+        monkeypatch.setattr(cpu, "WORKSPACE_BYTES", ROWS * sides * V * elem)
+        monkeypatch.delenv("COPSD_CPU_PACK", raising=False)
+        monkeypatch.delenv("COPSD_CPU_PACK_MB", raising=False)
+        if name == "off":
+            monkeypatch.setenv("COPSD_CPU_PACK", "0")
+        elif name == "tiny":
+            monkeypatch.setenv("COPSD_CPU_PACK_MB", "0")
+        _C().gemm_stats_reset()
+    return set_mode
+
+
+def _expect_path(name, dtype, chunks, lm_heads):
+    """The counters after one op call: packed chunk GEMMs exactly where packing applies."""
+    st = _C().gemm_stats()
+    packs = (name == "on" and dtype != torch.float64 and chunks >= 2 and _C().packed_gemm_available())
+    assert st["packs"] == (lm_heads if packs else 0), st
+    assert st["packed_gemms"] == (lm_heads * chunks if packs else 0), st
+    assert st["plain_gemms"] == (0 if packs else lm_heads * chunks), st
+
+
+def _inputs(n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(n, H, generator=g, dtype=torch.float64) * 1.5
+    xt = torch.randn(n, H, generator=g, dtype=torch.float64) * 1.5
+    ws = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 2
+    wt = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 2
+    ws[7] *= 6.0  # a dominant vocabulary row
+    ids = torch.randint(0, V, (n,), generator=g)
+    return [t.to(dtype) for t in (xs, ws, xt, wt)] + [ids]
+
+
+def _check(got, exact, plain, dtype, what, scale=1.0):
+    if dtype == torch.float64:
+        torch.testing.assert_close(got.double(), exact.double(), rtol=1e-9, atol=1e-11, msg=lambda m: f"{what}: {m}")
+    else:
+        criteria.assert_accurate(got, exact, plain, what, dtype=torch.float32, scale=scale)
+
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+MODES = ["on", "off", "tiny"]
+
+
+@pytest.mark.parametrize("chunks", list(CHUNKS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", MODES)
+def test_logprobs_forward_backward(mode, name, dtype, chunks):
+    n = CHUNKS[chunks]
+    x, w, _, _, ids = _inputs(n, dtype)
+    gs = [torch.randn(n, generator=torch.Generator().manual_seed(i + 5)) for i in range(3)]
+    exact = dense.logprobs_grads(x, w, ids, LOGIT, gs)
+    plain = dense.logprobs_grads(x, w, ids, LOGIT, gs, dtype=torch.float32)
+    mode(name, dtype, 1)
+    lp, ent, lse = cpu.logprobs_forward(x, w, ids, LOGIT)
+    _expect_path(name, dtype, chunks, 1)
+    for got, e, p, what in zip((lp, ent, lse), exact[0], plain[0], ("logprobs", "entropy", "lse")):
+        _check(got, e, p, dtype, what)
+    _C().gemm_stats_reset()
+    g = [t.to(lp.dtype) for t in gs]
+    dx, dw = cpu.logprobs_backward(x, w, ids, lse, ent, *g, LOGIT)
+    _expect_path(name, dtype, chunks, 1)
+    _check(dx, exact[1], plain[1], dtype, "d_hidden")
+    _check(dw, exact[2], plain[2], dtype, "d_weight")
+
+
+@pytest.mark.parametrize("chunks", list(CHUNKS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", MODES)
+def test_logprobs_loss(mode, name, dtype, chunks):
+    n = CHUNKS[chunks]
+    x, w, _, _, ids = _inputs(n, dtype, seed=1)
+    a = torch.randn(n, generator=torch.Generator().manual_seed(11))
+    b = torch.randn(n, generator=torch.Generator().manual_seed(12))
+    exact = dense.logprobs_grads(x, w, ids, LOGIT, (a, b, None))
+    plain = dense.logprobs_grads(x, w, ids, LOGIT, (a, b, None), dtype=torch.float32)
+    mode(name, dtype, 1)
+    seen = []
+
+    def coeff(r0, rows, lp_c, ent_c):
+        seen.append((r0, rows))
+        return a[r0:r0 + rows], b[r0:r0 + rows]
+
+    lp, ent, dx, dw = cpu.logprobs_loss(x, w, ids, LOGIT, coeff)
+    _expect_path(name, dtype, chunks, 1)
+    assert len(seen) == chunks and sum(r for _, r in seen) == n
+    _check(lp, exact[0][0], plain[0][0], dtype, "logprobs")
+    _check(ent, exact[0][1], plain[0][1], dtype, "entropy")
+    _check(dx, exact[1], plain[1], dtype, "d_hidden")
+    _check(dw, exact[2], plain[2], dtype, "d_weight")
+
+
+@pytest.mark.parametrize("chunks", list(CHUNKS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", MODES)
+def test_topk(mode, name, dtype, chunks):
+    n, k = CHUNKS[chunks], 7
+    x, w, _, _, _ = _inputs(n, dtype, seed=2)
+    kw = dict(temperature=LOGIT.temperature, logit_scale=LOGIT.logit_scale)
+    _, vals64, lse64 = dense.topk(x.double(), w.double(), k, **kw)
+    _, vals32, lse32 = dense.topk(x.float(), w.float(), k, **kw)
+    mode(name, dtype, 1)
+    ids, vals, lse = cpu.topk(x, w, k, LOGIT)
+    _expect_path(name, dtype, chunks, 1)
+    _check(vals, vals64, vals32, dtype, "top-k logprobs")
+    _check(lse, lse64, lse32, dtype, "lse")
+    # the returned ids hold the returned values (ties may pick either id of equal logits)
+    z = dense.logits(x.double(), w.double(), **kw)
+    at_ids = z.gather(1, ids) - z.logsumexp(-1, keepdim=True)
+    _check(vals, at_ids, vals32, dtype, "logprobs at the returned ids")
+
+
+@pytest.mark.parametrize("chunks", list(CHUNKS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", MODES)
+@pytest.mark.parametrize("grad", [True, False])
+def test_divergence(mode, name, dtype, chunks, grad):
+    n = CHUNKS[chunks]
+    xs, ws, xt, wt, _ = _inputs(n, dtype, seed=3)
+    div = DivergenceSpec(kind="reverse_kl")
+    tg = torch.rand(n, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    exact = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, None, tg)
+    plain = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, None, tg, dtype=torch.float32)
+    mode(name, dtype, 2)
+    loss, dx, dw = cpu.divergence(xs, ws, xt, wt, LOGIT, div, None,
+                                  tg.to(torch.float64 if dtype == torch.float64 else torch.float32) if grad else None)
+    _expect_path(name, dtype, chunks, 2)
+    _check(loss, exact[0], plain[0], dtype, "loss", scale=5.0)
+    if grad:
+        _check(dx, exact[1], plain[1], dtype, "d_hidden")
+        _check(dw, exact[2], plain[2], dtype, "d_weight")
+    else:
+        assert dx is None and dw is None
+
+
+def test_budget_for_one_lm_head(mode, monkeypatch):
+    """A budget that holds one packed lm_head: the student's is packed, the teacher's runs unpacked, results
+    as accurate as both packed."""
+    if not _C().packed_gemm_available():
+        pytest.skip("torch's BLAS has no packed-GEMM API here")
+    xs, ws, xt, wt, _ = _inputs(CHUNKS[3], torch.float32, seed=4)
+    div = DivergenceSpec(kind="jsd", beta=0.3)
+    tg = torch.rand(CHUNKS[3], generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    exact = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, None, tg)
+    plain = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, None, tg, dtype=torch.float32)
+    mode("on", torch.float32, 2)
+    cpu.divergence(xs, ws, xt, wt, LOGIT, div, None, tg.float())
+    both = _C().gemm_stats()
+    assert both["packs"] == 2 and both["packed_gemms"] == 6, both
+    one_mib = math.ceil(both["packed_bytes"] / 2 / 2**20)
+    assert one_mib * 2**20 < both["packed_bytes"], "the packed copy is below 1 MiB: pick a larger V for this test"
+    monkeypatch.setenv("COPSD_CPU_PACK_MB", str(one_mib))
+    _C().gemm_stats_reset()
+    loss, dx, dw = cpu.divergence(xs, ws, xt, wt, LOGIT, div, None, tg.float())
+    st = _C().gemm_stats()
+    assert st["packs"] == 1 and st["packed_gemms"] == 3 and st["plain_gemms"] == 3, st
+    for got, e, p, what in zip((loss, dx, dw), exact, plain, ("loss", "d_hidden", "d_weight")):
+        _check(got, e, p, torch.float32, what, scale=5.0 if what == "loss" else 1.0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ops_layer_transposed_and_strided_inputs(mode, threads):
+    """Through the public op with autograd: a transposed-view lm_head (tied-embedding style [H, V] storage) and
+    strided hidden states, packed vs not packed, 1 and 2 threads; both against float64."""
+    from copsd import ops
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n = CHUNKS[3]
+        g = torch.Generator().manual_seed(5)
+        w_store = torch.randn(H, V, generator=g) / H**0.5 * 2  # the lm_head is its transpose
+        x_store = torch.randn(n, 2 * H, generator=g)
+        ids = torch.randint(0, V, (n,), generator=g)
+        x64 = x_store[:, ::2].double().requires_grad_()
+        w64 = w_store.t().double().requires_grad_()
+        lp64, ent64, _ = dense.logprobs(x64, w64, ids)
+        (lp64.sum() + 0.1 * ent64.sum()).backward()
+        results = {}
+        for name in ("on", "off"):
+            mode(name, torch.float32, 1)
+            x_leaf = x_store.clone().requires_grad_()
+            w_leaf = w_store.clone().requires_grad_()
+            x, w = x_leaf[:, ::2], w_leaf.t()
+            assert not w.is_contiguous() and not x.is_contiguous()
+            lp, ent, _ = ops.linear_logprobs(x, w, ids, return_entropy=True, backend="cpu")
+            (lp.sum() + 0.1 * ent.sum()).backward()
+            results[name] = (lp.detach(), x_leaf.grad[:, ::2], w_leaf.grad.t())
+            assert x_leaf.grad[:, 1::2].abs().max() == 0
+        for name, (lp, dx, dw) in results.items():
+            for got, want, what in ((lp, lp64, "logprobs"), (dx, x64.grad, "d_hidden"), (dw, w64.grad, "d_weight")):
+                err = criteria.max_error(got, want)
+                assert err <= 1e-4 * (1 + want.abs().max().item()), f"{name} {what}: {err:.3g}"
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("var,value", [("COPSD_CPU_PACK", "maybe"), ("COPSD_CPU_PACK_MB", "-1"),
+                                       ("COPSD_CPU_PACK_MB", "lots")])
+def test_bad_knob_values_are_errors(mode, monkeypatch, var, value):
+    x, w, _, _, ids = _inputs(CHUNKS[2], torch.float32)
+    mode("on", torch.float32, 1)
+    monkeypatch.setenv(var, value)
+    with pytest.raises(RuntimeError, match=var):
+        cpu.logprobs_forward(x, w, ids, LOGIT)
