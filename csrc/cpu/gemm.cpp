@@ -128,27 +128,51 @@ PackBudget::PackBudget() {
 
 // ------------------------------------------------------------------------------ LmHead
 
-LmHead::LmHead(const Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int64_t budget, PackBudget& pack)
+LmHead::LmHead(const Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int64_t budget, PackBudget& pack,
+               bool grads)
     : W_(W), st_(st), upcast_(W.scalar_type() != st), rows_(rows) {
   const int64_t V = W.size(0), H = W.size(1);
   const int64_t elem = st == at::kDouble ? 8 : 4;
   vb_ = upcast_ ? upcast_block(V, H, elem, budget) : V;
   const int64_t chunks = rows > 0 ? (N + rows - 1) / rows : 0;
-  // Pack only when it pays (the weight is read by >= 2 chunk GEMMs), in fp32, within int range and budget.
-  if (st != at::kFloat || chunks < 2 || V == 0 || H == 0 || pack.left <= 0 || !have_packed_api()) return;
-  if (!fits_int(V) || !fits_int(H) || !fits_int(rows) || !fits_int(V * H)) return;
-  int64_t bytes = 0;
-  for (int64_t v0 = 0; v0 < V; v0 += vb_) {
-    const int64_t n = std::min(vb_, V - v0);
-    bytes += static_cast<int64_t>(packed_api().get_size(kBMatrix, static_cast<int>(rows), static_cast<int>(n),
-                                                        static_cast<int>(H)));
+  // Only when it pays: the weight is read by >= 2 chunk GEMMs.
+  if (chunks < 2 || V == 0 || H == 0 || pack.left <= 0) return;
+  const bool api = st == at::kFloat && have_packed_api() && fits_int(V) && fits_int(H) && fits_int(rows) &&
+                   fits_int(V * H);
+  auto packed_bytes = [&](int64_t block) {
+    int64_t bytes = 0;
+    for (int64_t v0 = 0; v0 < V; v0 += block)
+      bytes += static_cast<int64_t>(packed_api().get_size(kBMatrix, static_cast<int>(rows),
+                                                          static_cast<int>(std::min(block, V - v0)),
+                                                          static_cast<int>(H)));
+    return bytes;
+  };
+  // A low-precision lm_head whose d_hidden products are wanted too: one whole up-cast copy (packed in one block)
+  // serves every chunk's GEMMs, instead of up-casting every block again for each chunk's d_hidden.
+  if (upcast_ && grads) {
+    const int64_t bytes = V * H * elem + (api ? packed_bytes(V) : 0);
+    if (bytes <= pack.left) {
+      pack.left -= bytes;
+      copy_ = true;
+      vb_ = V;
+      pack_ = api;
+      return;
+    }
   }
+  if (!api) return;
+  const int64_t bytes = packed_bytes(vb_);
   if (bytes > pack.left) return;
   pack.left -= bytes;
   pack_ = true;
 }
 
+void LmHead::prepare() {
+  if (copy_ && !full_.defined()) full_ = W_.to(st_).contiguous();
+  if (pack_ && packed_.empty()) pack_weight();
+}
+
 Tensor LmHead::block(int64_t v0, int64_t n) {
+  if (full_.defined()) return full_.narrow(0, v0, n);
   if (!buf_.defined()) buf_ = at::empty({vb_, W_.size(1)}, W_.options().dtype(st_));
   Tensor b = buf_.narrow(0, 0, n);
   b.copy_(W_.narrow(0, v0, n));
@@ -160,7 +184,7 @@ void LmHead::pack_weight() {
   const int64_t V = W_.size(0), H = W_.size(1);
   for (int64_t v0 = 0; v0 < V; v0 += vb_) {
     const int64_t n = std::min(vb_, V - v0);
-    Tensor src = upcast_ ? block(v0, n) : W_.narrow(0, v0, n);
+    Tensor src = upcast_ ? block(v0, n) : W_.narrow(0, v0, n);  // block(): the whole copy if there is one
     // B = src^T [H, n]: a row-major [n, H] source with unit stride along H is B transposed; a source with unit
     // stride along the vocabulary (a transposed view) is B itself.  Any other layout is copied first.
     int trans, ld;
@@ -190,8 +214,8 @@ void LmHead::pack_weight() {
 void LmHead::logits(const Tensor& x_in, Tensor out) {
   const int64_t V = W_.size(0), H = W_.size(1), m = x_in.size(0);
   const bool out_rows = out.stride(1) == 1 && out.stride(0) >= V && fits_int(out.stride(0));
+  prepare();
   if (pack_ && out_rows && fits_int(m) && m > 0) {
-    if (packed_.empty()) pack_weight();
     Tensor x = (x_in.stride(1) == 1 && x_in.stride(0) >= H && fits_int(x_in.stride(0))) ? x_in : x_in.contiguous();
     const int lda = static_cast<int>(std::max<int64_t>(x.stride(0), H));
     const auto& api = packed_api();
@@ -207,8 +231,8 @@ void LmHead::logits(const Tensor& x_in, Tensor out) {
     return;
   }
   ++n_plain_gemms;
-  if (!upcast_) {
-    at::mm_out(out, x_in, W_.t());
+  if (!upcast_ || full_.defined()) {
+    at::mm_out(out, x_in, (full_.defined() ? full_ : W_).t());
     return;
   }
   for (int64_t v0 = 0; v0 < V; v0 += vb_) {
@@ -230,10 +254,13 @@ constexpr int64_t DX_BLOCK = 1024;
 // entries and add the partial products (so the rounding no longer grows with V); adding the blocks with addmm_
 // instead would not help, it continues the same running sum.
 void LmHead::grads(const Tensor& dz, const Tensor& x, Tensor dx, Tensor& dw, bool first) {
+  prepare();
   const int64_t V = W_.size(0), vb = vb_;
+  const bool upcast = upcast_ && !full_.defined();  // up-cast per block and chunk (no whole copy)
+  const Tensor& Wc = full_.defined() ? full_ : W_;
   const bool few = dz.size(0) < FEW_ROWS && V > DX_BLOCK;
-  if (!upcast_ && !few) {
-    at::mm_out(dx, dz, W_);
+  if (!upcast && !few) {
+    at::mm_out(dx, dz, Wc);
   } else if (!few) {
     dx.zero_();
     for (int64_t v0 = 0; v0 < V; v0 += vb) {
@@ -241,11 +268,11 @@ void LmHead::grads(const Tensor& dz, const Tensor& x, Tensor dx, Tensor& dw, boo
       dx.addmm_(dz.narrow(1, v0, n), block(v0, n));
     }
   } else {
-    const int64_t b = upcast_ ? std::min(vb, DX_BLOCK) : DX_BLOCK;
+    const int64_t b = upcast ? std::min(vb, DX_BLOCK) : DX_BLOCK;
     Tensor part = at::empty_like(dx);
     for (int64_t v0 = 0; v0 < V; v0 += b) {
       const int64_t n = std::min(b, V - v0);
-      Tensor wb = upcast_ ? block(v0, n) : W_.narrow(0, v0, n);
+      Tensor wb = upcast ? block(v0, n) : Wc.narrow(0, v0, n);
       at::mm_out(v0 == 0 ? dx : part, dz.narrow(1, v0, n), wb);
       if (v0 > 0) dx.add_(part);
     }

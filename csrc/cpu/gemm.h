@@ -32,7 +32,8 @@ struct PackBudget {
 // the call, `budget` the workspace bytes (bounds the up-cast block of a low-precision weight).
 class LmHead {
  public:
-  LmHead(const at::Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int64_t budget, PackBudget& pack);
+  LmHead(const at::Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int64_t budget, PackBudget& pack,
+         bool grads);
 
   // out[m, V] = x[m, H] @ W^T (x in the compute dtype).
   void logits(const at::Tensor& x, at::Tensor out);
@@ -43,6 +44,7 @@ class LmHead {
 
  private:
   at::Tensor block(int64_t v0, int64_t n);  // rows [v0, v0 + n) of W in the compute dtype (reused buffer)
+  void prepare();  // on first use: the whole up-cast copy and the packed copy, where planned
   void pack_weight();
 
   at::Tensor W_;
@@ -51,6 +53,8 @@ class LmHead {
   int64_t vb_;      // vocabulary rows per up-cast (and packed) block
   int64_t rows_;    // chunk rows the packed copy is made for
   bool pack_ = false;
+  bool copy_ = false;  // keep one whole up-cast copy of a low-precision weight (full_)
+  at::Tensor full_;
   at::Tensor buf_;  // up-cast block buffer
   std::vector<at::Tensor> packed_;  // one packed copy per vocabulary block
 };

@@ -90,7 +90,10 @@ using at::Tensor;
 
 // COPSD_CPU_PROFILE=1 prints per-phase wall times of each call to stderr (GEMMs vs epilogue).
 struct PhaseTimer {
-  bool on = std::getenv("COPSD_CPU_PROFILE") != nullptr;
+  bool on = [] {
+    const char* e = std::getenv("COPSD_CPU_PROFILE");
+    return e != nullptr && *e != '\0' && std::strcmp(e, "0") != 0;
+  }();
   const char* name;
   double gemm = 0, epi = 0, grad = 0;
   std::chrono::steady_clock::time_point t0;
@@ -129,14 +132,18 @@ Tensor vec_or_zeros(const std::optional<Tensor>& t, int64_t n, at::ScalarType st
 // rows' log-prob statistics; the rows keep their transformed logits.
 template <typename T>
 Tensor chunk_logprob_stats(const Tensor& xc, const Tensor& weight, const Tensor& z, LmHead& vb, const int64_t* id,
-                           const LogitParams& lp, T* plp, T* pent, T* plse) {
+                           const LogitParams& lp, T* plp, T* pent, T* plse, PhaseTimer& tm) {
   const int64_t nr = xc.size(0), V = weight.size(0);
   Tensor zc = z.narrow(0, 0, nr);
+  tm.start();
   gemm_logits(xc, weight, zc, vb);
+  tm.stop(tm.gemm);
+  tm.start();
   T* zp = zc.data_ptr<T>();
   const auto& K = kernels<T>();
   COPSD_PARALLEL_ROWS
   for (int64_t r = 0; r < nr; ++r) K.logprob_fwd(zp + r * V, V, id[r], lp, plp + r, pent + r, plse + r);
+  tm.stop(tm.epi);
   return zc;
 }
 
@@ -150,13 +157,14 @@ std::tuple<Tensor, Tensor, Tensor> logprobs_forward_t(const Tensor& hidden, cons
   if (N == 0) return {out_lp, out_ent, out_lse};
   const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
   PackBudget pack;
-  LmHead vb(weight, st, rows, N, budget, pack);
+  LmHead vb(weight, st, rows, N, budget, pack, false);
   Tensor z = at::empty({rows, V}, opts);
   const int64_t* id = ids.data_ptr<int64_t>();
+  PhaseTimer tm("logprobs");
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
     chunk_logprob_stats<T>(hidden.narrow(0, r0, nr).to(st), weight, z, vb, id + r0, lp,
-                           out_lp.data_ptr<T>() + r0, out_ent.data_ptr<T>() + r0, out_lse.data_ptr<T>() + r0);
+                           out_lp.data_ptr<T>() + r0, out_ent.data_ptr<T>() + r0, out_lse.data_ptr<T>() + r0, tm);
   }
   return {out_lp, out_ent, out_lse};
 }
@@ -177,7 +185,7 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
   }
   const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
   PackBudget pack;
-  LmHead vb(weight, st, rows, N, budget, pack);
+  LmHead vb(weight, st, rows, N, budget, pack, true);
   Tensor z = at::empty({rows, V}, opts);
   const auto& K = kernels<T>();
   const int64_t* id = ids.data_ptr<int64_t>();
@@ -186,18 +194,25 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
   const T* pa = g_lp.data_ptr<T>();
   const T* pb = g_ent.data_ptr<T>();
   const T* pc = g_lse.data_ptr<T>();
+  PhaseTimer tm("logprobs backward");
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
     Tensor zc = z.narrow(0, 0, nr);
     Tensor xc = hidden.narrow(0, r0, nr).to(st);
+    tm.start();
     gemm_logits(xc, weight, zc, vb);
+    tm.stop(tm.gemm);
+    tm.start();
     T* zp = zc.data_ptr<T>();
     COPSD_PARALLEL_ROWS
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t n = r0 + r;
       K.logprob_bwd(zp + r * V, V, id[n], plse[n], pent[n], pa[n], pb[n], pc[n], lp, false);
     }
+    tm.stop(tm.epi);
+    tm.start();
     gemm_grads(zc, xc, weight, dx.narrow(0, r0, nr), dw, r0 == 0, vb);
+    tm.stop(tm.grad);
   }
   return {dx, dw};
 }
@@ -221,16 +236,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
   if (N == 0) return {out_lp, out_ent, dx, dw};
   const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
   PackBudget pack;
-  LmHead vb(weight, st, rows, N, budget, pack);
+  LmHead vb(weight, st, rows, N, budget, pack, true);
   Tensor z = at::empty({rows, V}, opts), lse = at::empty({rows}, opts);
   const auto& K = kernels<T>();
   const int64_t* id = ids.data_ptr<int64_t>();
+  PhaseTimer tm("logprobs_loss");  // the coefficient callback (Python) is in none of the phases
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
     Tensor xc = hidden.narrow(0, r0, nr).to(st);
     T* pent = out_ent.data_ptr<T>() + r0;
     T* plse = lse.data_ptr<T>();
-    Tensor zc = chunk_logprob_stats<T>(xc, weight, z, vb, id + r0, lp, out_lp.data_ptr<T>() + r0, pent, plse);
+    Tensor zc = chunk_logprob_stats<T>(xc, weight, z, vb, id + r0, lp, out_lp.data_ptr<T>() + r0, pent, plse,
+                                       tm);
     auto [g_lp, g_ent] = coeff(r0, nr, out_lp.narrow(0, r0, nr), out_ent.narrow(0, r0, nr));
     Tensor a = g_lp.has_value() && g_lp->defined() ? g_lp->to(st).contiguous() : at::zeros({nr}, opts);
     Tensor b = g_ent.has_value() && g_ent->defined() ? g_ent->to(st).contiguous() : at::zeros({nr}, opts);
@@ -239,10 +256,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
     const T* pa = a.data_ptr<T>();
     const T* pb = b.data_ptr<T>();
     T* zp = zc.data_ptr<T>();
+    tm.start();
     COPSD_PARALLEL_ROWS
     for (int64_t r = 0; r < nr; ++r)
       K.logprob_bwd(zp + r * V, V, id[r0 + r], plse[r], pent[r], pa[r], pb[r], T(0), lp, true);
+    tm.stop(tm.epi);
+    tm.start();
     gemm_grads(zc, xc, weight, dx.narrow(0, r0, nr), dw, r0 == 0, vb);
+    tm.stop(tm.grad);
   }
   return {out_lp, out_ent, dx, dw};
 }
@@ -260,7 +281,7 @@ std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& we
   if (N == 0) return {out_ids, out_lp, out_lse};
   const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
   PackBudget pack;
-  LmHead vb(weight, st, rows, N, budget, pack);
+  LmHead vb(weight, st, rows, N, budget, pack, false);
   Tensor z = at::empty({rows, V}, opts);
   const auto& K = kernels<T>();
   int64_t* pid = out_ids.data_ptr<int64_t>();
@@ -312,8 +333,8 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> divergence_t(
   const int64_t* pK = topk ? topk_ids->data_ptr<int64_t>() : nullptr;
   const int64_t rows = chunk_rows(N, V, sizeof(T), 2, budget);
   PackBudget pack;  // the student's lm_head is packed first, the teacher's if the budget still allows
-  LmHead vb_s(ws, st, rows, N, budget, pack);
-  LmHead vb_t(wt, st, rows, N, budget, pack);
+  LmHead vb_s(ws, st, rows, N, budget, pack, grad);
+  LmHead vb_t(wt, st, rows, N, budget, pack, false);
   Tensor zs = at::empty({rows, V}, opts), zt = at::empty({rows, V}, opts);
   Tensor scratch = at::empty({rows, std::max<int64_t>(1, 3 * k)}, opts);
   const auto& K = kernels<T>();
