@@ -8,6 +8,26 @@ more GEMMs give ``d_hidden`` and accumulate ``d_weight`` in fp32.  A loss plus i
 therefore costs the four GEMMs of the naive computation, and memory stays at
 ``WORKSPACE_BYTES`` (at least one vocabulary row per side) instead of ``[N, V]``.
 
+Every chunk's logits GEMM multiplies the same lm_head, which a BLAS re-packs into its panel layout on each
+call.  Where torch's MKL exports its packed-GEMM API (looked up at run time; other BLAS builds simply lack
+it) an fp32 lm_head is packed once per op call and all chunks reuse the packed copy; a bf16/fp16 lm_head that
+gets gradients is up-cast once per call into one fp32 copy (packed from it) instead of per chunk.  Packing
+applies only when a call has >= 2 chunks, in fp32 (fp64 always runs ``at::mm_out`` per chunk), and within the
+budget below; results are the same up to fp32 rounding (see ``docs/kernels.md``).
+
+Environment knobs (the ``PACK`` ones are read on every op call):
+
+* ``COPSD_CPU_WORKSPACE_MB`` (default 64): logits workspace of a call (both sides' ``[rows, V]`` buffers);
+  it also bounds the block up-cast buffer of a low-precision lm_head.
+* ``COPSD_CPU_PACK`` (default 1): ``0`` turns packing off (one ``at::mm_out`` per chunk, up-casts per chunk).
+* ``COPSD_CPU_PACK_MB`` (default 192): MiB that a call's packed lm_head copies and whole fp32 copies of
+  low-precision lm_heads may reserve.  MKL reserves ~85 MiB per packed lm_head at V = 32000 (H = 256 or 512)
+  but writes about the weight's size; the default packs both lm_heads of a divergence there, keeping the
+  peak extra memory of reverse KL fwd+bwd at N = 2048, H = 256 at ~0.08 of naive PyTorch's.  An lm_head that
+  does not fit (the teacher's is considered after the student's) runs unpacked.
+* ``COPSD_CPU_ISA`` (``base|avx2|avx512``) caps the row epilogues' instruction set; ``COPSD_CPU_PROFILE=1``
+  prints each call's logits-GEMM / epilogue / gradient-GEMM split (the one-time packing counts as logits).
+
 Kernel-level interface: see the docstring of :mod:`copsd.backends`.
 """
 
