@@ -69,6 +69,10 @@ def run_case(case, a):
                      [f"{r:.2f}" for r in ratios]))
         print(f"  {case:6s} {name:18s} {rows[-1][2]:9.1f} ms  x{rows[-1][3]:.2f} floor  {mem:7.1f} MiB  "
               f"rounds {' '.join(rows[-1][5])}", flush=True)
+    for impl in IMPLS[case]:  # packed / unpacked in the same round
+        r = [a / b for a, b in zip(times[f"{impl} pack=1"], times[f"{impl} pack=0"])]
+        print(f"  {case:6s} {impl} packed / unpacked, same round: median {statistics.median(r):.3f}  "
+              f"rounds {' '.join(f'{x:.2f}' for x in r)}", flush=True)
     return rows
 
 
