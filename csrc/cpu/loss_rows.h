@@ -355,7 +355,8 @@ struct TopkScratch {
   T* val = nullptr;             // candidate values (+16 entries for full-vector stores)
   int64_t* id = nullptr;        // their ids, ascending
   T* tmp = nullptr;             // copy of the values for the selection of a cut
-  TopkEntry<T>* ent = nullptr;  // (value, id) pairs of the final sort
+  TopkEntry<T>* ent = nullptr;   // (value, id) pairs of the final sort
+  TopkEntry<T>* ent2 = nullptr;  // and its second buffer
   int64_t cap = 0;
   void reserve(int64_t n) {
     if (n <= cap) return;
@@ -364,7 +365,8 @@ struct TopkScratch {
     id = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * (n + 16)));
     tmp = static_cast<T*>(std::malloc(sizeof(T) * (n + 16)));
     ent = static_cast<TopkEntry<T>*>(std::malloc(sizeof(TopkEntry<T>) * (n + 16)));
-    if (!val || !id || !tmp || !ent) std::abort();  // out of memory inside a parallel region
+    ent2 = static_cast<TopkEntry<T>*>(std::malloc(sizeof(TopkEntry<T>) * (n + 16)));
+    if (!val || !id || !tmp || !ent || !ent2) std::abort();  // out of memory inside a parallel region
     cap = n;
   }
   void release() {
@@ -372,9 +374,10 @@ struct TopkScratch {
     std::free(id);
     std::free(tmp);
     std::free(ent);
+    std::free(ent2);
     val = tmp = nullptr;
     id = nullptr;
-    ent = nullptr;
+    ent = ent2 = nullptr;
     cap = 0;
   }
   ~TopkScratch() { release(); }
@@ -386,16 +389,10 @@ TopkScratch<T>& topk_scratch() {
   return s;
 }
 
-// Total orders used below ("a comes first").
+// The order of values used below ("a comes first").
 template <typename T>
 struct Greater {
   bool operator()(T a, T b) const { return a > b; }
-};
-template <typename T>
-struct BetterEntry {  // value descending, then id ascending
-  bool operator()(const TopkEntry<T>& a, const TopkEntry<T>& b) const {
-    return a.v > b.v || (a.v == b.v && a.id < b.id);
-  }
 };
 
 template <typename X>
@@ -423,18 +420,6 @@ void heap_sort(X* a, int64_t n, First first) {
   for (int64_t m = n - 1; m > 0; --m) {
     swap_items(a[0], a[m]);
     sift(0, m);
-  }
-}
-
-// Sort of a[0..n) into `first` order: insertion sort for short ranges, heap sort otherwise.
-template <typename X, typename First>
-void sort_items(X* a, int64_t n, First first) {
-  if (n > 24) return heap_sort(a, n, first);
-  for (int64_t i = 1; i < n; ++i) {
-    const X x = a[i];
-    int64_t j = i;
-    for (; j > 0 && first(x, a[j - 1]); --j) a[j] = a[j - 1];
-    a[j] = x;
   }
 }
 
@@ -517,6 +502,85 @@ inline int64_t compact_keep<float>(float* val, int64_t* id, int64_t n, float t, 
 }
 #endif
 
+#if defined(COPSD_HAVE_AVX2) && !defined(COPSD_HAVE_AVX512)
+// AVX2 has no compress: a lane permutation per 8-bit mask moves the selected lanes to the front.
+struct PermTables {
+  int32_t f32[256][8];  // 8 x 32-bit lanes
+  int32_t i64[16][8];   // 4 x 64-bit lanes, as pairs of 32-bit lanes
+};
+constexpr PermTables make_perm_tables() {
+  PermTables t{};
+  for (int m = 0; m < 256; ++m) {
+    int c = 0;
+    for (int b = 0; b < 8; ++b)
+      if ((m >> b) & 1) t.f32[m][c++] = b;
+  }
+  for (int m = 0; m < 16; ++m) {
+    int c = 0;
+    for (int b = 0; b < 4; ++b)
+      if ((m >> b) & 1) {
+        t.i64[m][2 * c] = 2 * b;
+        t.i64[m][2 * c + 1] = 2 * b + 1;
+        ++c;
+      }
+  }
+  return t;
+}
+constexpr PermTables kPerm = make_perm_tables();
+
+inline __m256i perm8(uint32_t m) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kPerm.f32[m])); }
+inline __m256i perm4x64(uint32_t m) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kPerm.i64[m]));
+}
+
+template <>
+inline int64_t compact_side<float>(float* w, int64_t m, float p, int side) {
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t c = 0, i = 0;
+  for (; i + 8 <= m; i += 8) {
+    const __m256 v = _mm256_loadu_ps(w + i);
+    const uint32_t k = _mm256_movemask_ps(side > 0 ? _mm256_cmp_ps(v, pv, _CMP_GT_OQ) : _mm256_cmp_ps(v, pv, _CMP_LT_OQ));
+    _mm256_storeu_ps(w + c, _mm256_permutevar8x32_ps(v, perm8(k)));  // the buffers have 16 spare entries
+    c += __builtin_popcount(k);
+  }
+  for (; i < m; ++i) {
+    const float v = w[i];
+    w[c] = v;
+    c += side > 0 ? v > p : v < p;
+  }
+  return c;
+}
+template <>
+inline int64_t compact_keep<float>(float* val, int64_t* id, int64_t n, float t, int64_t ties) {
+  const __m256 tv = _mm256_set1_ps(t);
+  int64_t w = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(val + i);
+    const __m256i ilo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(id + i));
+    const __m256i ihi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(id + i + 4));
+    uint32_t eq = _mm256_movemask_ps(_mm256_cmp_ps(v, tv, _CMP_EQ_OQ));
+    if (ties <= 0) eq = 0;
+    while (static_cast<int64_t>(__builtin_popcount(eq)) > ties) eq &= ~(1u << (31 - __builtin_clz(eq)));
+    ties -= __builtin_popcount(eq);
+    const uint32_t keep = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, tv, _CMP_GT_OQ))) | eq;
+    _mm256_storeu_ps(val + w, _mm256_permutevar8x32_ps(v, perm8(keep)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(id + w), _mm256_permutevar8x32_epi32(ilo, perm4x64(keep & 15)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(id + w + __builtin_popcount(keep & 15)),
+                        _mm256_permutevar8x32_epi32(ihi, perm4x64(keep >> 4)));
+    w += __builtin_popcount(keep);
+  }
+  for (; i < n; ++i) {
+    const float v = val[i];
+    const bool keep = v > t || (v == t && ties > 0);
+    ties -= v == t && keep;
+    val[w] = v;
+    id[w] = id[i];
+    w += keep;
+  }
+  return w;
+}
+#endif
+
 // The value of rank r (0-based, descending) of w[0..m) (no NaN); w (m + 16 entries) is clobbered.  A
 // quickselect whose steps are branch-free: the values above / equal to a median-of-three pivot are counted
 // (vector compares) and the side that holds rank r is compacted to the front; a rank among the equal values
@@ -549,10 +613,20 @@ T select_desc(T* w, int64_t m, int64_t r) {
   }
   if (m > 32) {
     heap_sort(w, m, Greater<T>());
-  } else {
-    sort_items(w, m, Greater<T>());
+    return w[r];
   }
-  return w[r];
+  // At most 32 values left: the one whose rank range [#greater, #greater + #equal) holds r.
+  for (int64_t i = 0; i < m; ++i) {
+    const T v = w[i];
+    int64_t gt = 0, eq = 0;
+#pragma omp simd reduction(+ : gt, eq)
+    for (int64_t j = 0; j < m; ++j) {
+      gt += w[j] > v;
+      eq += w[j] == v;
+    }
+    if (gt <= r && r < gt + eq) return v;
+  }
+  return w[r];  // not reached: some value holds rank r
 }
 
 // Cuts the n candidates (ids ascending, no NaN) to the k best, in place and in id order; returns the k-th
@@ -566,6 +640,40 @@ T topk_cut(T* val, int64_t* id, T* tmp, int64_t n, int64_t k) {
   for (int64_t i = 0; i < n; ++i) gt += val[i] > t;
   compact_keep(val, id, n, t, k - gt);  // entries equal to t that stay: the first ones (lowest ids)
   return t;
+}
+
+// Stable LSD radix sort of a[0..n) (no NaN) by value, descending, 8 bits per pass (b: scratch of n
+// entries); entries of equal value keep their order.  Returns the buffer that holds the result.
+inline uint32_t desc_key(float v) {
+  v += 0.0f;  // -0 -> +0: equal values must get equal keys
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return ~(b ^ ((b >> 31) ? 0xffffffffu : 0x80000000u));
+}
+inline uint64_t desc_key(double v) {
+  v += 0.0;
+  uint64_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return ~(b ^ ((b >> 63) ? ~uint64_t(0) : (uint64_t(1) << 63)));
+}
+template <typename T>
+TopkEntry<T>* radix_sort_desc(TopkEntry<T>* a, TopkEntry<T>* b, int64_t n) {
+  for (int shift = 0; shift < static_cast<int>(8 * sizeof(T)); shift += 8) {
+    int64_t count[256] = {};
+    for (int64_t i = 0; i < n; ++i) ++count[(desc_key(a[i].v) >> shift) & 0xff];
+    if (count[(desc_key(a[0].v) >> shift) & 0xff] == n) continue;  // one digit value: nothing moves
+    int64_t pos = 0;
+    for (int d = 0; d < 256; ++d) {
+      const int64_t c = count[d];
+      count[d] = pos;
+      pos += c;
+    }
+    for (int64_t i = 0; i < n; ++i) b[count[(desc_key(a[i].v) >> shift) & 0xff]++] = a[i];
+    TopkEntry<T>* t = a;
+    a = b;
+    b = t;
+  }
+  return a;
 }
 
 // Appends z[j0 + u] (and its id) for every bit u of msk.  The buffer has 16 spare entries.
@@ -596,6 +704,22 @@ inline int64_t topk_append<float>(const float* z, int64_t j0, uint32_t msk, floa
   _mm512_storeu_si512(id + n, _mm512_maskz_compress_epi64(lo, base));
   _mm512_storeu_si512(id + n + nlo, _mm512_maskz_compress_epi64(hi, _mm512_add_epi64(base, _mm512_set1_epi64(8))));
   return n + __builtin_popcount(msk);
+}
+#elif defined(COPSD_HAVE_AVX2)
+template <>
+inline int64_t topk_append<float>(const float* z, int64_t j0, uint32_t msk, float* val, int64_t* id, int64_t n) {
+  for (int h = 0; h < 2; ++h, j0 += 8, msk >>= 8) {
+    const uint32_t m = msk & 0xff;
+    const __m256i p = perm8(m);  // its first popcount(m) lanes: the selected lane numbers
+    _mm256_storeu_ps(val + n, _mm256_permutevar8x32_ps(_mm256_loadu_ps(z + j0), p));
+    const __m256i base = _mm256_set1_epi64x(j0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(id + n),
+                        _mm256_add_epi64(base, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(p))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(id + n + 4),
+                        _mm256_add_epi64(base, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(p, 1))));
+    n += __builtin_popcount(m);
+  }
+  return n;
 }
 #endif
 
@@ -782,26 +906,40 @@ void topk_row(T* z, int64_t V, int64_t k, const LogitParams& lp, int64_t* out_id
   int64_t n = 0;
   T thr = neg_inf<T>();
   T M = neg_inf<T>(), S = 0;
-  bool nan = false, pinf = false;
+  bool nan = false, pinf = false, dense = true;
   for (int64_t b0 = 0; b0 < V; b0 += TOPK_BLOCK) {
     const int64_t b1 = b0 + TOPK_BLOCK < V ? b0 + TOPK_BLOCK : V;
+    {
+      // The row usually comes from memory or L3 (the GEMM wrote a whole chunk); a block spans whole pages,
+      // where the hardware's stream prefetch stops, so ask for the block after next explicitly.
+      const int64_t p0 = b0 + 2 * TOPK_BLOCK, p1 = p0 + TOPK_BLOCK < V ? p0 + TOPK_BLOCK : V;
+      for (int64_t j = p0; j < p1; j += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(z + j, 0, 3);
+    }
     const T bm = scale ? block_max<T, true>(z + b0, b1 - b0, f) : block_max<T, false>(z + b0, b1 - b0, f);
     if (bm > thr) {
+      // While many logits pass (the first blocks of a row), every vector is appended without a test of
+      // its mask: a branch on an unpredictable mask costs more than an empty append.
+      int64_t passed = 0;
       for (int64_t j = b0; j < b1; j += 16) {
         uint32_t msk = 0;
+        const int64_t n0 = n;
         if (j + 16 <= b1) {
           msk = gt_mask16(z + j, thr);
-          if (!msk) continue;
+          if (!dense && !msk) continue;
           n = topk_append(z, j, msk, val, id, n);
         } else {  // the row's last, partial vector
           for (int64_t u = 0; j + u < b1; ++u) msk |= static_cast<uint32_t>(z[j + u] > thr) << u;
           n = topk_append_bits(z, j, msk, val, id, n);
         }
+        passed += n - n0;
         if (n >= hi) {
           thr = topk_cut(val, id, sc.tmp, n, k);
           n = k;
         }
       }
+      dense = passed * 8 > b1 - b0;
+    } else {
+      dense = false;
     }
     // Block sum relative to its own maximum.  The max does not see NaN (it compares false): a NaN
     // propagates through the exponentials when the block has a finite maximum and is looked for otherwise.
@@ -831,21 +969,23 @@ void topk_row(T* z, int64_t V, int64_t k, const LogitParams& lp, int64_t* out_id
     n = k;
   }
   // Descending order of the (at most k) candidates, ties by id (= by position: the buffer is in id order).
-  // Up to 1024 candidates: each one's rank is counted with vector compares (no data-dependent branch);
-  // beyond, a heap sort.
-  if (n <= 1024) {
+  // Up to 128 candidates: each one's rank is counted with vector compares (no data-dependent branch);
+  // beyond, a stable radix sort.
+  if (n <= 128) {
     for (int64_t i = 0; i < n; ++i) {
       const T v = val[i];
-      int64_t r = 0;
+      int32_t r = 0;  // entries before i in the order: greater ones, and equal ones with a lower id
 #pragma omp simd reduction(+ : r)
-      for (int64_t j = 0; j < n; ++j) r += (val[j] > v) | ((val[j] == v) & (j < i));
+      for (int64_t j = 0; j < i; ++j) r += val[j] >= v;
+#pragma omp simd reduction(+ : r)
+      for (int64_t j = i + 1; j < n; ++j) r += val[j] > v;
       out_ids[r] = id[i];
       out_lp[r] = v - lse;
     }
   } else {
     TopkEntry<T>* ent = sc.ent;
     for (int64_t i = 0; i < n; ++i) ent[i] = TopkEntry<T>{val[i], id[i]};
-    heap_sort(ent, n, BetterEntry<T>());
+    ent = radix_sort_desc(ent, sc.ent2, n);
     for (int64_t i = 0; i < n; ++i) {
       out_ids[i] = ent[i].id;
       out_lp[i] = ent[i].v - lse;
