@@ -906,7 +906,7 @@ void topk_row(T* z, int64_t V, int64_t k, const LogitParams& lp, int64_t* out_id
   int64_t n = 0;
   T thr = neg_inf<T>();
   T M = neg_inf<T>(), S = 0;
-  bool nan = false, pinf = false, dense = true;
+  bool nan = false, pinf = false, dense = k > 1;
   for (int64_t b0 = 0; b0 < V; b0 += TOPK_BLOCK) {
     const int64_t b1 = b0 + TOPK_BLOCK < V ? b0 + TOPK_BLOCK : V;
     {
@@ -916,6 +916,8 @@ void topk_row(T* z, int64_t V, int64_t k, const LogitParams& lp, int64_t* out_id
       for (int64_t j = p0; j < p1; j += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(z + j, 0, 3);
     }
     const T bm = scale ? block_max<T, true>(z + b0, b1 - b0, f) : block_max<T, false>(z + b0, b1 - b0, f);
+    // k = 1: the block's maximum is its best logit, so only logits equal to it can enter.
+    if (k == 1 && bm > thr) thr = std::nextafter(bm, neg_inf<T>());
     if (bm > thr) {
       // While many logits pass (the first blocks of a row), every vector is appended without a test of
       // its mask: a branch on an unpredictable mask costs more than an empty append.
