@@ -321,6 +321,14 @@ inline uint32_t gt_mask16<float>(const float* zb, float thr) {
   const uint32_t hi = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(zb + 8), t, _CMP_GT_OQ));
   return lo | (hi << 8);
 }
+#elif defined(__SSE2__)
+template <>
+inline uint32_t gt_mask16<float>(const float* zb, float thr) {
+  const __m128 t = _mm_set1_ps(thr);
+  uint32_t m = 0;
+  for (int q = 0; q < 4; ++q) m |= static_cast<uint32_t>(_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(zb + 4 * q), t))) << (4 * q);
+  return m;
+}
 #endif
 
 // Threshold-filtered selection.  A row is scanned in blocks of TOPK_BLOCK logits that stay in L1:
@@ -799,19 +807,31 @@ inline float block_sumexp<float>(const float* z, int64_t n, float m) {
 #undef COPSD_EXP_NEG_BODY
 
 // Maximum of z[0..n) (NaN compares false, so it is skipped); with SCALE, z is first multiplied by f in place.
+// 32 independent running maxima (several vector registers): one would be bound by the latency of max.
 template <typename T, bool SCALE>
 inline T block_max(T* z, int64_t n, T f) {
-  T m = neg_inf<T>();
-  if (SCALE) {
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < n; ++j) {
-      const T v = z[j] * f;
-      z[j] = v;
-      m = v > m ? v : m;
+  T acc[32];
+  for (int u = 0; u < 32; ++u) acc[u] = neg_inf<T>();
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    for (int u = 0; u < 32; ++u) {
+      T v = z[j + u];
+      if (SCALE) {
+        v *= f;
+        z[j + u] = v;
+      }
+      acc[u] = v > acc[u] ? v : acc[u];
     }
-  } else {
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < n; ++j) m = z[j] > m ? z[j] : m;
+  }
+  T m = neg_inf<T>();
+  for (int u = 0; u < 32; ++u) m = acc[u] > m ? acc[u] : m;
+  for (; j < n; ++j) {
+    T v = z[j];
+    if (SCALE) {
+      v *= f;
+      z[j] = v;
+    }
+    m = v > m ? v : m;
   }
   return m;
 }
