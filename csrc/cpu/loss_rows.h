@@ -335,14 +335,16 @@ inline uint32_t gt_mask16<float>(const float* zb, float thr) {
 //   1. the block's maximum m_b (the logit scale is applied in the same loop);
 //   2. only when m_b beats the running threshold `thr` (a lower bound on the row's k-th best) are the
 //      block's logits compared with it, 16 at a time, and those above it appended with their ids to a
-//      candidate buffer (AVX-512 compresses them in registers); when the buffer reaches `hi` entries it is
-//      cut back to the k best (a quickselect) and `thr` rises to the k-th best value;
+//      candidate buffer (AVX-512 compresses them in registers, AVX2 permutes them by a table indexed by
+//      the mask); when the buffer reaches `hi` entries it is cut back to the k best (a quickselect with
+//      vector counts and compactions) and `thr` rises to the k-th best value;
 //   3. sum_j e^{z_j - m_b} over the block, folded into the row's running (M, S) with one rescale per block
 //      (an online log-sum-exp).
-// For a random row only ~k ln(V/k) logits ever pass the threshold, so the scan costs one max, one compare
-// and one exponential per logit.  An ascending row (every logit passes) costs an amortised O(1) per logit:
-// each cut removes at least max(k, 128) entries; a quickselect that recurses too deep finishes with a heap
-// sort, so no input makes it quadratic.
+// For a random row only a small multiple of k ln(V/k) logits ever pass the threshold, so the scan costs one
+// max, one compare and one exponential per logit.  An ascending row (every logit passes) costs an amortised
+// O(1) per logit: each cut removes at least max(k, 128) entries; a quickselect that recurses too deep
+// finishes with a heap sort, so no input makes it quadratic.  The final <= k candidates are ordered by
+// counting ranks (<= 128) or by a stable radix sort.
 //
 // Order: by value, descending; equal values by ascending id.  The buffer is appended to in id order and the
 // cuts keep that order, so among candidates equal to the cut value the first ones are the lowest ids, and a
