@@ -90,6 +90,108 @@ def test_cpu_topk_ties():
     assert ids1.shape == (9, 1)
 
 
+def _exact_order(z):
+    """Ids of one row of logits (a list of floats) in the C++ backend's documented order: value descending, equal
+    values by ascending id, NaN last (by id)."""
+    return sorted(range(len(z)), key=lambda j: (z[j] != z[j], -z[j] if z[j] == z[j] else 0.0, j))
+
+
+def _rows_as_gemm(Z):
+    """Inputs whose lm_head GEMM gives exactly the finite logits ``Z [N, V]``: identity hidden states (each logit is
+    one product by 1 plus zeros, exact in any BLAS)."""
+    N = Z.shape[0]
+    return torch.eye(N, dtype=Z.dtype), Z.T.contiguous()
+
+
+def _adversarial_rows(V, dtype):
+    """Rows that stress a threshold top-k: all equal, ascending (every logit beats the running k-th best),
+    descending, few distinct values (ties everywhere), an ascending sawtooth of ties, a maximum at the very end,
+    and a random row."""
+    j = torch.arange(V, dtype=torch.float64)
+    rows = [torch.full((V,), 1.5, dtype=torch.float64), j / 8, -j / 8, torch.randint(-3, 3, (V,)).double(),
+            (j % 7) + j // 500, torch.randn(V, dtype=torch.float64), torch.randn(V, dtype=torch.float64)]
+    rows[6][-1] = 40.0
+    return torch.stack(rows).to(dtype)
+
+
+@CPU
+@pytest.mark.isa
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("V", [1, 7, 16, 17, 1031, 4099])
+def test_cpu_topk_adversarial_rows_exact_order(V, dtype):
+    """Adversarial rows on every dispatch level: exactly the documented order (value descending, ties by
+    ascending id), the exact values minus the LSE, for k from 1 to V; temperature 0.5 (an exact scale) takes
+    the fused-scale path with the same order."""
+    Z = _adversarial_rows(V, dtype)
+    x, w = _rows_as_gemm(Z)
+    z64 = Z.double()
+    lse64 = z64.logsumexp(-1)
+    for k in sorted(k for k in {1, 2, 16, 63, 257, V - 1, V} if 1 <= k <= V):
+        for temp in (1.0, 0.5):
+            ids, lp, lse = cpu.topk(x, w, k, LogitSpec(temperature=temp))
+            zt = z64 / temp
+            want_ids = torch.tensor([_exact_order(r.tolist())[:k] for r in zt])
+            assert torch.equal(ids, want_ids), (V, k, temp)
+            tol = 1e-12 if dtype == torch.float64 else 2e-6 * (1 + zt.abs().max().item())
+            torch.testing.assert_close(lse.double(), lse64 / temp if temp == 1.0 else zt.logsumexp(-1),
+                                       rtol=0, atol=tol)
+            torch.testing.assert_close(lp.double(), zt.gather(1, ids) - zt.logsumexp(-1, keepdim=True),
+                                       rtol=0, atol=tol)
+
+
+@CPU
+@pytest.mark.isa
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_topk_nonfinite_logits(dtype):
+    """-inf logits rank below every finite one and fill a top-k longer than the finite logits (by id); a NaN
+    logit makes the row's LSE and log-probs NaN and is returned only after the -inf ids; a +inf logit gives
+    LSE = +inf (as logsumexp).  The ids of a row stay distinct."""
+    inf, nan = float("inf"), float("nan")
+    V = 37
+    cases = {
+        "some -inf": [(-inf if j % 3 == 0 else float(j % 5)) for j in range(V)],
+        "all -inf": [-inf] * V,
+        "one finite": [(-inf if j != 20 else 2.0) for j in range(V)],
+        "NaN": [(nan if j % 4 == 1 else (-inf if j % 4 == 2 else float(j % 3))) for j in range(V)],
+        "all NaN": [nan] * V,
+        "+inf": [(inf if j == 30 else float(j % 6)) for j in range(V)],
+    }
+    for name, row in cases.items():
+        x = torch.ones(3, 1, dtype=dtype)
+        w = torch.tensor(row, dtype=dtype)[:, None]
+        z = torch.tensor(row, dtype=torch.float64)
+        want_lse = z.logsumexp(0)
+        for k in (1, 5, 13, 30, V):
+            ids, lp, lse = cpu.topk(x, w, k, LogitSpec())
+            order = torch.tensor(_exact_order(row)[:k])
+            for r in range(3):
+                assert torch.equal(ids[r], order), (name, k)
+                torch.testing.assert_close(lse[r].double(), want_lse, equal_nan=True, rtol=0, atol=1e-6)
+                torch.testing.assert_close(lp[r].double(), z[order] - want_lse, equal_nan=True, rtol=0, atol=1e-6)
+
+
+@CPU
+@pytest.mark.isa
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 8, 64, 256])
+def test_cpu_topk_long_rows_fresh_inputs(k, dtype):
+    """A 5003-entry vocabulary (several scan blocks, not a multiple of the vector width) with dominant rows at
+    the start, the middle and the end, so the running maximum and the threshold move late in a row; fresh random
+    inputs against the float64 logits (bf16 inputs: against the fp32 logits of the same bf16 values)."""
+    N, H, V = 13, 16, 5003
+    x = torch.randn(N, H, dtype=torch.float64)
+    w = torch.randn(V, H, dtype=torch.float64) / H**0.5 * 2
+    for j, f in ((3, 4.0), (2600, 6.0), (V - 2, 5.0)):
+        w[j] *= f
+    x, w = x.to(dtype), w.to(dtype)
+    for logit in (LogitSpec(), LOGITS["temp_scale"]):
+        ids, lp, lse = cpu.topk(x, w, k, logit)
+        z = dense.logits(x.double(), w.double(), logit.temperature, logit.logit_scale, logit.softcap)
+        z_plain = None if dtype == torch.float64 else dense.logits(
+            x.float(), w.float(), logit.temperature, logit.logit_scale, logit.softcap)
+        check_topk(ids, lp, lse, z, k, z_plain)
+
+
 # ----------------------------------------------------------------------------- Triton backend
 
 

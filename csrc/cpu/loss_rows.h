@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -320,70 +321,713 @@ inline uint32_t gt_mask16<float>(const float* zb, float thr) {
   const uint32_t hi = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(zb + 8), t, _CMP_GT_OQ));
   return lo | (hi << 8);
 }
+#elif defined(__SSE2__)
+template <>
+inline uint32_t gt_mask16<float>(const float* zb, float thr) {
+  const __m128 t = _mm_set1_ps(thr);
+  uint32_t m = 0;
+  for (int q = 0; q < 4; ++q) m |= static_cast<uint32_t>(_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(zb + 4 * q), t))) << (4 * q);
+  return m;
+}
 #endif
 
-// Min-heap on (value, -index): the root is the current k-th best; ties prefer lower ids.
-template <typename T>
-inline bool worse(T va, int64_t ia, T vb, int64_t ib) {
-  return va < vb || (va == vb && ia > ib);
-}
+// Threshold-filtered selection.  A row is scanned in blocks of TOPK_BLOCK logits that stay in L1:
+//   1. the block's maximum m_b (the logit scale is applied in the same loop);
+//   2. only when m_b beats the running threshold `thr` (a lower bound on the row's k-th best) are the
+//      block's logits compared with it, 16 at a time, and those above it appended with their ids to a
+//      candidate buffer (AVX-512 compresses them in registers, AVX2 permutes them by a table indexed by
+//      the mask); when the buffer reaches `hi` entries it is cut back to the k best (a quickselect with
+//      vector counts and compactions) and `thr` rises to the k-th best value;
+//   3. sum_j e^{z_j - m_b} over the block, folded into the row's running (M, S) with one rescale per block
+//      (an online log-sum-exp).
+// For a random row only a small multiple of k ln(V/k) logits ever pass the threshold, so the scan costs one
+// max, one compare and one exponential per logit.  An ascending row (every logit passes) costs an amortised
+// O(1) per logit: each cut removes at least max(k, 128) entries; a quickselect that recurses too deep
+// finishes with a heap sort, so no input makes it quadratic.  The final <= k candidates are ordered by
+// counting ranks (<= 128) or by a stable radix sort.
+//
+// Order: by value, descending; equal values by ascending id.  The buffer is appended to in id order and the
+// cuts keep that order, so among candidates equal to the cut value the first ones are the lowest ids, and a
+// later logit equal to `thr` (strict compare) can never displace them.  NaN logits never pass (they make the
+// LSE NaN); -inf logits never pass either: a row with fewer than k logits above -inf is completed in id order
+// with its -inf ids, then its NaN ids.
+constexpr int64_t TOPK_BLOCK = 1024;
 
 template <typename T>
-inline void sift_down(T* v, int64_t* id, int64_t k, int64_t i) {
-  for (;;) {
-    int64_t l = 2 * i + 1, r = l + 1, w = i;
-    if (l < k && worse(v[l], id[l], v[w], id[w])) w = l;
-    if (r < k && worse(v[r], id[r], v[w], id[w])) w = r;
-    if (w == i) return;
-    T tv = v[i]; v[i] = v[w]; v[w] = tv;
-    int64_t ti = id[i]; id[i] = id[w]; id[w] = ti;
-    i = w;
+struct TopkEntry {
+  T v;
+  int64_t id;
+};
+
+// Per-thread candidate buffers, grown on demand and kept for the next rows (and calls).
+template <typename T>
+struct TopkScratch {
+  T* val = nullptr;             // candidate values (+16 entries for full-vector stores)
+  int64_t* id = nullptr;        // their ids, ascending
+  T* tmp = nullptr;             // copy of the values for the selection of a cut
+  TopkEntry<T>* ent = nullptr;   // (value, id) pairs of the final sort
+  TopkEntry<T>* ent2 = nullptr;  // and its second buffer
+  int64_t cap = 0;
+  void reserve(int64_t n) {
+    if (n <= cap) return;
+    release();
+    val = static_cast<T*>(std::malloc(sizeof(T) * (n + 16)));
+    id = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * (n + 16)));
+    tmp = static_cast<T*>(std::malloc(sizeof(T) * (n + 16)));
+    ent = static_cast<TopkEntry<T>*>(std::malloc(sizeof(TopkEntry<T>) * (n + 16)));
+    ent2 = static_cast<TopkEntry<T>*>(std::malloc(sizeof(TopkEntry<T>) * (n + 16)));
+    if (!val || !id || !tmp || !ent || !ent2) std::abort();  // out of memory inside a parallel region
+    cap = n;
   }
+  void release() {
+    std::free(val);
+    std::free(id);
+    std::free(tmp);
+    std::free(ent);
+    std::free(ent2);
+    val = tmp = nullptr;
+    id = nullptr;
+    ent = ent2 = nullptr;
+    cap = 0;
+  }
+  ~TopkScratch() { release(); }
+};
+
+template <typename T>
+TopkScratch<T>& topk_scratch() {
+  static thread_local TopkScratch<T> s;
+  return s;
+}
+
+// The order of values used below ("a comes first").
+template <typename T>
+struct Greater {
+  bool operator()(T a, T b) const { return a > b; }
+};
+
+template <typename X>
+inline void swap_items(X& a, X& b) {
+  X t = a;
+  a = b;
+  b = t;
+}
+
+// Heap sort of a[0..n) into `first` order (a[0] first).  O(n log n) for every input.
+template <typename X, typename First>
+void heap_sort(X* a, int64_t n, First first) {
+  auto sift = [&](int64_t i, int64_t m) {  // heap whose root is the last in `first` order
+    for (;;) {
+      const int64_t l = 2 * i + 1, r = l + 1;
+      int64_t w = i;
+      if (l < m && first(a[w], a[l])) w = l;
+      if (r < m && first(a[w], a[r])) w = r;
+      if (w == i) return;
+      swap_items(a[i], a[w]);
+      i = w;
+    }
+  };
+  for (int64_t i = n / 2 - 1; i >= 0; --i) sift(i, n);
+  for (int64_t m = n - 1; m > 0; --m) {
+    swap_items(a[0], a[m]);
+    sift(0, m);
+  }
+}
+
+// Moves the values of w[0..m) with v > p (side > 0) or v < p (side < 0) to the front, in order; returns
+// their number.  (In place: the write position never passes the read position.)
+template <typename T>
+inline int64_t compact_side(T* w, int64_t m, T p, int side) {
+  int64_t c = 0;
+  if (side > 0) {
+    for (int64_t i = 0; i < m; ++i) {
+      const T v = w[i];
+      w[c] = v;
+      c += v > p;
+    }
+  } else {
+    for (int64_t i = 0; i < m; ++i) {
+      const T v = w[i];
+      w[c] = v;
+      c += v < p;
+    }
+  }
+  return c;
+}
+
+// Keeps, in order, the entries of val/id[0..n) with val > t and the first `ties` with val == t; returns
+// their number.
+template <typename T>
+inline int64_t compact_keep(T* val, int64_t* id, int64_t n, T t, int64_t ties) {
+  int64_t w = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = val[i];
+    const bool keep = v > t || (v == t && ties > 0);
+    ties -= v == t && keep;
+    val[w] = v;
+    id[w] = id[i];
+    w += keep;
+  }
+  return w;
+}
+
+#if defined(COPSD_HAVE_AVX512)
+inline __mmask16 tail_mask16(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+}
+template <>
+inline int64_t compact_side<float>(float* w, int64_t m, float p, int side) {
+  const __m512 pv = _mm512_set1_ps(p);
+  int64_t c = 0;
+  for (int64_t i = 0; i < m; i += 16) {
+    const __mmask16 live = tail_mask16(m - i);
+    const __m512 v = _mm512_maskz_loadu_ps(live, w + i);
+    const __mmask16 k = side > 0 ? _mm512_mask_cmp_ps_mask(live, v, pv, _CMP_GT_OQ)
+                                 : _mm512_mask_cmp_ps_mask(live, v, pv, _CMP_LT_OQ);
+    _mm512_storeu_ps(w + c, _mm512_maskz_compress_ps(k, v));  // the buffers have 16 spare entries
+    c += __builtin_popcount(k);
+  }
+  return c;
+}
+template <>
+inline int64_t compact_keep<float>(float* val, int64_t* id, int64_t n, float t, int64_t ties) {
+  const __m512 tv = _mm512_set1_ps(t);
+  int64_t w = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 live = tail_mask16(n - i);
+    const __m512 v = _mm512_maskz_loadu_ps(live, val + i);
+    const __m512i ilo = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(live), id + i);
+    const __m512i ihi = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(live >> 8), id + i + 8);
+    uint32_t eq = _mm512_mask_cmp_ps_mask(live, v, tv, _CMP_EQ_OQ);
+    if (ties <= 0) eq = 0;
+    while (static_cast<int64_t>(__builtin_popcount(eq)) > ties) eq &= ~(1u << (31 - __builtin_clz(eq)));
+    ties -= __builtin_popcount(eq);
+    const uint32_t keep = _mm512_mask_cmp_ps_mask(live, v, tv, _CMP_GT_OQ) | eq;
+    const __mmask8 klo = static_cast<__mmask8>(keep & 0xff), khi = static_cast<__mmask8>(keep >> 8);
+    _mm512_storeu_ps(val + w, _mm512_maskz_compress_ps(static_cast<__mmask16>(keep), v));
+    _mm512_storeu_si512(id + w, _mm512_maskz_compress_epi64(klo, ilo));
+    _mm512_storeu_si512(id + w + __builtin_popcount(keep & 0xff), _mm512_maskz_compress_epi64(khi, ihi));
+    w += __builtin_popcount(keep);
+  }
+  return w;
+}
+#endif
+
+#if defined(COPSD_HAVE_AVX2) && !defined(COPSD_HAVE_AVX512)
+// AVX2 has no compress: a lane permutation per 8-bit mask moves the selected lanes to the front.
+struct PermTables {
+  int32_t f32[256][8];  // 8 x 32-bit lanes
+  int32_t i64[16][8];   // 4 x 64-bit lanes, as pairs of 32-bit lanes
+};
+constexpr PermTables make_perm_tables() {
+  PermTables t{};
+  for (int m = 0; m < 256; ++m) {
+    int c = 0;
+    for (int b = 0; b < 8; ++b)
+      if ((m >> b) & 1) t.f32[m][c++] = b;
+  }
+  for (int m = 0; m < 16; ++m) {
+    int c = 0;
+    for (int b = 0; b < 4; ++b)
+      if ((m >> b) & 1) {
+        t.i64[m][2 * c] = 2 * b;
+        t.i64[m][2 * c + 1] = 2 * b + 1;
+        ++c;
+      }
+  }
+  return t;
+}
+constexpr PermTables kPerm = make_perm_tables();
+
+inline __m256i perm8(uint32_t m) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kPerm.f32[m])); }
+inline __m256i perm4x64(uint32_t m) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kPerm.i64[m]));
+}
+
+template <>
+inline int64_t compact_side<float>(float* w, int64_t m, float p, int side) {
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t c = 0, i = 0;
+  for (; i + 8 <= m; i += 8) {
+    const __m256 v = _mm256_loadu_ps(w + i);
+    const uint32_t k = _mm256_movemask_ps(side > 0 ? _mm256_cmp_ps(v, pv, _CMP_GT_OQ) : _mm256_cmp_ps(v, pv, _CMP_LT_OQ));
+    _mm256_storeu_ps(w + c, _mm256_permutevar8x32_ps(v, perm8(k)));  // the buffers have 16 spare entries
+    c += __builtin_popcount(k);
+  }
+  for (; i < m; ++i) {
+    const float v = w[i];
+    w[c] = v;
+    c += side > 0 ? v > p : v < p;
+  }
+  return c;
+}
+template <>
+inline int64_t compact_keep<float>(float* val, int64_t* id, int64_t n, float t, int64_t ties) {
+  const __m256 tv = _mm256_set1_ps(t);
+  int64_t w = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(val + i);
+    const __m256i ilo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(id + i));
+    const __m256i ihi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(id + i + 4));
+    uint32_t eq = _mm256_movemask_ps(_mm256_cmp_ps(v, tv, _CMP_EQ_OQ));
+    if (ties <= 0) eq = 0;
+    while (static_cast<int64_t>(__builtin_popcount(eq)) > ties) eq &= ~(1u << (31 - __builtin_clz(eq)));
+    ties -= __builtin_popcount(eq);
+    const uint32_t keep = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, tv, _CMP_GT_OQ))) | eq;
+    _mm256_storeu_ps(val + w, _mm256_permutevar8x32_ps(v, perm8(keep)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(id + w), _mm256_permutevar8x32_epi32(ilo, perm4x64(keep & 15)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(id + w + __builtin_popcount(keep & 15)),
+                        _mm256_permutevar8x32_epi32(ihi, perm4x64(keep >> 4)));
+    w += __builtin_popcount(keep);
+  }
+  for (; i < n; ++i) {
+    const float v = val[i];
+    const bool keep = v > t || (v == t && ties > 0);
+    ties -= v == t && keep;
+    val[w] = v;
+    id[w] = id[i];
+    w += keep;
+  }
+  return w;
+}
+#endif
+
+// The value of rank r (0-based, descending) of w[0..m) (no NaN); w (m + 16 entries) is clobbered.  A
+// quickselect whose steps are branch-free: the values above / equal to a median-of-three pivot are counted
+// (vector compares) and the side that holds rank r is compacted to the front; a rank among the equal values
+// ends it at once.  After 2 log2(m) + 8 steps without reaching 32 values it finishes with a heap sort, so no
+// input makes it quadratic.
+template <typename T>
+T select_desc(T* w, int64_t m, int64_t r) {
+  int budget = 8;
+  for (int64_t q = m; q > 1; q >>= 1) budget += 2;
+  while (m > 32 && budget-- > 0) {
+    T x = w[0], y = w[m / 2], z = w[m - 1];
+    if (x < y) swap_items(x, y);
+    if (y < z) swap_items(y, z);
+    if (x < y) swap_items(x, y);
+    const T p = y;  // median of the three
+    int64_t gt = 0, eq = 0;
+#pragma omp simd reduction(+ : gt, eq)
+    for (int64_t i = 0; i < m; ++i) {
+      gt += w[i] > p;
+      eq += w[i] == p;
+    }
+    if (r < gt) {
+      m = compact_side(w, m, p, 1);
+    } else if (r < gt + eq) {
+      return p;
+    } else {
+      m = compact_side(w, m, p, -1);
+      r -= gt + eq;
+    }
+  }
+  if (m > 32) {
+    heap_sort(w, m, Greater<T>());
+    return w[r];
+  }
+  // At most 32 values left: the one whose rank range [#greater, #greater + #equal) holds r.
+  for (int64_t i = 0; i < m; ++i) {
+    const T v = w[i];
+    int64_t gt = 0, eq = 0;
+#pragma omp simd reduction(+ : gt, eq)
+    for (int64_t j = 0; j < m; ++j) {
+      gt += w[j] > v;
+      eq += w[j] == v;
+    }
+    if (gt <= r && r < gt + eq) return v;
+  }
+  return w[r];  // not reached: some value holds rank r
+}
+
+// Cuts the n candidates (ids ascending, no NaN) to the k best, in place and in id order; returns the k-th
+// best value.  n > k.
+template <typename T>
+T topk_cut(T* val, int64_t* id, T* tmp, int64_t n, int64_t k) {
+  std::memcpy(tmp, val, sizeof(T) * n);
+  const T t = select_desc(tmp, n, k - 1);
+  int64_t gt = 0;
+#pragma omp simd reduction(+ : gt)
+  for (int64_t i = 0; i < n; ++i) gt += val[i] > t;
+  compact_keep(val, id, n, t, k - gt);  // entries equal to t that stay: the first ones (lowest ids)
+  return t;
+}
+
+// Stable LSD radix sort of a[0..n) (no NaN) by value, descending, 8 bits per pass (b: scratch of n
+// entries); entries of equal value keep their order.  Returns the buffer that holds the result.
+inline uint32_t desc_key(float v) {
+  v += 0.0f;  // -0 -> +0: equal values must get equal keys
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return ~(b ^ ((b >> 31) ? 0xffffffffu : 0x80000000u));
+}
+inline uint64_t desc_key(double v) {
+  v += 0.0;
+  uint64_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return ~(b ^ ((b >> 63) ? ~uint64_t(0) : (uint64_t(1) << 63)));
+}
+template <typename T>
+TopkEntry<T>* radix_sort_desc(TopkEntry<T>* a, TopkEntry<T>* b, int64_t n) {
+  for (int shift = 0; shift < static_cast<int>(8 * sizeof(T)); shift += 8) {
+    int64_t count[256] = {};
+    for (int64_t i = 0; i < n; ++i) ++count[(desc_key(a[i].v) >> shift) & 0xff];
+    if (count[(desc_key(a[0].v) >> shift) & 0xff] == n) continue;  // one digit value: nothing moves
+    int64_t pos = 0;
+    for (int d = 0; d < 256; ++d) {
+      const int64_t c = count[d];
+      count[d] = pos;
+      pos += c;
+    }
+    for (int64_t i = 0; i < n; ++i) b[count[(desc_key(a[i].v) >> shift) & 0xff]++] = a[i];
+    TopkEntry<T>* t = a;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
+// Appends z[j0 + u] (and its id) for every bit u of msk.  The buffer has 16 spare entries.
+template <typename T>
+inline int64_t topk_append_bits(const T* z, int64_t j0, uint32_t msk, T* val, int64_t* id, int64_t n) {
+  while (msk) {
+    const int u = __builtin_ctz(msk);
+    val[n] = z[j0 + u];
+    id[n] = j0 + u;
+    ++n;
+    msk &= msk - 1;
+  }
+  return n;
+}
+// The same for a full vector of 16 logits z[j0 .. j0 + 16).
+template <typename T>
+inline int64_t topk_append(const T* z, int64_t j0, uint32_t msk, T* val, int64_t* id, int64_t n) {
+  return topk_append_bits(z, j0, msk, val, id, n);
+}
+#if defined(COPSD_HAVE_AVX512)
+template <>
+inline int64_t topk_append<float>(const float* z, int64_t j0, uint32_t msk, float* val, int64_t* id, int64_t n) {
+  const __mmask16 m = static_cast<__mmask16>(msk);
+  _mm512_storeu_ps(val + n, _mm512_maskz_compress_ps(m, _mm512_loadu_ps(z + j0)));
+  const __m512i base = _mm512_add_epi64(_mm512_set1_epi64(j0), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+  const __mmask8 lo = static_cast<__mmask8>(msk & 0xff), hi = static_cast<__mmask8>(msk >> 8);
+  const int nlo = __builtin_popcount(msk & 0xff);
+  _mm512_storeu_si512(id + n, _mm512_maskz_compress_epi64(lo, base));
+  _mm512_storeu_si512(id + n + nlo, _mm512_maskz_compress_epi64(hi, _mm512_add_epi64(base, _mm512_set1_epi64(8))));
+  return n + __builtin_popcount(msk);
+}
+#elif defined(COPSD_HAVE_AVX2)
+template <>
+inline int64_t topk_append<float>(const float* z, int64_t j0, uint32_t msk, float* val, int64_t* id, int64_t n) {
+  for (int h = 0; h < 2; ++h, j0 += 8, msk >>= 8) {
+    const uint32_t m = msk & 0xff;
+    const __m256i p = perm8(m);  // its first popcount(m) lanes: the selected lane numbers
+    _mm256_storeu_ps(val + n, _mm256_permutevar8x32_ps(_mm256_loadu_ps(z + j0), p));
+    const __m256i base = _mm256_set1_epi64x(j0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(id + n),
+                        _mm256_add_epi64(base, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(p))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(id + n + 4),
+                        _mm256_add_epi64(base, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(p, 1))));
+    n += __builtin_popcount(m);
+  }
+  return n;
+}
+#endif
+
+// sum_j e^{z_j - m} over n logits z_j <= m (m finite); a NaN logit makes it NaN.
+template <typename T>
+inline T block_sumexp(const T* z, int64_t n, T m) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += fexp(z[j] - m);
+  return s;
+}
+#if defined(COPSD_HAVE_AVX512) || defined(COPSD_HAVE_AVX2)
+// fexp's reduction and polynomial, specialised to arguments x <= 0: no overflow side; x is clamped from below
+// at -87.3 (e^x is then 1.2e-38 instead of 0, an absolute error far below the sum's rounding since the
+// maximum itself contributes 1); NaN passes the clamp (maxps returns its second operand for NaN).
+#define COPSD_EXP_NEG_BODY(V, set1, add, mul, fma, fnma, maxop, roundop)             \
+  x = maxop(set1(-87.33654f), x);                                                       \
+  const V nf = roundop(mul(x, set1(1.44269504088896341f)));                            \
+  V r = fnma(nf, set1(0.693359375f), x);                                                \
+  r = fnma(nf, set1(-2.12194440e-4f), r);                                               \
+  V p = set1(1.9875691500e-4f);                                                         \
+  p = fma(p, r, set1(1.3981999507e-3f));                                                \
+  p = fma(p, r, set1(8.3334519073e-3f));                                                \
+  p = fma(p, r, set1(4.1665795894e-2f));                                                \
+  p = fma(p, r, set1(1.6666665459e-1f));                                                \
+  p = fma(p, r, set1(5.0000001201e-1f));                                                \
+  p = fma(mul(p, r), r, add(r, set1(1.0f)));
+#endif
+#if defined(COPSD_HAVE_AVX512)
+inline __m512 round16(__m512 v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT); }
+inline __m512 exp_neg16(__m512 x) {
+  COPSD_EXP_NEG_BODY(__m512, _mm512_set1_ps, _mm512_add_ps, _mm512_mul_ps, _mm512_fmadd_ps, _mm512_fnmadd_ps,
+                     _mm512_max_ps, round16)
+  return _mm512_scalef_ps(p, nf);
+}
+template <>
+inline float block_sumexp<float>(const float* z, int64_t n, float m) {
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    s0 = _mm512_add_ps(s0, exp_neg16(_mm512_sub_ps(_mm512_loadu_ps(z + j), mv)));
+    s1 = _mm512_add_ps(s1, exp_neg16(_mm512_sub_ps(_mm512_loadu_ps(z + j + 16), mv)));
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    s1 = _mm512_mask_add_ps(s1, k, s1, exp_neg16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, z + j), mv)));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+#elif defined(COPSD_HAVE_AVX2)
+inline __m256 round8(__m256 v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline __m256 exp_neg8(__m256 x) {
+  COPSD_EXP_NEG_BODY(__m256, _mm256_set1_ps, _mm256_add_ps, _mm256_mul_ps, _mm256_fmadd_ps, _mm256_fnmadd_ps,
+                     _mm256_max_ps, round8)
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nf), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+template <>
+inline float block_sumexp<float>(const float* z, int64_t n, float m) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    s0 = _mm256_add_ps(s0, exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(z + j), mv)));
+    s1 = _mm256_add_ps(s1, exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(z + j + 8), mv)));
+  }
+  s0 = _mm256_add_ps(s0, s1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float s = _mm_cvtss_f32(h);
+  for (; j < n; ++j) s += fexp(z[j] - m);
+  return s;
+}
+#endif
+#undef COPSD_EXP_NEG_BODY
+
+// Maximum of z[0..n) (NaN compares false, so it is skipped); with SCALE, z is first multiplied by f in place.
+// 32 independent running maxima (several vector registers): one would be bound by the latency of max.
+template <typename T, bool SCALE>
+inline T block_max(T* z, int64_t n, T f) {
+  T acc[32];
+  for (int u = 0; u < 32; ++u) acc[u] = neg_inf<T>();
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    for (int u = 0; u < 32; ++u) {
+      T v = z[j + u];
+      if (SCALE) {
+        v *= f;
+        z[j + u] = v;
+      }
+      acc[u] = v > acc[u] ? v : acc[u];
+    }
+  }
+  T m = neg_inf<T>();
+  for (int u = 0; u < 32; ++u) m = acc[u] > m ? acc[u] : m;
+  for (; j < n; ++j) {
+    T v = z[j];
+    if (SCALE) {
+      v *= f;
+      z[j] = v;
+    }
+    m = v > m ? v : m;
+  }
+  return m;
+}
+// Four accumulators: a single running maximum is bound by the latency of max (4 cycles per vector).  The
+// operand order max(v, acc) returns acc for a NaN v.
+#if defined(COPSD_HAVE_AVX512)
+template <bool SCALE>
+inline float block_max_f32(float* z, int64_t n, float f) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), fv = _mm512_set1_ps(f);
+  __m512 a0 = ninf, a1 = ninf, a2 = ninf, a3 = ninf;
+  auto load = [&](int64_t j, __mmask16 live) {
+    __m512 v = _mm512_mask_loadu_ps(ninf, live, z + j);
+    if (SCALE) {
+      v = _mm512_mul_ps(v, fv);
+      _mm512_mask_storeu_ps(z + j, live, v);
+    }
+    return v;
+  };
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    a0 = _mm512_max_ps(load(j, 0xffff), a0);
+    a1 = _mm512_max_ps(load(j + 16, 0xffff), a1);
+    a2 = _mm512_max_ps(load(j + 32, 0xffff), a2);
+    a3 = _mm512_max_ps(load(j + 48, 0xffff), a3);
+  }
+  for (; j < n; j += 16) a0 = _mm512_max_ps(load(j, tail_mask16(n - j)), a0);
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3)));
+}
+template <>
+inline float block_max<float, true>(float* z, int64_t n, float f) { return block_max_f32<true>(z, n, f); }
+template <>
+inline float block_max<float, false>(float* z, int64_t n, float f) { return block_max_f32<false>(z, n, f); }
+#elif defined(COPSD_HAVE_AVX2)
+template <bool SCALE>
+inline float block_max_f32(float* z, int64_t n, float f) {
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), fv = _mm256_set1_ps(f);
+  __m256 a0 = ninf, a1 = ninf, a2 = ninf, a3 = ninf;
+  auto load = [&](int64_t j) {
+    __m256 v = _mm256_loadu_ps(z + j);
+    if (SCALE) {
+      v = _mm256_mul_ps(v, fv);
+      _mm256_storeu_ps(z + j, v);
+    }
+    return v;
+  };
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    a0 = _mm256_max_ps(load(j), a0);
+    a1 = _mm256_max_ps(load(j + 8), a1);
+    a2 = _mm256_max_ps(load(j + 16), a2);
+    a3 = _mm256_max_ps(load(j + 24), a3);
+  }
+  a0 = _mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  float m = _mm_cvtss_f32(h);
+  for (; j < n; ++j) {
+    const float v = SCALE ? z[j] * f : z[j];
+    if (SCALE) z[j] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+template <>
+inline float block_max<float, true>(float* z, int64_t n, float f) { return block_max_f32<true>(z, n, f); }
+template <>
+inline float block_max<float, false>(float* z, int64_t n, float f) { return block_max_f32<false>(z, n, f); }
+#endif
+
+template <typename T>
+inline bool any_nan(const T* z, int64_t n) {
+  bool nan = false;
+  for (int64_t j = 0; j < n; ++j) nan |= z[j] != z[j];
+  return nan;
 }
 
 template <typename T>
 void topk_row(T* z, int64_t V, int64_t k, const LogitParams& lp, int64_t* out_ids, T* out_lp, T* out_lse) {
-  transform_row(z, V, lp);
-  // Heap lives in the output buffers.
-  T* hv = out_lp;
-  int64_t* hi = out_ids;
-  for (int64_t i = 0; i < k; ++i) {
-    hv[i] = z[i];
-    hi[i] = i;
+  // Softcap: transformed up front (tanh per logit); otherwise the scale is fused into the block scan.
+  T f = static_cast<T>(lp.logit_scale) * static_cast<T>(1.0 / lp.temperature);
+  if (lp.softcap > 0) {
+    transform_row(z, V, lp);
+    f = T(1);
   }
-  for (int64_t i = k / 2 - 1; i >= 0; --i) sift_down(hv, hi, k, i);
-  T thr = hv[0];
-  auto offer = [&](int64_t j) {
-    // A NaN logit never enters (the LSE reports it instead).
-    if (z[j] > thr) {
-      hv[0] = z[j];
-      hi[0] = j;
-      sift_down(hv, hi, k, 0);
-      thr = hv[0];
+  const bool scale = f != T(1);
+  const int64_t hi = 2 * k > k + 128 ? 2 * k : k + 128;  // cut the buffer back to k at hi entries
+  TopkScratch<T>& sc = topk_scratch<T>();
+  sc.reserve(hi + 16);
+  T* val = sc.val;
+  int64_t* id = sc.id;
+  int64_t n = 0;
+  T thr = neg_inf<T>();
+  T M = neg_inf<T>(), S = 0;
+  bool nan = false, pinf = false, dense = k > 1;
+  for (int64_t b0 = 0; b0 < V; b0 += TOPK_BLOCK) {
+    const int64_t b1 = b0 + TOPK_BLOCK < V ? b0 + TOPK_BLOCK : V;
+    {
+      // The row usually comes from memory or L3 (the GEMM wrote a whole chunk); a block spans whole pages,
+      // where the hardware's stream prefetch stops, so ask for the block after next explicitly.
+      const int64_t p0 = b0 + 2 * TOPK_BLOCK, p1 = p0 + TOPK_BLOCK < V ? p0 + TOPK_BLOCK : V;
+      for (int64_t j = p0; j < p1; j += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(z + j, 0, 3);
     }
-  };
-  // Threshold filter, 16 logits per vector compare: after the first blocks almost no logit
-  // beats the running k-th best, so the scan runs at memory speed.
-  int64_t j = k;
-  for (; j + 16 <= V; j += 16) {
-    uint32_t msk = gt_mask16(z + j, thr);
-    while (msk) {
-      offer(j + __builtin_ctz(msk));
-      msk &= msk - 1;
+    const T bm = scale ? block_max<T, true>(z + b0, b1 - b0, f) : block_max<T, false>(z + b0, b1 - b0, f);
+    // k = 1: the block's maximum is its best logit, so only logits equal to it can enter.
+    if (k == 1 && bm > thr) thr = std::nextafter(bm, neg_inf<T>());
+    if (bm > thr) {
+      // While many logits pass (the first blocks of a row), every vector is appended without a test of
+      // its mask: a branch on an unpredictable mask costs more than an empty append.
+      int64_t passed = 0;
+      for (int64_t j = b0; j < b1; j += 16) {
+        uint32_t msk = 0;
+        const int64_t n0 = n;
+        if (j + 16 <= b1) {
+          msk = gt_mask16(z + j, thr);
+          if (!dense && !msk) continue;
+          n = topk_append(z, j, msk, val, id, n);
+        } else {  // the row's last, partial vector
+          for (int64_t u = 0; j + u < b1; ++u) msk |= static_cast<uint32_t>(z[j + u] > thr) << u;
+          n = topk_append_bits(z, j, msk, val, id, n);
+        }
+        passed += n - n0;
+        if (n >= hi) {
+          thr = topk_cut(val, id, sc.tmp, n, k);
+          n = k;
+        }
+      }
+      dense = passed * 8 > b1 - b0;
+    } else {
+      dense = false;
+    }
+    // Block sum relative to its own maximum.  The max does not see NaN (it compares false): a NaN
+    // propagates through the exponentials when the block has a finite maximum and is looked for otherwise.
+    if (bm == neg_inf<T>() || bm == std::numeric_limits<T>::infinity()) {
+      pinf |= bm > T(0);
+      nan |= any_nan(z + b0, b1 - b0);
+      continue;
+    }
+    const T s = block_sumexp(z + b0, b1 - b0, bm);
+    if (bm > M) {
+      S = S * std::exp(M - bm) + s;
+      M = bm;
+    } else {
+      S += s * std::exp(bm - M);
     }
   }
-  for (; j < V; ++j) offer(j);
-  // Heap-sort into descending order: repeatedly move the root (worst) to the end.
-  for (int64_t end = k - 1; end > 0; --end) {
-    T tv = hv[0]; hv[0] = hv[end]; hv[end] = tv;
-    int64_t ti = hi[0]; hi[0] = hi[end]; hi[end] = ti;
-    sift_down(hv, hi, end, 0);
+  T lse;
+  if (nan || S != S) {
+    lse = std::numeric_limits<T>::quiet_NaN();
+  } else if (pinf) {
+    lse = std::numeric_limits<T>::infinity();  // as logsumexp: +inf wins over any finite logit
+  } else {
+    lse = M == neg_inf<T>() ? M : M + flog(S);
   }
-  // The best candidate is the row maximum (NaN aside, which the sum below propagates).
-  T m = hv[0];
-  if (m != m) m = row_max(z, V);
-  const T lse = m == neg_inf<T>() ? m : m + flog(row_sumexp(z, V, m));
-  for (int64_t i = 0; i < k; ++i) hv[i] -= lse;
+  if (n > k) {
+    topk_cut(val, id, sc.tmp, n, k);
+    n = k;
+  }
+  // Descending order of the (at most k) candidates, ties by id (= by position: the buffer is in id order).
+  // Up to 128 candidates: each one's rank is counted with vector compares (no data-dependent branch);
+  // beyond, a stable radix sort.
+  if (n <= 128) {
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = val[i];
+      int32_t r = 0;  // entries before i in the order: greater ones, and equal ones with a lower id
+#pragma omp simd reduction(+ : r)
+      for (int64_t j = 0; j < i; ++j) r += val[j] >= v;
+#pragma omp simd reduction(+ : r)
+      for (int64_t j = i + 1; j < n; ++j) r += val[j] > v;
+      out_ids[r] = id[i];
+      out_lp[r] = v - lse;
+    }
+  } else {
+    TopkEntry<T>* ent = sc.ent;
+    for (int64_t i = 0; i < n; ++i) ent[i] = TopkEntry<T>{val[i], id[i]};
+    ent = radix_sort_desc(ent, sc.ent2, n);
+    for (int64_t i = 0; i < n; ++i) {
+      out_ids[i] = ent[i].id;
+      out_lp[i] = ent[i].v - lse;
+    }
+  }
+  // Fewer than k logits above -inf (all of them are candidates then): the -inf ids, then the NaN ids.
+  for (int64_t j = 0; j < V && n < k; ++j) {
+    if (z[j] == neg_inf<T>()) {
+      out_ids[n] = j;
+      out_lp[n++] = z[j] - lse;
+    }
+  }
+  for (int64_t j = 0; j < V && n < k; ++j) {
+    if (z[j] != z[j]) {
+      out_ids[n] = j;
+      out_lp[n++] = z[j] - lse;
+    }
+  }
   *out_lse = lse;
 }
 

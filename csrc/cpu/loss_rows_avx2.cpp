@@ -3,6 +3,7 @@
 // ever emitted with these instructions.
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 

@@ -2,6 +2,7 @@
 // has them.  Only standard headers are included (before the pragma), see loss_rows_avx2.cpp.
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
