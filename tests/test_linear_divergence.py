@@ -768,6 +768,26 @@ def test_triton_public_op_reductions_match_reference(triton_slices, reduction):
 
 
 @TRITON
+@pytest.mark.slow  # the interpreter runs the divergence and two log-probs kernels: ~1 min on a 2-core machine
+def test_triton_divergence_stats_unfused(triton_slices):
+    """stats_ids on the Triton backend (no fused statistics): the op takes them from Triton's log-probs kernel,
+    the same numbers as the reference backend's fused ones."""
+    N, H, V = 9, 16, 41
+    xs, ws = rand_lm(N, H, V, scale=3.0)
+    xt, wt = rand_lm(N, H, V, scale=3.0)
+    mask = torch.ones(N, dtype=torch.bool, device=DEV)
+    mask[3] = False
+    ids = torch.randint(0, V, (N,), device=DEV)
+    ids[3] = -1  # masked: never read
+    out = {b: linear_divergence(xs, ws, xt, wt, kind="jsd", temperature=1.3, mask=mask, reduction="sum",
+                                stats_ids=ids, backend=b) for b in ("triton", "reference")}
+    close(out["triton"][0], out["reference"][0], 2e-5)
+    for got, want in zip(out["triton"][1], out["reference"][1]):
+        close(got, want, 2e-5)
+        assert got[3] == 0
+
+
+@TRITON
 def test_triton_empty_token_set():
     x, w = rand_lm(0, 16, 20)
     loss, dx, dw = tri.divergence(x, w, x, w, LogitSpec(), DivergenceSpec(), None, torch.zeros(0, device=DEV))
