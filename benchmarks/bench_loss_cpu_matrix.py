@@ -6,12 +6,14 @@ configuration is written to ``--out-dir`` (``<N>x<H>x<V>_<dtype>_<isa>.md``) and
 configuration's wall time and the load average before and after it, to ``--out-dir/matrix.md``.
 
 Default matrix: N=2048 H=256 V=32000 and N=4096 H=512 V=32000; float32 and bfloat16; ``COPSD_CPU_ISA=avx2`` and
-native (the best the CPU has).  The peak memory does not depend on the epilogue ISA, so by default it is probed
-in the native runs only (``--memory all|native|none``).  To keep the whole matrix near 15 minutes on an idle
-2-core machine the defaults trade completeness for time: ``--repeats 2`` timed rounds after the checked warm-up;
-the full set of implementations at the small shape, and at the large shape (8x the GEMM work) only the floors,
-copsd and the fastest peers (``--large-impl``, naive still runs once there as the reference of the checks);
-memory probes only at the small shape (``--memory-shapes``).  ``--dry-run`` prints the commands.
+native (the best the CPU has).  The whole matrix with every case and implementation would take over an hour on an
+idle 2-core machine (the large shape is 8x the GEMM work; every ``torch.compile`` peer compiles again in each
+fresh process), so the defaults trade completeness for time: ``--repeats 2`` timed rounds after the checked
+warm-up; every implementation only in the fp32 native run of the small shape (``--full-config``), elsewhere the
+floors, copsd and the peers that came within ~1.5x of it before (``--short-impl``; naive still runs once as the
+reference of the checks); at the large shape the cases ``--large-case`` (reverse KL, log-probs + entropy, top-k);
+peak memory probed in the native runs of the small shape (it does not depend on the epilogue ISA), for naive and
+the short list (``--memory*``).  ``--dry-run`` prints the commands.
 
 Run: ``python benchmarks/bench_loss_cpu_matrix.py [--repeats 2] [--out-dir DIR]``; a subset with e.g.
 ``--shape 2048,256,32000 --dtype float32 --isa native --case rkl``.
@@ -32,8 +34,11 @@ SHAPES = ("2048,256,32000", "4096,512,32000")
 DTYPES = ("float32", "bfloat16")
 ISAS = ("avx2", "native")
 # The peers that were within ~1.5x of copsd in earlier runs (the eager chunked loop and TRL on materialised logits
-# were 2-4x the floor throughout): what the large shape times by default.
-LARGE_IMPLS = ("copsd", "copsd:loss", "chunked+compile", "liger", "cce")
+# were 2-4x the floor throughout): what every configuration but --full-config times by default, and whose peak
+# memory (with naive's) is probed.
+SHORT_IMPLS = ("copsd", "copsd:loss", "chunked+compile", "liger", "cce")
+FULL_CONFIG = f"{SHAPES[0]},float32,native"
+LARGE_CASES = ("rkl", "lpent", "topk")
 
 
 def _load():
@@ -55,14 +60,14 @@ def command(a, shape, dtype, isa):
     out = os.path.join(a.out_dir, f"{n}x{h}x{v}_{dtype}_{isa}.md")
     cmd = [sys.executable, PEERS, "--n", str(n), "--h", str(h), "--v", str(v), "--dtype", dtype,
            "--repeats", str(a.repeats), "--out", out]
-    for c in a.case or ():
+    for c in a.case or (a.large_case if shape != SHAPES[0] else ()):
         cmd += ["--case", c]
-    impls = a.impl or (a.large_impl if shape not in a.full_shapes else None)
-    for i in impls or ():
+    for i in a.impl or (a.short_impl if f"{shape},{dtype},{isa}" not in a.full_config else ()):
         cmd += ["--impl", i]
-    if a.memory == "all" or (a.memory == "native" and isa == "native"):
-        if shape in a.memory_shapes:
-            cmd.append("--memory")
+    if (a.memory == "all" or (a.memory == "native" and isa == "native")) and shape in a.memory_shapes:
+        cmd.append("--memory")
+        for i in a.memory_impl or ():
+            cmd += ["--memory-impl", i]
     env = dict(os.environ)
     env.pop("COPSD_CPU_ISA", None)
     if isa != "native":
@@ -77,17 +82,21 @@ def main(argv=None):
     p.add_argument("--dtype", action="append", choices=DTYPES, help="input dtype (repeatable; default both)")
     p.add_argument("--isa", action="append", choices=("base", "avx2", "avx512", "native"),
                    help="COPSD_CPU_ISA of the run (repeatable; default avx2 and native)")
-    p.add_argument("--case", action="append", help="only these cases (see bench_loss_cpu_peers.py)")
-    p.add_argument("--impl", action="append", help="time only these implementations at every shape")
-    p.add_argument("--large-impl", nargs="*", default=list(LARGE_IMPLS),
-                   help="implementations timed at the shapes not in --full-shapes (default: %(default)s)")
-    p.add_argument("--full-shapes", nargs="*", default=[SHAPES[0]],
-                   help="shapes that time every implementation (default: %(default)s)")
+    p.add_argument("--case", action="append", help="only these cases at every shape (see bench_loss_cpu_peers.py)")
+    p.add_argument("--large-case", nargs="*", default=list(LARGE_CASES),
+                   help=f"cases run at the shapes other than {SHAPES[0]} (default: %(default)s)")
+    p.add_argument("--impl", action="append", help="time only these implementations in every configuration")
+    p.add_argument("--short-impl", nargs="*", default=list(SHORT_IMPLS),
+                   help="implementations timed in the configurations not in --full-config (default: %(default)s)")
+    p.add_argument("--full-config", nargs="*", default=[FULL_CONFIG],
+                   help="N,H,V,dtype,isa configurations that time every implementation (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=2, help="timed round-robin rounds per configuration")
     p.add_argument("--memory", choices=("all", "native", "none"), default="native",
                    help="peak-memory probes (fresh processes) in every run, the native-ISA runs, or none")
     p.add_argument("--memory-shapes", nargs="*", default=[SHAPES[0]],
                    help="shapes whose runs probe memory (default: %(default)s)")
+    p.add_argument("--memory-impl", nargs="*", default=["naive", *SHORT_IMPLS],
+                   help="implementations whose memory is probed (default: %(default)s; none given: all timed)")
     p.add_argument("--out-dir", default=os.path.join(HERE, "raw", f"cpu_matrix_{stamp}"))
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     a = p.parse_args(argv)

@@ -367,12 +367,13 @@ def check(case, impl, out, ref, dtype):
             raise AssertionError(f"{case} / {impl}: output {i} differs from naive by {err:.3g} (scale {scale:.3g})")
 
 
-def run_case(case, n, h, v, dtype, repeats, memory, only=None):
+def run_case(case, n, h, v, dtype, repeats, memory, only=None, memory_only=None):
     """Build, check and time one case.  ``only``: the implementations to time (the case's floors are always timed;
-    naive always runs once as the reference of the checks and is timed only when selected)."""
+    naive always runs once as the reference of the checks and is timed only when selected).  ``memory``: probe the
+    peak memory of the timed implementations (``memory_only``: of those among them only)."""
     fns, skipped = {}, {}
     timed = [i for i in impls_for(case) if not only or i in only or i.startswith("floor")]
-    for impl in dict.fromkeys(["naive"] + timed):
+    for impl in dict.fromkeys(timed + ["naive"]):  # the table's order
         try:
             fns[impl] = make_case(case, impl, n, h, v, dtype)
         except RuntimeError as e:
@@ -403,13 +404,19 @@ def run_case(case, n, h, v, dtype, repeats, memory, only=None):
         fl = "floor" if impl == "floor4" else floor_of(case, impl)
         ratios = [t / f for t, f in zip(times[impl], times[fl])]
         mem = float("nan")
-        if memory and not impl.startswith("floor"):
+        if memory and not impl.startswith("floor") and (not memory_only or impl in memory_only):
             mem = common.cpu_peak_extra(os.path.abspath(__file__), "make_case", case=case, impl=impl, n=n, h=h, v=v,
                                         dtype=dtype) / common.MIB
         rows.append(dict(case=case, impl=impl, ms=statistics.median(times[impl]) * 1e3, floor=floor_gemms(case, fl),
                          ratio=statistics.median(ratios), mib=mem))
         print(f"  {case:6s} {impl:16s} {rows[-1]['ms']:9.1f} ms  x{rows[-1]['ratio']:.2f} floor "
               f"({rows[-1]['floor']} GEMMs)  {mem:8.1f} MiB", flush=True)
+    if memory and "naive" not in fns and (not memory_only or "naive" in memory_only):  # untimed, but the yardstick
+        mem = common.cpu_peak_extra(os.path.abspath(__file__), "make_case", case=case, impl="naive", n=n, h=h, v=v,
+                                    dtype=dtype) / common.MIB
+        rows.append(dict(case=case, impl="naive", ms=float("nan"), floor=floor_gemms(case), ratio=float("nan"),
+                         mib=mem))
+        print(f"  {case:6s} naive (memory only)  {mem:8.1f} MiB", flush=True)
     for impl, why in skipped.items():
         rows.append(dict(case=case, impl=impl, skipped=why))
     return rows
@@ -435,6 +442,9 @@ def table(rows, args):
             lines.append(f"| {r['case']} | {r['impl']} | skipped: {r['skipped']} | | | |")
         else:
             mem = "" if r["mib"] != r["mib"] else f"{r['mib']:.0f}"
+            if r["ms"] != r["ms"]:  # memory probe only
+                lines.append(f"| {r['case']} | {r['impl']} | not timed | | | {mem} |")
+                continue
             lines.append(f"| {r['case']} | {r['impl']} | {r['ms']:.0f} | {r['ratio']:.2f} | {r['floor']} GEMMs "
                          f"| {mem} |")
     return "\n".join(lines)
@@ -449,13 +459,14 @@ def main(argv=None):
     p.add_argument("--case", action="append", choices=list(CASES))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory", action="store_true", help="peak memory per implementation (fresh processes)")
+    p.add_argument("--memory-impl", action="append", help="with --memory: probe only these implementations")
     p.add_argument("--out", help="append the markdown table to this file")
     p.add_argument("--impl", action="append",
                    help="time only these implementations (the floors always; naive runs once for the checks)")
     a = p.parse_args(argv)
     rows = []
     for case in a.case or CASES:
-        rows += run_case(case, a.n, a.h, a.v, a.dtype, a.repeats, a.memory, a.impl)
+        rows += run_case(case, a.n, a.h, a.v, a.dtype, a.repeats, a.memory, a.impl, a.memory_impl)
     md = table(rows, a)
     print()
     print(md)

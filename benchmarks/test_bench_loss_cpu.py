@@ -122,13 +122,18 @@ def test_peer_check_catches_mismatch():
 
 
 def test_matrix_commands(tmp_path, capsys):
-    """The matrix driver: one fresh process per shape x dtype x ISA, the ISA in that process's environment,
-    memory probes in the native runs of the small shape, the short implementation list at the large shape."""
+    """The matrix driver: one fresh process per shape x dtype x ISA, the ISA in that process's environment, every
+    implementation in the fp32 native run of the small shape and the short list elsewhere, the large shape's short
+    case list, memory probes in the native runs of the small shape."""
     assert M.main(["--dry-run", "--out-dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 8 and len({ln.split("--out ")[1].split()[0] for ln in lines}) == 8
     small = [ln for ln in lines if "--n 2048 --h 256 --v 32000" in ln]
     assert len(small) == 4 and sum("--dtype bfloat16" in ln for ln in small) == 2
-    assert sum(ln.startswith("COPSD_CPU_ISA=avx2 ") for ln in lines) == 4
-    assert [ln for ln in lines if "--memory" in ln] == [ln for ln in small if not ln.startswith("COPSD_CPU_ISA")]
-    assert all(("--impl" in ln) == (ln not in small) for ln in lines)
+    avx2 = [ln for ln in lines if ln.startswith("COPSD_CPU_ISA=avx2 ")]
+    assert len(avx2) == 4
+    full = [ln for ln in small if ln not in avx2 and "--dtype float32" in ln]
+    assert len(full) == 1
+    assert [ln for ln in lines if "--memory" in ln] == [ln for ln in small if ln not in avx2]
+    assert all(("--impl" in ln) == (ln not in full) for ln in lines)
+    assert all(("--case" in ln) == (ln not in small) for ln in lines)
