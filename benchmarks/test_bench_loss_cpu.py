@@ -137,3 +137,31 @@ def test_matrix_commands(tmp_path, capsys):
     assert [ln for ln in lines if "--memory" in ln] == [ln for ln in small if ln not in avx2]
     assert all(("--impl" in ln) == (ln not in full) for ln in lines)
     assert all(("--case" in ln) == (ln not in small) for ln in lines)
+
+
+# ----------------------------------------------------------------------------- bench_loss_cpu_load.py
+
+
+def test_load_busy_processes_end():
+    import bench_loss_cpu_load as L
+
+    procs = L._busy(2)
+    assert all(p.poll() is None for p in procs)
+    L._stop(procs)
+    assert all(p.returncode is not None for p in procs)
+
+
+def test_load_table_slowdown_is_per_cycle():
+    """slowdown = time under a load / time at the first load of the same cycle, median over cycles."""
+    import bench_loss_cpu_load as L
+
+    rows = [dict(cycle=c, load=ld, impl=i, ms=ms, ratio=ms / fl, loadavg=1.0)
+            for c, scale in ((0, 1.0), (1, 2.0), (2, 1.5))
+            for ld, k in ((0, 1.0), (2, 3.0))
+            for i, ms, fl in (("floor", 100 * scale * k, 100 * scale * k), ("copsd", 150 * scale * k * (1 + ld / 4),
+                                                                             100 * scale * k))]
+    a = L.argparse.Namespace(case="rkl", n=1, h=1, v=1, dtype="float32", rounds=1, cycles=3, loads=[0, 2])
+    md = L.table(dict(rows=rows, threads=2, machine="m"), a, "default")
+    assert "| 2 | 1.0 | floor | 450 | 1.00 | 3.00 |" in md
+    assert "| 2 | 1.0 | copsd | 1012 | 2.25 | 4.50 |" in md
+    assert "| 0 | 1.0 | copsd | 225 | 1.50 | 1.00 |" in md
