@@ -13,7 +13,9 @@ warm-up; every implementation only in the fp32 native run of the small shape (``
 floors, copsd and the peers that came within ~1.5x of it before (``--short-impl``; naive still runs once as the
 reference of the checks); at the large shape the cases ``--large-case`` (reverse KL, log-probs + entropy, top-k);
 peak memory probed in the native runs of the small shape (it does not depend on the epilogue ISA), for naive and
-the short list (``--memory*``).  ``--dry-run`` prints the commands.
+the short list (``--memory*``).  Estimated ~30 min on an idle 2-core machine, half of it the large shape (the fp32
+AVX2 short-list run of the small shape took 184 CPU-seconds); ~15 min: ``--large-case rkl`` or ``--shape
+2048,256,32000``.  ``--dry-run`` prints the commands.
 
 Run: ``python benchmarks/bench_loss_cpu_matrix.py [--repeats 2] [--out-dir DIR]``; a subset with e.g.
 ``--shape 2048,256,32000 --dtype float32 --isa native --case rkl``.
