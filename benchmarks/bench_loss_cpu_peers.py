@@ -1,31 +1,36 @@
-"""CPU loss ops against their peers, side by side in one process: copsd's C++ backend, the GEMM floor, naive
-PyTorch, a 256-row chunked autograd loop (eager and ``torch.compile``), and -- when installed -- Liger-Kernel's
-``LigerFusedLinearJSDLoss``, cut-cross-entropy's ``torch_compile`` path and TRL's ``generalized_jsd_loss``
-(optional: a missing or CPU-incapable package is skipped with a message, never required).
+"""CPU loss ops against their peers, side by side in one process: copsd's C++ backend, the GEMM floors, naive
+PyTorch, a 256-row chunked autograd loop (eager and ``torch.compile``), and -- when installed (``pip install
+-e .[bench]``) -- Liger-Kernel's ``LigerFusedLinearJSDLoss``, cut-cross-entropy's ``torch_compile`` path and TRL's
+``generalized_jsd_loss`` (optional: a missing or CPU-incapable package is skipped with the reason, never required).
 
 Cases (per-token losses summed; every gradient w.r.t. the student hidden states and lm_head):
-  rkl      reverse KL(student || teacher) fwd+bwd, floor = 4 GEMMs (two logits, d_hidden, d_weight)
-  fkl      forward KL(teacher || student) fwd+bwd, floor = 4 GEMMs
-  jsd      generalised JSD (beta = 0.5) fwd+bwd, floor = 4 GEMMs
-  lpent    log-probs + entropy fwd+bwd (a PPO-like loss of both), floor = 3 GEMMs (logits, d_hidden, d_weight)
-  ce       cross-entropy fwd+bwd, floor = 3 GEMMs
+  rkl      reverse KL(student || teacher) fwd+bwd, floor = 4 GEMMs (two logits, d_hidden, d_weight);
+           peers Liger and TRL at beta = 1
+  fkl      forward KL(teacher || student) fwd+bwd, floor = 4 GEMMs; Liger and TRL at beta = 0
+  jsd      generalised JSD (beta = 0.5) fwd+bwd, floor = 4 GEMMs; Liger and TRL at beta = 0.5
+  lpent    log-probs + entropy fwd+bwd (a PPO-like loss of both): copsd ``linear_logprobs`` + backward against the
+           4-GEMM floor ``floor4`` (logits, logits again in backward, d_hidden, d_weight), ``copsd:loss``
+           (``linear_logprobs_loss``) and the rest against the 3-GEMM ``floor`` (logits, d_hidden, d_weight)
+  ce       cross-entropy fwd+bwd, floors as lpent; peer cut-cross-entropy
   topk     top-64 log-probs, floor = 1 GEMM
 
-Naive is the package's dense reference of each op (``copsd.reference``, the formulas the tests check against;
-the losses of ``lpent`` / ``ce`` are written on its log-probs and entropies).  bf16 inputs: the GEMMs of naive,
-the chunked loops and the floor run on fp32 copies of the inputs (as copsd's do; bf16 GEMMs without AVX512-BF16
-are far slower), gradients flow back to the bf16 leaves.
+Liger's and TRL's beta weighs the teacher in the mixture, as copsd's does: beta = 0 is the forward KL, 1 the
+reverse KL.  Naive is the package's dense reference of each op (``copsd.reference``, the formulas the tests check
+against; the losses of ``lpent`` / ``ce`` are written on its log-probs and entropies).  bf16 inputs: the GEMMs of
+naive, the chunked loops, the optional peers and the floors run on fp32 copies of the inputs (as copsd's do; bf16
+GEMMs without AVX512-BF16 are far slower), gradients flow back to the bf16 leaves.
 
-The floor runs the GEMMs alone into preallocated outputs (no softmax, no allocation): nothing that computes the
-loss can be faster.  Implementations run round-robin, ``--repeats`` rounds; each round's time is divided by the
-same round's floor and the table reports the median of those same-round ratios (robust on a shared machine)
+A floor runs the GEMMs alone into preallocated outputs (no softmax, no allocation): nothing that computes the
+loss that way can be faster.  Implementations run round-robin, ``--repeats`` rounds; each round's time is divided
+by the same round's floor and the table reports the median of those same-round ratios (robust on a shared machine)
 next to the median time.  Every implementation's outputs are checked against naive before timing (the script
 exits non-zero on a mismatch).  With ``--memory`` each implementation's peak extra resident memory is measured
 in a fresh process (``common.cpu_peak_extra``).
 
 Run: ``python benchmarks/bench_loss_cpu_peers.py [--n 2048 --h 256 --v 32000] [--dtype float32|bfloat16]
-[--case rkl ...] [--repeats 5] [--memory] [--out FILE.md]``.  ``COPSD_CPU_ISA=avx2`` (or ``base``) caps the
-instruction set of copsd's epilogues.
+[--case rkl ...] [--impl copsd ...] [--repeats 5] [--memory] [--out FILE.md]``.  ``COPSD_CPU_ISA=avx2`` (or
+``base``) caps the instruction set of copsd's epilogues.  ``bench_loss_cpu_matrix.py`` runs this script over
+the shapes, dtypes and ISA levels of issue 17, one fresh process per configuration.
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -51,6 +55,7 @@ _ref_topk = _ref.topk
 from copsd import ops  # noqa: E402
 
 K_TOP = 64
+CASES = ("rkl", "fkl", "jsd", "lpent", "ce", "topk")
 CHUNK = 256
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -118,14 +123,21 @@ def _chunk_fn(case, compiled):
 # ----------------------------------------------------------------------------- optional peers
 
 
-def _liger_jsd():
-    """Liger's fused linear JSD (beta = 1 is the reverse KL of student from teacher); None if unusable on CPU."""
+# Liger's and TRL's generalised JSD take beta as the weight of the teacher in the mixture m = (1 - beta) q + beta p
+# (q student, p teacher) and weigh KL(p || m) by beta: beta = 0 is KL(p || q), the forward KL, beta = 1 is
+# KL(q || p), the reverse KL -- the same convention as copsd's ``kind="jsd", beta``.
+PEER_BETA = {"rkl": 1.0, "fkl": 0.0, "jsd": JSD_BETA}
+
+
+def _liger_jsd(case):
+    """Liger's fused linear JSD at the case's beta; None (and the reason) if not importable."""
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
         return None, f"liger-kernel not importable ({type(e).__name__}: {e})"
     # The chunked-loss family is plain PyTorch under torch.compile (runs on CPU); soft loss only.
-    return LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0, temperature=1.0), None
+    return LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=PEER_BETA[case],
+                                   temperature=1.0), None
 
 
 def _cce():
@@ -151,43 +163,78 @@ def _trl_gjsd():
 
 # ----------------------------------------------------------------------------- factories
 
+TWO_FLOOR_CASES = ("lpent", "ce")  # log-probs cases: the loss-in-forward path (3 GEMMs) and forward + backward (4)
+OPTIONAL_PEERS = ("liger", "trl", "cce")
+
 
 def impls_for(case):
     base = ["floor", "naive", "chunked", "chunked+compile", "copsd"]
-    return {"rkl": base + ["liger", "trl"], "fkl": base, "jsd": base, "lpent": base + ["copsd:loss"],
-            "ce": base + ["copsd:loss", "cce"], "topk": ["floor", "naive", "copsd"]}[case]
+    return {"rkl": base + ["liger", "trl"], "fkl": base + ["liger", "trl"], "jsd": base + ["liger", "trl"],
+            "lpent": ["floor", "floor4"] + base[1:] + ["copsd:loss"],
+            "ce": ["floor", "floor4"] + base[1:] + ["copsd:loss", "cce"],
+            "topk": ["floor", "naive", "copsd"]}[case]
+
+
+def floor_of(case, impl):
+    """The floor an implementation's time is divided by: the GEMMs its algorithm cannot avoid.  ``linear_logprobs``
+    + backward recomputes the logits in its backward (4 GEMMs: ``floor4``); everything else that computes the
+    log-probs cases keeps the logits or forms the gradient in the forward pass (3 GEMMs: ``floor``), the
+    divergences need 4 (``floor``) and top-k 1 (``floor``).  ``floor4`` itself is shown against ``floor``."""
+    return "floor4" if case in TWO_FLOOR_CASES and impl == "copsd" else "floor"
+
+
+def floor_gemms(case, floor="floor"):
+    if case == "topk":
+        return 1
+    return 4 if case in DIV_KIND or floor == "floor4" else 3
 
 
 def make_case(case, impl, n, h, v, dtype="float32"):
-    """Zero-argument callable running one implementation of one case; returns its outputs (loss, grads...).
-    Raises ``RuntimeError("skip: ...")`` when an optional peer is unavailable."""
+    """Zero-argument callable running one implementation of one case; returns its outputs (loss, grads...), for
+    a floor its GEMMs' outputs.  Raises ``RuntimeError("skip: ...")`` when an optional peer is unavailable."""
     dt = DTYPES[dtype]
     xs, ws, xt, wt, ids, up = _inputs(n, h, v, dt)
     grad = case != "topk"
-    if impl != "floor":
+    if not impl.startswith("floor"):
         xs.requires_grad_(grad)
         ws.requires_grad_(grad)
 
-    if impl == "floor":
+    if impl in ("floor", "floor4"):
+        if impl == "floor4" and case not in TWO_FLOOR_CASES:
+            raise RuntimeError(f"skip: no floor4 for {case}")
         gd = torch.float32 if dt == torch.bfloat16 else dt  # GEMMs as copsd runs them (fp32 accumulate/out)
         a, b, c, d = (t.to(gd) for t in (xs, ws, xt, wt))
         z1, z2 = torch.empty(n, v, dtype=gd), torch.empty(n, v, dtype=gd)
         dx, dw = torch.empty(n, h, dtype=gd), torch.empty(v, h, dtype=gd)
+        second = case in DIV_KIND or impl == "floor4"  # the teacher's logits, or the student's recomputed
 
         def run():
             torch.mm(a, b.T, out=z1)
-            if case in DIV_KIND:
-                torch.mm(c, d.T, out=z2)
-            if grad:
-                torch.mm(z1, b, out=dx)
-                torch.mm(z1.T, a, out=dw)
-            return ()
+            if second:
+                torch.mm(c if case in DIV_KIND else a, (d if case in DIV_KIND else b).T, out=z2)
+            if not grad:
+                return (z1,)
+            torch.mm(z1, b, out=dx)
+            torch.mm(z1.T, a, out=dw)
+            return (z1, z2, dx, dw) if second else (z1, dx, dw)
+        run.gemms = floor_gemms(case, impl)
+        run.operands = (a, b, c, d)
         return run
 
     def grads(loss):
-        xs.grad = ws.grad = None
         loss.backward()
         return loss.detach().float(), xs.grad.float(), ws.grad.float()
+
+    def reset():
+        xs.grad = ws.grad = None
+
+    def with_reset(fn):
+        """``fn`` that starts from no gradient, with ``reset`` for the memory probe (drops the warm-up's)."""
+        def run():
+            reset()
+            return fn()
+        run.reset = reset
+        return run
 
     if case == "topk":
         if impl == "naive":
@@ -198,7 +245,6 @@ def make_case(case, impl, n, h, v, dtype="float32"):
 
     if impl == "naive":
         def run():
-            xs.grad = ws.grad = None
             if case in DIV_KIND:
                 loss = _div(case, xs, ws, xt, wt).sum()
             elif case == "lpent":
@@ -206,13 +252,12 @@ def make_case(case, impl, n, h, v, dtype="float32"):
             else:
                 loss = _ce(xs, ws, ids).sum()
             return grads(loss)
-        return run
+        return with_reset(run)
 
     if impl in ("chunked", "chunked+compile"):
         fn = _chunk_fn(case, impl.endswith("compile"))
 
         def run():
-            xs.grad = ws.grad = None
             total = 0.0
             for r0 in range(0, n, CHUNK):
                 sl = slice(r0, r0 + CHUNK)
@@ -225,7 +270,7 @@ def make_case(case, impl, n, h, v, dtype="float32"):
                 loss.backward()
                 total += loss.detach().float()
             return total, xs.grad.float(), ws.grad.float()
-        return run
+        return with_reset(run)
 
     if impl == "copsd":
         def run():
@@ -239,9 +284,12 @@ def make_case(case, impl, n, h, v, dtype="float32"):
                 lp, _, _ = ops.linear_logprobs(xs, ws, ids, backend="cpu")
                 loss = -lp.sum()
             return grads(loss)
-        return run
+        return with_reset(run)
 
     if impl == "copsd:loss":
+        if case not in TWO_FLOOR_CASES:
+            raise RuntimeError(f"skip: no copsd:loss for {case}")
+
         def run():
             if case == "ce":
                 loss, _, _ = ops.linear_logprobs_loss(xs, ws, ids, lambda lp, ent, rows: -lp, backend="cpu")
@@ -249,42 +297,50 @@ def make_case(case, impl, n, h, v, dtype="float32"):
                 loss, _, _ = ops.linear_logprobs_loss(
                     xs, ws, ids, lambda lp, ent, rows: -up[rows] * lp.exp() + 0.01 * ent, backend="cpu")
             return grads(loss)
-        return run
+        return with_reset(run)
 
+    # The optional peers get fp32 copies of bf16 inputs like naive and the chunked loops (their GEMMs would
+    # otherwise run in bf16, far slower on a CPU without AVX512-BF16); gradients flow back to the bf16 leaves.
     if impl == "liger":
-        mod, why = _liger_jsd()
+        if case not in DIV_KIND:
+            raise RuntimeError(f"skip: no liger for {case}")
+        mod, why = _liger_jsd(case)
         if mod is None:
             raise RuntimeError("skip: " + why)
 
         def run():
             # Liger takes [N, H] hiddens and [V, H] weights of both models (+ labels for its hard loss, weighted 0)
-            # and returns the mean over tokens.
-            loss = mod(xs, ws, xt, wt, ids) * n
+            # and returns the mean over tokens (no label is its ignore_index -100).
+            loss = mod(_f32(xs), _f32(ws), _f32(xt), _f32(wt), ids) * n
             return grads(loss)
-        return run
+        return with_reset(run)
 
     if impl == "trl":
+        if case not in DIV_KIND:
+            raise RuntimeError(f"skip: no trl for {case}")
         fn, why = _trl_gjsd()
         if fn is None:
             raise RuntimeError("skip: " + why)
 
         def run():
             with torch.no_grad():
-                zt = xt @ wt.T
-            # beta = 1: KL(student || teacher) per TRL's convention; reduction "sum" over tokens and vocab.
-            loss = fn((xs @ ws.T).float(), zt.float(), beta=1.0, reduction="sum")
+                zt = _f32(xt) @ _f32(wt).T
+            # reduction "sum" over tokens and vocabulary.
+            loss = fn(_f32(xs) @ _f32(ws).T, zt, beta=PEER_BETA[case], reduction="sum")
             return grads(loss)
-        return run
+        return with_reset(run)
 
     if impl == "cce":
+        if case != "ce":
+            raise RuntimeError(f"skip: no cce for {case}")
         fn, why = _cce()
         if fn is None:
             raise RuntimeError("skip: " + why)
 
         def run():
-            loss = fn(xs, ws, ids, impl="torch_compile", reduction="sum")
+            loss = fn(_f32(xs), _f32(ws), ids, impl="torch_compile", reduction="sum")
             return grads(loss)
-        return run
+        return with_reset(run)
 
     raise RuntimeError(f"skip: no {impl} for {case}")
 
@@ -293,24 +349,31 @@ def make_case(case, impl, n, h, v, dtype="float32"):
 
 
 def check(case, impl, out, ref, dtype):
-    if impl == "floor":
+    """Raise if an implementation's outputs (loss, gradients; top-k log-probs) differ from naive's."""
+    if impl.startswith("floor"):
         return
     outs = out if isinstance(out, tuple) else (out,)
     refs = ref if isinstance(ref, tuple) else (ref,)
+    if len(outs) != len(refs):
+        raise AssertionError(f"{case} / {impl}: {len(outs)} outputs, naive has {len(refs)}")
     tol = 2e-4 if dtype == "float32" else 3e-2
     for i, (g, w) in enumerate(zip(outs, refs)):
         g, w = torch.as_tensor(g).double(), torch.as_tensor(w).double()
+        if g.shape != w.shape:
+            raise AssertionError(f"{case} / {impl}: output {i} has shape {tuple(g.shape)}, naive {tuple(w.shape)}")
         scale = w.abs().max().item()
         err = (g - w).abs().max().item()
-        if err > tol * (1 + scale):
+        if not err <= tol * (1 + scale):  # NaN fails too
             raise AssertionError(f"{case} / {impl}: output {i} differs from naive by {err:.3g} (scale {scale:.3g})")
 
 
-def run_case(case, n, h, v, dtype, repeats, memory, only=None):
+def run_case(case, n, h, v, dtype, repeats, memory, only=None, memory_only=None):
+    """Build, check and time one case.  ``only``: the implementations to time (the case's floors are always timed;
+    naive always runs once as the reference of the checks and is timed only when selected).  ``memory``: probe the
+    peak memory of the timed implementations (``memory_only``: of those among them only)."""
     fns, skipped = {}, {}
-    for impl in impls_for(case):
-        if only and impl not in only and impl not in ("floor", "naive"):  # floor and naive always run
-            continue
+    timed = [i for i in impls_for(case) if not only or i in only or i.startswith("floor")]
+    for impl in dict.fromkeys(timed + ["naive"]):  # the table's order
         try:
             fns[impl] = make_case(case, impl, n, h, v, dtype)
         except RuntimeError as e:
@@ -318,18 +381,17 @@ def run_case(case, n, h, v, dtype, repeats, memory, only=None):
                 raise
             skipped[impl] = str(e)[6:]
     ref = fns["naive"]()
-    first = {}
+    if "naive" not in timed:
+        del fns["naive"]
     for impl, fn in list(fns.items()):
-        t0 = time.perf_counter()
         try:
             out = fn()  # warm-up (and compilation), checked
         except Exception as e:  # noqa: BLE001 - an optional peer failing on CPU is reported, not fatal
-            if impl in ("liger", "trl", "cce"):
-                skipped[impl] = f"fails on CPU ({type(e).__name__}: {str(e)[:120]})"
+            if impl in OPTIONAL_PEERS:
+                skipped[impl] = f"fails on CPU ({type(e).__name__}: {str(e)[:160]})"
                 del fns[impl]
                 continue
             raise
-        first[impl] = time.perf_counter() - t0
         check(case, impl, out, ref, dtype)
         del out
     del ref
@@ -339,15 +401,22 @@ def run_case(case, n, h, v, dtype, repeats, memory, only=None):
     times = {i: ts for i, (_, ts) in common.median_times_interleaved(fns, repeats=repeats, warmup=0).items()}
     rows = []
     for impl in fns:
-        ratios = [t / f for t, f in zip(times[impl], times["floor"])]
+        fl = "floor" if impl == "floor4" else floor_of(case, impl)
+        ratios = [t / f for t, f in zip(times[impl], times[fl])]
         mem = float("nan")
-        if memory and impl != "floor":
+        if memory and not impl.startswith("floor") and (not memory_only or impl in memory_only):
             mem = common.cpu_peak_extra(os.path.abspath(__file__), "make_case", case=case, impl=impl, n=n, h=h, v=v,
                                         dtype=dtype) / common.MIB
-        rows.append(dict(case=case, impl=impl, ms=statistics.median(times[impl]) * 1e3,
+        rows.append(dict(case=case, impl=impl, ms=statistics.median(times[impl]) * 1e3, floor=floor_gemms(case, fl),
                          ratio=statistics.median(ratios), mib=mem))
-        print(f"  {case:6s} {impl:16s} {rows[-1]['ms']:9.1f} ms  x{rows[-1]['ratio']:.2f} floor  {mem:8.1f} MiB",
-              flush=True)
+        print(f"  {case:6s} {impl:16s} {rows[-1]['ms']:9.1f} ms  x{rows[-1]['ratio']:.2f} floor "
+              f"({rows[-1]['floor']} GEMMs)  {mem:8.1f} MiB", flush=True)
+    if memory and "naive" not in fns and (not memory_only or "naive" in memory_only):  # untimed, but the yardstick
+        mem = common.cpu_peak_extra(os.path.abspath(__file__), "make_case", case=case, impl="naive", n=n, h=h, v=v,
+                                    dtype=dtype) / common.MIB
+        rows.append(dict(case=case, impl="naive", ms=float("nan"), floor=floor_gemms(case), ratio=float("nan"),
+                         mib=mem))
+        print(f"  {case:6s} naive (memory only)  {mem:8.1f} MiB", flush=True)
     for impl, why in skipped.items():
         rows.append(dict(case=case, impl=impl, skipped=why))
     return rows
@@ -358,19 +427,26 @@ def table(rows, args):
     from copsd.backends import cpu
     lines = [
         f"N={args.n}, H={args.h}, V={args.v}, {args.dtype} inputs, copsd epilogue ISA {cpu.isa()} "
-        f"(COPSD_CPU_ISA={isa}); {args.repeats} round-robin rounds; `x floor` = median of same-round ratios.",
+        f"(COPSD_CPU_ISA={isa}); {args.repeats} round-robin rounds; `x floor` = median of same-round ratios to the "
+        "floor named in `floor` (its GEMMs alone: the 3-GEMM floor of the log-probs cases for everything that keeps "
+        "the logits or forms the gradient in the forward pass, the 4-GEMM one for `linear_logprobs` + backward, "
+        "which recomputes the logits; `floor4` itself is shown against the 3-GEMM floor).",
         "",
         f"Machine: {common.machine()}",
         "",
-        "| case | impl | median ms | x floor | peak extra MiB |",
-        "|---|---|---:|---:|---:|",
+        "| case | impl | median ms | x floor | floor | peak extra MiB |",
+        "|---|---|---:|---:|---|---:|",
     ]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['case']} | {r['impl']} | skipped: {r['skipped']} | | |")
+            lines.append(f"| {r['case']} | {r['impl']} | skipped: {r['skipped']} | | | |")
         else:
             mem = "" if r["mib"] != r["mib"] else f"{r['mib']:.0f}"
-            lines.append(f"| {r['case']} | {r['impl']} | {r['ms']:.0f} | {r['ratio']:.2f} | {mem} |")
+            if r["ms"] != r["ms"]:  # memory probe only
+                lines.append(f"| {r['case']} | {r['impl']} | not timed | | | {mem} |")
+                continue
+            lines.append(f"| {r['case']} | {r['impl']} | {r['ms']:.0f} | {r['ratio']:.2f} | {r['floor']} GEMMs "
+                         f"| {mem} |")
     return "\n".join(lines)
 
 
@@ -380,15 +456,17 @@ def main(argv=None):
     p.add_argument("--h", type=int, default=256)
     p.add_argument("--v", type=int, default=32000)
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    p.add_argument("--case", action="append", choices=["rkl", "fkl", "jsd", "lpent", "ce", "topk"])
+    p.add_argument("--case", action="append", choices=list(CASES))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory", action="store_true", help="peak memory per implementation (fresh processes)")
+    p.add_argument("--memory-impl", action="append", help="with --memory: probe only these implementations")
     p.add_argument("--out", help="append the markdown table to this file")
-    p.add_argument("--impl", action="append", help="run only these implementations (plus floor and naive)")
+    p.add_argument("--impl", action="append",
+                   help="time only these implementations (the floors always; naive runs once for the checks)")
     a = p.parse_args(argv)
     rows = []
-    for case in a.case or ["rkl", "fkl", "jsd", "lpent", "ce", "topk"]:
-        rows += run_case(case, a.n, a.h, a.v, a.dtype, a.repeats, a.memory, a.impl)
+    for case in a.case or CASES:
+        rows += run_case(case, a.n, a.h, a.v, a.dtype, a.repeats, a.memory, a.impl, a.memory_impl)
     md = table(rows, a)
     print()
     print(md)

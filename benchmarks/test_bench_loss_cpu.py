@@ -1,4 +1,7 @@
-"""pytest-benchmark version of bench_loss_cpu.py (same problems, same output checks).
+"""pytest-benchmark version of bench_loss_cpu.py (same problems, same output checks), and the output checks of
+bench_loss_cpu_peers.py: every implementation of every case against naive (the optional peers -- Liger-Kernel,
+cut-cross-entropy, TRL, ``pip install -e .[bench]`` -- skipped when not installed), the floors' GEMMs, and the
+commands of the matrix driver bench_loss_cpu_matrix.py.
 
 Run: ``pytest benchmarks/test_bench_loss_cpu.py --benchmark-enable [--benchmark-only]``
 (size from COPSD_BENCH_NVH="N,H,V", default 2048,256,32000).  With the project's default
@@ -47,3 +50,118 @@ def test_loss_cpu(benchmark, case, impl):
     benchmark.group = case
     benchmark.extra_info.update(N=N, H=H, V=V, threads=torch.get_num_threads())
     benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+
+
+# ----------------------------------------------------------------------------- bench_loss_cpu_peers.py
+
+import bench_loss_cpu_matrix as M  # noqa: E402
+import bench_loss_cpu_peers as P  # noqa: E402
+
+_peer_ref = {}
+
+
+def _peer_naive(case, dtype):
+    if (case, dtype) not in _peer_ref:
+        _peer_ref[case, dtype] = P.make_case(case, "naive", N, H, V, dtype)()
+    return _peer_ref[case, dtype]
+
+
+def _peer(case, impl, dtype="float32"):
+    try:
+        return P.make_case(case, impl, N, H, V, dtype)
+    except RuntimeError as e:
+        if str(e).startswith("skip:"):
+            pytest.skip(str(e))  # an optional peer that is not installed
+        raise
+
+
+@pytest.mark.parametrize("case,impl", [(c, i) for c in P.CASES for i in P.impls_for(c)
+                                       if not i.startswith("floor") and i != "naive"])
+def test_peer_matches_naive(case, impl):
+    """Every implementation of the peers benchmark (copsd's and the installed peers) against naive."""
+    out = _peer(case, impl)()
+    P.check(case, impl, out, _peer_naive(case, "float32"), "float32")
+
+
+@pytest.mark.parametrize("case,impl", [("rkl", "copsd"), ("jsd", "liger"), ("ce", "copsd:loss")])
+def test_peer_matches_naive_bf16(case, impl):
+    out = _peer(case, impl, "bfloat16")()
+    P.check(case, impl, out, _peer_naive(case, "bfloat16"), "bfloat16")
+
+
+@pytest.mark.parametrize("case,floor", [(c, f) for c in P.CASES for f in P.impls_for(c) if f.startswith("floor")])
+def test_peer_floor_gemms(case, floor):
+    """A floor runs exactly the GEMMs it is named after (the ratios' denominators): 4 for the divergences and
+    ``floor4``, 3 for the log-probs cases' ``floor``, 1 for top-k."""
+    fn = _peer(case, floor)
+    out = fn()
+    assert len(out) == fn.gemms == P.floor_gemms(case, floor)
+    a, b, c, d = fn.operands
+    z = a @ b.T
+    torch.testing.assert_close(out[0], z)
+    if fn.gemms == 4:
+        torch.testing.assert_close(out[1], c @ d.T if case in P.DIV_KIND else z)
+    if fn.gemms > 1:
+        torch.testing.assert_close(out[-2], z @ b, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(out[-1], z.T @ a, rtol=1e-4, atol=1e-3)
+
+
+def test_peer_floor_of_each_impl():
+    """copsd's two-call log-probs path is held to the 4-GEMM floor, its loss-in-forward path to the 3-GEMM one."""
+    assert P.floor_of("lpent", "copsd") == P.floor_of("ce", "copsd") == "floor4"
+    assert P.floor_of("lpent", "copsd:loss") == P.floor_of("ce", "cce") == P.floor_of("rkl", "copsd") == "floor"
+
+
+def test_peer_check_catches_mismatch():
+    ref = (torch.tensor(1.0), torch.ones(3, 2))
+    P.check("rkl", "copsd", (torch.tensor(1.0), torch.ones(3, 2)), ref, "float32")
+    for bad in [(torch.tensor(1.01), torch.ones(3, 2)), (torch.tensor(1.0), torch.ones(2, 3)),
+                (torch.tensor(float("nan")), torch.ones(3, 2)), (torch.tensor(1.0),)]:
+        with pytest.raises(AssertionError):
+            P.check("rkl", "copsd", bad, ref, "float32")
+
+
+def test_matrix_commands(tmp_path, capsys):
+    """The matrix driver: one fresh process per shape x dtype x ISA, the ISA in that process's environment, every
+    implementation in the fp32 native run of the small shape and the short list elsewhere, the large shape's short
+    case list, memory probes in the native runs of the small shape."""
+    assert M.main(["--dry-run", "--out-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 8 and len({ln.split("--out ")[1].split()[0] for ln in lines}) == 8
+    small = [ln for ln in lines if "--n 2048 --h 256 --v 32000" in ln]
+    assert len(small) == 4 and sum("--dtype bfloat16" in ln for ln in small) == 2
+    avx2 = [ln for ln in lines if ln.startswith("COPSD_CPU_ISA=avx2 ")]
+    assert len(avx2) == 4
+    full = [ln for ln in small if ln not in avx2 and "--dtype float32" in ln]
+    assert len(full) == 1
+    assert [ln for ln in lines if "--memory" in ln] == [ln for ln in small if ln not in avx2]
+    assert all(("--impl" in ln) == (ln not in full) for ln in lines)
+    assert all(("--case" in ln) == (ln not in small) for ln in lines)
+
+
+# ----------------------------------------------------------------------------- bench_loss_cpu_load.py
+
+
+def test_load_busy_processes_end():
+    import bench_loss_cpu_load as L
+
+    procs = L._busy(2)
+    assert all(p.poll() is None for p in procs)
+    L._stop(procs)
+    assert all(p.returncode is not None for p in procs)
+
+
+def test_load_table_slowdown_is_per_cycle():
+    """slowdown = time under a load / time at the first load of the same cycle, median over cycles."""
+    import bench_loss_cpu_load as L
+
+    rows = [dict(cycle=c, load=ld, impl=i, ms=ms, ratio=ms / fl, loadavg=1.0)
+            for c, scale in ((0, 1.0), (1, 2.0), (2, 1.5))
+            for ld, k in ((0, 1.0), (2, 3.0))
+            for i, ms, fl in (("floor", 100 * scale * k, 100 * scale * k), ("copsd", 150 * scale * k * (1 + ld / 4),
+                                                                             100 * scale * k))]
+    a = L.argparse.Namespace(case="rkl", n=1, h=1, v=1, dtype="float32", rounds=1, cycles=3, loads=[0, 2])
+    md = L.table(dict(rows=rows, threads=2, machine="m"), a, "default")
+    assert "| 2 | 1.0 | floor | 450 | 1.00 | 3.00 |" in md
+    assert "| 2 | 1.0 | copsd | 1012 | 2.25 | 4.50 |" in md
+    assert "| 0 | 1.0 | copsd | 225 | 1.50 | 1.00 |" in md
