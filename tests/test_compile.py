@@ -174,14 +174,15 @@ def test_opcheck_divergence(backend, support, topk):
     ids = torch.stack([torch.randperm(13)[:3] for _ in range(9)]) if topk == "ids" else None
     k = 3 if topk == 3 else 0
     opts = (0.9, 1.0, 4.0, "reverse_kl", 0.5, support, "bucket", None, backend)
-    for m in (None, mask):
-        torch.library.opcheck(OPS.linear_divergence.default, (xs, ws, xt, wt, m, ids, k, *opts))
+    sids = torch.arange(9) % 13  # token statistics (stats_ids) on the same logits, or none
+    for m, st in ((None, None), (mask, None), (mask, sids)):
+        torch.library.opcheck(OPS.linear_divergence.default, (xs, ws, xt, wt, m, ids, k, st, *opts))
         for reduction in ("sum", "mean"):
             torch.library.opcheck(OPS.linear_divergence_reduced.default,
-                                  (xs, ws, xt, wt, m, ids, k, reduction, True, *opts))
+                                  (xs, ws, xt, wt, m, ids, k, st, reduction, True, *opts))
             torch.library.opcheck(OPS.linear_divergence_reduced.default,  # no gradient: constant inputs
-                                  (xs.detach(), ws.detach(), xt, wt, m, ids, k, reduction, False, *opts))
-    _, used = OPS.linear_divergence.default(xs.detach(), ws.detach(), xt, wt, mask, ids, k, *opts)
+                                  (xs.detach(), ws.detach(), xt, wt, m, ids, k, st, reduction, False, *opts))
+    _, used, _ = OPS.linear_divergence.default(xs.detach(), ws.detach(), xt, wt, mask, ids, k, None, *opts)
     saved = used if (ids is None and support == "teacher_topk") else ids
     grad = torch.linspace(0.5, 2, 9, dtype=F64)
     torch.library.opcheck(OPS.linear_divergence_backward.default,

@@ -462,6 +462,127 @@ def test_cpu_public_divergence_op_on_cpu_backend(reduction):
         assert torch.equal(outs["cpu"][1][~mask], torch.zeros_like(outs["cpu"][1][~mask]))
 
 
+# ----------------------------------------------------------------------------- token statistics (stats_ids)
+
+
+def _stats_want(xs, ws, xt, wt, ids, mask, opts, dtype=F64):
+    """(student log-prob, student entropy, teacher log-prob) of ``ids`` from the dense definitions, 0 where
+    masked (masked ids may be garbage: clamped before the gather)."""
+    a = [t.detach().to(dtype) for t in (xs, ws, xt, wt)]
+    safe = ids.clamp(0, ws.shape[0] - 1)
+    s_lp, s_ent, _ = dense.logprobs(a[0], a[1], safe, **opts)
+    t_lp = dense.logprobs(a[2], a[3], safe, **opts)[0]
+    keep = torch.ones(len(ids), dtype=torch.bool) if mask is None else mask
+    return [torch.where(keep, t, torch.zeros_like(t)) for t in (s_lp, s_ent, t_lp)]
+
+
+STAT_NAMES = ("student_logprobs", "student_entropy", "teacher_logprobs")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("kind,support,tail,opts", [
+    ("jsd", "full", None, LOGIT_OPTS[1]), ("reverse_kl", "full", None, LOGIT_OPTS[0]),
+    ("forward_kl", "full", None, LOGIT_OPTS[2]), ("forward_kl", "teacher_topk", "bucket", LOGIT_OPTS[1]),
+    ("jsd", "teacher_topk", "renorm", LOGIT_OPTS[2])], ids=["jsd", "rkl", "fkl-softcap", "topk-bucket",
+                                                            "topk-renorm-softcap"])
+def test_divergence_stats(backend, reduction, kind, support, tail, opts, small_chunks):
+    """stats_ids: the token statistics match the dense definitions (0 on masked tokens, whose ids are never read),
+    and the loss and its gradients are those of the call without stats_ids."""
+    N, H, V, k = 31, 10, 157, 6
+    xs, ws, xt, wt = op_inputs(N, H, V, scale=1.5)
+    extra = dict(support=support, tail=tail, topk=k) if support == "teacher_topk" else {}
+    mask = torch.rand(N) > 0.3
+    ids = torch.randint(0, V, (N,))
+    ids[~mask] = -100  # e.g. an ignore label: masked tokens' ids are not read
+    kw = dict(kind=kind, beta=0.3, mask=mask, reduction=reduction, backend=backend, **opts, **extra)
+    up = torch.randn(N, dtype=F64) if reduction == "none" else torch.tensor(1.3, dtype=F64)
+    got, stats = linear_divergence(xs, ws, xt, wt, stats_ids=ids, **kw)
+    assert type(stats).__name__ == "DivergenceStats" and stats._fields == STAT_NAMES
+    for t in stats:
+        assert t.shape == (N,) and t.dtype == F64 and not t.requires_grad
+    gx, gw = torch.autograd.grad((got * up).sum(), (xs, ws))
+    plain = linear_divergence(xs, ws, xt, wt, **kw)
+    rx, rw = torch.autograd.grad((plain * up).sum(), (xs, ws))
+    check_close(got, plain, rtol=1e-12, atol=1e-12)
+    check_close(gx, rx, rtol=1e-12, atol=1e-12)
+    check_close(gw, rw, rtol=1e-12, atol=1e-12)
+    for g, w, name in zip(stats, _stats_want(xs, ws, xt, wt, ids, mask, opts), STAT_NAMES):
+        close64(g, w, name)
+        assert (g[~mask] == 0).all(), name
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_divergence_stats_unfused_path_matches(backend, monkeypatch):
+    """A backend without a fused ``divergence_stats`` (Triton, CUDA) gets the statistics from its log-probs
+    kernel in the op layer: the same numbers."""
+    N, H, V = 17, 8, 90
+    xs, ws, xt, wt = op_inputs(N, H, V, Ht=5)
+    mask = torch.rand(N) > 0.2
+    ids = torch.randint(0, V, (N,))
+    fused = linear_divergence(xs, ws, xt, wt, kind="jsd", mask=mask, stats_ids=ids, backend=backend,
+                              temperature=0.8)[1]
+    from copsd import backends
+
+    calls = []
+    real = backends.Kernel.other
+
+    def no_fused(self, op):
+        calls.append(op)
+        return None if op == "divergence_stats" else real(self, op)
+
+    monkeypatch.setattr(backends.Kernel, "other", no_fused)
+    unfused = linear_divergence(xs, ws, xt, wt, kind="jsd", mask=mask, stats_ids=ids, backend=backend,
+                                temperature=0.8)[1]
+    assert "divergence_stats" in calls
+    for a, b, name in zip(fused, unfused, STAT_NAMES):
+        close64(a, b, name)
+    for g, w, name in zip(unfused, _stats_want(xs, ws, xt, wt, ids, mask, dict(temperature=0.8)), STAT_NAMES):
+        close64(g, w, name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_divergence_stats_bad_ids(backend):
+    xs, ws, xt, wt = op_inputs(5, 4, 20)
+    with pytest.raises(ValueError, match="stats_ids"):
+        linear_divergence(xs, ws, xt, wt, stats_ids=torch.zeros(4, dtype=torch.int64), backend=backend)
+    with pytest.raises(ValueError, match="stats_ids"):
+        linear_divergence(xs, ws, xt, wt, stats_ids=torch.zeros(5), backend=backend)
+    with pytest.raises(ValueError, match="stats_ids"):
+        linear_divergence(xs, ws, xt, wt, stats_ids=torch.full((5,), 20), backend=backend)
+    mask = torch.tensor([True, True, False, True, True])
+    ids = torch.tensor([1, 2, 20, 3, 4])  # out of range only where masked: fine
+    linear_divergence(xs, ws, xt, wt, mask=mask, stats_ids=ids, backend=backend)
+    with pytest.raises(ValueError, match="stats_ids"):
+        linear_divergence(xs, ws, xt, wt, mask=mask, stats_ids=torch.tensor([1, 2, 3, -1, 4]), backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_divergence_stats_compile(backend, reduction):
+    """torch.compile(fullgraph=True) over a call with stats_ids gives eager's loss, gradients and statistics."""
+    torch._dynamo.reset()
+    N, H, V = 9, 6, 13
+    xs, ws, xt, wt = op_inputs(N, H, V)
+    mask = torch.tensor([True, False, True, True, True, False, True, True, True])
+    ids = torch.arange(N) % V
+
+    def f(xs, ws, xt, wt, mask, ids):
+        loss, st = linear_divergence(xs, ws, xt, wt, kind="jsd", beta=0.3, mask=mask, stats_ids=ids,
+                                     reduction=reduction, backend=backend)
+        return loss.sum(), st.student_logprobs, st.student_entropy, st.teacher_logprobs
+
+    outs = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        loss, *st = fn(xs, ws, xt, wt, mask, ids)
+        outs.append((loss.detach(), *st, *torch.autograd.grad(loss, (xs, ws))))
+    torch._dynamo.reset()
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for g, w, name in zip(outs[1][1:4], _stats_want(xs, ws, xt, wt, ids, mask, {}), STAT_NAMES):
+        close64(g, w, name)
+
+
 # ----------------------------------------------------------------------------- Triton backend
 
 

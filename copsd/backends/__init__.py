@@ -29,6 +29,11 @@ statistics are returned in float32 (float64 when the inputs are float64).
     ``token_grad`` is dLoss_total/dloss_n; when given, gradients w.r.t. the student
     are returned (teacher inputs are constants).  ``topk_ids`` is given iff
     ``div.support == "teacher_topk"`` (distinct ids per row).
+``divergence_stats(s_hidden, s_weight, t_hidden, t_weight, logit, div, topk_ids, token_grad, stats_ids[N] int64)``
+    -> ``(loss[N], d_s_hidden | None, d_s_weight | None, stats[3, N])``  (optional)
+    ``divergence`` plus, from the same logits, the student's log-prob of ``stats_ids`` and entropy and the
+    teacher's log-prob of ``stats_ids`` (rows of ``stats``).  A backend without it gets them from its
+    ``logprobs_forward`` on each side (``linear_divergence(..., stats_ids=)``).
 ``merge_attention_states(o_a, lse_a, o_b, lse_b)`` -> ``(o, lse)``
 ``shared_prefix_attention(q, k, v, prefix_k, prefix_v, scale: float, seq_lens|None)`` -> ``(o, lse)``
 """

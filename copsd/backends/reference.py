@@ -255,9 +255,10 @@ def _membership(z, local, inside):
     return hits.scatter_add_(1, local, inside.to(torch.int32)) > 0
 
 
-def _full_stats(x, w, logit, cd, V, K=None):
+def _full_stats(x, w, logit, cd, V, K=None, ids=None):
     """Full-vocabulary LSE of a token chunk, the logits gathered at ids K and, when K is
-    given, the LSE over the vocabulary with K removed (the tail bucket)."""
+    given, the LSE over the vocabulary with K removed (the tail bucket); with ``ids`` [T] also
+    ``(logprobs of ids, entropy)`` of the chunk's distribution (else None), from the same logit tiles."""
     T = x.shape[0]
     m = torch.full((T,), -math.inf, dtype=cd, device=x.device)
     s = torch.zeros(T, dtype=cd, device=x.device)
@@ -265,8 +266,19 @@ def _full_stats(x, w, logit, cd, V, K=None):
         mt = torch.full((T,), -math.inf, dtype=cd, device=x.device)
         st = torch.zeros(T, dtype=cd, device=x.device)
         zK = torch.zeros(K.shape, dtype=cd, device=x.device)
+    if ids is not None:
+        # W = sum e^{z-m} (z-m) relative to the running max (as in logprobs_forward): H = log S - W/S.
+        wz = torch.zeros(T, dtype=cd, device=x.device)
+        zid = torch.zeros(T, dtype=cd, device=x.device)
     for v0, v1 in _vocab_chunks(V):
         z, _ = _logits(x, w[v0:v1].to(cd), logit)
+        if ids is not None:
+            m_new = torch.maximum(m, z.max(dim=1).values)
+            d = z - m_new[:, None]
+            e = torch.exp(d)
+            wz = torch.exp(m - m_new) * (wz + s * torch.nan_to_num(m - m_new, neginf=0.0)) + (e * d).sum(1)
+            inside = (ids >= v0) & (ids < v1)
+            zid = torch.where(inside, z.gather(1, (ids - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0], zid)
         m, s = _lse_update(m, s, z)
         if K is not None:
             inside = (K >= v0) & (K < v1)
@@ -274,9 +286,11 @@ def _full_stats(x, w, logit, cd, V, K=None):
             zK = torch.where(inside, z.gather(1, local), zK)
             in_k = _membership(z, local, inside)
             mt, st = _lse_update(mt, st, z.masked_fill(in_k, -math.inf))
+    lse = _lse_of(m, s)
+    stats = None if ids is None else (zid - lse, torch.log(s) - wz / s)
     if K is None:
-        return _lse_of(m, s), None, None
-    return _lse_of(m, s), zK, _lse_of(mt, st)
+        return lse, None, None, stats
+    return lse, zK, _lse_of(mt, st), stats
 
 
 def support_terms(zsK, zs_lse, zs_tail, ztK, zt_lse, zt_tail, div, has_tail):
@@ -304,10 +318,23 @@ def support_terms(zsK, zs_lse, zs_tail, ztK, zt_lse, zt_tail, div, has_tail):
 
 def divergence(s_hidden, s_weight, t_hidden, t_weight, logit: LogitSpec, div: DivergenceSpec,
                topk_ids=None, token_grad=None):
+    return _divergence(s_hidden, s_weight, t_hidden, t_weight, logit, div, topk_ids, token_grad, None)[:3]
+
+
+def divergence_stats(s_hidden, s_weight, t_hidden, t_weight, logit: LogitSpec, div: DivergenceSpec,
+                     topk_ids, token_grad, stats_ids):
+    """``divergence`` plus the token statistics of ``stats_ids`` from the same logit tiles (no extra GEMM):
+    ``(loss, d_s_hidden | None, d_s_weight | None, stats[3, N])``, stats = (student log-prob of the id,
+    student entropy, teacher log-prob of the id)."""
+    return _divergence(s_hidden, s_weight, t_hidden, t_weight, logit, div, topk_ids, token_grad, stats_ids)
+
+
+def _divergence(s_hidden, s_weight, t_hidden, t_weight, logit, div, topk_ids, token_grad, stats_ids):
     N, V = s_hidden.shape[0], s_weight.shape[0]
     cd = _compute_dtype(s_hidden)
     dev = s_hidden.device
     loss = torch.empty(N, dtype=cd, device=dev)
+    stats = None if stats_ids is None else torch.empty(3, N, dtype=cd, device=dev)
     want_grad = token_grad is not None
     if want_grad:
         dx = torch.zeros(s_hidden.shape, dtype=cd, device=dev)
@@ -315,9 +342,12 @@ def divergence(s_hidden, s_weight, t_hidden, t_weight, logit: LogitSpec, div: Di
     topk_support = div.support == "teacher_topk"
     for n0, n1 in _token_chunks(N):
         xs, xt = s_hidden[n0:n1].to(cd), t_hidden[n0:n1].to(cd)
+        sid = None if stats_ids is None else stats_ids[n0:n1]
         if not topk_support:
-            ls_lse, _, _ = _full_stats(xs, s_weight, logit, cd, V)
-            lt_lse, _, _ = _full_stats(xt, t_weight, logit, cd, V)
+            ls_lse, _, _, s_stats = _full_stats(xs, s_weight, logit, cd, V, ids=sid)
+            lt_lse, _, _, t_stats = _full_stats(xt, t_weight, logit, cd, V, ids=sid)
+            if sid is not None:
+                stats[:, n0:n1] = torch.stack([*s_stats, t_stats[0]])
             tot = torch.zeros(n1 - n0, dtype=cd, device=dev)
             G = torch.zeros_like(tot)
             for v0, v1 in _vocab_chunks(V):
@@ -342,8 +372,10 @@ def divergence(s_hidden, s_weight, t_hidden, t_weight, logit: LogitSpec, div: Di
 
         K = topk_ids[n0:n1]
         has_tail = K.shape[1] < V
-        zs_lse, zsK, zs_tail = _full_stats(xs, s_weight, logit, cd, V, K)
-        zt_lse, ztK, zt_tail = _full_stats(xt, t_weight, logit, cd, V, K)
+        zs_lse, zsK, zs_tail, s_stats = _full_stats(xs, s_weight, logit, cd, V, K, ids=sid)
+        zt_lse, ztK, zt_tail, t_stats = _full_stats(xt, t_weight, logit, cd, V, K, ids=sid)
+        if sid is not None:
+            stats[:, n0:n1] = torch.stack([*s_stats, t_stats[0]])
         tot, gK, g_tail, ls_tail, G, Ls = support_terms(
             zsK, zs_lse, zs_tail, ztK, zt_lse, zt_tail, div, has_tail)
         loss[n0:n1] = tot
@@ -369,5 +401,5 @@ def divergence(s_hidden, s_weight, t_hidden, t_weight, logit: LogitSpec, div: Di
             dx[n0:n1] += dz @ wc
             dw[v0:v1] += dz.T @ xs
     if want_grad:
-        return loss, dx, dw
-    return loss, None, None
+        return loss, dx, dw, stats
+    return loss, None, None, stats

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
+from typing import NamedTuple
 
 import torch
 
@@ -19,6 +20,16 @@ _OPTIONS = ("float temperature, float logit_scale, float? softcap, str kind, flo
 _INPUTS = "Tensor student_hidden, Tensor student_weight, Tensor teacher_hidden, Tensor teacher_weight, Tensor? mask"
 
 
+class DivergenceStats(NamedTuple):
+    """Token statistics ``linear_divergence(..., stats_ids=ids)`` returns next to the loss: detached ``[N]``
+    tensors under the divergence's logit transform, over the full vocabulary whatever the support (0 on
+    masked tokens)."""
+
+    student_logprobs: torch.Tensor  # log q(ids[n])
+    student_entropy: torch.Tensor  # -sum_v q_v log q_v
+    teacher_logprobs: torch.Tensor  # log p(ids[n])
+
+
 # ----------------------------------------------------------------------------- custom ops (torch.library)
 #
 # The public function validates what it can see without reading data and calls one of two custom ops:
@@ -27,6 +38,8 @@ _INPUTS = "Tensor student_hidden, Tensor student_weight, Tensor teacher_hidden, 
 #   copsd::linear_divergence_reduced  "sum" / "mean", with the student gradient computed in the same pass when
 #                                     it is wanted (scaled by the upstream gradient in backward)
 # Masked tokens are removed inside the ops (a data-dependent shape) and get zero loss and zero gradient.
+# Both take ``stats_ids`` (None: no statistics) and return the token statistics as one more output, a [3, N]
+# tensor (student log-prob, student entropy, teacher log-prob; empty without stats_ids).
 
 
 def _specs(temperature, logit_scale, softcap, kind, beta, support, tail, term_clip):
@@ -42,11 +55,17 @@ def _compact(mask, *tensors):
     return idx, tuple(None if t is None else t.index_select(0, idx) for t in tensors)
 
 
-def _expand(idx, rows, n):
-    """Scatter compacted ``rows`` back into ``n`` rows (zeros where masked)."""
+def _expand(idx, rows, n, dim=0):
+    """Scatter compacted ``rows`` (along ``dim``) back into ``n`` rows (zeros where masked)."""
     if idx is None:
         return rows
-    return rows.new_zeros((n,) + tuple(rows.shape[1:])).index_copy(0, idx, rows)
+    shape = list(rows.shape)
+    shape[dim] = n
+    return rows.new_zeros(shape).index_copy(dim, idx, rows)
+
+
+def _no_stats(xs):
+    return torch.zeros(0, dtype=stat_dtype(xs), device=xs.device)
 
 
 def _teacher_ids(xt, wt, topk_ids, topk_k, logit, div, backend):
@@ -69,45 +88,71 @@ def _check_topk_values(topk_ids, vocab):
             raise ValueError("topk must hold distinct ids in every row")
 
 
-def _run(xs, ws, xt, wt, mask, topk_ids, topk_k, options, token_grad=None, per_token_grad=None):
-    """Compact, pick the backend, run; returns (loss[n], dxs[n] | None, dws | None, ids[n] | None, idx)."""
+def _stats_unfused(xs, ws, xt, wt, stats_ids, logit, backend):
+    """The token statistics from the backend's ``logprobs_forward`` on each side (two more lm_head GEMMs): for
+    backends whose divergence kernel does not produce them itself."""
+    f = backends.resolve("logprobs_forward", xs.device, backend, (xs.dtype,))
+    s_lp, s_ent, _ = f(xs, ws, stats_ids, logit)
+    f = backends.resolve("logprobs_forward", xt.device, backend, (xt.dtype,))
+    t_lp = f(xt, wt, stats_ids, logit)[0]
+    cd = stat_dtype(xs)
+    return torch.stack([s_lp.to(cd), s_ent.to(cd), t_lp.to(cd)])
+
+
+def _run(xs, ws, xt, wt, mask, topk_ids, topk_k, options, token_grad=None, per_token_grad=None, stats_ids=None):
+    """Compact, pick the backend, run; returns (loss[n], dxs[n] | None, dws | None, ids[n] | None, idx,
+    stats[3, n] | None)."""
     *spec_args, backend = options
     logit, div = _specs(*spec_args)
-    idx, (xs_c, xt_c, ids_c, g_c) = _compact(mask, xs, xt, topk_ids, per_token_grad)
+    idx, (xs_c, xt_c, ids_c, g_c, sid_c) = _compact(mask, xs, xt, topk_ids, per_token_grad, stats_ids)
+    if sid_c is not None:
+        V.ids_values("stats_ids", sid_c, ws.shape[0])  # masked tokens' ids are never read
+        sid_c = sid_c.long().contiguous()
     ids_c = _teacher_ids(xt_c, wt, ids_c, topk_k, logit, div, backend)
     impl = backends.resolve("divergence", xs.device, backend, (xs.dtype,))
     if token_grad is not None:
         g_c = torch.full((xs_c.shape[0],), token_grad, dtype=stat_dtype(xs), device=xs.device)
-    loss, dxs, dws = impl(xs_c, ws, xt_c, wt, logit, div, ids_c, None if g_c is None else g_c.contiguous())
-    return loss, dxs, dws, ids_c, idx
+    g_c = None if g_c is None else g_c.contiguous()
+    fused = None if sid_c is None else impl.other("divergence_stats")
+    if fused is not None:
+        loss, dxs, dws, stats = fused(xs_c, ws, xt_c, wt, logit, div, ids_c, g_c, sid_c)
+    else:
+        loss, dxs, dws = impl(xs_c, ws, xt_c, wt, logit, div, ids_c, g_c)
+        stats = None if sid_c is None else _stats_unfused(xs_c, ws, xt_c, wt, sid_c, logit, backend)
+    return loss, dxs, dws, ids_c, idx, stats
 
 
 @torch.library.custom_op("copsd::linear_divergence", mutates_args=(), schema=(
-    f"({_INPUTS}, Tensor? topk_ids, int topk_k, {_OPTIONS}) -> (Tensor, Tensor)"))
-def _per_token_op(xs, ws, xt, wt, mask, topk_ids, topk_k, *options):
+    f"({_INPUTS}, Tensor? topk_ids, int topk_k, Tensor? stats_ids, {_OPTIONS}) -> (Tensor, Tensor, Tensor)"))
+def _per_token_op(xs, ws, xt, wt, mask, topk_ids, topk_k, stats_ids, *options):
     _check_topk_values(topk_ids, ws.shape[0])
-    loss, _, _, ids, idx = _run(xs, ws, xt, wt, mask, topk_ids, topk_k, options)
+    loss, _, _, ids, idx, stats = _run(xs, ws, xt, wt, mask, topk_ids, topk_k, options, stats_ids=stats_ids)
     n = xs.shape[0]
     if ids is None or topk_ids is not None:  # only ids it computed are returned (never an input)
         ids = torch.zeros(0, 0, dtype=torch.int64, device=xs.device)
     else:
         ids = _expand(idx, ids, n)
-    return _expand(idx, loss, n), ids
+    stats = _no_stats(xs) if stats is None else _expand(idx, stats, n, dim=1)
+    return _expand(idx, loss, n), ids, stats
+
+
+def _stats_fake(xs, stats_ids):
+    return xs.new_empty((3, xs.shape[0]) if stats_ids is not None else (0,), dtype=stat_dtype(xs))
 
 
 @_per_token_op.register_fake
-def _per_token_fake(xs, ws, xt, wt, mask, topk_ids, topk_k, temperature, logit_scale, softcap, kind, beta,
-                    support, tail, term_clip, backend):
+def _per_token_fake(xs, ws, xt, wt, mask, topk_ids, topk_k, stats_ids, temperature, logit_scale, softcap, kind,
+                    beta, support, tail, term_clip, backend):
     n = xs.shape[0]
     k = topk_k if (topk_ids is None and support == "teacher_topk") else 0
     ids = xs.new_empty((n, k) if k else (0, 0), dtype=torch.int64)
-    return xs.new_empty(n, dtype=stat_dtype(xs)), ids
+    return xs.new_empty(n, dtype=stat_dtype(xs)), ids, _stats_fake(xs, stats_ids)
 
 
 @torch.library.custom_op("copsd::linear_divergence_backward", mutates_args=(), schema=(
     f"({_INPUTS}, Tensor? topk_ids, Tensor grad, {_OPTIONS}) -> (Tensor, Tensor)"))
 def _per_token_backward_op(xs, ws, xt, wt, mask, topk_ids, grad, *options):
-    _, dxs, dws, _, idx = _run(xs, ws, xt, wt, mask, topk_ids, 0, options, per_token_grad=grad)
+    _, dxs, dws, _, idx, _ = _run(xs, ws, xt, wt, mask, topk_ids, 0, options, per_token_grad=grad)
     return _expand(idx, dxs, xs.shape[0]).to(xs.dtype), dws.to(ws.dtype)
 
 
@@ -117,52 +162,56 @@ def _per_token_backward_fake(xs, ws, xt, wt, mask, topk_ids, grad, *options):
 
 
 def _per_token_setup(ctx, inputs, output):
-    xs, ws, xt, wt, mask, topk_ids, topk_k, *options = inputs
+    xs, ws, xt, wt, mask, topk_ids, topk_k, stats_ids, *options = inputs
     computed = topk_ids is None and options[5] == "teacher_topk"  # options[5]: support
     ctx.save_for_backward(xs, ws, xt, wt, mask, output[1] if computed else topk_ids)
     ctx.options = options
+    ctx.mark_non_differentiable(output[2])
 
 
-def _per_token_backward(ctx, grad, _g_ids):
+def _per_token_backward(ctx, grad, _g_ids, _g_stats):
     xs, ws, xt, wt, mask, ids = ctx.saved_tensors
     dxs, dws = _per_token_backward_op(xs, ws, xt, wt, mask, ids, grad.contiguous(), *ctx.options)
     return (dxs if ctx.needs_input_grad[0] else None, dws if ctx.needs_input_grad[1] else None,
-            *([None] * (len(ctx.options) + 5)))
+            *([None] * (len(ctx.options) + 6)))
 
 
 _per_token_op.register_autograd(_per_token_backward, setup_context=_per_token_setup)
 
 
 @torch.library.custom_op("copsd::linear_divergence_reduced", mutates_args=(), schema=(
-    f"({_INPUTS}, Tensor? topk_ids, int topk_k, str reduction, bool with_grad, {_OPTIONS}) "
-    "-> (Tensor, Tensor, Tensor)"))
-def _reduced_op(xs, ws, xt, wt, mask, topk_ids, topk_k, reduction, with_grad, *options):
+    f"({_INPUTS}, Tensor? topk_ids, int topk_k, Tensor? stats_ids, str reduction, bool with_grad, {_OPTIONS}) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"))
+def _reduced_op(xs, ws, xt, wt, mask, topk_ids, topk_k, stats_ids, reduction, with_grad, *options):
     _check_topk_values(topk_ids, ws.shape[0])
     n = xs.shape[0] if mask is None else int(mask.sum())
     scale = 1.0 / n if (reduction == "mean" and n > 0) else 1.0
-    loss, dxs, dws, _, idx = _run(xs, ws, xt, wt, mask, topk_ids, topk_k, options,
-                                  token_grad=scale if with_grad else None)
+    loss, dxs, dws, _, idx, stats = _run(xs, ws, xt, wt, mask, topk_ids, topk_k, options,
+                                         token_grad=scale if with_grad else None, stats_ids=stats_ids)
+    stats = _no_stats(xs) if stats is None else _expand(idx, stats, xs.shape[0], dim=1)
     if not with_grad:
         empty = torch.zeros(0, dtype=loss.dtype, device=xs.device)
-        return loss.sum() * scale, empty, empty.clone()
-    return loss.sum() * scale, _expand(idx, dxs, xs.shape[0]), dws
+        return loss.sum() * scale, empty, empty.clone(), stats
+    return loss.sum() * scale, _expand(idx, dxs, xs.shape[0]), dws, stats
 
 
 @_reduced_op.register_fake
-def _reduced_fake(xs, ws, xt, wt, mask, topk_ids, topk_k, reduction, with_grad, *options):
+def _reduced_fake(xs, ws, xt, wt, mask, topk_ids, topk_k, stats_ids, reduction, with_grad, *options):
     cd = stat_dtype(xs)
+    stats = _stats_fake(xs, stats_ids)
     if not with_grad:
-        return xs.new_empty((), dtype=cd), xs.new_empty(0, dtype=cd), xs.new_empty(0, dtype=cd)
-    return xs.new_empty((), dtype=cd), xs.new_empty(xs.shape, dtype=cd), xs.new_empty(ws.shape, dtype=cd)
+        return xs.new_empty((), dtype=cd), xs.new_empty(0, dtype=cd), xs.new_empty(0, dtype=cd), stats
+    return xs.new_empty((), dtype=cd), xs.new_empty(xs.shape, dtype=cd), xs.new_empty(ws.shape, dtype=cd), stats
 
 
 def _reduced_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2])
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
     ctx.n_inputs = len(inputs)
+    ctx.mark_non_differentiable(output[3])
 
 
-def _reduced_backward(ctx, grad, _g_dxs, _g_dws):
+def _reduced_backward(ctx, grad, _g_dxs, _g_dws, _g_stats):
     dxs, dws = ctx.saved_tensors
     if dxs.dim() == 1:
         raise RuntimeError("copsd::linear_divergence_reduced ran with with_grad=False: it has no gradient "
@@ -212,7 +261,7 @@ def _topk_arg(topk, support, n, vocab):
 
 def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, kind="reverse_kl",
                       beta=0.5, temperature=1.0, logit_scale=1.0, softcap=None, mask=None, support="full",
-                      topk=None, tail="bucket", term_clip=None, reduction="none", backend="auto"):
+                      topk=None, tail="bucket", term_clip=None, reduction="none", stats_ids=None, backend="auto"):
     """Divergence between student q and teacher p per token (see docs/ops.md for the semantics).
 
     ``reverse_kl`` = KL(q||p), ``forward_kl`` = KL(p||q), ``jsd`` = beta*KL(p||m) + (1-beta)*KL(q||m)
@@ -222,6 +271,13 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
     Gradients flow to ``student_hidden`` and ``student_weight`` only.  ``torch.library`` custom ops
     (``torch.ops.copsd.linear_divergence`` / ``linear_divergence_reduced``): works under
     ``torch.compile(fullgraph=True)``.
+
+    ``stats_ids`` (integer ``[N]``, e.g. the sampled tokens): the call returns ``(loss, stats)`` with ``stats`` a
+    :class:`DivergenceStats` of detached ``[N]`` tensors -- the student's log-prob of ``stats_ids`` and entropy
+    and the teacher's log-prob of ``stats_ids``, full-vocabulary softmax under the same logit transform, 0 on
+    masked tokens (whose ids are not read) -- computed from the logits the divergence forms anyway.  On the
+    ``cpu`` and ``reference`` backends that costs no extra lm_head GEMM; on ``triton`` / ``cuda`` the op runs the
+    backend's log-probs kernel on each side (same numbers, two more GEMMs).
     """
     V.linear_pair("student_hidden", student_hidden, "student_weight", student_weight)
     V.linear_pair("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
@@ -239,12 +295,23 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
     topk_ids, topk_k = _topk_arg(topk, support, n, vocab)
     if topk_ids is not None:
         V.same_device([("teacher_hidden", teacher_hidden), ("topk", topk_ids)])
+    if stats_ids is not None:
+        V.ids_shape("stats_ids", stats_ids, n)
+        V.same_device([("student_hidden", student_hidden), ("stats_ids", stats_ids)])
+        stats_ids = stats_ids.long().contiguous()
     V.backend(backend)
     tensors = (student_hidden.contiguous(), student_weight.contiguous(), teacher_hidden.detach().contiguous(),
                teacher_weight.detach().contiguous(), mask)
     options = (logit.temperature, logit.logit_scale, logit.softcap, div.kind, div.beta, div.support, div.tail,
                div.term_clip, backend)
     if reduction == "none":
-        return _per_token_op(*tensors, topk_ids, topk_k, *options)[0]
-    with_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad)
-    return _reduced_op(*tensors, topk_ids, topk_k, reduction, with_grad, *options)[0]
+        out = _per_token_op(*tensors, topk_ids, topk_k, stats_ids, *options)
+        loss, stats = out[0], out[2]
+    else:
+        with_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad)
+        out = _reduced_op(*tensors, topk_ids, topk_k, stats_ids, reduction, with_grad, *options)
+        loss, stats = out[0], out[3]
+    if stats_ids is None:
+        return loss
+    stats = stats.detach()
+    return loss, DivergenceStats(stats[0], stats[1], stats[2])
