@@ -16,8 +16,9 @@ per step with ``--G`` sampled answers each, ``--new-tokens`` new tokens at most,
                repeated G times in the batch (GKD samples one answer per row);
   trl:distill  ``DistillationTrainer`` (always on-policy) with ``num_generations = G``, ``beta 0.5``;
   copsd:jsd-base, copsd:paper-base (only when named in ``--impl``)  the same two with the trainer side's
-               speed-ups turned off: the KV cache grown by concatenation at every generated token and AdamW's
-               per-parameter loop, as copsd ran before them (before / after ratios in the same rounds).
+               speed-ups turned off: the KV cache grown by concatenation at every generated token, AdamW's
+               per-parameter loop, the metric log-probs from separate lm_head passes, as copsd ran before them
+               (before / after ratios in the same rounds).
 
 The TRL trainers are driven one step at a time the way ``Trainer`` drives them: ``training_step`` (on-policy
 generation, the teacher forward, the loss and its backward), then gradient clipping, ``optimizer.step()``,
@@ -223,18 +224,21 @@ class _Timer:
 @contextlib.contextmanager
 def _base_trainer_side(distiller):
     """copsd's trainer side as it was before its speed-ups (issue 17, item 3): the KV cache grown by
-    concatenation during generation and AdamW's per-parameter loop (torch's default on CPU)."""
-    from copsd import rollout
+    concatenation during generation, AdamW's per-parameter loop (torch's default on CPU) and the divergence
+    objectives' metric log-probs from separate lm_head passes."""
+    from copsd import distill, rollout
 
     groups = distiller.optimizer.param_groups
     saved = [(g["fused"], g["foreach"]) for g in groups]
     rollout._IN_PLACE_CACHE = False
+    distill._STATS_FROM_DIVERGENCE = False
     for g in groups:
         g["fused"], g["foreach"] = None, False
     try:
         yield
     finally:
         rollout._IN_PLACE_CACHE = True
+        distill._STATS_FROM_DIVERGENCE = True
         for g, (fused, foreach) in zip(groups, saved):
             g["fused"], g["foreach"] = fused, foreach
 
