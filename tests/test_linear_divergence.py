@@ -36,6 +36,7 @@ from oplib import (
     op_inputs,
     rand_lm,
     random_ids,
+    spec_kwargs,
     teacher_ids,
     z64_of,
 )
@@ -583,6 +584,47 @@ def test_divergence_stats_compile(backend, reduction):
         close64(g, w, name)
 
 
+@CPU
+@pytest.mark.isa
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind,case", [
+    ("reverse_kl", "plain"), ("reverse_kl", "softcap"), ("reverse_kl", "extreme"), ("forward_kl", "temp_scale"),
+    ("forward_kl", "topk"), ("forward_kl", "extreme"), ("jsd", "temp_scale"), ("jsd", "clip"), ("jsd", "extreme"),
+    ("jsd", "topk")])
+def test_cpu_divergence_stats_kernel(kind, case, dtype):
+    """The C++ epilogue's token statistics (every row path: the online full-support kernels with and without the
+    linear transform, softcap / clip, teacher top-k; logits of order 1e4) against float64, float32 by the
+    error-relative criterion; loss and gradients are those of ``divergence`` (up to the rounding of the
+    vectorised sums, which the compiler may order differently with one more accumulator: a few ulps)."""
+    N, H, V = 13, 12, 1237  # several vocabulary blocks, a partial last one
+    scale = 2.0e3 if case == "extreme" else 1.0
+    xs, ws, xt, wt = cpu_inputs(N, H, V, dtype, scale=scale, teacher_scale=0.75 * scale if scale > 1 else None)
+    logit = {"temp_scale": LOGITS["temp_scale"], "softcap": LOGITS["temp_scale_softcap"]}.get(case, LogitSpec())
+    div = DivergenceSpec(kind=kind, beta=0.3, term_clip=0.004 if case == "clip" else None,
+                         support="teacher_topk" if case == "topk" else "full")
+    K = random_ids(N, V, 7) if case == "topk" else None
+    ids = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(5))
+    ids[3] = int((xs[3].double() @ ws.double().T).argmax())  # the student's top token
+    for tg in (None, torch.randn(N, dtype=torch.float64).to(dtype)):
+        *got, stats = cpu.divergence_stats(xs, ws, xt, wt, logit, div, K, tg, ids)
+        want = cpu.divergence(xs, ws, xt, wt, logit, div, K, tg)
+        for g, w, name in zip(got, want, DIV_NAMES):
+            assert (g is None) == (w is None), name
+            if g is not None:
+                bound = 8 * torch.finfo(dtype).eps * max(1.0, w.abs().max().item())
+                assert (g - w).abs().max().item() <= bound, name
+    assert stats.shape == (3, N) and stats.dtype == want[0].dtype
+    opts = spec_kwargs(logit)
+
+    def dense_stats(dt):
+        return [*dense.logprobs(xs.to(dt), ws.to(dt), ids, **opts)[:2], dense.logprobs(xt.to(dt), wt.to(dt), ids,
+                                                                                       **opts)[0]]
+
+    exact = dense_stats(torch.float64)
+    plain = exact if dtype == torch.float64 else dense_stats(torch.float32)
+    check_accurate(list(stats), exact, plain, STAT_NAMES, dtype)
+
+
 # ----------------------------------------------------------------------------- Triton backend
 
 
@@ -723,6 +765,26 @@ def test_triton_public_op_reductions_match_reference(triton_slices, reduction):
     for got, want in zip(out["triton"], out["reference"]):
         close(got, want, 2e-5)
     assert (out["triton"][1][3] == 0).all()
+
+
+@TRITON
+@pytest.mark.slow  # the interpreter runs the divergence and two log-probs kernels: ~1 min on a 2-core machine
+def test_triton_divergence_stats_unfused(triton_slices):
+    """stats_ids on the Triton backend (no fused statistics): the op takes them from Triton's log-probs kernel,
+    the same numbers as the reference backend's fused ones."""
+    N, H, V = 9, 16, 41
+    xs, ws = rand_lm(N, H, V, scale=3.0)
+    xt, wt = rand_lm(N, H, V, scale=3.0)
+    mask = torch.ones(N, dtype=torch.bool, device=DEV)
+    mask[3] = False
+    ids = torch.randint(0, V, (N,), device=DEV)
+    ids[3] = -1  # masked: never read
+    out = {b: linear_divergence(xs, ws, xt, wt, kind="jsd", temperature=1.3, mask=mask, reduction="sum",
+                                stats_ids=ids, backend=b) for b in ("triton", "reference")}
+    close(out["triton"][0], out["reference"][0], 2e-5)
+    for got, want in zip(out["triton"][1], out["reference"][1]):
+        close(got, want, 2e-5)
+        assert got[3] == 0
 
 
 @TRITON

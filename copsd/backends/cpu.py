@@ -101,10 +101,23 @@ def topk(hidden, weight, k, logit: LogitSpec):
 
 def divergence(s_hidden, s_weight, t_hidden, t_weight, logit: LogitSpec, div: DivergenceSpec,
                topk_ids=None, token_grad=None):
+    return _divergence(s_hidden, s_weight, t_hidden, t_weight, logit, div, topk_ids, token_grad, None)[:3]
+
+
+def divergence_stats(s_hidden, s_weight, t_hidden, t_weight, logit: LogitSpec, div: DivergenceSpec,
+                     topk_ids, token_grad, stats_ids):
+    """``divergence`` plus, from the rows the epilogue already holds (no extra GEMM), the student's log-prob of
+    ``stats_ids`` and entropy and the teacher's log-prob of ``stats_ids``: ``(loss, dx | None, dw | None,
+    stats[3, N])``."""
+    return _divergence(s_hidden, s_weight, t_hidden, t_weight, logit, div, topk_ids, token_grad,
+                       stats_ids.long().contiguous())
+
+
+def _divergence(s_hidden, s_weight, t_hidden, t_weight, logit, div, topk_ids, token_grad, stats_ids):
     if div.support == "teacher_topk" and topk_ids is None:
         raise ValueError("topk_ids must be an [N, k] int64 tensor when div.support == 'teacher_topk'")
     ids = topk_ids.long().contiguous() if (topk_ids is not None and div.support == "teacher_topk") else None
     clip = None if div.term_clip is None else float(div.term_clip)
     return _C.divergence(s_hidden, s_weight, t_hidden, t_weight, *_logit_args(logit), _KIND[div.kind],
-                         float(div.beta), _SUPPORT[div.support], _TAIL[div.tail], clip, ids, token_grad,
+                         float(div.beta), _SUPPORT[div.support], _TAIL[div.tail], clip, ids, token_grad, stats_ids,
                          WORKSPACE_BYTES)

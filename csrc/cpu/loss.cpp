@@ -363,11 +363,13 @@ std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& we
 
 // ------------------------------------------------------------------------------ divergence
 
+using DivOut = std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>>;
+
 template <typename T>
-std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> divergence_t(
-    const Tensor& xs, const Tensor& ws, const Tensor& xt, const Tensor& wt, const LogitParams& lp,
-    const DivParams& dp, const std::optional<Tensor>& topk_ids, const std::optional<Tensor>& token_grad,
-    int64_t budget) {
+DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const Tensor& wt, const LogitParams& lp,
+                    const DivParams& dp, const std::optional<Tensor>& topk_ids,
+                    const std::optional<Tensor>& token_grad, const std::optional<Tensor>& stats_ids,
+                    int64_t budget) {
   const int64_t N = xs.size(0), V = ws.size(0), H = xs.size(1);
   const auto st = acc_type(xs);
   auto opts = at::TensorOptions().dtype(st);
@@ -379,9 +381,16 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> divergence_t(
     dw = at::empty({V, H}, opts);
     tg = token_grad->to(st).contiguous();
   }
+  // Token statistics of stats_ids, [N, 3] rows (student log-prob, student entropy, teacher log-prob).
+  const bool want_stats = stats_ids.has_value();
+  Tensor stats = at::empty({N, want_stats ? 3 : 0}, opts);
+  auto result = [&]() -> DivOut {
+    return {loss, grad ? std::optional<Tensor>(dx) : std::nullopt, grad ? std::optional<Tensor>(dw) : std::nullopt,
+            want_stats ? std::optional<Tensor>(stats.t().contiguous()) : std::nullopt};
+  };
   if (N == 0) {
     if (grad) dw.zero_();
-    return {loss, grad ? std::optional<Tensor>(dx) : std::nullopt, grad ? std::optional<Tensor>(dw) : std::nullopt};
+    return result();
   }
   const bool topk = dp.support == SUPPORT_TOPK;
   const int64_t k = topk ? topk_ids->size(1) : 0;
@@ -396,6 +405,8 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> divergence_t(
   const T* ptg = grad ? tg.data_ptr<T>() : nullptr;
   T* psc = scratch.data_ptr<T>();
   const int64_t sc_stride = scratch.size(1);
+  const int64_t* psid = want_stats ? stats_ids->data_ptr<int64_t>() : nullptr;
+  T* pstats = want_stats ? stats.data_ptr<T>() : nullptr;
   PhaseTimer tm(grad ? "divergence+grad" : "divergence");
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
@@ -412,14 +423,14 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> divergence_t(
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t n = r0 + r;
       ploss[n] = K.div(ps + r * V, pt + r * V, V, topk ? pK + n * k : nullptr, k, grad ? ptg[n] : T(0), grad, lp,
-                       dp, psc + r * sc_stride);
+                       dp, psc + r * sc_stride, want_stats ? psid[n] : 0, want_stats ? pstats + 3 * n : nullptr);
     }
     tm.stop(tm.epi);
     tm.start();
     if (grad) gemm_grads(zsc, xsc, ws, dx.narrow(0, r0, nr), dw, r0 == 0, vb_s);
     tm.stop(tm.grad);
   }
-  return {loss, grad ? std::optional<Tensor>(dx) : std::nullopt, grad ? std::optional<Tensor>(dw) : std::nullopt};
+  return result();
 }
 
 // ------------------------------------------------------------------------------ bindings
@@ -487,11 +498,10 @@ std::tuple<Tensor, Tensor, Tensor> topk(const Tensor& hidden, const Tensor& weig
   return topk_t<float>(hidden, weight, k, lp, budget);
 }
 
-std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> divergence(
-    const Tensor& xs, const Tensor& ws, const Tensor& xt, const Tensor& wt, double temperature, double logit_scale,
-    std::optional<double> softcap, int64_t kind, double beta, int64_t support, int64_t tail,
-    std::optional<double> term_clip, const std::optional<Tensor>& topk_ids, const std::optional<Tensor>& token_grad,
-    int64_t budget) {
+DivOut divergence(const Tensor& xs, const Tensor& ws, const Tensor& xt, const Tensor& wt, double temperature,
+                  double logit_scale, std::optional<double> softcap, int64_t kind, double beta, int64_t support,
+                  int64_t tail, std::optional<double> term_clip, const std::optional<Tensor>& topk_ids,
+                  const std::optional<Tensor>& token_grad, const std::optional<Tensor>& stats_ids, int64_t budget) {
   at::NoGradGuard no_grad;  // outputs are plain tensors; the op layer owns autograd
   check_2d_same(xs, ws, "s_hidden", "s_weight");
   check_2d_same(xt, wt, "t_hidden", "t_weight");
@@ -516,8 +526,19 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> divergence(
   }
   if (token_grad.has_value() && token_grad->defined())
     TORCH_CHECK(token_grad->dim() == 1 && token_grad->size(0) == xs.size(0), "token_grad must be [N]");
-  if (acc_type(xs) == at::kDouble) return divergence_t<double>(xs, ws, xt, wt, lp, dp, K, token_grad, budget);
-  return divergence_t<float>(xs, ws, xt, wt, lp, dp, K, token_grad, budget);
+  std::optional<Tensor> sid;
+  if (stats_ids.has_value() && stats_ids->defined()) {
+    TORCH_CHECK(stats_ids->scalar_type() == at::kLong && stats_ids->dim() == 1 && stats_ids->size(0) == xs.size(0),
+                "stats_ids must be int64 [N]");
+    sid = stats_ids->contiguous();
+    if (sid->numel()) {
+      const int64_t lo = sid->min().item<int64_t>(), hi = sid->max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi < ws.size(0), "stats_ids must hold token ids in [0, ", ws.size(0), "), got values in [",
+                  lo, ", ", hi, "]");
+    }
+  }
+  if (acc_type(xs) == at::kDouble) return divergence_t<double>(xs, ws, xt, wt, lp, dp, K, token_grad, sid, budget);
+  return divergence_t<float>(xs, ws, xt, wt, lp, dp, K, token_grad, sid, budget);
 }
 
 // y = f(x) for an fp32/fp64 tensor, f one of the row kernels' vectorised elementwise functions, chosen by
@@ -555,8 +576,9 @@ void register_loss(pybind11::module& m) {
   m.def("divergence", &divergence, py::arg("s_hidden"), py::arg("s_weight"), py::arg("t_hidden"),
         py::arg("t_weight"), py::arg("temperature"), py::arg("logit_scale"), py::arg("softcap"), py::arg("kind"),
         py::arg("beta"), py::arg("support"), py::arg("tail"), py::arg("term_clip"), py::arg("topk_ids"),
-        py::arg("token_grad"), py::arg("workspace_bytes"),
-        "(loss[N], d_s_hidden | None, d_s_weight | None)");
+        py::arg("token_grad"), py::arg("stats_ids"), py::arg("workspace_bytes"),
+        "(loss[N], d_s_hidden | None, d_s_weight | None, stats[3, N] | None): stats (with stats_ids) = student "
+        "log-prob of stats_ids, student entropy, teacher log-prob of stats_ids");
   m.def("exp", [](const Tensor& x) { return elementwise(x, [](const auto& k) { return k.exp; }); }, py::arg("x"),
         "elementwise exp with the row epilogues' vectorised polynomial (for tests)");
   m.def("log", [](const Tensor& x) { return elementwise(x, [](const auto& k) { return k.log; }); }, py::arg("x"),

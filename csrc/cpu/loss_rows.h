@@ -20,6 +20,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -72,6 +74,32 @@ inline float fexp(float x) {
 
 inline double fexp(double x) { return std::exp(x); }
 
+// exp(x) for x <= 0 or NaN (a logit minus a running maximum): fexp without its overflow edge, a shorter
+// vectorised loop body with the same results (x < -87.34 -> 0, NaN propagates).
+inline float fexp0(float x) {
+  const float lo = -87.33654f;
+  const bool under = x < lo;
+  const float xc = under ? lo : x;
+  const float magic = 12582912.0f;
+  float n = (xc * 1.44269504088896341f + magic) - magic;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float out = p * scale;
+  return under ? 0.0f : out;
+}
+
+inline double fexp0(double x) { return std::exp(x); }
+
 // vlog: log(x) in float, branch-free like fexp (so the JSD's per-entry mixture log vectorises): x = 2^e m with
 // m in [sqrt(1/2), sqrt(2)), log m from a degree-9 polynomial in f = m - 1 (the classic single-precision
 // minimax fit), e ln 2 added in two parts.  Max relative error 1.2e-7 against float64 log over the
@@ -117,6 +145,35 @@ inline float vlog(float x) {
   return out;
 }
 inline double vlog(double x) { return std::log(x); }
+// vlog for a positive normal float: without the edge cases (denormal, 0, negative, inf, NaN give garbage), a
+// shorter vectorised body with vlog's value.  For callers whose argument is >= FLT_MIN by construction and whose
+// result is NaN through other terms whenever the argument is not finite (the JSD's mixture log).
+inline float vlog_normal(float x) {
+  int32_t bx;
+  std::memcpy(&bx, &x, sizeof(bx));
+  const int32_t d = bx - 0x3f3504f3;
+  const int32_t e = d >> 23;
+  const int32_t mb = (d & 0x007fffff) + 0x3f3504f3;
+  float m;
+  std::memcpy(&m, &mb, sizeof(m));
+  const float fe = static_cast<float>(e);
+  const float f = m - 1.0f;
+  const float z = f * f;
+  float p = 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  float y = f * z * p;
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return (f + y) + fe * 0.693359375f;
+}
+inline double vlog_normal(double x) { return std::log(x); }
 // Per-row logs (a handful per row) keep the C library's correctly rounded log.
 inline float flog(float x) { return std::log(x); }
 inline double flog(double x) { return std::log(x); }
@@ -124,7 +181,7 @@ inline double flog(double x) { return std::log(x); }
 template <typename T>
 inline T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 
-constexpr int64_t SUM_BLOCK = 512;  // vocabulary entries per partial sum (see rkl_full_row)
+constexpr int64_t SUM_BLOCK = 512;  // vocabulary entries per partial sum (see online_row)
 
 // ------------------------------------------------------------------------------ passes
 
@@ -389,185 +446,336 @@ void topk_row(T* z, int64_t V, int64_t k, const LogitParams& lp, int64_t* out_id
 
 // ------------------------------------------------------------------------------ divergence
 
-// Full support, reverse KL, no clip, no softcap: the one-pass form of docs/kernels.md,
-//   A = sum e^{zs-ms}((zs-ms)-(zt-mt)),  KL = A/S_s - log S_s + log S_t,
-//   dKL/dzs_j = q_j (ls_j - lt_j - KL) = (e_j/S_s) (d_j - A/S_s)   with d_j = (zs-ms)-(zt-mt).
-// Two exponentials per vocabulary entry, none in the gradient pass.
+// Per-thread scratch of the row kernels: grows to the largest request and is freed when the thread exits.  A
+// plain struct of this file's anonymous namespace (internal linkage, no template the linker could share
+// between the ISA variants).
+struct ThreadScratch {
+  void* p = nullptr;
+  size_t bytes = 0;
+  ~ThreadScratch() { std::free(p); }
+};
+
 template <typename T>
-T rkl_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& lp) {
-  transform_row(zs, V, lp);
-  transform_row(zt, V, lp);
-  T ms, mt;
-  row_max2(zs, zt, V, ms, mt);
-  T Ss = 0, St = 0, A = 0;
-  // Two-level sums (vector partial sums per SUM_BLOCK entries, added into the totals) keep fp32
-  // rounding independent of V and of the ISA's lane count.
-  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
-    const int64_t b1 = b0 + SUM_BLOCK < V ? b0 + SUM_BLOCK : V;
-    T s1 = 0, s2 = 0, a = 0;
-    if (grad) {
-#pragma omp simd reduction(+ : s1, s2, a)
-      for (int64_t j = b0; j < b1; ++j) {
-        const T ds = zs[j] - ms, dt = zt[j] - mt;
-        const T es = fexp(ds);
-        const T d = ds - dt;
-        s1 += es;
-        s2 += fexp(dt);
-        a += es * d;
-        zs[j] = es;
-        zt[j] = d;
-      }
-    } else {
-#pragma omp simd reduction(+ : s1, s2, a)
-      for (int64_t j = b0; j < b1; ++j) {
-        const T ds = zs[j] - ms, dt = zt[j] - mt;
-        const T es = fexp(ds);
-        s1 += es;
-        s2 += fexp(dt);
-        a += es * (ds - dt);
-      }
+T* thread_scratch(int64_t n) {
+  static thread_local ThreadScratch buf;
+  const size_t want = (sizeof(T) * static_cast<size_t>(n) + 63) / 64 * 64;
+  if (buf.bytes < want) {
+    std::free(buf.p);
+    buf.p = std::aligned_alloc(64, want);
+    buf.bytes = buf.p ? want : 0;
+    if (!buf.p) {  // inside a parallel region: no exception can leave it
+      std::fprintf(stderr, "copsd: out of memory for a %zu-byte row scratch\n", want);
+      std::abort();
     }
-    Ss += s1;
-    St += s2;
-    A += a;
   }
-  const T inv_s = T(1) / Ss;
-  const T loss = A * inv_s - flog(Ss) + flog(St);
-  if (grad) {
-    const T c1 = inv_s * tg * static_cast<T>(lp.logit_scale / lp.temperature);
-    const T c2 = A * inv_s;
-#pragma omp simd
-    for (int64_t j = 0; j < V; ++j) zs[j] = zs[j] * c1 * (zt[j] - c2);
-  }
-  return loss;
+  return static_cast<T*>(buf.p);
 }
 
-// Full support, forward KL, no clip, no softcap: with e^s_j = e^{zs_j-ms}, e^t_j = e^{zt_j-mt} and
-// d_j = (zt_j-mt)-(zs_j-ms),
-//   B = sum e^t_j d_j,  KL(p||q) = B/S_t - log S_t + log S_s,
-//   dKL/dzs_j = q_j - p_j = e^s_j/S_s - e^t_j/S_t.
-// The gradient is formed from the two exponentials relative to the row maxima and the two sums: no
-// log S rounding (up to half an ulp of log V, the same relative error on every p_j / q_j) and no
-// computed sum of p (which is exactly 1) enters it, so at a 150k vocabulary d_hidden is as accurate as
-// the dense log_softmax + autograd form.  Two exponentials per entry, none in the gradient pass.
+// The linear part of the logit transform (scale / temperature), computed as transform_row does.
 template <typename T>
-T fkl_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& lp) {
-  transform_row(zs, V, lp);
-  transform_row(zt, V, lp);
-  T ms, mt;
-  row_max2(zs, zt, V, ms, mt);
-  T Ss = 0, St = 0, B = 0;
-  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
-    const int64_t b1 = b0 + SUM_BLOCK < V ? b0 + SUM_BLOCK : V;
-    T s1 = 0, s2 = 0, b = 0;
-    if (grad) {
-#pragma omp simd reduction(+ : s1, s2, b)
-      for (int64_t j = b0; j < b1; ++j) {
-        const T ds = zs[j] - ms, dt = zt[j] - mt;
-        const T es = fexp(ds), et = fexp(dt);
-        s1 += es;
-        s2 += et;
-        b += et * (dt - ds);
-        zs[j] = es;
-        zt[j] = et;
-      }
-    } else {
-#pragma omp simd reduction(+ : s1, s2, b)
-      for (int64_t j = b0; j < b1; ++j) {
-        const T ds = zs[j] - ms, dt = zt[j] - mt;
-        const T et = fexp(dt);
-        s1 += fexp(ds);
-        s2 += et;
-        b += et * (dt - ds);
-      }
-    }
-    Ss += s1;
-    St += s2;
-    B += b;
-  }
-  const T loss = B / St - flog(St) + flog(Ss);
-  if (grad) {
-    const T f = tg * static_cast<T>(lp.logit_scale / lp.temperature);
-    const T cs = f / Ss, ct = f / St;
-#pragma omp simd
-    for (int64_t j = 0; j < V; ++j) zs[j] = zs[j] * cs - zt[j] * ct;
-  }
-  return loss;
+inline T linear_factor(const LogitParams& lp) {
+  return static_cast<T>(lp.logit_scale) * static_cast<T>(1.0 / lp.temperature);
 }
 
-// Full support, generalised JSD (beta in [0, 1]), no clip, no softcap.  From e^s_j, e^t_j (relative to the
-// row maxima) and their sums, q_j = e^s_j/S_s, p_j = e^t_j/S_t and the mixture log lm_j = log((1-b) q_j + b p_j)
-// (one vectorised log per entry instead of the summand's log-add-exp of four exponentials):
-//   s_j = b p_j (lt_j - lm_j) + (1-b) q_j (ls_j - lm_j),  g_j = (1-b) q_j (ls_j - lm_j),
-//   dJSD/dzs_j = g_j - q_j G,  G = sum g.
+// Maxima of one block of both rows; when f != 1 the rows are first scaled by f in place (the logit transform,
+// fused into the first pass over the raw GEMM output).
 template <typename T>
-T jsd_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& lp, T beta) {
-  transform_row(zs, V, lp);
-  transform_row(zt, V, lp);
-  T ms, mt;
-  row_max2(zs, zt, V, ms, mt);
-  T Ss = 0, St = 0;
-  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
-    const int64_t b1 = b0 + SUM_BLOCK < V ? b0 + SUM_BLOCK : V;
-    T s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-    for (int64_t j = b0; j < b1; ++j) {
-      const T es = fexp(zs[j] - ms), et = fexp(zt[j] - mt);
-      s1 += es;
-      s2 += et;
+inline void block_max2(T* a, T* b, int64_t n, T f, T& ma, T& mb) {
+  T x = neg_inf<T>(), y = neg_inf<T>();
+  if (f != T(1)) {
+#pragma omp simd reduction(max : x, y)
+    for (int64_t j = 0; j < n; ++j) {
+      const T u = a[j] * f, v = b[j] * f;
+      a[j] = u;
+      b[j] = v;
+      x = u > x ? u : x;
+      y = v > y ? v : y;
+    }
+  } else {
+#pragma omp simd reduction(max : x, y)
+    for (int64_t j = 0; j < n; ++j) {
+      x = a[j] > x ? a[j] : x;
+      y = b[j] > y ? b[j] : y;
+    }
+  }
+  ma = x;
+  mb = y;
+}
+
+// Raises a running maximum m to a block maximum bm when larger (a NaN never raises it).  Returns e^{m_old-m_new},
+// the factor of sums kept relative to m (1 when unchanged, 0 from -inf), and the shift m_new - m_old.
+template <typename T>
+inline T raise_max(T& m, T bm, T& shift) {
+  if (!(bm > m)) {
+    shift = 0;
+    return T(1);
+  }
+  const T old = m;
+  m = bm;
+  shift = bm - old;
+  return fexp(old - bm);
+}
+
+// The maximum exponentials are taken relative to: -inf (only -inf or NaN seen so far) counts as 0, so those
+// entries give e^-inf = 0 (or NaN) instead of e^{-inf+inf}.
+template <typename T>
+inline T finite_or_zero(T m) {
+  return m == neg_inf<T>() ? T(0) : m;
+}
+
+// Full support, no clip, no softcap: "online" kernels.  Each reads the two raw GEMM rows from memory once, in
+// SUM_BLOCK-entry blocks: per block the two block maxima (with the linear logit transform applied in place),
+// then the exponentials relative to the running maxima ms / mt, with the sums accumulated so far rescaled
+// whenever a maximum grows (the running maxima at each block are kept in `bm`, so later passes rescale each
+// block's stored exponentials by one factor).  Sums are two-level (vector partial sums per block, added into
+// the totals), so fp32 rounding does not depend on V or on the ISA's lane count.  Transcendentals per
+// vocabulary entry: 2 exp (reverse / forward KL), 2 exp + 1 log (JSD); the gradient pass has none.
+//
+// Notation: ds_j = zs_j - ms, dt_j = zt_j - mt, es_j = e^ds_j, et_j = e^dt_j, S_s = sum es, S_t = sum et,
+// W = sum es ds (student entropy H = log S_s - W/S_s, only with STATS).  When ms grows by a shift h, every
+// stored es is scaled by e^-h and every ds decreases by h: a sum like A = sum es (ds - dt) becomes
+// e^-h (A - (h_s - h_t) S_s) (same for the teacher side).
+//
+// Reverse KL:  A = sum es (ds - dt),  KL = A/S_s - log S_s + log S_t,
+//              dKL/dzs_j = (es_j/S_s) (d_j - A/S_s)  with d_j = ds_j - dt_j (stored next to es_j).
+// Forward KL:  B = sum et (dt - ds),  KL(p||q) = B/S_t - log S_t + log S_s,
+//              dKL/dzs_j = es_j/S_s - et_j/S_t: from the two exponentials and the two sums, with no log S rounding
+//              and no computed sum of p (exactly 1) in it, so at a 150k vocabulary d_hidden is as accurate as
+//              the dense log_softmax + autograd form.
+// JSD (beta):  q_j = es_j/S_s, p_j = et_j/S_t, lm_j = log((1-b) q_j + b p_j) (one vectorised log per entry;
+//              a tiny constant keeps it finite where q and p both underflow, their terms are then 0 x finite),
+//              s_j = b p_j (lt_j - lm_j) + (1-b) q_j (ls_j - lm_j),  g_j = (1-b) q_j (ls_j - lm_j),
+//              dJSD/dzs_j = g_j - q_j G,  G = sum g.  es and et go to a per-thread scratch of 2 rows (the rows
+//              keep the logits for ls / lt), so the terms pass needs no exponential.
+template <typename T, int KIND, bool STATS>
+T online_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& lp, T beta, int64_t sid, T* stats) {
+  const int64_t nb = (V + SUM_BLOCK - 1) / SUM_BLOCK;
+  T* buf = thread_scratch<T>(2 * nb + 2 * V);
+  T* bm = buf;               // [2 nb]: running (ms, mt) at each block
+  T* u_all = buf + 2 * nb;   // [V] es, then [V] d (reverse KL) / et (forward KL, JSD; JSD: later g)
+  T* v_all = u_all + V;
+  const T f = linear_factor<T>(lp);
+  const T zsid = STATS ? zs[sid] * f : T(0);  // the transformed logits of sid (y * 1 == y)
+  const T ztid = STATS ? zt[sid] * f : T(0);
+  T ms = neg_inf<T>(), mt = neg_inf<T>();
+  T Ss = 0, St = 0, X = 0, W = 0;  // X: A (reverse KL) / B (forward KL)
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t b0 = b * SUM_BLOCK, n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
+    T* s = zs + b0;
+    T* t = zt + b0;
+    // The rows come from memory (the GEMM wrote them a while ago): ask for the next block while this one
+    // computes (measured: the first pass is otherwise bound by waiting for the loads).
+    for (int64_t j = SUM_BLOCK; j < 2 * SUM_BLOCK && b0 + j < V; j += 64 / static_cast<int64_t>(sizeof(T))) {
+      __builtin_prefetch(s + j, 0, 3);
+      __builtin_prefetch(t + j, 0, 3);
+    }
+    T bs, bt, hs, ht;
+    block_max2(s, t, n, f, bs, bt);
+    const T rs = raise_max(ms, bs, hs), rt = raise_max(mt, bt, ht);
+    // Only sums that hold something are corrected (an empty one stays 0: no inf x 0).
+    if (KIND == KIND_REVERSE_KL && Ss > 0) X = rs * (X - (hs - ht) * Ss);
+    if (KIND == KIND_FORWARD_KL && St > 0) X = rt * (X - (ht - hs) * St);
+    if (STATS && Ss > 0) W = rs * (W - hs * Ss);
+    Ss *= rs;
+    St *= rt;
+    bm[2 * b] = ms;
+    bm[2 * b + 1] = mt;
+    const T ms0 = finite_or_zero(ms), mt0 = finite_or_zero(mt);
+    T* u = u_all + b0;
+    T* v = v_all + b0;
+    T s1 = 0, s2 = 0, x = 0, w = 0;
+    if (KIND == KIND_REVERSE_KL) {
+      if (grad) {
+#pragma omp simd reduction(+ : s1, s2, x, w)
+        for (int64_t j = 0; j < n; ++j) {
+          const T ds = s[j] - ms0, dt = t[j] - mt0;
+          const T es = fexp0(ds), d = ds - dt;
+          s1 += es;
+          s2 += fexp0(dt);
+          x += es * d;
+          if (STATS) w += es * ds;
+          u[j] = es;
+          v[j] = d;
+        }
+      } else {
+#pragma omp simd reduction(+ : s1, s2, x, w)
+        for (int64_t j = 0; j < n; ++j) {
+          const T ds = s[j] - ms0, dt = t[j] - mt0;
+          const T es = fexp0(ds);
+          s1 += es;
+          s2 += fexp0(dt);
+          x += es * (ds - dt);
+          if (STATS) w += es * ds;
+        }
+      }
+    } else if (KIND == KIND_FORWARD_KL) {
+      if (grad) {
+#pragma omp simd reduction(+ : s1, s2, x, w)
+        for (int64_t j = 0; j < n; ++j) {
+          const T ds = s[j] - ms0, dt = t[j] - mt0;
+          const T es = fexp0(ds), et = fexp0(dt);
+          s1 += es;
+          s2 += et;
+          x += et * (dt - ds);
+          if (STATS) w += es * ds;
+          u[j] = es;
+          v[j] = et;
+        }
+      } else {
+#pragma omp simd reduction(+ : s1, s2, x, w)
+        for (int64_t j = 0; j < n; ++j) {
+          const T ds = s[j] - ms0, dt = t[j] - mt0;
+          const T es = fexp0(ds), et = fexp0(dt);
+          s1 += es;
+          s2 += et;
+          x += et * (dt - ds);
+          if (STATS) w += es * ds;
+        }
+      }
+    } else {
+#pragma omp simd reduction(+ : s1, s2, w)
+      for (int64_t j = 0; j < n; ++j) {
+        const T ds = s[j] - ms0, dt = t[j] - mt0;
+        const T es = fexp0(ds), et = fexp0(dt);
+        s1 += es;
+        s2 += et;
+        if (STATS) w += es * ds;
+        u[j] = es;
+        v[j] = et;
+      }
     }
     Ss += s1;
     St += s2;
+    X += x;
+    W += w;
   }
   const T log_ss = flog(Ss), log_st = flog(St);
   const T inv_ss = T(1) / Ss, inv_st = T(1) / St;
-  const T b = beta, omb = T(1) - beta;
-  // tiny keeps the mixture log finite where q and p both underflow (their terms are then 0 x finite).
+  if (STATS) {
+    stats[0] = (zsid - ms) - log_ss;
+    stats[1] = log_ss - W * inv_ss;
+    stats[2] = (ztid - mt) - log_st;
+  }
+  const T base = static_cast<T>(lp.logit_scale / lp.temperature);  // d z / d y (as Chain)
+  if (KIND == KIND_REVERSE_KL) {
+    const T loss = X * inv_ss - log_ss + log_st;
+    if (grad) {
+      const T c1 = inv_ss * tg * base, c2 = X * inv_ss;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t b0 = b * SUM_BLOCK, n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
+        // This block's es / d are relative to the running maxima then: rescale to the final ones.
+        const T c1b = c1 * fexp(bm[2 * b] - ms);
+        const T c2b = c2 + ((ms - bm[2 * b]) - (mt - bm[2 * b + 1]));
+        T* s = zs + b0;
+        const T* u = u_all + b0;
+        const T* v = v_all + b0;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) s[j] = u[j] * c1b * (v[j] - c2b);
+      }
+    }
+    return loss;
+  }
+  if (KIND == KIND_FORWARD_KL) {
+    const T loss = X * inv_st - log_st + log_ss;
+    if (grad) {
+      const T c = tg * base;
+      const T cs = c / Ss, ct = c / St;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t b0 = b * SUM_BLOCK, n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
+        const T csb = cs * fexp(bm[2 * b] - ms), ctb = ct * fexp(bm[2 * b + 1] - mt);
+        T* s = zs + b0;
+        const T* u = u_all + b0;
+        const T* v = v_all + b0;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) s[j] = u[j] * csb - v[j] * ctb;
+      }
+    }
+    return loss;
+  }
+  // JSD: the terms pass (one log per entry), then the gradient.
+  const T bb = beta, omb = T(1) - beta;
   const T tiny = static_cast<T>(1e-37);
-  auto term = [&](int64_t j, T& q, T& gq) {
-    const T ds = zs[j] - ms, dt = zt[j] - mt;
-    q = fexp(ds) * inv_ss;
-    const T p = fexp(dt) * inv_st;
-    const T lm = vlog(omb * q + b * p + tiny);
-    gq = omb * q * ((ds - log_ss) - lm);
-    return b * p * ((dt - log_st) - lm) + gq;
-  };
   T loss = 0, G = 0;
-  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
-    const int64_t b1 = b0 + SUM_BLOCK < V ? b0 + SUM_BLOCK : V;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t b0 = b * SUM_BLOCK, n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
+    const T cq = fexp(bm[2 * b] - ms) * inv_ss, cp = fexp(bm[2 * b + 1] - mt) * inv_st;
+    const T* s = zs + b0;
+    const T* t = zt + b0;
+    const T* u = u_all + b0;
+    T* v = v_all + b0;
     T pl = 0, pg = 0;
     if (grad) {
 #pragma omp simd reduction(+ : pl, pg)
-      for (int64_t j = b0; j < b1; ++j) {
-        T q, gq;
-        pl += term(j, q, gq);
+      for (int64_t j = 0; j < n; ++j) {
+        const T q = u[j] * cq, p = v[j] * cp;
+        const T lm = vlog_normal(omb * q + bb * p + tiny);  // >= tiny; not finite only where q or p is not
+        const T gq = omb * q * (((s[j] - ms) - log_ss) - lm);
+        pl += bb * p * (((t[j] - mt) - log_st) - lm) + gq;
         pg += gq;
-        zs[j] = q;
-        zt[j] = gq;
+        v[j] = gq;
       }
     } else {
 #pragma omp simd reduction(+ : pl)
-      for (int64_t j = b0; j < b1; ++j) {
-        T q, gq;
-        pl += term(j, q, gq);
+      for (int64_t j = 0; j < n; ++j) {
+        const T q = u[j] * cq, p = v[j] * cp;
+        const T lm = vlog_normal(omb * q + bb * p + tiny);
+        pl += bb * p * (((t[j] - mt) - log_st) - lm) + omb * q * (((s[j] - ms) - log_ss) - lm);
       }
     }
     loss += pl;
     G += pg;
   }
   if (grad) {
-    const T f = tg * static_cast<T>(lp.logit_scale / lp.temperature);
+    const T c = tg * base;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t b0 = b * SUM_BLOCK, n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
+      const T cqG = fexp(bm[2 * b] - ms) * inv_ss * G;
+      T* s = zs + b0;
+      const T* u = u_all + b0;
+      const T* v = v_all + b0;
 #pragma omp simd
-    for (int64_t j = 0; j < V; ++j) zs[j] = (zt[j] - zs[j] * G) * f;
+      for (int64_t j = 0; j < n; ++j) s[j] = (v[j] - u[j] * cqG) * c;
+    }
   }
   return loss;
 }
 
+// Token statistics of a row pair already transformed (the generic and top-k paths): student log-prob of sid and
+// entropy, teacher log-prob of sid (two more passes over the rows, only when asked for).
+template <typename T>
+void row_stats(const T* zs, const T* zt, int64_t V, int64_t sid, T* stats) {
+  T ms, mt;
+  row_max2(zs, zt, V, ms, mt);
+  const T ms0 = finite_or_zero(ms), mt0 = finite_or_zero(mt);
+  T Ss = 0, St = 0, W = 0;
+  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
+    const int64_t b1 = b0 + SUM_BLOCK < V ? b0 + SUM_BLOCK : V;
+    T s1 = 0, s2 = 0, w = 0;
+#pragma omp simd reduction(+ : s1, s2, w)
+    for (int64_t j = b0; j < b1; ++j) {
+      const T ds = zs[j] - ms0;
+      const T es = fexp0(ds);
+      s1 += es;
+      w += es * ds;
+      s2 += fexp0(zt[j] - mt0);
+    }
+    Ss += s1;
+    St += s2;
+    W += w;
+  }
+  const T log_ss = flog(Ss), log_st = flog(St);
+  stats[0] = (zs[sid] - ms0) - log_ss;
+  stats[1] = log_ss - W / Ss;
+  stats[2] = (zt[sid] - mt0) - log_st;
+}
+
 // Full support, any kind / clip / softcap.
 template <typename T, int KIND>
-T generic_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& lp, const DivParams& dp) {
+T generic_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& lp, const DivParams& dp,
+                   int64_t sid, T* stats) {
   transform_row(zs, V, lp);
   transform_row(zt, V, lp);
+  if (stats) row_stats(zs, zt, V, sid, stats);
   T ms, mt;
   row_max2(zs, zt, V, ms, mt);
   T Ss = 0, St = 0;
@@ -633,9 +841,10 @@ T generic_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& 
 // rows (set to -inf) so the tail log-sum-exp is computed directly over V \ K.
 template <typename T, int KIND>
 T topk_support_row(T* zs, T* zt, int64_t V, const int64_t* K, int64_t k, T tg, bool grad,
-                   const LogitParams& lp, const DivParams& dp, T* scratch) {
+                   const LogitParams& lp, const DivParams& dp, T* scratch, int64_t sid, T* stats) {
   transform_row(zs, V, lp);
   transform_row(zt, V, lp);
+  if (stats) row_stats(zs, zt, V, sid, stats);
   T* zsK = scratch;
   T* ztK = scratch + k;
   T* gK = scratch + 2 * k;
@@ -710,22 +919,26 @@ T topk_support_row(T* zs, T* zt, int64_t V, const int64_t* K, int64_t k, T tg, b
 
 template <typename T, int KIND>
 T div_row_kind(T* zs, T* zt, int64_t V, const int64_t* K, int64_t k, T tg, bool grad, const LogitParams& lp,
-               const DivParams& dp, T* scratch) {
-  if (dp.support == SUPPORT_TOPK) return topk_support_row<T, KIND>(zs, zt, V, K, k, tg, grad, lp, dp, scratch);
-  if (KIND == KIND_REVERSE_KL && !dp.has_clip && !(lp.softcap > 0)) return rkl_full_row<T>(zs, zt, V, tg, grad, lp);
-  if (KIND == KIND_FORWARD_KL && !dp.has_clip && !(lp.softcap > 0)) return fkl_full_row<T>(zs, zt, V, tg, grad, lp);
-  if (KIND == KIND_JSD && !dp.has_clip && !(lp.softcap > 0))
-    return jsd_full_row<T>(zs, zt, V, tg, grad, lp, static_cast<T>(dp.beta));
-  return generic_full_row<T, KIND>(zs, zt, V, tg, grad, lp, dp);
+               const DivParams& dp, T* scratch, int64_t sid, T* stats) {
+  if (dp.support == SUPPORT_TOPK)
+    return topk_support_row<T, KIND>(zs, zt, V, K, k, tg, grad, lp, dp, scratch, sid, stats);
+  if (!dp.has_clip && !(lp.softcap > 0)) {
+    const T beta = static_cast<T>(dp.beta);
+    if (stats) return online_row<T, KIND, true>(zs, zt, V, tg, grad, lp, beta, sid, stats);
+    return online_row<T, KIND, false>(zs, zt, V, tg, grad, lp, beta, sid, stats);
+  }
+  return generic_full_row<T, KIND>(zs, zt, V, tg, grad, lp, dp, sid, stats);
 }
 
 template <typename T>
 T div_row(T* zs, T* zt, int64_t V, const int64_t* K, int64_t k, T tg, bool grad, const LogitParams& lp,
-          const DivParams& dp, T* scratch) {
+          const DivParams& dp, T* scratch, int64_t sid, T* stats) {
   switch (dp.kind) {
-    case KIND_REVERSE_KL: return div_row_kind<T, KIND_REVERSE_KL>(zs, zt, V, K, k, tg, grad, lp, dp, scratch);
-    case KIND_FORWARD_KL: return div_row_kind<T, KIND_FORWARD_KL>(zs, zt, V, K, k, tg, grad, lp, dp, scratch);
-    default: return div_row_kind<T, KIND_JSD>(zs, zt, V, K, k, tg, grad, lp, dp, scratch);
+    case KIND_REVERSE_KL:
+      return div_row_kind<T, KIND_REVERSE_KL>(zs, zt, V, K, k, tg, grad, lp, dp, scratch, sid, stats);
+    case KIND_FORWARD_KL:
+      return div_row_kind<T, KIND_FORWARD_KL>(zs, zt, V, K, k, tg, grad, lp, dp, scratch, sid, stats);
+    default: return div_row_kind<T, KIND_JSD>(zs, zt, V, K, k, tg, grad, lp, dp, scratch, sid, stats);
   }
 }
 

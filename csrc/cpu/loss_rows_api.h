@@ -37,8 +37,10 @@ struct RowKernels {
   void (*topk)(T* y, int64_t V, int64_t k, const LogitParams&, int64_t* ids, T* lp, T* lse);
   // Returns the row's loss; with grad, ys becomes tg * dloss/dys (yt is clobbered).
   // K/k: teacher top-k ids of the row (support == SUPPORT_TOPK); scratch: 3k values.
+  // stats (nullptr: none): [student log-prob of id sid, student entropy, teacher log-prob of sid], full
+  // vocabulary, from the same transformed logits.
   T (*div)(T* ys, T* yt, int64_t V, const int64_t* K, int64_t k, T tg, bool grad, const LogitParams&,
-           const DivParams&, T* scratch);
+           const DivParams&, T* scratch, int64_t sid, T* stats);
   // y = exp(x) elementwise with the epilogues' vectorised exp (exposed for tests).
   void (*exp)(const T* x, T* y, int64_t n);
   // y = log(x) elementwise with the epilogues' vectorised log (exposed for tests).
