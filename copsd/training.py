@@ -173,15 +173,27 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def _fusable(p) -> bool:
+    """A floating-point CPU / CUDA parameter, plain or FSDP2's DTensor (whose ops run on its local shard)."""
+    if not p.is_floating_point() or p.device.type not in ("cpu", "cuda"):
+        return False
+    if type(p) in (torch.Tensor, torch.nn.Parameter):
+        return True
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(p, DTensor)
+
+
 def adamw_implementation(params) -> dict:
     """``torch.optim.AdamW``'s implementation flags for ``params``: the fused kernel (one multi-tensor kernel
-    per device and dtype) when every parameter is a plain floating-point CPU / CUDA tensor, else the
-    ``foreach`` (multi-tensor) loop, e.g. for FSDP2's DTensor parameters.  torch's own default on CPU is the
-    per-parameter Python loop, many times slower on a model with many small tensors."""
-    params = list(params)
-    plain = all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_floating_point()
-                and p.device.type in ("cpu", "cuda") for p in params)
-    return {"fused": True, "foreach": None} if plain else {"fused": None, "foreach": True}
+    per device and dtype) when every parameter is a floating-point CPU / CUDA tensor, plain or FSDP2's DTensor
+    (so a sharded run does the same arithmetic as a one-process run), else the ``foreach`` multi-tensor loop.
+    torch's own default on CPU is the per-parameter Python loop, many times slower on a model with many small
+    tensors."""
+    fused = all(_fusable(p) for p in params)
+    return {"fused": True, "foreach": None} if fused else {"fused": None, "foreach": True}
 
 
 def make_optimizer(model, cfg: TrainConfig):

@@ -1,6 +1,7 @@
-"""``make_optimizer``: the fused AdamW kernel for plain parameters (LoRA included), the ``foreach`` loop for FSDP2's
-DTensors, the same update as torch's per-parameter loop (to rounding), and optimizer state written before the
-change (per-parameter loop, ``fused: None`` in its groups) still loads and keeps the fused kernel."""
+"""``make_optimizer``: the fused AdamW kernel for plain parameters (LoRA included) and FSDP2's DTensors, the
+``foreach`` loop for other tensor subclasses, the same update as torch's per-parameter loop (to rounding), and
+optimizer state written before the change (per-parameter loop, ``fused: None`` in its groups) still loads and
+keeps the fused kernel."""
 
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def test_implementation_choice():
     p = torch.nn.Parameter(torch.zeros(3))
     assert adamw_implementation([p, torch.zeros(2, 2)]) == {"fused": True, "foreach": None}
 
-    class Wrapped(torch.Tensor):  # a tensor subclass (as DTensor) gets the foreach loop
+    class Wrapped(torch.Tensor):  # a tensor subclass other than DTensor gets the foreach loop
         pass
 
     assert adamw_implementation([p, torch.zeros(2).as_subclass(Wrapped)]) == {"fused": None, "foreach": True}
@@ -137,7 +138,7 @@ assert all(isinstance(p, DTensor) for p in model.parameters())
 cfg = types.SimpleNamespace(learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                             weight_decay=0.05, weight_decay_1d_params=False)
 opt = make_optimizer(model, cfg)
-assert all(g["foreach"] is True and not g["fused"] for g in opt.param_groups)
+assert all(g["fused"] is True and not g["foreach"] for g in opt.param_groups)
 before = [p.full_tensor().clone() for p in model.parameters()]
 h, w = policy(torch.tensor([[3, 4, 5]]), torch.ones(1, 3, dtype=torch.long))
 (h @ w.T).logsumexp(-1).sum().backward()
@@ -145,12 +146,12 @@ opt.step()
 assert all(not torch.equal(b, p.full_tensor()) for b, p in zip(before, model.parameters()))
 again = make_optimizer(model, cfg)
 fsdp.load_local_optimizer_state(again, fsdp.local_optimizer_state(opt))
-assert all(g["foreach"] is True and not g["fused"] for g in again.param_groups)
+assert all(g["fused"] is True and not g["foreach"] for g in again.param_groups)
 print("OK")
 '''
 
 
-def test_fsdp2_dtensor_parameters_get_the_foreach_loop(tmp_path):
+def test_fsdp2_dtensor_parameters_get_the_fused_kernel(tmp_path):
     script = tmp_path / "dtensor.py"
     script.write_text(_DTENSOR)
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
