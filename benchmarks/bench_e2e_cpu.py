@@ -14,7 +14,11 @@ per step with ``--G`` sampled answers each, ``--new-tokens`` new tokens at most,
                k3 KL to the initial student with ``kl_coef 0.005``, pi_old recomputed by a student forward);
   trl:gkd      ``GKDTrainer`` with ``lmbda=1`` (always on-policy), ``beta 0.5``, ``seq_kd`` off, each prompt
                repeated G times in the batch (GKD samples one answer per row);
-  trl:distill  ``DistillationTrainer`` (always on-policy) with ``num_generations = G``, ``beta 0.5``.
+  trl:distill  ``DistillationTrainer`` (always on-policy) with ``num_generations = G``, ``beta 0.5``;
+  copsd:jsd-base, copsd:paper-base (only when named in ``--impl``)  the same two with the trainer side's
+               speed-ups turned off: the KV cache grown by concatenation at every generated token, AdamW's
+               per-parameter loop, the metric log-probs from separate lm_head passes, as copsd ran before them
+               (before / after ratios in the same rounds).
 
 The TRL trainers are driven one step at a time the way ``Trainer`` drives them: ``training_step`` (on-policy
 generation, the teacher forward, the loss and its backward), then gradient clipping, ``optimizer.step()``,
@@ -69,6 +73,8 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 IMPLS = ("copsd:jsd", "copsd:paper", "trl:gkd", "trl:distill")
+# copsd with this trainer side's speed-ups turned off, for before / after ratios in the same rounds (not default)
+BASELINES = ("copsd:jsd-base", "copsd:paper-base")
 STAGES = ("gen", "teacher", "loss_bwd", "optim", "other")
 
 # ChatML as Qwen2 writes it (a default system turn when the conversation has none)
@@ -215,12 +221,35 @@ class _Timer:
 # ----------------------------------------------------------------------------- runners: setup + one step
 
 
+@contextlib.contextmanager
+def _base_trainer_side(distiller):
+    """copsd's trainer side as it was before its speed-ups (issue 17, item 3): the KV cache grown by
+    concatenation during generation, AdamW's per-parameter loop (torch's default on CPU) and the divergence
+    objectives' metric log-probs from separate lm_head passes."""
+    from copsd import distill, rollout
+
+    groups = distiller.optimizer.param_groups
+    saved = [(g["fused"], g["foreach"]) for g in groups]
+    rollout._IN_PLACE_CACHE = False
+    distill._STATS_FROM_DIVERGENCE = False
+    for g in groups:
+        g["fused"], g["foreach"] = None, False
+    try:
+        yield
+    finally:
+        rollout._IN_PLACE_CACHE = True
+        distill._STATS_FROM_DIVERGENCE = True
+        for g, (fused, foreach) in zip(groups, saved):
+            g["fused"], g["foreach"] = fused, foreach
+
+
 class CopsdRunner:
     def __init__(self, name, paths, a, outdir):
         from copsd.config import DistillConfig
         from copsd.distill import Distiller
 
-        objective = name.split(":")[1]
+        objective, _, variant = name.split(":")[1].partition("-")
+        self.base = variant == "base"
         n = a.prompts * a.G
         cfg = DistillConfig(
             model_name_or_path=paths["student"], teacher_model_name_or_path=paths["teacher"],
@@ -243,7 +272,8 @@ class CopsdRunner:
     def step(self) -> dict:
         self.timer.reset()
         t0 = time.perf_counter()
-        m = self.d.train_step(self.step_no)
+        with _base_trainer_side(self.d) if self.base else contextlib.nullcontext():
+            m = self.d.train_step(self.step_no)
         total = time.perf_counter() - t0
         self.step_no += 1
         self.d.step = self.step_no
@@ -471,6 +501,12 @@ def run(a) -> dict:
     return out
 
 
+def _stage_ratio(mine: list[dict], other: list[dict], key: str) -> str:
+    """Median over rounds of ``other[key] / mine[key]`` in the same round (``-`` where a time is 0)."""
+    ratios = [ro[key] / rm[key] for rm, ro in zip(mine, other) if rm[key] > 0 and ro[key] > 0]
+    return f"{statistics.median(ratios):.2f}" if ratios else "-"
+
+
 def summarize(res: dict) -> str:
     a, impls, steps = res["args"], res["impls"], res["steps"]
     lines = [f"Machine: {res['machine']}",
@@ -501,6 +537,20 @@ def summarize(res: dict) -> str:
                 ratios = [rp["total"] / rc["total"] for rc, rp in zip(steps[c], steps[p])]
                 cells.append(f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f})")
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        lines += ["", "Per stage, same-round ratio (peer stage time / copsd stage time, median over rounds):", "",
+                  "| copsd | peer | " + " | ".join(STAGES[:-1]) + " |", "|---|---|" + "---|" * (len(STAGES) - 1)]
+        for c in copsd:
+            for p in peers:
+                lines.append(f"| {c} | {p} | " + " | ".join(_stage_ratio(steps[c], steps[p], s) for s in STAGES[:-1])
+                             + " |")
+    pairs = [(n, n + "-base") for n in impls if n + "-base" in impls]
+    if pairs:
+        lines += ["", "Before / after in the same rounds (``-base`` time / time, median over rounds; > 1: faster "
+                  "now):", "", "| copsd | step | " + " | ".join(STAGES[:-1]) + " |",
+                  "|---|---|" + "---|" * (len(STAGES) - 1)]
+        for n, b in pairs:
+            lines.append(f"| {n} | {_stage_ratio(steps[n], steps[b], 'total')} | "
+                         + " | ".join(_stage_ratio(steps[n], steps[b], s) for s in STAGES[:-1]) + " |")
     if res.get("fresh_process_maxrss_mib"):
         lines += ["", "Whole-process peak RSS in a fresh process (imports, models, warm-up, one step): "
                   + ", ".join(f"{n} {v:.0f} MiB" for n, v in res["fresh_process_maxrss_mib"].items())]
@@ -512,7 +562,7 @@ def summarize(res: dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS + BASELINES)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--G", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=64)

@@ -61,3 +61,19 @@ def test_e2e_rejects_bad_arguments():
         B.parse_args(["--G", "0"])
     with pytest.raises(SystemExit):
         B.parse_args(["--impl", "trl:sft"])
+
+
+def test_e2e_base_variant_turns_the_speed_ups_off_for_its_steps_only(monkeypatch):
+    from copsd import distill, rollout
+
+    seen = []
+    real = rollout._generate
+    monkeypatch.setattr(rollout, "_generate", lambda *a, **kw: seen.append(
+        (rollout._IN_PLACE_CACHE, distill._STATS_FROM_DIVERGENCE)) or real(*a, **kw))
+    a = B.parse_args(TINY + ["--impl", "copsd:jsd", "copsd:jsd-base", "--steps", "1", "--warmup", "0"])
+    res = B.run(a)
+    assert res["impls"] == ["copsd:jsd", "copsd:jsd-base"]
+    assert seen == [(True, True), (False, False)]  # one step each: with the speed-ups, then without
+    assert rollout._IN_PLACE_CACHE is True and distill._STATS_FROM_DIVERGENCE is True
+    table = B.summarize(res)
+    assert "Before / after in the same rounds" in table and "| copsd:jsd | " in table

@@ -84,6 +84,11 @@ class _Sample:
     vision: object = None  # copsd.multimodal.VisionInputs of the prompt's images (shared by its G samples)
 
 
+# Divergence objectives take the metrics' sampled-token log-probs and entropy from the divergence op's own
+# logits (``linear_divergence(..., stats_ids=)``); False: separate log-prob passes (same values to rounding).
+_STATS_FROM_DIVERGENCE = True
+
+
 class Distiller(StageTrainer):
     """``Distiller(cfg).train()`` runs Stage 2; models, tokenizer, teacher and detector may be passed in."""
 
@@ -364,19 +369,33 @@ class Distiller(StageTrainer):
         for n in lengths:
             offsets.append(offsets[-1] + n)
         rollout_logp = torch.cat([s.rollout_logp for s in samples])
-        with torch.no_grad():
-            teacher_logp, _ = sampled_logprobs(teacher_hidden.to(tw.dtype), tw, ids_all, temperature=cfg.temperature,
-                                               logit_scale=self.t_scale, softcap=self.t_softcap, backend=cfg.backend)
-            teacher_logp = teacher_logp.float()
+        # Divergence objectives without the k3 KL term read the teacher's sampled-token log-probs (for rewards and
+        # advantages: metrics only) from the divergence op's own teacher logits during the update, where the op's
+        # logit transform is the teacher's own; otherwise one more teacher lm_head pass computes them here.
+        teacher_from_update = (_STATS_FROM_DIVERGENCE and cfg.objective in ("reverse_kl", "topk", "jsd")
+                               and not cfg.kl_coef
+                               and (self.t_scale, self.t_softcap) == (self.s_scale, self.s_softcap))
+        if teacher_from_update:
+            teacher_logp = torch.full((len(ids_all),), float("nan"), device=self.device)
+        else:
+            with torch.no_grad():
+                teacher_logp, _ = sampled_logprobs(teacher_hidden.to(tw.dtype), tw, ids_all,
+                                                   temperature=cfg.temperature, logit_scale=self.t_scale,
+                                                   softcap=self.t_softcap, backend=cfg.backend)
+                teacher_logp = teacher_logp.float()
         mask_all = torch.ones_like(ids_all, dtype=torch.bool)
         group_all = torch.tensor([s.group for s in samples for _ in s.completion], device=self.device)
-        rewards = token_rewards(teacher_logp, rollout_logp, mask_all, cfg.reward_clip_low, cfg.reward_clip_high,
-                                cfg.reward_bonus)
         sums = Sums(self.device)
-        if cfg.objective == "hybrid":
-            adv = self._hybrid_advantages(step, samples, rewards, group_all, lengths, sums)
-        else:
-            adv = group_token_zscore(rewards, group_all, mask_all)
+
+        def rewards_and_advantages():
+            rewards = token_rewards(teacher_logp, rollout_logp, mask_all, cfg.reward_clip_low, cfg.reward_clip_high,
+                                    cfg.reward_bonus)
+            if cfg.objective == "hybrid":
+                return rewards, self._hybrid_advantages(step, samples, rewards, group_all, lengths, sums)
+            return rewards, group_token_zscore(rewards, group_all, mask_all)
+
+        # the divergence objectives' losses do not read the advantages
+        rewards, adv = (None, None) if teacher_from_update else rewards_and_advantages()
         ref_logp = self._ref_logprobs(samples) if cfg.kl_coef > 0 else None
         old_logp = rollout_logp
         if cfg.old_logprobs == "recompute" and cfg.objective in ("paper", "hybrid"):
@@ -394,12 +413,16 @@ class Distiller(StageTrainer):
             gn = self.optimizer_step(
                 functools.partial(self._micro_loss, samples, micro, offsets, ids_all, old_logp, adv, ref_logp,
                                   teacher_hidden, tw, self._micro_normalizer(normalizer, micro, lengths), params,
-                                  sums)
+                                  sums, teacher_logp if teacher_from_update else None)
                 for micro in micro_batches(mb_samples, cfg.per_device_train_batch_size))
             if cfg.max_grad_norm > 0:
                 sums.add("grad_norm", gn / acc.num_processes, 1.0 / acc.num_processes)
             if cfg.teacher_mode == "ema":
                 self._ema_update()
+        if teacher_from_update:
+            if bool(teacher_logp.isnan().any()):
+                raise RuntimeError("the update did not cover every sampled token (teacher log-probs missing)")
+            rewards, adv = rewards_and_advantages()
         t3 = time.perf_counter()
 
         # ---- metrics (token sums and counts reduced over processes)
@@ -430,7 +453,9 @@ class Distiller(StageTrainer):
         return m
 
     def _micro_loss(self, samples, micro, offsets, ids_all, old_logp, adv, ref_logp, teacher_hidden, tw,
-                    normalizer, params, sums):
+                    normalizer, params, sums, teacher_logp_out=None):
+        """One micro-batch's loss; ``teacher_logp_out``: a [tokens] tensor the divergence objectives fill with the
+        teacher's log-probs of the micro-batch's sampled tokens (from the divergence op's statistics)."""
         cfg = self.cfg
         part = [samples[j] for j in micro]
         ids, mask = pad_right([s.student_ctx + s.completion for s in part], self.tokenizer.pad_token_id,
@@ -452,13 +477,23 @@ class Distiller(StageTrainer):
             sums.add("clip_fraction", float(stats["clip_sum"]), float(len(tgt)))
             sums.add("dual_clip_fraction", float(stats["dual_clip_sum"]), float(len(tgt)))
         else:
-            logp, ent = sampled_logprobs(h, weight, tgt, entropy=True, **lkw)
             th = teacher_hidden[sel].to(tw.dtype)
+            # the metrics' log-probs and entropy come from the divergence's own logits, unless the k3 KL term
+            # needs the student's log-probs with their gradient
+            from_op = _STATS_FROM_DIVERGENCE and not cfg.kl_coef
+            logp = ent = None
+            if not from_op:
+                logp, ent = sampled_logprobs(h, weight, tgt, entropy=True, **lkw)
             loss, stats = divergence_loss(cfg.objective, h, weight, th, tw, tmask, normalizer, logp=logp,
                                           ref_logp=ref, kl_coef=cfg.kl_coef, kl_clamp=cfg.kl_clamp, beta=cfg.beta,
-                                          topk=cfg.topk,
+                                          topk=cfg.topk, stats_ids=tgt if from_op else None,
                                           temperature=cfg.temperature, logit_scale=self.s_scale,
                                           softcap=self.s_softcap, backend=cfg.backend)
+            if from_op:
+                token_stats = stats["token_stats"]
+                logp, ent = token_stats.student_logprobs, token_stats.student_entropy
+                if teacher_logp_out is not None:
+                    teacher_logp_out[sel] = token_stats.teacher_logprobs.float()
             sums.add("divergence", float(stats["divergence_sum"]), float(len(tgt)))
         if "kl_sum" in stats:
             sums.add("kl", float(stats["kl_sum"]), float(len(tgt)))

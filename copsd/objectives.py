@@ -169,11 +169,14 @@ def fused_paper_loss(hidden, weight, ids, old_logp, adv, mask, normalizer, ref_l
 
 def divergence_terms(objective, student_hidden, student_weight, teacher_hidden, teacher_weight, mask, *,
                      beta=0.5, topk=50, temperature=1.0, logit_scale=1.0, softcap=None, backend="auto",
-                     reduction="none"):
+                     reduction="none", stats_ids=None):
     """Divergence for ``reverse_kl`` / ``topk`` / ``jsd``: per token ``[T]`` (0 on masked tokens) with
-    ``reduction="none"``, or their sum with ``reduction="sum"``."""
+    ``reduction="none"``, or their sum with ``reduction="sum"``.  With ``stats_ids``: ``(divergence,
+    DivergenceStats)``, the token statistics of ``linear_divergence(..., stats_ids=)``."""
     kw = dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap, mask=mask, reduction=reduction,
               backend=backend)
+    if stats_ids is not None:
+        kw["stats_ids"] = stats_ids
     if objective == "reverse_kl":
         return linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                  kind="reverse_kl", **kw)
@@ -188,13 +191,27 @@ def divergence_terms(objective, student_hidden, student_weight, teacher_hidden, 
 
 
 def divergence_loss(objective, student_hidden, student_weight, teacher_hidden, teacher_weight, mask, normalizer,
-                    *, logp=None, ref_logp=None, kl_coef=0.0, kl_clamp=10.0, **kw):
-    """Token-sum of the divergence (+ kl_coef * k3 on the sampled tokens) divided by ``normalizer``."""
+                    *, logp=None, ref_logp=None, kl_coef=0.0, kl_clamp=10.0, stats_ids=None, **kw):
+    """Token-sum of the divergence (+ kl_coef * k3 on the sampled tokens) divided by ``normalizer``; ``(loss, stats)``.
+
+    ``stats_ids`` (the sampled tokens): ``stats["token_stats"]`` is then the op's ``DivergenceStats`` -- the
+    student's log-probs and entropy and the teacher's log-probs of those ids from the logits the divergence
+    forms anyway, detached, under the op's one logit transform (``logit_scale`` / ``softcap`` /
+    ``temperature``, applied to both sides).  Without ``logp`` the k3 KL metric then reads the student's
+    log-probs from them; they carry no gradient, so ``kl_coef`` must be 0 there (pass ``logp`` instead)."""
+    if stats_ids is not None and logp is None and kl_coef and ref_logp is not None:
+        raise ValueError("kl_coef: the k3 KL term needs the student's log-probs with their gradient (logp=); "
+                         "stats_ids' log-probs are detached")
     # A scalar (sum) reduction lets the op compute the gradient in its forward pass: on GPU that is
     # 4 lm_head-sized GEMMs per step instead of 6 for a per-token loss with a recomputing backward.
     total = divergence_terms(objective, student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
-                             reduction="sum", **kw)
-    stats = {"divergence_sum": total.detach()}
+                             reduction="sum", stats_ids=stats_ids, **kw)
+    stats = {}
+    if stats_ids is not None:
+        total, stats["token_stats"] = total
+        if logp is None:
+            logp = stats["token_stats"].student_logprobs
+    stats["divergence_sum"] = total.detach()
     if ref_logp is not None and logp is not None:
         kl = k3_kl(logp, ref_logp.detach(), kl_clamp)
         kl = torch.where(mask, kl, torch.zeros_like(kl))

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from copsd import _hf
 from copsd import multimodal as mm
@@ -49,6 +50,11 @@ def _id_set(name: str, value, vocab: int) -> list[int]:
     return items
 
 
+# Decode with the KV cache's plain layers swapped for preallocated in-place ones (`_in_place_cache`); False
+# keeps transformers' own concatenating layers (same tokens and log-probs, slower).
+_IN_PLACE_CACHE = True
+
+
 def _filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Mask (to -inf) the tokens outside the top-k and outside the smallest set holding top_p of the mass."""
     if 0 < top_k < scaled.shape[-1]:
@@ -62,6 +68,61 @@ def _filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
     return scaled
+
+
+class _InPlaceLayer(DynamicLayer):
+    """One ``DynamicLayer`` of a KV cache whose keys and values live in buffers preallocated for the whole
+    rollout, each new token written in place (``DynamicLayer`` makes new tensors by concatenation at every
+    token, a cost that grows with the length, in every layer).
+
+    ``keys`` / ``values`` are views ``[:, :, :length]`` of the buffers, so attention reads exactly the same
+    values over exactly the same length as with ``DynamicLayer`` (tokens and log-probs do not change).  Built
+    by `_in_place_cache` from a filled layer; ``update`` and the length queries are what the decode loop uses,
+    and the methods that would replace ``keys`` / ``values`` by new tensors are refused.
+    """
+
+    def __init__(self, layer, capacity: int):
+        super().__init__()
+        k, v = layer.keys, layer.values
+        self._k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
+        self._v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
+        self._len = k.shape[2]
+        self._k[:, :, :self._len] = k
+        self._v[:, :, :self._len] = v
+        self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
+        self.device = layer.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = self._len + key_states.shape[-2]
+        if n > self._k.shape[2]:
+            raise RuntimeError(f"in-place KV cache: {n} positions exceed the {self._k.shape[2]} preallocated")
+        self._k[:, :, self._len:n] = key_states
+        self._v[:, :, self._len:n] = value_states
+        self._len = n
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._len
+
+    def _refuse(self, *args, **kwargs):
+        raise NotImplementedError("in-place KV cache layer: only decoding (update) is supported")
+
+    crop = batch_repeat_interleave = batch_select_indices = reorder_cache = reset = offload = _refuse
+
+
+def _in_place_cache(cache, capacity: int) -> None:
+    """Swap every plain ``DynamicLayer`` of ``cache`` (filled by the prefill) for an `_InPlaceLayer` holding
+    ``capacity`` positions.  Other layer types (sliding window, quantised, linear attention), offloading
+    caches and caches without a ``layers`` list are left as they are: they keep their own update."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or getattr(cache, "offloading", False):
+        return
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None \
+                and layer.keys.dim() == 4 and layer.values.dim() == 4:
+            layers[i] = _InPlaceLayer(layer, capacity)
 
 
 def _uniforms(n: int, generator, device) -> torch.Tensor:
@@ -210,6 +271,11 @@ def _generate(model, rows, g, max_new, temperature, top_p, top_k, stops, pad, ge
         mask = mask.repeat_interleave(g, dim=0)
         next_pos = next_pos.repeat_interleave(g)
     n = b * g
+    if _IN_PLACE_CACHE:
+        _in_place_cache(cache, width + max_new)
+    # the attention mask of every step is a view of one buffer (columns past the prompt are 1)
+    mask_buf = torch.ones(n, width + max_new, dtype=mask.dtype, device=device)
+    mask_buf[:, :width] = mask
     stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     lengths = torch.full((n,), max_new, dtype=torch.long, device=device)
@@ -220,7 +286,7 @@ def _generate(model, rows, g, max_new, temperature, top_p, top_k, stops, pad, ge
             logp = logits.log_softmax(-1)
             tok = logits.argmax(-1)
         else:
-            scaled = logits / temperature
+            scaled = logits / temperature if temperature != 1.0 else logits  # x / 1 == x exactly
             logp = scaled.log_softmax(-1)
             if top_k == 0 and top_p >= 1.0:
                 probs = logp.exp()
@@ -239,9 +305,8 @@ def _generate(model, rows, g, max_new, temperature, top_p, top_k, stops, pad, ge
         finished = bool(done.all())
         if all_done(finished) if all_done is not None else finished:
             break
-        mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    use_cache=True, **{cache_arg: cache})
+        out = model(input_ids=tok[:, None], attention_mask=mask_buf[:, :width + step + 1],
+                    position_ids=next_pos[:, None], use_cache=True, **{cache_arg: cache})
         next_pos = next_pos + 1
         logits = out.logits[:, -1].float()
     tok_mat = torch.stack(tokens, 1).cpu()

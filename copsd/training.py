@@ -173,14 +173,54 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def _fusable(p) -> bool:
+    """A floating-point CPU / CUDA parameter, plain or FSDP2's DTensor (whose ops run on its local shard)."""
+    if not p.is_floating_point() or p.device.type not in ("cpu", "cuda"):
+        return False
+    if type(p) in (torch.Tensor, torch.nn.Parameter):
+        return True
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(p, DTensor)
+
+
+def adamw_implementation(params) -> dict:
+    """``torch.optim.AdamW``'s implementation flags for ``params``: the fused kernel (one multi-tensor kernel
+    per device and dtype) when every parameter is a floating-point CPU / CUDA tensor, plain or FSDP2's DTensor
+    (so a sharded run does the same arithmetic as a one-process run), else the ``foreach`` multi-tensor loop.
+    torch's own default on CPU is the per-parameter Python loop, many times slower on a model with many small
+    tensors."""
+    fused = all(_fusable(p) for p in params)
+    return {"fused": True, "foreach": None} if fused else {"fused": None, "foreach": True}
+
+
 def make_optimizer(model, cfg: TrainConfig):
+    """AdamW over the trainable parameters (two groups: with and without weight decay), with the
+    implementation of `adamw_implementation`.  A loaded state dict keeps that implementation: the flags
+    saved in a checkpoint (e.g. one written before the fused kernel was used) do not override it."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 or cfg.weight_decay_1d_params else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    impl = adamw_implementation(decay + no_decay)
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
+                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, **impl)
+
+    def keep_implementation(optimizer):
+        for group in optimizer.param_groups:
+            group.update(impl)
+            if not impl["fused"]:
+                continue
+            for p in group["params"]:  # the fused kernel keeps ``step`` as fp32 on the parameter's device
+                state = optimizer.state.get(p)
+                if state and "step" in state:
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
+    opt.register_load_state_dict_post_hook(keep_implementation)
+    return opt
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_optimizer_steps: int):
