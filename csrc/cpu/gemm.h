@@ -18,8 +18,9 @@
 
 namespace copsd_cpu {
 
-// Rows per chunk so that `sides` [rows, V] buffers fit in `budget` bytes (>= 1 row).
-int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget);
+// Rows per chunk so that `sides` [rows, V] buffers fit in `budget` bytes (>= 1 row); where the lm_head will be
+// packed (fp32, MKL's packed GEMM found), at most 256 rows for a pass with gradient GEMMs and 128 without.
+int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget, bool grads);
 
 // Bytes of packed lm_head copies one op call may still hold: COPSD_CPU_PACK_MB (MiB, default 192), or 0 when
 // COPSD_CPU_PACK=0.  Read per call; a bad value is an error naming the variable.

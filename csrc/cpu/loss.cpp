@@ -155,7 +155,7 @@ std::tuple<Tensor, Tensor, Tensor> logprobs_forward_t(const Tensor& hidden, cons
   auto opts = at::TensorOptions().dtype(st);
   Tensor out_lp = at::empty({N}, opts), out_ent = at::empty({N}, opts), out_lse = at::empty({N}, opts);
   if (N == 0) return {out_lp, out_ent, out_lse};
-  const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
+  const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget, false);
   PackBudget pack;
   LmHead vb(weight, st, rows, N, budget, pack, false);
   Tensor z = at::empty({rows, V}, opts);
@@ -183,7 +183,7 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
     dw.zero_();
     return {dx, dw};
   }
-  const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
+  const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget, true);
   PackBudget pack;
   LmHead vb(weight, st, rows, N, budget, pack, true);
   Tensor z = at::empty({rows, V}, opts);
@@ -234,7 +234,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
   Tensor out_lp = at::empty({N}, opts), out_ent = at::empty({N}, opts);
   Tensor dx = at::empty({N, H}, opts), dw = at::zeros({V, H}, opts);
   if (N == 0) return {out_lp, out_ent, dx, dw};
-  const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
+  const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget, true);
   PackBudget pack;
   LmHead vb(weight, st, rows, N, budget, pack, true);
   Tensor z = at::empty({rows, V}, opts), lse = at::empty({rows}, opts);
@@ -279,7 +279,7 @@ std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& we
   Tensor out_ids = at::empty({N, k}, at::TensorOptions().dtype(at::kLong));
   Tensor out_lp = at::empty({N, k}, opts), out_lse = at::empty({N}, opts);
   if (N == 0) return {out_ids, out_lp, out_lse};
-  const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget);
+  const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget, false);
   PackBudget pack;
   LmHead vb(weight, st, rows, N, budget, pack, false);
   Tensor z = at::empty({rows, V}, opts);
@@ -340,7 +340,7 @@ DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const 
   const bool topk = dp.support == SUPPORT_TOPK;
   const int64_t k = topk ? topk_ids->size(1) : 0;
   const int64_t* pK = topk ? topk_ids->data_ptr<int64_t>() : nullptr;
-  const int64_t rows = chunk_rows(N, V, sizeof(T), 2, budget);
+  const int64_t rows = chunk_rows(N, V, sizeof(T), 2, budget, grad);
   PackBudget pack;  // the student's lm_head is packed first, the teacher's if the budget still allows
   LmHead vb_s(ws, st, rows, N, budget, pack, grad);
   LmHead vb_t(wt, st, rows, N, budget, pack, false);
