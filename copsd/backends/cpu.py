@@ -18,7 +18,9 @@ budget below; results are the same up to fp32 rounding (see ``docs/kernels.md``)
 Environment knobs (the ``PACK`` ones are read on every op call):
 
 * ``COPSD_CPU_WORKSPACE_MB`` (default 64): logits workspace of a call (both sides' ``[rows, V]`` buffers);
-  it also bounds the block up-cast buffer of a low-precision lm_head.
+  it also bounds the block up-cast buffer of a low-precision lm_head.  Where the lm_head is packed, a chunk
+  also has at most 256 rows (passes with gradient GEMMs) or 128 (top-k, forward log-probs): with the weight
+  packed once, larger chunks no longer pay.
 * ``COPSD_CPU_PACK`` (default 1): ``0`` turns packing off (one ``at::mm_out`` per chunk, up-casts per chunk).
 * ``COPSD_CPU_PACK_MB`` (default 192): MiB that a call's packed lm_head copies and whole fp32 copies of
   low-precision lm_heads may reserve.  MKL reserves ~85 MiB per packed lm_head at V = 32000 (H = 256 or 512)
@@ -55,9 +57,9 @@ def _workspace_bytes():
 
 
 # Bytes of logits workspace per call (the [rows, V] buffers of both sides); also bounds the
-# per-block fp32 copy of a low-precision lm_head.  The default 64 MiB keeps 256 rows of a 32k
-# vocabulary per side: large enough for efficient GEMMs, far below [N, V].  At least one
-# vocabulary row per side is always used, whatever the budget.
+# per-block fp32 copy of a low-precision lm_head.  The default 64 MiB keeps ~256 rows of a 32k
+# vocabulary per side: large enough for efficient GEMMs, far below [N, V] (the C++ side caps the rows
+# further where the lm_head is packed).  At least one vocabulary row per side is always used.
 WORKSPACE_BYTES = _workspace_bytes()
 
 _KIND = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
