@@ -47,10 +47,8 @@ namespace {
 // float64 exp over [-87.3, 88] (tests/test_cpu_kernels.py).  Edges: NaN propagates,
 // x < -87.34 -> 0 (no denormals), x > 88 -> inf; callers pass x <= 0 (a logit minus a maximum)
 // or tiny ranges.  double uses the C library's exp.
-inline float fexp(float x) {
-  const float hi = 88.0f, lo = -87.33654f;
-  float xc = x > hi ? hi : x;
-  xc = xc < lo ? lo : xc;
+// The shared core: exp(xc) for xc already clamped to [-87.34, 88].
+inline float exp_clamped(float xc) {
   // Round to nearest with the 1.5*2^23 trick (no libm call, so masked loops still vectorise).
   const float magic = 12582912.0f;
   float n = (xc * 1.44269504088896341f + magic) - magic;
@@ -66,7 +64,14 @@ inline float fexp(float x) {
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  float out = p * scale;
+  return p * scale;
+}
+
+inline float fexp(float x) {
+  const float hi = 88.0f, lo = -87.33654f;
+  float xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  float out = exp_clamped(xc);
   out = x < lo ? 0.0f : out;
   out = x > hi ? std::numeric_limits<float>::infinity() : out;
   return out;
@@ -80,21 +85,7 @@ inline float fexp0(float x) {
   const float lo = -87.33654f;
   const bool under = x < lo;
   const float xc = under ? lo : x;
-  const float magic = 12582912.0f;
-  float n = (xc * 1.44269504088896341f + magic) - magic;
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float out = p * scale;
+  const float out = exp_clamped(xc);
   return under ? 0.0f : out;
 }
 
