@@ -25,5 +25,5 @@ def run_stage(args, config_cls, train, command, loss_label):
     setup_logging()
     metrics = train(cfg)
     if is_main_process():
-        print(f"copsd {command}: wrote {cfg.output_dir} ({loss_label} {metrics.get('loss', float('nan')):.4f})")
+        print(f"copsd {command}: wrote {cfg.output_dir} ({loss_label} {metrics.get('loss', float('nan')):.4g})")
     return 0
