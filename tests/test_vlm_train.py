@@ -307,9 +307,14 @@ def test_two_processes_equal_one_with_images(world, tmp_path, freeze):
         assert any(not torch.equal(a[k], init[k]) for k in _vision_keys(a))
     # rounding only: the gradients are summed in another order (all-reduce vs accumulation) and AdamW's 1/sqrt(v)
     # lifts that on near-zero gradients over three steps (1e-5 is a thousandth of one step's update at
-    # learning_rate 1e-2, the bound test_fsdp uses for the same reason)
+    # learning_rate 1e-2, the bound test_fsdp uses for the same reason).  The key projections' biases are the
+    # extreme case: their exact gradient is zero (adding b_k to every key adds q.b_k to all of a query's scores,
+    # which the softmax ignores), so their whole gradient is rounding noise that AdamW normalises; the two runs
+    # differ there by ~1e-5 (fused AdamW; 2e-6 with the per-parameter loop) while every other tensor agrees to
+    # < 5e-7, so they get a 10x wider bound, still 1/1000 of their size.
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
+        tol = 1e-4 if k.endswith("self_attn.k_proj.bias") else 1e-5
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=tol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.slow
