@@ -91,63 +91,16 @@ inline float fexp0(float x) {
 
 inline double fexp0(double x) { return std::exp(x); }
 
-// vlog: log(x) in float, branch-free like fexp (so the JSD's per-entry mixture log vectorises): x = 2^e m with
-// m in [sqrt(1/2), sqrt(2)), log m from a degree-9 polynomial in f = m - 1 (the classic single-precision
-// minimax fit), e ln 2 added in two parts.  Max relative error 1.2e-7 against float64 log over the
-// normal floats (tests/test_cpu_kernels.py).  Edges: denormals are scaled up first, 0 -> -inf,
-// x < 0 or NaN -> NaN, +inf -> +inf.
-inline float vlog(float x) {
-  // Every select below is on an integer condition: a float compare may trap (-ftrapping-math), which stops
-  // GCC from if-converting it and so from vectorising the loop.
-  int32_t bx;
-  std::memcpy(&bx, &x, sizeof(bx));
-  const bool tiny = bx < 0x00800000;  // denormal (or zero / negative, overridden at the end)
-  const int32_t sb = tiny ? 0x4b000000 : 0x3f800000;  // 2^23 or 1, chosen as bits (no conditional multiply)
-  float scale;
-  std::memcpy(&scale, &sb, sizeof(scale));
-  const float xs = x * scale;
-  int32_t bits;
-  std::memcpy(&bits, &xs, sizeof(bits));
+// log of the float whose bits are `bits` (positive, normal), times 2^-e_shift: x = 2^e m with
+// m in [sqrt(1/2), sqrt(2)), log m from a degree-9 polynomial in f = m - 1 (the classic single-precision minimax
+// fit), e ln 2 added in two parts.
+inline float log_of_bits(int32_t bits, int32_t e_shift) {
   const int32_t d = bits - 0x3f3504f3;  // bits of sqrt(1/2): m lands in [sqrt(1/2), sqrt(2))
   const int32_t e = d >> 23;
   const int32_t mb = (d & 0x007fffff) + 0x3f3504f3;
   float m;
   std::memcpy(&m, &mb, sizeof(m));
-  const float fe = static_cast<float>(e - (tiny ? 23 : 0));
-  const float f = m - 1.0f;
-  const float z = f * f;
-  float p = 7.0376836292e-2f;
-  p = p * f - 1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f - 1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f - 1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f - 2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
-  float y = f * z * p;
-  y = y + fe * -2.12194440e-4f;
-  y = y - 0.5f * z;
-  float out = (f + y) + fe * 0.693359375f;
-  const int32_t ax = bx & 0x7fffffff;
-  out = ax == 0 ? -std::numeric_limits<float>::infinity() : out;
-  out = ((bx < 0) & (ax != 0)) | (ax > 0x7f800000) ? std::numeric_limits<float>::quiet_NaN() : out;
-  out = bx == 0x7f800000 ? x : out;
-  return out;
-}
-inline double vlog(double x) { return std::log(x); }
-// vlog for a positive normal float: without the edge cases (denormal, 0, negative, inf, NaN give garbage), a
-// shorter vectorised body with vlog's value.  For callers whose argument is >= FLT_MIN by construction and whose
-// result is NaN through other terms whenever the argument is not finite (the JSD's mixture log).
-inline float vlog_normal(float x) {
-  int32_t bx;
-  std::memcpy(&bx, &x, sizeof(bx));
-  const int32_t d = bx - 0x3f3504f3;
-  const int32_t e = d >> 23;
-  const int32_t mb = (d & 0x007fffff) + 0x3f3504f3;
-  float m;
-  std::memcpy(&m, &mb, sizeof(m));
-  const float fe = static_cast<float>(e);
+  const float fe = static_cast<float>(e - e_shift);
   const float f = m - 1.0f;
   const float z = f * f;
   float p = 7.0376836292e-2f;
@@ -163,6 +116,38 @@ inline float vlog_normal(float x) {
   y = y + fe * -2.12194440e-4f;
   y = y - 0.5f * z;
   return (f + y) + fe * 0.693359375f;
+}
+
+// vlog: log(x) in float, branch-free like fexp (so the JSD's per-entry mixture log vectorises), on the core
+// above.  Max relative error 1.2e-7 against float64 log over the normal floats (tests/test_cpu_kernels.py).
+// Edges: denormals are scaled up first, 0 -> -inf, x < 0 or NaN -> NaN, +inf -> +inf.
+inline float vlog(float x) {
+  // Every select below is on an integer condition: a float compare may trap (-ftrapping-math), which stops
+  // GCC from if-converting it and so from vectorising the loop.
+  int32_t bx;
+  std::memcpy(&bx, &x, sizeof(bx));
+  const bool tiny = bx < 0x00800000;  // denormal (or zero / negative, overridden at the end)
+  const int32_t sb = tiny ? 0x4b000000 : 0x3f800000;  // 2^23 or 1, chosen as bits (no conditional multiply)
+  float scale;
+  std::memcpy(&scale, &sb, sizeof(scale));
+  const float xs = x * scale;
+  int32_t bits;
+  std::memcpy(&bits, &xs, sizeof(bits));
+  float out = log_of_bits(bits, tiny ? 23 : 0);
+  const int32_t ax = bx & 0x7fffffff;
+  out = ax == 0 ? -std::numeric_limits<float>::infinity() : out;
+  out = ((bx < 0) & (ax != 0)) | (ax > 0x7f800000) ? std::numeric_limits<float>::quiet_NaN() : out;
+  out = bx == 0x7f800000 ? x : out;
+  return out;
+}
+inline double vlog(double x) { return std::log(x); }
+// vlog for a positive normal float: without the edge cases (denormal, 0, negative, inf, NaN give garbage), a
+// shorter vectorised body with vlog's value.  For callers whose argument is >= FLT_MIN by construction and whose
+// result is NaN through other terms whenever the argument is not finite (the JSD's mixture log).
+inline float vlog_normal(float x) {
+  int32_t bx;
+  std::memcpy(&bx, &x, sizeof(bx));
+  return log_of_bits(bx, 0);
 }
 inline double vlog_normal(double x) { return std::log(x); }
 // Per-row logs (a handful per row) keep the C library's correctly rounded log.
