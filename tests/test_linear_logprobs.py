@@ -134,6 +134,58 @@ def test_cpu_logprobs_extreme_and_tiny_vocab():
 
 
 @CPU
+@pytest.mark.isa
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("logit_name", ["plain", "temp_scale"])
+@pytest.mark.parametrize("shape", ["ascending", "descending", "spread", "tail_peak"])
+def test_cpu_logprobs_row_shapes(shape, logit_name, dtype):
+    """Rows whose maximum moves across the vocabulary blocks of the online statistics (ascending: raised in
+    every block), a vocabulary that is no multiple of the block or the vector width, large logits and per-token
+    upstream gradients: forward, recomputing backward and the 3-GEMM loss path against float64.  The loss path
+    gets logits up to ~500 (its gradient takes the exact row maximum and log S apart); the recomputing backward
+    only has the fp32 LSE, whose rounding (~|LSE| ulps) enters every probability, so it gets logits up to ~70
+    (a limit of the saved fp32 LSE, not of the kernel)."""
+    N, H, V = 6, 3, 1541
+    g = torch.Generator().manual_seed(7)
+    base = torch.linspace(-6.0, 6.0, V, dtype=torch.float64)
+    col = {"ascending": base, "descending": base.flip(0),
+           "spread": torch.randn(V, generator=g, dtype=torch.float64) * 4.0,
+           "tail_peak": torch.where(torch.arange(V) == V - 3, 9.0, -1.0).double()}[shape]
+    # z[n, v] = x[n, 0] * col[v] + x[n, 1:] . w[v, 1:]: the shaped column dominates
+    w = torch.cat([col[:, None], torch.randn(V, H - 1, generator=g, dtype=torch.float64) * 0.3], 1).to(dtype)
+    x0 = torch.randn(N, H, generator=g, dtype=torch.float64)
+    ids = torch.tensor([0, V - 1, V // 2, V - 3, 511, 512])
+    logit = LOGITS[logit_name]
+    gs = [torch.randn(N, generator=g, dtype=dtype) for _ in range(3)]
+
+    def inputs(col0):
+        x = x0.clone()
+        x[:, 0] = torch.tensor(col0, dtype=torch.float64)
+        return x.to(dtype)
+
+    def refs(x, grads):
+        exact = dense.logprobs_grads(x, w, ids, logit, grads)
+        plain = exact if dtype == torch.float64 else dense.logprobs_grads(x, w, ids, logit, grads, torch.float32)
+        return exact, plain
+
+    x = inputs([1.0, 0.3, 2.0, 4.0, 6.0, -2.0])
+    exact, plain = refs(x, gs)
+    lp, ent, lse = cpu.logprobs_forward(x, w, ids, logit)
+    dx, dw = cpu.logprobs_backward(x, w, ids, lse, ent, *gs, logit)
+    check_accurate((lp, ent, lse, dx, dw), (*exact[0], *exact[1:]), (*plain[0], *plain[1:]),
+                   ("logprobs", "entropy", "lse", "d_hidden", "d_weight"), dtype)
+
+    def coeff(r0, rows, lp_c, ent_c):  # the loss path has no LSE term
+        return gs[0][r0:r0 + rows], gs[1][r0:r0 + rows]
+
+    x = inputs([1.0, 0.3, 7.0, 20.0, 40.0, -2.0])
+    exact, plain = refs(x, [gs[0], gs[1], None])
+    lp2, ent2, dx2, dw2 = cpu.logprobs_loss(x, w, ids, logit, coeff)
+    check_accurate((lp2, ent2, dx2, dw2), (*exact[0][:2], *exact[1:]), (*plain[0][:2], *plain[1:]),
+                   ("loss logprobs", "loss entropy", "loss d_hidden", "loss d_weight"), dtype)
+
+
+@CPU
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_low_precision_logprobs_and_topk(dtype):
     N, H, V = 24, 16, 211

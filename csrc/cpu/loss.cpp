@@ -129,10 +129,11 @@ Tensor vec_or_zeros(const std::optional<Tensor>& t, int64_t n, at::ScalarType st
 // ------------------------------------------------------------------------------ log-probs
 
 // Tokens [r0, r0 + nr) of one lm_head pass: their logits into the chunk buffer `z` (returned, [nr, V]), then the
-// rows' log-prob statistics; the rows keep their transformed logits.
+// rows' log-prob statistics: the LSE into plse, or (plse null) the row maximum and log S apart into pm / plog_s
+// (what the loss path's gradient wants).  A softcap row keeps its transformed logits, any other row the raw ones.
 template <typename T>
 Tensor chunk_logprob_stats(const Tensor& xc, const Tensor& weight, const Tensor& z, LmHead& vb, const int64_t* id,
-                           const LogitParams& lp, T* plp, T* pent, T* plse, PhaseTimer& tm) {
+                           const LogitParams& lp, T* plp, T* pent, T* plse, T* pm, T* plog_s, PhaseTimer& tm) {
   const int64_t nr = xc.size(0), V = weight.size(0);
   Tensor zc = z.narrow(0, 0, nr);
   tm.start();
@@ -141,8 +142,13 @@ Tensor chunk_logprob_stats(const Tensor& xc, const Tensor& weight, const Tensor&
   tm.start();
   T* zp = zc.data_ptr<T>();
   const auto& K = kernels<T>();
-  COPSD_PARALLEL_ROWS
-  for (int64_t r = 0; r < nr; ++r) K.logprob_fwd(zp + r * V, V, id[r], lp, plp + r, pent + r, plse + r);
+  if (plse != nullptr) {
+    COPSD_PARALLEL_ROWS
+    for (int64_t r = 0; r < nr; ++r) K.logprob_fwd(zp + r * V, V, id[r], lp, plp + r, pent + r, plse + r);
+  } else {
+    COPSD_PARALLEL_ROWS
+    for (int64_t r = 0; r < nr; ++r) K.logprob_stats(zp + r * V, V, id[r], lp, plp + r, pent + r, pm + r, plog_s + r);
+  }
   tm.stop(tm.epi);
   return zc;
 }
@@ -164,7 +170,8 @@ std::tuple<Tensor, Tensor, Tensor> logprobs_forward_t(const Tensor& hidden, cons
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
     chunk_logprob_stats<T>(hidden.narrow(0, r0, nr).to(st), weight, z, vb, id + r0, lp,
-                           out_lp.data_ptr<T>() + r0, out_ent.data_ptr<T>() + r0, out_lse.data_ptr<T>() + r0, tm);
+                           out_lp.data_ptr<T>() + r0, out_ent.data_ptr<T>() + r0, out_lse.data_ptr<T>() + r0, nullptr,
+                           nullptr, tm);
   }
   return {out_lp, out_ent, out_lse};
 }
@@ -232,12 +239,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
   const auto st = acc_type(hidden);
   auto opts = at::TensorOptions().dtype(st);
   Tensor out_lp = at::empty({N}, opts), out_ent = at::empty({N}, opts);
-  Tensor dx = at::empty({N, H}, opts), dw = at::zeros({V, H}, opts);
-  if (N == 0) return {out_lp, out_ent, dx, dw};
+  Tensor dx = at::empty({N, H}, opts), dw = at::empty({V, H}, opts);  // the first chunk's GEMM writes dw
+  if (N == 0) return {out_lp, out_ent, dx, dw.zero_()};
   const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget, true);
   PackBudget pack;
   LmHead vb(weight, st, rows, N, budget, pack, true);
-  Tensor z = at::empty({rows, V}, opts), lse = at::empty({rows}, opts);
+  Tensor z = at::empty({rows, V}, opts), mx = at::empty({rows}, opts), logs = at::empty({rows}, opts);
   const auto& K = kernels<T>();
   const int64_t* id = ids.data_ptr<int64_t>();
   PhaseTimer tm("logprobs_loss");  // the coefficient callback (Python) is in none of the phases
@@ -245,9 +252,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
     const int64_t nr = std::min(rows, N - r0);
     Tensor xc = hidden.narrow(0, r0, nr).to(st);
     T* pent = out_ent.data_ptr<T>() + r0;
-    T* plse = lse.data_ptr<T>();
-    Tensor zc = chunk_logprob_stats<T>(xc, weight, z, vb, id + r0, lp, out_lp.data_ptr<T>() + r0, pent, plse,
-                                       tm);
+    T* pm = mx.data_ptr<T>();
+    T* plogs = logs.data_ptr<T>();
+    Tensor zc = chunk_logprob_stats<T>(xc, weight, z, vb, id + r0, lp, out_lp.data_ptr<T>() + r0, pent, nullptr,
+                                       pm, plogs, tm);
     auto [g_lp, g_ent] = coeff(r0, nr, out_lp.narrow(0, r0, nr), out_ent.narrow(0, r0, nr));
     Tensor a = g_lp.has_value() && g_lp->defined() ? g_lp->to(st).contiguous() : at::zeros({nr}, opts);
     Tensor b = g_ent.has_value() && g_ent->defined() ? g_ent->to(st).contiguous() : at::zeros({nr}, opts);
@@ -259,7 +267,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
     tm.start();
     COPSD_PARALLEL_ROWS
     for (int64_t r = 0; r < nr; ++r)
-      K.logprob_bwd(zp + r * V, V, id[r0 + r], plse[r], pent[r], pa[r], pb[r], T(0), lp, true);
+      K.logprob_grad(zp + r * V, V, id[r0 + r], pm[r], plogs[r], pent[r], pa[r], pb[r], T(0), lp, true);
     tm.stop(tm.epi);
     tm.start();
     gemm_grads(zc, xc, weight, dx.narrow(0, r0, nr), dw, r0 == 0, vb);

@@ -281,54 +281,375 @@ inline void clipped(T ls, T lt, const DivParams& dp, T beta, T log_b, T log_1mb,
 
 // ------------------------------------------------------------------------------ log-probs
 
+// The log-prob rows (`logprob_fwd`, then after the caller's coefficients `logprob_bwd`) are bound by reading a
+// [V] row the GEMM wrote a while ago (L3 / DRAM) and by one exp per logit per pass.  So: one pass per kernel,
+// the linear part of the logit transform (f = logit_scale / temperature > 0) folded into the arithmetic instead
+// of a pass of its own, the next blocks prefetched, and at AVX2 / AVX-512 explicit vector code.
+//
+// Statistics pass, online over SUM_BLOCK-entry blocks: the block's maximum (of the raw row: f > 0, so the
+// transformed maximum is f times it, exactly), the running maximum m raised to it with S = sum e^{z - m} and
+// W = sum e^{z - m} (z - m) rescaled (a shift h: S <- e^-h S, W <- e^-h (W - h S)), then the block's
+// exponentials from L1.  z_j = f y_j is formed as fma(y_j, f, -m), never stored: the row is only read, and
+// the gradient pass folds f into its constants the same way.  A softcap row is transformed in place first
+// (one tanh per logit) and then treated as a row with f = 1; it keeps the transformed logits for the gradient.
+
+// Lines ahead of the one being read that the passes prefetch: two blocks (a block of 512 fp32 is half a
+// page, and the hardware's stream prefetcher stops at page boundaries).
+constexpr int64_t LP_PREFETCH_BYTES = 2 * SUM_BLOCK * 4;
+
 template <typename T>
-void logprob_row_fwd(T* z, int64_t V, int64_t id, const LogitParams& lp, T* out_lp, T* out_ent, T* out_lse) {
-  transform_row(z, V, lp);
-  const T m = row_max(z, V);
-  T s = 0, w = 0;
+inline void lp_prefetch_block(const T* p, int64_t n_left) {
+  const int64_t ahead = LP_PREFETCH_BYTES / static_cast<int64_t>(sizeof(T));
+  const int64_t step = 64 / static_cast<int64_t>(sizeof(T));
+  const int64_t len = SUM_BLOCK < n_left - ahead ? SUM_BLOCK : n_left - ahead;
+  for (int64_t j = 0; j < len; j += step) __builtin_prefetch(p + ahead + j, 0, 3);
+}
+
+// f = logit_scale / temperature, as transform_row computes it.
+template <typename T>
+inline T lp_factor(const LogitParams& lp) {
+  return static_cast<T>(lp.logit_scale) * static_cast<T>(1.0 / lp.temperature);
+}
+
+// Raises the running state (m, S, W) to a block maximum bm (a NaN or -inf never raises it).
+template <typename T>
+inline void lp_raise(T bm, T& m, T& S, T& W) {
+  if (!(bm > m)) return;
+  if (S > 0) {  // an empty state (m = -inf) has nothing to rescale
+    const T h = bm - m, r = fexp(-h);
+    W = r * (W - h * S);
+    S *= r;
+  }
+  m = bm;
+}
+
+// (m, S, W) of the row z = f y (see above); m = -inf when no entry exceeds -inf.
+template <typename T>
+void lp_stats(const T* y, int64_t V, T f, T& m_out, T& S_out, T& W_out) {
+  T m = neg_inf<T>(), S = 0, W = 0;
   for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
-    const int64_t b1 = b0 + SUM_BLOCK < V ? b0 + SUM_BLOCK : V;
+    const int64_t n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
+    const T* s = y + b0;
+    lp_prefetch_block(s, V - b0);
+    T bm = neg_inf<T>();
+#pragma omp simd reduction(max : bm)
+    for (int64_t j = 0; j < n; ++j) bm = s[j] > bm ? s[j] : bm;
+    lp_raise(bm * f, m, S, W);
+    if (m == neg_inf<T>()) continue;
     T ps = 0, pw = 0;
 #pragma omp simd reduction(+ : ps, pw)
-    for (int64_t j = b0; j < b1; ++j) {
-      const T d = z[j] - m;
-      const T e = fexp(d);
+    for (int64_t j = 0; j < n; ++j) {
+      const T d = s[j] * f - m;
+      const T e = fexp0(d);
       ps += e;
       pw += e * d;
     }
-    s += ps;
-    w += pw;
+    S += ps;
+    W += pw;
   }
-  const T log_s = flog(s);
-  const T lse = m + log_s;
-  *out_lse = lse;
-  *out_ent = log_s - w / s;
-  *out_lp = z[id] - lse;
+  m_out = m;
+  S_out = S;
+  W_out = W;
 }
 
-// In place: y -> d(a*lp + b*H + c*lse)/dy.
-template <typename T>
-void logprob_row_bwd(T* z, int64_t V, int64_t id, T lse, T ent, T g_lp, T g_ent, T g_lse,
-                     const LogitParams& lp, bool transformed) {
-  if (!transformed) transform_row(z, V, lp);
-  const Chain<T> chain(lp);
-  const T z_id = z[id];
-  const T a = g_lp - g_lse + g_ent * (ent - lse);  // dz_j = -q_j (a + g_ent z_j) off id
-  if (lp.softcap > 0) {
+// Gradient pass over a raw row (z = f y): with d_j = z_j - lse, y_j <- e^{d_j} (c0 + c1 d_j); without ENT, c1 is 0.
+template <typename T, bool ENT>
+void lp_grad(T* y, int64_t V, T f, T lse, T c0, T c1) {
+  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
+    const int64_t n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
+    T* s = y + b0;
+    lp_prefetch_block(s, V - b0);
 #pragma omp simd
-    for (int64_t j = 0; j < V; ++j) {
-      const T zj = z[j];
-      z[j] = -fexp(zj - lse) * (a + g_ent * zj) * chain(zj);
-    }
-  } else {
-    const T f = chain.base;
-#pragma omp simd
-    for (int64_t j = 0; j < V; ++j) {
-      const T zj = z[j];
-      z[j] = -fexp(zj - lse) * (a + g_ent * zj) * f;
+    for (int64_t j = 0; j < n; ++j) {
+      const T d = s[j] * f - lse;
+      const T p = fexp0(d);
+      s[j] = ENT ? p * (c0 + c1 * d) : p * c0;
     }
   }
-  z[id] += g_lp * chain(z_id);
+}
+
+#if defined(COPSD_HAVE_AVX512)
+// e^x for x <= ~0 (a logit minus the row maximum or the LSE) on exp_clamped's reduction and polynomial, 16
+// lanes: x < -87.34 -> 0 as fexp0, NaN propagates.  The 2^n scaling is one scalef.
+inline __m512 lp_exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.33654f);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);  // x >= lo, or NaN
+  const __m512 xc = _mm512_max_ps(lo, x);                           // NaN x: x
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+inline __mmask16 lp_mask16(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+template <>
+void lp_stats<float>(const float* y, int64_t V, float f, float& m_out, float& S_out, float& W_out) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), fv = _mm512_set1_ps(f);
+  float m = -std::numeric_limits<float>::infinity(), S = 0, W = 0;
+  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
+    const int64_t n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
+    const float* s = y + b0;
+    lp_prefetch_block(s, V - b0);
+    // Block maximum, four accumulators (max(v, acc) keeps acc for a NaN v).
+    __m512 a0 = ninf, a1 = ninf, a2 = ninf, a3 = ninf;
+    int64_t j = 0;
+    for (; j + 64 <= n; j += 64) {
+      a0 = _mm512_max_ps(_mm512_loadu_ps(s + j), a0);
+      a1 = _mm512_max_ps(_mm512_loadu_ps(s + j + 16), a1);
+      a2 = _mm512_max_ps(_mm512_loadu_ps(s + j + 32), a2);
+      a3 = _mm512_max_ps(_mm512_loadu_ps(s + j + 48), a3);
+    }
+    for (; j < n; j += 16) a0 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, lp_mask16(n - j), s + j), a0);
+    const float bm = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3)));
+    lp_raise(bm * f, m, S, W);
+    if (m == -std::numeric_limits<float>::infinity()) continue;
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, w0 = s0, w1 = s0;
+    j = 0;
+    for (; j + 32 <= n; j += 32) {
+      const __m512 d0 = _mm512_fmsub_ps(_mm512_loadu_ps(s + j), fv, mv);
+      const __m512 d1 = _mm512_fmsub_ps(_mm512_loadu_ps(s + j + 16), fv, mv);
+      const __m512 e0 = lp_exp16(d0), e1 = lp_exp16(d1);
+      s0 = _mm512_add_ps(s0, e0);
+      s1 = _mm512_add_ps(s1, e1);
+      w0 = _mm512_fmadd_ps(e0, d0, w0);
+      w1 = _mm512_fmadd_ps(e1, d1, w1);
+    }
+    for (; j < n; j += 16) {
+      const __mmask16 k = lp_mask16(n - j);
+      const __m512 d = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + j), fv, mv);
+      const __m512 e = _mm512_maskz_mov_ps(k, lp_exp16(d));
+      s0 = _mm512_add_ps(s0, e);
+      w0 = _mm512_mask3_fmadd_ps(e, d, w0, k);
+    }
+    S += _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    W += _mm512_reduce_add_ps(_mm512_add_ps(w0, w1));
+  }
+  m_out = m;
+  S_out = S;
+  W_out = W;
+}
+
+template <bool ENT>
+void lp_grad_f32(float* y, int64_t V, float f, float lse, float c0, float c1) {
+  const __m512 fv = _mm512_set1_ps(f), lv = _mm512_set1_ps(lse), c0v = _mm512_set1_ps(c0), c1v = _mm512_set1_ps(c1);
+  auto one = [&](__m512 v) {
+    const __m512 d = _mm512_fmsub_ps(v, fv, lv);
+    return _mm512_mul_ps(lp_exp16(d), ENT ? _mm512_fmadd_ps(c1v, d, c0v) : c0v);
+  };
+  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
+    const int64_t n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
+    float* s = y + b0;
+    lp_prefetch_block(s, V - b0);
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+      const __m512 v0 = _mm512_loadu_ps(s + j), v1 = _mm512_loadu_ps(s + j + 16);
+      _mm512_storeu_ps(s + j, one(v0));
+      _mm512_storeu_ps(s + j + 16, one(v1));
+    }
+    for (; j < n; j += 16) {
+      const __mmask16 k = lp_mask16(n - j);
+      _mm512_mask_storeu_ps(s + j, k, one(_mm512_maskz_loadu_ps(k, s + j)));
+    }
+  }
+}
+template <>
+void lp_grad<float, true>(float* y, int64_t V, float f, float lse, float c0, float c1) {
+  lp_grad_f32<true>(y, V, f, lse, c0, c1);
+}
+template <>
+void lp_grad<float, false>(float* y, int64_t V, float f, float lse, float c0, float c1) {
+  lp_grad_f32<false>(y, V, f, lse, c0, c1);
+}
+#elif defined(COPSD_HAVE_AVX2)
+// lp_exp16 at 8 lanes: the 2^n scaling built from the exponent bits (n >= -126 after the clamp).
+inline __m256 lp_exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f);
+  const __m256 live = _mm256_cmp_ps(x, lo, _CMP_NLT_UQ);  // x >= lo, or NaN
+  const __m256 xc = _mm256_max_ps(lo, x);                  // NaN x: x
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), live);
+}
+
+inline float lp_hsum8(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+template <>
+void lp_stats<float>(const float* y, int64_t V, float f, float& m_out, float& S_out, float& W_out) {
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), fv = _mm256_set1_ps(f);
+  float m = -std::numeric_limits<float>::infinity(), S = 0, W = 0;
+  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
+    const int64_t n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
+    const float* s = y + b0;
+    lp_prefetch_block(s, V - b0);
+    __m256 a0 = ninf, a1 = ninf, a2 = ninf, a3 = ninf;
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+      a0 = _mm256_max_ps(_mm256_loadu_ps(s + j), a0);
+      a1 = _mm256_max_ps(_mm256_loadu_ps(s + j + 8), a1);
+      a2 = _mm256_max_ps(_mm256_loadu_ps(s + j + 16), a2);
+      a3 = _mm256_max_ps(_mm256_loadu_ps(s + j + 24), a3);
+    }
+    a0 = _mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float bm = _mm_cvtss_f32(h);
+    for (int64_t t = j; t < n; ++t) bm = s[t] > bm ? s[t] : bm;
+    lp_raise(bm * f, m, S, W);
+    if (m == -std::numeric_limits<float>::infinity()) continue;
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, w0 = s0, w1 = s0;
+    j = 0;
+    for (; j + 16 <= n; j += 16) {
+      const __m256 d0 = _mm256_fmsub_ps(_mm256_loadu_ps(s + j), fv, mv);
+      const __m256 d1 = _mm256_fmsub_ps(_mm256_loadu_ps(s + j + 8), fv, mv);
+      const __m256 e0 = lp_exp8(d0), e1 = lp_exp8(d1);
+      s0 = _mm256_add_ps(s0, e0);
+      s1 = _mm256_add_ps(s1, e1);
+      w0 = _mm256_fmadd_ps(e0, d0, w0);
+      w1 = _mm256_fmadd_ps(e1, d1, w1);
+    }
+    float ps = lp_hsum8(_mm256_add_ps(s0, s1)), pw = lp_hsum8(_mm256_add_ps(w0, w1));
+    for (; j < n; ++j) {
+      const float d = s[j] * f - m;
+      const float e = fexp0(d);
+      ps += e;
+      pw += e * d;
+    }
+    S += ps;
+    W += pw;
+  }
+  m_out = m;
+  S_out = S;
+  W_out = W;
+}
+
+template <bool ENT>
+void lp_grad_f32(float* y, int64_t V, float f, float lse, float c0, float c1) {
+  const __m256 fv = _mm256_set1_ps(f), lv = _mm256_set1_ps(lse), c0v = _mm256_set1_ps(c0), c1v = _mm256_set1_ps(c1);
+  auto one = [&](__m256 v) {
+    const __m256 d = _mm256_fmsub_ps(v, fv, lv);
+    return _mm256_mul_ps(lp_exp8(d), ENT ? _mm256_fmadd_ps(c1v, d, c0v) : c0v);
+  };
+  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
+    const int64_t n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
+    float* s = y + b0;
+    lp_prefetch_block(s, V - b0);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      const __m256 v0 = _mm256_loadu_ps(s + j), v1 = _mm256_loadu_ps(s + j + 8);
+      _mm256_storeu_ps(s + j, one(v0));
+      _mm256_storeu_ps(s + j + 8, one(v1));
+    }
+    for (; j < n; ++j) {
+      const float d = s[j] * f - lse;
+      const float p = fexp0(d);
+      s[j] = ENT ? p * (c0 + c1 * d) : p * c0;
+    }
+  }
+}
+template <>
+void lp_grad<float, true>(float* y, int64_t V, float f, float lse, float c0, float c1) {
+  lp_grad_f32<true>(y, V, f, lse, c0, c1);
+}
+template <>
+void lp_grad<float, false>(float* y, int64_t V, float f, float lse, float c0, float c1) {
+  lp_grad_f32<false>(y, V, f, lse, c0, c1);
+}
+#endif
+
+// Row statistics: log-prob of id, entropy, the maximum m and log S (LSE = m + log S).  Leaves the row unchanged,
+// or, with a softcap, transformed.
+template <typename T>
+void logprob_row_stats(T* z, int64_t V, int64_t id, const LogitParams& lp, T* out_lp, T* out_ent, T* out_m,
+                       T* out_log_s) {
+  T f = lp_factor<T>(lp);
+  if (lp.softcap > 0) {
+    transform_row(z, V, lp);
+    f = T(1);
+  }
+  T m, S, W;
+  lp_stats(z, V, f, m, S, W);
+  const T log_s = flog(S);
+  *out_m = m;
+  *out_log_s = log_s;
+  *out_ent = log_s - W / S;
+  *out_lp = (z[id] * f - m) - log_s;
+}
+
+template <typename T>
+void logprob_row_fwd(T* z, int64_t V, int64_t id, const LogitParams& lp, T* out_lp, T* out_ent, T* out_lse) {
+  T m, log_s;
+  logprob_row_stats(z, V, id, lp, out_lp, out_ent, &m, &log_s);
+  *out_lse = m + log_s;
+}
+
+// In place: y -> d(a*lp + b*H + c*lse)/dy, the softmax given as q_j = e^{z_j - shift - log_s} (shift + log_s =
+// LSE; the loss path passes the row maximum and log S, the recomputing backward LSE and 0).  transformed: a softcap
+// row already holds its transformed logits (as logprob_row_stats leaves it); a row without softcap is always the
+// raw GEMM output (logprob_row_stats leaves it so).  Off id, dz_j = -q_j (g_lp - g_lse + g_ent (H + ls_j)) with
+// ls_j = (z_j - shift) - log_s formed from the exact z_j - shift: written as a + g_ent z_j with a holding
+// -g_ent LSE, two terms of the logits' size would cancel (an fp32 error of ~|z| ulps), and an LSE-sized shift
+// puts its own rounding into every q_j.
+template <typename T>
+void logprob_row_grad(T* z, int64_t V, int64_t id, T shift, T log_s, T ent, T g_lp, T g_ent, T g_lse,
+                      const LogitParams& lp, bool transformed) {
+  const T a = g_lp - g_lse + g_ent * (ent - log_s);  // dz_j = -(e^{d_j} / S) (a + g_ent d_j), d_j = z_j - shift
+  const T inv_s = log_s == T(0) ? T(1) : fexp(-log_s);
+  if (lp.softcap > 0) {
+    if (!transformed) transform_row(z, V, lp);
+    const Chain<T> chain(lp);
+    const T z_id = z[id];
+    const T c0 = -inv_s * a, c1 = -inv_s * g_ent;
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) {
+      const T zj = z[j], d = zj - shift;
+      z[j] = fexp(d) * (c0 + c1 * d) * chain(zj);
+    }
+    z[id] += g_lp * chain(z_id);
+    return;
+  }
+  // z = f y, dz/dy = f: dy_j = e^{d_j} (c0 + c1 d_j) with d_j = f y_j - shift, c0 = -f a / S, c1 = -f g_ent / S.
+  const T f = lp_factor<T>(lp);
+  if (g_ent != T(0)) {
+    lp_grad<T, true>(z, V, f, shift, -f * inv_s * a, -f * inv_s * g_ent);
+  } else {
+    lp_grad<T, false>(z, V, f, shift, -f * inv_s * a, T(0));
+  }
+  z[id] += g_lp * f;
+}
+
+template <typename T>
+void logprob_row_bwd(T* z, int64_t V, int64_t id, T lse, T ent, T g_lp, T g_ent, T g_lse, const LogitParams& lp,
+                     bool transformed) {
+  logprob_row_grad(z, V, id, lse, T(0), ent, g_lp, g_ent, g_lse, lp, transformed);
 }
 
 // ------------------------------------------------------------------------------ top-k
@@ -1581,6 +1902,8 @@ RowKernels<T> make_table() {
   RowKernels<T> t;
   t.logprob_fwd = &logprob_row_fwd<T>;
   t.logprob_bwd = &logprob_row_bwd<T>;
+  t.logprob_stats = &logprob_row_stats<T>;
+  t.logprob_grad = &logprob_row_grad<T>;
   t.topk = &topk_row<T>;
   t.div = &div_row<T>;
   t.exp = &exp_array<T>;

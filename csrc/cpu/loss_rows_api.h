@@ -34,6 +34,11 @@ struct RowKernels {
   // transformed: y already holds the transformed logits (as logprob_fwd leaves them), not the raw GEMM output.
   void (*logprob_bwd)(T* y, int64_t V, int64_t id, T lse, T ent, T g_lp, T g_ent, T g_lse, const LogitParams&,
                       bool transformed);
+  // The loss path's pair: logprob_fwd with the row maximum m and log S kept apart (LSE = m + log S), and the
+  // gradient from a softmax given as e^{z - shift - log_s} (logprob_bwd is shift = LSE, log_s = 0).
+  void (*logprob_stats)(T* y, int64_t V, int64_t id, const LogitParams&, T* lp, T* ent, T* m, T* log_s);
+  void (*logprob_grad)(T* y, int64_t V, int64_t id, T shift, T log_s, T ent, T g_lp, T g_ent, T g_lse,
+                       const LogitParams&, bool transformed);
   void (*topk)(T* y, int64_t V, int64_t k, const LogitParams&, int64_t* ids, T* lp, T* lse);
   // Returns the row's loss; with grad, ys becomes tg * dloss/dys (yt is clobbered).
   // K/k: teacher top-k ids of the row (support == SUPPORT_TOPK); scratch: 3k values.
