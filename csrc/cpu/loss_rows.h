@@ -281,7 +281,8 @@ inline void clipped(T ls, T lt, const DivParams& dp, T beta, T log_b, T log_1mb,
 
 // ------------------------------------------------------------------------------ log-probs
 
-// The log-prob rows (`logprob_fwd`, then after the caller's coefficients `logprob_bwd`) are bound by reading a
+// The log-prob rows (`logprob_fwd` / `logprob_stats`, then after the caller's coefficients `logprob_bwd` /
+// `logprob_grad`; docs/kernels.md "CPU log-prob rows") are bound by reading a
 // [V] row the GEMM wrote a while ago (L3 / DRAM) and by one exp per logit per pass.  So: one pass per kernel,
 // the linear part of the logit transform (f = logit_scale / temperature > 0) folded into the arithmetic instead
 // of a pass of its own, the next blocks prefetched, and at AVX2 / AVX-512 explicit vector code.
