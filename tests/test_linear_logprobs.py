@@ -186,6 +186,38 @@ def test_cpu_logprobs_row_shapes(shape, logit_name, dtype):
 
 
 @CPU
+@pytest.mark.isa
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("logit_name", ["plain", "temp_scale_softcap"])
+def test_cpu_logprobs_masked_rows(logit_name, dtype):
+    """Tokens whose upstream gradients are all zero (masked): their d_hidden rows are exact zeros (the gradient
+    pass writes the row's zeros without reading it), the other tokens as against float64; recomputing backward
+    and the loss path."""
+    N, H, V = 11, 8, 700
+    x, w, _, _ = cpu_inputs(N, H, V, dtype, scale=1.5)
+    ids = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(3))
+    logit = LOGITS[logit_name]
+    mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0], dtype=torch.bool)
+    gs = [torch.randn(N, dtype=dtype) * mask for _ in range(3)]
+    exact = dense.logprobs_grads(x, w, ids, logit, gs)
+    plain = exact if dtype == torch.float64 else dense.logprobs_grads(x, w, ids, logit, gs, torch.float32)
+    lp, ent, lse = cpu.logprobs_forward(x, w, ids, logit)
+    dx, dw = cpu.logprobs_backward(x, w, ids, lse, ent, *gs, logit)
+    check_accurate((dx, dw), exact[1:], plain[1:], ("d_hidden", "d_weight"), dtype)
+    assert torch.equal(dx[~mask], torch.zeros_like(dx[~mask]))
+
+    def coeff(r0, rows, lp_c, ent_c):
+        return gs[0][r0:r0 + rows], gs[1][r0:r0 + rows]
+
+    gs2 = [gs[0], gs[1], None]
+    exact = dense.logprobs_grads(x, w, ids, logit, gs2)
+    plain = exact if dtype == torch.float64 else dense.logprobs_grads(x, w, ids, logit, gs2, torch.float32)
+    _, _, dx2, dw2 = cpu.logprobs_loss(x, w, ids, logit, coeff)
+    check_accurate((dx2, dw2), exact[1:], plain[1:], ("loss d_hidden", "loss d_weight"), dtype)
+    assert torch.equal(dx2[~mask], torch.zeros_like(dx2[~mask]))
+
+
+@CPU
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_low_precision_logprobs_and_topk(dtype):
     N, H, V = 24, 16, 211

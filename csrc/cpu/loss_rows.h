@@ -619,9 +619,14 @@ void logprob_row_fwd(T* z, int64_t V, int64_t id, const LogitParams& lp, T* out_
 // ls_j = (z_j - shift) - log_s formed from the exact z_j - shift: written as a + g_ent z_j with a holding
 // -g_ent LSE, two terms of the logits' size would cancel (an fp32 error of ~|z| ulps), and an LSE-sized shift
 // puts its own rounding into every q_j.
+// A row whose three upstream gradients are all 0 (a masked token) gets exact zeros without reading the row.
 template <typename T>
 void logprob_row_grad(T* z, int64_t V, int64_t id, T shift, T log_s, T ent, T g_lp, T g_ent, T g_lse,
                       const LogitParams& lp, bool transformed) {
+  if (g_lp == T(0) && g_ent == T(0) && g_lse == T(0)) {
+    std::memset(z, 0, sizeof(T) * static_cast<size_t>(V));
+    return;
+  }
   const T a = g_lp - g_lse + g_ent * (ent - log_s);  // dz_j = -(e^{d_j} / S) (a + g_ent d_j), d_j = z_j - shift
   const T inv_s = log_s == T(0) ? T(1) : fexp(-log_s);
   if (lp.softcap > 0) {
