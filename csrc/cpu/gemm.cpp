@@ -79,9 +79,20 @@ const PackedApi& packed_api() {
 bool have_packed_api() { return packed_api().compute != nullptr; }
 
 // Counters for tests and profiling (process-wide).
-std::atomic<int64_t> n_packs{0}, n_packed_bytes{0}, n_packed_gemms{0}, n_plain_gemms{0};
+std::atomic<int64_t> n_packs{0}, n_packed_bytes{0}, n_packed_reserved{0}, n_packed_gemms{0}, n_plain_gemms{0};
 
 bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
+
+// Bytes a packed [n, H] fp32 block really occupies.  cblas_sgemm_pack_get_size reserves far more than MKL
+// writes: a fixed ~7.5 MiB plus the vocabulary times a reduction depth padded to ~640 (85 MiB at V = 32000 for
+// H = 256 as for H = 512), but the pack writes only the block's own n * H floats into it (counted with
+// mincore on a fresh mapping: 31.26 MiB resident of the 85 MiB at V = 32000, H = 256; 62.51 MiB at H = 512),
+// and the untouched rest of the allocation (an anonymous mapping) never becomes resident.  The budget counts
+// that, rounded up to whole pages plus one page for the unaligned start.
+int64_t packed_resident(int64_t n, int64_t H) {
+  constexpr int64_t kPage = 4096;
+  return (n * H * static_cast<int64_t>(sizeof(float)) + kPage - 1) / kPage * kPage + kPage;
+}
 
 // Vocabulary rows per up-cast block of a low-precision weight.
 int64_t upcast_block(int64_t V, int64_t H, int64_t elem, int64_t budget) {
@@ -126,8 +137,9 @@ int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget
   return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(N, 1)));
 }
 
-// Default budget: both lm_heads of a divergence at V = 32000 and H <= ~600 (MKL pads the packed weight to a
-// fixed panel depth: ~85 MiB each for H = 256 as for H = 512), so 2 x 85 MiB fit.
+// Default budget, counted as packed_resident() (about the weight's fp32 size per packed copy): a divergence
+// at V = 32000 packs both lm_heads up to H = 768 in fp32, and in bf16 with gradients (the student's fp32 copy,
+// its packed copy and the teacher's packed copy: 3 x 62.5 MiB at H = 512) up to H = 512.
 constexpr int64_t kDefaultPackMiB = 192;
 
 PackBudget::PackBudget() {
@@ -139,7 +151,7 @@ PackBudget::PackBudget() {
 
 LmHead::LmHead(const Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int64_t budget, PackBudget& pack,
                bool grads)
-    : W_(W), st_(st), upcast_(W.scalar_type() != st), rows_(rows) {
+    : W_(W), st_(st), upcast_(W.scalar_type() != st), grads_(grads), rows_(rows) {
   const int64_t V = W.size(0), H = W.size(1);
   const int64_t elem = st == at::kDouble ? 8 : 4;
   vb_ = upcast_ ? upcast_block(V, H, elem, budget) : V;
@@ -150,10 +162,7 @@ LmHead::LmHead(const Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int6
                    fits_int(V * H);
   auto packed_bytes = [&](int64_t block) {
     int64_t bytes = 0;
-    for (int64_t v0 = 0; v0 < V; v0 += block)
-      bytes += static_cast<int64_t>(packed_api().get_size(kBMatrix, static_cast<int>(rows),
-                                                          static_cast<int>(std::min(block, V - v0)),
-                                                          static_cast<int>(H)));
+    for (int64_t v0 = 0; v0 < V; v0 += block) bytes += packed_resident(std::min(block, V - v0), H);
     return bytes;
   };
   // A low-precision lm_head whose d_hidden products are wanted too: one whole up-cast copy (packed in one block)
@@ -214,10 +223,12 @@ void LmHead::pack_weight() {
     api.pack(kRowMajor, kBMatrix, trans, static_cast<int>(rows_), static_cast<int>(n), static_cast<int>(H), 1.0f,
              src.data_ptr<float>(), ld, reinterpret_cast<float*>(dst.data_ptr<uint8_t>()));
     packed_.push_back(dst);
-    n_packed_bytes += static_cast<int64_t>(bytes);
+    n_packed_bytes += packed_resident(n, H);
+    n_packed_reserved += static_cast<int64_t>(bytes);
   }
   ++n_packs;
   // The up-cast buffer is needed again only by the d_hidden products of a low-precision weight.
+  if (!grads_) buf_ = Tensor();
 }
 
 void LmHead::logits(const Tensor& x_in, Tensor out) {
@@ -302,13 +313,16 @@ void register_gemm(pybind11::module& m) {
     pybind11::dict d;
     d["packs"] = n_packs.load();
     d["packed_bytes"] = n_packed_bytes.load();
+    d["packed_reserved"] = n_packed_reserved.load();
     d["packed_gemms"] = n_packed_gemms.load();
     d["plain_gemms"] = n_plain_gemms.load();
     return d;
-  }, "process-wide counts: lm_head packings (and their bytes), chunk logits GEMMs on a packed / unpacked lm_head");
+  }, "process-wide counts: lm_head packings (packed_bytes: what they occupy and the pack budget counts; "
+        "packed_reserved: what MKL's get_size reserved), chunk logits GEMMs on a packed / unpacked lm_head");
   m.def("gemm_stats_reset", []() {
     n_packs = 0;
     n_packed_bytes = 0;
+    n_packed_reserved = 0;
     n_packed_gemms = 0;
     n_plain_gemms = 0;
   });

@@ -22,8 +22,10 @@ namespace copsd_cpu {
 // packed (fp32, MKL's packed GEMM found), at most 256 rows for a pass with gradient GEMMs and 128 without.
 int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget, bool grads);
 
-// Bytes of packed lm_head copies one op call may still hold: COPSD_CPU_PACK_MB (MiB, default 192), or 0 when
-// COPSD_CPU_PACK=0.  Read per call; a bad value is an error naming the variable.
+// Bytes of packed lm_head copies (and whole fp32 copies of low-precision ones) one op call may still hold:
+// COPSD_CPU_PACK_MB (MiB, default 192), or 0 when COPSD_CPU_PACK=0.  A packed copy counts what it occupies,
+// about the weight's fp32 size, not the larger (never touched) size MKL reserves for it.  Read per call; a bad
+// value is an error naming the variable.
 struct PackBudget {
   int64_t left = 0;
   PackBudget();
@@ -51,6 +53,7 @@ class LmHead {
   at::Tensor W_;
   at::ScalarType st_;
   bool upcast_;
+  bool grads_;      // the d_hidden / d_weight products are wanted too
   int64_t vb_;      // vocabulary rows per up-cast (and packed) block
   int64_t rows_;    // chunk rows the packed copy is made for
   bool pack_ = false;
