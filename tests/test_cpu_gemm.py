@@ -127,18 +127,27 @@ def test_logprobs_loss(mode, name, dtype, chunks):
     _check(dw, exact[2], plain[2], dtype, "d_weight")
 
 
+@pytest.mark.parametrize("tile", [None, 100])
 @pytest.mark.parametrize("chunks", list(CHUNKS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", MODES)
-def test_topk(mode, name, dtype, chunks):
+def test_topk(mode, monkeypatch, name, dtype, chunks, tile):
+    """Top-k per chunk and vocabulary tile (the default tile holds the whole V = 2053 here; 100 splits it into 21
+    tiles, the last one short), the lm_head packed / up-cast per tile."""
     n, k = CHUNKS[chunks], 7
+    if tile is None:
+        monkeypatch.delenv("COPSD_CPU_TOPK_TILE", raising=False)
+    else:
+        monkeypatch.setenv("COPSD_CPU_TOPK_TILE", str(tile))
     x, w, _, _, _ = _inputs(n, dtype, seed=2)
     kw = dict(temperature=LOGIT.temperature, logit_scale=LOGIT.logit_scale)
     _, vals64, lse64 = dense.topk(x.double(), w.double(), k, **kw)
     _, vals32, lse32 = dense.topk(x.float(), w.float(), k, **kw)
     mode(name, dtype, 1)
     ids, vals, lse = cpu.topk(x, w, k, LOGIT)
-    _expect_path(name, dtype, chunks, 1)
+    # top-k splits the tokens into row groups of at most ROWS, and into at least one group per thread
+    rows = min(ROWS, -(-n // torch.get_num_threads()))
+    _expect_path(name, dtype, -(-n // rows), 1)
     _check(vals, vals64, vals32, dtype, "top-k logprobs")
     _check(lse, lse64, lse32, dtype, "lse")
     # the returned ids hold the returned values (ties may pick either id of equal logits)
@@ -261,10 +270,14 @@ def test_ops_layer_transposed_and_strided_inputs(mode, threads):
 
 
 @pytest.mark.parametrize("var,value", [("COPSD_CPU_PACK", "maybe"), ("COPSD_CPU_PACK_MB", "-1"),
-                                       ("COPSD_CPU_PACK_MB", "lots")])
+                                       ("COPSD_CPU_PACK_MB", "lots"), ("COPSD_CPU_TOPK_TILE", "-5"),
+                                       ("COPSD_CPU_TOPK_TILE", "wide")])
 def test_bad_knob_values_are_errors(mode, monkeypatch, var, value):
     x, w, _, _, ids = _inputs(CHUNKS[2], torch.float32)
     mode("on", torch.float32, 1)
     monkeypatch.setenv(var, value)
     with pytest.raises(RuntimeError, match=var):
-        cpu.logprobs_forward(x, w, ids, LOGIT)
+        if var == "COPSD_CPU_TOPK_TILE":
+            cpu.topk(x, w, 3, LOGIT)
+        else:
+            cpu.logprobs_forward(x, w, ids, LOGIT)
