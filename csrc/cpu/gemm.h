@@ -8,7 +8,10 @@
 // taken only when the call has >= 2 chunks and its size fits the call's pack budget (COPSD_CPU_PACK_MB,
 // COPSD_CPU_PACK=0 turns packing off); otherwise, and for fp64, every chunk runs at::mm_out as before.
 // Low-precision weights (bf16/fp16) are up-cast in vocabulary blocks into one reused fp32 buffer: when packed,
-// each block is up-cast once per call and packed; when not, once per chunk.
+// each block is up-cast once per call and packed; when not, once per chunk.  The tiled top-k asks for blocks of
+// its tile width (packed one block per thread) and computes one block at a time (logits_block), from several
+// threads at once, each running its GEMM single-threaded.  The pack budget counts what a packed copy occupies
+// (the weight's fp32 size), not the larger size MKL reserves and never touches (packed_resident in gemm.cpp).
 #pragma once
 
 #include <torch/extension.h>

@@ -8,6 +8,9 @@
 // its gradient costs exactly the four GEMMs of the naive computation and no [N, V] tensor:
 // the workspace is bounded by `workspace_bytes` (at least one row per side).
 //
+// Top-k goes further (topk_t): it never writes [rows, V]; each thread forms its rows' logits one vocabulary
+// tile at a time and scans the tile while it is in L2.
+//
 // The GEMMs live in gemm.{h,cpp}: low-precision weights are up-cast per vocabulary block (also
 // bounded) so every GEMM runs and accumulates in fp32 (fp64 for fp64 inputs), and where torch's MKL
 // has the packed-GEMM API an fp32 lm_head is packed once per call for all chunks' logits GEMMs.
