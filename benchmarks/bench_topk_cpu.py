@@ -3,7 +3,9 @@
 Per k, round-robin over ``--repeats`` rounds:
   floor    the one logits GEMM alone (fp32 inputs, preallocated output): nothing that reads every logit is faster
   copsd    ``copsd.ops.linear_topk(..., backend="cpu")``; with ``COPSD_CPU_PROFILE=1`` set by this script for
-           its calls, the C++ driver's own split (chunked logits GEMM vs the top-k epilogue) is read back
+           its calls, the C++ driver's own split (tile GEMMs incl. the packing vs the top-k scan) is read back;
+           the tiled driver measures it per thread (summed over the threads / their number), so on a busy
+           machine the two parts can add up to less than the call's wall time
   torch    the same GEMM followed by ``log_softmax`` + ``torch.topk`` (what a user writes)
 Each round's time is divided by the same round's floor; the table reports the medians.  Every copsd answer is
 checked against ``torch.topk`` of the float64 logits (values to 1e-4, ids as sets up to ties) before timing.

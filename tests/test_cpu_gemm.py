@@ -57,14 +57,14 @@ def _expect_path(name, dtype, chunks, lm_heads):
     assert st["plain_gemms"] == (0 if packs else lm_heads * chunks), st
 
 
-def _inputs(n, dtype, seed=0):
+def _inputs(n, dtype, seed=0, v=V):
     g = torch.Generator().manual_seed(seed)
     xs = torch.randn(n, H, generator=g, dtype=torch.float64) * 1.5
     xt = torch.randn(n, H, generator=g, dtype=torch.float64) * 1.5
-    ws = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 2
-    wt = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 2
+    ws = torch.randn(v, H, generator=g, dtype=torch.float64) / H**0.5 * 2
+    wt = torch.randn(v, H, generator=g, dtype=torch.float64) / H**0.5 * 2
     ws[7] *= 6.0  # a dominant vocabulary row
-    ids = torch.randint(0, V, (n,), generator=g)
+    ids = torch.randint(0, v, (n,), generator=g)
     return [t.to(dtype) for t in (xs, ws, xt, wt)] + [ids]
 
 
@@ -127,18 +127,27 @@ def test_logprobs_loss(mode, name, dtype, chunks):
     _check(dw, exact[2], plain[2], dtype, "d_weight")
 
 
+@pytest.mark.parametrize("tile", [None, 100])
 @pytest.mark.parametrize("chunks", list(CHUNKS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", MODES)
-def test_topk(mode, name, dtype, chunks):
+def test_topk(mode, monkeypatch, name, dtype, chunks, tile):
+    """Top-k per chunk and vocabulary tile (the default tile holds the whole V = 2053 here; 100 splits it into 21
+    tiles, the last one short), the lm_head packed / up-cast per tile."""
     n, k = CHUNKS[chunks], 7
+    if tile is None:
+        monkeypatch.delenv("COPSD_CPU_TOPK_TILE", raising=False)
+    else:
+        monkeypatch.setenv("COPSD_CPU_TOPK_TILE", str(tile))
     x, w, _, _, _ = _inputs(n, dtype, seed=2)
     kw = dict(temperature=LOGIT.temperature, logit_scale=LOGIT.logit_scale)
     _, vals64, lse64 = dense.topk(x.double(), w.double(), k, **kw)
     _, vals32, lse32 = dense.topk(x.float(), w.float(), k, **kw)
     mode(name, dtype, 1)
     ids, vals, lse = cpu.topk(x, w, k, LOGIT)
-    _expect_path(name, dtype, chunks, 1)
+    # top-k splits the tokens into row groups of at most ROWS, and into at least one group per thread
+    rows = min(ROWS, -(-n // torch.get_num_threads()))
+    _expect_path(name, dtype, -(-n // rows), 1)
     _check(vals, vals64, vals32, dtype, "top-k logprobs")
     _check(lse, lse64, lse32, dtype, "lse")
     # the returned ids hold the returned values (ties may pick either id of equal logits)
@@ -172,18 +181,24 @@ def test_divergence(mode, name, dtype, chunks, grad):
 
 def test_budget_for_one_lm_head(mode, monkeypatch):
     """A budget that holds one packed lm_head: the student's is packed, the teacher's runs unpacked, results
-    as accurate as both packed."""
+    as accurate as both packed.  The budget counts what a packed copy occupies (about the weight's own fp32
+    size), not the larger size MKL reserves for it."""
     if not _C().packed_gemm_available():
         pytest.skip("torch's BLAS has no packed-GEMM API here")
-    xs, ws, xt, wt, _ = _inputs(CHUNKS[3], torch.float32, seed=4)
+    v = 13000  # a packed [v, H] fp32 copy of ~1.2 MiB: a whole-MiB budget holds one, not two
+    xs, ws, xt, wt, _ = _inputs(CHUNKS[3], torch.float32, seed=4, v=v)
     div = DivergenceSpec(kind="jsd", beta=0.3)
     tg = torch.rand(CHUNKS[3], generator=torch.Generator().manual_seed(14), dtype=torch.float64)
     exact = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, None, tg)
     plain = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, None, tg, dtype=torch.float32)
     mode("on", torch.float32, 2)
+    monkeypatch.setattr(cpu, "WORKSPACE_BYTES", ROWS * 2 * v * 4)
     cpu.divergence(xs, ws, xt, wt, LOGIT, div, None, tg.float())
     both = _C().gemm_stats()
     assert both["packs"] == 2 and both["packed_gemms"] == 6, both
+    weight_bytes = v * H * 4
+    assert 2 * weight_bytes <= both["packed_bytes"] <= 2 * weight_bytes + 4 * 2**16, both
+    assert both["packed_reserved"] >= both["packed_bytes"], both
     one_mib = math.ceil(both["packed_bytes"] / 2 / 2**20)
     assert one_mib * 2**20 < both["packed_bytes"], "the packed copy is below 1 MiB: pick a larger V for this test"
     monkeypatch.setenv("COPSD_CPU_PACK_MB", str(one_mib))
@@ -193,6 +208,29 @@ def test_budget_for_one_lm_head(mode, monkeypatch):
     assert st["packs"] == 1 and st["packed_gemms"] == 3 and st["plain_gemms"] == 3, st
     for got, e, p, what in zip((loss, dx, dw), exact, plain, ("loss", "d_hidden", "d_weight")):
         _check(got, e, p, torch.float32, what, scale=5.0 if what == "loss" else 1.0)
+
+
+@pytest.mark.parametrize("budget_mib,packs", [(4, 2), (3, 1)])
+def test_budget_bf16_student_with_grads(mode, monkeypatch, budget_mib, packs):
+    """A bf16 divergence with gradients: the student's lm_head takes one fp32 copy plus its packed copy, the
+    teacher's one packed copy, each counted at about the weight's fp32 size (3 x ~1.2 MiB here), so a 4 MiB
+    budget packs both lm_heads and a 3 MiB one only the student's; results as accurate either way."""
+    if not _C().packed_gemm_available():
+        pytest.skip("torch's BLAS has no packed-GEMM API here")
+    v = 13000
+    xs, ws, xt, wt, _ = _inputs(CHUNKS[2], torch.bfloat16, seed=6, v=v)
+    div = DivergenceSpec(kind="reverse_kl")
+    tg = torch.rand(CHUNKS[2], generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    exact = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, None, tg)
+    plain = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, None, tg, dtype=torch.float32)
+    mode("on", torch.bfloat16, 2)
+    monkeypatch.setattr(cpu, "WORKSPACE_BYTES", ROWS * 2 * v * 4)
+    monkeypatch.setenv("COPSD_CPU_PACK_MB", str(budget_mib))
+    loss, dx, dw = cpu.divergence(xs, ws, xt, wt, LOGIT, div, None, tg.float())
+    st = _C().gemm_stats()
+    assert st["packs"] == packs and st["packed_gemms"] == 2 * packs and st["plain_gemms"] == 2 * (2 - packs), st
+    for got, e, p, what in zip((loss, dx, dw), exact, plain, ("loss", "d_hidden", "d_weight")):
+        _check(got, e, p, torch.bfloat16, what, scale=5.0 if what == "loss" else 1.0)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -232,10 +270,14 @@ def test_ops_layer_transposed_and_strided_inputs(mode, threads):
 
 
 @pytest.mark.parametrize("var,value", [("COPSD_CPU_PACK", "maybe"), ("COPSD_CPU_PACK_MB", "-1"),
-                                       ("COPSD_CPU_PACK_MB", "lots")])
+                                       ("COPSD_CPU_PACK_MB", "lots"), ("COPSD_CPU_TOPK_TILE", "-5"),
+                                       ("COPSD_CPU_TOPK_TILE", "wide")])
 def test_bad_knob_values_are_errors(mode, monkeypatch, var, value):
     x, w, _, _, ids = _inputs(CHUNKS[2], torch.float32)
     mode("on", torch.float32, 1)
     monkeypatch.setenv(var, value)
     with pytest.raises(RuntimeError, match=var):
-        cpu.logprobs_forward(x, w, ids, LOGIT)
+        if var == "COPSD_CPU_TOPK_TILE":
+            cpu.topk(x, w, 3, LOGIT)
+        else:
+            cpu.logprobs_forward(x, w, ids, LOGIT)

@@ -90,6 +90,18 @@ def test_cpu_topk_ties():
     assert ids1.shape == (9, 1)
 
 
+@pytest.fixture(params=[None, "5", "100"], ids=["tile=auto", "tile=5", "tile=100"])
+def topk_tile(request, monkeypatch):
+    """The C++ top-k's vocabulary tile (``COPSD_CPU_TOPK_TILE``): the default (one tile at these sizes) and
+    tiles that split rows into many pieces, not multiples of the vector width or of the scan block, so a row's
+    state (threshold, candidates, ties, LSE, non-finite logits) must carry across pieces."""
+    if request.param is None:
+        monkeypatch.delenv("COPSD_CPU_TOPK_TILE", raising=False)
+    else:
+        monkeypatch.setenv("COPSD_CPU_TOPK_TILE", request.param)
+    return request.param
+
+
 def _exact_order(z):
     """Ids of one row of logits (a list of floats) in the C++ backend's documented order: value descending, equal
     values by ascending id, NaN last (by id)."""
@@ -118,7 +130,7 @@ def _adversarial_rows(V, dtype):
 @pytest.mark.isa
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("V", [1, 7, 16, 17, 1031, 4099])
-def test_cpu_topk_adversarial_rows_exact_order(V, dtype):
+def test_cpu_topk_adversarial_rows_exact_order(V, dtype, topk_tile):
     """Adversarial rows on every dispatch level: exactly the documented order (value descending, ties by
     ascending id), the exact values minus the LSE, for k from 1 to V; temperature 0.5 (an exact scale) takes
     the fused-scale path with the same order."""
@@ -142,7 +154,7 @@ def test_cpu_topk_adversarial_rows_exact_order(V, dtype):
 @CPU
 @pytest.mark.isa
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cpu_topk_nonfinite_logits(dtype):
+def test_cpu_topk_nonfinite_logits(dtype, topk_tile):
     """-inf logits rank below every finite one and fill a top-k longer than the finite logits (by id); a NaN
     logit makes the row's LSE and log-probs NaN and is returned only after the -inf ids; a +inf logit gives
     LSE = +inf (as logsumexp).  The ids of a row stay distinct."""
@@ -174,7 +186,7 @@ def test_cpu_topk_nonfinite_logits(dtype):
 @pytest.mark.isa
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 8, 64, 256])
-def test_cpu_topk_long_rows_fresh_inputs(k, dtype):
+def test_cpu_topk_long_rows_fresh_inputs(k, dtype, topk_tile):
     """A 5003-entry vocabulary (several scan blocks, not a multiple of the vector width) with dominant rows at
     the start, the middle and the end, so the running maximum and the threshold move late in a row; fresh random
     inputs against the float64 logits (bf16 inputs: against the fp32 logits of the same bf16 values)."""

@@ -8,6 +8,9 @@ more GEMMs give ``d_hidden`` and accumulate ``d_weight`` in fp32.  A loss plus i
 therefore costs the four GEMMs of the naive computation, and memory stays at
 ``WORKSPACE_BYTES`` (at least one vocabulary row per side) instead of ``[N, V]``.
 
+Top-k is tiled further: each thread forms its row group's logits one vocabulary tile at a time and scans
+the tile while it is in cache, so no ``[rows, V]`` block is written at all (see ``docs/kernels.md``).
+
 Every chunk's logits GEMM multiplies the same lm_head, which a BLAS re-packs into its panel layout on each
 call.  Where torch's MKL exports its packed-GEMM API (looked up at run time; other BLAS builds simply lack
 it) an fp32 lm_head is packed once per op call and all chunks reuse the packed copy; a bf16/fp16 lm_head that
@@ -23,10 +26,14 @@ Environment knobs (the ``PACK`` ones are read on every op call):
   packed once, larger chunks no longer pay.
 * ``COPSD_CPU_PACK`` (default 1): ``0`` turns packing off (one ``at::mm_out`` per chunk, up-casts per chunk).
 * ``COPSD_CPU_PACK_MB`` (default 192): MiB that a call's packed lm_head copies and whole fp32 copies of
-  low-precision lm_heads may reserve.  MKL reserves ~85 MiB per packed lm_head at V = 32000 (H = 256 or 512)
-  but writes about the weight's size; the default packs both lm_heads of a divergence there, keeping the
-  peak extra memory of reverse KL fwd+bwd at N = 2048, H = 256 at ~0.08 of naive PyTorch's.  An lm_head that
-  does not fit (the teacher's is considered after the student's) runs unpacked.
+  low-precision lm_heads may occupy.  A packed copy counts as the fp32 weight's size (``V * H * 4``): MKL
+  reserves more (~85 MiB per lm_head at V = 32000, H = 256 or 512) but writes only that, and the rest never
+  becomes resident.  The default packs both lm_heads of a divergence at V = 32000 up to H = 768 in fp32 and
+  up to H = 512 in bf16 with gradients (the student's fp32 copy + its packed copy + the teacher's packed
+  copy).  An lm_head that does not fit (the teacher's is considered after the student's) runs unpacked.
+* ``COPSD_CPU_TOPK_TILE`` (default: 2048 in fp32, i.e. ~1 MiB per ``[rows, tile]`` block): vocabulary
+  entries per tile of the tiled top-k, whose logits are formed and scanned one tile at a time while they are
+  in L2 (the lm_head is packed per tile); read on every call.
 * ``COPSD_CPU_ISA`` (``base|avx2|avx512``) caps the row epilogues' instruction set; ``COPSD_CPU_PROFILE=1``
   prints each call's logits-GEMM / epilogue / gradient-GEMM split (the one-time packing counts as logits).
 

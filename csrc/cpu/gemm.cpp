@@ -8,6 +8,7 @@
 #include <cctype>
 #include <climits>
 #include <cstdlib>
+#include <exception>
 #include <string>
 
 namespace copsd_cpu {
@@ -79,9 +80,20 @@ const PackedApi& packed_api() {
 bool have_packed_api() { return packed_api().compute != nullptr; }
 
 // Counters for tests and profiling (process-wide).
-std::atomic<int64_t> n_packs{0}, n_packed_bytes{0}, n_packed_gemms{0}, n_plain_gemms{0};
+std::atomic<int64_t> n_packs{0}, n_packed_bytes{0}, n_packed_reserved{0}, n_packed_gemms{0}, n_plain_gemms{0};
 
 bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
+
+// Bytes a packed [n, H] fp32 block really occupies.  cblas_sgemm_pack_get_size reserves far more than MKL
+// writes: a fixed ~7.5 MiB plus the vocabulary times a reduction depth padded to ~640 (85 MiB at V = 32000 for
+// H = 256 as for H = 512), but the pack writes only the block's own n * H floats into it (counted with
+// mincore on a fresh mapping: 31.26 MiB resident of the 85 MiB at V = 32000, H = 256; 62.51 MiB at H = 512),
+// and the untouched rest of the allocation (an anonymous mapping) never becomes resident.  The budget counts
+// that, rounded up to whole pages plus one page for the unaligned start.
+int64_t packed_resident(int64_t n, int64_t H) {
+  constexpr int64_t kPage = 4096;
+  return (n * H * static_cast<int64_t>(sizeof(float)) + kPage - 1) / kPage * kPage + kPage;
+}
 
 // Vocabulary rows per up-cast block of a low-precision weight.
 int64_t upcast_block(int64_t V, int64_t H, int64_t elem, int64_t budget) {
@@ -104,7 +116,7 @@ int64_t env_mib(const char* name, int64_t dflt) {
   char* end = nullptr;
   const long long v = std::strtoll(raw, &end, 10);
   TORCH_CHECK(end != raw && *end == '\0' && v >= 0 && v < (1LL << 40), name,
-              " must be a non-negative integer (MiB), got '", raw, "'");
+              " must be a non-negative integer, got '", raw, "'");
   return static_cast<int64_t>(v);
 }
 
@@ -126,8 +138,21 @@ int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget
   return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(N, 1)));
 }
 
-// Default budget: both lm_heads of a divergence at V = 32000 and H <= ~600 (MKL pads the packed weight to a
-// fixed panel depth: ~85 MiB each for H = 256 as for H = 512), so 2 x 85 MiB fit.
+// The tile of the top-k: its [rows, tile] logits are scanned right after the tile GEMM wrote them, so they should
+// stay in L2 (2 MiB per core on the machines measured; the tile's rows are split over the threads, and the
+// packed weight tile streams through the cache beside it).  1 MiB: 128 rows x 2048 fp32 logits.
+constexpr int64_t kTopkTileBytes = int64_t(1) << 20;
+
+int64_t topk_tile(int64_t rows, int64_t elem) {
+  const int64_t set = env_mib("COPSD_CPU_TOPK_TILE", 0);  // a plain count; env_mib only parses it
+  if (set > 0) return set;
+  const int64_t t = kTopkTileBytes / std::max<int64_t>(1, rows * elem);
+  return std::max<int64_t>(1024, t / 1024 * 1024);
+}
+
+// Default budget, counted as packed_resident() (about the weight's fp32 size per packed copy): a divergence
+// at V = 32000 packs both lm_heads up to H = 768 in fp32, and in bf16 with gradients (the student's fp32 copy,
+// its packed copy and the teacher's packed copy: 3 x 62.5 MiB at H = 512) up to H = 512.
 constexpr int64_t kDefaultPackMiB = 192;
 
 PackBudget::PackBudget() {
@@ -138,11 +163,11 @@ PackBudget::PackBudget() {
 // ------------------------------------------------------------------------------ LmHead
 
 LmHead::LmHead(const Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int64_t budget, PackBudget& pack,
-               bool grads)
-    : W_(W), st_(st), upcast_(W.scalar_type() != st), rows_(rows) {
+               bool grads, int64_t tile)
+    : W_(W), st_(st), upcast_(W.scalar_type() != st), grads_(grads), rows_(rows) {
   const int64_t V = W.size(0), H = W.size(1);
   const int64_t elem = st == at::kDouble ? 8 : 4;
-  vb_ = upcast_ ? upcast_block(V, H, elem, budget) : V;
+  vb_ = tile > 0 ? std::min(std::max<int64_t>(V, 1), tile) : upcast_ ? upcast_block(V, H, elem, budget) : V;
   const int64_t chunks = rows > 0 ? (N + rows - 1) / rows : 0;
   // Only when it pays: the weight is read by >= 2 chunk GEMMs.
   if (chunks < 2 || V == 0 || H == 0 || pack.left <= 0) return;
@@ -150,10 +175,7 @@ LmHead::LmHead(const Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int6
                    fits_int(V * H);
   auto packed_bytes = [&](int64_t block) {
     int64_t bytes = 0;
-    for (int64_t v0 = 0; v0 < V; v0 += block)
-      bytes += static_cast<int64_t>(packed_api().get_size(kBMatrix, static_cast<int>(rows),
-                                                          static_cast<int>(std::min(block, V - v0)),
-                                                          static_cast<int>(H)));
+    for (int64_t v0 = 0; v0 < V; v0 += block) bytes += packed_resident(std::min(block, V - v0), H);
     return bytes;
   };
   // A low-precision lm_head whose d_hidden products are wanted too: one whole up-cast copy (packed in one block)
@@ -163,7 +185,7 @@ LmHead::LmHead(const Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int6
     if (bytes <= pack.left) {
       pack.left -= bytes;
       copy_ = true;
-      vb_ = V;
+      vb_ = tile > 0 ? vb_ : V;
       pack_ = api;
       return;
     }
@@ -188,36 +210,70 @@ Tensor LmHead::block(int64_t v0, int64_t n) {
   return b;
 }
 
+// Packs one [n, H] source block (rows v0.. of W, or its up-cast) into dst.
+void LmHead::pack_block(Tensor src, Tensor& dst) const {
+  const auto& api = packed_api();
+  const int64_t H = W_.size(1), n = src.size(0);
+  // B = src^T [H, n]: a row-major [n, H] source with unit stride along H is B transposed; a source with unit
+  // stride along the vocabulary (a transposed view) is B itself.  Any other layout is copied first.
+  int trans, ld;
+  if (src.stride(1) == 1 && src.stride(0) >= std::max<int64_t>(1, H) && fits_int(src.stride(0))) {
+    trans = kTrans;
+    ld = static_cast<int>(src.stride(0));
+  } else if (src.stride(0) == 1 && src.stride(1) >= std::max<int64_t>(1, n) && fits_int(src.stride(1))) {
+    trans = kNoTrans;
+    ld = static_cast<int>(src.stride(1));
+  } else {
+    src = src.contiguous();
+    trans = kTrans;
+    ld = static_cast<int>(H);
+  }
+  api.pack(kRowMajor, kBMatrix, trans, static_cast<int>(rows_), static_cast<int>(n), static_cast<int>(H), 1.0f,
+           src.data_ptr<float>(), ld, reinterpret_cast<float*>(dst.data_ptr<uint8_t>()));
+}
+
 void LmHead::pack_weight() {
   const auto& api = packed_api();
   const int64_t V = W_.size(0), H = W_.size(1);
-  for (int64_t v0 = 0; v0 < V; v0 += vb_) {
-    const int64_t n = std::min(vb_, V - v0);
-    Tensor src = upcast_ ? block(v0, n) : W_.narrow(0, v0, n);  // block(): the whole copy if there is one
-    // B = src^T [H, n]: a row-major [n, H] source with unit stride along H is B transposed; a source with unit
-    // stride along the vocabulary (a transposed view) is B itself.  Any other layout is copied first.
-    int trans, ld;
-    if (src.stride(1) == 1 && src.stride(0) >= std::max<int64_t>(1, H) && fits_int(src.stride(0))) {
-      trans = kTrans;
-      ld = static_cast<int>(src.stride(0));
-    } else if (src.stride(0) == 1 && src.stride(1) >= std::max<int64_t>(1, n) && fits_int(src.stride(1))) {
-      trans = kNoTrans;
-      ld = static_cast<int>(src.stride(1));
-    } else {
-      src = src.contiguous();
-      trans = kTrans;
-      ld = static_cast<int>(H);
-    }
+  const int64_t blocks = (V + vb_ - 1) / vb_;
+  // Allocated by torch's CPU allocator (64-byte aligned); MKL forbids moving a packed buffer, it never moves.
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t n = std::min(vb_, V - b * vb_);
     const size_t bytes = api.get_size(kBMatrix, static_cast<int>(rows_), static_cast<int>(n), static_cast<int>(H));
-    // Allocated by torch's CPU allocator (64-byte aligned); MKL forbids moving a packed buffer, it never moves.
-    Tensor dst = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
-    api.pack(kRowMajor, kBMatrix, trans, static_cast<int>(rows_), static_cast<int>(n), static_cast<int>(H), 1.0f,
-             src.data_ptr<float>(), ld, reinterpret_cast<float*>(dst.data_ptr<uint8_t>()));
-    packed_.push_back(dst);
-    n_packed_bytes += static_cast<int64_t>(bytes);
+    packed_.push_back(at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte)));
+    n_packed_bytes += packed_resident(n, H);
+    n_packed_reserved += static_cast<int64_t>(bytes);
+  }
+  // An up-cast source is a temporary per thread in the parallel loop: only for small blocks (tiles).
+  const bool own_upcast = upcast_ && !full_.defined();
+  if (blocks == 1 || (own_upcast && vb_ * H * 4 > (int64_t(4) << 20))) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t v0 = b * vb_, n = std::min(vb_, V - v0);
+      pack_block(upcast_ ? block(v0, n) : W_.narrow(0, v0, n), packed_[b]);  // block(): the whole copy if any
+    }
+  } else {
+    // Many blocks (the tiles of the top-k): one block per thread, each packed single-threaded.  MKL's own
+    // threaded pack of a block of a few thousand rows costs more in thread start-up than it packs (measured on
+    // a 2-core Xeon at V = 32000, H = 256: 16 blocks of 2048 in ~6 ms single-threaded, 30-130 ms threaded).
+    std::exception_ptr error;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+    for (int64_t b = 0; b < blocks; ++b) {
+      try {
+        const int64_t v0 = b * vb_, n = std::min(vb_, V - v0);
+        Tensor src = full_.defined() ? full_.narrow(0, v0, n)
+                     : upcast_      ? W_.narrow(0, v0, n).to(st_)  // its own up-cast (buf_ is shared)
+                                    : W_.narrow(0, v0, n);
+        pack_block(src, packed_[b]);
+      } catch (...) {
+#pragma omp critical(copsd_pack_error)
+        if (!error) error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
   }
   ++n_packs;
   // The up-cast buffer is needed again only by the d_hidden products of a low-precision weight.
+  if (!grads_) buf_ = Tensor();
 }
 
 void LmHead::logits(const Tensor& x_in, Tensor out) {
@@ -249,6 +305,32 @@ void LmHead::logits(const Tensor& x_in, Tensor out) {
     Tensor blk = out.narrow(1, v0, n);
     at::mm_out(blk, x_in, block(v0, n).t());
   }
+}
+
+void LmHead::logits_block(const Tensor& x_in, int64_t b, Tensor out, Tensor& scratch) {
+  const int64_t V = W_.size(0), H = W_.size(1), m = x_in.size(0);
+  const int64_t v0 = b * vb_, n = std::min(vb_, V - v0);
+  TORCH_CHECK(v0 >= 0 && n > 0 && out.size(0) == m && out.size(1) == n, "logits_block: bad block or output");
+  const bool out_rows = out.stride(1) == 1 && out.stride(0) >= n && fits_int(out.stride(0));
+  if (pack_ && out_rows && fits_int(m) && m > 0) {
+    Tensor x = (x_in.stride(1) == 1 && x_in.stride(0) >= H && fits_int(x_in.stride(0))) ? x_in : x_in.contiguous();
+    const int lda = static_cast<int>(std::max<int64_t>(x.stride(0), H));
+    packed_api().compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(m), static_cast<int>(n),
+                         static_cast<int>(H), x.data_ptr<float>(), lda,
+                         reinterpret_cast<const float*>(packed_[b].data_ptr<uint8_t>()), static_cast<int>(n), 0.0f,
+                         out.data_ptr<float>(), static_cast<int>(out.stride(0)));
+    if (b == 0) ++n_packed_gemms;  // the counters count a chunk's logits (all its blocks) once
+    return;
+  }
+  if (b == 0) ++n_plain_gemms;
+  Tensor w = full_.defined() ? full_.narrow(0, v0, n) : W_.narrow(0, v0, n);
+  if (upcast_ && !full_.defined()) {
+    if (!scratch.defined() || scratch.numel() < n * H) scratch = at::empty({vb_ * H}, W_.options().dtype(st_));
+    Tensor u = scratch.narrow(0, 0, n * H).view({n, H});
+    u.copy_(w);
+    w = u;
+  }
+  at::mm_out(out, x_in, w.t());
 }
 
 // A chunk of fewer rows than this gets its d_hidden product summed in vocabulary blocks (below).
@@ -302,13 +384,16 @@ void register_gemm(pybind11::module& m) {
     pybind11::dict d;
     d["packs"] = n_packs.load();
     d["packed_bytes"] = n_packed_bytes.load();
+    d["packed_reserved"] = n_packed_reserved.load();
     d["packed_gemms"] = n_packed_gemms.load();
     d["plain_gemms"] = n_plain_gemms.load();
     return d;
-  }, "process-wide counts: lm_head packings (and their bytes), chunk logits GEMMs on a packed / unpacked lm_head");
+  }, "process-wide counts: lm_head packings (packed_bytes: what they occupy and the pack budget counts; "
+        "packed_reserved: what MKL's get_size reserved), chunk logits GEMMs on a packed / unpacked lm_head");
   m.def("gemm_stats_reset", []() {
     n_packs = 0;
     n_packed_bytes = 0;
+    n_packed_reserved = 0;
     n_packed_gemms = 0;
     n_plain_gemms = 0;
   });

@@ -8,7 +8,10 @@
 // taken only when the call has >= 2 chunks and its size fits the call's pack budget (COPSD_CPU_PACK_MB,
 // COPSD_CPU_PACK=0 turns packing off); otherwise, and for fp64, every chunk runs at::mm_out as before.
 // Low-precision weights (bf16/fp16) are up-cast in vocabulary blocks into one reused fp32 buffer: when packed,
-// each block is up-cast once per call and packed; when not, once per chunk.
+// each block is up-cast once per call and packed; when not, once per chunk.  The tiled top-k asks for blocks of
+// its tile width (packed one block per thread) and computes one block at a time (logits_block), from several
+// threads at once, each running its GEMM single-threaded.  The pack budget counts what a packed copy occupies
+// (the weight's fp32 size), not the larger size MKL reserves and never touches (packed_resident in gemm.cpp).
 #pragma once
 
 #include <torch/extension.h>
@@ -22,8 +25,14 @@ namespace copsd_cpu {
 // packed (fp32, MKL's packed GEMM found), at most 256 rows for a pass with gradient GEMMs and 128 without.
 int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget, bool grads);
 
-// Bytes of packed lm_head copies one op call may still hold: COPSD_CPU_PACK_MB (MiB, default 192), or 0 when
-// COPSD_CPU_PACK=0.  Read per call; a bad value is an error naming the variable.
+// Vocabulary entries per tile of the tiled top-k (loss.cpp): COPSD_CPU_TOPK_TILE if set (> 0), else what keeps a
+// [rows, tile] block of `elem`-byte logits at ~1 MiB (L2-resident), a multiple of 1024, at least 1024.
+int64_t topk_tile(int64_t rows, int64_t elem);
+
+// Bytes of packed lm_head copies (and whole fp32 copies of low-precision ones) one op call may still hold:
+// COPSD_CPU_PACK_MB (MiB, default 192), or 0 when COPSD_CPU_PACK=0.  A packed copy counts what it occupies,
+// about the weight's fp32 size, not the larger (never touched) size MKL reserves for it.  Read per call; a bad
+// value is an error naming the variable.
 struct PackBudget {
   int64_t left = 0;
   PackBudget();
@@ -33,11 +42,21 @@ struct PackBudget {
 // the call, `budget` the workspace bytes (bounds the up-cast block of a low-precision weight).
 class LmHead {
  public:
+  // tile > 0: the vocabulary is split into blocks of `tile` rows (packed / up-cast per block) for callers that
+  // compute the logits one vocabulary tile at a time (logits_block).
   LmHead(const at::Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int64_t budget, PackBudget& pack,
-         bool grads);
+         bool grads, int64_t tile = 0);
 
   // out[m, V] = x[m, H] @ W^T (x in the compute dtype).
   void logits(const at::Tensor& x, at::Tensor out);
+  // The vocabulary blocks: block b covers rows [b * block_rows(), min(V, (b + 1) * block_rows())) of W.
+  int64_t block_rows() const { return vb_; }
+  // out[m, n_b] = x[m, H] @ W[block b]^T (out's rows may be strided).  Safe to call from several threads at once
+  // after ready(), each with its own `scratch` (the up-cast block of an unpacked low-precision weight; grown on
+  // demand), and then runs single-threaded inside an OpenMP parallel region.
+  void logits_block(const at::Tensor& x, int64_t b, at::Tensor out, at::Tensor& scratch);
+  // Makes the whole up-cast / packed copies now (otherwise the first GEMM does).
+  void ready() { prepare(); }
   // dx[m, H] = dz[m, V] @ W;  dw[V, H] (+)= dz^T @ x.
   void grads(const at::Tensor& dz, const at::Tensor& x, at::Tensor dx, at::Tensor& dw, bool first);
 
@@ -47,10 +66,12 @@ class LmHead {
   at::Tensor block(int64_t v0, int64_t n);  // rows [v0, v0 + n) of W in the compute dtype (reused buffer)
   void prepare();  // on first use: the whole up-cast copy and the packed copy, where planned
   void pack_weight();
+  void pack_block(at::Tensor src, at::Tensor& dst) const;
 
   at::Tensor W_;
   at::ScalarType st_;
   bool upcast_;
+  bool grads_;      // the d_hidden / d_weight products are wanted too
   int64_t vb_;      // vocabulary rows per up-cast (and packed) block
   int64_t rows_;    // chunk rows the packed copy is made for
   bool pack_ = false;

@@ -8,6 +8,9 @@
 // its gradient costs exactly the four GEMMs of the naive computation and no [N, V] tensor:
 // the workspace is bounded by `workspace_bytes` (at least one row per side).
 //
+// Top-k goes further (topk_t): it never writes [rows, V]; each thread forms its rows' logits one vocabulary
+// tile at a time and scans the tile while it is in L2.
+//
 // The GEMMs live in gemm.{h,cpp}: low-precision weights are up-cast per vocabulary block (also
 // bounded) so every GEMM runs and accumulates in fp32 (fp64 for fp64 inputs), and where torch's MKL
 // has the packed-GEMM API an fp32 lm_head is packed once per call for all chunks' logits GEMMs.
@@ -15,16 +18,19 @@
 #include <pybind11/functional.h>
 
 #include <ATen/Parallel.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "gemm.h"
 #include "loss_rows_api.h"
@@ -278,38 +284,93 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
 
 // ------------------------------------------------------------------------------ top-k
 
+// Tiled, one parallel region per call: the tokens are split into row groups handed out dynamically to the
+// threads; a thread forms its group's logits one vocabulary tile [group, tile] at a time with a single-threaded
+// GEMM on the lm_head packed (or up-cast) per tile, and its rows' running top-k states (threshold, candidates,
+// online LSE: topk_scan) take the tile while it is still in that core's L2 (~1 MiB: 2048 logits per row at 128
+// rows in fp32; topk_tile in gemm.cpp).  So no [rows, V] block is written to memory and read back, and the
+// threads meet once per call instead of twice per chunk (a preempted thread on a shared machine holds the others
+// back only at the end).  A row that ends with fewer than k logits above -inf needs its whole row for the
+// -inf / NaN ids: its logits are formed again afterwards (rare: a row of almost only -inf / NaN logits).
+// COPSD_CPU_PROFILE's split here is per thread (summed over the threads, divided by their number).
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& weight, int64_t k,
                                           const LogitParams& lp, int64_t budget) {
-  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  const int64_t N = hidden.size(0), V = weight.size(0);
   const auto st = acc_type(hidden);
   auto opts = at::TensorOptions().dtype(st);
   Tensor out_ids = at::empty({N, k}, at::TensorOptions().dtype(at::kLong));
   Tensor out_lp = at::empty({N, k}, opts), out_lse = at::empty({N}, opts);
   if (N == 0) return {out_ids, out_lp, out_lse};
-  const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget, false);
+  const int threads = std::max(1, at::get_num_threads());
+  const int64_t rows = std::min(chunk_rows(N, V, sizeof(T), 1, budget, false), (N + threads - 1) / threads);
+  const int64_t groups = (N + rows - 1) / rows;
   PackBudget pack;
-  LmHead vb(weight, st, rows, N, budget, pack, false);
-  Tensor z = at::empty({rows, V}, opts);
+  LmHead vb(weight, st, rows, N, budget, pack, false, topk_tile(rows, sizeof(T)));
+  PhaseTimer tm("topk");
+  tm.start();
+  vb.ready();  // the packing (counted as logits GEMM, as in the other drivers)
+  tm.stop(tm.gemm);
+  const int64_t tile = vb.block_rows();
+  const int64_t tiles = (V + tile - 1) / tile;
+  const int64_t cap = topk_row_buffer(k);
+  const int nt = static_cast<int>(std::min<int64_t>(threads, groups));
+  // Per thread: its logits tile, its rows' candidate buffers and states, an up-cast scratch.
+  Tensor z = at::empty({nt, rows, tile}, opts);
+  Tensor cval = at::empty({nt, rows, cap}, opts);
+  Tensor cid = at::empty({nt, rows, cap}, at::TensorOptions().dtype(at::kLong));
+  std::vector<std::vector<TopkRow<T>>> state(nt, std::vector<TopkRow<T>>(rows));
+  std::vector<Tensor> scratch(nt);
+  std::vector<double> t_gemm(nt, 0.0), t_epi(nt, 0.0);
+  std::vector<char> short_row(N, 0);
+  Tensor x = hidden.to(st);
   const auto& K = kernels<T>();
   int64_t* pid = out_ids.data_ptr<int64_t>();
   T* plp = out_lp.data_ptr<T>();
   T* plse = out_lse.data_ptr<T>();
-  PhaseTimer tm("topk");
-  for (int64_t r0 = 0; r0 < N; r0 += rows) {
-    const int64_t nr = std::min(rows, N - r0);
-    Tensor zc = z.narrow(0, 0, nr);
-    tm.start();
-    gemm_logits(hidden.narrow(0, r0, nr).to(st), weight, zc, vb);
-    tm.stop(tm.gemm);
-    tm.start();
-    T* zp = zc.data_ptr<T>();
-    COPSD_PARALLEL_ROWS
-    for (int64_t r = 0; r < nr; ++r) {
-      const int64_t n = r0 + r;
-      K.topk(zp + r * V, V, k, lp, pid + n * k, plp + n * k, plse + n);
+  std::exception_ptr error;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  for (int64_t g = 0; g < groups; ++g) {
+    const int tid = nt > 1 ? omp_get_thread_num() : 0;
+    try {
+      const int64_t r0 = g * rows, nr = std::min(rows, N - r0);
+      Tensor xg = x.narrow(0, r0, nr);
+      T* zp = z[tid].data_ptr<T>();
+      std::vector<TopkRow<T>>& sr = state[tid];
+      for (int64_t r = 0; r < nr; ++r)
+        topk_row_init(sr[r], k, cval[tid].data_ptr<T>() + r * cap, cid[tid].data_ptr<int64_t>() + r * cap);
+      for (int64_t b = 0; b < tiles; ++b) {
+        const int64_t v0 = b * tile, n = std::min(tile, V - v0);
+        auto t0 = std::chrono::steady_clock::now();
+        vb.logits_block(xg, b, z[tid].narrow(0, 0, nr).narrow(1, 0, n), scratch[tid]);  // rows of stride `tile`
+        auto t1 = std::chrono::steady_clock::now();
+        for (int64_t r = 0; r < nr; ++r) K.topk_scan(sr[r], zp + r * tile, v0, n, k, lp);
+        auto t2 = std::chrono::steady_clock::now();
+        t_gemm[tid] += std::chrono::duration<double, std::milli>(t1 - t0).count();
+        t_epi[tid] += std::chrono::duration<double, std::milli>(t2 - t1).count();
+      }
+      auto t0 = std::chrono::steady_clock::now();
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t q = r0 + r;
+        short_row[q] = K.topk_end(sr[r], k, pid + q * k, plp + q * k, plse + q) < k;
+      }
+      t_epi[tid] += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    } catch (...) {
+#pragma omp critical(copsd_topk_error)
+      if (!error) error = std::current_exception();
     }
-    tm.stop(tm.epi);
+  }
+  if (error) std::rethrow_exception(error);
+  for (int i = 0; i < nt; ++i) {
+    tm.gemm += t_gemm[i] / nt;
+    tm.epi += t_epi[i] / nt;
+  }
+  Tensor row;
+  for (int64_t q = 0; q < N; ++q) {  // whole rows again for their -inf / NaN ids (one row at a time: rare)
+    if (!short_row[q]) continue;
+    if (!row.defined()) row = at::empty({1, V}, opts);
+    vb.logits(x.narrow(0, q, 1), row);
+    K.topk(row.data_ptr<T>(), V, k, lp, pid + q * k, plp + q * k, plse + q);  // the whole-row kernel
   }
   return {out_ids, out_lp, out_lse};
 }

@@ -1045,28 +1045,28 @@ TopkEntry<T>* radix_sort_desc(TopkEntry<T>* a, TopkEntry<T>* b, int64_t n) {
   return a;
 }
 
-// Appends z[j0 + u] (and its id) for every bit u of msk.  The buffer has 16 spare entries.
+// Appends zb[u] with its id j0 + u for every bit u of msk.  The buffer has 16 spare entries.
 template <typename T>
-inline int64_t topk_append_bits(const T* z, int64_t j0, uint32_t msk, T* val, int64_t* id, int64_t n) {
+inline int64_t topk_append_bits(const T* zb, int64_t j0, uint32_t msk, T* val, int64_t* id, int64_t n) {
   while (msk) {
     const int u = __builtin_ctz(msk);
-    val[n] = z[j0 + u];
+    val[n] = zb[u];
     id[n] = j0 + u;
     ++n;
     msk &= msk - 1;
   }
   return n;
 }
-// The same for a full vector of 16 logits z[j0 .. j0 + 16).
+// The same for a full vector of 16 logits zb[0 .. 16).
 template <typename T>
-inline int64_t topk_append(const T* z, int64_t j0, uint32_t msk, T* val, int64_t* id, int64_t n) {
-  return topk_append_bits(z, j0, msk, val, id, n);
+inline int64_t topk_append(const T* zb, int64_t j0, uint32_t msk, T* val, int64_t* id, int64_t n) {
+  return topk_append_bits(zb, j0, msk, val, id, n);
 }
 #if defined(COPSD_HAVE_AVX512)
 template <>
-inline int64_t topk_append<float>(const float* z, int64_t j0, uint32_t msk, float* val, int64_t* id, int64_t n) {
+inline int64_t topk_append<float>(const float* zb, int64_t j0, uint32_t msk, float* val, int64_t* id, int64_t n) {
   const __mmask16 m = static_cast<__mmask16>(msk);
-  _mm512_storeu_ps(val + n, _mm512_maskz_compress_ps(m, _mm512_loadu_ps(z + j0)));
+  _mm512_storeu_ps(val + n, _mm512_maskz_compress_ps(m, _mm512_loadu_ps(zb)));
   const __m512i base = _mm512_add_epi64(_mm512_set1_epi64(j0), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
   const __mmask8 lo = static_cast<__mmask8>(msk & 0xff), hi = static_cast<__mmask8>(msk >> 8);
   const int nlo = __builtin_popcount(msk & 0xff);
@@ -1076,11 +1076,11 @@ inline int64_t topk_append<float>(const float* z, int64_t j0, uint32_t msk, floa
 }
 #elif defined(COPSD_HAVE_AVX2)
 template <>
-inline int64_t topk_append<float>(const float* z, int64_t j0, uint32_t msk, float* val, int64_t* id, int64_t n) {
-  for (int h = 0; h < 2; ++h, j0 += 8, msk >>= 8) {
+inline int64_t topk_append<float>(const float* zb, int64_t j0, uint32_t msk, float* val, int64_t* id, int64_t n) {
+  for (int h = 0; h < 2; ++h, j0 += 8, zb += 8, msk >>= 8) {
     const uint32_t m = msk & 0xff;
     const __m256i p = perm8(m);  // its first popcount(m) lanes: the selected lane numbers
-    _mm256_storeu_ps(val + n, _mm256_permutevar8x32_ps(_mm256_loadu_ps(z + j0), p));
+    _mm256_storeu_ps(val + n, _mm256_permutevar8x32_ps(_mm256_loadu_ps(zb), p));
     const __m256i base = _mm256_set1_epi64x(j0);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(id + n),
                         _mm256_add_epi64(base, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(p))));
@@ -1270,30 +1270,34 @@ inline bool any_nan(const T* z, int64_t n) {
   return nan;
 }
 
+// Scans the logits z[0..len) of one row, whose first one has id j0, into the row's running state `st` (raw
+// GEMM output in, transformed in place).  A row may be scanned in consecutive pieces (the tiled driver hands
+// it one vocabulary tile at a time, while the tile is still in cache): the state carries the threshold, the
+// candidates and the online (M, S) from one piece to the next, so the result does not depend on the split
+// beyond the rounding of S.
 template <typename T>
-void topk_row(T* z, int64_t V, int64_t k, const LogitParams& lp, int64_t* out_ids, T* out_lp, T* out_lse) {
+void topk_scan(TopkRow<T>& st, T* z, int64_t j0, int64_t len, int64_t k, const LogitParams& lp) {
   // Softcap: transformed up front (tanh per logit); otherwise the scale is fused into the block scan.
   T f = static_cast<T>(lp.logit_scale) * static_cast<T>(1.0 / lp.temperature);
   if (lp.softcap > 0) {
-    transform_row(z, V, lp);
+    transform_row(z, len, lp);
     f = T(1);
   }
   const bool scale = f != T(1);
-  const int64_t hi = 2 * k > k + 128 ? 2 * k : k + 128;  // cut the buffer back to k at hi entries
+  const int64_t hi = topk_cut_at(k);  // cut the buffer back to k at hi entries
   TopkScratch<T>& sc = topk_scratch<T>();
-  sc.reserve(hi + 16);
-  T* val = sc.val;
-  int64_t* id = sc.id;
-  int64_t n = 0;
-  T thr = neg_inf<T>();
-  T M = neg_inf<T>(), S = 0;
-  bool nan = false, pinf = false, dense = k > 1;
-  for (int64_t b0 = 0; b0 < V; b0 += TOPK_BLOCK) {
-    const int64_t b1 = b0 + TOPK_BLOCK < V ? b0 + TOPK_BLOCK : V;
+  sc.reserve(hi + 16);  // the cuts' scratch (st's own buffer holds topk_row_buffer(k) entries)
+  T* val = st.val;
+  int64_t* id = st.id;
+  int64_t n = st.n;
+  T thr = st.thr, M = st.M, S = st.S;
+  bool nan = st.nan, pinf = st.pinf, dense = st.dense;
+  for (int64_t b0 = 0; b0 < len; b0 += TOPK_BLOCK) {
+    const int64_t b1 = b0 + TOPK_BLOCK < len ? b0 + TOPK_BLOCK : len;
     {
-      // The row usually comes from memory or L3 (the GEMM wrote a whole chunk); a block spans whole pages,
+      // A whole row usually comes from memory or L3 (the GEMM wrote a whole chunk); a block spans whole pages,
       // where the hardware's stream prefetch stops, so ask for the block after next explicitly.
-      const int64_t p0 = b0 + 2 * TOPK_BLOCK, p1 = p0 + TOPK_BLOCK < V ? p0 + TOPK_BLOCK : V;
+      const int64_t p0 = b0 + 2 * TOPK_BLOCK, p1 = p0 + TOPK_BLOCK < len ? p0 + TOPK_BLOCK : len;
       for (int64_t j = p0; j < p1; j += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(z + j, 0, 3);
     }
     const T bm = scale ? block_max<T, true>(z + b0, b1 - b0, f) : block_max<T, false>(z + b0, b1 - b0, f);
@@ -1309,10 +1313,10 @@ void topk_row(T* z, int64_t V, int64_t k, const LogitParams& lp, int64_t* out_id
         if (j + 16 <= b1) {
           msk = gt_mask16(z + j, thr);
           if (!dense && !msk) continue;
-          n = topk_append(z, j, msk, val, id, n);
-        } else {  // the row's last, partial vector
+          n = topk_append(z + j, j0 + j, msk, val, id, n);
+        } else {  // the piece's last, partial vector
           for (int64_t u = 0; j + u < b1; ++u) msk |= static_cast<uint32_t>(z[j + u] > thr) << u;
-          n = topk_append_bits(z, j, msk, val, id, n);
+          n = topk_append_bits(z + j, j0 + j, msk, val, id, n);
         }
         passed += n - n0;
         if (n >= hi) {
@@ -1339,13 +1343,32 @@ void topk_row(T* z, int64_t V, int64_t k, const LogitParams& lp, int64_t* out_id
       S += s * std::exp(bm - M);
     }
   }
+  st.n = n;
+  st.thr = thr;
+  st.M = M;
+  st.S = S;
+  st.nan = nan;
+  st.pinf = pinf;
+  st.dense = dense;
+}
+
+// After the last piece of a row: its LSE, and its (at most k) candidates cut to the k best and written in order
+// to out_ids / out_lp (as log-probs).  Returns how many were written: fewer than k only when the row has fewer
+// than k logits above -inf, which needs the whole row (topk_complete).
+template <typename T>
+int64_t topk_end(TopkRow<T>& st, int64_t k, int64_t* out_ids, T* out_lp, T* out_lse) {
+  TopkScratch<T>& sc = topk_scratch<T>();
+  sc.reserve(topk_cut_at(k) + 16);
+  T* val = st.val;
+  int64_t* id = st.id;
+  int64_t n = st.n;
   T lse;
-  if (nan || S != S) {
+  if (st.nan || st.S != st.S) {
     lse = std::numeric_limits<T>::quiet_NaN();
-  } else if (pinf) {
+  } else if (st.pinf) {
     lse = std::numeric_limits<T>::infinity();  // as logsumexp: +inf wins over any finite logit
   } else {
-    lse = M == neg_inf<T>() ? M : M + flog(S);
+    lse = st.M == neg_inf<T>() ? st.M : st.M + flog(st.S);
   }
   if (n > k) {
     topk_cut(val, id, sc.tmp, n, k);
@@ -1374,7 +1397,14 @@ void topk_row(T* z, int64_t V, int64_t k, const LogitParams& lp, int64_t* out_id
       out_lp[i] = ent[i].v - lse;
     }
   }
-  // Fewer than k logits above -inf (all of them are candidates then): the -inf ids, then the NaN ids.
+  *out_lse = lse;
+  return n;
+}
+
+// A row with only n < k logits above -inf (all of them written by topk_end): completed in id order with its
+// -inf ids, then its NaN ids, from the whole transformed row z[0..V).
+template <typename T>
+void topk_complete(const T* z, int64_t V, int64_t k, int64_t n, T lse, int64_t* out_ids, T* out_lp) {
   for (int64_t j = 0; j < V && n < k; ++j) {
     if (z[j] == neg_inf<T>()) {
       out_ids[n] = j;
@@ -1387,7 +1417,18 @@ void topk_row(T* z, int64_t V, int64_t k, const LogitParams& lp, int64_t* out_id
       out_lp[n++] = z[j] - lse;
     }
   }
-  *out_lse = lse;
+}
+
+// A whole row at once: its scan, the end and the completion.
+template <typename T>
+void topk_row(T* z, int64_t V, int64_t k, const LogitParams& lp, int64_t* out_ids, T* out_lp, T* out_lse) {
+  TopkScratch<T>& sc = topk_scratch<T>();
+  sc.reserve(topk_row_buffer(k));  // the row's candidates live in this thread's scratch (reserved first)
+  TopkRow<T> st;
+  topk_row_init(st, k, sc.val, sc.id);
+  topk_scan(st, z, 0, V, k, lp);
+  const int64_t n = topk_end(st, k, out_ids, out_lp, out_lse);
+  if (n < k) topk_complete(z, V, k, n, *out_lse, out_ids, out_lp);
 }
 
 // ------------------------------------------------------------------------------ divergence
@@ -1911,6 +1952,8 @@ RowKernels<T> make_table() {
   t.logprob_stats = &logprob_row_stats<T>;
   t.logprob_grad = &logprob_row_grad<T>;
   t.topk = &topk_row<T>;
+  t.topk_scan = &topk_scan<T>;
+  t.topk_end = &topk_end<T>;
   t.div = &div_row<T>;
   t.exp = &exp_array<T>;
   t.log = &log_array<T>;

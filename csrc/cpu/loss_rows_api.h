@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 namespace copsd_cpu {
 
@@ -26,6 +27,31 @@ struct DivParams {
   double clip = 0.0;
 };
 
+// Running state of one row's top-k while the row is scanned in vocabulary pieces (topk_scan / topk_end of
+// RowKernels); val / id: the caller's candidate buffer of topk_row_buffer(k) entries, kept across the pieces.
+template <typename T>
+struct TopkRow {
+  T* val = nullptr;
+  int64_t* id = nullptr;
+  int64_t n = 0;   // candidates in the buffer (ids ascending)
+  T thr = 0;       // lower bound on the row's k-th best so far
+  T M = 0, S = 0;  // online log-sum-exp: max and sum of e^{z - M}
+  bool nan = false, pinf = false, dense = false;
+};
+// Candidates kept before a cut back to k, and the buffer size a row needs (with room for full-vector stores).
+inline int64_t topk_cut_at(int64_t k) { return 2 * k > k + 128 ? 2 * k : k + 128; }
+inline int64_t topk_row_buffer(int64_t k) { return topk_cut_at(k) + 32; }
+template <typename T>
+inline void topk_row_init(TopkRow<T>& st, int64_t k, T* val, int64_t* id) {
+  st.val = val;
+  st.id = id;
+  st.n = 0;
+  st.thr = st.M = -std::numeric_limits<T>::infinity();
+  st.S = 0;
+  st.nan = st.pinf = false;
+  st.dense = k > 1;
+}
+
 // One row of raw GEMM output y[V] in, transformed + reduced (and, for the backward
 // routines, overwritten with d(objective)/dy) out.
 template <typename T>
@@ -40,6 +66,11 @@ struct RowKernels {
   void (*logprob_grad)(T* y, int64_t V, int64_t id, T shift, T log_s, T ent, T g_lp, T g_ent, T g_lse,
                        const LogitParams&, bool transformed);
   void (*topk)(T* y, int64_t V, int64_t k, const LogitParams&, int64_t* ids, T* lp, T* lse);
+  // The same row in pieces: topk_scan per piece y[0..n) of ids [j0, j0 + n) in order (transformed in place),
+  // then topk_end writes the LSE and the best <= k and returns how many.  Fewer than k (a row with fewer than
+  // k logits above -inf): the row needs `topk` on the whole row for its -inf / NaN ids.
+  void (*topk_scan)(TopkRow<T>& st, T* y, int64_t j0, int64_t n, int64_t k, const LogitParams&);
+  int64_t (*topk_end)(TopkRow<T>& st, int64_t k, int64_t* ids, T* lp, T* lse);
   // Returns the row's loss; with grad, ys becomes tg * dloss/dys (yt is clobbered).
   // K/k: teacher top-k ids of the row (support == SUPPORT_TOPK); scratch: 3k values.
   // stats (nullptr: none): [student log-prob of id sid, student entropy, teacher log-prob of sid], full
