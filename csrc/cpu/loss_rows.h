@@ -1142,6 +1142,19 @@ inline T finite_or_zero(T m) {
   return m == neg_inf<T>() ? T(0) : m;
 }
 
+// Entries of a block per software-prefetch step of online_row's first pass.
+constexpr int64_t PREFETCH_SUB = 256;
+
+// Prefetch entries [j0, j1) (clipped to n) of two rows, one cache line at a time.
+template <typename T>
+inline void prefetch_rows(const T* a, const T* b, int64_t j0, int64_t j1, int64_t n) {
+  const int64_t end = j1 < n ? j1 : n;
+  for (int64_t j = j0; j < end; j += 64 / static_cast<int64_t>(sizeof(T))) {
+    __builtin_prefetch(a + j, 0, 3);
+    __builtin_prefetch(b + j, 0, 3);
+  }
+}
+
 // Full support, no clip, no softcap: "online" kernels.  Each reads the two raw GEMM rows from memory once, in
 // SUM_BLOCK-entry blocks: per block the two block maxima (with the linear logit transform applied in place),
 // then the exponentials relative to the running maxima ms / mt, with the sums accumulated so far rescaled
@@ -1182,12 +1195,6 @@ T online_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& lp, T 
     const int64_t b0 = b * SUM_BLOCK, n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
     T* s = zs + b0;
     T* t = zt + b0;
-    // The rows come from memory (the GEMM wrote them a while ago): ask for the next block while this one
-    // computes (measured: the first pass is otherwise bound by waiting for the loads).
-    for (int64_t j = SUM_BLOCK; j < 2 * SUM_BLOCK && b0 + j < V; j += 64 / static_cast<int64_t>(sizeof(T))) {
-      __builtin_prefetch(s + j, 0, 3);
-      __builtin_prefetch(t + j, 0, 3);
-    }
     T bs, bt, hs, ht;
     block_max2(s, t, n, f, bs, bt);
     const T rs = raise_max(ms, bs, hs), rt = raise_max(mt, bt, ht);
@@ -1203,64 +1210,71 @@ T online_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& lp, T 
     T* u = u_all + b0;
     T* v = v_all + b0;
     T s1 = 0, s2 = 0, x = 0, w = 0;
-    if (KIND == KIND_REVERSE_KL) {
-      if (grad) {
+    // The rows come from memory (the GEMM wrote them a while ago): while a sub-block computes, the matching part
+    // of the next block is asked for, so the loads overlap the exponentials (measured: prefetching the whole
+    // next block at once, or not at all, leaves the pass waiting on the loads).
+    for (int64_t sb = 0; sb < n; sb += PREFETCH_SUB) {
+      const int64_t e = sb + PREFETCH_SUB < n ? sb + PREFETCH_SUB : n;
+      prefetch_rows(s, t, SUM_BLOCK + sb, SUM_BLOCK + e, V - b0);
+      if (KIND == KIND_REVERSE_KL) {
+        if (grad) {
 #pragma omp simd reduction(+ : s1, s2, x, w)
-        for (int64_t j = 0; j < n; ++j) {
-          const T ds = s[j] - ms0, dt = t[j] - mt0;
-          const T es = fexp0(ds), d = ds - dt;
-          s1 += es;
-          s2 += fexp0(dt);
-          x += es * d;
-          if (STATS) w += es * ds;
-          u[j] = es;
-          v[j] = d;
+          for (int64_t j = sb; j < e; ++j) {
+            const T ds = s[j] - ms0, dt = t[j] - mt0;
+            const T es = fexp0(ds), d = ds - dt;
+            s1 += es;
+            s2 += fexp0(dt);
+            x += es * d;
+            if (STATS) w += es * ds;
+            u[j] = es;
+            v[j] = d;
+          }
+        } else {
+#pragma omp simd reduction(+ : s1, s2, x, w)
+          for (int64_t j = sb; j < e; ++j) {
+            const T ds = s[j] - ms0, dt = t[j] - mt0;
+            const T es = fexp0(ds);
+            s1 += es;
+            s2 += fexp0(dt);
+            x += es * (ds - dt);
+            if (STATS) w += es * ds;
+          }
+        }
+      } else if (KIND == KIND_FORWARD_KL) {
+        if (grad) {
+#pragma omp simd reduction(+ : s1, s2, x, w)
+          for (int64_t j = sb; j < e; ++j) {
+            const T ds = s[j] - ms0, dt = t[j] - mt0;
+            const T es = fexp0(ds), et = fexp0(dt);
+            s1 += es;
+            s2 += et;
+            x += et * (dt - ds);
+            if (STATS) w += es * ds;
+            u[j] = es;
+            v[j] = et;
+          }
+        } else {
+#pragma omp simd reduction(+ : s1, s2, x, w)
+          for (int64_t j = sb; j < e; ++j) {
+            const T ds = s[j] - ms0, dt = t[j] - mt0;
+            const T es = fexp0(ds), et = fexp0(dt);
+            s1 += es;
+            s2 += et;
+            x += et * (dt - ds);
+            if (STATS) w += es * ds;
+          }
         }
       } else {
-#pragma omp simd reduction(+ : s1, s2, x, w)
-        for (int64_t j = 0; j < n; ++j) {
-          const T ds = s[j] - ms0, dt = t[j] - mt0;
-          const T es = fexp0(ds);
-          s1 += es;
-          s2 += fexp0(dt);
-          x += es * (ds - dt);
-          if (STATS) w += es * ds;
-        }
-      }
-    } else if (KIND == KIND_FORWARD_KL) {
-      if (grad) {
-#pragma omp simd reduction(+ : s1, s2, x, w)
-        for (int64_t j = 0; j < n; ++j) {
+#pragma omp simd reduction(+ : s1, s2, w)
+        for (int64_t j = sb; j < e; ++j) {
           const T ds = s[j] - ms0, dt = t[j] - mt0;
           const T es = fexp0(ds), et = fexp0(dt);
           s1 += es;
           s2 += et;
-          x += et * (dt - ds);
           if (STATS) w += es * ds;
           u[j] = es;
           v[j] = et;
         }
-      } else {
-#pragma omp simd reduction(+ : s1, s2, x, w)
-        for (int64_t j = 0; j < n; ++j) {
-          const T ds = s[j] - ms0, dt = t[j] - mt0;
-          const T es = fexp0(ds), et = fexp0(dt);
-          s1 += es;
-          s2 += et;
-          x += et * (dt - ds);
-          if (STATS) w += es * ds;
-        }
-      }
-    } else {
-#pragma omp simd reduction(+ : s1, s2, w)
-      for (int64_t j = 0; j < n; ++j) {
-        const T ds = s[j] - ms0, dt = t[j] - mt0;
-        const T es = fexp0(ds), et = fexp0(dt);
-        s1 += es;
-        s2 += et;
-        if (STATS) w += es * ds;
-        u[j] = es;
-        v[j] = et;
       }
     }
     Ss += s1;
