@@ -40,6 +40,15 @@ namespace COPSD_ISA {
 namespace {
 
 // ------------------------------------------------------------------------------ exp
+// The elementwise cores below are called inside `omp simd` loops, which vectorise only if they are inlined: GCC
+// otherwise may keep one out-of-line scalar copy once a function has many callers (measured: the top-k-support
+// gradient loop ran one scalar fexp call per entry), so inlining is forced.
+#if defined(__GNUC__)
+#define COPSD_VEC_INLINE inline __attribute__((always_inline))
+#else
+#define COPSD_VEC_INLINE inline
+#endif
+
 
 // exp(x) in float, branch-free so loops over it vectorise at the full width of the ISA the file
 // is compiled for (16 lanes with AVX-512, 8 with AVX2, 4 at the SSE baseline).  Cody-Waite
@@ -48,7 +57,7 @@ namespace {
 // x < -87.34 -> 0 (no denormals), x > 88 -> inf; callers pass x <= 0 (a logit minus a maximum)
 // or tiny ranges.  double uses the C library's exp.
 // The shared core: exp(xc) for xc already clamped to [-87.34, 88].
-inline float exp_clamped(float xc) {
+COPSD_VEC_INLINE float exp_clamped(float xc) {
   // Round to nearest with the 1.5*2^23 trick (no libm call, so masked loops still vectorise).
   const float magic = 12582912.0f;
   float n = (xc * 1.44269504088896341f + magic) - magic;
@@ -67,7 +76,7 @@ inline float exp_clamped(float xc) {
   return p * scale;
 }
 
-inline float fexp(float x) {
+COPSD_VEC_INLINE float fexp(float x) {
   const float hi = 88.0f, lo = -87.33654f;
   float xc = x > hi ? hi : x;
   xc = xc < lo ? lo : xc;
@@ -81,7 +90,7 @@ inline double fexp(double x) { return std::exp(x); }
 
 // exp(x) for x <= 0 or NaN (a logit minus a running maximum): fexp without its overflow edge, a shorter
 // vectorised loop body with the same results (x < -87.34 -> 0, NaN propagates).
-inline float fexp0(float x) {
+COPSD_VEC_INLINE float fexp0(float x) {
   const float lo = -87.33654f;
   const bool under = x < lo;
   const float xc = under ? lo : x;
@@ -94,7 +103,7 @@ inline double fexp0(double x) { return std::exp(x); }
 // log of the float whose bits are `bits` (positive, normal), times 2^-e_shift: x = 2^e m with
 // m in [sqrt(1/2), sqrt(2)), log m from a degree-9 polynomial in f = m - 1 (the classic single-precision minimax
 // fit), e ln 2 added in two parts.
-inline float log_of_bits(int32_t bits, int32_t e_shift) {
+COPSD_VEC_INLINE float log_of_bits(int32_t bits, int32_t e_shift) {
   const int32_t d = bits - 0x3f3504f3;  // bits of sqrt(1/2): m lands in [sqrt(1/2), sqrt(2))
   const int32_t e = d >> 23;
   const int32_t mb = (d & 0x007fffff) + 0x3f3504f3;
@@ -121,7 +130,7 @@ inline float log_of_bits(int32_t bits, int32_t e_shift) {
 // vlog: log(x) in float, branch-free like fexp (so the JSD's per-entry mixture log vectorises), on the core
 // above.  Max relative error 1.2e-7 against float64 log over the normal floats (tests/test_cpu_kernels.py).
 // Edges: denormals are scaled up first, 0 -> -inf, x < 0 or NaN -> NaN, +inf -> +inf.
-inline float vlog(float x) {
+COPSD_VEC_INLINE float vlog(float x) {
   // Every select below is on an integer condition: a float compare may trap (-ftrapping-math), which stops
   // GCC from if-converting it and so from vectorising the loop.
   int32_t bx;
@@ -144,7 +153,7 @@ inline double vlog(double x) { return std::log(x); }
 // vlog for a positive normal float: without the edge cases (denormal, 0, negative, inf, NaN give garbage), a
 // shorter vectorised body with vlog's value.  For callers whose argument is >= FLT_MIN by construction and whose
 // result is NaN through other terms whenever the argument is not finite (the JSD's mixture log).
-inline float vlog_normal(float x) {
+COPSD_VEC_INLINE float vlog_normal(float x) {
   int32_t bx;
   std::memcpy(&bx, &x, sizeof(bx));
   return log_of_bits(bx, 0);
@@ -1470,6 +1479,35 @@ T generic_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& 
   return loss;
 }
 
+// Log-sum-exps of two rows (-inf for an all -inf row, NaN where a row holds NaN) in one pass over both: per
+// SUM_BLOCK block the two maxima, then the block's exponentials relative to the running maxima (sums kept so far
+// rescaled when a maximum grows), so each row is read from memory once instead of twice.
+template <typename T>
+void row_lse2(const T* a, const T* b, int64_t n, T& la, T& lb) {
+  T ma = neg_inf<T>(), mb = neg_inf<T>(), sa = 0, sb = 0;
+  for (int64_t b0 = 0; b0 < n; b0 += SUM_BLOCK) {
+    const int64_t m = SUM_BLOCK < n - b0 ? SUM_BLOCK : n - b0;
+    const T* x = a + b0;
+    const T* y = b + b0;
+    prefetch_rows(x, y, SUM_BLOCK, 2 * SUM_BLOCK, n - b0);
+    T xa, xb, h;
+    row_max2(x, y, m, xa, xb);
+    sa *= raise_max(ma, xa, h);
+    sb *= raise_max(mb, xb, h);
+    const T a0 = finite_or_zero(ma), b0m = finite_or_zero(mb);
+    T pa = 0, pb = 0;
+#pragma omp simd reduction(+ : pa, pb)
+    for (int64_t j = 0; j < m; ++j) {
+      pa += fexp0(x[j] - a0);
+      pb += fexp0(y[j] - b0m);
+    }
+    sa += pa;
+    sb += pb;
+  }
+  la = n == 0 || ma == neg_inf<T>() ? neg_inf<T>() : ma + flog(sa);
+  lb = n == 0 || mb == neg_inf<T>() ? neg_inf<T>() : mb + flog(sb);
+}
+
 // Teacher-top-k support.  `scratch` holds 3k values.  The K entries are taken out of the
 // rows (set to -inf) so the tail log-sum-exp is computed directly over V \ K.
 template <typename T, int KIND>
@@ -1494,10 +1532,7 @@ T topk_support_row(T* zs, T* zt, int64_t V, const int64_t* K, int64_t k, T tg, b
     Ls = lseK_s;
     Lt = lseK_t;
   } else {
-    if (has_tail) {
-      tail_s = row_lse(zs, V);
-      tail_t = row_lse(zt, V);
-    }
+    if (has_tail) row_lse2(zs, zt, V, tail_s, tail_t);
     auto lae = [](T a, T b) {
       if (b == neg_inf<T>()) return a;
       const T mx = a > b ? a : b, mn = a > b ? b : a;
@@ -1533,11 +1568,19 @@ T topk_support_row(T* zs, T* zt, int64_t V, const int64_t* K, int64_t k, T tg, b
   if (dp.tail == TAIL_RENORM) {
     std::memset(zs, 0, sizeof(T) * V);
   } else if (bucket) {
-    // dz_j = e^{ls_j - ls_tail} g_tail - q_j G; both exponents are <= 0 off K.
+    // dz_j = e^{ls_j - ls_tail} g_tail - q_j G = e^{z_j - tail_s} (g_tail - e^{tail_s - Ls} G): one exponential
+    // per entry (q_j = e^{z_j - tail_s} e^{tail_s - Ls}); the exponent is <= 0 off K.
+    const T c_tail = g_tail * tg, c_q = fexp(tail_s - Ls) * G * tg;
+    if (lp.softcap > 0) {
 #pragma omp simd
-    for (int64_t j = 0; j < V; ++j) {
-      const T zj = zs[j];
-      zs[j] = (fexp(zj - tail_s) * g_tail - fexp(zj - Ls) * G) * tg * chain(zj);
+      for (int64_t j = 0; j < V; ++j) {
+        const T zj = zs[j];
+        zs[j] = fexp(zj - tail_s) * (c_tail - c_q) * chain(zj);
+      }
+    } else {
+      const T f = chain.base;
+#pragma omp simd
+      for (int64_t j = 0; j < V; ++j) zs[j] = fexp(zs[j] - tail_s) * ((c_tail - c_q) * f);
     }
   } else {
 #pragma omp simd
