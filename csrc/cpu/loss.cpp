@@ -552,6 +552,8 @@ void register_loss(pybind11::module& m) {
         "elementwise exp with the row epilogues' vectorised polynomial (for tests)");
   m.def("log", [](const Tensor& x) { return elementwise(x, [](const auto& k) { return k.log; }); }, py::arg("x"),
         "elementwise log with the row epilogues' vectorised polynomial (for tests)");
+  m.def("tanh", [](const Tensor& x) { return elementwise(x, [](const auto& k) { return k.tanh; }); }, py::arg("x"),
+        "elementwise tanh of the softcap logit transform (vectorised; for tests)");
   m.def("isa", []() {
     const int l = isa_level();
     return std::string(l == 2 ? "avx512" : l == 1 ? "avx2" : "base");
