@@ -248,6 +248,38 @@ def test_log_float32_extremes():
     assert torch.isposinf(got[4]), got
 
 
+def _tanh(x):
+    from copsd import _C
+    return _C.tanh(x)
+
+
+@pytest.mark.isa
+def test_tanh_float32_accuracy():
+    """The vectorised tanh of the softcap transform: relative error <= 2 ulp (2.4e-7) against float64 tanh, on
+    both sides of its switch at |x| = 0.625, down to tiny and up to saturated arguments."""
+    x = torch.cat([torch.linspace(-12.0, 12.0, 2_000_001), torch.logspace(-30, 1.5, 200_001, dtype=torch.float64)
+                   .float(), torch.tensor([0.625, -0.625, 0.62499994, 0.62500006, 1e-38, 1e-45])])
+    x = torch.cat([x, -x])
+    got, want = _tanh(x).double(), x.double().tanh()
+    nz = want != 0
+    rel = ((got - want).abs() / want.abs())[nz].max().item()
+    assert rel <= 2.4e-7, rel
+    assert torch.equal(got[~nz], want[~nz])
+
+
+@pytest.mark.isa
+def test_tanh_float32_extremes():
+    """Saturates to exactly +-1 (also at +-inf and past exp's overflow), keeps the sign of zero, NaN stays NaN;
+    float64 is the C library's tanh."""
+    x = torch.tensor([20.0, 50.0, 1e30, float("inf"), -20.0, -1e30, float("-inf"), 0.0, -0.0, float("nan")])
+    got = _tanh(x)
+    assert torch.equal(got[:7], torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0])), got
+    assert got[7] == 0 and not torch.signbit(got[7]) and got[8] == 0 and torch.signbit(got[8]), got
+    assert torch.isnan(got[9])
+    x = torch.linspace(-30, 30, 10_001, dtype=torch.float64)
+    assert torch.allclose(_tanh(x), x.tanh(), rtol=4.5e-16, atol=0)
+
+
 @pytest.mark.parametrize("isa", ["base", "avx2"])
 def test_exp_and_epilogues_on_other_isa(isa):
     """The baseline and AVX2 builds of the exp and the epilogues at these shapes (one ISA per process)."""

@@ -463,6 +463,29 @@ def test_cpu_public_divergence_op_on_cpu_backend(reduction):
         assert torch.equal(outs["cpu"][1][~mask], torch.zeros_like(outs["cpu"][1][~mask]))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_fills_no_zero_gradients(backend, reduction):
+    """The backward of a reduced loss (which only scales the gradients the forward computed) gets no zero-filled
+    upstream gradients for the outputs nothing differentiates (the saved d_hidden / d_weight, the statistics): a
+    [V, H] fill per step otherwise.  The gradients stay right."""
+    N, H, V = 7, 5, 13
+    xs, ws, xt, wt = op_inputs(N, H, V)
+    ids = torch.arange(N) % V
+    loss, _ = linear_divergence(xs, ws, xt, wt, kind="jsd", beta=0.3, stats_ids=ids, reduction=reduction,
+                                backend=backend)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        got = torch.autograd.grad(loss.sum(), (xs, ws))
+    # (the root gradient, a scalar 1, is the one fill expected)
+    fills = [(e.name, e.input_shapes) for e in prof.events()
+             if e.name in ("aten::zeros", "aten::zero_", "aten::fill_") and e.input_shapes and e.input_shapes[0]]
+    assert not fills, fills
+    want = torch.autograd.grad(linear_divergence(xs, ws, xt, wt, kind="jsd", beta=0.3, reduction=reduction,
+                                                 backend="reference"), (xs, ws))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- token statistics (stats_ids)
 
 

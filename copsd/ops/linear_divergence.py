@@ -167,9 +167,12 @@ def _per_token_setup(ctx, inputs, output):
     ctx.save_for_backward(xs, ws, xt, wt, mask, output[1] if computed else topk_ids)
     ctx.options = options
     ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)  # see _reduced_setup
 
 
 def _per_token_backward(ctx, grad, _g_ids, _g_stats):
+    if grad is None:  # the losses do not reach what is differentiated (only the ids / statistics did)
+        return (None,) * (len(ctx.options) + 8)
     xs, ws, xt, wt, mask, ids = ctx.saved_tensors
     dxs, dws = _per_token_backward_op(xs, ws, xt, wt, mask, ids, grad.contiguous(), *ctx.options)
     return (dxs if ctx.needs_input_grad[0] else None, dws if ctx.needs_input_grad[1] else None,
@@ -209,9 +212,14 @@ def _reduced_setup(ctx, inputs, output):
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
     ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(output[3])
+    # Outputs nothing differentiates (the saved gradients, the statistics) would otherwise get zero-filled
+    # upstream gradients: a [V, H] fill (and, on fresh memory, its page faults) per backward for nothing.
+    ctx.set_materialize_grads(False)
 
 
 def _reduced_backward(ctx, grad, _g_dxs, _g_dws, _g_stats):
+    if grad is None:  # only the saved gradients / statistics were differentiated: nothing reaches the inputs
+        return (None,) * ctx.n_inputs
     dxs, dws = ctx.saved_tensors
     if dxs.dim() == 1:
         raise RuntimeError("copsd::linear_divergence_reduced ran with with_grad=False: it has no gradient "

@@ -40,6 +40,15 @@ namespace COPSD_ISA {
 namespace {
 
 // ------------------------------------------------------------------------------ exp
+// The elementwise cores below are called inside `omp simd` loops, which vectorise only if they are inlined: GCC
+// otherwise may keep one out-of-line scalar copy once a function has many callers (measured: the top-k-support
+// gradient loop ran one scalar fexp call per entry), so inlining is forced.
+#if defined(__GNUC__)
+#define COPSD_VEC_INLINE inline __attribute__((always_inline))
+#else
+#define COPSD_VEC_INLINE inline
+#endif
+
 
 // exp(x) in float, branch-free so loops over it vectorise at the full width of the ISA the file
 // is compiled for (16 lanes with AVX-512, 8 with AVX2, 4 at the SSE baseline).  Cody-Waite
@@ -48,7 +57,7 @@ namespace {
 // x < -87.34 -> 0 (no denormals), x > 88 -> inf; callers pass x <= 0 (a logit minus a maximum)
 // or tiny ranges.  double uses the C library's exp.
 // The shared core: exp(xc) for xc already clamped to [-87.34, 88].
-inline float exp_clamped(float xc) {
+COPSD_VEC_INLINE float exp_clamped(float xc) {
   // Round to nearest with the 1.5*2^23 trick (no libm call, so masked loops still vectorise).
   const float magic = 12582912.0f;
   float n = (xc * 1.44269504088896341f + magic) - magic;
@@ -67,7 +76,7 @@ inline float exp_clamped(float xc) {
   return p * scale;
 }
 
-inline float fexp(float x) {
+COPSD_VEC_INLINE float fexp(float x) {
   const float hi = 88.0f, lo = -87.33654f;
   float xc = x > hi ? hi : x;
   xc = xc < lo ? lo : xc;
@@ -81,7 +90,7 @@ inline double fexp(double x) { return std::exp(x); }
 
 // exp(x) for x <= 0 or NaN (a logit minus a running maximum): fexp without its overflow edge, a shorter
 // vectorised loop body with the same results (x < -87.34 -> 0, NaN propagates).
-inline float fexp0(float x) {
+COPSD_VEC_INLINE float fexp0(float x) {
   const float lo = -87.33654f;
   const bool under = x < lo;
   const float xc = under ? lo : x;
@@ -94,7 +103,7 @@ inline double fexp0(double x) { return std::exp(x); }
 // log of the float whose bits are `bits` (positive, normal), times 2^-e_shift: x = 2^e m with
 // m in [sqrt(1/2), sqrt(2)), log m from a degree-9 polynomial in f = m - 1 (the classic single-precision minimax
 // fit), e ln 2 added in two parts.
-inline float log_of_bits(int32_t bits, int32_t e_shift) {
+COPSD_VEC_INLINE float log_of_bits(int32_t bits, int32_t e_shift) {
   const int32_t d = bits - 0x3f3504f3;  // bits of sqrt(1/2): m lands in [sqrt(1/2), sqrt(2))
   const int32_t e = d >> 23;
   const int32_t mb = (d & 0x007fffff) + 0x3f3504f3;
@@ -121,7 +130,7 @@ inline float log_of_bits(int32_t bits, int32_t e_shift) {
 // vlog: log(x) in float, branch-free like fexp (so the JSD's per-entry mixture log vectorises), on the core
 // above.  Max relative error 1.2e-7 against float64 log over the normal floats (tests/test_cpu_kernels.py).
 // Edges: denormals are scaled up first, 0 -> -inf, x < 0 or NaN -> NaN, +inf -> +inf.
-inline float vlog(float x) {
+COPSD_VEC_INLINE float vlog(float x) {
   // Every select below is on an integer condition: a float compare may trap (-ftrapping-math), which stops
   // GCC from if-converting it and so from vectorising the loop.
   int32_t bx;
@@ -144,12 +153,29 @@ inline double vlog(double x) { return std::log(x); }
 // vlog for a positive normal float: without the edge cases (denormal, 0, negative, inf, NaN give garbage), a
 // shorter vectorised body with vlog's value.  For callers whose argument is >= FLT_MIN by construction and whose
 // result is NaN through other terms whenever the argument is not finite (the JSD's mixture log).
-inline float vlog_normal(float x) {
+COPSD_VEC_INLINE float vlog_normal(float x) {
   int32_t bx;
   std::memcpy(&bx, &x, sizeof(bx));
   return log_of_bits(bx, 0);
 }
 inline double vlog_normal(double x) { return std::log(x); }
+// vtanh: tanh(x) in float, branch-free like fexp (the softcap logit transform, one per logit: the C library's
+// tanhf kept that pass scalar, ~20 ns per logit).  |x| < 0.625: x + x^3 P(x^2) with the classic single-precision
+// minimax coefficients; otherwise sign(x) (1 - 2 / (e^{2|x|} + 1)), exactly +-1 once e^{2|x|} overflows.  Max
+// relative error 2.4e-7 against float64 tanh (tests/test_cpu_kernels.py); NaN propagates, tanh(-0) = -0.
+COPSD_VEC_INLINE float vtanh(float x) {
+  const float ax = __builtin_fabsf(x);  // (the std:: wrappers are not inlined under the ISA pragma)
+  const float big = 1.0f - 2.0f / (fexp(2.0f * ax) + 1.0f);
+  const float s = ax * ax;
+  float p = -5.70498872745e-3f;
+  p = p * s + 2.06390887954e-2f;
+  p = p * s - 5.37397155531e-2f;
+  p = p * s + 1.33314422036e-1f;
+  p = p * s - 3.33332819422e-1f;
+  const float small = p * s * ax + ax;
+  return __builtin_copysignf(ax < 0.625f ? small : big, x);  // tanh is odd: the sign of x (-0 stays -0)
+}
+inline double vtanh(double x) { return std::tanh(x); }
 // Per-row logs (a handful per row) keep the C library's correctly rounded log.
 inline float flog(float x) { return std::log(x); }
 inline double flog(double x) { return std::log(x); }
@@ -169,7 +195,8 @@ void transform_row(T* z, int64_t n, const LogitParams& lp) {
   if (lp.softcap > 0) {
     const T c = static_cast<T>(lp.softcap);
     const T s_over_c = s / c, c_over_t = c * inv_t;
-    for (int64_t j = 0; j < n; ++j) z[j] = c_over_t * std::tanh(s_over_c * z[j]);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) z[j] = c_over_t * vtanh(s_over_c * z[j]);
   } else if (s * inv_t != T(1)) {
     const T f = s * inv_t;
 #pragma omp simd
@@ -270,13 +297,14 @@ inline void summand(T ls, T lt, T beta, T log_b, T log_1mb, T& s, T& g) {
   }
 }
 
+// The term clip as selects on a by-value flag (a branch on a DivParams member read through a reference kept the
+// callers' omp simd loops scalar).
 template <typename T, int KIND>
-inline void clipped(T ls, T lt, const DivParams& dp, T beta, T log_b, T log_1mb, T clip, T& s, T& g) {
+inline void clipped(T ls, T lt, bool has_clip, T beta, T log_b, T log_1mb, T clip, T& s, T& g) {
   summand<T, KIND>(ls, lt, beta, log_b, log_1mb, s, g);
-  if (dp.has_clip && s > clip) {
-    s = clip;
-    g = T(0);
-  }
+  const bool cut = has_clip & (s > clip);
+  s = cut ? clip : s;
+  g = cut ? T(0) : g;
 }
 
 // ------------------------------------------------------------------------------ log-probs
@@ -1510,6 +1538,19 @@ inline T finite_or_zero(T m) {
   return m == neg_inf<T>() ? T(0) : m;
 }
 
+// Entries of a block per software-prefetch step of online_row's first pass.
+constexpr int64_t PREFETCH_SUB = 256;
+
+// Prefetch entries [j0, j1) (clipped to n) of two rows, one cache line at a time.
+template <typename T>
+inline void prefetch_rows(const T* a, const T* b, int64_t j0, int64_t j1, int64_t n) {
+  const int64_t end = j1 < n ? j1 : n;
+  for (int64_t j = j0; j < end; j += 64 / static_cast<int64_t>(sizeof(T))) {
+    __builtin_prefetch(a + j, 0, 3);
+    __builtin_prefetch(b + j, 0, 3);
+  }
+}
+
 // Full support, no clip, no softcap: "online" kernels.  Each reads the two raw GEMM rows from memory once, in
 // SUM_BLOCK-entry blocks: per block the two block maxima (with the linear logit transform applied in place),
 // then the exponentials relative to the running maxima ms / mt, with the sums accumulated so far rescaled
@@ -1550,12 +1591,6 @@ T online_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& lp, T 
     const int64_t b0 = b * SUM_BLOCK, n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
     T* s = zs + b0;
     T* t = zt + b0;
-    // The rows come from memory (the GEMM wrote them a while ago): ask for the next block while this one
-    // computes (measured: the first pass is otherwise bound by waiting for the loads).
-    for (int64_t j = SUM_BLOCK; j < 2 * SUM_BLOCK && b0 + j < V; j += 64 / static_cast<int64_t>(sizeof(T))) {
-      __builtin_prefetch(s + j, 0, 3);
-      __builtin_prefetch(t + j, 0, 3);
-    }
     T bs, bt, hs, ht;
     block_max2(s, t, n, f, bs, bt);
     const T rs = raise_max(ms, bs, hs), rt = raise_max(mt, bt, ht);
@@ -1571,64 +1606,71 @@ T online_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& lp, T 
     T* u = u_all + b0;
     T* v = v_all + b0;
     T s1 = 0, s2 = 0, x = 0, w = 0;
-    if (KIND == KIND_REVERSE_KL) {
-      if (grad) {
+    // The rows come from memory (the GEMM wrote them a while ago): while a sub-block computes, the matching part
+    // of the next block is asked for, so the loads overlap the exponentials (measured: prefetching the whole
+    // next block at once, or not at all, leaves the pass waiting on the loads).
+    for (int64_t sb = 0; sb < n; sb += PREFETCH_SUB) {
+      const int64_t e = sb + PREFETCH_SUB < n ? sb + PREFETCH_SUB : n;
+      prefetch_rows(s, t, SUM_BLOCK + sb, SUM_BLOCK + e, V - b0);
+      if (KIND == KIND_REVERSE_KL) {
+        if (grad) {
 #pragma omp simd reduction(+ : s1, s2, x, w)
-        for (int64_t j = 0; j < n; ++j) {
-          const T ds = s[j] - ms0, dt = t[j] - mt0;
-          const T es = fexp0(ds), d = ds - dt;
-          s1 += es;
-          s2 += fexp0(dt);
-          x += es * d;
-          if (STATS) w += es * ds;
-          u[j] = es;
-          v[j] = d;
+          for (int64_t j = sb; j < e; ++j) {
+            const T ds = s[j] - ms0, dt = t[j] - mt0;
+            const T es = fexp0(ds), d = ds - dt;
+            s1 += es;
+            s2 += fexp0(dt);
+            x += es * d;
+            if (STATS) w += es * ds;
+            u[j] = es;
+            v[j] = d;
+          }
+        } else {
+#pragma omp simd reduction(+ : s1, s2, x, w)
+          for (int64_t j = sb; j < e; ++j) {
+            const T ds = s[j] - ms0, dt = t[j] - mt0;
+            const T es = fexp0(ds);
+            s1 += es;
+            s2 += fexp0(dt);
+            x += es * (ds - dt);
+            if (STATS) w += es * ds;
+          }
+        }
+      } else if (KIND == KIND_FORWARD_KL) {
+        if (grad) {
+#pragma omp simd reduction(+ : s1, s2, x, w)
+          for (int64_t j = sb; j < e; ++j) {
+            const T ds = s[j] - ms0, dt = t[j] - mt0;
+            const T es = fexp0(ds), et = fexp0(dt);
+            s1 += es;
+            s2 += et;
+            x += et * (dt - ds);
+            if (STATS) w += es * ds;
+            u[j] = es;
+            v[j] = et;
+          }
+        } else {
+#pragma omp simd reduction(+ : s1, s2, x, w)
+          for (int64_t j = sb; j < e; ++j) {
+            const T ds = s[j] - ms0, dt = t[j] - mt0;
+            const T es = fexp0(ds), et = fexp0(dt);
+            s1 += es;
+            s2 += et;
+            x += et * (dt - ds);
+            if (STATS) w += es * ds;
+          }
         }
       } else {
-#pragma omp simd reduction(+ : s1, s2, x, w)
-        for (int64_t j = 0; j < n; ++j) {
-          const T ds = s[j] - ms0, dt = t[j] - mt0;
-          const T es = fexp0(ds);
-          s1 += es;
-          s2 += fexp0(dt);
-          x += es * (ds - dt);
-          if (STATS) w += es * ds;
-        }
-      }
-    } else if (KIND == KIND_FORWARD_KL) {
-      if (grad) {
-#pragma omp simd reduction(+ : s1, s2, x, w)
-        for (int64_t j = 0; j < n; ++j) {
+#pragma omp simd reduction(+ : s1, s2, w)
+        for (int64_t j = sb; j < e; ++j) {
           const T ds = s[j] - ms0, dt = t[j] - mt0;
           const T es = fexp0(ds), et = fexp0(dt);
           s1 += es;
           s2 += et;
-          x += et * (dt - ds);
           if (STATS) w += es * ds;
           u[j] = es;
           v[j] = et;
         }
-      } else {
-#pragma omp simd reduction(+ : s1, s2, x, w)
-        for (int64_t j = 0; j < n; ++j) {
-          const T ds = s[j] - ms0, dt = t[j] - mt0;
-          const T es = fexp0(ds), et = fexp0(dt);
-          s1 += es;
-          s2 += et;
-          x += et * (dt - ds);
-          if (STATS) w += es * ds;
-        }
-      }
-    } else {
-#pragma omp simd reduction(+ : s1, s2, w)
-      for (int64_t j = 0; j < n; ++j) {
-        const T ds = s[j] - ms0, dt = t[j] - mt0;
-        const T es = fexp0(ds), et = fexp0(dt);
-        s1 += es;
-        s2 += et;
-        if (STATS) w += es * ds;
-        u[j] = es;
-        v[j] = et;
       }
     }
     Ss += s1;
@@ -1783,6 +1825,7 @@ T generic_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& 
   const T log_b = KIND == KIND_JSD ? static_cast<T>(std::log(dp.beta)) : T(0);
   const T log_1mb = KIND == KIND_JSD ? static_cast<T>(std::log1p(-dp.beta)) : T(0);
   const T clip = static_cast<T>(dp.clip);
+  const bool has_clip = dp.has_clip;
   T loss = 0, G = 0;
   if (grad) {
     for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
@@ -1791,7 +1834,7 @@ T generic_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& 
 #pragma omp simd reduction(+ : pl, pg)
       for (int64_t j = b0; j < b1; ++j) {
         T s, g;
-        clipped<T, KIND>((zs[j] - ms) - log_ss, (zt[j] - mt) - log_st, dp, beta, log_b, log_1mb,
+        clipped<T, KIND>((zs[j] - ms) - log_ss, (zt[j] - mt) - log_st, has_clip, beta, log_b, log_1mb,
                          clip, s, g);
         pl += s;
         pg += g;
@@ -1814,7 +1857,7 @@ T generic_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& 
 #pragma omp simd reduction(+ : pl)
       for (int64_t j = b0; j < b1; ++j) {
         T s, g;
-        clipped<T, KIND>((zs[j] - ms) - log_ss, (zt[j] - mt) - log_st, dp, beta, log_b, log_1mb,
+        clipped<T, KIND>((zs[j] - ms) - log_ss, (zt[j] - mt) - log_st, has_clip, beta, log_b, log_1mb,
                          clip, s, g);
         pl += s;
       }
@@ -1822,6 +1865,35 @@ T generic_full_row(T* zs, T* zt, int64_t V, T tg, bool grad, const LogitParams& 
     }
   }
   return loss;
+}
+
+// Log-sum-exps of two rows (-inf for an all -inf row, NaN where a row holds NaN) in one pass over both: per
+// SUM_BLOCK block the two maxima, then the block's exponentials relative to the running maxima (sums kept so far
+// rescaled when a maximum grows), so each row is read from memory once instead of twice.
+template <typename T>
+void row_lse2(const T* a, const T* b, int64_t n, T& la, T& lb) {
+  T ma = neg_inf<T>(), mb = neg_inf<T>(), sa = 0, sb = 0;
+  for (int64_t b0 = 0; b0 < n; b0 += SUM_BLOCK) {
+    const int64_t m = SUM_BLOCK < n - b0 ? SUM_BLOCK : n - b0;
+    const T* x = a + b0;
+    const T* y = b + b0;
+    prefetch_rows(x, y, SUM_BLOCK, 2 * SUM_BLOCK, n - b0);
+    T xa, xb, h;
+    row_max2(x, y, m, xa, xb);
+    sa *= raise_max(ma, xa, h);
+    sb *= raise_max(mb, xb, h);
+    const T a0 = finite_or_zero(ma), b0m = finite_or_zero(mb);
+    T pa = 0, pb = 0;
+#pragma omp simd reduction(+ : pa, pb)
+    for (int64_t j = 0; j < m; ++j) {
+      pa += fexp0(x[j] - a0);
+      pb += fexp0(y[j] - b0m);
+    }
+    sa += pa;
+    sb += pb;
+  }
+  la = n == 0 || ma == neg_inf<T>() ? neg_inf<T>() : ma + flog(sa);
+  lb = n == 0 || mb == neg_inf<T>() ? neg_inf<T>() : mb + flog(sb);
 }
 
 // Teacher-top-k support.  `scratch` holds 3k values.  The K entries are taken out of the
@@ -1848,10 +1920,7 @@ T topk_support_row(T* zs, T* zt, int64_t V, const int64_t* K, int64_t k, T tg, b
     Ls = lseK_s;
     Lt = lseK_t;
   } else {
-    if (has_tail) {
-      tail_s = row_lse(zs, V);
-      tail_t = row_lse(zt, V);
-    }
+    if (has_tail) row_lse2(zs, zt, V, tail_s, tail_t);
     auto lae = [](T a, T b) {
       if (b == neg_inf<T>()) return a;
       const T mx = a > b ? a : b, mn = a > b ? b : a;
@@ -1864,10 +1933,11 @@ T topk_support_row(T* zs, T* zt, int64_t V, const int64_t* K, int64_t k, T tg, b
   const T log_b = KIND == KIND_JSD ? static_cast<T>(std::log(dp.beta)) : T(0);
   const T log_1mb = KIND == KIND_JSD ? static_cast<T>(std::log1p(-dp.beta)) : T(0);
   const T clip = static_cast<T>(dp.clip);
+  const bool has_clip = dp.has_clip;
   T loss = 0, G = 0;
   for (int64_t i = 0; i < k; ++i) {
     T s, g;
-    clipped<T, KIND>(zsK[i] - Ls, ztK[i] - Lt, dp, beta, log_b, log_1mb, clip, s, g);
+    clipped<T, KIND>(zsK[i] - Ls, ztK[i] - Lt, has_clip, beta, log_b, log_1mb, clip, s, g);
     loss += s;
     G += g;
     gK[i] = g;
@@ -1876,7 +1946,7 @@ T topk_support_row(T* zs, T* zt, int64_t V, const int64_t* K, int64_t k, T tg, b
   const bool bucket = dp.tail == TAIL_BUCKET && has_tail;
   if (bucket) {
     T s;
-    clipped<T, KIND>(tail_s - Ls, tail_t - Lt, dp, beta, log_b, log_1mb, clip, s, g_tail);
+    clipped<T, KIND>(tail_s - Ls, tail_t - Lt, has_clip, beta, log_b, log_1mb, clip, s, g_tail);
     loss += s;
     G += g_tail;
   }
@@ -1887,11 +1957,19 @@ T topk_support_row(T* zs, T* zt, int64_t V, const int64_t* K, int64_t k, T tg, b
   if (dp.tail == TAIL_RENORM) {
     std::memset(zs, 0, sizeof(T) * V);
   } else if (bucket) {
-    // dz_j = e^{ls_j - ls_tail} g_tail - q_j G; both exponents are <= 0 off K.
+    // dz_j = e^{ls_j - ls_tail} g_tail - q_j G = e^{z_j - tail_s} (g_tail - e^{tail_s - Ls} G): one exponential
+    // per entry (q_j = e^{z_j - tail_s} e^{tail_s - Ls}); the exponent is <= 0 off K.
+    const T c_tail = g_tail * tg, c_q = fexp(tail_s - Ls) * G * tg;
+    if (lp.softcap > 0) {
 #pragma omp simd
-    for (int64_t j = 0; j < V; ++j) {
-      const T zj = zs[j];
-      zs[j] = (fexp(zj - tail_s) * g_tail - fexp(zj - Ls) * G) * tg * chain(zj);
+      for (int64_t j = 0; j < V; ++j) {
+        const T zj = zs[j];
+        zs[j] = fexp(zj - tail_s) * (c_tail - c_q) * chain(zj);
+      }
+    } else {
+      const T f = chain.base;
+#pragma omp simd
+      for (int64_t j = 0; j < V; ++j) zs[j] = fexp(zs[j] - tail_s) * ((c_tail - c_q) * f);
     }
   } else {
 #pragma omp simd
@@ -1941,6 +2019,12 @@ void log_array(const T* x, T* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = vlog(x[i]);
 }
 
+template <typename T>
+void tanh_array(const T* x, T* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = vtanh(x[i]);
+}
+
 }  // namespace
 
 // The exported table for this ISA.
@@ -1957,6 +2041,7 @@ RowKernels<T> make_table() {
   t.div = &div_row<T>;
   t.exp = &exp_array<T>;
   t.log = &log_array<T>;
+  t.tanh = &tanh_array<T>;
   return t;
 }
 

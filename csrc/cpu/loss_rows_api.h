@@ -81,6 +81,8 @@ struct RowKernels {
   void (*exp)(const T* x, T* y, int64_t n);
   // y = log(x) elementwise with the epilogues' vectorised log (exposed for tests).
   void (*log)(const T* x, T* y, int64_t n);
+  // y = tanh(x) elementwise with the softcap transform's vectorised tanh (exposed for tests).
+  void (*tanh)(const T* x, T* y, int64_t n);
 };
 
 #define COPSD_DECLARE_ISA(isa)                  \
