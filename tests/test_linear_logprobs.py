@@ -189,6 +189,29 @@ def test_cpu_logprobs_row_shapes(shape, logit_name, dtype):
 @pytest.mark.isa
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("logit_name", ["plain", "temp_scale_softcap"])
+@pytest.mark.parametrize("nan_cols", [(0, 512), (0, 1024), (0, 1), (1500, 1541)])
+def test_cpu_logprobs_nan_logits_are_reported(nan_cols, logit_name, dtype):
+    """A NaN logit anywhere in a row makes that row's log-prob, entropy and LSE NaN (forward and loss path), also
+    when it sits in the blocks before the row's first finite logit (the online statistics pass skips blocks that
+    leave its maximum at -inf); rows without NaN stay exact."""
+    N, H, V = 5, 8, 1541
+    x, w, _, _ = cpu_inputs(N, H, V, dtype, scale=1.5)
+    lo, hi = nan_cols
+    w[lo:hi, 0] = float("nan")
+    x[[0, 3], 0] = 0.0  # 0 * NaN is still NaN: every row's logits lo:hi are NaN
+    ids = torch.tensor([hi % V, 3, 700, 1540, 0])
+    logit = LOGITS[logit_name]
+    outs = [cpu.logprobs_forward(x, w, ids, logit),
+            cpu.logprobs_loss(x, w, ids, logit, lambda r0, rows, lp_c, ent_c: (torch.ones(rows, dtype=dtype), None))[:2]]
+    for out in outs:
+        for t in out:
+            assert torch.isnan(t).all(), (nan_cols, t)
+
+
+@CPU
+@pytest.mark.isa
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("logit_name", ["plain", "temp_scale_softcap"])
 def test_cpu_logprobs_masked_rows(logit_name, dtype):
     """Tokens whose upstream gradients are all zero (masked): their d_hidden rows are exact zeros (the gradient
     pass writes the row's zeros without reading it), the other tokens as against float64; recomputing backward

@@ -307,7 +307,22 @@ inline void clipped(T ls, T lt, bool has_clip, T beta, T log_b, T log_1mb, T cli
   g = cut ? T(0) : g;
 }
 
+template <typename T>
+inline bool any_nan(const T* z, int64_t n) {
+  bool nan = false;
+  for (int64_t j = 0; j < n; ++j) nan |= z[j] != z[j];
+  return nan;
+}
+
 // ------------------------------------------------------------------------------ log-probs
+
+// A block that left the running maximum at -inf (every entry -inf or NaN) adds nothing to S and W, except that
+// a NaN in it must still make the row's statistics NaN (NaN compares false, so the maximum skipped it).
+template <typename T>
+inline void lp_empty_block(const T* s, int64_t n, T& S, T& W) {
+  if (any_nan(s, n)) S = W = std::numeric_limits<T>::quiet_NaN();
+}
+
 
 // The log-prob rows (`logprob_fwd` / `logprob_stats`, then after the caller's coefficients `logprob_bwd` /
 // `logprob_grad`; docs/kernels.md "CPU log-prob rows") are bound by reading a
@@ -364,7 +379,10 @@ void lp_stats(const T* y, int64_t V, T f, T& m_out, T& S_out, T& W_out) {
 #pragma omp simd reduction(max : bm)
     for (int64_t j = 0; j < n; ++j) bm = s[j] > bm ? s[j] : bm;
     lp_raise(bm * f, m, S, W);
-    if (m == neg_inf<T>()) continue;
+    if (m == neg_inf<T>()) {
+      lp_empty_block(s, n, S, W);
+      continue;
+    }
     T ps = 0, pw = 0;
 #pragma omp simd reduction(+ : ps, pw)
     for (int64_t j = 0; j < n; ++j) {
@@ -442,7 +460,10 @@ void lp_stats<float>(const float* y, int64_t V, float f, float& m_out, float& S_
     for (; j < n; j += 16) a0 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, lp_mask16(n - j), s + j), a0);
     const float bm = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3)));
     lp_raise(bm * f, m, S, W);
-    if (m == -std::numeric_limits<float>::infinity()) continue;
+    if (m == -std::numeric_limits<float>::infinity()) {
+      lp_empty_block(s, n, S, W);
+      continue;
+    }
     const __m512 mv = _mm512_set1_ps(m);
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, w0 = s0, w1 = s0;
     j = 0;
@@ -552,7 +573,10 @@ void lp_stats<float>(const float* y, int64_t V, float f, float& m_out, float& S_
     float bm = _mm_cvtss_f32(h);
     for (int64_t t = j; t < n; ++t) bm = s[t] > bm ? s[t] : bm;
     lp_raise(bm * f, m, S, W);
-    if (m == -std::numeric_limits<float>::infinity()) continue;
+    if (m == -std::numeric_limits<float>::infinity()) {
+      lp_empty_block(s, n, S, W);
+      continue;
+    }
     const __m256 mv = _mm256_set1_ps(m);
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, w0 = s0, w1 = s0;
     j = 0;
@@ -1290,13 +1314,6 @@ inline float block_max<float, true>(float* z, int64_t n, float f) { return block
 template <>
 inline float block_max<float, false>(float* z, int64_t n, float f) { return block_max_f32<false>(z, n, f); }
 #endif
-
-template <typename T>
-inline bool any_nan(const T* z, int64_t n) {
-  bool nan = false;
-  for (int64_t j = 0; j < n; ++j) nan |= z[j] != z[j];
-  return nan;
-}
 
 // Scans the logits z[0..len) of one row, whose first one has id j0, into the row's running state `st` (raw
 // GEMM output in, transformed in place).  A row may be scanned in consecutive pieces (the tiled driver hands
