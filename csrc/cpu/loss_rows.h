@@ -307,6 +307,41 @@ inline void clipped(T ls, T lt, bool has_clip, T beta, T log_b, T log_1mb, T cli
   g = cut ? T(0) : g;
 }
 
+#if defined(COPSD_HAVE_AVX512) || defined(COPSD_HAVE_AVX2)
+// fexp's reduction and polynomial, specialised to arguments x <= 0: no overflow side; x is clamped from below
+// at -87.3 (e^x is then 1.2e-38 instead of 0, an absolute error far below the sum's rounding since the
+// maximum itself contributes 1); NaN passes the clamp (maxps returns its second operand for NaN).
+#define COPSD_EXP_NEG_BODY(V, set1, add, mul, fma, fnma, maxop, roundop)             \
+  x = maxop(set1(-87.33654f), x);                                                       \
+  const V nf = roundop(mul(x, set1(1.44269504088896341f)));                            \
+  V r = fnma(nf, set1(0.693359375f), x);                                                \
+  r = fnma(nf, set1(-2.12194440e-4f), r);                                               \
+  V p = set1(1.9875691500e-4f);                                                         \
+  p = fma(p, r, set1(1.3981999507e-3f));                                                \
+  p = fma(p, r, set1(8.3334519073e-3f));                                                \
+  p = fma(p, r, set1(4.1665795894e-2f));                                                \
+  p = fma(p, r, set1(1.6666665459e-1f));                                                \
+  p = fma(p, r, set1(5.0000001201e-1f));                                                \
+  p = fma(mul(p, r), r, add(r, set1(1.0f)));
+#endif
+#if defined(COPSD_HAVE_AVX512)
+inline __m512 round16(__m512 v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT); }
+inline __m512 exp_neg16(__m512 x) {
+  COPSD_EXP_NEG_BODY(__m512, _mm512_set1_ps, _mm512_add_ps, _mm512_mul_ps, _mm512_fmadd_ps, _mm512_fnmadd_ps,
+                     _mm512_max_ps, round16)
+  return _mm512_scalef_ps(p, nf);
+}
+#elif defined(COPSD_HAVE_AVX2)
+inline __m256 round8(__m256 v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline __m256 exp_neg8(__m256 x) {
+  COPSD_EXP_NEG_BODY(__m256, _mm256_set1_ps, _mm256_add_ps, _mm256_mul_ps, _mm256_fmadd_ps, _mm256_fnmadd_ps,
+                     _mm256_max_ps, round8)
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nf), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+#undef COPSD_EXP_NEG_BODY
+
 template <typename T>
 inline bool any_nan(const T* z, int64_t n) {
   bool nan = false;
@@ -416,24 +451,11 @@ void lp_grad(T* y, int64_t V, T f, T lse, T c0, T c1) {
 }
 
 #if defined(COPSD_HAVE_AVX512)
-// e^x for x <= ~0 (a logit minus the row maximum or the LSE) on exp_clamped's reduction and polynomial, 16
-// lanes: x < -87.34 -> 0 as fexp0, NaN propagates.  The 2^n scaling is one scalef.
+// e^x for x <= ~0 (a logit minus the row maximum or the LSE), 16 lanes: the shared exp_neg16 with x < -87.34 -> 0
+// as fexp0 (exp_neg16 clamps there); NaN propagates.
 inline __m512 lp_exp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.33654f);
-  const __mmask16 live = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);  // x >= lo, or NaN
-  const __m512 xc = _mm512_max_ps(lo, x);                           // NaN x: x
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_scalef_ps(live, p, n);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);  // x >= lo, or NaN
+  return _mm512_maskz_mov_ps(live, exp_neg16(x));
 }
 
 inline __mmask16 lp_mask16(int64_t left) {
@@ -523,24 +545,10 @@ void lp_grad<float, false>(float* y, int64_t V, float f, float lse, float c0, fl
   lp_grad_f32<false>(y, V, f, lse, c0, c1);
 }
 #elif defined(COPSD_HAVE_AVX2)
-// lp_exp16 at 8 lanes: the 2^n scaling built from the exponent bits (n >= -126 after the clamp).
+// lp_exp16 at 8 lanes, on the shared exp_neg8.
 inline __m256 lp_exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.33654f);
-  const __m256 live = _mm256_cmp_ps(x, lo, _CMP_NLT_UQ);  // x >= lo, or NaN
-  const __m256 xc = _mm256_max_ps(lo, x);                  // NaN x: x
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), live);
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_NLT_UQ);  // x >= lo, or NaN
+  return _mm256_and_ps(exp_neg8(x), live);
 }
 
 inline float lp_hsum8(__m256 v) {
@@ -1152,30 +1160,7 @@ inline T block_sumexp(const T* z, int64_t n, T m) {
   for (int64_t j = 0; j < n; ++j) s += fexp(z[j] - m);
   return s;
 }
-#if defined(COPSD_HAVE_AVX512) || defined(COPSD_HAVE_AVX2)
-// fexp's reduction and polynomial, specialised to arguments x <= 0: no overflow side; x is clamped from below
-// at -87.3 (e^x is then 1.2e-38 instead of 0, an absolute error far below the sum's rounding since the
-// maximum itself contributes 1); NaN passes the clamp (maxps returns its second operand for NaN).
-#define COPSD_EXP_NEG_BODY(V, set1, add, mul, fma, fnma, maxop, roundop)             \
-  x = maxop(set1(-87.33654f), x);                                                       \
-  const V nf = roundop(mul(x, set1(1.44269504088896341f)));                            \
-  V r = fnma(nf, set1(0.693359375f), x);                                                \
-  r = fnma(nf, set1(-2.12194440e-4f), r);                                               \
-  V p = set1(1.9875691500e-4f);                                                         \
-  p = fma(p, r, set1(1.3981999507e-3f));                                                \
-  p = fma(p, r, set1(8.3334519073e-3f));                                                \
-  p = fma(p, r, set1(4.1665795894e-2f));                                                \
-  p = fma(p, r, set1(1.6666665459e-1f));                                                \
-  p = fma(p, r, set1(5.0000001201e-1f));                                                \
-  p = fma(mul(p, r), r, add(r, set1(1.0f)));
-#endif
 #if defined(COPSD_HAVE_AVX512)
-inline __m512 round16(__m512 v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT); }
-inline __m512 exp_neg16(__m512 x) {
-  COPSD_EXP_NEG_BODY(__m512, _mm512_set1_ps, _mm512_add_ps, _mm512_mul_ps, _mm512_fmadd_ps, _mm512_fnmadd_ps,
-                     _mm512_max_ps, round16)
-  return _mm512_scalef_ps(p, nf);
-}
 template <>
 inline float block_sumexp<float>(const float* z, int64_t n, float m) {
   const __m512 mv = _mm512_set1_ps(m);
@@ -1192,13 +1177,6 @@ inline float block_sumexp<float>(const float* z, int64_t n, float m) {
   return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 #elif defined(COPSD_HAVE_AVX2)
-inline __m256 round8(__m256 v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline __m256 exp_neg8(__m256 x) {
-  COPSD_EXP_NEG_BODY(__m256, _mm256_set1_ps, _mm256_add_ps, _mm256_mul_ps, _mm256_fmadd_ps, _mm256_fnmadd_ps,
-                     _mm256_max_ps, round8)
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nf), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 template <>
 inline float block_sumexp<float>(const float* z, int64_t n, float m) {
   const __m256 mv = _mm256_set1_ps(m);
@@ -1217,7 +1195,6 @@ inline float block_sumexp<float>(const float* z, int64_t n, float m) {
   return s;
 }
 #endif
-#undef COPSD_EXP_NEG_BODY
 
 // Maximum of z[0..n) (NaN compares false, so it is skipped); with SCALE, z is first multiplied by f in place.
 // 32 independent running maxima (several vector registers): one would be bound by the latency of max.
