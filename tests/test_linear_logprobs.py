@@ -201,8 +201,10 @@ def test_cpu_logprobs_nan_logits_are_reported(nan_cols, logit_name, dtype):
     x[[0, 3], 0] = 0.0  # 0 * NaN is still NaN: every row's logits lo:hi are NaN
     ids = torch.tensor([hi % V, 3, 700, 1540, 0])
     logit = LOGITS[logit_name]
-    outs = [cpu.logprobs_forward(x, w, ids, logit),
-            cpu.logprobs_loss(x, w, ids, logit, lambda r0, rows, lp_c, ent_c: (torch.ones(rows, dtype=dtype), None))[:2]]
+    def coeff(r0, rows, lp_c, ent_c):
+        return torch.ones(rows, dtype=dtype), None
+
+    outs = [cpu.logprobs_forward(x, w, ids, logit), cpu.logprobs_loss(x, w, ids, logit, coeff)[:2]]
     for out in outs:
         for t in out:
             assert torch.isnan(t).all(), (nan_cols, t)
