@@ -1292,6 +1292,116 @@ template <>
 inline float block_max<float, false>(float* z, int64_t n, float f) { return block_max_f32<false>(z, n, f); }
 #endif
 
+// The candidate buffer of a row while a block's logits are compared with its threshold (in registers).
+template <typename T>
+struct TopkSink {
+  T* val;
+  int64_t* id;
+  T* tmp;  // the cuts' scratch
+  int64_t n, hi, k;
+  T thr;
+  bool dense;
+  int64_t passed = 0;  // logits appended in this block
+  // The logits zb[u] (ids j + u) with bit u of msk set; a full vector of 16 logits.  While many logits pass,
+  // every vector is appended without a test of its mask: a branch on an unpredictable mask costs more than an
+  // empty append.
+  inline void put16(const T* zb, int64_t j, uint32_t msk) {
+    if (!dense && !msk) return;
+    const int64_t n0 = n;
+    n = topk_append(zb, j, msk, val, id, n);
+    passed += n - n0;
+    if (n >= hi) cut();
+  }
+  // The same for a partial vector (the piece's last one).
+  inline void put_bits(const T* zb, int64_t j, uint32_t msk) {
+    const int64_t n0 = n;
+    n = topk_append_bits(zb, j, msk, val, id, n);
+    passed += n - n0;
+    if (n >= hi) cut();
+  }
+  void cut() {
+    thr = topk_cut(val, id, tmp, n, k);
+    n = k;
+  }
+};
+
+// Appends the logits of z[0..len) (ids j0 + ...) above the sink's threshold, 16 at a time.
+template <typename T>
+inline void topk_select(const T* z, int64_t len, int64_t j0, TopkSink<T>& sk) {
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) sk.put16(z + j, j0 + j, gt_mask16(z + j, sk.thr));
+  if (j < len) {
+    uint32_t msk = 0;
+    for (int64_t u = 0; j + u < len; ++u) msk |= static_cast<uint32_t>(z[j + u] > sk.thr) << u;
+    sk.put_bits(z + j, j0 + j, msk);
+  }
+}
+
+// topk_select followed by block_sumexp(z, len, m) (returned), in one pass over the block where the ISA has a
+// vector exponential: each vector is loaded once for its compare and its exponentials.  The same appends, cuts
+// and sum (the same order of additions) as the two passes.
+template <typename T>
+inline T topk_select_sumexp(const T* z, int64_t len, T m, int64_t j0, TopkSink<T>& sk) {
+  topk_select(z, len, j0, sk);
+  return block_sumexp(z, len, m);
+}
+#if defined(COPSD_HAVE_AVX512)
+template <>
+inline float topk_select_sumexp<float>(const float* z, int64_t len, float m, int64_t j0, TopkSink<float>& sk) {
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    const __m512 a = _mm512_loadu_ps(z + j), b = _mm512_loadu_ps(z + j + 16);
+    s0 = _mm512_add_ps(s0, exp_neg16(_mm512_sub_ps(a, mv)));
+    s1 = _mm512_add_ps(s1, exp_neg16(_mm512_sub_ps(b, mv)));
+    sk.put16(z + j, j0 + j, _mm512_cmp_ps_mask(a, _mm512_set1_ps(sk.thr), _CMP_GT_OQ));
+    sk.put16(z + j + 16, j0 + j + 16, _mm512_cmp_ps_mask(b, _mm512_set1_ps(sk.thr), _CMP_GT_OQ));  // thr may rise
+  }
+  for (; j < len; j += 16) {
+    const bool full = len - j >= 16;
+    const __mmask16 live = full ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (len - j)) - 1);
+    const __m512 a = _mm512_maskz_loadu_ps(live, z + j);
+    s1 = _mm512_mask_add_ps(s1, live, s1, exp_neg16(_mm512_sub_ps(a, mv)));
+    const uint32_t msk = _mm512_mask_cmp_ps_mask(live, a, _mm512_set1_ps(sk.thr), _CMP_GT_OQ);
+    if (full) {
+      sk.put16(z + j, j0 + j, msk);
+    } else {
+      sk.put_bits(z + j, j0 + j, msk);
+    }
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+#elif defined(COPSD_HAVE_AVX2)
+template <>
+inline float topk_select_sumexp<float>(const float* z, int64_t len, float m, int64_t j0, TopkSink<float>& sk) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) {
+    const __m256 a = _mm256_loadu_ps(z + j), b = _mm256_loadu_ps(z + j + 8);
+    s0 = _mm256_add_ps(s0, exp_neg8(_mm256_sub_ps(a, mv)));
+    s1 = _mm256_add_ps(s1, exp_neg8(_mm256_sub_ps(b, mv)));
+    const __m256 t = _mm256_set1_ps(sk.thr);
+    const uint32_t lo = _mm256_movemask_ps(_mm256_cmp_ps(a, t, _CMP_GT_OQ));
+    const uint32_t hi = _mm256_movemask_ps(_mm256_cmp_ps(b, t, _CMP_GT_OQ));
+    sk.put16(z + j, j0 + j, lo | (hi << 8));
+  }
+  s0 = _mm256_add_ps(s0, s1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float s = _mm_cvtss_f32(h);
+  if (j < len) {
+    uint32_t msk = 0;
+    for (int64_t u = 0; j + u < len; ++u) msk |= static_cast<uint32_t>(z[j + u] > sk.thr) << u;
+    sk.put_bits(z + j, j0 + j, msk);
+  }
+  for (; j < len; ++j) s += fexp(z[j] - m);
+  return s;
+}
+#endif
+
 // Scans the logits z[0..len) of one row, whose first one has id j0, into the row's running state `st` (raw
 // GEMM output in, transformed in place).  A row may be scanned in consecutive pieces (the tiled driver hands
 // it one vocabulary tile at a time, while the tile is still in cache): the state carries the threshold, the
@@ -1325,39 +1435,27 @@ void topk_scan(TopkRow<T>& st, T* z, int64_t j0, int64_t len, int64_t k, const L
     const T bm = scale ? block_max<T, true>(z + b0, b1 - b0, f) : block_max<T, false>(z + b0, b1 - b0, f);
     // k = 1: the block's maximum is its best logit, so only logits equal to it can enter.
     if (k == 1 && bm > thr) thr = std::nextafter(bm, neg_inf<T>());
-    if (bm > thr) {
-      // While many logits pass (the first blocks of a row), every vector is appended without a test of
-      // its mask: a branch on an unpredictable mask costs more than an empty append.
-      int64_t passed = 0;
-      for (int64_t j = b0; j < b1; j += 16) {
-        uint32_t msk = 0;
-        const int64_t n0 = n;
-        if (j + 16 <= b1) {
-          msk = gt_mask16(z + j, thr);
-          if (!dense && !msk) continue;
-          n = topk_append(z + j, j0 + j, msk, val, id, n);
-        } else {  // the piece's last, partial vector
-          for (int64_t u = 0; j + u < b1; ++u) msk |= static_cast<uint32_t>(z[j + u] > thr) << u;
-          n = topk_append_bits(z + j, j0 + j, msk, val, id, n);
-        }
-        passed += n - n0;
-        if (n >= hi) {
-          thr = topk_cut(val, id, sc.tmp, n, k);
-          n = k;
-        }
-      }
-      dense = passed * 8 > b1 - b0;
-    } else {
-      dense = false;
-    }
+    const bool select = bm > thr;
+    const bool finite = bm != neg_inf<T>() && bm != std::numeric_limits<T>::infinity();
+    TopkSink<T> sk{val, id, sc.tmp, n, hi, k, thr, dense};
     // Block sum relative to its own maximum.  The max does not see NaN (it compares false): a NaN
     // propagates through the exponentials when the block has a finite maximum and is looked for otherwise.
-    if (bm == neg_inf<T>() || bm == std::numeric_limits<T>::infinity()) {
+    T s = 0;
+    if (select && finite) {
+      s = topk_select_sumexp(z + b0, b1 - b0, bm, j0 + b0, sk);
+    } else if (select) {
+      topk_select(z + b0, b1 - b0, j0 + b0, sk);
+    } else if (finite) {
+      s = block_sumexp(z + b0, b1 - b0, bm);
+    }
+    n = sk.n;
+    thr = sk.thr;
+    dense = select && sk.passed * 8 > b1 - b0;
+    if (!finite) {
       pinf |= bm > T(0);
       nan |= any_nan(z + b0, b1 - b0);
       continue;
     }
-    const T s = block_sumexp(z + b0, b1 - b0, bm);
     if (bm > M) {
       S = S * std::exp(M - bm) + s;
       M = bm;
