@@ -1197,9 +1197,16 @@ inline float block_sumexp<float>(const float* z, int64_t n, float m) {
 #endif
 
 // Maximum of z[0..n) (NaN compares false, so it is skipped); with SCALE, z is first multiplied by f in place.
-// 32 independent running maxima (several vector registers): one would be bound by the latency of max.
+// 32 independent running maxima (several vector registers): one would be bound by the latency of max.  Those
+// running maxima are also written to groups[0 .. TOPK_GROUPS): the maxima of TOPK_GROUPS disjoint groups of the
+// block's logits (-inf for a group without a number), from which topk_scan bounds the k-th best from below.
+#if defined(COPSD_HAVE_AVX512)
+constexpr int TOPK_GROUPS = 64;
+#else
+constexpr int TOPK_GROUPS = 32;
+#endif
 template <typename T, bool SCALE>
-inline T block_max(T* z, int64_t n, T f) {
+inline T block_max(T* z, int64_t n, T f, T* groups) {
   T acc[32];
   for (int u = 0; u < 32; ++u) acc[u] = neg_inf<T>();
   int64_t j = 0;
@@ -1215,6 +1222,7 @@ inline T block_max(T* z, int64_t n, T f) {
   }
   T m = neg_inf<T>();
   for (int u = 0; u < 32; ++u) m = acc[u] > m ? acc[u] : m;
+  for (int u = 0; u < TOPK_GROUPS; ++u) groups[u] = u < 32 ? acc[u] : neg_inf<T>();
   for (; j < n; ++j) {
     T v = z[j];
     if (SCALE) {
@@ -1229,7 +1237,7 @@ inline T block_max(T* z, int64_t n, T f) {
 // operand order max(v, acc) returns acc for a NaN v.
 #if defined(COPSD_HAVE_AVX512)
 template <bool SCALE>
-inline float block_max_f32(float* z, int64_t n, float f) {
+inline float block_max_f32(float* z, int64_t n, float f, float* groups) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), fv = _mm512_set1_ps(f);
   __m512 a0 = ninf, a1 = ninf, a2 = ninf, a3 = ninf;
   auto load = [&](int64_t j, __mmask16 live) {
@@ -1248,15 +1256,23 @@ inline float block_max_f32(float* z, int64_t n, float f) {
     a3 = _mm512_max_ps(load(j + 48, 0xffff), a3);
   }
   for (; j < n; j += 16) a0 = _mm512_max_ps(load(j, tail_mask16(n - j)), a0);
+  _mm512_storeu_ps(groups, a0);
+  _mm512_storeu_ps(groups + 16, a1);
+  _mm512_storeu_ps(groups + 32, a2);
+  _mm512_storeu_ps(groups + 48, a3);
   return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3)));
 }
 template <>
-inline float block_max<float, true>(float* z, int64_t n, float f) { return block_max_f32<true>(z, n, f); }
+inline float block_max<float, true>(float* z, int64_t n, float f, float* groups) {
+  return block_max_f32<true>(z, n, f, groups);
+}
 template <>
-inline float block_max<float, false>(float* z, int64_t n, float f) { return block_max_f32<false>(z, n, f); }
+inline float block_max<float, false>(float* z, int64_t n, float f, float* groups) {
+  return block_max_f32<false>(z, n, f, groups);
+}
 #elif defined(COPSD_HAVE_AVX2)
 template <bool SCALE>
-inline float block_max_f32(float* z, int64_t n, float f) {
+inline float block_max_f32(float* z, int64_t n, float f, float* groups) {
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), fv = _mm256_set1_ps(f);
   __m256 a0 = ninf, a1 = ninf, a2 = ninf, a3 = ninf;
   auto load = [&](int64_t j) {
@@ -1274,6 +1290,10 @@ inline float block_max_f32(float* z, int64_t n, float f) {
     a2 = _mm256_max_ps(load(j + 16), a2);
     a3 = _mm256_max_ps(load(j + 24), a3);
   }
+  _mm256_storeu_ps(groups, a0);
+  _mm256_storeu_ps(groups + 8, a1);
+  _mm256_storeu_ps(groups + 16, a2);
+  _mm256_storeu_ps(groups + 24, a3);
   a0 = _mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3));
   __m128 h = _mm_max_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
   h = _mm_max_ps(h, _mm_movehl_ps(h, h));
@@ -1287,9 +1307,13 @@ inline float block_max_f32(float* z, int64_t n, float f) {
   return m;
 }
 template <>
-inline float block_max<float, true>(float* z, int64_t n, float f) { return block_max_f32<true>(z, n, f); }
+inline float block_max<float, true>(float* z, int64_t n, float f, float* groups) {
+  return block_max_f32<true>(z, n, f, groups);
+}
 template <>
-inline float block_max<float, false>(float* z, int64_t n, float f) { return block_max_f32<false>(z, n, f); }
+inline float block_max<float, false>(float* z, int64_t n, float f, float* groups) {
+  return block_max_f32<false>(z, n, f, groups);
+}
 #endif
 
 // The candidate buffer of a row while a block's logits are compared with its threshold (in registers).
@@ -1432,9 +1456,17 @@ void topk_scan(TopkRow<T>& st, T* z, int64_t j0, int64_t len, int64_t k, const L
       const int64_t p0 = b0 + 2 * TOPK_BLOCK, p1 = p0 + TOPK_BLOCK < len ? p0 + TOPK_BLOCK : len;
       for (int64_t j = p0; j < p1; j += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(z + j, 0, 3);
     }
-    const T bm = scale ? block_max<T, true>(z + b0, b1 - b0, f) : block_max<T, false>(z + b0, b1 - b0, f);
+    T grp[TOPK_GROUPS + 16];  // + 16: select_desc's full-vector stores
+    const T bm = scale ? block_max<T, true>(z + b0, b1 - b0, f, grp) : block_max<T, false>(z + b0, b1 - b0, f, grp);
     // k = 1: the block's maximum is its best logit, so only logits equal to it can enter.
     if (k == 1 && bm > thr) thr = std::nextafter(bm, neg_inf<T>());
+    // A row's first block (nothing cut yet): the k-th best of the block's group maxima is k distinct logits'
+    // lower bound, so no logit below it can be among the row's k best; those equal to it must still enter
+    // (the ties' lowest ids), hence the next value down.  Otherwise every logit of the block would be appended.
+    if (k > 1 && k <= TOPK_GROUPS && thr == neg_inf<T>() && bm > thr) {
+      const T g = select_desc(grp, TOPK_GROUPS, k - 1);
+      if (g > thr) thr = std::nextafter(g, neg_inf<T>());
+    }
     const bool select = bm > thr;
     const bool finite = bm != neg_inf<T>() && bm != std::numeric_limits<T>::infinity();
     TopkSink<T> sk{val, id, sc.tmp, n, hi, k, thr, dense};
