@@ -118,11 +118,15 @@ def _rows_as_gemm(Z):
 def _adversarial_rows(V, dtype):
     """Rows that stress a threshold top-k: all equal, ascending (every logit beats the running k-th best),
     descending, few distinct values (ties everywhere), an ascending sawtooth of ties, a maximum at the very end,
-    and a random row."""
+    a random row, and one whose maximum jumps by far more than 60 twice (midway and at the end: the scan's sum
+    relative to the running maximum must be redone relative to the block's)."""
     j = torch.arange(V, dtype=torch.float64)
     rows = [torch.full((V,), 1.5, dtype=torch.float64), j / 8, -j / 8, torch.randint(-3, 3, (V,)).double(),
             (j % 7) + j // 500, torch.randn(V, dtype=torch.float64), torch.randn(V, dtype=torch.float64)]
     rows[6][-1] = 40.0
+    jump = torch.randn(V, dtype=torch.float64)
+    jump[V // 2], jump[-1] = 90.0, 200.0
+    rows.append(jump)
     return torch.stack(rows).to(dtype)
 
 

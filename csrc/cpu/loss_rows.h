@@ -759,6 +759,10 @@ inline uint32_t gt_mask16<float>(const float* zb, float thr) {
 //      vector counts and compactions) and `thr` rises to the k-th best value;
 //   3. sum_j e^{z_j - m_b} over the block, folded into the row's running (M, S) with one rescale per block
 //      (an online log-sum-exp).
+// Steps 2 and 3 share one pass over the block (topk_select_sumexp).  A row's first block starts its threshold
+// at a lower bound on its k-th best taken from the block's group maxima (step 1).  Once the row has a finite
+// maximum M, a block (k > 1) is scanned in one pass on AVX-512 (topk_one_pass): its max, compare and sum of
+// e^{z_j - M}, redone relative to m_b only when m_b > M + 60.
 // For a random row only a small multiple of k ln(V/k) logits ever pass the threshold, so the scan costs one
 // max, one compare and one exponential per logit.  An ascending row (every logit passes) costs an amortised
 // O(1) per logit: each cut removes at least max(k, 128) entries; a quickselect that recurses too deep
@@ -1426,6 +1430,57 @@ inline float topk_select_sumexp<float>(const float* z, int64_t len, float m, int
 }
 #endif
 
+// One pass over a block of a row that already has a finite running maximum `ref`: the scale (in place), the
+// block's maximum bm, the compare with the threshold and the appends, and s = sum_j e^{z_j - ref} (ref, not bm:
+// the maximum is not known before the pass; topk_scan redoes the sum relative to bm when bm > ref + 60, where
+// e^{z - ref} could lose range).  The max pass of a block reads it from L2 and the exp pass is bound by its
+// arithmetic: one pass overlaps the two.  Returns false where the ISA has no such pass (two passes instead).
+template <typename T>
+inline bool topk_one_pass(T*, int64_t, T, bool, T, int64_t, TopkSink<T>&, T&, T&) {
+  return false;
+}
+#if defined(COPSD_HAVE_AVX512)
+template <bool SCALE>
+inline void topk_one_pass_f32(float* z, int64_t len, float f, float ref, int64_t j0, TopkSink<float>& sk, float& bm,
+                              float& s) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), fv = _mm512_set1_ps(f),
+               rv = _mm512_set1_ps(ref);
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), a0 = ninf, a1 = ninf;
+  auto step = [&](int64_t j, __mmask16 live, __m512& acc, __m512& mx) {
+    __m512 v = _mm512_maskz_loadu_ps(live, z + j);
+    if (SCALE) {
+      v = _mm512_mul_ps(v, fv);
+      _mm512_mask_storeu_ps(z + j, live, v);
+    }
+    mx = _mm512_mask_max_ps(mx, live, v, mx);  // max(v, mx): mx for a NaN v
+    acc = _mm512_mask_add_ps(acc, live, acc, exp_neg16(_mm512_sub_ps(v, rv)));
+    const uint32_t msk = _mm512_mask_cmp_ps_mask(live, v, _mm512_set1_ps(sk.thr), _CMP_GT_OQ);
+    if (live == 0xffff) {
+      sk.put16(z + j, j0 + j, msk);
+    } else {
+      sk.put_bits(z + j, j0 + j, msk);
+    }
+  };
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    step(j, 0xffff, s0, a0);
+    step(j + 16, 0xffff, s1, a1);
+  }
+  for (; j < len; j += 16) step(j, len - j >= 16 ? 0xffff : tail_mask16(len - j), s1, a1);
+  bm = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+  s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+inline bool topk_one_pass(float* z, int64_t len, float f, bool scale, float ref, int64_t j0, TopkSink<float>& sk,
+                          float& bm, float& s) {
+  if (scale) {
+    topk_one_pass_f32<true>(z, len, f, ref, j0, sk, bm, s);
+  } else {
+    topk_one_pass_f32<false>(z, len, f, ref, j0, sk, bm, s);
+  }
+  return true;
+}
+#endif
+
 // Scans the logits z[0..len) of one row, whose first one has id j0, into the row's running state `st` (raw
 // GEMM output in, transformed in place).  A row may be scanned in consecutive pieces (the tiled driver hands
 // it one vocabulary tile at a time, while the tile is still in cache): the state carries the threshold, the
@@ -1455,6 +1510,31 @@ void topk_scan(TopkRow<T>& st, T* z, int64_t j0, int64_t len, int64_t k, const L
       // where the hardware's stream prefetch stops, so ask for the block after next explicitly.
       const int64_t p0 = b0 + 2 * TOPK_BLOCK, p1 = p0 + TOPK_BLOCK < len ? p0 + TOPK_BLOCK : len;
       for (int64_t j = p0; j < p1; j += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(z + j, 0, 3);
+    }
+    {
+      // A row that has a finite maximum already (not its first block; k = 1 needs bm before its compare).
+      TopkSink<T> sk{val, id, sc.tmp, n, hi, k, thr, dense};
+      T bm = 0, s = 0;
+      if (k > 1 && M != neg_inf<T>() && topk_one_pass(z + b0, b1 - b0, f, scale, M, j0 + b0, sk, bm, s)) {
+        n = sk.n;
+        thr = sk.thr;
+        dense = sk.passed * 8 > b1 - b0;
+        if (bm == neg_inf<T>() || bm == std::numeric_limits<T>::infinity()) {
+          pinf |= bm > T(0);
+          nan |= any_nan(z + b0, b1 - b0);
+        } else if (bm > M + T(60)) {
+          const T sb = block_sumexp(z + b0, b1 - b0, bm);
+          S = S * std::exp(M - bm) + sb;
+          M = bm;
+        } else {
+          S += s;
+          if (bm > M) {
+            S *= std::exp(M - bm);
+            M = bm;
+          }
+        }
+        continue;
+      }
     }
     T grp[TOPK_GROUPS + 16];  // + 16: select_desc's full-vector stores
     const T bm = scale ? block_max<T, true>(z + b0, b1 - b0, f, grp) : block_max<T, false>(z + b0, b1 - b0, f, grp);
