@@ -761,7 +761,7 @@ inline uint32_t gt_mask16<float>(const float* zb, float thr) {
 //      (an online log-sum-exp).
 // Steps 2 and 3 share one pass over the block (topk_select_sumexp).  A row's first block starts its threshold
 // at a lower bound on its k-th best taken from the block's group maxima (step 1).  Once the row has a finite
-// maximum M, a block (k > 1) is scanned in one pass on AVX-512 (topk_one_pass): its max, compare and sum of
+// maximum M, a block (k > 1) is scanned in one pass on AVX-512 / AVX2 (topk_one_pass): its max, compare and sum of
 // e^{z_j - M}, redone relative to m_b only when m_b > M + 60.
 // For a random row only a small multiple of k ln(V/k) logits ever pass the threshold, so the scan costs one
 // max, one compare and one exponential per logit.  An ascending row (every logit passes) costs an amortised
@@ -1470,6 +1470,60 @@ inline void topk_one_pass_f32(float* z, int64_t len, float f, float ref, int64_t
   bm = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
   s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
+#elif defined(COPSD_HAVE_AVX2)
+template <bool SCALE>
+inline void topk_one_pass_f32(float* z, int64_t len, float f, float ref, int64_t j0, TopkSink<float>& sk, float& bm,
+                              float& s) {
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), fv = _mm256_set1_ps(f),
+               rv = _mm256_set1_ps(ref);
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), a0 = ninf, a1 = ninf;
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) {
+    __m256 a = _mm256_loadu_ps(z + j), b = _mm256_loadu_ps(z + j + 8);
+    if (SCALE) {
+      a = _mm256_mul_ps(a, fv);
+      b = _mm256_mul_ps(b, fv);
+      _mm256_storeu_ps(z + j, a);
+      _mm256_storeu_ps(z + j + 8, b);
+    }
+    a0 = _mm256_max_ps(a, a0);  // max(v, acc): acc for a NaN v
+    a1 = _mm256_max_ps(b, a1);
+    s0 = _mm256_add_ps(s0, exp_neg8(_mm256_sub_ps(a, rv)));
+    s1 = _mm256_add_ps(s1, exp_neg8(_mm256_sub_ps(b, rv)));
+    const __m256 t = _mm256_set1_ps(sk.thr);
+    const uint32_t lo = _mm256_movemask_ps(_mm256_cmp_ps(a, t, _CMP_GT_OQ));
+    const uint32_t hi = _mm256_movemask_ps(_mm256_cmp_ps(b, t, _CMP_GT_OQ));
+    sk.put16(z + j, j0 + j, lo | (hi << 8));
+  }
+  a0 = _mm256_max_ps(a0, a1);
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  float m = _mm_cvtss_f32(h);
+  s0 = _mm256_add_ps(s0, s1);
+  h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float sum = _mm_cvtss_f32(h);
+  if (j < len) {  // the piece's last, partial vector
+    uint32_t msk = 0;
+    for (int64_t u = 0; j + u < len; ++u) {
+      float v = z[j + u];
+      if (SCALE) {
+        v *= f;
+        z[j + u] = v;
+      }
+      m = v > m ? v : m;
+      sum += fexp(v - ref);
+      msk |= static_cast<uint32_t>(v > sk.thr) << u;
+    }
+    sk.put_bits(z + j, j0 + j, msk);
+  }
+  bm = m;
+  s = sum;
+}
+#endif
+#if defined(COPSD_HAVE_AVX512) || defined(COPSD_HAVE_AVX2)
 inline bool topk_one_pass(float* z, int64_t len, float f, bool scale, float ref, int64_t j0, TopkSink<float>& sk,
                           float& bm, float& s) {
   if (scale) {
