@@ -2,7 +2,6 @@
 #include "gemm.h"
 
 #include <dlfcn.h>
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
@@ -141,18 +140,6 @@ void upcast_parallel(const Tensor& src, Tensor dst) {
   if (error) std::rethrow_exception(error);
 }
 
-// A hint that a large fresh buffer may be backed by huge pages (fewer page faults when it is first written).
-void advise_huge(const Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t huge = uintptr_t(2) << 20;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t a = (p + huge - 1) & ~(huge - 1), b = (p + t.nbytes()) & ~(huge - 1);
-  if (b >= a + 2 * huge) madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);  // errors ignored
-#else
-  (void)t;
-#endif
-}
-
 bool env_flag_off(const char* name) {
   const char* raw = std::getenv(name);
   if (raw == nullptr) return false;
@@ -259,7 +246,6 @@ LmHead::LmHead(const Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int6
 void LmHead::prepare() {
   if (copy_ && !full_.defined()) {
     full_ = at::empty({W_.size(0), W_.size(1)}, W_.options().dtype(st_));
-    advise_huge(full_);
     upcast_parallel(W_, full_);
   }
   if (pack_ && packed_.empty()) pack_weight();
@@ -267,10 +253,7 @@ void LmHead::prepare() {
 
 Tensor LmHead::block(int64_t v0, int64_t n) {
   if (full_.defined()) return full_.narrow(0, v0, n);
-  if (!buf_.defined()) {
-    buf_ = at::empty({vb_, W_.size(1)}, W_.options().dtype(st_));
-    advise_huge(buf_);
-  }
+  if (!buf_.defined()) buf_ = at::empty({vb_, W_.size(1)}, W_.options().dtype(st_));
   Tensor b = buf_.narrow(0, 0, n);
   upcast_parallel(W_.narrow(0, v0, n), b);
   return b;
