@@ -231,15 +231,9 @@ LmHead::LmHead(const Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int6
     }
   }
   if (!api) return;
-  // A packed low-precision lm_head without gradients needs its up-cast block only while it is packed (freed
-  // right after, before the chunks' workspace fills): up to half the workspace then, so that a typical lm_head
-  // is packed in one block and each chunk runs one GEMM per lm_head (each block GEMM is a parallel region
-  // of its own).
-  const int64_t block = upcast_ && !grads && tile <= 0 ? upcast_block(V, H, elem, 2 * budget) : vb_;
-  const int64_t bytes = packed_bytes(block);
+  const int64_t bytes = packed_bytes(vb_);
   if (bytes > pack.left) return;
   pack.left -= bytes;
-  vb_ = block;
   pack_ = true;
 }
 
