@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cctype>
 #include <climits>
+#include <cstdint>
 #include <cstdlib>
 #include <exception>
 #include <string>
@@ -100,6 +101,45 @@ int64_t upcast_block(int64_t V, int64_t H, int64_t elem, int64_t budget) {
   return std::max<int64_t>(1, std::min<int64_t>(V, (budget / 4) / std::max<int64_t>(1, H * elem)));
 }
 
+// Rows per task of a parallel up-cast: ~1 MiB of fp32.
+int64_t upcast_step(int64_t H) { return std::max<int64_t>(16, (int64_t(1) << 18) / std::max<int64_t>(1, H)); }
+
+// dst = src in the compute dtype (fp32 from bf16/fp16), single-threaded: the callers split the rows over threads.
+// bf16 -> fp32 is exact: the bf16 bits are the top half of the fp32 ones.
+void upcast_rows(const Tensor& src, Tensor dst) {
+  if (src.scalar_type() == at::kBFloat16 && dst.scalar_type() == at::kFloat && src.is_contiguous() &&
+      dst.is_contiguous()) {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>());
+    uint32_t* d = reinterpret_cast<uint32_t*>(dst.data_ptr<float>());
+    const int64_t n = src.numel();
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+    return;
+  }
+  dst.copy_(src);
+}
+
+// The same over all threads (called outside any parallel region), in row blocks of ~1 MiB.
+void upcast_parallel(const Tensor& src, Tensor dst) {
+  const int64_t V = src.size(0), step = upcast_step(src.size(1));
+  if (V <= step) {
+    upcast_rows(src, dst);
+    return;
+  }
+  std::exception_ptr error;
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t v0 = 0; v0 < V; v0 += step) {
+    try {
+      const int64_t n = std::min(step, V - v0);
+      upcast_rows(src.narrow(0, v0, n), dst.narrow(0, v0, n));
+    } catch (...) {
+#pragma omp critical(copsd_upcast_error)
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
 bool env_flag_off(const char* name) {
   const char* raw = std::getenv(name);
   if (raw == nullptr) return false;
@@ -164,7 +204,7 @@ PackBudget::PackBudget() {
 
 LmHead::LmHead(const Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int64_t budget, PackBudget& pack,
                bool grads, int64_t tile)
-    : W_(W), st_(st), upcast_(W.scalar_type() != st), grads_(grads), rows_(rows) {
+    : W_(W), st_(st), upcast_(W.scalar_type() != st), grads_(grads), tiled_(tile > 0), rows_(rows) {
   const int64_t V = W.size(0), H = W.size(1);
   const int64_t elem = st == at::kDouble ? 8 : 4;
   vb_ = tile > 0 ? std::min(std::max<int64_t>(V, 1), tile) : upcast_ ? upcast_block(V, H, elem, budget) : V;
@@ -198,7 +238,10 @@ LmHead::LmHead(const Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int6
 }
 
 void LmHead::prepare() {
-  if (copy_ && !full_.defined()) full_ = W_.to(st_).contiguous();
+  if (copy_ && !full_.defined()) {
+    full_ = at::empty({W_.size(0), W_.size(1)}, W_.options().dtype(st_));
+    upcast_parallel(W_, full_);
+  }
   if (pack_ && packed_.empty()) pack_weight();
 }
 
@@ -206,7 +249,7 @@ Tensor LmHead::block(int64_t v0, int64_t n) {
   if (full_.defined()) return full_.narrow(0, v0, n);
   if (!buf_.defined()) buf_ = at::empty({vb_, W_.size(1)}, W_.options().dtype(st_));
   Tensor b = buf_.narrow(0, 0, n);
-  b.copy_(W_.narrow(0, v0, n));
+  upcast_parallel(W_.narrow(0, v0, n), b);
   return b;
 }
 
@@ -244,29 +287,37 @@ void LmHead::pack_weight() {
     n_packed_bytes += packed_resident(n, H);
     n_packed_reserved += static_cast<int64_t>(bytes);
   }
-  // An up-cast source is a temporary per thread in the parallel loop: only for small blocks (tiles).
-  const bool own_upcast = upcast_ && !full_.defined();
-  if (blocks == 1 || (own_upcast && vb_ * H * 4 > (int64_t(4) << 20))) {
+  if (!tiled_ || blocks == 1) {
+    // MKL's own threaded pack, block by block (an up-cast block in the reused buffer).  A copy packed inside a
+    // parallel region (single-threaded) would make every later GEMM on it single-threaded too.
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t v0 = b * vb_, n = std::min(vb_, V - v0);
       pack_block(upcast_ ? block(v0, n) : W_.narrow(0, v0, n), packed_[b]);  // block(): the whole copy if any
     }
   } else {
-    // Many blocks (the tiles of the top-k): one block per thread, each packed single-threaded.  MKL's own
-    // threaded pack of a block of a few thousand rows costs more in thread start-up than it packs (measured on
-    // a 2-core Xeon at V = 32000, H = 256: 16 blocks of 2048 in ~6 ms single-threaded, 30-130 ms threaded).
+    // The tiles of the top-k (each computed single-threaded): one tile per thread, each up-cast into the thread's
+    // own buffer and packed single-threaded.  MKL's own threaded pack of a block of a few thousand rows costs more
+    // in thread start-up than it packs (measured on a 2-core Xeon at V = 32000, H = 256: 16 blocks of 2048 in
+    // ~6 ms single-threaded, 30-130 ms threaded).
     std::exception_ptr error;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
-    for (int64_t b = 0; b < blocks; ++b) {
-      try {
-        const int64_t v0 = b * vb_, n = std::min(vb_, V - v0);
-        Tensor src = full_.defined() ? full_.narrow(0, v0, n)
-                     : upcast_      ? W_.narrow(0, v0, n).to(st_)  // its own up-cast (buf_ is shared)
-                                    : W_.narrow(0, v0, n);
-        pack_block(src, packed_[b]);
-      } catch (...) {
+#pragma omp parallel num_threads(at::get_num_threads())
+    {
+      Tensor scratch;  // this thread's up-cast tile
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < blocks; ++b) {
+        try {
+          const int64_t v0 = b * vb_, n = std::min(vb_, V - v0);
+          Tensor src = full_.defined() || !upcast_ ? (full_.defined() ? full_ : W_).narrow(0, v0, n) : Tensor();
+          if (!src.defined()) {
+            if (!scratch.defined()) scratch = at::empty({vb_ * H}, W_.options().dtype(st_));
+            src = scratch.narrow(0, 0, n * H).view({n, H});
+            upcast_rows(W_.narrow(0, v0, n), src);
+          }
+          pack_block(src, packed_[b]);
+        } catch (...) {
 #pragma omp critical(copsd_pack_error)
-        if (!error) error = std::current_exception();
+          if (!error) error = std::current_exception();
+        }
       }
     }
     if (error) std::rethrow_exception(error);

@@ -7,8 +7,10 @@
 // weight once, on the first chunk, and every chunk's GEMM then reads the packed copy.  The packed copy is
 // taken only when the call has >= 2 chunks and its size fits the call's pack budget (COPSD_CPU_PACK_MB,
 // COPSD_CPU_PACK=0 turns packing off); otherwise, and for fp64, every chunk runs at::mm_out as before.
-// Low-precision weights (bf16/fp16) are up-cast in vocabulary blocks into one reused fp32 buffer: when packed,
-// each block is up-cast once per call and packed; when not, once per chunk.  The tiled top-k asks for blocks of
+// Low-precision weights (bf16/fp16) are up-cast in vocabulary blocks into one reused fp32 buffer (split over the
+// threads; bf16 as a bit shift): when packed, each block is up-cast once per call and packed by MKL's threaded
+// pack; when not, once per chunk.  A low-precision lm_head with gradients keeps one whole up-cast copy instead
+// (for the d_hidden products), packed in one block.  The tiled top-k asks for blocks of
 // its tile width (packed one block per thread) and computes one block at a time (logits_block), from several
 // threads at once, each running its GEMM single-threaded.  The pack budget counts what a packed copy occupies
 // (the weight's fp32 size), not the larger size MKL reserves and never touches (packed_resident in gemm.cpp).
@@ -72,6 +74,7 @@ class LmHead {
   at::ScalarType st_;
   bool upcast_;
   bool grads_;      // the d_hidden / d_weight products are wanted too
+  bool tiled_;      // blocks are the tiles of logits_block (each GEMM single-threaded)
   int64_t vb_;      // vocabulary rows per up-cast (and packed) block
   int64_t rows_;    // chunk rows the packed copy is made for
   bool pack_ = false;
