@@ -6,7 +6,8 @@ configuration is written to ``--out-dir`` (``<N>x<H>x<V>_<dtype>_<isa>.md``) and
 configuration's wall time and the load average before and after it, to ``--out-dir/matrix.md``.
 
 Default matrix: N=2048 H=256 V=32000 and N=4096 H=512 V=32000; float32 and bfloat16; ``COPSD_CPU_ISA=avx2`` and
-native (the best the CPU has).  The whole matrix with every case and implementation would take over an hour on an
+native (the best the CPU has); ``--isa avx2only`` adds a run with the whole process at AVX2 (MKL's GEMMs and ATen's
+kernels too), what an AVX2-only CPU runs.  The whole matrix with every case and implementation would take over an hour on an
 idle 2-core machine (the large shape is 8x the GEMM work; every ``torch.compile`` peer compiles again in each
 fresh process), so the defaults trade completeness for time: ``--repeats 2`` timed rounds after the checked
 warm-up; every implementation only in the fp32 native run of the small shape (``--full-config``), elsewhere the
@@ -41,6 +42,10 @@ ISAS = ("avx2", "native")
 SHORT_IMPLS = ("copsd", "copsd:loss", "chunked+compile", "liger", "cce")
 FULL_CONFIG = f"{SHAPES[0]},float32,native"
 LARGE_CASES = ("rkl", "lpent", "topk")
+# ``--isa avx2only``: the whole process at AVX2, as on a CPU without AVX-512 (copsd's epilogues, MKL's GEMMs and
+# ATen's own vector kernels), where ``avx2`` keeps MKL and ATen at what the CPU has (on an AVX-512 Xeon MKL's GEMMs
+# are then ~2x faster than the epilogues' width suggests: the harsher ratio).
+WHOLE_AVX2 = {"COPSD_CPU_ISA": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
 def _load():
@@ -71,8 +76,11 @@ def command(a, shape, dtype, isa):
         for i in a.memory_impl or ():
             cmd += ["--memory-impl", i]
     env = dict(os.environ)
-    env.pop("COPSD_CPU_ISA", None)
-    if isa != "native":
+    for k in ("COPSD_CPU_ISA", *WHOLE_AVX2):
+        env.pop(k, None)
+    if isa == "avx2only":
+        env.update(WHOLE_AVX2)
+    elif isa != "native":
         env["COPSD_CPU_ISA"] = isa
     return cmd, env, out
 
@@ -82,8 +90,9 @@ def main(argv=None):
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M")
     p.add_argument("--shape", action="append", help=f"N,H,V (repeatable; default {' and '.join(SHAPES)})")
     p.add_argument("--dtype", action="append", choices=DTYPES, help="input dtype (repeatable; default both)")
-    p.add_argument("--isa", action="append", choices=("base", "avx2", "avx512", "native"),
-                   help="COPSD_CPU_ISA of the run (repeatable; default avx2 and native)")
+    p.add_argument("--isa", action="append", choices=("base", "avx2", "avx512", "native", "avx2only"),
+                   help="COPSD_CPU_ISA of the run (repeatable; default avx2 and native); avx2only: the whole "
+                        "process at AVX2 (COPSD_CPU_ISA, MKL_ENABLE_INSTRUCTIONS and ATEN_CPU_CAPABILITY)")
     p.add_argument("--case", action="append", help="only these cases at every shape (see bench_loss_cpu_peers.py)")
     p.add_argument("--large-case", nargs="*", default=list(LARGE_CASES),
                    help=f"cases run at the shapes other than {SHAPES[0]} (default: %(default)s)")
@@ -104,8 +113,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     runs = [(cfg, *command(a, *cfg)) for cfg in configs(a)]
     if a.dry_run:
-        for (_, _, isa), cmd, _, _ in runs:
-            pre = f"COPSD_CPU_ISA={isa} " if isa != "native" else ""
+        for _cfg, cmd, env, _ in runs:
+            pre = "".join(f"{k}={env[k]} " for k in WHOLE_AVX2 if k in env)
             print(pre + " ".join(cmd))
         return 0
     os.makedirs(a.out_dir, exist_ok=True)

@@ -427,7 +427,9 @@ def table(rows, args):
     from copsd.backends import cpu
     lines = [
         f"N={args.n}, H={args.h}, V={args.v}, {args.dtype} inputs, copsd epilogue ISA {cpu.isa()} "
-        f"(COPSD_CPU_ISA={isa}); {args.repeats} round-robin rounds; `x floor` = median of same-round ratios to the "
+        f"(COPSD_CPU_ISA={isa}; MKL_ENABLE_INSTRUCTIONS={os.environ.get('MKL_ENABLE_INSTRUCTIONS', 'unset')}, "
+        f"ATen {torch.backends.cpu.get_cpu_capability()}); {args.repeats} round-robin rounds; "
+        "`x floor` = median of same-round ratios to the "
         "floor named in `floor` (its GEMMs alone: the 3-GEMM floor of the log-probs cases for everything that keeps "
         "the logits or forms the gradient in the forward pass, the 4-GEMM one for `linear_logprobs` + backward, "
         "which recomputes the logits; `floor4` itself is shown against the 3-GEMM floor).",
