@@ -450,154 +450,96 @@ void lp_grad(T* y, int64_t V, T f, T lse, T c0, T c1) {
   }
 }
 
+#if defined(COPSD_HAVE_AVX512) || defined(COPSD_HAVE_AVX2)
+// The vector log-prob passes, written once over the float lanes of the build's ISA (16 on AVX-512, 8 on AVX2).
+// LpLanes::exp is e^x for x <= ~0 (a logit minus the row maximum or the LSE): the shared exp_neg with x < -87.34
+// -> 0 as fexp0 (exp_neg clamps there); NaN propagates.  Row tails shorter than two vectors run the scalar fexp0
+// (under 2 x 16 entries a row: nothing in time).
 #if defined(COPSD_HAVE_AVX512)
-// e^x for x <= ~0 (a logit minus the row maximum or the LSE), 16 lanes: the shared exp_neg16 with x < -87.34 -> 0
-// as fexp0 (exp_neg16 clamps there); NaN propagates.
-inline __m512 lp_exp16(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);  // x >= lo, or NaN
-  return _mm512_maskz_mov_ps(live, exp_neg16(x));
-}
-
-inline __mmask16 lp_mask16(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
-}
-
-template <>
-void lp_stats<float>(const float* y, int64_t V, float f, float& m_out, float& S_out, float& W_out) {
-  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), fv = _mm512_set1_ps(f);
-  float m = -std::numeric_limits<float>::infinity(), S = 0, W = 0;
-  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
-    const int64_t n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
-    const float* s = y + b0;
-    lp_prefetch_block(s, V - b0);
-    // Block maximum, four accumulators (max(v, acc) keeps acc for a NaN v).
-    __m512 a0 = ninf, a1 = ninf, a2 = ninf, a3 = ninf;
-    int64_t j = 0;
-    for (; j + 64 <= n; j += 64) {
-      a0 = _mm512_max_ps(_mm512_loadu_ps(s + j), a0);
-      a1 = _mm512_max_ps(_mm512_loadu_ps(s + j + 16), a1);
-      a2 = _mm512_max_ps(_mm512_loadu_ps(s + j + 32), a2);
-      a3 = _mm512_max_ps(_mm512_loadu_ps(s + j + 48), a3);
-    }
-    for (; j < n; j += 16) a0 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, lp_mask16(n - j), s + j), a0);
-    const float bm = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3)));
-    lp_raise(bm * f, m, S, W);
-    if (m == -std::numeric_limits<float>::infinity()) {
-      lp_empty_block(s, n, S, W);
-      continue;
-    }
-    const __m512 mv = _mm512_set1_ps(m);
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, w0 = s0, w1 = s0;
-    j = 0;
-    for (; j + 32 <= n; j += 32) {
-      const __m512 d0 = _mm512_fmsub_ps(_mm512_loadu_ps(s + j), fv, mv);
-      const __m512 d1 = _mm512_fmsub_ps(_mm512_loadu_ps(s + j + 16), fv, mv);
-      const __m512 e0 = lp_exp16(d0), e1 = lp_exp16(d1);
-      s0 = _mm512_add_ps(s0, e0);
-      s1 = _mm512_add_ps(s1, e1);
-      w0 = _mm512_fmadd_ps(e0, d0, w0);
-      w1 = _mm512_fmadd_ps(e1, d1, w1);
-    }
-    for (; j < n; j += 16) {
-      const __mmask16 k = lp_mask16(n - j);
-      const __m512 d = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + j), fv, mv);
-      const __m512 e = _mm512_maskz_mov_ps(k, lp_exp16(d));
-      s0 = _mm512_add_ps(s0, e);
-      w0 = _mm512_mask3_fmadd_ps(e, d, w0, k);
-    }
-    S += _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-    W += _mm512_reduce_add_ps(_mm512_add_ps(w0, w1));
+struct LpLanes {
+  using V = __m512;
+  static constexpr int64_t W = 16;
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V fmsub(V a, V b, V c) { return _mm512_fmsub_ps(a, b, c); }
+  static V exp(V x) {
+    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);  // x >= lo, or NaN
+    return _mm512_maskz_mov_ps(live, exp_neg16(x));
   }
-  m_out = m;
-  S_out = S;
-  W_out = W;
-}
-
-template <bool ENT>
-void lp_grad_f32(float* y, int64_t V, float f, float lse, float c0, float c1) {
-  const __m512 fv = _mm512_set1_ps(f), lv = _mm512_set1_ps(lse), c0v = _mm512_set1_ps(c0), c1v = _mm512_set1_ps(c1);
-  auto one = [&](__m512 v) {
-    const __m512 d = _mm512_fmsub_ps(v, fv, lv);
-    return _mm512_mul_ps(lp_exp16(d), ENT ? _mm512_fmadd_ps(c1v, d, c0v) : c0v);
-  };
-  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
-    const int64_t n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
-    float* s = y + b0;
-    lp_prefetch_block(s, V - b0);
-    int64_t j = 0;
-    for (; j + 32 <= n; j += 32) {
-      const __m512 v0 = _mm512_loadu_ps(s + j), v1 = _mm512_loadu_ps(s + j + 16);
-      _mm512_storeu_ps(s + j, one(v0));
-      _mm512_storeu_ps(s + j + 16, one(v1));
-    }
-    for (; j < n; j += 16) {
-      const __mmask16 k = lp_mask16(n - j);
-      _mm512_mask_storeu_ps(s + j, k, one(_mm512_maskz_loadu_ps(k, s + j)));
-    }
+  static float hmax(V v) { return _mm512_reduce_max_ps(v); }
+  static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+};
+#else
+struct LpLanes {
+  using V = __m256;
+  static constexpr int64_t W = 8;
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V fmsub(V a, V b, V c) { return _mm256_fmsub_ps(a, b, c); }
+  static V exp(V x) {
+    const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_NLT_UQ);  // x >= lo, or NaN
+    return _mm256_and_ps(exp_neg8(x), live);
   }
-}
-template <>
-void lp_grad<float, true>(float* y, int64_t V, float f, float lse, float c0, float c1) {
-  lp_grad_f32<true>(y, V, f, lse, c0, c1);
-}
-template <>
-void lp_grad<float, false>(float* y, int64_t V, float f, float lse, float c0, float c1) {
-  lp_grad_f32<false>(y, V, f, lse, c0, c1);
-}
-#elif defined(COPSD_HAVE_AVX2)
-// lp_exp16 at 8 lanes, on the shared exp_neg8.
-inline __m256 lp_exp8(__m256 x) {
-  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_NLT_UQ);  // x >= lo, or NaN
-  return _mm256_and_ps(exp_neg8(x), live);
-}
-
-inline float lp_hsum8(__m256 v) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
-}
-
-template <>
-void lp_stats<float>(const float* y, int64_t V, float f, float& m_out, float& S_out, float& W_out) {
-  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), fv = _mm256_set1_ps(f);
-  float m = -std::numeric_limits<float>::infinity(), S = 0, W = 0;
-  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
-    const int64_t n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
-    const float* s = y + b0;
-    lp_prefetch_block(s, V - b0);
-    __m256 a0 = ninf, a1 = ninf, a2 = ninf, a3 = ninf;
-    int64_t j = 0;
-    for (; j + 32 <= n; j += 32) {
-      a0 = _mm256_max_ps(_mm256_loadu_ps(s + j), a0);
-      a1 = _mm256_max_ps(_mm256_loadu_ps(s + j + 8), a1);
-      a2 = _mm256_max_ps(_mm256_loadu_ps(s + j + 16), a2);
-      a3 = _mm256_max_ps(_mm256_loadu_ps(s + j + 24), a3);
-    }
-    a0 = _mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+  static float hmax(V v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    float bm = _mm_cvtss_f32(h);
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  }
+  static float hsum(V v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  }
+};
+#endif
+
+template <>
+void lp_stats<float>(const float* y, int64_t V, float f, float& m_out, float& S_out, float& W_out) {
+  using L = LpLanes;
+  constexpr int64_t W1 = L::W;
+  const L::V ninf = L::set1(-std::numeric_limits<float>::infinity()), fv = L::set1(f);
+  float m = -std::numeric_limits<float>::infinity(), S = 0, W = 0;
+  for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
+    const int64_t n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
+    const float* s = y + b0;
+    lp_prefetch_block(s, V - b0);
+    L::V a0 = ninf, a1 = ninf, a2 = ninf, a3 = ninf;
+    int64_t j = 0;
+    for (; j + 4 * W1 <= n; j += 4 * W1) {
+      a0 = L::max(L::load(s + j), a0);  // a NaN entry is skipped here (any_nan reports it)
+      a1 = L::max(L::load(s + j + W1), a1);
+      a2 = L::max(L::load(s + j + 2 * W1), a2);
+      a3 = L::max(L::load(s + j + 3 * W1), a3);
+    }
+    float bm = L::hmax(L::max(L::max(a0, a1), L::max(a2, a3)));
     for (int64_t t = j; t < n; ++t) bm = s[t] > bm ? s[t] : bm;
     lp_raise(bm * f, m, S, W);
     if (m == -std::numeric_limits<float>::infinity()) {
       lp_empty_block(s, n, S, W);
       continue;
     }
-    const __m256 mv = _mm256_set1_ps(m);
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, w0 = s0, w1 = s0;
+    const L::V mv = L::set1(m);
+    L::V s0 = L::set1(0.f), s1 = s0, w0 = s0, w1 = s0;
     j = 0;
-    for (; j + 16 <= n; j += 16) {
-      const __m256 d0 = _mm256_fmsub_ps(_mm256_loadu_ps(s + j), fv, mv);
-      const __m256 d1 = _mm256_fmsub_ps(_mm256_loadu_ps(s + j + 8), fv, mv);
-      const __m256 e0 = lp_exp8(d0), e1 = lp_exp8(d1);
-      s0 = _mm256_add_ps(s0, e0);
-      s1 = _mm256_add_ps(s1, e1);
-      w0 = _mm256_fmadd_ps(e0, d0, w0);
-      w1 = _mm256_fmadd_ps(e1, d1, w1);
+    for (; j + 2 * W1 <= n; j += 2 * W1) {
+      const L::V d0 = L::fmsub(L::load(s + j), fv, mv), d1 = L::fmsub(L::load(s + j + W1), fv, mv);
+      const L::V e0 = L::exp(d0), e1 = L::exp(d1);
+      s0 = L::add(s0, e0);
+      s1 = L::add(s1, e1);
+      w0 = L::fmadd(e0, d0, w0);
+      w1 = L::fmadd(e1, d1, w1);
     }
-    float ps = lp_hsum8(_mm256_add_ps(s0, s1)), pw = lp_hsum8(_mm256_add_ps(w0, w1));
+    float ps = L::hsum(L::add(s0, s1)), pw = L::hsum(L::add(w0, w1));
     for (; j < n; ++j) {
       const float d = s[j] * f - m;
       const float e = fexp0(d);
@@ -614,20 +556,22 @@ void lp_stats<float>(const float* y, int64_t V, float f, float& m_out, float& S_
 
 template <bool ENT>
 void lp_grad_f32(float* y, int64_t V, float f, float lse, float c0, float c1) {
-  const __m256 fv = _mm256_set1_ps(f), lv = _mm256_set1_ps(lse), c0v = _mm256_set1_ps(c0), c1v = _mm256_set1_ps(c1);
-  auto one = [&](__m256 v) {
-    const __m256 d = _mm256_fmsub_ps(v, fv, lv);
-    return _mm256_mul_ps(lp_exp8(d), ENT ? _mm256_fmadd_ps(c1v, d, c0v) : c0v);
+  using L = LpLanes;
+  constexpr int64_t W1 = L::W;
+  const L::V fv = L::set1(f), lv = L::set1(lse), c0v = L::set1(c0), c1v = L::set1(c1);
+  auto one = [&](L::V v) {
+    const L::V d = L::fmsub(v, fv, lv);
+    return L::mul(L::exp(d), ENT ? L::fmadd(c1v, d, c0v) : c0v);
   };
   for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
     const int64_t n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
     float* s = y + b0;
     lp_prefetch_block(s, V - b0);
     int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-      const __m256 v0 = _mm256_loadu_ps(s + j), v1 = _mm256_loadu_ps(s + j + 8);
-      _mm256_storeu_ps(s + j, one(v0));
-      _mm256_storeu_ps(s + j + 8, one(v1));
+    for (; j + 2 * W1 <= n; j += 2 * W1) {
+      const L::V v0 = L::load(s + j), v1 = L::load(s + j + W1);
+      L::store(s + j, one(v0));
+      L::store(s + j + W1, one(v1));
     }
     for (; j < n; ++j) {
       const float d = s[j] * f - lse;
