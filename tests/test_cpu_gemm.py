@@ -184,9 +184,10 @@ def test_divergence(mode, name, dtype, chunks, grad):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_divergence_side_by_side_logits(monkeypatch, threads, side, dtype):
     """Both lm_heads packed: a chunk's student and teacher logits GEMMs run side by side on the threads, each
-    single-threaded, a side's rows split into threads / 2 parts of >= 128 rows (4 threads and 300-row chunks: two
-    parts per side; the short last chunk of 57 rows: one), or (COPSD_CPU_SIDE_GEMMS=0, or one thread) one after
-    the other; every kind, loss and gradients against float64, each chunk's logits counted once per side."""
+    single-threaded, a side's rows split into threads / 2 parts of >= 128 rows (2 threads: one part; 4 threads and
+    300-row chunks: two parts per side, the short last chunk of 57 rows falls back), or (COPSD_CPU_SIDE_GEMMS=0,
+    one or three threads) one after the other, MKL splitting each; every kind, loss and gradients against float64,
+    each chunk's logits counted once per side."""
     if not _C().packed_gemm_available():
         pytest.skip("torch's BLAS has no packed-GEMM API here")
     rows, n = 300, 657  # chunks of 300 + 300 + 57 rows

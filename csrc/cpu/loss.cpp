@@ -423,15 +423,17 @@ constexpr int64_t kSideRowsMin = 128;
 
 // Row parts per side when the student's and the teacher's logits GEMMs of a chunk run side by side (0: they run
 // one after the other, each split over all threads by MKL).  Side by side needs both lm_heads packed (a packed
-// GEMM only reads its LmHead, so two threads may use two of them at once) and >= 2 threads; with T threads each
-// side's rows are split into T / 2 parts (T odd: the tasks are handed out dynamically), each a single-threaded
-// GEMM of >= kSideRowsMin rows.  COPSD_CPU_SIDE_GEMMS=0 turns it off (read per call, for A/B measurements).
+// GEMM only reads its LmHead, so two threads may use two of them at once) and an even thread count T whose T / 2
+// row parts per side each keep >= kSideRowsMin rows (or T = 2: one part, any rows), so that every thread has one
+// single-threaded GEMM: 2 threads always, 4 with >= 256-row chunks; otherwise (1 or an odd number of threads,
+// many threads and few rows) MKL splits each GEMM as before.  COPSD_CPU_SIDE_GEMMS=0 turns it off (read per call,
+// for A/B measurements).
 int64_t side_parts(int64_t nr, const LmHead& hs, const LmHead& ht) {
   const int threads = at::get_num_threads();
-  if (threads < 2 || !hs.packing() || !ht.packing()) return 0;
+  if (threads < 2 || threads % 2 != 0 || !hs.packing() || !ht.packing()) return 0;
   if (const char* e = std::getenv("COPSD_CPU_SIDE_GEMMS"); e != nullptr && std::strcmp(e, "0") == 0) return 0;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads / 2, nr / kSideRowsMin));
-  return parts;
+  const int64_t parts = threads / 2;
+  return parts == 1 || nr / parts >= kSideRowsMin ? parts : 0;
 }
 
 // Both sides' logits of one chunk.  MKL splits a 256-row packed GEMM over 2 threads less efficiently than one thread
@@ -448,7 +450,7 @@ void chunk_logits(const Tensor& xs, LmHead& hs, Tensor zs, const Tensor& xt, LmH
   }
   const int64_t step = (nr + parts - 1) / parts;
   std::exception_ptr error;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+#pragma omp parallel for schedule(static, 1) num_threads(static_cast<int>(2 * parts))
   for (int64_t task = 0; task < 2 * parts; ++task) {
     try {
       const int64_t r0 = (task / 2) * step, n = std::min(step, nr - r0);
