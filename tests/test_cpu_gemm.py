@@ -179,6 +179,41 @@ def test_divergence(mode, name, dtype, chunks, grad):
         assert dx is None and dw is None
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+@pytest.mark.parametrize("side", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_divergence_side_by_side_logits(monkeypatch, threads, side, dtype):
+    """Both lm_heads packed: a chunk's student and teacher logits GEMMs run side by side on the threads, each
+    single-threaded, a side's rows split into threads / 2 parts of >= 128 rows (2 threads: one part; 4 threads and
+    300-row chunks: two parts per side, the short last chunk of 57 rows falls back), or (COPSD_CPU_SIDE_GEMMS=0,
+    one or three threads) one after the other, MKL splitting each; every kind, loss and gradients against float64,
+    each chunk's logits counted once per side."""
+    if not _C().packed_gemm_available():
+        pytest.skip("torch's BLAS has no packed-GEMM API here")
+    rows, n = 300, 657  # chunks of 300 + 300 + 57 rows
+    xs, ws, xt, wt, _ = _inputs(n, dtype, seed=8)
+    tg = torch.rand(n, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        monkeypatch.setattr(cpu, "WORKSPACE_BYTES", rows * 2 * V * 4)
+        monkeypatch.delenv("COPSD_CPU_PACK", raising=False)
+        monkeypatch.delenv("COPSD_CPU_PACK_MB", raising=False)
+        monkeypatch.setenv("COPSD_CPU_SIDE_GEMMS", side)
+        for kind in ("reverse_kl", "forward_kl", "jsd"):
+            div = DivergenceSpec(kind=kind, beta=0.3)
+            exact = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, None, tg)
+            plain = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, None, tg, dtype=torch.float32)
+            _C().gemm_stats_reset()
+            loss, dx, dw = cpu.divergence(xs, ws, xt, wt, LOGIT, div, None, tg.float())
+            st = _C().gemm_stats()
+            assert st["packs"] == 2 and st["packed_gemms"] == 6 and st["plain_gemms"] == 0, st
+            for got, e, p, what in zip((loss, dx, dw), exact, plain, ("loss", "d_hidden", "d_weight")):
+                _check(got, e, p, dtype, f"{kind} {what}", scale=5.0 if what == "loss" else 1.0)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_budget_for_one_lm_head(mode, monkeypatch):
     """A budget that holds one packed lm_head: the student's is packed, the teacher's runs unpacked, results
     as accurate as both packed.  The budget counts what a packed copy occupies (about the weight's own fp32

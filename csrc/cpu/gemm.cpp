@@ -327,7 +327,7 @@ void LmHead::pack_weight() {
   if (!grads_) buf_ = Tensor();
 }
 
-void LmHead::logits(const Tensor& x_in, Tensor out) {
+void LmHead::logits(const Tensor& x_in, Tensor out, bool count) {
   const int64_t V = W_.size(0), H = W_.size(1), m = x_in.size(0);
   const bool out_rows = out.stride(1) == 1 && out.stride(0) >= V && fits_int(out.stride(0));
   prepare();
@@ -343,10 +343,10 @@ void LmHead::logits(const Tensor& x_in, Tensor out) {
                   x.data_ptr<float>(), lda, reinterpret_cast<const float*>(packed_[b].data_ptr<uint8_t>()),
                   static_cast<int>(n), 0.0f, c + v0, static_cast<int>(out.stride(0)));
     }
-    ++n_packed_gemms;
+    if (count) ++n_packed_gemms;
     return;
   }
-  ++n_plain_gemms;
+  if (count) ++n_plain_gemms;
   if (!upcast_ || full_.defined()) {
     at::mm_out(out, x_in, (full_.defined() ? full_ : W_).t());
     return;

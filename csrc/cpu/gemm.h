@@ -49,8 +49,10 @@ class LmHead {
   LmHead(const at::Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int64_t budget, PackBudget& pack,
          bool grads, int64_t tile = 0);
 
-  // out[m, V] = x[m, H] @ W^T (x in the compute dtype).
-  void logits(const at::Tensor& x, at::Tensor out);
+  // out[m, V] = x[m, H] @ W^T (x in the compute dtype).  After ready(), calls on a packed head (packing()) may come
+  // from several threads at once (each GEMM then runs single-threaded inside the parallel region); `count`: whether
+  // gemm_stats counts this call (a chunk split into row parts is counted once).
+  void logits(const at::Tensor& x, at::Tensor out, bool count = true);
   // The vocabulary blocks: block b covers rows [b * block_rows(), min(V, (b + 1) * block_rows())) of W.
   int64_t block_rows() const { return vb_; }
   // out[m, n_b] = x[m, H] @ W[block b]^T (out's rows may be strided).  Safe to call from several threads at once
