@@ -183,11 +183,26 @@ int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget
 // packed weight tile streams through the cache beside it).  1 MiB: 128 rows x 2048 fp32 logits.
 constexpr int64_t kTopkTileBytes = int64_t(1) << 20;
 
+constexpr int64_t kTopkRows = 512;
+
+int64_t topk_rows(int64_t N, int threads, int64_t row_bytes, int64_t budget) {
+  const int64_t t = std::max(1, threads), n = std::max<int64_t>(N, 1);
+  int64_t rows = env_mib("COPSD_CPU_TOPK_ROWS", 0);  // a plain count; env_mib only parses it
+  if (rows <= 0) {
+    // The fewest groups of at most kTopkRows rows that are a multiple of the thread count, equal-sized.
+    const int64_t per_thread = (n + t - 1) / t;
+    const int64_t groups = t * ((per_thread + kTopkRows - 1) / kTopkRows);
+    rows = (n + groups - 1) / groups;
+  }
+  rows = std::min(rows, budget / std::max<int64_t>(1, t * row_bytes));
+  return std::max<int64_t>(1, std::min(rows, n));
+}
+
 int64_t topk_tile(int64_t rows, int64_t elem) {
   const int64_t set = env_mib("COPSD_CPU_TOPK_TILE", 0);  // a plain count; env_mib only parses it
   if (set > 0) return set;
   const int64_t t = kTopkTileBytes / std::max<int64_t>(1, rows * elem);
-  return std::max<int64_t>(1024, t / 1024 * 1024);
+  return std::max<int64_t>(256, t / 256 * 256);
 }
 
 // Default budget, counted as packed_resident() (about the weight's fp32 size per packed copy): a divergence
