@@ -178,11 +178,16 @@ int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget
   return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(N, 1)));
 }
 
-// The tile of the top-k: its [rows, tile] logits are scanned right after the tile GEMM wrote them, so they should
-// stay in L2 (2 MiB per core on the machines measured; the tile's rows are split over the threads, and the
-// packed weight tile streams through the cache beside it).  1 MiB: 128 rows x 2048 fp32 logits.
-constexpr int64_t kTopkTileBytes = int64_t(1) << 20;
+// The tile of the top-k: its [rows, tile] logits are scanned right after the tile GEMM wrote them, from L2 or L3.
+// 2 MiB: 512 rows x 1024 fp32 logits.  Narrower tiles were no faster (512 rows x 512 / 1024 / 2048 within the
+// noise, thread CPU time on a 1 MiB-L2 Zen 4), and each packed tile costs ~130-150 KiB of resident memory beyond
+// its data (mincore after MKL's pack: 63 tiles of 512 at H = 256 occupy 39.6 MiB, 32 of 1024 35.6, 16 of 2048
+// 33.6, for 31.25 MiB of weight).
+constexpr int64_t kTopkTileBytes = int64_t(2) << 20;
 
+// Rows per top-k group: the packed tile GEMM reads its weight slice once per group, so its cost per logit falls
+// with the rows (single-threaded cblas_sgemm_compute against one [2048, 32000] GEMM at H = 256: 128 rows 1.07x,
+// 256 rows 1.00x, 512 rows 0.96x).
 constexpr int64_t kTopkRows = 512;
 
 int64_t topk_rows(int64_t N, int threads, int64_t row_bytes, int64_t budget) {

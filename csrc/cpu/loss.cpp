@@ -321,8 +321,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
 // Tiled, one parallel region per call: the tokens are split into row groups handed out dynamically to the
 // threads; a thread forms its group's logits one vocabulary tile [group, tile] at a time with a single-threaded
 // GEMM on the lm_head packed (or up-cast) per tile, and its rows' running top-k states (threshold, candidates,
-// online LSE: topk_scan) take the tile while it is still in that core's L2 (~1 MiB: 2048 logits per row at 128
-// rows in fp32; topk_tile in gemm.cpp).  So no [rows, V] block is written to memory and read back, and the
+// online LSE: topk_scan) take the tile while it is still in that core's cache (~2 MiB: 1024 logits per row at 512
+// rows in fp32; topk_rows / topk_tile in gemm.cpp).  So no [rows, V] block is written to memory and read back, and the
 // threads meet once per call instead of twice per chunk (a preempted thread on a shared machine holds the others
 // back only at the end).  A row that ends with fewer than k logits above -inf needs its whole row for the
 // -inf / NaN ids: its logits are formed again afterwards (rare: a row of almost only -inf / NaN logits).
