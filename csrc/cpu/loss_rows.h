@@ -1217,7 +1217,7 @@ inline float block_sumexp<float>(const float* z, int64_t n, float m) {
 // 32 independent running maxima (several vector registers): one would be bound by the latency of max.  Those
 // running maxima are also written to groups[0 .. TOPK_GROUPS): the maxima of TOPK_GROUPS disjoint groups of the
 // block's logits (-inf for a group without a number), from which topk_scan bounds the k-th best from below.
-#if defined(COPSD_HAVE_AVX512)
+#if defined(COPSD_HAVE_AVX512) || defined(COPSD_HAVE_AVX2)
 constexpr int TOPK_GROUPS = 64;
 #else
 constexpr int TOPK_GROUPS = 32;
@@ -1291,7 +1291,8 @@ inline float block_max<float, false>(float* z, int64_t n, float f, float* groups
 template <bool SCALE>
 inline float block_max_f32(float* z, int64_t n, float f, float* groups) {
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), fv = _mm256_set1_ps(f);
-  __m256 a0 = ninf, a1 = ninf, a2 = ninf, a3 = ninf;
+  // Eight running maxima (64 groups: k = 64 gets its first-block threshold as at AVX-512).
+  __m256 a0 = ninf, a1 = ninf, a2 = ninf, a3 = ninf, a4 = ninf, a5 = ninf, a6 = ninf, a7 = ninf;
   auto load = [&](int64_t j) {
     __m256 v = _mm256_loadu_ps(z + j);
     if (SCALE) {
@@ -1301,17 +1302,27 @@ inline float block_max_f32(float* z, int64_t n, float f, float* groups) {
     return v;
   };
   int64_t j = 0;
-  for (; j + 32 <= n; j += 32) {
+  for (; j + 64 <= n; j += 64) {
     a0 = _mm256_max_ps(load(j), a0);
     a1 = _mm256_max_ps(load(j + 8), a1);
     a2 = _mm256_max_ps(load(j + 16), a2);
     a3 = _mm256_max_ps(load(j + 24), a3);
+    a4 = _mm256_max_ps(load(j + 32), a4);
+    a5 = _mm256_max_ps(load(j + 40), a5);
+    a6 = _mm256_max_ps(load(j + 48), a6);
+    a7 = _mm256_max_ps(load(j + 56), a7);
   }
+  for (; j + 8 <= n; j += 8) a0 = _mm256_max_ps(load(j), a0);
   _mm256_storeu_ps(groups, a0);
   _mm256_storeu_ps(groups + 8, a1);
   _mm256_storeu_ps(groups + 16, a2);
   _mm256_storeu_ps(groups + 24, a3);
-  a0 = _mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3));
+  _mm256_storeu_ps(groups + 32, a4);
+  _mm256_storeu_ps(groups + 40, a5);
+  _mm256_storeu_ps(groups + 48, a6);
+  _mm256_storeu_ps(groups + 56, a7);
+  a0 = _mm256_max_ps(_mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3)),
+                     _mm256_max_ps(_mm256_max_ps(a4, a5), _mm256_max_ps(a6, a7)));
   __m128 h = _mm_max_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
   h = _mm_max_ps(h, _mm_movehl_ps(h, h));
   h = _mm_max_ss(h, _mm_movehdup_ps(h));
