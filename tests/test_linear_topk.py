@@ -208,6 +208,51 @@ def test_cpu_topk_long_rows_fresh_inputs(k, dtype, topk_tile):
         check_topk(ids, lp, lse, z, k, z_plain)
 
 
+@CPU
+@pytest.mark.isa
+@pytest.mark.parametrize("off", [0.0, -40.0, 300.0, 16000.0, 16400.0, -20000.0, 1e6])
+def test_cpu_topk_lse_around_the_lean_exp_limit(off):
+    """The fp32 one-pass scan sums e^{z - M} as 2^(z log2(e) - fl(M log2(e))) and divides the rounding of the
+    reference out afterwards, for |M| < 16384; larger maxima take the plain exponential.  Rows of many
+    comparable logits (every term counts) on both sides of that limit: the LSE within a few float32 ulps of the
+    float64 logsumexp of the same fp32 logits, the order exact."""
+    g = torch.Generator().manual_seed(5)
+    V = 3001
+    spread = torch.tensor([0.01, 0.5, 2.0, 8.0, 30.0, 1.0], dtype=torch.float64)[:, None]
+    Z = off + torch.randn(6, V, generator=g, dtype=torch.float64) * spread
+    Z[5, 1700] += 50.0  # the running maximum jumps in a later block
+    Z = Z.float()
+    x, w = _rows_as_gemm(Z)
+    ids, lp, lse = cpu.topk(x, w, 17, LogitSpec())
+    z64 = Z.double()
+    lse64 = z64.logsumexp(-1)
+    tol = 2.0**-23 * lse64.abs() + 1e-6  # about one ulp of the LSE (its own rounding is half of one)
+    assert ((lse.double() - lse64).abs() <= tol).all(), (lse.double() - lse64).abs().max()
+    want = torch.tensor([_exact_order(r.tolist())[:17] for r in z64])
+    assert torch.equal(ids, want)
+
+
+@CPU
+@pytest.mark.parametrize("rows", ["1", "3", "7", "512"])
+@pytest.mark.parametrize("tile", [None, "100"])
+def test_cpu_topk_row_groups(rows, tile, monkeypatch):
+    """The tiled driver's row groups (``COPSD_CPU_TOPK_ROWS``; default up to 512 rows, a multiple of the thread
+    count of groups): any group size, a short last group, with whole-row and split tiles, gives the same
+    answer."""
+    monkeypatch.setenv("COPSD_CPU_TOPK_ROWS", rows)
+    if tile is None:
+        monkeypatch.delenv("COPSD_CPU_TOPK_TILE", raising=False)
+    else:
+        monkeypatch.setenv("COPSD_CPU_TOPK_TILE", tile)
+    N, H, V, k = 13, 16, 1403, 9
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(N, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 2
+    x, w = x.float(), w.float()
+    ids, lp, lse = cpu.topk(x, w, k, LogitSpec())
+    check_topk(ids, lp, lse, dense.logits(x.double(), w.double()), k, dense.logits(x, w))
+
+
 # ----------------------------------------------------------------------------- Triton backend
 
 

@@ -178,16 +178,36 @@ int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget
   return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(N, 1)));
 }
 
-// The tile of the top-k: its [rows, tile] logits are scanned right after the tile GEMM wrote them, so they should
-// stay in L2 (2 MiB per core on the machines measured; the tile's rows are split over the threads, and the
-// packed weight tile streams through the cache beside it).  1 MiB: 128 rows x 2048 fp32 logits.
-constexpr int64_t kTopkTileBytes = int64_t(1) << 20;
+// The tile of the top-k: its [rows, tile] logits are scanned right after the tile GEMM wrote them, from L2 or L3.
+// 2 MiB: 512 rows x 1024 fp32 logits.  Narrower tiles were no faster (512 rows x 512 / 1024 / 2048 within the
+// noise, thread CPU time on a 1 MiB-L2 Zen 4), and each packed tile costs ~130-150 KiB of resident memory beyond
+// its data (mincore after MKL's pack: 63 tiles of 512 at H = 256 occupy 39.6 MiB, 32 of 1024 35.6, 16 of 2048
+// 33.6, for 31.25 MiB of weight).
+constexpr int64_t kTopkTileBytes = int64_t(2) << 20;
+
+// Rows per top-k group: the packed tile GEMM reads its weight slice once per group, so its cost per logit falls
+// with the rows (single-threaded cblas_sgemm_compute against one [2048, 32000] GEMM at H = 256: 128 rows 1.07x,
+// 256 rows 1.00x, 512 rows 0.96x).
+constexpr int64_t kTopkRows = 512;
+
+int64_t topk_rows(int64_t N, int threads, int64_t row_bytes, int64_t budget) {
+  const int64_t t = std::max(1, threads), n = std::max<int64_t>(N, 1);
+  int64_t rows = env_mib("COPSD_CPU_TOPK_ROWS", 0);  // a plain count; env_mib only parses it
+  if (rows <= 0) {
+    // The fewest groups of at most kTopkRows rows that are a multiple of the thread count, equal-sized.
+    const int64_t per_thread = (n + t - 1) / t;
+    const int64_t groups = t * ((per_thread + kTopkRows - 1) / kTopkRows);
+    rows = (n + groups - 1) / groups;
+  }
+  rows = std::min(rows, budget / std::max<int64_t>(1, t * row_bytes));
+  return std::max<int64_t>(1, std::min(rows, n));
+}
 
 int64_t topk_tile(int64_t rows, int64_t elem) {
   const int64_t set = env_mib("COPSD_CPU_TOPK_TILE", 0);  // a plain count; env_mib only parses it
   if (set > 0) return set;
   const int64_t t = kTopkTileBytes / std::max<int64_t>(1, rows * elem);
-  return std::max<int64_t>(1024, t / 1024 * 1024);
+  return std::max<int64_t>(256, t / 256 * 256);
 }
 
 // Default budget, counted as packed_resident() (about the weight's fp32 size per packed copy): a divergence

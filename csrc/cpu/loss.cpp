@@ -112,11 +112,27 @@ struct PhaseTimer {
   double cpu_prep = 0, cpu_gemm = 0, cpu_epi = 0, cpu_grad = 0;
   std::chrono::steady_clock::time_point t0;
   double c0 = 0;
+  // COPSD_CPU_PROFILE=cpu: now() reads the calling thread's CPU time instead of the wall clock (the tiled top-k
+  // times each thread's phases with it inside its parallel region: robust on a shared machine).
+  bool cpu = [] {
+    const char* e = std::getenv("COPSD_CPU_PROFILE");
+    return e != nullptr && std::strcmp(e, "cpu") == 0;
+  }();
   explicit PhaseTimer(const char* n) : name(n) {}
   static double cpu_ms() {
     timespec ts{};
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+  }
+  // Milliseconds on the per-thread phase clock (0 when profiling is off).
+  double now() const {
+    if (!on) return 0.0;
+    if (cpu) {
+      timespec ts{};
+      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+      return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+    }
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
   }
   void start() {
     if (!on) return;
@@ -326,8 +342,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
 // Tiled, one parallel region per call: the tokens are split into row groups handed out dynamically to the
 // threads; a thread forms its group's logits one vocabulary tile [group, tile] at a time with a single-threaded
 // GEMM on the lm_head packed (or up-cast) per tile, and its rows' running top-k states (threshold, candidates,
-// online LSE: topk_scan) take the tile while it is still in that core's L2 (~1 MiB: 2048 logits per row at 128
-// rows in fp32; topk_tile in gemm.cpp).  So no [rows, V] block is written to memory and read back, and the
+// online LSE: topk_scan) take the tile while it is still in that core's cache (~2 MiB: 1024 logits per row at 512
+// rows in fp32; topk_rows / topk_tile in gemm.cpp).  So no [rows, V] block is written to memory and read back, and the
 // threads meet once per call instead of twice per chunk (a preempted thread on a shared machine holds the others
 // back only at the end).  A row that ends with fewer than k logits above -inf needs its whole row for the
 // -inf / NaN ids: its logits are formed again afterwards (rare: a row of almost only -inf / NaN logits).
@@ -342,7 +358,11 @@ std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& we
   Tensor out_lp = at::empty({N, k}, opts), out_lse = at::empty({N}, opts);
   if (N == 0) return {out_ids, out_lp, out_lse};
   const int threads = std::max(1, at::get_num_threads());
-  const int64_t rows = std::min(chunk_rows(N, V, sizeof(T), 1, budget, false), (N + threads - 1) / threads);
+  const int64_t cap = topk_row_buffer(k);
+  // Groups of up to 512 rows (topk_rows), and no more than the workspace would hold as [rows, V] logits (the
+  // other drivers' chunk; the default 64 MiB holds 524 fp32 rows at V = 32000).
+  const int64_t rows = std::min(topk_rows(N, threads, cap * static_cast<int64_t>(sizeof(T) + sizeof(int64_t)), budget),
+                                std::max<int64_t>(1, budget / std::max<int64_t>(1, V * static_cast<int64_t>(sizeof(T)))));
   const int64_t groups = (N + rows - 1) / rows;
   PackBudget pack;
   LmHead vb(weight, st, rows, N, budget, pack, false, topk_tile(rows, sizeof(T)));
@@ -352,7 +372,6 @@ std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& we
   tm.stop(tm.gemm);
   const int64_t tile = vb.block_rows();
   const int64_t tiles = (V + tile - 1) / tile;
-  const int64_t cap = topk_row_buffer(k);
   const int nt = static_cast<int>(std::min<int64_t>(threads, groups));
   // Per thread: its logits tile, its rows' candidate buffers and states, an up-cast scratch.
   Tensor z = at::empty({nt, rows, tile}, opts);
@@ -380,20 +399,20 @@ std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& we
         topk_row_init(sr[r], k, cval[tid].data_ptr<T>() + r * cap, cid[tid].data_ptr<int64_t>() + r * cap);
       for (int64_t b = 0; b < tiles; ++b) {
         const int64_t v0 = b * tile, n = std::min(tile, V - v0);
-        auto t0 = std::chrono::steady_clock::now();
+        const double t0 = tm.now();
         vb.logits_block(xg, b, z[tid].narrow(0, 0, nr).narrow(1, 0, n), scratch[tid]);  // rows of stride `tile`
-        auto t1 = std::chrono::steady_clock::now();
+        const double t1 = tm.now();
         for (int64_t r = 0; r < nr; ++r) K.topk_scan(sr[r], zp + r * tile, v0, n, k, lp);
-        auto t2 = std::chrono::steady_clock::now();
-        t_gemm[tid] += std::chrono::duration<double, std::milli>(t1 - t0).count();
-        t_epi[tid] += std::chrono::duration<double, std::milli>(t2 - t1).count();
+        const double t2 = tm.now();
+        t_gemm[tid] += t1 - t0;
+        t_epi[tid] += t2 - t1;
       }
-      auto t0 = std::chrono::steady_clock::now();
+      const double t0 = tm.now();
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t q = r0 + r;
         short_row[q] = K.topk_end(sr[r], k, pid + q * k, plp + q * k, plse + q) < k;
       }
-      t_epi[tid] += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      t_epi[tid] += tm.now() - t0;
     } catch (...) {
 #pragma omp critical(copsd_topk_error)
       if (!error) error = std::current_exception();

@@ -962,9 +962,22 @@ inline int64_t compact_keep<float>(float* val, int64_t* id, int64_t n, float t, 
 // quickselect whose steps are branch-free: the values above / equal to a median-of-three pivot are counted
 // (vector compares) and the side that holds rank r is compacted to the front; a rank among the equal values
 // ends it at once.  After 2 log2(m) + 8 steps without reaching 32 values it finishes with a heap sort, so no
-// input makes it quadratic.
+// input makes it quadratic.  The extreme ranks are a plain minimum / maximum: the top-k's first block asks for
+// rank k - 1 of its group maxima, the minimum when k equals the group count (k = 64 at AVX-512), where the
+// quickselect's steps and final O(32^2) count cost ~3 us a row (~7 ms of a top-k call at N = 2048).
 template <typename T>
 T select_desc(T* w, int64_t m, int64_t r) {
+  if (r == m - 1 || r == 0) {
+    T v = w[0];
+    if (r == 0) {
+#pragma omp simd reduction(max : v)
+      for (int64_t i = 1; i < m; ++i) v = w[i] > v ? w[i] : v;
+    } else {
+#pragma omp simd reduction(min : v)
+      for (int64_t i = 1; i < m; ++i) v = w[i] < v ? w[i] : v;
+    }
+    return v;
+  }
   int budget = 8;
   for (int64_t q = m; q > 1; q >>= 1) budget += 2;
   while (m > 32 && budget-- > 0) {
@@ -1148,7 +1161,7 @@ inline float block_sumexp<float>(const float* z, int64_t n, float m) {
 // 32 independent running maxima (several vector registers): one would be bound by the latency of max.  Those
 // running maxima are also written to groups[0 .. TOPK_GROUPS): the maxima of TOPK_GROUPS disjoint groups of the
 // block's logits (-inf for a group without a number), from which topk_scan bounds the k-th best from below.
-#if defined(COPSD_HAVE_AVX512)
+#if defined(COPSD_HAVE_AVX512) || defined(COPSD_HAVE_AVX2)
 constexpr int TOPK_GROUPS = 64;
 #else
 constexpr int TOPK_GROUPS = 32;
@@ -1222,7 +1235,8 @@ inline float block_max<float, false>(float* z, int64_t n, float f, float* groups
 template <bool SCALE>
 inline float block_max_f32(float* z, int64_t n, float f, float* groups) {
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), fv = _mm256_set1_ps(f);
-  __m256 a0 = ninf, a1 = ninf, a2 = ninf, a3 = ninf;
+  // Eight running maxima (64 groups: k = 64 gets its first-block threshold as at AVX-512).
+  __m256 a0 = ninf, a1 = ninf, a2 = ninf, a3 = ninf, a4 = ninf, a5 = ninf, a6 = ninf, a7 = ninf;
   auto load = [&](int64_t j) {
     __m256 v = _mm256_loadu_ps(z + j);
     if (SCALE) {
@@ -1232,17 +1246,27 @@ inline float block_max_f32(float* z, int64_t n, float f, float* groups) {
     return v;
   };
   int64_t j = 0;
-  for (; j + 32 <= n; j += 32) {
+  for (; j + 64 <= n; j += 64) {
     a0 = _mm256_max_ps(load(j), a0);
     a1 = _mm256_max_ps(load(j + 8), a1);
     a2 = _mm256_max_ps(load(j + 16), a2);
     a3 = _mm256_max_ps(load(j + 24), a3);
+    a4 = _mm256_max_ps(load(j + 32), a4);
+    a5 = _mm256_max_ps(load(j + 40), a5);
+    a6 = _mm256_max_ps(load(j + 48), a6);
+    a7 = _mm256_max_ps(load(j + 56), a7);
   }
+  for (; j + 8 <= n; j += 8) a0 = _mm256_max_ps(load(j), a0);
   _mm256_storeu_ps(groups, a0);
   _mm256_storeu_ps(groups + 8, a1);
   _mm256_storeu_ps(groups + 16, a2);
   _mm256_storeu_ps(groups + 24, a3);
-  a0 = _mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3));
+  _mm256_storeu_ps(groups + 32, a4);
+  _mm256_storeu_ps(groups + 40, a5);
+  _mm256_storeu_ps(groups + 48, a6);
+  _mm256_storeu_ps(groups + 56, a7);
+  a0 = _mm256_max_ps(_mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3)),
+                     _mm256_max_ps(_mm256_max_ps(a4, a5), _mm256_max_ps(a6, a7)));
   __m128 h = _mm_max_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
   h = _mm_max_ps(h, _mm_movehl_ps(h, h));
   h = _mm_max_ss(h, _mm_movehdup_ps(h));
@@ -1269,7 +1293,6 @@ template <typename T>
 struct TopkSink {
   T* val;
   int64_t* id;
-  T* tmp;  // the cuts' scratch
   int64_t n, hi, k;
   T thr;
   bool dense;
@@ -1291,8 +1314,13 @@ struct TopkSink {
     passed += n - n0;
     if (n >= hi) cut();
   }
-  void cut() {
-    thr = topk_cut(val, id, tmp, n, k);
+  // The cuts' scratch is this thread's, looked up here: a cut is rare, and the thread-local lookup costs a call
+  // (a piece of a tiled row is only a few hundred logits long).  Out of line, so that put16 stays small enough to
+  // be inlined into the scan loops.
+  __attribute__((noinline, cold)) void cut() {
+    TopkScratch<T>& sc = topk_scratch<T>();
+    sc.reserve(hi + 16);
+    thr = topk_cut(val, id, sc.tmp, n, k);
     n = k;
   }
 };
@@ -1374,6 +1402,55 @@ inline float topk_select_sumexp<float>(const float* z, int64_t len, float m, int
 }
 #endif
 
+// The one-pass block's exponential, leaner than exp_neg16 / exp_neg8 (10 / 13 vector operations instead of 15 /
+// 18 with the subtraction of the reference): e^{z - ref} = 2^t with t = z * log2(e) - c, c = fl(ref * log2(e)), one
+// FMA from the logit (no separate z - ref).  The rounding of c scales every term of the block by the same factor
+// 2^(c - ref * L) (L: log2(e) in float), which the caller divides out in double precision, exactly; that needs
+// |ref| small enough for c's rounding to be a small exponent (TOPK_LEAN_REF; larger references take exp_neg).
+// Then 2^t = 2^n * 2^f, n = round(t), f = t - n in [-1/2, 1/2], 2^f by a degree-5 polynomial fitted to relative
+// error (<= 1.7e-7 evaluated in float FMAs, like exp_neg's 2.4e-7).  t is clamped from below at -125: a term
+// below 2^-125 of the reference adds nothing next to the reference's own 1, and the result stays a normal
+// number (no denormal penalties); NaN passes the clamp (max returns its second operand for NaN).
+constexpr float TOPK_LOG2E = 1.44269502162933349609375f;  // log2(e) rounded to float
+constexpr float TOPK_LEAN_REF = 16384.0f;                  // |ref| below this: c's rounding error <= 2^-10
+#if defined(COPSD_HAVE_AVX512) || defined(COPSD_HAVE_AVX2)
+#define COPSD_EXP2_POLY(V, set1, fma, sub, roundop)                                    \
+  t = maxop(set1(-125.0f), t);                                                         \
+  const V n = roundop(t);                                                              \
+  const V f = sub(t, n);                                                               \
+  V p = set1(1.3264727313e-3f);                                                        \
+  p = fma(p, f, set1(9.6715129912e-3f));                                               \
+  p = fma(p, f, set1(5.5507335812e-2f));                                               \
+  p = fma(p, f, set1(2.4022242427e-1f));                                               \
+  p = fma(p, f, set1(6.9314700365e-1f));                                               \
+  p = fma(p, f, set1(1.0f));
+#endif
+#if defined(COPSD_HAVE_AVX512)
+inline __m512 topk_exp2_16(__m512 t) {
+  auto maxop = [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); };
+  COPSD_EXP2_POLY(__m512, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_sub_ps, round16)
+  return _mm512_scalef_ps(p, n);
+}
+#elif defined(COPSD_HAVE_AVX2)
+inline __m256 topk_exp2_8(__m256 t) {
+  auto maxop = [](__m256 a, __m256 b) { return _mm256_max_ps(a, b); };
+  COPSD_EXP2_POLY(__m256, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_sub_ps, round8)
+  // 2^n * p by adding n to p's exponent field (n >= -125 and p in [0.7, 1.42]: a normal result; n <= 127 for
+  // the blocks whose sum is kept, z <= ref + 60).
+  return _mm256_castsi256_ps(
+      _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23)));
+}
+#endif
+#undef COPSD_EXP2_POLY
+// The factor that turns a sum of topk_exp2 terms (t = z * L - fl(ref * L)) into sum e^{z - ref}: ref * L is exact
+// in double (a product of two floats).
+// The exponent is at most 2^-10 in size (TOPK_LEAN_REF), so three Taylor terms of e^x (x = exponent * ln 2) are
+// exact to ~1e-14, without a libm call per block.
+inline float topk_exp2_fix(float ref, float c) {
+  const double x = (static_cast<double>(c) - static_cast<double>(ref) * TOPK_LOG2E) * 0.6931471805599453;
+  return static_cast<float>(1.0 + x * (1.0 + x * (0.5 + x * (1.0 / 6.0))));
+}
+
 // One pass over a block of a row that already has a finite running maximum `ref`: the scale (in place), the
 // block's maximum bm, the compare with the threshold and the appends, and s = sum_j e^{z_j - ref} (ref, not bm:
 // the maximum is not known before the pass; topk_scan redoes the sum relative to bm when bm > ref + 60, where
@@ -1384,11 +1461,13 @@ inline bool topk_one_pass(T*, int64_t, T, bool, T, int64_t, TopkSink<T>&, T&, T&
   return false;
 }
 #if defined(COPSD_HAVE_AVX512)
-template <bool SCALE>
+template <bool SCALE, bool LEAN>
 inline void topk_one_pass_f32(float* z, int64_t len, float f, float ref, int64_t j0, TopkSink<float>& sk, float& bm,
                               float& s) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), fv = _mm512_set1_ps(f),
                rv = _mm512_set1_ps(ref);
+  const float c = ref * TOPK_LOG2E;
+  const __m512 l2e = _mm512_set1_ps(TOPK_LOG2E), cv = _mm512_set1_ps(c);
   __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), a0 = ninf, a1 = ninf;
   auto step = [&](int64_t j, __mmask16 live, __m512& acc, __m512& mx) {
     __m512 v = _mm512_maskz_loadu_ps(live, z + j);
@@ -1397,7 +1476,8 @@ inline void topk_one_pass_f32(float* z, int64_t len, float f, float ref, int64_t
       _mm512_mask_storeu_ps(z + j, live, v);
     }
     mx = _mm512_mask_max_ps(mx, live, v, mx);  // max(v, mx): mx for a NaN v
-    acc = _mm512_mask_add_ps(acc, live, acc, exp_neg16(_mm512_sub_ps(v, rv)));
+    const __m512 e = LEAN ? topk_exp2_16(_mm512_fmsub_ps(v, l2e, cv)) : exp_neg16(_mm512_sub_ps(v, rv));
+    acc = _mm512_mask_add_ps(acc, live, acc, e);
     const uint32_t msk = _mm512_mask_cmp_ps_mask(live, v, _mm512_set1_ps(sk.thr), _CMP_GT_OQ);
     if (live == 0xffff) {
       sk.put16(z + j, j0 + j, msk);
@@ -1413,13 +1493,16 @@ inline void topk_one_pass_f32(float* z, int64_t len, float f, float ref, int64_t
   for (; j < len; j += 16) step(j, len - j >= 16 ? 0xffff : tail_mask16(len - j), s1, a1);
   bm = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
   s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  if (LEAN) s *= topk_exp2_fix(ref, c);
 }
 #elif defined(COPSD_HAVE_AVX2)
-template <bool SCALE>
+template <bool SCALE, bool LEAN>
 inline void topk_one_pass_f32(float* z, int64_t len, float f, float ref, int64_t j0, TopkSink<float>& sk, float& bm,
                               float& s) {
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), fv = _mm256_set1_ps(f),
                rv = _mm256_set1_ps(ref);
+  const float c = ref * TOPK_LOG2E;
+  const __m256 l2e = _mm256_set1_ps(TOPK_LOG2E), cv = _mm256_set1_ps(c);
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), a0 = ninf, a1 = ninf;
   int64_t j = 0;
   for (; j + 16 <= len; j += 16) {
@@ -1432,8 +1515,13 @@ inline void topk_one_pass_f32(float* z, int64_t len, float f, float ref, int64_t
     }
     a0 = _mm256_max_ps(a, a0);  // max(v, acc): acc for a NaN v
     a1 = _mm256_max_ps(b, a1);
-    s0 = _mm256_add_ps(s0, exp_neg8(_mm256_sub_ps(a, rv)));
-    s1 = _mm256_add_ps(s1, exp_neg8(_mm256_sub_ps(b, rv)));
+    if (LEAN) {
+      s0 = _mm256_add_ps(s0, topk_exp2_8(_mm256_fmsub_ps(a, l2e, cv)));
+      s1 = _mm256_add_ps(s1, topk_exp2_8(_mm256_fmsub_ps(b, l2e, cv)));
+    } else {
+      s0 = _mm256_add_ps(s0, exp_neg8(_mm256_sub_ps(a, rv)));
+      s1 = _mm256_add_ps(s1, exp_neg8(_mm256_sub_ps(b, rv)));
+    }
     const __m256 t = _mm256_set1_ps(sk.thr);
     const uint32_t lo = _mm256_movemask_ps(_mm256_cmp_ps(a, t, _CMP_GT_OQ));
     const uint32_t hi = _mm256_movemask_ps(_mm256_cmp_ps(b, t, _CMP_GT_OQ));
@@ -1449,6 +1537,7 @@ inline void topk_one_pass_f32(float* z, int64_t len, float f, float ref, int64_t
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   h = _mm_add_ss(h, _mm_movehdup_ps(h));
   float sum = _mm_cvtss_f32(h);
+  if (LEAN) sum *= topk_exp2_fix(ref, c);
   if (j < len) {  // the piece's last, partial vector
     uint32_t msk = 0;
     for (int64_t u = 0; j + u < len; ++u) {
@@ -1470,10 +1559,19 @@ inline void topk_one_pass_f32(float* z, int64_t len, float f, float ref, int64_t
 #if defined(COPSD_HAVE_AVX512) || defined(COPSD_HAVE_AVX2)
 inline bool topk_one_pass(float* z, int64_t len, float f, bool scale, float ref, int64_t j0, TopkSink<float>& sk,
                           float& bm, float& s) {
+  const bool lean = std::fabs(ref) < TOPK_LEAN_REF;
   if (scale) {
-    topk_one_pass_f32<true>(z, len, f, ref, j0, sk, bm, s);
+    if (lean) {
+      topk_one_pass_f32<true, true>(z, len, f, ref, j0, sk, bm, s);
+    } else {
+      topk_one_pass_f32<true, false>(z, len, f, ref, j0, sk, bm, s);
+    }
   } else {
-    topk_one_pass_f32<false>(z, len, f, ref, j0, sk, bm, s);
+    if (lean) {
+      topk_one_pass_f32<false, true>(z, len, f, ref, j0, sk, bm, s);
+    } else {
+      topk_one_pass_f32<false, false>(z, len, f, ref, j0, sk, bm, s);
+    }
   }
   return true;
 }
@@ -1494,8 +1592,6 @@ void topk_scan(TopkRow<T>& st, T* z, int64_t j0, int64_t len, int64_t k, const L
   }
   const bool scale = f != T(1);
   const int64_t hi = topk_cut_at(k);  // cut the buffer back to k at hi entries
-  TopkScratch<T>& sc = topk_scratch<T>();
-  sc.reserve(hi + 16);  // the cuts' scratch (st's own buffer holds topk_row_buffer(k) entries)
   T* val = st.val;
   int64_t* id = st.id;
   int64_t n = st.n;
@@ -1511,7 +1607,7 @@ void topk_scan(TopkRow<T>& st, T* z, int64_t j0, int64_t len, int64_t k, const L
     }
     {
       // A row that has a finite maximum already (not its first block; k = 1 needs bm before its compare).
-      TopkSink<T> sk{val, id, sc.tmp, n, hi, k, thr, dense};
+      TopkSink<T> sk{val, id, n, hi, k, thr, dense};
       T bm = 0, s = 0;
       if (k > 1 && M != neg_inf<T>() && topk_one_pass(z + b0, b1 - b0, f, scale, M, j0 + b0, sk, bm, s)) {
         n = sk.n;
@@ -1547,7 +1643,7 @@ void topk_scan(TopkRow<T>& st, T* z, int64_t j0, int64_t len, int64_t k, const L
     }
     const bool select = bm > thr;
     const bool finite = bm != neg_inf<T>() && bm != std::numeric_limits<T>::infinity();
-    TopkSink<T> sk{val, id, sc.tmp, n, hi, k, thr, dense};
+    TopkSink<T> sk{val, id, n, hi, k, thr, dense};
     // Block sum relative to its own maximum.  The max does not see NaN (it compares false): a NaN
     // propagates through the exponentials when the block has a finite maximum and is looked for otherwise.
     T s = 0;
