@@ -27,9 +27,9 @@ namespace copsd_cpu {
 // packed (fp32, MKL's packed GEMM found), at most 256 rows for a pass with gradient GEMMs and 128 without.
 int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget, bool grads);
 
-// Rows per group of the tiled top-k (loss.cpp): COPSD_CPU_TOPK_ROWS if set (> 0), else 256, at most N / threads
-// (rounded up, so every thread gets a group), and few enough that one group's candidate buffers (`row_bytes` per
-// row) on every thread fit in `budget` bytes; at least 1.
+// Rows per group of the tiled top-k (loss.cpp): COPSD_CPU_TOPK_ROWS if set (> 0), else the fewest equal groups
+// of at most 512 rows whose count is a multiple of the thread count (so every thread gets as many); then few
+// enough that one group's candidate buffers (`row_bytes` per row) on every thread fit in `budget` bytes; >= 1.
 int64_t topk_rows(int64_t N, int threads, int64_t row_bytes, int64_t budget);
 
 // Vocabulary entries per tile of the tiled top-k (loss.cpp): COPSD_CPU_TOPK_TILE if set (> 0), else what keeps a
