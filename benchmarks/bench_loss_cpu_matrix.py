@@ -7,16 +7,16 @@ configuration's wall time and the load average before and after it, to ``--out-d
 
 Default matrix: N=2048 H=256 V=32000 and N=4096 H=512 V=32000; float32 and bfloat16; ``COPSD_CPU_ISA=avx2`` and
 native (the best the CPU has); ``--isa avx2only`` adds a run with the whole process at AVX2 (MKL's GEMMs and ATen's
-kernels too), what an AVX2-only CPU runs.  The whole matrix with every case and implementation would take over an hour on an
-idle 2-core machine (the large shape is 8x the GEMM work; every ``torch.compile`` peer compiles again in each
-fresh process), so the defaults trade completeness for time: ``--repeats 2`` timed rounds after the checked
+kernels too), what an AVX2-only CPU runs. The whole matrix with every case and implementation would take over an
+hour on an idle 2-core machine (the large shape is 8x the GEMM work; every ``torch.compile`` peer compiles again in
+each fresh process), so the defaults trade completeness for time: ``--repeats 2`` timed rounds after the checked
 warm-up; every implementation only in the fp32 native run of the small shape (``--full-config``), elsewhere the
 floors, copsd and the peers that came within ~1.5x of it before (``--short-impl``; naive still runs once as the
 reference of the checks); at the large shape the cases ``--large-case`` (reverse KL, log-probs + entropy, top-k);
-peak memory probed in the native runs of the small shape (it does not depend on the epilogue ISA), for naive and
-the short list (``--memory*``).  Estimated ~30 min on an idle 2-core machine, half of it the large shape (the fp32
-AVX2 short-list run of the small shape took 184 CPU-seconds); ~15 min: ``--large-case rkl`` or ``--shape
-2048,256,32000``.  ``--dry-run`` prints the commands.
+peak memory probed in the native runs of the small shape (it does not depend on the epilogue ISA), for naive and the
+short list (``--memory*``). Estimated ~30 min on an idle 2-core machine, half of it the large shape (the fp32 AVX2
+short-list run of the small shape took 184 CPU-seconds); ~15 min: ``--large-case rkl`` or ``--shape
+2048,256,32000``. ``--dry-run`` prints the commands.
 
 Run: ``python benchmarks/bench_loss_cpu_matrix.py [--repeats 2] [--out-dir DIR]``; a subset with e.g.
 ``--shape 2048,256,32000 --dtype float32 --isa native --case rkl``.
