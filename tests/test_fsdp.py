@@ -85,7 +85,7 @@ def _weights(path):
     return load_file(os.path.join(path, "model.safetensors"))
 
 
-def _distill_cfg(tmp_path, student, extra="", teacher_mode="initial"):
+def _distill_cfg(tmp_path, student, extra="", teacher_mode="initial", optim=LINEAR_ADAMW):
     from copsd.data import bundled
 
     cfg = tmp_path / "c.yaml"
@@ -93,7 +93,7 @@ def _distill_cfg(tmp_path, student, extra="", teacher_mode="initial"):
         f"model_name_or_path: {student}\nconstitution: {bundled('constitution.md')}\n"
         f"dataset: {bundled('tiny_prompts.jsonl')}\nteacher_mode: {teacher_mode}\nnum_generations: 4\n"
         "max_completion_length: 4\nlearning_rate: 1.0e-2\nreport_to: [jsonl]\n"
-        "disable_tqdm: true\nbackend: reference\nmax_grad_norm: 0.5\ngeneration_batch_size: 4\n" + LINEAR_ADAMW + extra)
+        "disable_tqdm: true\nbackend: reference\nmax_grad_norm: 0.5\ngeneration_batch_size: 4\n" + optim + extra)
     return cfg
 
 
@@ -187,8 +187,9 @@ def test_fsdp2_sft_two_processes_equal_one(tmp_path):
 @pytest.mark.slow
 def test_fsdp2_sigkill_then_resume_matches_uninterrupted(tmp_path):
     student = tiny_model_dir(tmp_path / "student")
+    # a run against itself (bit for bit), not an equivalence run: AdamW's default eps, as a user trains
     cfg = _distill_cfg(tmp_path, student, "max_steps: 4\nsave_steps: 2\nlr_scheduler_type: linear\n"
-                                          "num_mini_batches: 2\nper_device_train_batch_size: 4\n")
+                                          "num_mini_batches: 2\nper_device_train_batch_size: 4\n", optim="")
     _run(_two(["distill", "--config", str(cfg), "--output_dir", "full"]), tmp_path, FSDP_ENV)
 
     out = tmp_path / "killed"
