@@ -323,6 +323,18 @@ inline void clipped(T ls, T lt, bool has_clip, T beta, T log_b, T log_1mb, T cli
   p = fma(p, r, set1(1.6666665459e-1f));                                                \
   p = fma(p, r, set1(5.0000001201e-1f));                                                \
   p = fma(mul(p, r), r, add(r, set1(1.0f)));
+
+// Horizontal sum / maximum of 8 float lanes.
+inline float hsum8(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+inline float hmax8(__m256 v) {
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
 #endif
 #if defined(COPSD_HAVE_AVX512)
 inline __m512 round16(__m512 v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT); }
@@ -490,16 +502,8 @@ struct LpLanes {
     const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_NLT_UQ);  // x >= lo, or NaN
     return _mm256_and_ps(exp_neg8(x), live);
   }
-  static float hmax(V v) {
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-  }
-  static float hsum(V v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-  }
+  static float hmax(V v) { return hmax8(v); }
+  static float hsum(V v) { return hsum8(v); }
 };
 #endif
 
@@ -1148,10 +1152,7 @@ inline float block_sumexp<float>(const float* z, int64_t n, float m) {
     s1 = _mm256_add_ps(s1, exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(z + j + 8), mv)));
   }
   s0 = _mm256_add_ps(s0, s1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  float s = _mm_cvtss_f32(h);
+  float s = hsum8(s0);
   for (; j < n; ++j) s += fexp(z[j] - m);
   return s;
 }
@@ -1267,10 +1268,7 @@ inline float block_max_f32(float* z, int64_t n, float f, float* groups) {
   _mm256_storeu_ps(groups + 56, a7);
   a0 = _mm256_max_ps(_mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3)),
                      _mm256_max_ps(_mm256_max_ps(a4, a5), _mm256_max_ps(a6, a7)));
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_max_ss(h, _mm_movehdup_ps(h));
-  float m = _mm_cvtss_f32(h);
+  float m = hmax8(a0);
   for (; j < n; ++j) {
     const float v = SCALE ? z[j] * f : z[j];
     if (SCALE) z[j] = v;
@@ -1388,10 +1386,7 @@ inline float topk_select_sumexp<float>(const float* z, int64_t len, float m, int
     sk.put16(z + j, j0 + j, lo | (hi << 8));
   }
   s0 = _mm256_add_ps(s0, s1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  float s = _mm_cvtss_f32(h);
+  float s = hsum8(s0);
   if (j < len) {
     uint32_t msk = 0;
     for (int64_t u = 0; j + u < len; ++u) msk |= static_cast<uint32_t>(z[j + u] > sk.thr) << u;
@@ -1528,15 +1523,9 @@ inline void topk_one_pass_f32(float* z, int64_t len, float f, float ref, int64_t
     sk.put16(z + j, j0 + j, lo | (hi << 8));
   }
   a0 = _mm256_max_ps(a0, a1);
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_max_ss(h, _mm_movehdup_ps(h));
-  float m = _mm_cvtss_f32(h);
+  float m = hmax8(a0);
   s0 = _mm256_add_ps(s0, s1);
-  h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  float sum = _mm_cvtss_f32(h);
+  float sum = hsum8(s0);
   if (LEAN) sum *= topk_exp2_fix(ref, c);
   if (j < len) {  // the piece's last, partial vector
     uint32_t msk = 0;
