@@ -108,8 +108,10 @@ struct PhaseTimer {
     return e != nullptr && *e != '\0' && std::strcmp(e, "0") != 0;
   }();
   const char* name;
-  double prep = 0, gemm = 0, epi = 0, grad = 0;  // prep: up-casts / packs made before the first chunk (if split)
-  double cpu_prep = 0, cpu_gemm = 0, cpu_epi = 0, cpu_grad = 0;
+  struct Phase {
+    double wall = 0, cpu = 0;  // wall ms; process CPU ms (start() / stop() only)
+  };
+  Phase prep, gemm, epi, grad;  // prep: up-casts / packs made before the first chunk (if split)
   std::chrono::steady_clock::time_point t0;
   double c0 = 0;
   // COPSD_CPU_PROFILE=cpu: now() reads the calling thread's CPU time instead of the wall clock (the tiled top-k
@@ -139,17 +141,17 @@ struct PhaseTimer {
     t0 = std::chrono::steady_clock::now();
     c0 = cpu_ms();
   }
-  void stop(double& acc) {
+  void stop(Phase& p) {
     if (!on) return;
-    acc += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    (&acc == &prep ? cpu_prep : &acc == &gemm ? cpu_gemm : &acc == &epi ? cpu_epi : cpu_grad) += cpu_ms() - c0;
+    p.wall += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    p.cpu += cpu_ms() - c0;
   }
   ~PhaseTimer() {
     if (on)
       std::fprintf(stderr,
                    "[copsd cpu] %s: logits GEMM %.1f ms, epilogue %.1f ms, grad GEMMs %.1f ms, up-cast/pack apart %.1f ms "
                    "(CPU time: %.1f, %.1f, %.1f, %.1f ms)\n",
-                   name, gemm, epi, grad, prep, cpu_gemm, cpu_epi, cpu_grad, cpu_prep);
+                   name, gemm.wall, epi.wall, grad.wall, prep.wall, gemm.cpu, epi.cpu, grad.cpu, prep.cpu);
   }
 };
 
@@ -420,8 +422,8 @@ std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& we
   }
   if (error) std::rethrow_exception(error);
   for (int i = 0; i < nt; ++i) {
-    tm.gemm += t_gemm[i] / nt;
-    tm.epi += t_epi[i] / nt;
+    tm.gemm.wall += t_gemm[i] / nt;
+    tm.epi.wall += t_epi[i] / nt;
   }
   Tensor row;
   for (int64_t q = 0; q < N; ++q) {  // whole rows again for their -inf / NaN ids (one row at a time: rare)
