@@ -57,6 +57,12 @@ def _expect_path(name, dtype, chunks, lm_heads):
     assert st["plain_gemms"] == (0 if packs else lm_heads * chunks), st
 
 
+def _tiled_groups(n):
+    """Row groups of the top-k and the log-prob forward: at most ROWS rows (the workspace), and at least one
+    group per thread.  (The tiled log-prob backward takes groups of ROWS rows: one per chunk.)"""
+    return -(-n // min(ROWS, -(-n // torch.get_num_threads())))
+
+
 def _inputs(n, dtype, seed=0, v=V):
     g = torch.Generator().manual_seed(seed)
     xs = torch.randn(n, H, generator=g, dtype=torch.float64) * 1.5
@@ -90,7 +96,7 @@ def test_logprobs_forward_backward(mode, name, dtype, chunks):
     plain = dense.logprobs_grads(x, w, ids, LOGIT, gs, dtype=torch.float32)
     mode(name, dtype, 1)
     lp, ent, lse = cpu.logprobs_forward(x, w, ids, LOGIT)
-    _expect_path(name, dtype, chunks, 1)
+    _expect_path(name, dtype, _tiled_groups(n), 1)  # the forward is tiled like the top-k
     for got, e, p, what in zip((lp, ent, lse), exact[0], plain[0], ("logprobs", "entropy", "lse")):
         _check(got, e, p, dtype, what)
     _C().gemm_stats_reset()
@@ -145,9 +151,7 @@ def test_topk(mode, monkeypatch, name, dtype, chunks, tile):
     _, vals32, lse32 = dense.topk(x.float(), w.float(), k, **kw)
     mode(name, dtype, 1)
     ids, vals, lse = cpu.topk(x, w, k, LOGIT)
-    # top-k splits the tokens into row groups of at most ROWS, and into at least one group per thread
-    rows = min(ROWS, -(-n // torch.get_num_threads()))
-    _expect_path(name, dtype, -(-n // rows), 1)
+    _expect_path(name, dtype, _tiled_groups(n), 1)
     _check(vals, vals64, vals32, dtype, "top-k logprobs")
     _check(lse, lse64, lse32, dtype, "lse")
     # the returned ids hold the returned values (ties may pick either id of equal logits)

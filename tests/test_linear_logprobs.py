@@ -29,6 +29,7 @@ from oplib import (
     dense,
     fa_check,
     rand_lm,
+    spec_kwargs,
 )
 
 from copsd.backends import cpu, reference
@@ -285,6 +286,57 @@ def test_cpu_public_logprobs_and_topk_ops_on_cpu_backend():
                    ("logprobs", "entropy", "lse", "d_hidden", "d_weight"), torch.float32)
     t_ids, t_lp, t_lse = ops.linear_topk(x, w, 16, backend="cpu")
     check_topk(t_ids, t_lp, t_lse, x.double() @ w.double().T, 16, x @ w.T)
+
+
+@CPU
+@pytest.mark.isa
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("logit_name", ["plain", "temp_scale_softcap"])
+@pytest.mark.parametrize("rows,tile", [("1", "100"), ("3", "1031"), ("7", "512"), ("512", None), (None, "256")])
+def test_cpu_logprobs_forward_in_tiles(rows, tile, logit_name, dtype, monkeypatch):
+    """The forward's tiled driver (row groups ``COPSD_CPU_TOPK_ROWS``, vocabulary tiles ``COPSD_CPU_TOPK_TILE``,
+    shared with the top-k): any group size, tiles that are and are not whole 512-entry blocks, a short last tile,
+    ids in the first and the last tile, as against float64."""
+    for name, val in (("COPSD_CPU_TOPK_ROWS", rows), ("COPSD_CPU_TOPK_TILE", tile)):
+        if val is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, val)
+    N, H, V = 13, 16, 2600
+    logit = LOGITS[logit_name]
+    x, w, _, _ = cpu_inputs(N, H, V, dtype, scale=1.5)
+    ids = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(5))
+    ids[0], ids[1], ids[2] = 0, V - 1, 1030
+    got = cpu.logprobs_forward(x, w, ids, logit)
+    exact = dense.logprobs(x.double(), w.double(), ids, **spec_kwargs(logit))
+    plain = exact if dtype == torch.float64 else dense.logprobs(x, w, ids, **spec_kwargs(logit))
+    check_accurate(got, exact, plain, ("logprobs", "entropy", "lse"), dtype)
+
+
+@CPU
+@pytest.mark.parametrize("pack", ["0", "1"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_tiled_drivers_take_inputs_that_require_grad(pack, dtype, monkeypatch):
+    """The top-k and the log-prob forward run their GEMMs on the pool's threads.  Inputs that require grad (an
+    lm_head in training) must work there on the unpacked path too (fp64, ``COPSD_CPU_PACK=0``, or a head over the
+    pack budget): grad mode is per thread, and ``mm_out`` on a worker thread refused them."""
+    monkeypatch.setenv("COPSD_CPU_PACK", pack)
+    monkeypatch.setenv("COPSD_CPU_TOPK_ROWS", "5")  # several row groups, so several threads take part
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        N, H, V = 20, 8, 300
+        x, w, _, _ = cpu_inputs(N, H, V, dtype)
+        x, w = x.requires_grad_(), w.requires_grad_()
+        ids = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2))
+        got = cpu.logprobs_forward(x, w, ids, LogitSpec())
+        t_ids, t_lp, t_lse = cpu.topk(x, w, 7, LogitSpec())
+    finally:
+        torch.set_num_threads(threads)
+    x, w = x.detach(), w.detach()
+    exact, plain = dense.logprobs(x.double(), w.double(), ids), dense.logprobs(x, w, ids)
+    check_accurate(got, exact, plain if dtype == torch.float32 else exact, ("logprobs", "entropy", "lse"), dtype)
+    check_topk(t_ids, t_lp, t_lse, x.double() @ w.double().T, 7, x @ w.T)
 
 
 # ----------------------------------------------------------------------------- Triton backend

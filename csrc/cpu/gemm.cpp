@@ -129,6 +129,7 @@ void upcast_parallel(const Tensor& src, Tensor dst) {
   std::exception_ptr error;
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t v0 = 0; v0 < V; v0 += step) {
+    at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the pool's threads
     try {
       const int64_t n = std::min(step, V - v0);
       upcast_rows(src.narrow(0, v0, n), dst.narrow(0, v0, n));
@@ -208,6 +209,17 @@ int64_t topk_tile(int64_t rows, int64_t elem) {
   if (set > 0) return set;
   const int64_t t = kTopkTileBytes / std::max<int64_t>(1, rows * elem);
   return std::max<int64_t>(256, t / 256 * 256);
+}
+
+// A few-row group's d_hidden product is a matrix-vector product, which a BLAS may accumulate in one running sum per
+// output (see FEW_ROWS below): a tile of at most 4096 entries bounds that sum's length as DX_BLOCK does there.
+constexpr int64_t kGradTileMax = 4096;
+
+int64_t grad_tile(int64_t rows, int64_t V, int threads, int64_t elem) {
+  if (env_mib("COPSD_CPU_TOPK_TILE", 0) > 0) return topk_tile(rows, elem);
+  const int64_t per = (V + 2 * std::max(1, threads) - 1) / (2 * std::max(1, threads));  // 2 tiles per thread
+  const int64_t even = std::max<int64_t>(256, (per + 255) / 256 * 256);
+  return std::min({topk_tile(rows, elem), kGradTileMax, even});
 }
 
 // Default budget, counted as packed_resident() (about the weight's fp32 size per packed copy): a divergence
@@ -322,6 +334,7 @@ void LmHead::pack_weight() {
     std::exception_ptr error;
 #pragma omp parallel num_threads(at::get_num_threads())
     {
+      at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the pool's threads
       Tensor scratch;  // this thread's up-cast tile
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < blocks; ++b) {
@@ -394,14 +407,19 @@ void LmHead::logits_block(const Tensor& x_in, int64_t b, Tensor out, Tensor& scr
     return;
   }
   if (b == 0) ++n_plain_gemms;
-  Tensor w = full_.defined() ? full_.narrow(0, v0, n) : W_.narrow(0, v0, n);
-  if (upcast_ && !full_.defined()) {
-    if (!scratch.defined() || scratch.numel() < n * H) scratch = at::empty({vb_ * H}, W_.options().dtype(st_));
-    Tensor u = scratch.narrow(0, 0, n * H).view({n, H});
-    u.copy_(w);
-    w = u;
-  }
-  at::mm_out(out, x_in, w.t());
+  at::mm_out(out, x_in, weight_block(b, scratch).t());
+}
+
+Tensor LmHead::weight_block(int64_t b, Tensor& scratch) {
+  const int64_t V = W_.size(0), H = W_.size(1);
+  const int64_t v0 = b * vb_, n = std::min(vb_, V - v0);
+  TORCH_CHECK(v0 >= 0 && n > 0, "weight_block: bad block");
+  if (full_.defined()) return full_.narrow(0, v0, n);
+  if (!upcast_) return W_.narrow(0, v0, n);
+  if (!scratch.defined() || scratch.numel() < n * H) scratch = at::empty({vb_ * H}, W_.options().dtype(st_));
+  Tensor u = scratch.narrow(0, 0, n * H).view({n, H});
+  upcast_rows(W_.narrow(0, v0, n), u);
+  return u;
 }
 
 // A chunk of fewer rows than this gets its d_hidden product summed in vocabulary blocks (below).

@@ -36,6 +36,11 @@ int64_t topk_rows(int64_t N, int threads, int64_t row_bytes, int64_t budget);
 // [rows, tile] block of `elem`-byte logits at ~2 MiB, a multiple of 256, at least 256.
 int64_t topk_tile(int64_t rows, int64_t elem);
 
+// Vocabulary entries per tile of the tiled log-prob backward (loss.cpp): COPSD_CPU_TOPK_TILE if set (> 0), else the
+// top-k's tile for `rows`, at most 4096 (a tile is also the reduction length of its d_hidden product, see gemm.cpp)
+// and, where the vocabulary allows, small enough that each of `threads` threads gets >= 2 tiles; >= 256.
+int64_t grad_tile(int64_t rows, int64_t V, int threads, int64_t elem);
+
 // Bytes of packed lm_head copies (and whole fp32 copies of low-precision ones) one op call may still hold:
 // COPSD_CPU_PACK_MB (MiB, default 192), or 0 when COPSD_CPU_PACK=0.  A packed copy counts what it occupies,
 // about the weight's fp32 size, not the larger (never touched) size MKL reserves for it.  Read per call; a bad
@@ -64,6 +69,9 @@ class LmHead {
   // after ready(), each with its own `scratch` (the up-cast block of an unpacked low-precision weight; grown on
   // demand), and then runs single-threaded inside an OpenMP parallel region.
   void logits_block(const at::Tensor& x, int64_t b, at::Tensor out, at::Tensor& scratch);
+  // Block b of W itself, [n_b, H] in the compute dtype: a view of W (or of the whole up-cast copy), or up-cast into
+  // `scratch` (grown on demand).  Thread-safe like logits_block.
+  at::Tensor weight_block(int64_t b, at::Tensor& scratch);
   // Makes the whole up-cast / packed copies now (otherwise the first GEMM does).
   void ready() { prepare(); }
   // dx[m, H] = dz[m, V] @ W;  dw[V, H] (+)= dz^T @ x.

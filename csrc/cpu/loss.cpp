@@ -191,12 +191,12 @@ void advise_huge_pages(const Tensor& t) {
 
 // ------------------------------------------------------------------------------ log-probs
 
-// Tokens [r0, r0 + nr) of one lm_head pass: their logits into the chunk buffer `z` (returned, [nr, V]), then the
-// rows' log-prob statistics: the LSE into plse, or (plse null) the row maximum and log S apart into pm / plog_s
-// (what the loss path's gradient wants).  A softcap row keeps its transformed logits, any other row the raw ones.
+// Tokens [r0, r0 + nr) of one lm_head pass of the loss path: their logits into the chunk buffer `z` (returned,
+// [nr, V]), then the rows' log-prob statistics with the row maximum and log S apart (pm / plog_s: what the loss
+// path's gradient wants).  A softcap row keeps its transformed logits, any other row the raw ones.
 template <typename T>
 Tensor chunk_logprob_stats(const Tensor& xc, const Tensor& weight, const Tensor& z, LmHead& vb, const int64_t* id,
-                           const LogitParams& lp, T* plp, T* pent, T* plse, T* pm, T* plog_s, PhaseTimer& tm) {
+                           const LogitParams& lp, T* plp, T* pent, T* pm, T* plog_s, PhaseTimer& tm) {
   const int64_t nr = xc.size(0), V = weight.size(0);
   Tensor zc = z.narrow(0, 0, nr);
   tm.start();
@@ -205,40 +205,92 @@ Tensor chunk_logprob_stats(const Tensor& xc, const Tensor& weight, const Tensor&
   tm.start();
   T* zp = zc.data_ptr<T>();
   const auto& K = kernels<T>();
-  if (plse != nullptr) {
-    COPSD_PARALLEL_ROWS
-    for (int64_t r = 0; r < nr; ++r) K.logprob_fwd(zp + r * V, V, id[r], lp, plp + r, pent + r, plse + r);
-  } else {
-    COPSD_PARALLEL_ROWS
-    for (int64_t r = 0; r < nr; ++r) K.logprob_stats(zp + r * V, V, id[r], lp, plp + r, pent + r, pm + r, plog_s + r);
-  }
+  COPSD_PARALLEL_ROWS
+  for (int64_t r = 0; r < nr; ++r) K.logprob_stats(zp + r * V, V, id[r], lp, plp + r, pent + r, pm + r, plog_s + r);
   tm.stop(tm.epi);
   return zc;
 }
 
+// Forward log-probs, tiled like the top-k below (one parallel region per call, row groups handed out dynamically,
+// each group's logits formed one vocabulary tile at a time by a single-threaded GEMM on the per-tile packed
+// lm_head): a row's online statistics (logprob_scan) take each tile while it is still in the core's cache, so no
+// [rows, V] block goes to memory and back, and no GEMM is split over threads (MKL splits a 128-row chunk's GEMM
+// over 2 threads at ~1.5x the cost of one [N, V] GEMM on a 2-core Zen 4).  The pieces are whole 512-entry
+// blocks of the row kernel's online sums, so the statistics are the whole-row kernel's.
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> logprobs_forward_t(const Tensor& hidden, const Tensor& weight, const Tensor& ids,
                                                       const LogitParams& lp, int64_t budget) {
-  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  const int64_t N = hidden.size(0), V = weight.size(0);
   const auto st = acc_type(hidden);
   auto opts = at::TensorOptions().dtype(st);
   Tensor out_lp = at::empty({N}, opts), out_ent = at::empty({N}, opts), out_lse = at::empty({N}, opts);
   if (N == 0) return {out_lp, out_ent, out_lse};
-  const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget, false);
+  const int threads = std::max(1, at::get_num_threads());
+  // The top-k's groups (no candidate buffers here), within the workspace as [rows, V] logits would be.
+  const int64_t rows = std::min(topk_rows(N, threads, 0, budget),
+                                std::max<int64_t>(1, budget / std::max<int64_t>(1, V * static_cast<int64_t>(sizeof(T)))));
+  const int64_t groups = (N + rows - 1) / rows;
   PackBudget pack;
-  LmHead vb(weight, st, rows, N, budget, pack, false);
-  Tensor z = at::empty({rows, V}, opts);
-  const int64_t* id = ids.data_ptr<int64_t>();
+  LmHead vb(weight, st, rows, N, budget, pack, false, topk_tile(rows, sizeof(T)));
   PhaseTimer tm("logprobs");
-  for (int64_t r0 = 0; r0 < N; r0 += rows) {
-    const int64_t nr = std::min(rows, N - r0);
-    chunk_logprob_stats<T>(hidden.narrow(0, r0, nr).to(st), weight, z, vb, id + r0, lp,
-                           out_lp.data_ptr<T>() + r0, out_ent.data_ptr<T>() + r0, out_lse.data_ptr<T>() + r0, nullptr,
-                           nullptr, tm);
+  tm.start();
+  vb.ready();
+  tm.stop(tm.prep);
+  const int64_t tile = vb.block_rows();
+  const int64_t tiles = (V + tile - 1) / tile;
+  const int nt = static_cast<int>(std::min<int64_t>(threads, groups));
+  Tensor z = at::empty({nt, rows, tile}, opts);
+  std::vector<std::vector<LpRow<T>>> state(nt, std::vector<LpRow<T>>(rows));
+  std::vector<Tensor> scratch(nt);
+  std::vector<double> t_gemm(nt, 0.0), t_epi(nt, 0.0);
+  Tensor x = hidden.to(st);
+  const auto& K = kernels<T>();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  T* plp = out_lp.data_ptr<T>();
+  T* pent = out_ent.data_ptr<T>();
+  T* plse = out_lse.data_ptr<T>();
+  std::exception_ptr error;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  for (int64_t g = 0; g < groups; ++g) {
+    const int tid = nt > 1 ? omp_get_thread_num() : 0;
+    at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the pool's threads
+    try {
+      const int64_t r0 = g * rows, nr = std::min(rows, N - r0);
+      Tensor xg = x.narrow(0, r0, nr);
+      T* zp = z[tid].data_ptr<T>();
+      std::vector<LpRow<T>>& sr = state[tid];
+      std::fill(sr.begin(), sr.begin() + nr, LpRow<T>());
+      for (int64_t b = 0; b < tiles; ++b) {
+        const int64_t v0 = b * tile, n = std::min(tile, V - v0);
+        const double t0 = tm.now();
+        vb.logits_block(xg, b, z[tid].narrow(0, 0, nr).narrow(1, 0, n), scratch[tid]);  // rows of stride `tile`
+        const double t1 = tm.now();
+        for (int64_t r = 0; r < nr; ++r) K.logprob_scan(sr[r], zp + r * tile, v0, n, id[r0 + r], lp);
+        t_gemm[tid] += t1 - t0;
+        t_epi[tid] += tm.now() - t1;
+      }
+      for (int64_t r = 0; r < nr; ++r) K.logprob_end(sr[r], plp + r0 + r, pent + r0 + r, plse + r0 + r);
+    } catch (...) {
+#pragma omp critical(copsd_logprobs_error)
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+  for (int i = 0; i < nt; ++i) {
+    tm.gemm.wall += t_gemm[i] / nt;
+    tm.epi.wall += t_epi[i] / nt;
   }
   return {out_lp, out_ent, out_lse};
 }
 
+// Recomputing log-prob backward, fused and tiled.  The vocabulary is cut into tiles handed out dynamically to the
+// threads, so each thread owns its tiles' d_weight rows (no two threads write the same ones).  Per tile and row
+// group a thread runs the single-threaded logits GEMM of a [rows, tile] block on the per-tile packed lm_head, turns
+// the block into dL/dz in place (logprob_bwd on each row's piece) while it is still in that core's cache, and
+// feeds it at once to the two gradient GEMMs: d_weight[tile] (+)= G^T x[group] and the thread's own d_hidden
+// partial += G W[tile]; the partials are summed at the end.  So no [rows, V] block goes to memory and back (the
+// chunked design wrote it and read it three times), and no GEMM is split over threads.  Tokens are taken in spans
+// whose per-thread d_hidden partials fit half the workspace (one span at the usual sizes).
 template <typename T>
 std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tensor& weight, const Tensor& ids,
                                                const Tensor& lse, const Tensor& ent, const Tensor& g_lp,
@@ -249,14 +301,31 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
   auto opts = at::TensorOptions().dtype(st);
   Tensor dx = at::empty({N, H}, opts);
   Tensor dw = at::empty({V, H}, opts);
-  if (N == 0) {
+  if (N == 0 || H == 0) {
+    dx.zero_();
     dw.zero_();
     return {dx, dw};
   }
-  const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget, true);
+  const int threads = std::max(1, at::get_num_threads());
+  const int64_t elem = static_cast<int64_t>(sizeof(T));
+  const int64_t span = std::max<int64_t>(1, std::min<int64_t>(N, (budget / 2) / (threads * H * elem)));
+  // Equal groups of <= 512 rows (COPSD_CPU_TOPK_ROWS), and no more than the workspace would hold as [rows, V] logits
+  // (the chunk of the other drivers).
+  const int64_t rows = std::min(topk_rows(span, 1, 0, budget), std::max<int64_t>(1, budget / std::max<int64_t>(1, V * elem)));
+  const int64_t tile = grad_tile(rows, V, threads, elem);
   PackBudget pack;
-  LmHead vb(weight, st, rows, N, budget, pack, true);
-  Tensor z = at::empty({rows, V}, opts);
+  LmHead vb(weight, st, rows, N, budget, pack, false, tile);
+  PhaseTimer tm("logprobs backward");
+  tm.start();
+  vb.ready();
+  tm.stop(tm.prep);
+  const int64_t tiles = (V + tile - 1) / tile;
+  const int nt = static_cast<int>(std::min<int64_t>(threads, tiles));
+  Tensor part = at::empty({nt, span, H}, opts);  // the threads' d_hidden partials
+  Tensor z = at::empty({nt, rows, tile}, opts);
+  std::vector<Tensor> scratch(nt), wscratch(nt);
+  std::vector<double> t_gemm(nt, 0.0), t_epi(nt, 0.0), t_grad(nt, 0.0);
+  Tensor x = hidden.to(st);
   const auto& K = kernels<T>();
   const int64_t* id = ids.data_ptr<int64_t>();
   const T* plse = lse.data_ptr<T>();
@@ -264,25 +333,58 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
   const T* pa = g_lp.data_ptr<T>();
   const T* pb = g_ent.data_ptr<T>();
   const T* pc = g_lse.data_ptr<T>();
-  PhaseTimer tm("logprobs backward");
-  for (int64_t r0 = 0; r0 < N; r0 += rows) {
-    const int64_t nr = std::min(rows, N - r0);
-    Tensor zc = z.narrow(0, 0, nr);
-    Tensor xc = hidden.narrow(0, r0, nr).to(st);
-    tm.start();
-    gemm_logits(xc, weight, zc, vb);
-    tm.stop(tm.gemm);
-    tm.start();
-    T* zp = zc.data_ptr<T>();
-    COPSD_PARALLEL_ROWS
-    for (int64_t r = 0; r < nr; ++r) {
-      const int64_t n = r0 + r;
-      K.logprob_bwd(zp + r * V, V, id[n], plse[n], pent[n], pa[n], pb[n], pc[n], lp, false);
+  for (int64_t s0 = 0; s0 < N; s0 += span) {
+    const int64_t ns = std::min(span, N - s0);
+    part.narrow(1, 0, ns).zero_();
+    std::exception_ptr error;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+    for (int64_t b = 0; b < tiles; ++b) {
+      const int tid = nt > 1 ? omp_get_thread_num() : 0;
+      at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the pool's threads
+      try {
+        const int64_t v0 = b * tile, n = std::min(tile, V - v0);
+        const double t0 = tm.now();
+        Tensor wb = vb.weight_block(b, wscratch[tid]);
+        Tensor dwb = dw.narrow(0, v0, n);
+        Tensor acc = part[tid];
+        T* zp = z[tid].data_ptr<T>();
+        t_grad[tid] += tm.now() - t0;
+        for (int64_t g0 = 0; g0 < ns; g0 += rows) {
+          const int64_t nr = std::min(rows, ns - g0), r0 = s0 + g0;
+          Tensor xg = x.narrow(0, r0, nr);
+          Tensor zb = z[tid].narrow(0, 0, nr).narrow(1, 0, n);  // rows of stride `tile`
+          const double t1 = tm.now();
+          vb.logits_block(xg, b, zb, scratch[tid]);
+          const double t2 = tm.now();
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t q = r0 + r, j = id[q] - v0;
+            K.logprob_bwd(zp + r * tile, n, j >= 0 && j < n ? j : -1, plse[q], pent[q], pa[q], pb[q], pc[q], lp,
+                          false);
+          }
+          const double t3 = tm.now();
+          acc.narrow(0, g0, nr).addmm_(zb, wb);
+          if (r0 == 0) {
+            at::mm_out(dwb, zb.t(), xg);
+          } else {
+            dwb.addmm_(zb.t(), xg);
+          }
+          t_gemm[tid] += t2 - t1;
+          t_epi[tid] += t3 - t2;
+          t_grad[tid] += tm.now() - t3;
+        }
+      } catch (...) {
+#pragma omp critical(copsd_logprobs_bwd_error)
+        if (!error) error = std::current_exception();
+      }
     }
-    tm.stop(tm.epi);
-    tm.start();
-    gemm_grads(zc, xc, weight, dx.narrow(0, r0, nr), dw, r0 == 0, vb);
-    tm.stop(tm.grad);
+    if (error) std::rethrow_exception(error);
+    Tensor dxs = dx.narrow(0, s0, ns);
+    at::sum_out(dxs, part.narrow(1, 0, ns), 0);
+  }
+  for (int i = 0; i < nt; ++i) {
+    tm.gemm.wall += t_gemm[i] / nt;
+    tm.epi.wall += t_epi[i] / nt;
+    tm.grad.wall += t_grad[i] / nt;
   }
   return {dx, dw};
 }
@@ -317,8 +419,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
     T* pent = out_ent.data_ptr<T>() + r0;
     T* pm = mx.data_ptr<T>();
     T* plogs = logs.data_ptr<T>();
-    Tensor zc = chunk_logprob_stats<T>(xc, weight, z, vb, id + r0, lp, out_lp.data_ptr<T>() + r0, pent, nullptr,
-                                       pm, plogs, tm);
+    Tensor zc = chunk_logprob_stats<T>(xc, weight, z, vb, id + r0, lp, out_lp.data_ptr<T>() + r0, pent, pm, plogs,
+                                       tm);
     auto [g_lp, g_ent] = coeff(r0, nr, out_lp.narrow(0, r0, nr), out_ent.narrow(0, r0, nr));
     Tensor a = g_lp.has_value() && g_lp->defined() ? g_lp->to(st).contiguous() : at::zeros({nr}, opts);
     Tensor b = g_ent.has_value() && g_ent->defined() ? g_ent->to(st).contiguous() : at::zeros({nr}, opts);
@@ -392,6 +494,7 @@ std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& we
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
   for (int64_t g = 0; g < groups; ++g) {
     const int tid = nt > 1 ? omp_get_thread_num() : 0;
+    at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the pool's threads
     try {
       const int64_t r0 = g * rows, nr = std::min(rows, N - r0);
       Tensor xg = x.narrow(0, r0, nr);
@@ -473,6 +576,7 @@ void chunk_logits(const Tensor& xs, LmHead& hs, Tensor zs, const Tensor& xt, LmH
   std::exception_ptr error;
 #pragma omp parallel for schedule(static, 1) num_threads(static_cast<int>(2 * parts))
   for (int64_t task = 0; task < 2 * parts; ++task) {
+    at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the pool's threads
     try {
       const int64_t r0 = (task / 2) * step, n = std::min(step, nr - r0);
       if (n > 0) {

@@ -414,10 +414,11 @@ inline void lp_raise(T bm, T& m, T& S, T& W) {
   m = bm;
 }
 
-// (m, S, W) of the row z = f y (see above); m = -inf when no entry exceeds -inf.
+// (m, S, W) of the row z = f y (see above), continued from the state passed in (m = -inf, S = W = 0 for a whole
+// row; a row in pieces passes each piece the state the previous one left); m = -inf when no entry exceeds -inf.
 template <typename T>
-void lp_stats(const T* y, int64_t V, T f, T& m_out, T& S_out, T& W_out) {
-  T m = neg_inf<T>(), S = 0, W = 0;
+void lp_stats(const T* y, int64_t V, T f, T& m_io, T& S_io, T& W_io) {
+  T m = m_io, S = S_io, W = W_io;
   for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
     const int64_t n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
     const T* s = y + b0;
@@ -441,9 +442,9 @@ void lp_stats(const T* y, int64_t V, T f, T& m_out, T& S_out, T& W_out) {
     S += ps;
     W += pw;
   }
-  m_out = m;
-  S_out = S;
-  W_out = W;
+  m_io = m;
+  S_io = S;
+  W_io = W;
 }
 
 // Gradient pass over a raw row (z = f y): with d_j = z_j - lse, y_j <- e^{d_j} (c0 + c1 d_j); without ENT, c1 is 0.
@@ -508,11 +509,11 @@ struct LpLanes {
 #endif
 
 template <>
-void lp_stats<float>(const float* y, int64_t V, float f, float& m_out, float& S_out, float& W_out) {
+void lp_stats<float>(const float* y, int64_t V, float f, float& m_io, float& S_io, float& W_io) {
   using L = LpLanes;
   constexpr int64_t W1 = L::W;
   const L::V ninf = L::set1(-std::numeric_limits<float>::infinity()), fv = L::set1(f);
-  float m = -std::numeric_limits<float>::infinity(), S = 0, W = 0;
+  float m = m_io, S = S_io, W = W_io;
   for (int64_t b0 = 0; b0 < V; b0 += SUM_BLOCK) {
     const int64_t n = SUM_BLOCK < V - b0 ? SUM_BLOCK : V - b0;
     const float* s = y + b0;
@@ -553,9 +554,9 @@ void lp_stats<float>(const float* y, int64_t V, float f, float& m_out, float& S_
     S += ps;
     W += pw;
   }
-  m_out = m;
-  S_out = S;
-  W_out = W;
+  m_io = m;
+  S_io = S;
+  W_io = W;
 }
 
 template <bool ENT>
@@ -604,13 +605,34 @@ void logprob_row_stats(T* z, int64_t V, int64_t id, const LogitParams& lp, T* ou
     transform_row(z, V, lp);
     f = T(1);
   }
-  T m, S, W;
+  T m = neg_inf<T>(), S = 0, W = 0;
   lp_stats(z, V, f, m, S, W);
   const T log_s = flog(S);
   *out_m = m;
   *out_log_s = log_s;
   *out_ent = log_s - W / S;
   *out_lp = (z[id] * f - m) - log_s;
+}
+
+// logprob_row_fwd in vocabulary pieces (RowKernels::logprob_scan / logprob_end): the same online statistics, the
+// state carried from piece to piece.
+template <typename T>
+void logprob_scan(LpRow<T>& st, T* y, int64_t j0, int64_t n, int64_t id, const LogitParams& lp) {
+  T f = lp_factor<T>(lp);
+  if (lp.softcap > 0) {
+    transform_row(y, n, lp);
+    f = T(1);
+  }
+  lp_stats(y, n, f, st.m, st.S, st.W);
+  if (id >= j0 && id < j0 + n) st.z_id = y[id - j0] * f;
+}
+
+template <typename T>
+void logprob_end(const LpRow<T>& st, T* out_lp, T* out_ent, T* out_lse) {
+  const T log_s = flog(st.S);
+  *out_ent = log_s - st.W / st.S;
+  *out_lp = (st.z_id - st.m) - log_s;
+  *out_lse = st.m + log_s;
 }
 
 template <typename T>
@@ -628,6 +650,8 @@ void logprob_row_fwd(T* z, int64_t V, int64_t id, const LogitParams& lp, T* out_
 // -g_ent LSE, two terms of the logits' size would cancel (an fp32 error of ~|z| ulps), and an LSE-sized shift
 // puts its own rounding into every q_j.
 // A row whose three upstream gradients are all 0 (a masked token) gets exact zeros without reading the row.
+// A row in vocabulary pieces (the tiled backward) passes each piece the id's place in it, or -1 where the piece
+// does not hold it.
 template <typename T>
 void logprob_row_grad(T* z, int64_t V, int64_t id, T shift, T log_s, T ent, T g_lp, T g_ent, T g_lse,
                       const LogitParams& lp, bool transformed) {
@@ -640,14 +664,14 @@ void logprob_row_grad(T* z, int64_t V, int64_t id, T shift, T log_s, T ent, T g_
   if (lp.softcap > 0) {
     if (!transformed) transform_row(z, V, lp);
     const Chain<T> chain(lp);
-    const T z_id = z[id];
+    const T z_id = id >= 0 ? z[id] : T(0);
     const T c0 = -inv_s * a, c1 = -inv_s * g_ent;
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) {
       const T zj = z[j], d = zj - shift;
       z[j] = fexp(d) * (c0 + c1 * d) * chain(zj);
     }
-    z[id] += g_lp * chain(z_id);
+    if (id >= 0) z[id] += g_lp * chain(z_id);
     return;
   }
   // z = f y, dz/dy = f: dy_j = e^{d_j} (c0 + c1 d_j) with d_j = f y_j - shift, c0 = -f a / S, c1 = -f g_ent / S.
@@ -657,7 +681,7 @@ void logprob_row_grad(T* z, int64_t V, int64_t id, T shift, T log_s, T ent, T g_
   } else {
     lp_grad<T, false>(z, V, f, shift, -f * inv_s * a, T(0));
   }
-  z[id] += g_lp * f;
+  if (id >= 0) z[id] += g_lp * f;
 }
 
 template <typename T>
@@ -2322,6 +2346,8 @@ RowKernels<T> make_table() {
   t.logprob_bwd = &logprob_row_bwd<T>;
   t.logprob_stats = &logprob_row_stats<T>;
   t.logprob_grad = &logprob_row_grad<T>;
+  t.logprob_scan = &logprob_scan<T>;
+  t.logprob_end = &logprob_end<T>;
   t.topk = &topk_row<T>;
   t.topk_scan = &topk_scan<T>;
   t.topk_end = &topk_end<T>;

@@ -52,12 +52,22 @@ inline void topk_row_init(TopkRow<T>& st, int64_t k, T* val, int64_t* id) {
   st.dense = k > 1;
 }
 
+// Running log-prob statistics of one row scanned in vocabulary pieces (logprob_scan / logprob_end of RowKernels):
+// with z the transformed logits, m = the maximum so far, S = sum e^{z - m}, W = sum e^{z - m} (z - m), and z_id the
+// transformed logit of the row's id once its piece has been scanned.
+template <typename T>
+struct LpRow {
+  T m = -std::numeric_limits<T>::infinity(), S = 0, W = 0;
+  T z_id = std::numeric_limits<T>::quiet_NaN();
+};
+
 // One row of raw GEMM output y[V] in, transformed + reduced (and, for the backward
 // routines, overwritten with d(objective)/dy) out.
 template <typename T>
 struct RowKernels {
   void (*logprob_fwd)(T* y, int64_t V, int64_t id, const LogitParams&, T* lp, T* ent, T* lse);
   // transformed: y already holds the transformed logits (as logprob_fwd leaves them), not the raw GEMM output.
+  // id < 0: the row is a piece of a longer row that does not hold the id (only the softmax part of the gradient).
   void (*logprob_bwd)(T* y, int64_t V, int64_t id, T lse, T ent, T g_lp, T g_ent, T g_lse, const LogitParams&,
                       bool transformed);
   // The loss path's pair: logprob_fwd with the row maximum m and log S kept apart (LSE = m + log S), and the
@@ -65,6 +75,11 @@ struct RowKernels {
   void (*logprob_stats)(T* y, int64_t V, int64_t id, const LogitParams&, T* lp, T* ent, T* m, T* log_s);
   void (*logprob_grad)(T* y, int64_t V, int64_t id, T shift, T log_s, T ent, T g_lp, T g_ent, T g_lse,
                        const LogitParams&, bool transformed);
+  // logprob_fwd in pieces: logprob_scan per piece y[0..n) of ids [j0, j0 + n) in order (a softcap piece is
+  // transformed in place), then logprob_end writes what logprob_fwd would (the same values where the pieces are
+  // whole SUM_BLOCKs of 512 entries: then the online sums see the same blocks).
+  void (*logprob_scan)(LpRow<T>& st, T* y, int64_t j0, int64_t n, int64_t id, const LogitParams&);
+  void (*logprob_end)(const LpRow<T>& st, T* lp, T* ent, T* lse);
   void (*topk)(T* y, int64_t V, int64_t k, const LogitParams&, int64_t* ids, T* lp, T* lse);
   // The same row in pieces: topk_scan per piece y[0..n) of ids [j0, j0 + n) in order (transformed in place),
   // then topk_end writes the LSE and the best <= k and returns how many.  Fewer than k (a row with fewer than
