@@ -573,11 +573,17 @@ class Distiller(StageTrainer):
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_state(self) -> dict:
+        from accelerate.utils import gather_object
+
         return {"global_step": self.step, "optimizer_steps": self.step * self.cfg.num_mini_batches,
                 "max_steps": self.max_steps, "prompts_consumed": self.step * self.prompts_per_step,
                 "num_rows": len(self.rows), "prompts_per_step": self.prompts_per_step,
                 "num_processes": self.acc.num_processes, "constitution_sha256": self.constitution.sha256,
-                "initial_metrics": self.initial, **self.card_extra()}
+                "initial_metrics": self.initial, **self.card_extra(),
+                # every process's teacher prefix cache (each scored its own prompts), one entry per process:
+                # restored on resume, since the cache decides how the teacher's hidden states are split and so
+                # their rounding (TeacherScorer.cache_state)
+                "teacher_prefix_cache": gather_object([self.scorer.cache_state()])}
 
     def card_extra(self) -> dict:
         if self.cfg.teacher_mode != "checkpoint":
@@ -603,6 +609,9 @@ class Distiller(StageTrainer):
         if self.cfg.teacher_mode == "ema":
             self.ema.load_state_dict(load_extra(ckpt, "ema_teacher"))
         self.initial = state.get("initial_metrics") or {}
+        caches = state.get("teacher_prefix_cache") or []
+        if len(caches) == self.acc.num_processes:  # else another split of the prompts: nothing to continue
+            self.scorer.load_cache_state(caches[self.acc.process_index])
 
     # ------------------------------------------------------------------ loop hooks
 

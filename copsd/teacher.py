@@ -349,6 +349,7 @@ class TeacherScorer:
         self._attn_owner = self.decoder if self.vlm is not None else model
         self._cache: OrderedDict[tuple, list] = OrderedDict()
         self._cache_fp = None
+        self._to_rebuild: list[tuple] = []  # prefixes of a restored cache_state, encoded at the next call
         self._warned = False
         self._fell_back = False
         self.stats = {"prefix_hits": 0, "prefix_misses": 0}
@@ -425,6 +426,28 @@ class TeacherScorer:
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._to_rebuild = []
+
+    def cache_state(self) -> dict:
+        """What a checkpoint must record for a resumed run to score bit for bit as an uninterrupted one: the
+        cached prefixes (token ids, least recently used first; not their K/V) and whether reuse fell back.
+
+        The cache is state, not just speed: which prefix a group reuses depends on what is cached
+        (:meth:`_choose_prefix`), and hidden states computed over another prefix / remainder split agree with
+        each other only to rounding, so a resumed run that starts with an empty cache computes slightly other
+        teacher log-probs, rewards and advantages than the run it continues.  No prefixes once the teacher
+        changed after they were cached (an EMA teacher): the next call drops them anyway."""
+        live = self._cache_fp is not None and self._cache_fp == _fingerprint(self.model)
+        prefixes = list(self._cache) if live else self._to_rebuild
+        return {"prefixes": [list(p) for p in prefixes], "fell_back": self._fell_back}
+
+    def load_cache_state(self, state: dict) -> None:
+        """Restore :meth:`cache_state` (of a teacher with the same weights): the prefixes' K/V are encoded again
+        at the next call, in their order, which gives the same numbers as the first time."""
+        self._cache.clear()
+        self._cache_fp = None
+        self._fell_back = bool(state.get("fell_back", False))
+        self._to_rebuild = [tuple(int(t) for t in p) for p in state.get("prefixes", ())]
 
     # ---------------------------------------------------------------- naive path
 
@@ -475,16 +498,22 @@ class TeacherScorer:
             self.stats["prefix_hits"] += 1
             return entry
         self.stats["prefix_misses"] += 1
+        entry = self._encode_prefix(prefix)
+        self._insert(prefix, entry)
+        return entry
+
+    def _encode_prefix(self, prefix: tuple) -> list:
         device = self.head.weight.device
         plan = _Plan("record", self.num_layers, record=[None] * self.num_layers, max_len=len(prefix))
         ids = torch.tensor([prefix], dtype=torch.long, device=device)
         self._forward(ids, torch.arange(len(prefix), device=device)[None], plan)
-        entry = [(k[0].contiguous(), v[0].contiguous()) for k, v in plan.record]
+        return [(k[0].contiguous(), v[0].contiguous()) for k, v in plan.record]
+
+    def _insert(self, prefix: tuple, entry: list) -> None:
         if self.max_cached_prefixes > 0:
             self._cache[prefix] = entry
             while len(self._cache) > self.max_cached_prefixes:
                 self._cache.popitem(last=False)
-        return entry
 
     def _choose_prefix(self, members: list[tuple], lcp: int) -> tuple:
         """The prefix K/V to use for a group sharing ``lcp`` tokens.
@@ -524,6 +553,9 @@ class TeacherScorer:
         except Exception as err:  # a transformers version / model that refuses custom attention
             raise _Unsupported(f"cannot select a custom attention function ({err})") from err
         try:
+            for prefix in self._to_rebuild:  # a restored cache_state (not counted as hits or misses)
+                self._insert(prefix, self._encode_prefix(prefix))
+            self._to_rebuild = []
             return self._score_reuse_inner(ctxs, resps, device, vision)
         finally:
             owner.set_attn_implementation(old_impl)

@@ -176,6 +176,43 @@ def test_cache_keeps_the_stable_constitution_when_prompts_share_their_start():
         _assert_close(out, _reference(model, ctxs, resps))
 
 
+def test_cache_state_restores_a_warm_cache_bit_for_bit():
+    """A resumed run's scorer, given the checkpointed cache_state (through JSON, as trainer_state.json holds it),
+    scores exactly as the uninterrupted run's warm one: the cache decides the prefix / remainder split."""
+    import json
+
+    model = tiny_causal_lm("qwen3", vocab_size=VOCAB, seed=4)
+    gen = torch.Generator().manual_seed(29)
+    const = _rand(gen, 40)
+    calls = []
+    for lead in ([7, 8, 9], [10, 11, 12], [13, 14, 15], [16, 17, 18]):
+        ctxs = [const + lead + _rand(gen, n) for n in (4, 6)]
+        calls.append((ctxs, [_rand(gen, 5) for _ in ctxs]))
+    calls.append(([const + [20] + _rand(gen, 3)], [_rand(gen, 4)]))  # a lone context: reuses only what is cached
+    warm = TeacherScorer(model)
+    for ctxs, resps in calls[:2]:
+        warm.score(ctxs, resps)
+    state = json.loads(json.dumps(warm.cache_state()))
+    assert state == {"prefixes": [list(k) for k in warm._cache], "fell_back": False} and state["prefixes"]
+    resumed = TeacherScorer(model)
+    resumed.load_cache_state(state)
+    assert resumed.cache_state() == state  # a checkpoint written before the next call keeps it
+    before = dict(warm.stats)
+    for ctxs, resps in calls[2:]:
+        a = warm.score(ctxs, resps, return_logprobs=True)
+        b = resumed.score(ctxs, resps, return_logprobs=True)
+        assert torch.equal(a.hidden, b.hidden) and torch.equal(a.logprobs, b.logprobs)
+    assert {k: warm.stats[k] - before[k] for k in before} == resumed.stats  # the rebuild is not counted
+    assert resumed.stats["prefix_hits"] >= 3 and list(resumed._cache) == list(warm._cache)
+    cold = TeacherScorer(model)  # a resume without the cache state reuses other prefixes (differs by rounding)
+    for ctxs, resps in calls[2:]:
+        cold.score(ctxs, resps)
+    assert cold.stats["prefix_hits"] < resumed.stats["prefix_hits"]
+    with torch.no_grad():  # a changed teacher (an EMA one): its cache is dead, nothing to restore
+        model.model.norm.weight.add_(0.01)
+    assert warm.cache_state() == {"prefixes": [], "fell_back": False}
+
+
 def test_unsupported_sliding_window_falls_back_with_one_warning():
     model = tiny_causal_lm("mistral", vocab_size=VOCAB, seed=5, sliding_window=8)
     gen = torch.Generator().manual_seed(11)
