@@ -174,16 +174,34 @@ def test_extreme_logits_odd_chunks(chunks):
                 assert (g.double() - w).abs().max().item() <= tol * (1.0 + w.abs().max().item()), (kind, dtype, name)
 
 
-def test_repeated_calls_are_bitwise_equal(chunks):
-    """The dynamic row schedule does not change results: every reduction is within one row."""
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_repeated_calls_are_bitwise_equal(chunks, threads):
+    """Repeated calls agree bit for bit at any thread count: the dynamic row schedules do not change results
+    (every reduction over the vocabulary is within one row), and the gradient GEMMs that run per vocabulary tile
+    deal the tiles to the threads in a fixed order (each thread's d_hidden partial, and their sum, in the same
+    order every call): divergence, log-probs forward + backward, the loss path."""
     chunks(torch.float32, 2)
     xs, ws, xt, wt = _inputs(torch.float32, peaked=True)
     tg = torch.rand(N)
-    first = cpu.divergence(xs, ws, xt, wt, LogitSpec(), DivergenceSpec(), None, tg)
-    for _ in range(3):
-        again = cpu.divergence(xs, ws, xt, wt, LogitSpec(), DivergenceSpec(), None, tg)
-        for f, a in zip(first, again):
-            assert torch.equal(f, a)
+    ids = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(4))
+    gs = [torch.randn(N, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def calls():
+        out = list(cpu.divergence(xs, ws, xt, wt, LogitSpec(), DivergenceSpec(), None, tg))
+        lp, ent, lse = cpu.logprobs_forward(xs, ws, ids, LogitSpec())
+        out += [lp, ent, lse, *cpu.logprobs_backward(xs, ws, ids, lse, ent, *gs, LogitSpec())]
+        out += list(cpu.logprobs_loss(xs, ws, ids, LogitSpec(), lambda r0, n, a, b: (gs[0][r0:r0 + n], None)))
+        return out
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        first = calls()
+        for _ in range(3):
+            for i, (f, a) in enumerate(zip(first, calls())):
+                assert torch.equal(f, a), i
+    finally:
+        torch.set_num_threads(old)
 
 
 # ----------------------------------------------------------------------------- exp

@@ -410,13 +410,12 @@ void LmHead::logits_block(const Tensor& x_in, int64_t b, Tensor out, Tensor& scr
   at::mm_out(out, x_in, weight_block(b, scratch).t());
 }
 
-Tensor LmHead::weight_block(int64_t b, Tensor& scratch) {
+Tensor LmHead::weight_rows(int64_t v0, int64_t n, Tensor& scratch) {
   const int64_t V = W_.size(0), H = W_.size(1);
-  const int64_t v0 = b * vb_, n = std::min(vb_, V - v0);
-  TORCH_CHECK(v0 >= 0 && n > 0, "weight_block: bad block");
+  TORCH_CHECK(v0 >= 0 && n > 0 && v0 + n <= V, "weight_rows: bad range");
   if (full_.defined()) return full_.narrow(0, v0, n);
   if (!upcast_) return W_.narrow(0, v0, n);
-  if (!scratch.defined() || scratch.numel() < n * H) scratch = at::empty({vb_ * H}, W_.options().dtype(st_));
+  if (!scratch.defined() || scratch.numel() < n * H) scratch = at::empty({n * H}, W_.options().dtype(st_));
   Tensor u = scratch.narrow(0, 0, n * H).view({n, H});
   upcast_rows(W_.narrow(0, v0, n), u);
   return u;

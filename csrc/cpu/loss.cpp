@@ -191,24 +191,84 @@ void advise_huge_pages(const Tensor& t) {
 
 // ------------------------------------------------------------------------------ log-probs
 
-// Tokens [r0, r0 + nr) of one lm_head pass of the loss path: their logits into the chunk buffer `z` (returned,
-// [nr, V]), then the rows' log-prob statistics with the row maximum and log S apart (pm / plog_s: what the loss
-// path's gradient wants).  A softcap row keeps its transformed logits, any other row the raw ones.
+// Rows a single-threaded logits GEMM of a row split (below) gets at least.
+constexpr int64_t kSplitRowsMin = 128;
+
+// Row parts of a chunk whose logits GEMMs run one per thread, each single-threaded (0: one GEMM, MKL splits it).
+// MKL splits a packed GEMM of a few hundred rows over the threads less efficiently than each thread runs its
+// own rows (2-core Zen 4, 256-row chunks: ~1.4x one [N, V] GEMM split, ~1.07x as two 128-row GEMMs), so where the
+// head is packed (a packed GEMM only reads its LmHead: several threads may use it at once) and every thread gets
+// >= kSplitRowsMin rows, each thread takes one part.
+int64_t row_parts(int64_t nr, const LmHead& head) {
+  const int threads = at::get_num_threads();
+  if (threads < 2 || !head.packing()) return 0;
+  if (const char* e = std::getenv("COPSD_CPU_SIDE_GEMMS"); e != nullptr && std::strcmp(e, "0") == 0) return 0;
+  return nr / threads >= kSplitRowsMin ? threads : 0;
+}
+
+// Tokens [r0, r0 + nr) of one lm_head pass of the loss path: their logits into `zc` ([nr, V]), then the rows'
+// log-prob statistics with the row maximum and log S apart (pm / plog_s: what the loss path's gradient wants);
+// with a row split (row_parts), each thread forms its part's logits one vocabulary tile of the LmHead at a time
+// (single-threaded packed GEMMs writing into zc) and scans each row's piece of the tile while it is still in cache
+// (logprob_scan), so the statistics need no pass of their own over zc.  A softcap row keeps its transformed logits,
+// any other row the raw ones.
 template <typename T>
-Tensor chunk_logprob_stats(const Tensor& xc, const Tensor& weight, const Tensor& z, LmHead& vb, const int64_t* id,
-                           const LogitParams& lp, T* plp, T* pent, T* pm, T* plog_s, PhaseTimer& tm) {
-  const int64_t nr = xc.size(0), V = weight.size(0);
-  Tensor zc = z.narrow(0, 0, nr);
-  tm.start();
-  gemm_logits(xc, weight, zc, vb);
-  tm.stop(tm.gemm);
-  tm.start();
+void chunk_logits_stats(const Tensor& xc, LmHead& vb, Tensor zc, const int64_t* id, const LogitParams& lp, T* plp,
+                        T* pent, T* pm, T* plog_s, PhaseTimer& tm) {
+  const int64_t nr = xc.size(0), V = zc.size(1);
   T* zp = zc.data_ptr<T>();
   const auto& K = kernels<T>();
-  COPSD_PARALLEL_ROWS
-  for (int64_t r = 0; r < nr; ++r) K.logprob_stats(zp + r * V, V, id[r], lp, plp + r, pent + r, pm + r, plog_s + r);
-  tm.stop(tm.epi);
-  return zc;
+  const int64_t parts = row_parts(nr, vb);
+  if (parts == 0) {
+    tm.start();
+    vb.logits(xc, zc);
+    tm.stop(tm.gemm);
+    tm.start();
+    COPSD_PARALLEL_ROWS
+    for (int64_t r = 0; r < nr; ++r) K.logprob_stats(zp + r * V, V, id[r], lp, plp + r, pent + r, pm + r, plog_s + r);
+    tm.stop(tm.epi);
+    return;
+  }
+  const int64_t step = (nr + parts - 1) / parts;
+  const int64_t tile = vb.block_rows(), tiles = (V + tile - 1) / tile;
+  std::vector<double> t_gemm(parts, 0.0), t_epi(parts, 0.0);
+  std::vector<LpRow<T>> state(nr);
+  std::exception_ptr error;
+  tm.start();
+#pragma omp parallel for schedule(static, 1) num_threads(static_cast<int>(parts))
+  for (int64_t p = 0; p < parts; ++p) {
+    at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the pool's threads
+    try {
+      const int64_t a = p * step, n = std::min(step, nr - a);
+      Tensor xp = xc.narrow(0, a, n), zpart = zc.narrow(0, a, n), scratch;
+      // One vocabulary tile at a time: each row's piece is scanned while the tile is still in cache.
+      for (int64_t b = 0; b < tiles && n > 0; ++b) {
+        const int64_t v0 = b * tile, nb = std::min(tile, V - v0);
+        const double t0 = tm.now();
+        vb.logits_block(xp, b, zpart.narrow(1, v0, nb), scratch);
+        const double t1 = tm.now();
+        for (int64_t r = a; r < a + n; ++r) K.logprob_scan(state[r], zp + r * V + v0, v0, nb, id[r], lp);
+        t_gemm[p] += t1 - t0;
+        t_epi[p] += tm.now() - t1;
+      }
+      for (int64_t r = a; r < a + n; ++r) K.logprob_end(state[r], plp + r, pent + r, nullptr, pm + r, plog_s + r);
+    } catch (...) {
+#pragma omp critical(copsd_split_error)
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+  PhaseTimer::Phase whole;
+  tm.stop(whole);
+  double g = 0, e = 0;
+  for (int64_t p = 0; p < parts; ++p) {
+    g += t_gemm[p] / parts;
+    e += t_epi[p] / parts;
+  }
+  tm.gemm.wall += g;
+  tm.gemm.cpu += whole.cpu * (g + e > 0 ? g / (g + e) : 1.0);
+  tm.epi.wall += whole.wall - g;
+  tm.epi.cpu += whole.cpu * (g + e > 0 ? e / (g + e) : 0.0);
 }
 
 // Forward log-probs, tiled like the top-k below (one parallel region per call, row groups handed out dynamically,
@@ -269,7 +329,7 @@ std::tuple<Tensor, Tensor, Tensor> logprobs_forward_t(const Tensor& hidden, cons
         t_gemm[tid] += t1 - t0;
         t_epi[tid] += tm.now() - t1;
       }
-      for (int64_t r = 0; r < nr; ++r) K.logprob_end(sr[r], plp + r0 + r, pent + r0 + r, plse + r0 + r);
+      for (int64_t r = 0; r < nr; ++r) K.logprob_end(sr[r], plp + r0 + r, pent + r0 + r, plse + r0 + r, nullptr, nullptr);
     } catch (...) {
 #pragma omp critical(copsd_logprobs_error)
       if (!error) error = std::current_exception();
@@ -283,8 +343,10 @@ std::tuple<Tensor, Tensor, Tensor> logprobs_forward_t(const Tensor& hidden, cons
   return {out_lp, out_ent, out_lse};
 }
 
-// Recomputing log-prob backward, fused and tiled.  The vocabulary is cut into tiles handed out dynamically to the
-// threads, so each thread owns its tiles' d_weight rows (no two threads write the same ones).  Per tile and row
+// Recomputing log-prob backward, fused and tiled.  The vocabulary is cut into tiles dealt round-robin to the
+// threads, so each thread owns its tiles' d_weight rows (no two threads write the same ones).  Round-robin, not
+// dynamic: a thread's d_hidden partial sums its tiles in a fixed order, so the result is the same on every call
+// (for a given thread count).  Per tile and row
 // group a thread runs the single-threaded logits GEMM of a [rows, tile] block on the per-tile packed lm_head, turns
 // the block into dL/dz in place (logprob_bwd on each row's piece) while it is still in that core's cache, and
 // feeds it at once to the two gradient GEMMs: d_weight[tile] (+)= G^T x[group] and the thread's own d_hidden
@@ -337,7 +399,7 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
     const int64_t ns = std::min(span, N - s0);
     part.narrow(1, 0, ns).zero_();
     std::exception_ptr error;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+#pragma omp parallel for schedule(static, 1) num_threads(nt) if (nt > 1)
     for (int64_t b = 0; b < tiles; ++b) {
       const int tid = nt > 1 ? omp_get_thread_num() : 0;
       at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the pool's threads
@@ -389,6 +451,58 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
   return {dx, dw};
 }
 
+// The two gradient GEMMs of a chunk whose dL/dz block zc [nr, V] is (or is being) formed, per vocabulary tile:
+// tiles dealt round-robin to the threads (a thread owns its tiles' d_weight rows; a fixed deal keeps d_hidden's
+// summation order, so repeated calls agree bit for bit), each tile first given to
+// form(v0, n) (which may turn the rows' pieces of zc into dL/dz there, leaving them in cache), then right away
+// d_weight[tile] (= on the first chunk, += after) G^T x and the thread's d_hidden partial += G W[tile], all
+// single-threaded; dxc = the sum of the partials.  `part`: [>= threads, >= nr, H] partials; `wscratch`: one up-cast
+// buffer per thread.  Against MKL's threaded [nr, V] GEMMs: G is read from memory once instead of twice, and no
+// GEMM is split over threads.  form's time is counted as epilogue, the rest as gradient GEMMs.
+template <typename Form>
+void grads_by_tile(const Tensor& zc, const Tensor& xc, LmHead& vb, Tensor dxc, Tensor& dw, bool first, Tensor& part,
+                   std::vector<Tensor>& wscratch, int64_t tile, PhaseTimer& tm, Form&& form) {
+  const int64_t nr = zc.size(0), V = zc.size(1);
+  const int64_t tiles = (V + tile - 1) / tile;
+  const int nt = static_cast<int>(std::min<int64_t>({int64_t(at::get_num_threads()), tiles, part.size(0)}));
+  Tensor pc = part.narrow(0, 0, std::max(nt, 1)).narrow(1, 0, nr);
+  pc.zero_();
+  std::vector<double> t_form(std::max(nt, 1), 0.0);
+  std::exception_ptr error;
+  tm.start();
+#pragma omp parallel for schedule(static, 1) num_threads(std::max(nt, 1)) if (nt > 1)
+  for (int64_t b = 0; b < tiles; ++b) {
+    const int tid = nt > 1 ? omp_get_thread_num() : 0;
+    at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the pool's threads
+    try {
+      const int64_t v0 = b * tile, n = std::min(tile, V - v0);
+      const double t0 = tm.now();
+      form(v0, n);
+      t_form[tid] += tm.now() - t0;
+      Tensor zb = zc.narrow(1, v0, n);
+      pc[tid].addmm_(zb, vb.weight_rows(v0, n, wscratch[tid]));
+      Tensor dwb = dw.narrow(0, v0, n);
+      if (first) {
+        at::mm_out(dwb, zb.t(), xc);
+      } else {
+        dwb.addmm_(zb.t(), xc);
+      }
+    } catch (...) {
+#pragma omp critical(copsd_grad_tile_error)
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+  at::sum_out(dxc, pc, 0);
+  PhaseTimer::Phase whole;
+  tm.stop(whole);
+  double f = 0;
+  for (double t : t_form) f += t / static_cast<double>(t_form.size());
+  tm.epi.wall += f;
+  tm.grad.wall += whole.wall - f;
+  tm.grad.cpu += whole.cpu;
+}
+
 // Per-token loss with the gradient in the forward pass: for each token chunk, the logits GEMM, the row
 // statistics (the rows keep their transformed logits), then `coeff(r0, rows, lp, ent)` -- a Python callable
 // returning the chunk's (d loss / d lp, d loss / d entropy), each [rows] or None -- then the row gradients from
@@ -404,23 +518,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
   const auto st = acc_type(hidden);
   auto opts = at::TensorOptions().dtype(st);
   Tensor out_lp = at::empty({N}, opts), out_ent = at::empty({N}, opts);
-  Tensor dx = at::empty({N, H}, opts), dw = at::empty({V, H}, opts);  // the first chunk's GEMM writes dw
-  if (N == 0) return {out_lp, out_ent, dx, dw.zero_()};
+  Tensor dx = at::empty({N, H}, opts), dw = at::empty({V, H}, opts);  // the first chunk's GEMMs write dw
+  if (N == 0 || H == 0) return {out_lp, out_ent, dx.zero_(), dw.zero_()};
   const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget, true);
+  const int threads = std::max(1, at::get_num_threads());
+  const int64_t tile = grad_tile(rows, V, threads, sizeof(T));
+  const int64_t tiles = (V + tile - 1) / tile;
+  const int nt = static_cast<int>(std::min<int64_t>(threads, tiles));
   PackBudget pack;
-  LmHead vb(weight, st, rows, N, budget, pack, true);
+  // Tiles of the row split's logits (chunk_logits_stats): ~2 MiB of one thread's part of a chunk.
+  LmHead vb(weight, st, rows, N, budget, pack, true, topk_tile((rows + threads - 1) / threads, sizeof(T)));
   Tensor z = at::empty({rows, V}, opts), mx = at::empty({rows}, opts), logs = at::empty({rows}, opts);
+  Tensor part = at::empty({nt, rows, H}, opts);  // the threads' d_hidden partials of a chunk
+  std::vector<Tensor> wscratch(nt);
   const auto& K = kernels<T>();
   const int64_t* id = ids.data_ptr<int64_t>();
   PhaseTimer tm("logprobs_loss");  // the coefficient callback (Python) is in none of the phases
+  tm.start();
+  vb.ready();  // the packed / up-cast copies now: the chunk GEMMs may run from several threads
+  tm.stop(tm.prep);
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
     Tensor xc = hidden.narrow(0, r0, nr).to(st);
     T* pent = out_ent.data_ptr<T>() + r0;
     T* pm = mx.data_ptr<T>();
     T* plogs = logs.data_ptr<T>();
-    Tensor zc = chunk_logprob_stats<T>(xc, weight, z, vb, id + r0, lp, out_lp.data_ptr<T>() + r0, pent, pm, plogs,
-                                       tm);
+    Tensor zc = z.narrow(0, 0, nr);
+    chunk_logits_stats<T>(xc, vb, zc, id + r0, lp, out_lp.data_ptr<T>() + r0, pent, pm, plogs, tm);
     auto [g_lp, g_ent] = coeff(r0, nr, out_lp.narrow(0, r0, nr), out_ent.narrow(0, r0, nr));
     Tensor a = g_lp.has_value() && g_lp->defined() ? g_lp->to(st).contiguous() : at::zeros({nr}, opts);
     Tensor b = g_ent.has_value() && g_ent->defined() ? g_ent->to(st).contiguous() : at::zeros({nr}, opts);
@@ -429,14 +553,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
     const T* pa = a.data_ptr<T>();
     const T* pb = b.data_ptr<T>();
     T* zp = zc.data_ptr<T>();
-    tm.start();
-    COPSD_PARALLEL_ROWS
-    for (int64_t r = 0; r < nr; ++r)
-      K.logprob_grad(zp + r * V, V, id[r0 + r], pm[r], plogs[r], pent[r], pa[r], pb[r], T(0), lp, true);
-    tm.stop(tm.epi);
-    tm.start();
-    gemm_grads(zc, xc, weight, dx.narrow(0, r0, nr), dw, r0 == 0, vb);
-    tm.stop(tm.grad);
+    // The gradient per vocabulary tile: the rows' pieces of the tile turned into dL/dz in place, then right away,
+    // while they are in cache, both gradient GEMMs (grads_by_tile).
+    grads_by_tile(zc, xc, vb, dx.narrow(0, r0, nr), dw, r0 == 0, part, wscratch, tile, tm, [&](int64_t v0, int64_t n) {
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t j = id[r0 + r] - v0;
+        K.logprob_grad(zp + r * V + v0, n, j >= 0 && j < n ? j : -1, pm[r], plogs[r], pent[r], pa[r], pb[r], T(0), lp,
+                       true);
+      }
+    });
   }
   return {out_lp, out_ent, dx, dw};
 }
@@ -633,6 +758,14 @@ DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const 
   advise_huge_pages(zs);
   advise_huge_pages(zt);
   Tensor scratch = at::empty({rows, std::max<int64_t>(1, 3 * k)}, opts);
+  const int threads = std::max(1, at::get_num_threads());
+  const int64_t gtile = grad_tile(rows, V, threads, sizeof(T));
+  Tensor part = grad ? at::empty({threads, rows, H}, opts) : Tensor();  // the threads' d_hidden partials
+  std::vector<Tensor> wscratch(threads);
+  const bool grad_tiles = [] {
+    const char* e = std::getenv("COPSD_CPU_GRAD_TILES");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
   const auto& K = kernels<T>();
   T* ploss = loss.data_ptr<T>();
   const T* ptg = grad ? tg.data_ptr<T>() : nullptr;
@@ -662,9 +795,14 @@ DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const 
                        dp, psc + r * sc_stride, want_stats ? psid[n] : 0, want_stats ? pstats + 3 * n : nullptr);
     }
     tm.stop(tm.epi);
-    tm.start();
-    if (grad) gemm_grads(zsc, xsc, ws, dx.narrow(0, r0, nr), dw, r0 == 0, vb_s);
-    tm.stop(tm.grad);
+    if (grad && grad_tiles) {  // zsc holds dL/dz now: both gradient GEMMs per vocabulary tile
+      grads_by_tile(zsc, xsc, vb_s, dx.narrow(0, r0, nr), dw, r0 == 0, part, wscratch, gtile, tm,
+                    [](int64_t, int64_t) {});
+    } else if (grad) {
+      tm.start();
+      gemm_grads(zsc, xsc, ws, dx.narrow(0, r0, nr), dw, r0 == 0, vb_s);
+      tm.stop(tm.grad);
+    }
   }
   return result();
 }

@@ -628,11 +628,13 @@ void logprob_scan(LpRow<T>& st, T* y, int64_t j0, int64_t n, int64_t id, const L
 }
 
 template <typename T>
-void logprob_end(const LpRow<T>& st, T* out_lp, T* out_ent, T* out_lse) {
+void logprob_end(const LpRow<T>& st, T* out_lp, T* out_ent, T* out_lse, T* out_m, T* out_log_s) {
   const T log_s = flog(st.S);
   *out_ent = log_s - st.W / st.S;
   *out_lp = (st.z_id - st.m) - log_s;
-  *out_lse = st.m + log_s;
+  if (out_lse != nullptr) *out_lse = st.m + log_s;
+  if (out_m != nullptr) *out_m = st.m;
+  if (out_log_s != nullptr) *out_log_s = log_s;
 }
 
 template <typename T>

@@ -76,10 +76,11 @@ struct RowKernels {
   void (*logprob_grad)(T* y, int64_t V, int64_t id, T shift, T log_s, T ent, T g_lp, T g_ent, T g_lse,
                        const LogitParams&, bool transformed);
   // logprob_fwd in pieces: logprob_scan per piece y[0..n) of ids [j0, j0 + n) in order (a softcap piece is
-  // transformed in place), then logprob_end writes what logprob_fwd would (the same values where the pieces are
-  // whole SUM_BLOCKs of 512 entries: then the online sums see the same blocks).
+  // transformed in place), then logprob_end writes what logprob_fwd (lse) / logprob_stats (m, log_s) would (the
+  // same values where the pieces are whole SUM_BLOCKs of 512 entries: then the online sums see the same blocks);
+  // lse, m, log_s may be null.
   void (*logprob_scan)(LpRow<T>& st, T* y, int64_t j0, int64_t n, int64_t id, const LogitParams&);
-  void (*logprob_end)(const LpRow<T>& st, T* lp, T* ent, T* lse);
+  void (*logprob_end)(const LpRow<T>& st, T* lp, T* ent, T* lse, T* m, T* log_s);
   void (*topk)(T* y, int64_t V, int64_t k, const LogitParams&, int64_t* ids, T* lp, T* lse);
   // The same row in pieces: topk_scan per piece y[0..n) of ids [j0, j0 + n) in order (transformed in place),
   // then topk_end writes the LSE and the best <= k and returns how many.  Fewer than k (a row with fewer than
