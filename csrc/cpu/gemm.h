@@ -10,7 +10,7 @@
 // Low-precision weights (bf16/fp16) are up-cast in vocabulary blocks into one reused fp32 buffer (split over the
 // threads; bf16 as a bit shift): when packed, each block is up-cast once per call and packed by MKL's threaded
 // pack; when not, once per chunk.  A low-precision lm_head with gradients keeps one whole up-cast copy instead
-// (for the d_hidden products), packed in one block.  The tiled top-k asks for blocks of
+// (for the d_hidden products), packed in one block.  The tiled top-k and log-prob passes ask for blocks of
 // its tile width (packed one block per thread) and computes one block at a time (logits_block), from several
 // threads at once, each running its GEMM single-threaded.  The pack budget counts what a packed copy occupies
 // (the weight's fp32 size), not the larger size MKL reserves and never touches (packed_resident in gemm.cpp).
