@@ -99,6 +99,33 @@ using at::Tensor;
 #define COPSD_PARALLEL_ROWS \
   _Pragma("omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads()) if (nr > 1)")
 
+// fn(tid, i) for i in [0, n) on nt threads (tid in [0, nt)): dealt round-robin (static) or handed out one at a time
+// (dynamic).  Each thread sets its own NoGradGuard (grad mode is per thread: the op's guard on the calling thread
+// does not reach the pool's threads, and ATen refuses mm_out on inputs that require grad); the first exception is
+// rethrown after the region.
+template <typename Fn>
+void parallel_tasks(int64_t n, int nt, bool dynamic, Fn&& fn) {
+  std::exception_ptr error;
+  auto task = [&](int64_t i) {
+    const int tid = nt > 1 ? omp_get_thread_num() : 0;
+    at::NoGradGuard no_grad;
+    try {
+      fn(tid, i);
+    } catch (...) {
+#pragma omp critical(copsd_task_error)
+      if (!error) error = std::current_exception();
+    }
+  };
+  if (dynamic) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+    for (int64_t i = 0; i < n; ++i) task(i);
+  } else {
+#pragma omp parallel for schedule(static, 1) num_threads(nt) if (nt > 1)
+    for (int64_t i = 0; i < n; ++i) task(i);
+  }
+  if (error) std::rethrow_exception(error);
+}
+
 // COPSD_CPU_PROFILE=1 prints per-phase wall times of each call to stderr (GEMMs vs epilogue), and the process CPU
 // time of each phase (all threads; on a shared machine the wall time includes the time other jobs held the cores,
 // the CPU time does not -- but it does include a waiting thread's spinning unless OMP_WAIT_POLICY=passive).
@@ -233,31 +260,22 @@ void chunk_logits_stats(const Tensor& xc, LmHead& vb, Tensor zc, const int64_t* 
   const int64_t tile = vb.block_rows(), tiles = (V + tile - 1) / tile;
   std::vector<double> t_gemm(parts, 0.0), t_epi(parts, 0.0);
   std::vector<LpRow<T>> state(nr);
-  std::exception_ptr error;
   tm.start();
-#pragma omp parallel for schedule(static, 1) num_threads(static_cast<int>(parts))
-  for (int64_t p = 0; p < parts; ++p) {
-    at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the pool's threads
-    try {
-      const int64_t a = p * step, n = std::min(step, nr - a);
-      Tensor xp = xc.narrow(0, a, n), zpart = zc.narrow(0, a, n), scratch;
-      // One vocabulary tile at a time: each row's piece is scanned while the tile is still in cache.
-      for (int64_t b = 0; b < tiles && n > 0; ++b) {
-        const int64_t v0 = b * tile, nb = std::min(tile, V - v0);
-        const double t0 = tm.now();
-        vb.logits_block(xp, b, zpart.narrow(1, v0, nb), scratch);
-        const double t1 = tm.now();
-        for (int64_t r = a; r < a + n; ++r) K.logprob_scan(state[r], zp + r * V + v0, v0, nb, id[r], lp);
-        t_gemm[p] += t1 - t0;
-        t_epi[p] += tm.now() - t1;
-      }
-      for (int64_t r = a; r < a + n; ++r) K.logprob_end(state[r], plp + r, pent + r, nullptr, pm + r, plog_s + r);
-    } catch (...) {
-#pragma omp critical(copsd_split_error)
-      if (!error) error = std::current_exception();
+  parallel_tasks(parts, static_cast<int>(parts), false, [&](int, int64_t p) {
+    const int64_t a = p * step, n = std::min(step, nr - a);
+    Tensor xp = xc.narrow(0, a, n), zpart = zc.narrow(0, a, n), scratch;
+    // One vocabulary tile at a time: each row's piece is scanned while the tile is still in cache.
+    for (int64_t b = 0; b < tiles && n > 0; ++b) {
+      const int64_t v0 = b * tile, nb = std::min(tile, V - v0);
+      const double t0 = tm.now();
+      vb.logits_block(xp, b, zpart.narrow(1, v0, nb), scratch);
+      const double t1 = tm.now();
+      for (int64_t r = a; r < a + n; ++r) K.logprob_scan(state[r], zp + r * V + v0, v0, nb, id[r], lp);
+      t_gemm[p] += t1 - t0;
+      t_epi[p] += tm.now() - t1;
     }
-  }
-  if (error) std::rethrow_exception(error);
+    for (int64_t r = a; r < a + n; ++r) K.logprob_end(state[r], plp + r, pent + r, nullptr, pm + r, plog_s + r);
+  });
   PhaseTimer::Phase whole;
   tm.stop(whole);
   double g = 0, e = 0;
@@ -271,75 +289,92 @@ void chunk_logits_stats(const Tensor& xc, LmHead& vb, Tensor zc, const int64_t* 
   tm.epi.cpu += whole.cpu * (g + e > 0 ? e / (g + e) : 0.0);
 }
 
-// Forward log-probs, tiled like the top-k below (one parallel region per call, row groups handed out dynamically,
-// each group's logits formed one vocabulary tile at a time by a single-threaded GEMM on the per-tile packed
-// lm_head): a row's online statistics (logprob_scan) take each tile while it is still in the core's cache, so no
-// [rows, V] block goes to memory and back, and no GEMM is split over threads (MKL splits a 128-row chunk's GEMM
-// over 2 threads at ~1.5x the cost of one [N, V] GEMM on a 2-core Zen 4).  The pieces are whole 512-entry
-// blocks of the row kernel's online sums, so the statistics are the whole-row kernel's.
-template <typename T>
-std::tuple<Tensor, Tensor, Tensor> logprobs_forward_t(const Tensor& hidden, const Tensor& weight, const Tensor& ids,
-                                                      const LogitParams& lp, int64_t budget) {
+// The one-pass tiled driver of the top-k and the log-prob forward: one parallel region per call; the tokens are cut
+// into row groups (`rows`: up to 512, topk_rows; no more than the workspace would hold as [rows, V] logits, the
+// other drivers' chunk) handed out dynamically to the threads; a thread forms its group's logits one vocabulary
+// tile [group, tile] at a time with a single-threaded GEMM on the lm_head packed (or up-cast) per tile, and
+// scan(tid, r0, nr, z, tile, v0, n) takes the tile while it is still in that core's cache (z: the group's rows at
+// stride `tile`); begin(tid, r0, nr) / end(tid, r0, nr) frame a group.  So no [rows, V] block is written to
+// memory and read back, and the threads meet once per call (a preempted thread on a shared machine holds the
+// others back only at the end).  COPSD_CPU_PROFILE's split is per thread (summed, divided by the thread count).
+template <typename T, typename Begin, typename Scan, typename End>
+void tiled_rows_pass(const Tensor& hidden, const Tensor& weight, int64_t rows, int64_t budget, const char* name,
+                     Begin&& begin, Scan&& scan, End&& end) {
   const int64_t N = hidden.size(0), V = weight.size(0);
   const auto st = acc_type(hidden);
-  auto opts = at::TensorOptions().dtype(st);
-  Tensor out_lp = at::empty({N}, opts), out_ent = at::empty({N}, opts), out_lse = at::empty({N}, opts);
-  if (N == 0) return {out_lp, out_ent, out_lse};
-  const int threads = std::max(1, at::get_num_threads());
-  // The top-k's groups (no candidate buffers here), within the workspace as [rows, V] logits would be.
-  const int64_t rows = std::min(topk_rows(N, threads, 0, budget),
-                                std::max<int64_t>(1, budget / std::max<int64_t>(1, V * static_cast<int64_t>(sizeof(T)))));
   const int64_t groups = (N + rows - 1) / rows;
   PackBudget pack;
   LmHead vb(weight, st, rows, N, budget, pack, false, topk_tile(rows, sizeof(T)));
-  PhaseTimer tm("logprobs");
+  PhaseTimer tm(name);
   tm.start();
   vb.ready();
   tm.stop(tm.prep);
   const int64_t tile = vb.block_rows();
   const int64_t tiles = (V + tile - 1) / tile;
-  const int nt = static_cast<int>(std::min<int64_t>(threads, groups));
-  Tensor z = at::empty({nt, rows, tile}, opts);
-  std::vector<std::vector<LpRow<T>>> state(nt, std::vector<LpRow<T>>(rows));
-  std::vector<Tensor> scratch(nt);
+  const int nt = static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), groups));
+  Tensor z = at::empty({nt, rows, tile}, at::TensorOptions().dtype(st));  // per thread: its logits tile
+  std::vector<Tensor> scratch(nt);                                       // and an up-cast scratch
   std::vector<double> t_gemm(nt, 0.0), t_epi(nt, 0.0);
   Tensor x = hidden.to(st);
+  parallel_tasks(groups, nt, true, [&](int tid, int64_t g) {
+    const int64_t r0 = g * rows, nr = std::min(rows, N - r0);
+    Tensor xg = x.narrow(0, r0, nr);
+    T* zp = z[tid].data_ptr<T>();
+    begin(tid, r0, nr);
+    for (int64_t b = 0; b < tiles; ++b) {
+      const int64_t v0 = b * tile, n = std::min(tile, V - v0);
+      const double t0 = tm.now();
+      vb.logits_block(xg, b, z[tid].narrow(0, 0, nr).narrow(1, 0, n), scratch[tid]);  // rows of stride `tile`
+      const double t1 = tm.now();
+      scan(tid, r0, nr, zp, tile, v0, n);
+      t_gemm[tid] += t1 - t0;
+      t_epi[tid] += tm.now() - t1;
+    }
+    const double t0 = tm.now();
+    end(tid, r0, nr);
+    t_epi[tid] += tm.now() - t0;
+  });
+  for (int i = 0; i < nt; ++i) {
+    tm.gemm.wall += t_gemm[i] / nt;
+    tm.epi.wall += t_epi[i] / nt;
+  }
+}
+
+// Row groups of the tiled one-pass driver: topk_rows (with `row_bytes` of per-row buffers on every thread), within
+// the workspace as [rows, V] logits.
+template <typename T>
+int64_t tiled_rows(int64_t N, int64_t V, int64_t row_bytes, int64_t budget) {
+  const int threads = std::max(1, at::get_num_threads());
+  return std::min(topk_rows(N, threads, row_bytes, budget),
+                  std::max<int64_t>(1, budget / std::max<int64_t>(1, V * static_cast<int64_t>(sizeof(T)))));
+}
+
+// Forward log-probs on the tiled one-pass driver (tiled_rows_pass): each row's online statistics (logprob_scan)
+// take each tile while it is in cache, and no GEMM is split over threads (MKL splits a 128-row chunk's GEMM over 2
+// threads at ~1.5x the cost of one [N, V] GEMM on a 2-core Zen 4).  The pieces are whole 512-entry blocks of the
+// row kernel's online sums, so the statistics are the whole-row kernel's.
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> logprobs_forward_t(const Tensor& hidden, const Tensor& weight, const Tensor& ids,
+                                                      const LogitParams& lp, int64_t budget) {
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  auto opts = at::TensorOptions().dtype(acc_type(hidden));
+  Tensor out_lp = at::empty({N}, opts), out_ent = at::empty({N}, opts), out_lse = at::empty({N}, opts);
+  if (N == 0) return {out_lp, out_ent, out_lse};
+  const int64_t rows = tiled_rows<T>(N, V, 0, budget);
   const auto& K = kernels<T>();
   const int64_t* id = ids.data_ptr<int64_t>();
   T* plp = out_lp.data_ptr<T>();
   T* pent = out_ent.data_ptr<T>();
   T* plse = out_lse.data_ptr<T>();
-  std::exception_ptr error;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-  for (int64_t g = 0; g < groups; ++g) {
-    const int tid = nt > 1 ? omp_get_thread_num() : 0;
-    at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the pool's threads
-    try {
-      const int64_t r0 = g * rows, nr = std::min(rows, N - r0);
-      Tensor xg = x.narrow(0, r0, nr);
-      T* zp = z[tid].data_ptr<T>();
-      std::vector<LpRow<T>>& sr = state[tid];
-      std::fill(sr.begin(), sr.begin() + nr, LpRow<T>());
-      for (int64_t b = 0; b < tiles; ++b) {
-        const int64_t v0 = b * tile, n = std::min(tile, V - v0);
-        const double t0 = tm.now();
-        vb.logits_block(xg, b, z[tid].narrow(0, 0, nr).narrow(1, 0, n), scratch[tid]);  // rows of stride `tile`
-        const double t1 = tm.now();
-        for (int64_t r = 0; r < nr; ++r) K.logprob_scan(sr[r], zp + r * tile, v0, n, id[r0 + r], lp);
-        t_gemm[tid] += t1 - t0;
-        t_epi[tid] += tm.now() - t1;
-      }
-      for (int64_t r = 0; r < nr; ++r) K.logprob_end(sr[r], plp + r0 + r, pent + r0 + r, plse + r0 + r, nullptr, nullptr);
-    } catch (...) {
-#pragma omp critical(copsd_logprobs_error)
-      if (!error) error = std::current_exception();
-    }
-  }
-  if (error) std::rethrow_exception(error);
-  for (int i = 0; i < nt; ++i) {
-    tm.gemm.wall += t_gemm[i] / nt;
-    tm.epi.wall += t_epi[i] / nt;
-  }
+  std::vector<LpRow<T>> state(N);  // one per token: rows of different groups never share one
+  tiled_rows_pass<T>(
+      hidden, weight, rows, budget, "logprobs", [](int, int64_t, int64_t) {},
+      [&](int, int64_t r0, int64_t nr, T* z, int64_t stride, int64_t v0, int64_t n) {
+        for (int64_t r = 0; r < nr; ++r) K.logprob_scan(state[r0 + r], z + r * stride, v0, n, id[r0 + r], lp);
+      },
+      [&](int, int64_t r0, int64_t nr) {
+        for (int64_t q = r0; q < r0 + nr; ++q) K.logprob_end(state[q], plp + q, pent + q, plse + q, nullptr, nullptr);
+      });
   return {out_lp, out_ent, out_lse};
 }
 
@@ -398,48 +433,38 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
   for (int64_t s0 = 0; s0 < N; s0 += span) {
     const int64_t ns = std::min(span, N - s0);
     part.narrow(1, 0, ns).zero_();
-    std::exception_ptr error;
-#pragma omp parallel for schedule(static, 1) num_threads(nt) if (nt > 1)
-    for (int64_t b = 0; b < tiles; ++b) {
-      const int tid = nt > 1 ? omp_get_thread_num() : 0;
-      at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the pool's threads
-      try {
-        const int64_t v0 = b * tile, n = std::min(tile, V - v0);
-        const double t0 = tm.now();
-        Tensor wb = vb.weight_block(b, wscratch[tid]);
-        Tensor dwb = dw.narrow(0, v0, n);
-        Tensor acc = part[tid];
-        T* zp = z[tid].data_ptr<T>();
-        t_grad[tid] += tm.now() - t0;
-        for (int64_t g0 = 0; g0 < ns; g0 += rows) {
-          const int64_t nr = std::min(rows, ns - g0), r0 = s0 + g0;
-          Tensor xg = x.narrow(0, r0, nr);
-          Tensor zb = z[tid].narrow(0, 0, nr).narrow(1, 0, n);  // rows of stride `tile`
-          const double t1 = tm.now();
-          vb.logits_block(xg, b, zb, scratch[tid]);
-          const double t2 = tm.now();
-          for (int64_t r = 0; r < nr; ++r) {
-            const int64_t q = r0 + r, j = id[q] - v0;
-            K.logprob_bwd(zp + r * tile, n, j >= 0 && j < n ? j : -1, plse[q], pent[q], pa[q], pb[q], pc[q], lp,
-                          false);
-          }
-          const double t3 = tm.now();
-          acc.narrow(0, g0, nr).addmm_(zb, wb);
-          if (r0 == 0) {
-            at::mm_out(dwb, zb.t(), xg);
-          } else {
-            dwb.addmm_(zb.t(), xg);
-          }
-          t_gemm[tid] += t2 - t1;
-          t_epi[tid] += t3 - t2;
-          t_grad[tid] += tm.now() - t3;
+    parallel_tasks(tiles, nt, false, [&](int tid, int64_t b) {
+      const int64_t v0 = b * tile, n = std::min(tile, V - v0);
+      const double t0 = tm.now();
+      Tensor wb = vb.weight_block(b, wscratch[tid]);
+      Tensor dwb = dw.narrow(0, v0, n);
+      Tensor acc = part[tid];
+      T* zp = z[tid].data_ptr<T>();
+      t_grad[tid] += tm.now() - t0;
+      for (int64_t g0 = 0; g0 < ns; g0 += rows) {
+        const int64_t nr = std::min(rows, ns - g0), r0 = s0 + g0;
+        Tensor xg = x.narrow(0, r0, nr);
+        Tensor zb = z[tid].narrow(0, 0, nr).narrow(1, 0, n);  // rows of stride `tile`
+        const double t1 = tm.now();
+        vb.logits_block(xg, b, zb, scratch[tid]);
+        const double t2 = tm.now();
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t q = r0 + r, j = id[q] - v0;
+          K.logprob_bwd(zp + r * tile, n, j >= 0 && j < n ? j : -1, plse[q], pent[q], pa[q], pb[q], pc[q], lp,
+                        false);
         }
-      } catch (...) {
-#pragma omp critical(copsd_logprobs_bwd_error)
-        if (!error) error = std::current_exception();
+        const double t3 = tm.now();
+        acc.narrow(0, g0, nr).addmm_(zb, wb);
+        if (r0 == 0) {
+          at::mm_out(dwb, zb.t(), xg);
+        } else {
+          dwb.addmm_(zb.t(), xg);
+        }
+        t_gemm[tid] += t2 - t1;
+        t_epi[tid] += t3 - t2;
+        t_grad[tid] += tm.now() - t3;
       }
-    }
-    if (error) std::rethrow_exception(error);
+    });
     Tensor dxs = dx.narrow(0, s0, ns);
     at::sum_out(dxs, part.narrow(1, 0, ns), 0);
   }
@@ -468,31 +493,21 @@ void grads_by_tile(const Tensor& zc, const Tensor& xc, LmHead& vb, Tensor dxc, T
   Tensor pc = part.narrow(0, 0, std::max(nt, 1)).narrow(1, 0, nr);
   pc.zero_();
   std::vector<double> t_form(std::max(nt, 1), 0.0);
-  std::exception_ptr error;
   tm.start();
-#pragma omp parallel for schedule(static, 1) num_threads(std::max(nt, 1)) if (nt > 1)
-  for (int64_t b = 0; b < tiles; ++b) {
-    const int tid = nt > 1 ? omp_get_thread_num() : 0;
-    at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the pool's threads
-    try {
-      const int64_t v0 = b * tile, n = std::min(tile, V - v0);
-      const double t0 = tm.now();
-      form(v0, n);
-      t_form[tid] += tm.now() - t0;
-      Tensor zb = zc.narrow(1, v0, n);
-      pc[tid].addmm_(zb, vb.weight_rows(v0, n, wscratch[tid]));
-      Tensor dwb = dw.narrow(0, v0, n);
-      if (first) {
-        at::mm_out(dwb, zb.t(), xc);
-      } else {
-        dwb.addmm_(zb.t(), xc);
-      }
-    } catch (...) {
-#pragma omp critical(copsd_grad_tile_error)
-      if (!error) error = std::current_exception();
+  parallel_tasks(tiles, std::max(nt, 1), false, [&](int tid, int64_t b) {
+    const int64_t v0 = b * tile, n = std::min(tile, V - v0);
+    const double t0 = tm.now();
+    form(v0, n);
+    t_form[tid] += tm.now() - t0;
+    Tensor zb = zc.narrow(1, v0, n);
+    pc[tid].addmm_(zb, vb.weight_rows(v0, n, wscratch[tid]));
+    Tensor dwb = dw.narrow(0, v0, n);
+    if (first) {
+      at::mm_out(dwb, zb.t(), xc);
+    } else {
+      dwb.addmm_(zb.t(), xc);
     }
-  }
-  if (error) std::rethrow_exception(error);
+  });
   at::sum_out(dxc, pc, 0);
   PhaseTimer::Phase whole;
   tm.stop(whole);
@@ -568,15 +583,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
 
 // ------------------------------------------------------------------------------ top-k
 
-// Tiled, one parallel region per call: the tokens are split into row groups handed out dynamically to the
-// threads; a thread forms its group's logits one vocabulary tile [group, tile] at a time with a single-threaded
-// GEMM on the lm_head packed (or up-cast) per tile, and its rows' running top-k states (threshold, candidates,
-// online LSE: topk_scan) take the tile while it is still in that core's cache (~2 MiB: 1024 logits per row at 512
-// rows in fp32; topk_rows / topk_tile in gemm.cpp).  So no [rows, V] block is written to memory and read back, and the
-// threads meet once per call instead of twice per chunk (a preempted thread on a shared machine holds the others
-// back only at the end).  A row that ends with fewer than k logits above -inf needs its whole row for the
-// -inf / NaN ids: its logits are formed again afterwards (rare: a row of almost only -inf / NaN logits).
-// COPSD_CPU_PROFILE's split here is per thread (summed over the threads, divided by their number).
+// Top-k on the tiled one-pass driver (tiled_rows_pass): each row's running top-k state (threshold, candidates,
+// online LSE: topk_scan) takes each tile while it is in cache.  A row that ends with fewer than k logits above
+// -inf needs its whole row for the -inf / NaN ids: its logits are formed again afterwards (rare: a row of almost
+// only -inf / NaN logits).
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& weight, int64_t k,
                                           const LogitParams& lp, int64_t budget) {
@@ -586,78 +596,44 @@ std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& we
   Tensor out_ids = at::empty({N, k}, at::TensorOptions().dtype(at::kLong));
   Tensor out_lp = at::empty({N, k}, opts), out_lse = at::empty({N}, opts);
   if (N == 0) return {out_ids, out_lp, out_lse};
-  const int threads = std::max(1, at::get_num_threads());
   const int64_t cap = topk_row_buffer(k);
-  // Groups of up to 512 rows (topk_rows), and no more than the workspace would hold as [rows, V] logits (the
-  // other drivers' chunk; the default 64 MiB holds 524 fp32 rows at V = 32000).
-  const int64_t rows = std::min(topk_rows(N, threads, cap * static_cast<int64_t>(sizeof(T) + sizeof(int64_t)), budget),
-                                std::max<int64_t>(1, budget / std::max<int64_t>(1, V * static_cast<int64_t>(sizeof(T)))));
-  const int64_t groups = (N + rows - 1) / rows;
-  PackBudget pack;
-  LmHead vb(weight, st, rows, N, budget, pack, false, topk_tile(rows, sizeof(T)));
-  PhaseTimer tm("topk");
-  tm.start();
-  vb.ready();  // the packing (counted as logits GEMM, as in the other drivers)
-  tm.stop(tm.gemm);
-  const int64_t tile = vb.block_rows();
-  const int64_t tiles = (V + tile - 1) / tile;
-  const int nt = static_cast<int>(std::min<int64_t>(threads, groups));
-  // Per thread: its logits tile, its rows' candidate buffers and states, an up-cast scratch.
-  Tensor z = at::empty({nt, rows, tile}, opts);
+  const int64_t rows = tiled_rows<T>(N, V, cap * static_cast<int64_t>(sizeof(T) + sizeof(int64_t)), budget);
+  const int nt = static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), (N + rows - 1) / rows));
+  // Per thread: its rows' candidate buffers and states.
   Tensor cval = at::empty({nt, rows, cap}, opts);
   Tensor cid = at::empty({nt, rows, cap}, at::TensorOptions().dtype(at::kLong));
   std::vector<std::vector<TopkRow<T>>> state(nt, std::vector<TopkRow<T>>(rows));
-  std::vector<Tensor> scratch(nt);
-  std::vector<double> t_gemm(nt, 0.0), t_epi(nt, 0.0);
   std::vector<char> short_row(N, 0);
-  Tensor x = hidden.to(st);
   const auto& K = kernels<T>();
   int64_t* pid = out_ids.data_ptr<int64_t>();
   T* plp = out_lp.data_ptr<T>();
   T* plse = out_lse.data_ptr<T>();
-  std::exception_ptr error;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-  for (int64_t g = 0; g < groups; ++g) {
-    const int tid = nt > 1 ? omp_get_thread_num() : 0;
-    at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the pool's threads
-    try {
-      const int64_t r0 = g * rows, nr = std::min(rows, N - r0);
-      Tensor xg = x.narrow(0, r0, nr);
-      T* zp = z[tid].data_ptr<T>();
-      std::vector<TopkRow<T>>& sr = state[tid];
-      for (int64_t r = 0; r < nr; ++r)
-        topk_row_init(sr[r], k, cval[tid].data_ptr<T>() + r * cap, cid[tid].data_ptr<int64_t>() + r * cap);
-      for (int64_t b = 0; b < tiles; ++b) {
-        const int64_t v0 = b * tile, n = std::min(tile, V - v0);
-        const double t0 = tm.now();
-        vb.logits_block(xg, b, z[tid].narrow(0, 0, nr).narrow(1, 0, n), scratch[tid]);  // rows of stride `tile`
-        const double t1 = tm.now();
-        for (int64_t r = 0; r < nr; ++r) K.topk_scan(sr[r], zp + r * tile, v0, n, k, lp);
-        const double t2 = tm.now();
-        t_gemm[tid] += t1 - t0;
-        t_epi[tid] += t2 - t1;
-      }
-      const double t0 = tm.now();
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t q = r0 + r;
-        short_row[q] = K.topk_end(sr[r], k, pid + q * k, plp + q * k, plse + q) < k;
-      }
-      t_epi[tid] += tm.now() - t0;
-    } catch (...) {
-#pragma omp critical(copsd_topk_error)
-      if (!error) error = std::current_exception();
-    }
-  }
-  if (error) std::rethrow_exception(error);
-  for (int i = 0; i < nt; ++i) {
-    tm.gemm.wall += t_gemm[i] / nt;
-    tm.epi.wall += t_epi[i] / nt;
-  }
-  Tensor row;
+  tiled_rows_pass<T>(
+      hidden, weight, rows, budget, "topk",
+      [&](int tid, int64_t, int64_t nr) {
+        for (int64_t r = 0; r < nr; ++r)
+          topk_row_init(state[tid][r], k, cval[tid].data_ptr<T>() + r * cap, cid[tid].data_ptr<int64_t>() + r * cap);
+      },
+      [&](int tid, int64_t, int64_t nr, T* z, int64_t stride, int64_t v0, int64_t n) {
+        for (int64_t r = 0; r < nr; ++r) K.topk_scan(state[tid][r], z + r * stride, v0, n, k, lp);
+      },
+      [&](int tid, int64_t r0, int64_t nr) {
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t q = r0 + r;
+          short_row[q] = K.topk_end(state[tid][r], k, pid + q * k, plp + q * k, plse + q) < k;
+        }
+      });
+  Tensor row, x;
+  std::optional<LmHead> whole;  // one row at a time: never packed
+  PackBudget pack;
   for (int64_t q = 0; q < N; ++q) {  // whole rows again for their -inf / NaN ids (one row at a time: rare)
     if (!short_row[q]) continue;
-    if (!row.defined()) row = at::empty({1, V}, opts);
-    vb.logits(x.narrow(0, q, 1), row);
+    if (!row.defined()) {
+      row = at::empty({1, V}, opts);
+      x = hidden.to(st);
+      whole.emplace(weight, st, 1, 1, budget, pack, false);
+    }
+    whole->logits(x.narrow(0, q, 1), row);
     K.topk(row.data_ptr<T>(), V, k, lp, pid + q * k, plp + q * k, plse + q);  // the whole-row kernel
   }
   return {out_ids, out_lp, out_lse};
@@ -698,25 +674,15 @@ void chunk_logits(const Tensor& xs, LmHead& hs, Tensor zs, const Tensor& xt, LmH
     return;
   }
   const int64_t step = (nr + parts - 1) / parts;
-  std::exception_ptr error;
-#pragma omp parallel for schedule(static, 1) num_threads(static_cast<int>(2 * parts))
-  for (int64_t task = 0; task < 2 * parts; ++task) {
-    at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the pool's threads
-    try {
-      const int64_t r0 = (task / 2) * step, n = std::min(step, nr - r0);
-      if (n > 0) {
-        if (task % 2 == 0) {
-          hs.logits(xs.narrow(0, r0, n), zs.narrow(0, r0, n), r0 == 0);
-        } else {
-          ht.logits(xt.narrow(0, r0, n), zt.narrow(0, r0, n), r0 == 0);
-        }
-      }
-    } catch (...) {
-#pragma omp critical(copsd_side_error)
-      if (!error) error = std::current_exception();
+  parallel_tasks(2 * parts, static_cast<int>(2 * parts), false, [&](int, int64_t task) {
+    const int64_t r0 = (task / 2) * step, n = std::min(step, nr - r0);
+    if (n <= 0) return;
+    if (task % 2 == 0) {
+      hs.logits(xs.narrow(0, r0, n), zs.narrow(0, r0, n), r0 == 0);
+    } else {
+      ht.logits(xt.narrow(0, r0, n), zt.narrow(0, r0, n), r0 == 0);
     }
-  }
-  if (error) std::rethrow_exception(error);
+  });
 }
 
 template <typename T>
