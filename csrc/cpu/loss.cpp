@@ -351,8 +351,9 @@ int64_t tiled_rows(int64_t N, int64_t V, int64_t row_bytes, int64_t budget) {
 
 // Forward log-probs on the tiled one-pass driver (tiled_rows_pass): each row's online statistics (logprob_scan)
 // take each tile while it is in cache, and no GEMM is split over threads (MKL splits a 128-row chunk's GEMM over 2
-// threads at ~1.5x the cost of one [N, V] GEMM on a 2-core Zen 4).  The pieces are whole 512-entry blocks of the
-// row kernel's online sums, so the statistics are the whole-row kernel's.
+// threads at ~1.5x the cost of one [N, V] GEMM on a 2-core Zen 4).  Where the tile is a multiple of 512 entries
+// (1024 at 512-row groups) the pieces are whole blocks of the row kernel's online sums and the statistics are the
+// whole-row kernel's bit for bit; other tiles agree to rounding.
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> logprobs_forward_t(const Tensor& hidden, const Tensor& weight, const Tensor& ids,
                                                       const LogitParams& lp, int64_t budget) {
