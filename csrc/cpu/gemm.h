@@ -71,7 +71,9 @@ class LmHead {
   void logits_block(const at::Tensor& x, int64_t b, at::Tensor out, at::Tensor& scratch);
   // Block b of W itself, [n_b, H] in the compute dtype: a view of W (or of the whole up-cast copy), or up-cast into
   // `scratch` (grown on demand).  Thread-safe like logits_block.
-  at::Tensor weight_block(int64_t b, at::Tensor& scratch) { return weight_rows(b * vb_, std::min(vb_, W_.size(0) - b * vb_), scratch); }
+  at::Tensor weight_block(int64_t b, at::Tensor& scratch) {
+    return weight_rows(b * vb_, std::min(vb_, W_.size(0) - b * vb_), scratch);
+  }
   // Rows [v0, v0 + n) of W the same way (any range; one up-cast block at most when there is no whole copy).
   at::Tensor weight_rows(int64_t v0, int64_t n, at::Tensor& scratch);
   // Makes the whole up-cast / packed copies now (otherwise the first GEMM does).

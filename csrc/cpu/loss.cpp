@@ -409,7 +409,8 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
   const int64_t span = std::max<int64_t>(1, std::min<int64_t>(N, (budget / 2) / (threads * H * elem)));
   // Equal groups of <= 512 rows (COPSD_CPU_TOPK_ROWS), and no more than the workspace would hold as [rows, V] logits
   // (the chunk of the other drivers).
-  const int64_t rows = std::min(topk_rows(span, 1, 0, budget), std::max<int64_t>(1, budget / std::max<int64_t>(1, V * elem)));
+  const int64_t rows =
+      std::min(topk_rows(span, 1, 0, budget), std::max<int64_t>(1, budget / std::max<int64_t>(1, V * elem)));
   const int64_t tile = grad_tile(rows, V, threads, elem);
   PackBudget pack;
   LmHead vb(weight, st, rows, N, budget, pack, false, tile);
