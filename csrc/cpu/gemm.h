@@ -103,10 +103,7 @@ class LmHead {
   std::vector<at::Tensor> packed_;  // one packed copy per vocabulary block
 };
 
-// The driver-facing calls (W is the LmHead's weight).
-inline void gemm_logits(const at::Tensor& x, const at::Tensor& /*W*/, at::Tensor out, LmHead& head) {
-  head.logits(x, out);
-}
+// The driver-facing call of the gradient GEMMs (W is the LmHead's weight).
 inline void gemm_grads(const at::Tensor& dz, const at::Tensor& x, const at::Tensor& /*W*/, at::Tensor dx,
                        at::Tensor& dw, bool first, LmHead& head) {
   head.grads(dz, x, dx, dw, first);

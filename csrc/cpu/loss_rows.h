@@ -371,8 +371,8 @@ inline void lp_empty_block(const T* s, int64_t n, T& S, T& W) {
 }
 
 
-// The log-prob rows (`logprob_fwd` / `logprob_stats`, then after the caller's coefficients `logprob_bwd` /
-// `logprob_grad`; docs/kernels.md "CPU log-prob rows") are bound by reading a
+// The log-prob rows (`logprob_stats` or, in pieces, `logprob_scan` / `logprob_end`, then after the caller's
+// coefficients `logprob_bwd` / `logprob_grad`; docs/kernels.md "CPU log-prob rows") are bound by reading a
 // [V] row the GEMM wrote a while ago (L3 / DRAM) and by one exp per logit per pass.  So: one pass per kernel,
 // the linear part of the logit transform (f = logit_scale / temperature > 0) folded into the arithmetic instead
 // of a pass of its own, the next blocks prefetched, and at AVX2 / AVX-512 explicit vector code.
@@ -595,27 +595,9 @@ void lp_grad<float, false>(float* y, int64_t V, float f, float lse, float c0, fl
 }
 #endif
 
-// Row statistics: log-prob of id, entropy, the maximum m and log S (LSE = m + log S).  Leaves the row unchanged,
+// Row statistics in vocabulary pieces (RowKernels::logprob_scan / logprob_end): log-prob of id, entropy, the
+// maximum m and log S (LSE = m + log S), the online state carried from piece to piece.  Leaves the row unchanged,
 // or, with a softcap, transformed.
-template <typename T>
-void logprob_row_stats(T* z, int64_t V, int64_t id, const LogitParams& lp, T* out_lp, T* out_ent, T* out_m,
-                       T* out_log_s) {
-  T f = lp_factor<T>(lp);
-  if (lp.softcap > 0) {
-    transform_row(z, V, lp);
-    f = T(1);
-  }
-  T m = neg_inf<T>(), S = 0, W = 0;
-  lp_stats(z, V, f, m, S, W);
-  const T log_s = flog(S);
-  *out_m = m;
-  *out_log_s = log_s;
-  *out_ent = log_s - W / S;
-  *out_lp = (z[id] * f - m) - log_s;
-}
-
-// logprob_row_fwd in vocabulary pieces (RowKernels::logprob_scan / logprob_end): the same online statistics, the
-// state carried from piece to piece.
 template <typename T>
 void logprob_scan(LpRow<T>& st, T* y, int64_t j0, int64_t n, int64_t id, const LogitParams& lp) {
   T f = lp_factor<T>(lp);
@@ -637,11 +619,13 @@ void logprob_end(const LpRow<T>& st, T* out_lp, T* out_ent, T* out_lse, T* out_m
   if (out_log_s != nullptr) *out_log_s = log_s;
 }
 
+// The same for a whole row in one piece.
 template <typename T>
-void logprob_row_fwd(T* z, int64_t V, int64_t id, const LogitParams& lp, T* out_lp, T* out_ent, T* out_lse) {
-  T m, log_s;
-  logprob_row_stats(z, V, id, lp, out_lp, out_ent, &m, &log_s);
-  *out_lse = m + log_s;
+void logprob_row_stats(T* z, int64_t V, int64_t id, const LogitParams& lp, T* out_lp, T* out_ent, T* out_m,
+                       T* out_log_s) {
+  LpRow<T> st;
+  logprob_scan(st, z, 0, V, id, lp);
+  logprob_end<T>(st, out_lp, out_ent, nullptr, out_m, out_log_s);
 }
 
 // In place: y -> d(a*lp + b*H + c*lse)/dy, the softmax given as q_j = e^{z_j - shift - log_s} (shift + log_s =
@@ -2344,7 +2328,6 @@ void tanh_array(const T* x, T* y, int64_t n) {
 template <typename T>
 RowKernels<T> make_table() {
   RowKernels<T> t;
-  t.logprob_fwd = &logprob_row_fwd<T>;
   t.logprob_bwd = &logprob_row_bwd<T>;
   t.logprob_stats = &logprob_row_stats<T>;
   t.logprob_grad = &logprob_row_grad<T>;

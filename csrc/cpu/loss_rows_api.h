@@ -65,20 +65,20 @@ struct LpRow {
 // routines, overwritten with d(objective)/dy) out.
 template <typename T>
 struct RowKernels {
-  void (*logprob_fwd)(T* y, int64_t V, int64_t id, const LogitParams&, T* lp, T* ent, T* lse);
-  // transformed: y already holds the transformed logits (as logprob_fwd leaves them), not the raw GEMM output.
+  // transformed: y already holds the transformed logits (as logprob_stats / logprob_scan leave them), not the raw
+  // GEMM output.
   // id < 0: the row is a piece of a longer row that does not hold the id (only the softmax part of the gradient).
   void (*logprob_bwd)(T* y, int64_t V, int64_t id, T lse, T ent, T g_lp, T g_ent, T g_lse, const LogitParams&,
                       bool transformed);
-  // The loss path's pair: logprob_fwd with the row maximum m and log S kept apart (LSE = m + log S), and the
-  // gradient from a softmax given as e^{z - shift - log_s} (logprob_bwd is shift = LSE, log_s = 0).
+  // The loss path's pair: a row's log-prob, entropy, maximum m and log S (LSE = m + log S), and the gradient from a
+  // softmax given as e^{z - shift - log_s} (logprob_bwd is shift = LSE, log_s = 0).
   void (*logprob_stats)(T* y, int64_t V, int64_t id, const LogitParams&, T* lp, T* ent, T* m, T* log_s);
   void (*logprob_grad)(T* y, int64_t V, int64_t id, T shift, T log_s, T ent, T g_lp, T g_ent, T g_lse,
                        const LogitParams&, bool transformed);
-  // logprob_fwd in pieces: logprob_scan per piece y[0..n) of ids [j0, j0 + n) in order (a softcap piece is
-  // transformed in place), then logprob_end writes what logprob_fwd (lse) / logprob_stats (m, log_s) would (the
-  // same values where the pieces are whole SUM_BLOCKs of 512 entries: then the online sums see the same blocks);
-  // lse, m, log_s may be null.
+  // logprob_stats in pieces: logprob_scan per piece y[0..n) of ids [j0, j0 + n) in order (a softcap piece is
+  // transformed in place), then logprob_end writes the log-prob, entropy and the LSE and / or m, log_s (the
+  // whole-row values where the pieces are whole SUM_BLOCKs of 512 entries: then the online sums see the same
+  // blocks); lse, m, log_s may be null.
   void (*logprob_scan)(LpRow<T>& st, T* y, int64_t j0, int64_t n, int64_t id, const LogitParams&);
   void (*logprob_end)(const LpRow<T>& st, T* lp, T* ent, T* lse, T* m, T* log_s);
   void (*topk)(T* y, int64_t V, int64_t k, const LogitParams&, int64_t* ids, T* lp, T* lse);
