@@ -218,8 +218,15 @@ void advise_huge_pages(const Tensor& t) {
 
 // ------------------------------------------------------------------------------ log-probs
 
-// Rows a single-threaded logits GEMM of a row split (below) gets at least.
+// Rows a single-threaded logits GEMM of a row split (row_parts below, side_parts for the divergence) gets at least.
 constexpr int64_t kSplitRowsMin = 128;
+
+// Whether logits GEMMs may be split by rows into single-threaded GEMMs, one per thread (the loss path's row split,
+// the divergence's side-by-side GEMMs): not with COPSD_CPU_SIDE_GEMMS=0 (read per call, for A/B measurements).
+bool row_split_allowed() {
+  const char* e = std::getenv("COPSD_CPU_SIDE_GEMMS");
+  return e == nullptr || std::strcmp(e, "0") != 0;
+}
 
 // Row parts of a chunk whose logits GEMMs run one per thread, each single-threaded (0: one GEMM, MKL splits it).
 // MKL splits a packed GEMM of a few hundred rows over the threads less efficiently than each thread runs its
@@ -228,8 +235,7 @@ constexpr int64_t kSplitRowsMin = 128;
 // >= kSplitRowsMin rows, each thread takes one part.
 int64_t row_parts(int64_t nr, const LmHead& head) {
   const int threads = at::get_num_threads();
-  if (threads < 2 || !head.packing()) return 0;
-  if (const char* e = std::getenv("COPSD_CPU_SIDE_GEMMS"); e != nullptr && std::strcmp(e, "0") == 0) return 0;
+  if (threads < 2 || !head.packing() || !row_split_allowed()) return 0;
   return nr / threads >= kSplitRowsMin ? threads : 0;
 }
 
@@ -645,22 +651,24 @@ std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& we
 
 using DivOut = std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>>;
 
-// Rows a single-threaded logits GEMM of the side-by-side split below gets at least.
-constexpr int64_t kSideRowsMin = 128;
+// Whether a divergence's two logits GEMMs can run side by side (side_parts): an even thread count and the row split
+// allowed (the lm_heads' packing and the chunk's rows are side_parts' to check).
+bool side_by_side_threads() {
+  const int threads = at::get_num_threads();
+  return threads >= 2 && threads % 2 == 0 && row_split_allowed();
+}
 
 // Row parts per side when the student's and the teacher's logits GEMMs of a chunk run side by side (0: they run
 // one after the other, each split over all threads by MKL).  Side by side needs both lm_heads packed (a packed
 // GEMM only reads its LmHead, so two threads may use two of them at once) and an even thread count T whose T / 2
-// row parts per side each keep >= kSideRowsMin rows (or T = 2: one part, any rows), so that every thread has one
+// row parts per side each keep >= kSplitRowsMin rows (or T = 2: one part, any rows), so that every thread has one
 // single-threaded GEMM: 2 threads always, 4 with >= 256-row chunks; otherwise (1 or an odd number of threads,
 // many threads and few rows) MKL splits each GEMM as before.  COPSD_CPU_SIDE_GEMMS=0 turns it off (read per call,
 // for A/B measurements).
 int64_t side_parts(int64_t nr, const LmHead& hs, const LmHead& ht) {
-  const int threads = at::get_num_threads();
-  if (threads < 2 || threads % 2 != 0 || !hs.packing() || !ht.packing()) return 0;
-  if (const char* e = std::getenv("COPSD_CPU_SIDE_GEMMS"); e != nullptr && std::strcmp(e, "0") == 0) return 0;
-  const int64_t parts = threads / 2;
-  return parts == 1 || nr / parts >= kSideRowsMin ? parts : 0;
+  if (!side_by_side_threads() || !hs.packing() || !ht.packing()) return 0;
+  const int64_t parts = at::get_num_threads() / 2;
+  return parts == 1 || nr / parts >= kSplitRowsMin ? parts : 0;
 }
 
 // Both sides' logits of one chunk.  MKL splits a 256-row packed GEMM over 2 threads less efficiently than one thread
@@ -720,29 +728,28 @@ DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const 
   const int64_t* pK = topk ? topk_ids->data_ptr<int64_t>() : nullptr;
   const int64_t rows = chunk_rows(N, V, sizeof(T), 2, budget, grad);
   PackBudget pack;  // the student's lm_head is packed first, the teacher's if the budget still allows
-  // Where the two sides' logits GEMMs will run side by side (an even thread count: side_parts), both lm_heads are
+  // Where the two sides' logits GEMMs will run side by side (side_by_side_threads), both lm_heads are
   // packed per vocabulary tile (~2 MiB of a chunk's logits), the tiles by all threads at once, each single-threaded:
   // MKL's threaded pack of a whole head costs ~12 ms at V = 32000, H = 256 against ~4 for its tiles, and the tile
   // GEMMs write the chunk in cache-sized blocks (2-core Zen 4, reverse KL, N = 2048: 1.18 -> 1.13x the GEMM floor,
   // median of 7 interleaved rounds).  Otherwise (MKL splitting each GEMM) the heads stay whole.
-  const int threads_now = at::get_num_threads();
-  const char* side_env = std::getenv("COPSD_CPU_SIDE_GEMMS");
-  const bool side_off = side_env != nullptr && std::strcmp(side_env, "0") == 0;
-  const int64_t head_tile = threads_now >= 2 && threads_now % 2 == 0 && !side_off ? topk_tile(rows, sizeof(T)) : 0;
+  const int64_t head_tile = side_by_side_threads() ? topk_tile(rows, sizeof(T)) : 0;
   LmHead vb_s(ws, st, rows, N, budget, pack, grad, head_tile);
   LmHead vb_t(wt, st, rows, N, budget, pack, false, head_tile);
   Tensor zs = at::empty({rows, V}, opts), zt = at::empty({rows, V}, opts);
   advise_huge_pages(zs);
   advise_huge_pages(zt);
   Tensor scratch = at::empty({rows, std::max<int64_t>(1, 3 * k)}, opts);
-  const int threads = std::max(1, at::get_num_threads());
-  const int64_t gtile = grad_tile(rows, V, threads, sizeof(T));
-  Tensor part = grad ? at::empty({threads, rows, H}, opts) : Tensor();  // the threads' d_hidden partials
-  std::vector<Tensor> wscratch(threads);
+  // The gradient GEMMs per vocabulary tile (grads_by_tile), or with COPSD_CPU_GRAD_TILES=0 (read per call, for A/B
+  // measurements) MKL's threaded GEMMs over the chunk.
   const bool grad_tiles = [] {
     const char* e = std::getenv("COPSD_CPU_GRAD_TILES");
     return e == nullptr || std::strcmp(e, "0") != 0;
   }();
+  const int threads = std::max(1, at::get_num_threads());
+  const int64_t gtile = grad_tile(rows, V, threads, sizeof(T));
+  Tensor part = grad && grad_tiles ? at::empty({threads, rows, H}, opts) : Tensor();  // the threads' d_hidden partials
+  std::vector<Tensor> wscratch(threads);
   const auto& K = kernels<T>();
   T* ploss = loss.data_ptr<T>();
   const T* ptg = grad ? tg.data_ptr<T>() : nullptr;
