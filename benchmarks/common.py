@@ -132,6 +132,11 @@ def _child_main(script, factory, kwargs_json, warmup="1"):
     if hasattr(fn, "reset"):
         fn.reset()  # drop what the warm-up left behind (e.g. .grad), or it would hide in the baseline
     gc.collect()
+    try:  # the C++ backend's buffers kept from the warm-up would hide in the baseline too
+        from copsd.backends import cpu as copsd_cpu
+        copsd_cpu.empty_cache()
+    except ImportError:
+        pass
     _reset_hwm()
     base = _status_kib("VmRSS")
     fn()

@@ -271,7 +271,8 @@ LmHead::LmHead(const Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int6
 
 void LmHead::prepare() {
   if (copy_ && !full_.defined()) {
-    full_ = at::empty({W_.size(0), W_.size(1)}, W_.options().dtype(st_));
+    full_ = cached_empty({W_.size(0), W_.size(1)}, st_);
+    advise_huge_pages(full_);
     upcast_parallel(W_, full_);
   }
   if (pack_ && packed_.empty()) pack_weight();
@@ -279,7 +280,7 @@ void LmHead::prepare() {
 
 Tensor LmHead::block(int64_t v0, int64_t n) {
   if (full_.defined()) return full_.narrow(0, v0, n);
-  if (!buf_.defined()) buf_ = at::empty({vb_, W_.size(1)}, W_.options().dtype(st_));
+  if (!buf_.defined()) buf_ = cached_empty({vb_, W_.size(1)}, st_);
   Tensor b = buf_.narrow(0, 0, n);
   upcast_parallel(W_.narrow(0, v0, n), b);
   return b;
@@ -311,11 +312,12 @@ void LmHead::pack_weight() {
   const auto& api = packed_api();
   const int64_t V = W_.size(0), H = W_.size(1);
   const int64_t blocks = (V + vb_ - 1) / vb_;
-  // Allocated by torch's CPU allocator (64-byte aligned); MKL forbids moving a packed buffer, it never moves.
+  // From the buffer cache (2 MiB aligned; below 1 MiB torch's allocator, 64-byte aligned).  MKL forbids moving a
+  // packed buffer: it never moves, and a reused one is packed afresh.
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t n = std::min(vb_, V - b * vb_);
     const size_t bytes = api.get_size(kBMatrix, static_cast<int>(rows_), static_cast<int>(n), static_cast<int>(H));
-    packed_.push_back(at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte)));
+    packed_.push_back(cached_empty({static_cast<int64_t>(bytes)}, at::kByte, packed_resident(n, H)));
     n_packed_bytes += packed_resident(n, H);
     n_packed_reserved += static_cast<int64_t>(bytes);
   }
@@ -342,7 +344,7 @@ void LmHead::pack_weight() {
           const int64_t v0 = b * vb_, n = std::min(vb_, V - v0);
           Tensor src = full_.defined() || !upcast_ ? (full_.defined() ? full_ : W_).narrow(0, v0, n) : Tensor();
           if (!src.defined()) {
-            if (!scratch.defined()) scratch = at::empty({vb_ * H}, W_.options().dtype(st_));
+            if (!scratch.defined()) scratch = cached_empty({vb_ * H}, st_);
             src = scratch.narrow(0, 0, n * H).view({n, H});
             upcast_rows(W_.narrow(0, v0, n), src);
           }
@@ -415,7 +417,7 @@ Tensor LmHead::weight_rows(int64_t v0, int64_t n, Tensor& scratch) {
   TORCH_CHECK(v0 >= 0 && n > 0 && v0 + n <= V, "weight_rows: bad range");
   if (full_.defined()) return full_.narrow(0, v0, n);
   if (!upcast_) return W_.narrow(0, v0, n);
-  if (!scratch.defined() || scratch.numel() < n * H) scratch = at::empty({n * H}, W_.options().dtype(st_));
+  if (!scratch.defined() || scratch.numel() < n * H) scratch = cached_empty({n * H}, st_);
   Tensor u = scratch.narrow(0, 0, n * H).view({n, H});
   upcast_rows(W_.narrow(0, v0, n), u);
   return u;

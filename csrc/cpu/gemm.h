@@ -18,6 +18,8 @@
 
 #include <torch/extension.h>
 
+#include "buffers.h"
+
 #include <cstdint>
 #include <vector>
 

@@ -34,7 +34,6 @@
 #include <vector>
 
 #if defined(__linux__)
-#include <sys/mman.h>
 #endif
 
 #include "gemm.h"
@@ -200,22 +199,6 @@ Tensor vec_or_zeros(const std::optional<Tensor>& t, int64_t n, at::ScalarType st
   return at::zeros({n}, at::TensorOptions().dtype(st));
 }
 
-// A large buffer a call allocates afresh (the divergence's [rows, V] workspaces and its [V, H] d_weight, ~32 MiB
-// each at V = 32000) is first written by a GEMM, and each of its 4 KiB pages then costs the kernel a fault: ~8000
-// faults per buffer and call, measured 18-22 ms to first-touch 32 MiB against 6-10 ms with 2 MiB pages (one
-// thread, loaded 2-core Xeon VM).  Where transparent huge pages are in "madvise" mode (the usual default) the
-// buffer's whole 2 MiB pages are marked for them; elsewhere (THP "always" / "never", other systems) nothing changes.
-void advise_huge_pages(const Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t huge = uintptr_t(2) << 20;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t a = (p + huge - 1) & ~(huge - 1), b = (p + t.nbytes()) & ~(huge - 1);
-  if (b >= a + 2 * huge) madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);  // a hint: errors ignored
-#else
-  (void)t;
-#endif
-}
-
 // ------------------------------------------------------------------------------ log-probs
 
 // Rows a single-threaded logits GEMM of a row split (row_parts below, side_parts for the divergence) gets at least.
@@ -318,7 +301,7 @@ void tiled_rows_pass(const Tensor& hidden, const Tensor& weight, int64_t rows, i
   const int64_t tile = vb.block_rows();
   const int64_t tiles = (V + tile - 1) / tile;
   const int nt = static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), groups));
-  Tensor z = at::empty({nt, rows, tile}, at::TensorOptions().dtype(st));  // per thread: its logits tile
+  Tensor z = cached_empty({nt, rows, tile}, st);  // per thread: its logits tile
   std::vector<Tensor> scratch(nt);                                       // and an up-cast scratch
   std::vector<double> t_gemm(nt, 0.0), t_epi(nt, 0.0);
   Tensor x = hidden.to(st);
@@ -403,8 +386,8 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
   const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
   const auto st = acc_type(hidden);
   auto opts = at::TensorOptions().dtype(st);
-  Tensor dx = at::empty({N, H}, opts);
-  Tensor dw = at::empty({V, H}, opts);
+  Tensor dx = cached_empty({N, H}, st);
+  Tensor dw = cached_empty({V, H}, st);
   if (N == 0 || H == 0) {
     dx.zero_();
     dw.zero_();
@@ -426,8 +409,8 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
   tm.stop(tm.prep);
   const int64_t tiles = (V + tile - 1) / tile;
   const int nt = static_cast<int>(std::min<int64_t>(threads, tiles));
-  Tensor part = at::empty({nt, span, H}, opts);  // the threads' d_hidden partials
-  Tensor z = at::empty({nt, rows, tile}, opts);
+  Tensor part = cached_empty({nt, span, H}, st);  // the threads' d_hidden partials
+  Tensor z = cached_empty({nt, rows, tile}, st);
   std::vector<Tensor> scratch(nt), wscratch(nt);
   std::vector<double> t_gemm(nt, 0.0), t_epi(nt, 0.0), t_grad(nt, 0.0);
   Tensor x = hidden.to(st);
@@ -541,7 +524,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
   const auto st = acc_type(hidden);
   auto opts = at::TensorOptions().dtype(st);
   Tensor out_lp = at::empty({N}, opts), out_ent = at::empty({N}, opts);
-  Tensor dx = at::empty({N, H}, opts), dw = at::empty({V, H}, opts);  // the first chunk's GEMMs write dw
+  Tensor dx = cached_empty({N, H}, st), dw = cached_empty({V, H}, st);  // the first chunk's GEMMs write dw
   if (N == 0 || H == 0) return {out_lp, out_ent, dx.zero_(), dw.zero_()};
   const int64_t rows = chunk_rows(N, V, sizeof(T), 1, budget, true);
   const int threads = std::max(1, at::get_num_threads());
@@ -551,8 +534,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
   PackBudget pack;
   // Tiles of the row split's logits (chunk_logits_stats): ~2 MiB of one thread's part of a chunk.
   LmHead vb(weight, st, rows, N, budget, pack, true, topk_tile((rows + threads - 1) / threads, sizeof(T)));
-  Tensor z = at::empty({rows, V}, opts), mx = at::empty({rows}, opts), logs = at::empty({rows}, opts);
-  Tensor part = at::empty({nt, rows, H}, opts);  // the threads' d_hidden partials of a chunk
+  Tensor z = cached_empty({rows, V}, st), mx = at::empty({rows}, opts), logs = at::empty({rows}, opts);
+  Tensor part = cached_empty({nt, rows, H}, st);  // the threads' d_hidden partials of a chunk
   std::vector<Tensor> wscratch(nt);
   const auto& K = kernels<T>();
   const int64_t* id = ids.data_ptr<int64_t>();
@@ -608,8 +591,8 @@ std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& we
   const int64_t rows = tiled_rows<T>(N, V, cap * static_cast<int64_t>(sizeof(T) + sizeof(int64_t)), budget);
   const int nt = static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), (N + rows - 1) / rows));
   // Per thread: its rows' candidate buffers and states.
-  Tensor cval = at::empty({nt, rows, cap}, opts);
-  Tensor cid = at::empty({nt, rows, cap}, at::TensorOptions().dtype(at::kLong));
+  Tensor cval = cached_empty({nt, rows, cap}, st);
+  Tensor cid = cached_empty({nt, rows, cap}, at::kLong);
   std::vector<std::vector<TopkRow<T>>> state(nt, std::vector<TopkRow<T>>(rows));
   std::vector<char> short_row(N, 0);
   const auto& K = kernels<T>();
@@ -707,8 +690,8 @@ DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const 
   Tensor loss = at::empty({N}, opts);
   Tensor dx, dw, tg;
   if (grad) {
-    dx = at::empty({N, H}, opts);
-    dw = at::empty({V, H}, opts);
+    dx = cached_empty({N, H}, st);
+    dw = cached_empty({V, H}, st);
     advise_huge_pages(dw);
     tg = token_grad->to(st).contiguous();
   }
@@ -736,7 +719,7 @@ DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const 
   const int64_t head_tile = side_by_side_threads() ? topk_tile(rows, sizeof(T)) : 0;
   LmHead vb_s(ws, st, rows, N, budget, pack, grad, head_tile);
   LmHead vb_t(wt, st, rows, N, budget, pack, false, head_tile);
-  Tensor zs = at::empty({rows, V}, opts), zt = at::empty({rows, V}, opts);
+  Tensor zs = cached_empty({rows, V}, st), zt = cached_empty({rows, V}, st);
   advise_huge_pages(zs);
   advise_huge_pages(zt);
   Tensor scratch = at::empty({rows, std::max<int64_t>(1, 3 * k)}, opts);
@@ -748,7 +731,7 @@ DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const 
   }();
   const int threads = std::max(1, at::get_num_threads());
   const int64_t gtile = grad_tile(rows, V, threads, sizeof(T));
-  Tensor part = grad && grad_tiles ? at::empty({threads, rows, H}, opts) : Tensor();  // the threads' d_hidden partials
+  Tensor part = grad && grad_tiles ? cached_empty({threads, rows, H}, st) : Tensor();  // the threads' d_hidden partials
   std::vector<Tensor> wscratch(threads);
   const auto& K = kernels<T>();
   T* ploss = loss.data_ptr<T>();
