@@ -95,6 +95,12 @@ def test_the_bound_holds(monkeypatch):
     _call("divergence", 0)
     assert 0 < cpu.cache_stats()["held_bytes"] <= 4 << 20
     cpu.empty_cache()
+    monkeypatch.setenv("COPSD_CPU_CACHE_MB", "8")
+    xs, ws, xt, wt, _, gs = _inputs(0)
+    out = cpu.divergence(xs, ws, xt, wt, LogitSpec(), DivergenceSpec(), None, gs[0])  # d_weight stays in use
+    stats = cpu.cache_stats()
+    assert stats["in_use_bytes"] >= V * H * 4 and stats["held_bytes"] + stats["in_use_bytes"] <= 8 << 20, stats
+    del out
     monkeypatch.setenv("COPSD_CPU_CACHE_MB", "0")
     _call("divergence", 0)
     assert cpu.cache_stats()["held_bytes"] == 0
@@ -119,3 +125,29 @@ def test_the_least_recently_kept_buffers_go_first(monkeypatch):
     monkeypatch.setenv("COPSD_CPU_CACHE_MB", str(-(-alone // (1 << 20)) + 1))
     _call("divergence", 0)
     assert cpu.cache_stats()["held_bytes"] == alone
+
+
+def test_gradients_from_the_cache_accumulate_like_any_other(monkeypatch):
+    """Through the public op and autograd: the lm_head's .grad is a cached block; a second backward adds into it in
+    place, zero_grad(set_to_none) hands it back, and every step matches the cache off bit for bit."""
+    from copsd.ops import linear_divergence
+
+    def steps():
+        xs, ws, xt, wt, _, _ = _inputs(0)
+        xs.requires_grad_()
+        ws.requires_grad_()
+        grads = []
+        for _ in range(2):
+            for _ in range(2):  # two micro-batches accumulate
+                linear_divergence(xs, ws, xt, wt, kind="jsd", reduction="sum", backend="cpu").backward()
+            grads.append((xs.grad.clone(), ws.grad.clone()))
+            xs.grad = ws.grad = None
+        return grads
+
+    monkeypatch.setenv("COPSD_CPU_CACHE_MB", "0")
+    want = steps()
+    monkeypatch.delenv("COPSD_CPU_CACHE_MB")
+    got = steps()
+    assert cpu.cache_stats()["hits"] > 0
+    for (gx, gw), (wx, ww) in zip(got, want):
+        assert torch.equal(gx, wx) and torch.equal(gw, ww)

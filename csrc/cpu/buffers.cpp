@@ -4,11 +4,9 @@
 #include <sys/mman.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <mutex>
-#include <new>
 #include <unordered_map>
 #include <vector>
 
@@ -106,7 +104,7 @@ class BufferCache {
     }
     free_.push_back(b);  // the most recently freed last
     held_ += b.resident;
-    while (held_ > cap) evict_oldest_locked();
+    while (!free_.empty() && held_ + live_bytes_ > cap) evict_oldest_locked();
   }
 
   void release() {
@@ -165,6 +163,7 @@ Tensor cached_empty(at::IntArrayRef sizes, at::ScalarType dtype, int64_t residen
   for (const int64_t s : sizes) numel *= s;
   const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
   const int64_t cap = cache_cap();  // also checks the variable on every call
+  if (cap == 0) cache().release();  // turned off since the last call: keep nothing from now on
   if (bytes < kMinCached || cap == 0) return at::empty(sizes, at::TensorOptions().dtype(dtype));
   const int64_t counted = resident < 0 ? bytes : std::min(resident, bytes);
   void* p = cache().take(bytes, counted, cap);

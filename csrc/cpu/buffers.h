@@ -10,13 +10,14 @@
 // instead (cached_empty): a buffer whose tensor is freed goes back to the cache, and the next call of the same
 // shapes finds it, already resident.
 //
-// Bounds: the cache's blocks, kept and in use together, stay within COPSD_CPU_CACHE_MB MiB (default 256, the
-// default pack budget plus the default workspace; 0 turns the cache off: every buffer is freed with its tensor),
-// counted as what they occupy (a packed copy's resident size, not the larger size MKL reserves).  A call that
-// does not find a buffer of its size frees the least recently kept ones until the new one fits; a freed buffer
-// that does not fit pushes out the oldest.  So a process holds at most that much more than without the cache, and
-// ops whose calls alternate (log-probs forward, then backward; top-k, then the divergence) all find their buffers
-// when the bound holds both sets.  Only blocks of >= 1 MiB are cached.  empty_cache() frees every kept buffer.
+// Bounds: COPSD_CPU_CACHE_MB MiB (default 256, the default pack budget plus the default workspace; 0 turns the
+// cache off: every buffer is freed with its tensor), counted as what the blocks occupy (a packed copy's resident
+// size, not the larger size MKL reserves).  Kept blocks never take the cache's total (kept and in use) beyond it:
+// a call that does not find a buffer of its size first frees the least recently kept ones until the new one fits,
+// and a freed buffer that does not fit pushes out the oldest (itself last).  Buffers in use may exceed it (the
+// bound never fails a call).  So a process holds at most that much more than without the cache, and ops whose
+// calls alternate (log-probs forward, then backward; top-k, then the divergence) all find their buffers when the
+// bound holds both sets.  Only blocks of >= 1 MiB are cached.  empty_cache() frees every kept buffer.
 #pragma once
 
 #include <torch/extension.h>

@@ -33,9 +33,6 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__linux__)
-#endif
-
 #include "gemm.h"
 #include "loss_rows_api.h"
 
