@@ -41,7 +41,8 @@ round-robin over the implementations, and each round's copsd time is divided by 
 ``peak extra MiB``: the largest rise of the process's resident memory over its value at the start of a step
 (``VmHWM`` reset before every step), all implementations living in one process; ``--memory`` adds each
 implementation's whole-process peak RSS (imports, models, warm-up and one step) in a fresh process (its
-``VmHWM`` at the end).
+``VmHWM`` at the end).  The buffers copsd's C++ backend keeps between calls (``COPSD_CPU_CACHE_MB``) are already
+resident when a step starts, so ``peak extra MiB`` does not show them; the whole-process peak does.
 
 Run: ``python benchmarks/bench_e2e_cpu.py [--prompts 4 --G 4 --new-tokens 64] [--hidden 256 --layers 4
 --vocab 32000] [--steps 5 --warmup 1] [--impl copsd:jsd trl:gkd ...] [--constitution default|small|PATH]
