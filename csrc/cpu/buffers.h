@@ -34,13 +34,14 @@ at::Tensor cached_empty(at::IntArrayRef sizes, at::ScalarType dtype, int64_t res
 // Frees every free cached buffer (buffers in use stay with their tensors).
 void empty_cache();
 
-// A large buffer a call allocates afresh (the divergence's [rows, V] workspaces, its [V, H] d_weight, the whole
-// fp32 copy of a bf16 lm_head: ~32 MiB each at V = 32000, H = 256) is first written by a GEMM or an up-cast, and
-// each of its 4 KiB pages then costs the kernel a fault: ~8000 faults per buffer, measured 18-22 ms to first-touch
-// 32 MiB against 6-10 ms with 2 MiB pages (one thread, loaded 2-core Xeon VM).  Where transparent huge pages are in
-// "madvise" mode (the usual default) the buffer's whole 2 MiB pages are marked for them; elsewhere (THP "always" /
-// "never", other systems) nothing changes.  Call it before the first write.  Not for a buffer only part of which
-// is written (a packed MKL copy writes an inner part of what it reserves: the rest would become resident too).
+// A large buffer a call allocates afresh (the divergence's [rows, V] workspaces and its [V, H] d_weight, ~32 MiB
+// each at V = 32000, H = 256) is first written by a GEMM, and each of its 4 KiB pages then costs the kernel a
+// fault: ~8000 faults per buffer, measured 18-22 ms to first-touch 32 MiB against 6-10 ms with 2 MiB pages (one
+// thread, loaded 2-core Xeon VM).  Where transparent huge pages are in "madvise" mode (the usual default) the
+// buffer's whole 2 MiB pages are marked for them; elsewhere (THP "always" / "never", other systems) nothing
+// changes.  Call it before the first write.  Not for a buffer only part of which is written (a packed MKL copy
+// writes an inner part of what it reserves: the rest would become resident too), nor for the lm_head up-casts and
+// packs (measured slower: docs/kernels.md).  With the cache, only a call that maps a new block pays either way.
 void advise_huge_pages(const at::Tensor& t);
 
 void register_buffers(pybind11::module& m);

@@ -271,8 +271,7 @@ LmHead::LmHead(const Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int6
 
 void LmHead::prepare() {
   if (copy_ && !full_.defined()) {
-    full_ = cached_empty({W_.size(0), W_.size(1)}, st_);
-    advise_huge_pages(full_);
+    full_ = cached_empty({W_.size(0), W_.size(1)}, st_);  // not marked for huge pages: see docs/kernels.md
     upcast_parallel(W_, full_);
   }
   if (pack_ && packed_.empty()) pack_weight();
