@@ -8,8 +8,9 @@ more GEMMs give ``d_hidden`` and accumulate ``d_weight`` in fp32.  A loss plus i
 therefore costs the four GEMMs of the naive computation, and memory stays at
 ``WORKSPACE_BYTES`` (at least one vocabulary row per side) instead of ``[N, V]``.
 
-Top-k is tiled further: each thread forms its row group's logits one vocabulary tile at a time and scans
-the tile while it is in cache, so no ``[rows, V]`` block is written at all (see ``docs/kernels.md``).
+Top-k and the log-prob passes are tiled further: each thread forms its row group's logits one vocabulary tile
+at a time and scans the tile while it is in cache, so no ``[rows, V]`` block is written at all (see
+``docs/kernels.md``).
 
 Every chunk's logits GEMM multiplies the same lm_head, which a BLAS re-packs into its panel layout on each
 call.  Where torch's MKL exports its packed-GEMM API (looked up at run time; other BLAS builds simply lack

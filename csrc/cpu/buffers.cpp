@@ -1,11 +1,12 @@
 // The cache of large per-call buffers; see buffers.h.
 #include "buffers.h"
 
+#include "gemm.h"  // env_mib
+
 #include <sys/mman.h>
 
 #include <algorithm>
 #include <cerrno>
-#include <cstdlib>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -21,15 +22,7 @@ constexpr int64_t kMinCached = kMiB;          // smaller blocks: at::empty (glib
 constexpr int64_t kDefaultCacheMiB = 256;     // the default pack budget (192) + the default workspace (64)
 constexpr size_t kHuge = size_t(2) << 20;     // blocks are 2 MiB aligned, so a huge page can back all of them
 
-int64_t cache_cap() {
-  const char* raw = std::getenv("COPSD_CPU_CACHE_MB");
-  if (raw == nullptr || *raw == '\0') return kDefaultCacheMiB * kMiB;
-  char* end = nullptr;
-  const long long v = std::strtoll(raw, &end, 10);
-  TORCH_CHECK(end != raw && *end == '\0' && v >= 0 && v < (1LL << 30),
-              "COPSD_CPU_CACHE_MB must be a non-negative integer (MiB), got '", raw, "'");
-  return static_cast<int64_t>(v) * kMiB;
-}
+int64_t cache_cap() { return env_mib("COPSD_CPU_CACHE_MB", kDefaultCacheMiB) * kMiB; }
 
 // One mapping per block: anonymous, 2 MiB aligned (the unaligned head and tail of an over-sized mapping are
 // unmapped again), so freeing a block gives its memory straight back to the system.

@@ -9,7 +9,6 @@
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
-#include <exception>
 #include <string>
 
 namespace copsd_cpu {
@@ -126,19 +125,10 @@ void upcast_parallel(const Tensor& src, Tensor dst) {
     upcast_rows(src, dst);
     return;
   }
-  std::exception_ptr error;
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t v0 = 0; v0 < V; v0 += step) {
-    at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the pool's threads
-    try {
-      const int64_t n = std::min(step, V - v0);
-      upcast_rows(src.narrow(0, v0, n), dst.narrow(0, v0, n));
-    } catch (...) {
-#pragma omp critical(copsd_upcast_error)
-      if (!error) error = std::current_exception();
-    }
-  }
-  if (error) std::rethrow_exception(error);
+  parallel_tasks((V + step - 1) / step, at::get_num_threads(), false, [&](int, int64_t i) {
+    const int64_t v0 = i * step, n = std::min(step, V - v0);
+    upcast_rows(src.narrow(0, v0, n), dst.narrow(0, v0, n));
+  });
 }
 
 bool env_flag_off(const char* name) {
@@ -151,6 +141,9 @@ bool env_flag_off(const char* name) {
   TORCH_CHECK(false, name, " must be 0 or 1 (also false/true, off/on, no/yes), got '", raw, "'");
 }
 
+
+}  // namespace
+
 int64_t env_mib(const char* name, int64_t dflt) {
   const char* raw = std::getenv(name);
   if (raw == nullptr || *raw == '\0') return dflt;
@@ -160,8 +153,6 @@ int64_t env_mib(const char* name, int64_t dflt) {
               " must be a non-negative integer, got '", raw, "'");
   return static_cast<int64_t>(v);
 }
-
-}  // namespace
 
 // ------------------------------------------------------------------------------ chunking and budgets
 
@@ -332,29 +323,17 @@ void LmHead::pack_weight() {
     // own buffer and packed single-threaded.  MKL's own threaded pack of a block of a few thousand rows costs more
     // in thread start-up than it packs (measured on a 2-core Xeon at V = 32000, H = 256: 16 blocks of 2048 in
     // ~6 ms single-threaded, 30-130 ms threaded).
-    std::exception_ptr error;
-#pragma omp parallel num_threads(at::get_num_threads())
-    {
-      at::NoGradGuard no_grad;  // grad mode is per thread: the caller's guard does not reach the pool's threads
-      Tensor scratch;  // this thread's up-cast tile
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t b = 0; b < blocks; ++b) {
-        try {
-          const int64_t v0 = b * vb_, n = std::min(vb_, V - v0);
-          Tensor src = full_.defined() || !upcast_ ? (full_.defined() ? full_ : W_).narrow(0, v0, n) : Tensor();
-          if (!src.defined()) {
-            if (!scratch.defined()) scratch = cached_empty({vb_ * H}, st_);
-            src = scratch.narrow(0, 0, n * H).view({n, H});
-            upcast_rows(W_.narrow(0, v0, n), src);
-          }
-          pack_block(src, packed_[b]);
-        } catch (...) {
-#pragma omp critical(copsd_pack_error)
-          if (!error) error = std::current_exception();
-        }
+    std::vector<Tensor> scratch(std::max(1, at::get_num_threads()));  // each thread's up-cast tile
+    parallel_tasks(blocks, at::get_num_threads(), true, [&](int tid, int64_t b) {
+      const int64_t v0 = b * vb_, n = std::min(vb_, V - v0);
+      Tensor src = full_.defined() || !upcast_ ? (full_.defined() ? full_ : W_).narrow(0, v0, n) : Tensor();
+      if (!src.defined()) {
+        if (!scratch[tid].defined()) scratch[tid] = cached_empty({vb_ * H}, st_);
+        src = scratch[tid].narrow(0, 0, n * H).view({n, H});
+        upcast_rows(W_.narrow(0, v0, n), src);
       }
-    }
-    if (error) std::rethrow_exception(error);
+      pack_block(src, packed_[b]);
+    });
   }
   ++n_packs;
   // The up-cast buffer is needed again only by the d_hidden products of a low-precision weight.

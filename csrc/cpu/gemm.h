@@ -20,10 +20,45 @@
 
 #include "buffers.h"
 
+#include <omp.h>
+
 #include <cstdint>
+#include <exception>
 #include <vector>
 
 namespace copsd_cpu {
+
+// fn(tid, i) for i in [0, n) on nt threads (tid in [0, nt)): dealt round-robin (static) or handed out one at a time
+// (dynamic).  Each thread sets its own NoGradGuard (grad mode is per thread: the op's guard on the calling thread
+// does not reach the pool's threads, and ATen refuses mm_out on inputs that require grad); the first exception is
+// rethrown after the region.
+template <typename Fn>
+void parallel_tasks(int64_t n, int nt, bool dynamic, Fn&& fn) {
+  std::exception_ptr error;
+  auto task = [&](int64_t i) {
+    const int tid = nt > 1 ? omp_get_thread_num() : 0;
+    at::NoGradGuard no_grad;
+    try {
+      fn(tid, i);
+    } catch (...) {
+#pragma omp critical(copsd_task_error)
+      if (!error) error = std::current_exception();
+    }
+  };
+  if (dynamic) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+    for (int64_t i = 0; i < n; ++i) task(i);
+  } else {
+#pragma omp parallel for schedule(static, 1) num_threads(nt) if (nt > 1)
+    for (int64_t i = 0; i < n; ++i) task(i);
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+// A non-negative integer from the environment variable `name` (`dflt` when unset or empty); anything else is an
+// error naming the variable.  The MiB knobs (COPSD_CPU_PACK_MB, COPSD_CPU_CACHE_MB) and the plain counts
+// (COPSD_CPU_TOPK_ROWS / _TILE) are read with it.
+int64_t env_mib(const char* name, int64_t dflt);
 
 // Rows per chunk so that `sides` [rows, V] buffers fit in `budget` bytes (>= 1 row); where the lm_head will be
 // packed (fp32, MKL's packed GEMM found), at most 256 rows for a pass with gradient GEMMs and 128 without.

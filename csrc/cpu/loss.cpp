@@ -26,7 +26,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
-#include <exception>
 #include <functional>
 #include <optional>
 #include <string>
@@ -94,33 +93,6 @@ using at::Tensor;
 // static split.  Uses the OpenMP runtime torch itself loads (same libgomp), sized like torch's pool.
 #define COPSD_PARALLEL_ROWS \
   _Pragma("omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads()) if (nr > 1)")
-
-// fn(tid, i) for i in [0, n) on nt threads (tid in [0, nt)): dealt round-robin (static) or handed out one at a time
-// (dynamic).  Each thread sets its own NoGradGuard (grad mode is per thread: the op's guard on the calling thread
-// does not reach the pool's threads, and ATen refuses mm_out on inputs that require grad); the first exception is
-// rethrown after the region.
-template <typename Fn>
-void parallel_tasks(int64_t n, int nt, bool dynamic, Fn&& fn) {
-  std::exception_ptr error;
-  auto task = [&](int64_t i) {
-    const int tid = nt > 1 ? omp_get_thread_num() : 0;
-    at::NoGradGuard no_grad;
-    try {
-      fn(tid, i);
-    } catch (...) {
-#pragma omp critical(copsd_task_error)
-      if (!error) error = std::current_exception();
-    }
-  };
-  if (dynamic) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-    for (int64_t i = 0; i < n; ++i) task(i);
-  } else {
-#pragma omp parallel for schedule(static, 1) num_threads(nt) if (nt > 1)
-    for (int64_t i = 0; i < n; ++i) task(i);
-  }
-  if (error) std::rethrow_exception(error);
-}
 
 // COPSD_CPU_PROFILE=1 prints per-phase wall times of each call to stderr (GEMMs vs epilogue), and the process CPU
 // time of each phase (all threads; on a shared machine the wall time includes the time other jobs held the cores,
@@ -299,7 +271,7 @@ void tiled_rows_pass(const Tensor& hidden, const Tensor& weight, int64_t rows, i
   const int64_t tiles = (V + tile - 1) / tile;
   const int nt = static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), groups));
   Tensor z = cached_empty({nt, rows, tile}, st);  // per thread: its logits tile
-  std::vector<Tensor> scratch(nt);                                       // and an up-cast scratch
+  std::vector<Tensor> scratch(nt);                // and an up-cast scratch
   std::vector<double> t_gemm(nt, 0.0), t_epi(nt, 0.0);
   Tensor x = hidden.to(st);
   parallel_tasks(groups, nt, true, [&](int tid, int64_t g) {
@@ -382,7 +354,6 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
                                                int64_t budget) {
   const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
   const auto st = acc_type(hidden);
-  auto opts = at::TensorOptions().dtype(st);
   Tensor dx = cached_empty({N, H}, st);
   Tensor dw = cached_empty({V, H}, st);
   if (N == 0 || H == 0) {
