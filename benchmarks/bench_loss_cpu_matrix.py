@@ -44,7 +44,8 @@ FULL_CONFIG = f"{SHAPES[0]},float32,native"
 LARGE_CASES = ("rkl", "lpent", "topk")
 # ``--isa avx2only``: the whole process at AVX2, as on a CPU without AVX-512 (copsd's epilogues, MKL's GEMMs and
 # ATen's own vector kernels), where ``avx2`` keeps MKL and ATen at what the CPU has (on an AVX-512 Xeon MKL's GEMMs
-# are then ~2x faster than the epilogues' width suggests: the harsher ratio).
+# are then ~2x faster than the epilogues' width suggests: the harsher ratio).  The peers benchmark pins
+# torch.compile's CPU vector width to 256 bits in such a process (left to choose, it computed wrong results there).
 WHOLE_AVX2 = {"COPSD_CPU_ISA": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 

@@ -54,6 +54,15 @@ _ref_topk = _ref.topk
 
 from copsd import ops  # noqa: E402
 
+if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "avx2":
+    # The matrix's `avx2only` runs (the whole process at AVX2 on a CPU that has AVX-512): left to choose its vector
+    # width, torch.compile's CPU code then computes wrong results (torch 2.13.0+cpu on a Zen 4: the compiled chunked
+    # loop's reverse-KL sum about half of eager's, NaN in bf16; benchmarks/RESULTS.md, 2026-12-01).  Pinned to 256
+    # bits, what it would choose on an AVX2-only CPU, its results agree with eager's.
+    import torch._inductor.config as _inductor_config
+
+    _inductor_config.cpp.simdlen = 256
+
 K_TOP = 64
 CASES = ("rkl", "fkl", "jsd", "lpent", "ce", "topk")
 CHUNK = 256
@@ -392,7 +401,15 @@ def run_case(case, n, h, v, dtype, repeats, memory, only=None, memory_only=None)
                 del fns[impl]
                 continue
             raise
-        check(case, impl, out, ref, dtype)
+        try:
+            check(case, impl, out, ref, dtype)
+        except AssertionError as e:
+            if impl.startswith(("copsd", "floor")):
+                raise
+            # A peer that computes a wrong result is reported, not timed, and does not cost the run copsd's figures
+            # (as torch.compile's CPU code did at the top of this file before its vector width was pinned).
+            skipped[impl] = f"wrong output, not timed ({e})"
+            del fns[impl]
         del out
     del ref
     for impl, why in skipped.items():

@@ -121,6 +121,47 @@ def test_peer_check_catches_mismatch():
             P.check("rkl", "copsd", bad, ref, "float32")
 
 
+def _wrong_output(monkeypatch, bad_impl):
+    """make_case with `bad_impl`'s loss off by 1 %."""
+    real = P.make_case
+
+    def make_case(case, impl, *args, **kw):
+        fn = real(case, impl, *args, **kw)
+        if impl != bad_impl:
+            return fn
+        return lambda: (lambda out: (out[0] * 1.01,) + tuple(out[1:]))(fn())
+    monkeypatch.setattr(P, "make_case", make_case)
+
+
+def test_peer_with_a_wrong_output_is_reported_not_timed(monkeypatch):
+    """A peer whose output fails the check is listed as a wrong output and left out of the timing; the case's other
+    implementations are still checked and timed."""
+    _wrong_output(monkeypatch, "chunked")
+    rows = P.run_case("rkl", 64, 32, 1000, "float32", 1, False, only=["copsd", "chunked"])
+    by = {r["impl"]: r for r in rows}
+    assert by["chunked"]["skipped"].startswith("wrong output, not timed") and "ms" not in by["chunked"]
+    assert by["copsd"]["ms"] > 0 and by["floor"]["ms"] > 0
+
+
+def test_copsd_with_a_wrong_output_fails_the_run(monkeypatch):
+    _wrong_output(monkeypatch, "copsd")
+    with pytest.raises(AssertionError, match="rkl / copsd: output 0 differs"):
+        P.run_case("rkl", 64, 32, 1000, "float32", 1, False, only=["copsd", "chunked"])
+
+
+@pytest.mark.parametrize("cap,simdlen", [("avx2", "256"), ("", "None")])
+def test_peers_pin_the_compiled_vector_width_in_an_avx2_process(cap, simdlen):
+    """Under ATEN_CPU_CAPABILITY=avx2 (the matrix's avx2only runs) torch.compile's CPU vector width is pinned to 256
+    bits (left to choose on an AVX-512 CPU it computed wrong results); elsewhere it is left alone."""
+    import subprocess
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
+    code = ("import bench_loss_cpu_peers, torch._inductor.config as c; print(c.cpp.simdlen)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1] == simdlen
+
+
 def test_matrix_commands(tmp_path, capsys):
     """The matrix driver: one fresh process per shape x dtype x ISA, the ISA in that process's environment, every
     implementation in the fp32 native run of the small shape and the short list elsewhere, the large shape's short
