@@ -404,7 +404,7 @@ def run_case(case, n, h, v, dtype, repeats, memory, only=None, memory_only=None)
         try:
             check(case, impl, out, ref, dtype)
         except AssertionError as e:
-            if impl.startswith(("copsd", "floor")):
+            if impl.startswith("copsd"):  # (check() passes every floor)
                 raise
             # A peer that computes a wrong result is reported, not timed, and does not cost the run copsd's figures
             # (as torch.compile's CPU code did at the top of this file before its vector width was pinned).

@@ -129,7 +129,11 @@ def _wrong_output(monkeypatch, bad_impl):
         fn = real(case, impl, *args, **kw)
         if impl != bad_impl:
             return fn
-        return lambda: (lambda out: (out[0] * 1.01,) + tuple(out[1:]))(fn())
+
+        def wrong():
+            loss, *grads = fn()
+            return (loss * 1.01, *grads)
+        return wrong
     monkeypatch.setattr(P, "make_case", make_case)
 
 
@@ -156,7 +160,7 @@ def test_peers_pin_the_compiled_vector_width_in_an_avx2_process(cap, simdlen):
     import subprocess
 
     env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
-    code = ("import bench_loss_cpu_peers, torch._inductor.config as c; print(c.cpp.simdlen)")
+    code = "import bench_loss_cpu_peers, torch._inductor.config as c; print(c.cpp.simdlen)"
     out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[-1] == simdlen

@@ -141,7 +141,6 @@ bool env_flag_off(const char* name) {
   TORCH_CHECK(false, name, " must be 0 or 1 (also false/true, off/on, no/yes), got '", raw, "'");
 }
 
-
 }  // namespace
 
 int64_t env_mib(const char* name, int64_t dflt) {
