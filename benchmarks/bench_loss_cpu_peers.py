@@ -17,8 +17,11 @@ Cases (per-token losses summed; every gradient w.r.t. the student hidden states 
 Liger's and TRL's beta weighs the teacher in the mixture, as copsd's does: beta = 0 is the forward KL, 1 the
 reverse KL.  Naive is the package's dense reference of each op (``copsd.reference``, the formulas the tests check
 against; the losses of ``lpent`` / ``ce`` are written on its log-probs and entropies).  bf16 inputs: the GEMMs of
-naive, the chunked loops, the optional peers and the floors run on fp32 copies of the inputs (as copsd's do; bf16
-GEMMs without AVX512-BF16 are far slower), gradients flow back to the bf16 leaves.
+naive, the chunked loops, the optional peers and the floors run on fp32 copies of the inputs (bf16 GEMMs without
+AVX512-BF16 are far slower, and torch's round their outputs to bf16), gradients flow back to the bf16 leaves;
+``liger:bf16`` is Liger on the bf16 inputs as given (bf16 GEMMs, bf16 logits).  copsd's own logits GEMMs of bf16
+inputs run on AVX512-BF16 dot products where the CPU has them (fp32 products and sums), so on such a CPU copsd can
+run below the fp32 floor.
 
 A floor runs the GEMMs alone into preallocated outputs (no softmax, no allocation): nothing that computes the
 loss that way can be faster.  Implementations run round-robin, ``--repeats`` rounds; each round's time is divided
@@ -173,12 +176,13 @@ def _trl_gjsd():
 # ----------------------------------------------------------------------------- factories
 
 TWO_FLOOR_CASES = ("lpent", "ce")  # log-probs cases: the loss-in-forward path (3 GEMMs) and forward + backward (4)
-OPTIONAL_PEERS = ("liger", "trl", "cce")
+OPTIONAL_PEERS = ("liger", "liger:bf16", "trl", "cce")
 
 
 def impls_for(case):
     base = ["floor", "naive", "chunked", "chunked+compile", "copsd"]
-    return {"rkl": base + ["liger", "trl"], "fkl": base + ["liger", "trl"], "jsd": base + ["liger", "trl"],
+    div = base + ["liger", "liger:bf16", "trl"]
+    return {"rkl": div, "fkl": div, "jsd": div,
             "lpent": ["floor", "floor4"] + base[1:] + ["copsd:loss"],
             "ce": ["floor", "floor4"] + base[1:] + ["copsd:loss", "cce"],
             "topk": ["floor", "naive", "copsd"]}[case]
@@ -310,17 +314,23 @@ def make_case(case, impl, n, h, v, dtype="float32"):
 
     # The optional peers get fp32 copies of bf16 inputs like naive and the chunked loops (their GEMMs would
     # otherwise run in bf16, far slower on a CPU without AVX512-BF16); gradients flow back to the bf16 leaves.
-    if impl == "liger":
+    # Except liger:bf16, Liger on the bf16 inputs as given, as a user calls it: its GEMMs run in bf16 (oneDNN; fast
+    # where the CPU has AVX512-BF16) and round the logits and gradients to bf16, so it passes the bf16 check's looser
+    # tolerance with larger errors than copsd's fp32-accurate logits (RESULTS.md gives both errors).
+    if impl in ("liger", "liger:bf16"):
         if case not in DIV_KIND:
-            raise RuntimeError(f"skip: no liger for {case}")
+            raise RuntimeError(f"skip: no {impl} for {case}")
+        if impl == "liger:bf16" and dt != torch.bfloat16:
+            raise RuntimeError("skip: Liger on the inputs as given is 'liger' for fp32 inputs")
         mod, why = _liger_jsd(case)
         if mod is None:
             raise RuntimeError("skip: " + why)
+        cast = (lambda t: t) if impl == "liger:bf16" else _f32
 
         def run():
             # Liger takes [N, H] hiddens and [V, H] weights of both models (+ labels for its hard loss, weighted 0)
             # and returns the mean over tokens (no label is its ignore_index -100).
-            loss = mod(_f32(xs), _f32(ws), _f32(xt), _f32(wt), ids) * n
+            loss = mod(cast(xs), cast(ws), cast(xt), cast(wt), ids) * n
             return grads(loss)
         return with_reset(run)
 

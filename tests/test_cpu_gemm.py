@@ -33,14 +33,20 @@ def _C():
 
 @pytest.fixture
 def mode(monkeypatch):
-    """Sets the workspace to ROWS rows per side and the packing mode: 'on' (default budget), 'off'
+    """Sets the workspace to ROWS rows per side and the packing mode: 'on' (default budget; bf16 inputs take the
+    bf16 logits GEMM where the CPU has it), 'fp32' (the same with COPSD_CPU_BF16_GEMM=0: bf16 inputs only), 'off'
     (COPSD_CPU_PACK=0) or 'tiny' (COPSD_CPU_PACK_MB=0: nothing fits).  Resets the GEMM counters."""
     def set_mode(name, dtype, sides):
+        if name == "fp32" and dtype != torch.bfloat16:
+            pytest.skip("'fp32' differs from 'on' for bf16 inputs only")
         elem = 8 if dtype == torch.float64 else 4
         monkeypatch.setattr(cpu, "WORKSPACE_BYTES", ROWS * sides * V * elem)
         monkeypatch.delenv("COPSD_CPU_PACK", raising=False)
         monkeypatch.delenv("COPSD_CPU_PACK_MB", raising=False)
-        if name == "off":
+        monkeypatch.delenv("COPSD_CPU_BF16_GEMM", raising=False)
+        if name == "fp32":
+            monkeypatch.setenv("COPSD_CPU_BF16_GEMM", "0")
+        elif name == "off":
             monkeypatch.setenv("COPSD_CPU_PACK", "0")
         elif name == "tiny":
             monkeypatch.setenv("COPSD_CPU_PACK_MB", "0")
@@ -49,12 +55,16 @@ def mode(monkeypatch):
 
 
 def _expect_path(name, dtype, chunks, lm_heads):
-    """The counters after one op call: packed chunk GEMMs exactly where packing applies."""
+    """The counters after one op call: packed chunk GEMMs exactly where packing applies (MKL's packed fp32 GEMM, or
+    for bf16 inputs in mode 'on' the bf16 GEMM where the CPU has it), bf16 ones exactly there."""
     st = _C().gemm_stats()
-    packs = (name == "on" and dtype != torch.float64 and chunks >= 2 and _C().packed_gemm_available())
+    bf16 = name == "on" and dtype == torch.bfloat16 and _C().bf16_gemm_available()
+    packs = (name in ("on", "fp32") and dtype != torch.float64 and chunks >= 2
+             and (bf16 or _C().packed_gemm_available()))
     assert st["packs"] == (lm_heads if packs else 0), st
     assert st["packed_gemms"] == (lm_heads * chunks if packs else 0), st
     assert st["plain_gemms"] == (0 if packs else lm_heads * chunks), st
+    assert st["bf16_gemms"] == (lm_heads * chunks if packs and bf16 else 0), st
 
 
 def _tiled_groups(n):
@@ -82,7 +92,7 @@ def _check(got, exact, plain, dtype, what, scale=1.0):
 
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-MODES = ["on", "off", "tiny"]
+MODES = ["on", "fp32", "off", "tiny"]
 
 
 @pytest.mark.parametrize("chunks", list(CHUNKS))
@@ -212,6 +222,8 @@ def test_divergence_side_by_side_logits(monkeypatch, threads, side, dtype):
             loss, dx, dw = cpu.divergence(xs, ws, xt, wt, LOGIT, div, None, tg.float())
             st = _C().gemm_stats()
             assert st["packs"] == 2 and st["packed_gemms"] == 6 and st["plain_gemms"] == 0, st
+            bf16 = dtype == torch.bfloat16 and _C().bf16_gemm_available()
+            assert st["bf16_gemms"] == (6 if bf16 else 0), st
             for got, e, p, what in zip((loss, dx, dw), exact, plain, ("loss", "d_hidden", "d_weight")):
                 _check(got, e, p, dtype, f"{kind} {what}", scale=5.0 if what == "loss" else 1.0)
     finally:
@@ -249,13 +261,17 @@ def test_budget_for_one_lm_head(mode, monkeypatch):
         _check(got, e, p, torch.float32, what, scale=5.0 if what == "loss" else 1.0)
 
 
-@pytest.mark.parametrize("budget_mib,packs", [(4, 2), (3, 1)])
-def test_budget_bf16_student_with_grads(mode, monkeypatch, budget_mib, packs):
-    """A bf16 divergence with gradients: the student's lm_head takes one fp32 copy plus its packed copy, the
-    teacher's one packed copy, each counted at about the weight's fp32 size (3 x ~1.2 MiB here), so a 4 MiB
-    budget packs both lm_heads and a 3 MiB one only the student's; results as accurate either way."""
-    if not _C().packed_gemm_available():
+@pytest.mark.parametrize("kernel,budget_mib,packs", [("fp32", 4, 2), ("fp32", 3, 1), ("bf16", 3, 2), ("bf16", 2, 1)])
+def test_budget_bf16_student_with_grads(mode, monkeypatch, kernel, budget_mib, packs):
+    """A bf16 divergence with gradients.  On the fp32 GEMMs (COPSD_CPU_BF16_GEMM=0) the student's lm_head takes one
+    fp32 copy plus its packed copy, the teacher's one packed copy, each counted at about the weight's fp32 size
+    (3 x ~1.2 MiB here), so a 4 MiB budget packs both lm_heads and a 3 MiB one only the student's.  On the bf16
+    GEMM the packed copies are bf16 (~0.6 MiB each, beside the student's ~1.2 MiB fp32 copy): 3 MiB packs both,
+    2 MiB only the student's.  Results as accurate either way."""
+    if kernel == "fp32" and not _C().packed_gemm_available():
         pytest.skip("torch's BLAS has no packed-GEMM API here")
+    if kernel == "bf16" and not _C().bf16_gemm_available():
+        pytest.skip("this CPU (or COPSD_CPU_ISA) has no AVX512_BF16: no bf16 logits GEMM")
     v = 13000
     xs, ws, xt, wt, _ = _inputs(CHUNKS[2], torch.bfloat16, seed=6, v=v)
     div = DivergenceSpec(kind="reverse_kl")
@@ -265,9 +281,12 @@ def test_budget_bf16_student_with_grads(mode, monkeypatch, budget_mib, packs):
     mode("on", torch.bfloat16, 2)
     monkeypatch.setattr(cpu, "WORKSPACE_BYTES", ROWS * 2 * v * 4)
     monkeypatch.setenv("COPSD_CPU_PACK_MB", str(budget_mib))
+    if kernel == "fp32":
+        monkeypatch.setenv("COPSD_CPU_BF16_GEMM", "0")
     loss, dx, dw = cpu.divergence(xs, ws, xt, wt, LOGIT, div, None, tg.float())
     st = _C().gemm_stats()
     assert st["packs"] == packs and st["packed_gemms"] == 2 * packs and st["plain_gemms"] == 2 * (2 - packs), st
+    assert st["bf16_gemms"] == (2 * packs if kernel == "bf16" else 0), st
     for got, e, p, what in zip((loss, dx, dw), exact, plain, ("loss", "d_hidden", "d_weight")):
         _check(got, e, p, torch.bfloat16, what, scale=5.0 if what == "loss" else 1.0)
 

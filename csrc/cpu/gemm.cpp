@@ -3,12 +3,15 @@
 
 #include <dlfcn.h>
 
+#include "gemm_bf16.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cctype>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 namespace copsd_cpu {
@@ -80,7 +83,8 @@ const PackedApi& packed_api() {
 bool have_packed_api() { return packed_api().compute != nullptr; }
 
 // Counters for tests and profiling (process-wide).
-std::atomic<int64_t> n_packs{0}, n_packed_bytes{0}, n_packed_reserved{0}, n_packed_gemms{0}, n_plain_gemms{0};
+std::atomic<int64_t> n_packs{0}, n_packed_bytes{0}, n_packed_reserved{0}, n_packed_gemms{0}, n_plain_gemms{0},
+    n_bf16_gemms{0};
 
 bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
 
@@ -151,6 +155,51 @@ int64_t env_mib(const char* name, int64_t dflt) {
   TORCH_CHECK(end != raw && *end == '\0' && v >= 0 && v < (1LL << 40), name,
               " must be a non-negative integer, got '", raw, "'");
   return static_cast<int64_t>(v);
+}
+
+// ------------------------------------------------------------------------------ ISA
+
+namespace {
+
+int detect_isa() {
+  int level = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = 1;
+  if (level == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    level = 2;
+#endif
+  if (const char* env = std::getenv("COPSD_CPU_ISA")) {
+    const std::string s(env);
+    const int cap = s == "base" ? 0 : s == "avx2" ? 1 : 2;
+    level = std::min(level, cap);
+  }
+  return level;
+}
+
+bool detect_bf16_dot() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return isa_level() == 2 && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+// The bf16 kernel for this op call: not turned off by COPSD_CPU_BF16_GEMM=0 (read per call, on every CPU: a bad
+// value is an error everywhere), and supported.
+bool bf16_gemm_on() { return !env_flag_off("COPSD_CPU_BF16_GEMM") && bf16_gemm_supported(); }
+
+}  // namespace
+
+int isa_level() {
+  static const int level = detect_isa();
+  return level;
+}
+
+bool bf16_gemm_supported() {
+  static const bool yes = detect_bf16_dot();
+  return yes;
 }
 
 // ------------------------------------------------------------------------------ chunking and budgets
@@ -224,15 +273,36 @@ PackBudget::PackBudget() {
 
 // ------------------------------------------------------------------------------ LmHead
 
-LmHead::LmHead(const Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int64_t budget, PackBudget& pack,
-               bool grads, int64_t tile)
+LmHead::LmHead(const Tensor& W, at::ScalarType st, at::ScalarType x_st, int64_t rows, int64_t N, int64_t budget,
+               PackBudget& pack, bool grads, int64_t tile)
     : W_(W), st_(st), upcast_(W.scalar_type() != st), grads_(grads), tiled_(tile > 0), rows_(rows) {
   const int64_t V = W.size(0), H = W.size(1);
   const int64_t elem = st == at::kDouble ? 8 : 4;
   vb_ = tile > 0 ? std::min(std::max<int64_t>(V, 1), tile) : upcast_ ? upcast_block(V, H, elem, budget) : V;
   const int64_t chunks = rows > 0 ? (N + rows - 1) / rows : 0;
   // Only when it pays: the weight is read by >= 2 chunk GEMMs.
+  const bool bf16 = x_st == at::kBFloat16 && W.scalar_type() == at::kBFloat16 && st == at::kFloat && bf16_gemm_on();
   if (chunks < 2 || V == 0 || H == 0 || pack.left <= 0) return;
+  // The bf16 kernel: its packed copy (bf16, in blocks of vb_ rows, each padded to whole panels) takes about half the
+  // fp32 copy's bytes; with gradients, the whole up-cast copy too if it fits (the d_hidden products stay fp32).
+  if (bf16) {
+    auto bf16_bytes = [&](int64_t block) {
+      return (V + block - 1) / block * bf16dot::packed_w_words(block, H) * static_cast<int64_t>(sizeof(uint32_t));
+    };
+    const int64_t vb_copy = tile > 0 ? vb_ : V;
+    if (grads && V * H * elem + bf16_bytes(vb_copy) <= pack.left) {
+      pack.left -= V * H * elem + bf16_bytes(vb_copy);
+      copy_ = true;
+      vb_ = vb_copy;
+      bf16_ = pack_ = true;
+      return;
+    }
+    if (bf16_bytes(vb_) <= pack.left) {
+      pack.left -= bf16_bytes(vb_);
+      bf16_ = pack_ = true;
+      return;
+    }
+  }
   const bool api = st == at::kFloat && have_packed_api() && fits_int(V) && fits_int(H) && fits_int(rows) &&
                    fits_int(V * H);
   auto packed_bytes = [&](int64_t block) {
@@ -264,7 +334,76 @@ void LmHead::prepare() {
     full_ = cached_empty({W_.size(0), W_.size(1)}, st_);  // not marked for huge pages: see docs/kernels.md
     upcast_parallel(W_, full_);
   }
-  if (pack_ && packed_.empty()) pack_weight();
+  if (bf16_ && !wpack_.defined()) {
+    pack_bf16();
+  } else if (pack_ && !bf16_ && packed_.empty()) {
+    pack_weight();
+  }
+}
+
+// Panels per task of the parallel bf16 pack (64 x 16 rows of W).
+constexpr int64_t kPackPanels = 16;
+
+void LmHead::pack_bf16() {
+  const int64_t V = W_.size(0), H = W_.size(1);
+  const int64_t blocks = (V + vb_ - 1) / vb_, per_block = bf16dot::panels(vb_);
+  woff_ = bf16dot::packed_w_words(vb_, H);
+  const int64_t bytes = blocks * woff_ * static_cast<int64_t>(sizeof(uint32_t));
+  wpack_ = cached_empty({blocks * woff_}, at::kInt);
+  const Tensor Wc = W_.stride(1) == 1 ? W_ : W_.contiguous();
+  const auto* src = reinterpret_cast<const uint16_t*>(Wc.data_ptr<at::BFloat16>());
+  auto* dst = reinterpret_cast<uint32_t*>(wpack_.data_ptr<int32_t>());
+  const int64_t ldw = Wc.stride(0), tasks_per_block = (per_block + kPackPanels - 1) / kPackPanels;
+  const int threads = omp_in_parallel() ? 1 : std::max(1, at::get_num_threads());
+  parallel_tasks(blocks * tasks_per_block, threads, false, [&](int, int64_t t) {
+    const int64_t b = t / tasks_per_block, v0 = b * vb_, n = std::min(vb_, V - v0);
+    const int64_t p0 = (t % tasks_per_block) * kPackPanels;
+    const int64_t p1 = std::min(p0 + kPackPanels, bf16dot::panels(n));
+    if (p0 < p1) bf16dot::pack_w(src + v0 * ldw, ldw, n, H, p0, p1, dst + b * woff_);
+  });
+  ++n_packs;
+  n_packed_bytes += bytes;
+  n_packed_reserved += bytes;
+}
+
+// Words of the header of a packed x kept in a caller's scratch: the x it was packed from (data pointer, rows, row
+// stride, H) as int64 values.
+constexpr int64_t kXHeader = 8;
+
+void LmHead::bf16_logits(const Tensor& x_in, int64_t b0, int64_t b1, float* out, int64_t ldo, Tensor& xpack) {
+  const int64_t V = W_.size(0), H = W_.size(1), m = x_in.size(0);
+  const Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const float* xp = x.data_ptr<float>();
+  const int64_t key[4] = {static_cast<int64_t>(reinterpret_cast<uintptr_t>(xp)), m, x.stride(0), H};
+  const int64_t need = kXHeader + bf16dot::packed_x_words(m, H);
+  bool same = xpack.defined() && xpack.scalar_type() == at::kInt && xpack.numel() >= need &&
+              std::memcmp(xpack.data_ptr<int32_t>(), key, sizeof(key)) == 0;
+  if (!same) {
+    if (!xpack.defined() || xpack.scalar_type() != at::kInt || xpack.numel() < need)
+      xpack = at::empty({need}, at::TensorOptions().dtype(at::kInt));
+    bf16dot::pack_x(xp, x.stride(0), m, H, reinterpret_cast<uint32_t*>(xpack.data_ptr<int32_t>() + kXHeader));
+    std::memcpy(xpack.data_ptr<int32_t>(), key, sizeof(key));
+  }
+  const auto* a = reinterpret_cast<const uint32_t*>(xpack.data_ptr<int32_t>() + kXHeader);
+  const auto* w = reinterpret_cast<const uint32_t*>(wpack_.data_ptr<int32_t>());
+  // Panel i of the flattened blocks b0..b1: block b0 + i / per_block, its panel i % per_block.
+  const int64_t per_block = bf16dot::panels(vb_);
+  int64_t total = 0;
+  for (int64_t b = b0; b < b1; ++b) total += bf16dot::panels(std::min(vb_, V - b * vb_));
+  auto run = [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1;) {
+      const int64_t b = b0 + i / per_block, p = i % per_block, n = std::min(vb_, V - b * vb_);
+      const int64_t p1 = std::min(bf16dot::panels(n), p + (i1 - i));
+      bf16dot::gemm(a, m, w + b * woff_, n, H, p, p1, out + (b - b0) * vb_, ldo);
+      i += p1 - p;
+    }
+  };
+  const int threads = omp_in_parallel() ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(), total));
+  if (threads <= 1) {
+    run(0, total);
+    return;
+  }
+  parallel_tasks(threads, threads, false, [&](int, int64_t t) { run(t * total / threads, (t + 1) * total / threads); });
 }
 
 Tensor LmHead::block(int64_t v0, int64_t n) {
@@ -343,7 +482,16 @@ void LmHead::logits(const Tensor& x_in, Tensor out, bool count) {
   const int64_t V = W_.size(0), H = W_.size(1), m = x_in.size(0);
   const bool out_rows = out.stride(1) == 1 && out.stride(0) >= V && fits_int(out.stride(0));
   prepare();
-  if (pack_ && out_rows && fits_int(m) && m > 0) {
+  if (bf16_ && out_rows && m > 0) {
+    Tensor xpack;  // packed afresh: another call's x may reuse this one's storage
+    bf16_logits(x_in, 0, (V + vb_ - 1) / vb_, out.data_ptr<float>(), out.stride(0), xpack);
+    if (count) {
+      ++n_packed_gemms;
+      ++n_bf16_gemms;
+    }
+    return;
+  }
+  if (pack_ && !bf16_ && out_rows && fits_int(m) && m > 0) {
     Tensor x = (x_in.stride(1) == 1 && x_in.stride(0) >= H && fits_int(x_in.stride(0))) ? x_in : x_in.contiguous();
     const int lda = static_cast<int>(std::max<int64_t>(x.stride(0), H));
     const auto& api = packed_api();
@@ -375,7 +523,15 @@ void LmHead::logits_block(const Tensor& x_in, int64_t b, Tensor out, Tensor& scr
   const int64_t v0 = b * vb_, n = std::min(vb_, V - v0);
   TORCH_CHECK(v0 >= 0 && n > 0 && out.size(0) == m && out.size(1) == n, "logits_block: bad block or output");
   const bool out_rows = out.stride(1) == 1 && out.stride(0) >= n && fits_int(out.stride(0));
-  if (pack_ && out_rows && fits_int(m) && m > 0) {
+  if (bf16_ && out_rows && m > 0) {
+    bf16_logits(x_in, b, b + 1, out.data_ptr<float>(), out.stride(0), scratch);
+    if (b == 0) {
+      ++n_packed_gemms;
+      ++n_bf16_gemms;
+    }
+    return;
+  }
+  if (pack_ && !bf16_ && out_rows && fits_int(m) && m > 0) {
     Tensor x = (x_in.stride(1) == 1 && x_in.stride(0) >= H && fits_int(x_in.stride(0))) ? x_in : x_in.contiguous();
     const int lda = static_cast<int>(std::max<int64_t>(x.stride(0), H));
     packed_api().compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(m), static_cast<int>(n),
@@ -454,6 +610,7 @@ void register_gemm(pybind11::module& m) {
     d["packed_reserved"] = n_packed_reserved.load();
     d["packed_gemms"] = n_packed_gemms.load();
     d["plain_gemms"] = n_plain_gemms.load();
+    d["bf16_gemms"] = n_bf16_gemms.load();
     return d;
   }, "process-wide counts: lm_head packings (packed_bytes: what they occupy and the pack budget counts; "
         "packed_reserved: what MKL's get_size reserved), chunk logits GEMMs on a packed / unpacked lm_head");
@@ -463,7 +620,38 @@ void register_gemm(pybind11::module& m) {
     n_packed_reserved = 0;
     n_packed_gemms = 0;
     n_plain_gemms = 0;
+    n_bf16_gemms = 0;
   });
+  m.def("bf16_gemm_available", &bf16_gemm_supported,
+        "whether bf16 logits GEMMs can run on the AVX512_BF16 dot-product kernel (CPU support, COPSD_CPU_ISA)");
+  // The bf16 kernel alone, for tests: out[m, n] = x[m, K] @ w[n, K]^T (bf16 in, fp32 out), W packed in blocks of
+  // `block` rows, the panels split over `threads` threads.
+  m.def("bf16_gemm", [](const Tensor& x, const Tensor& w, int64_t block, int64_t threads) {
+    TORCH_CHECK(bf16_gemm_supported(), "bf16_gemm: this CPU (or COPSD_CPU_ISA) has no AVX512_BF16");
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && x.dim() == 2 &&
+                    w.dim() == 2 && x.size(1) == w.size(1),
+                "bf16_gemm: x [m, K] and w [n, K], both bf16, expected");
+    TORCH_CHECK(block > 0 && threads > 0, "bf16_gemm: block and threads must be positive");
+    const int64_t m = x.size(0), n = w.size(0), K = x.size(1);
+    const Tensor wc = w.contiguous(), xf = x.to(at::kFloat).contiguous();
+    const Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+    const int64_t blocks = (n + block - 1) / block, words = bf16dot::packed_w_words(block, K);
+    std::vector<uint32_t> wp(static_cast<size_t>(blocks * words));
+    std::vector<uint32_t> xp(static_cast<size_t>(bf16dot::packed_x_words(m, K)));
+    const auto* src = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t nb = std::min(block, n - b * block);
+      bf16dot::pack_w(src + b * block * K, K, nb, K, 0, bf16dot::panels(nb), wp.data() + b * words);
+    }
+    bf16dot::pack_x(xf.data_ptr<float>(), K, m, K, xp.data());
+    parallel_tasks(blocks * threads, static_cast<int>(threads), false, [&](int, int64_t t) {
+      const int64_t b = t / threads, part = t % threads, nb = std::min(block, n - b * block);
+      const int64_t P = bf16dot::panels(nb);
+      bf16dot::gemm(xp.data(), m, wp.data() + b * words, nb, K, part * P / threads, (part + 1) * P / threads,
+                    out.data_ptr<float>() + b * block, n);
+    });
+    return out;
+  }, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("block"), pybind11::arg("threads") = 1);
 }
 
 }  // namespace copsd_cpu

@@ -14,6 +14,11 @@
 // its tile width (packed one block per thread) and computes one block at a time (logits_block), from several
 // threads at once, each running its GEMM single-threaded.  The pack budget counts what a packed copy occupies
 // (the weight's fp32 size), not the larger size MKL reserves and never touches (packed_resident in gemm.cpp).
+//
+// A bf16 lm_head multiplied by bf16 hidden states, on a CPU with AVX512_BF16 (bf16_gemm_supported), instead packs
+// its bf16 weight for the bf16 dot-product kernel of gemm_bf16.h (half the fp32 copy's size, about twice the
+// multiply-adds per cycle, the same fp32 products and sums): its logits GEMMs run there, its gradient GEMMs in fp32
+// as before.  COPSD_CPU_BF16_GEMM=0 (read per op call) keeps the fp32 path, for A/B measurements.
 #pragma once
 
 #include <torch/extension.h>
@@ -55,6 +60,13 @@ void parallel_tasks(int64_t n, int nt, bool dynamic, Fn&& fn) {
   if (error) std::rethrow_exception(error);
 }
 
+// The CPU's vector level for the row kernels, capped by COPSD_CPU_ISA=base|avx2|avx512 (read once): 0 base, 1 AVX2
+// + FMA, 2 AVX-512 (F/DQ/BW/VL).
+int isa_level();
+
+// Whether bf16 logits GEMMs can run on the bf16 dot-product kernel: isa_level() 2 and the CPU has AVX512_BF16.
+bool bf16_gemm_supported();
+
 // A non-negative integer from the environment variable `name` (`dflt` when unset or empty); anything else is an
 // error naming the variable.  The MiB knobs (COPSD_CPU_PACK_MB, COPSD_CPU_CACHE_MB) and the plain counts
 // (COPSD_CPU_TOPK_ROWS / _TILE) are read with it.
@@ -93,8 +105,10 @@ class LmHead {
  public:
   // tile > 0: the vocabulary is split into blocks of `tile` rows (packed / up-cast per block) for callers that
   // compute the logits one vocabulary tile at a time (logits_block).
-  LmHead(const at::Tensor& W, at::ScalarType st, int64_t rows, int64_t N, int64_t budget, PackBudget& pack,
-         bool grads, int64_t tile = 0);
+  // x_st: the dtype of the hidden states the logits are formed from (they reach logits() in `st`); bf16 with a bf16
+  // W may take the bf16 kernel.
+  LmHead(const at::Tensor& W, at::ScalarType st, at::ScalarType x_st, int64_t rows, int64_t N, int64_t budget,
+         PackBudget& pack, bool grads, int64_t tile = 0);
 
   // out[m, V] = x[m, H] @ W^T (x in the compute dtype).  After ready(), calls on a packed head (packing()) may come
   // from several threads at once (each GEMM then runs single-threaded inside the parallel region); `count`: whether
@@ -104,7 +118,9 @@ class LmHead {
   int64_t block_rows() const { return vb_; }
   // out[m, n_b] = x[m, H] @ W[block b]^T (out's rows may be strided).  Safe to call from several threads at once
   // after ready(), each with its own `scratch` (the up-cast block of an unpacked low-precision weight; grown on
-  // demand), and then runs single-threaded inside an OpenMP parallel region.
+  // demand), and then runs single-threaded inside an OpenMP parallel region.  On the bf16 kernel `scratch` keeps
+  // the packed x of the call: the next call with the same x (same storage, rows and stride) reuses it, so x's
+  // values must not change between calls that share a scratch.
   void logits_block(const at::Tensor& x, int64_t b, at::Tensor out, at::Tensor& scratch);
   // Block b of W itself, [n_b, H] in the compute dtype: a view of W (or of the whole up-cast copy), or up-cast into
   // `scratch` (grown on demand).  Thread-safe like logits_block.
@@ -119,12 +135,17 @@ class LmHead {
   void grads(const at::Tensor& dz, const at::Tensor& x, at::Tensor dx, at::Tensor& dw, bool first);
 
   bool packing() const { return pack_; }
+  // Whether the logits run on the bf16 dot-product kernel.
+  bool bf16() const { return bf16_; }
 
  private:
   at::Tensor block(int64_t v0, int64_t n);  // rows [v0, v0 + n) of W in the compute dtype (reused buffer)
   void prepare();  // on first use: the whole up-cast copy and the packed copy, where planned
   void pack_weight();
   void pack_block(at::Tensor src, at::Tensor& dst) const;
+  void pack_bf16();
+  // out[m, blocks b0..b1) = x @ (those blocks of W)^T on the bf16 kernel; `xpack`: the packed x (see logits_block).
+  void bf16_logits(const at::Tensor& x, int64_t b0, int64_t b1, float* out, int64_t ldo, at::Tensor& xpack);
 
   at::Tensor W_;
   at::ScalarType st_;
@@ -138,6 +159,9 @@ class LmHead {
   at::Tensor full_;
   at::Tensor buf_;  // up-cast block buffer
   std::vector<at::Tensor> packed_;  // one packed copy per vocabulary block
+  bool bf16_ = false;               // the logits on the bf16 kernel, from wpack_
+  at::Tensor wpack_;                // the bf16 packed W: block b at word offset b * woff_ (gemm_bf16.h layout)
+  int64_t woff_ = 0;
 };
 
 // The driver-facing call of the gradient GEMMs (W is the LmHead's weight).

@@ -38,30 +38,7 @@
 namespace copsd_cpu {
 namespace {
 
-// ------------------------------------------------------------------------------ ISA choice
-
-int detect_isa() {
-  int level = 0;
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = 1;
-  if (level == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-    level = 2;
-#endif
-  // COPSD_CPU_ISA=base|avx2|avx512 caps the level (tests run every variant this way).
-  if (const char* env = std::getenv("COPSD_CPU_ISA")) {
-    const std::string s(env);
-    int cap = s == "base" ? 0 : s == "avx2" ? 1 : 2;
-    level = std::min(level, cap);
-  }
-  return level;
-}
-
-int isa_level() {
-  static const int level = detect_isa();
-  return level;
-}
+// ------------------------------------------------------------------------------ ISA choice (isa_level: gemm.h)
 
 template <typename T>
 const RowKernels<T>& kernels();
@@ -262,7 +239,7 @@ void tiled_rows_pass(const Tensor& hidden, const Tensor& weight, int64_t rows, i
   const auto st = acc_type(hidden);
   const int64_t groups = (N + rows - 1) / rows;
   PackBudget pack;
-  LmHead vb(weight, st, rows, N, budget, pack, false, topk_tile(rows, sizeof(T)));
+  LmHead vb(weight, st, hidden.scalar_type(), rows, N, budget, pack, false, topk_tile(rows, sizeof(T)));
   PhaseTimer tm(name);
   tm.start();
   vb.ready();
@@ -370,7 +347,7 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
       std::min(topk_rows(span, 1, 0, budget), std::max<int64_t>(1, budget / std::max<int64_t>(1, V * elem)));
   const int64_t tile = grad_tile(rows, V, threads, elem);
   PackBudget pack;
-  LmHead vb(weight, st, rows, N, budget, pack, false, tile);
+  LmHead vb(weight, st, hidden.scalar_type(), rows, N, budget, pack, false, tile);
   PhaseTimer tm("logprobs backward");
   tm.start();
   vb.ready();
@@ -501,7 +478,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
   const int nt = static_cast<int>(std::min<int64_t>(threads, tiles));
   PackBudget pack;
   // Tiles of the row split's logits (chunk_logits_stats): ~2 MiB of one thread's part of a chunk.
-  LmHead vb(weight, st, rows, N, budget, pack, true, topk_tile((rows + threads - 1) / threads, sizeof(T)));
+  LmHead vb(weight, st, hidden.scalar_type(), rows, N, budget, pack, true,
+            topk_tile((rows + threads - 1) / threads, sizeof(T)));
   Tensor z = cached_empty({rows, V}, st), mx = at::empty({rows}, opts), logs = at::empty({rows}, opts);
   Tensor part = cached_empty({nt, rows, H}, st);  // the threads' d_hidden partials of a chunk
   std::vector<Tensor> wscratch(nt);
@@ -590,7 +568,7 @@ std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& we
     if (!row.defined()) {
       row = at::empty({1, V}, opts);
       x = hidden.to(st);
-      whole.emplace(weight, st, 1, 1, budget, pack, false);
+      whole.emplace(weight, st, hidden.scalar_type(), 1, 1, budget, pack, false);
     }
     whole->logits(x.narrow(0, q, 1), row);
     K.topk(row.data_ptr<T>(), V, k, lp, pid + q * k, plp + q * k, plse + q);  // the whole-row kernel
@@ -685,8 +663,8 @@ DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const 
   // GEMMs write the chunk in cache-sized blocks (2-core Zen 4, reverse KL, N = 2048: 1.18 -> 1.13x the GEMM floor,
   // median of 7 interleaved rounds).  Otherwise (MKL splitting each GEMM) the heads stay whole.
   const int64_t head_tile = side_by_side_threads() ? topk_tile(rows, sizeof(T)) : 0;
-  LmHead vb_s(ws, st, rows, N, budget, pack, grad, head_tile);
-  LmHead vb_t(wt, st, rows, N, budget, pack, false, head_tile);
+  LmHead vb_s(ws, st, xs.scalar_type(), rows, N, budget, pack, grad, head_tile);
+  LmHead vb_t(wt, st, xt.scalar_type(), rows, N, budget, pack, false, head_tile);
   Tensor zs = cached_empty({rows, V}, st), zt = cached_empty({rows, V}, st);
   advise_huge_pages(zs);
   advise_huge_pages(zt);

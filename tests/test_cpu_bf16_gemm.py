@@ -1,0 +1,213 @@
+"""The bf16 logits GEMM of the C++ CPU backend (``csrc/cpu/gemm_bf16.*``): bf16 hidden states times a bf16 lm_head
+on AVX512_BF16 dot products, fp32 products and sums.
+
+The kernel alone (``copsd._C.bf16_gemm``) and every op that forms logits from bf16 inputs are checked against
+float64 with the error-relative criterion of ``tests/criteria.py``, the plain computation being the fp32 GEMM of the
+same bf16 values (what the backend computed before, and what the kernel must match): odd shapes (1 row, 1 vocabulary
+row, vocabularies and row counts that are no multiple of the 64 x 6 block, an odd hidden size whose last pair is
+padded, hidden sizes past the kernel's 128-wide inner sums), large magnitudes, 1 and 2 threads.  The GEMM counters
+say which path ran.  On a CPU without AVX512_BF16 (or with ``COPSD_CPU_ISA`` below avx512) the kernel tests are
+skipped by name and the fallback is checked to be in effect.
+"""
+
+import os
+import subprocess
+import sys
+
+import criteria
+import dense
+import pytest
+import torch
+
+from copsd.backends import cpu
+from copsd.ops._spec import DivergenceSpec, LogitSpec
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="copsd._C (C++ CPU extension) is not built")
+NO_KERNEL = "this CPU (or COPSD_CPU_ISA) has no AVX512_BF16: bf16 logits run on the fp32 GEMMs"
+LOGIT = LogitSpec(temperature=1.3, logit_scale=0.9)
+
+
+def _C():
+    from copsd import _C
+    return _C
+
+
+def _kernel():
+    if not _C().bf16_gemm_available():
+        pytest.skip(NO_KERNEL)
+
+
+def _bf16(*shape, gen, scale=1.0):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("m,n,K,block,threads", [
+    (1, 1, 1, 64, 1),        # one of everything
+    (1, 4099, 256, 4099, 2),  # one row (the 1-row kernel), a vocabulary tail of 3
+    (5, 63, 3, 64, 1),       # an odd hidden size: the last pair padded with 0
+    (6, 64, 2, 64, 2),       # exactly one block, more threads than panels
+    (13, 130, 255, 64, 2),   # row tail 1, vocabulary tail 2, one inner sum with a padded pair
+    (17, 1000, 257, 256, 2),  # 129 pairs: 3 inner sums of <= 64 (the last padded), blocks of 256 with a tail
+    (64, 2053, 1030, 1024, 2),  # 9 inner sums (the last short), 3 vocabulary blocks
+])
+def test_kernel_against_float64(m, n, K, block, threads):
+    g = torch.Generator().manual_seed(m * 1_000_003 + n * 1009 + K)
+    x, w = _bf16(m, K, gen=g), _bf16(n, K, gen=g)
+    if not _C().bf16_gemm_available():
+        with pytest.raises(RuntimeError, match="AVX512_BF16"):
+            _C().bf16_gemm(x, w, block, threads)
+        return
+    got = _C().bf16_gemm(x, w, block, threads)
+    exact = x.double() @ w.double().T
+    plain = x.float() @ w.float().T
+    criteria.assert_accurate(got, exact, plain, f"logits {m}x{n}x{K}", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 3e2, 2e18])
+def test_kernel_magnitudes(scale):
+    """Small and large operands (products up to ~1e37, sums near the fp32 range) keep the fp32 GEMM's accuracy."""
+    _kernel()
+    g = torch.Generator().manual_seed(int(scale * 7) % 100_003)
+    x, w = _bf16(33, 300, gen=g, scale=scale), _bf16(777, 300, gen=g, scale=scale / 50)
+    got = _C().bf16_gemm(x, w, 512, 2)
+    exact = x.double() @ w.double().T
+    plain = x.float() @ w.float().T
+    assert torch.isfinite(got).all()
+    criteria.assert_accurate(got, exact, plain, f"logits at scale {scale:g}", dtype=torch.float32)
+
+
+def _check(got, exact, plain, what, scale=1.0):
+    criteria.assert_accurate(got, exact, plain, what, dtype=torch.float32, scale=scale)
+
+
+H, V = 301, 1500  # an odd hidden size (3 inner sums, the last pair padded); V no multiple of 64
+
+
+def _inputs(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    xs, xt = _bf16(n, H, gen=g, scale=1.5), _bf16(n, H, gen=g, scale=1.5)
+    ws, wt = _bf16(V, H, gen=g, scale=2 / H**0.5), _bf16(V, H, gen=g, scale=2 / H**0.5)
+    ids = torch.randint(0, V, (n,), generator=g)
+    return xs, ws, xt, wt, ids
+
+
+@pytest.fixture
+def path(monkeypatch):
+    """Chunks of 16 rows (3 chunks for 41 tokens) and the GEMM path: 'bf16' (the default where the CPU has the
+    kernel) or 'fp32' (COPSD_CPU_BF16_GEMM=0); resets the counters; returns a check of the bf16 GEMM count."""
+    def set_path(name, sides):
+        if name == "bf16":
+            _kernel()
+        monkeypatch.setattr(cpu, "WORKSPACE_BYTES", 16 * sides * V * 4)
+        monkeypatch.delenv("COPSD_CPU_PACK", raising=False)
+        monkeypatch.delenv("COPSD_CPU_PACK_MB", raising=False)
+        monkeypatch.setenv("COPSD_CPU_BF16_GEMM", "1" if name == "bf16" else "0")
+        _C().gemm_stats_reset()
+
+        def ran():
+            st = _C().gemm_stats()
+            if name == "bf16":
+                assert st["bf16_gemms"] > 0 and st["plain_gemms"] == 0, st
+            else:
+                assert st["bf16_gemms"] == 0, st
+        return ran
+    return set_path
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", ["bf16", "fp32"])
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "jsd"])
+def test_divergence(path, name, kind, threads):
+    n = 41
+    xs, ws, xt, wt, _ = _inputs(n, seed=21)
+    tg = torch.rand(n, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    tg[5] = 0.0  # a masked-out token
+    div = DivergenceSpec(kind=kind, beta=0.3)
+    exact = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, None, tg)
+    plain = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, None, tg, dtype=torch.float32)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ran = path(name, 2)
+        loss, dx, dw = cpu.divergence(xs, ws, xt, wt, LOGIT, div, None, tg.float())
+        ran()
+    finally:
+        torch.set_num_threads(old)
+    for got, e, p, what in zip((loss, dx, dw), exact, plain, ("loss", "d_hidden", "d_weight")):
+        _check(got, e, p, f"{kind} {what}", scale=5.0 if what == "loss" else 1.0)
+    assert (dx[5] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp32"])
+def test_logprobs_topk_and_loss(path, name):
+    n = 41
+    x, w, _, _, ids = _inputs(n, seed=31)
+    gs = [torch.randn(n, generator=torch.Generator().manual_seed(i + 32)) for i in range(3)]
+    exact = dense.logprobs_grads(x, w, ids, LOGIT, gs)
+    plain = dense.logprobs_grads(x, w, ids, LOGIT, gs, dtype=torch.float32)
+    ran = path(name, 1)
+    lp, ent, lse = cpu.logprobs_forward(x, w, ids, LOGIT)
+    ran()
+    for got, e, p, what in zip((lp, ent, lse), exact[0], plain[0], ("logprobs", "entropy", "lse")):
+        _check(got, e, p, what)
+    ran = path(name, 1)
+    dx, dw = cpu.logprobs_backward(x, w, ids, lse, ent, *[t.to(lp.dtype) for t in gs], LOGIT)
+    ran()
+    _check(dx, exact[1], plain[1], "d_hidden")
+    _check(dw, exact[2], plain[2], "d_weight")
+    ran = path(name, 1)
+    a, b = gs[0], gs[1]
+    exact = dense.logprobs_grads(x, w, ids, LOGIT, (a, b, None))
+    plain = dense.logprobs_grads(x, w, ids, LOGIT, (a, b, None), dtype=torch.float32)
+    lp, ent, dx, dw = cpu.logprobs_loss(x, w, ids, LOGIT, lambda r0, rows, *_: (a[r0:r0 + rows], b[r0:r0 + rows]))
+    ran()
+    for got, e, p, what in zip((lp, ent, dx, dw), (*exact[0][:2], exact[1], exact[2]),
+                               (*plain[0][:2], plain[1], plain[2]), ("loss lp", "loss entropy", "loss dx", "loss dw")):
+        _check(got, e, p, what)
+    ran = path(name, 1)
+    kw = dict(temperature=LOGIT.temperature, logit_scale=LOGIT.logit_scale)
+    _, vals64, lse64 = dense.topk(x.double(), w.double(), 9, **kw)
+    _, vals32, lse32 = dense.topk(x.float(), w.float(), 9, **kw)
+    top_ids, vals, lse = cpu.topk(x, w, 9, LOGIT)
+    ran()
+    _check(vals, vals64, vals32, "top-k logprobs")
+    _check(lse, lse64, lse32, "top-k lse")
+    z = dense.logits(x.double(), w.double(), **kw)
+    _check(vals, z.gather(1, top_ids) - z.logsumexp(-1, keepdim=True), vals32, "logprobs at the returned ids")
+
+
+def test_fp32_hidden_with_bf16_weight_stays_fp32(path, monkeypatch):
+    """The kernel multiplies bf16 by bf16: fp32 hidden states with a bf16 lm_head keep the fp32 GEMMs."""
+    _kernel()
+    n = 41
+    x, w, _, _, ids = _inputs(n, seed=41)
+    x = x.float() + 1e-3 * torch.randn(n, H, generator=torch.Generator().manual_seed(42))  # not bf16 values
+    path("bf16", 1)
+    monkeypatch.delenv("COPSD_CPU_BF16_GEMM")  # the default: the kernel wherever it applies
+    lp = cpu.logprobs_forward(x, w, ids, LOGIT)[0]
+    st = _C().gemm_stats()
+    assert st["bf16_gemms"] == 0 and st["packed_gemms"] + st["plain_gemms"] > 0, st
+    kw = dict(temperature=LOGIT.temperature, logit_scale=LOGIT.logit_scale)
+    _check(lp, dense.logprobs(x.double(), w.double(), ids, **kw)[0],
+           dense.logprobs(x.float(), w.float(), ids, **kw)[0], "logprobs")
+
+
+def test_bad_knob_value_is_an_error(path, monkeypatch):
+    """COPSD_CPU_BF16_GEMM is read for bf16 inputs on every CPU: a bad value is an error naming it."""
+    x, w, _, _, ids = _inputs(41, seed=51)
+    path("fp32", 1)
+    monkeypatch.setenv("COPSD_CPU_BF16_GEMM", "sometimes")
+    with pytest.raises(RuntimeError, match="COPSD_CPU_BF16_GEMM"):
+        cpu.logprobs_forward(x, w, ids, LOGIT)
+
+
+def test_isa_cap_turns_the_kernel_off():
+    """COPSD_CPU_ISA=avx2 (or base) keeps bf16 logits on the fp32 GEMMs: the kernel is AVX-512 code."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "from copsd import _C; print(_C.bf16_gemm_available())"
+    for level in ("avx2", "base"):
+        env = dict(os.environ, COPSD_CPU_ISA=level, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert res.stdout.strip() == "False", (level, res.stdout, res.stderr[-2000:])
