@@ -2,12 +2,13 @@
 on AVX512_BF16 dot products, fp32 products and sums.
 
 The kernel alone (``copsd._C.bf16_gemm``) and every op that forms logits from bf16 inputs are checked against
-float64 with the error-relative criterion of ``tests/criteria.py``, the plain computation being the fp32 GEMM of the
-same bf16 values (what the backend computed before, and what the kernel must match): odd shapes (1 row, 1 vocabulary
-row, vocabularies and row counts that are no multiple of the 64 x 6 block, an odd hidden size whose last pair is
-padded, hidden sizes past the kernel's 128-wide inner sums), large magnitudes, 1 and 2 threads.  The GEMM counters
-say which path ran.  On a CPU without AVX512_BF16 (or with ``COPSD_CPU_ISA`` below avx512) the kernel tests are
-skipped by name and the fallback is checked to be in effect.
+float64 with the error-relative criterion of ``tests/criteria.py``: the weight packed once per call, and streamed
+panel by panel where the packed copy does not fit.  The plain computation is the fp32 GEMM of the same bf16 values
+(what the backend computed before, and what the kernel must match).  Odd shapes: 1 row, 1 vocabulary row,
+vocabularies and row counts that are no multiple of the 64 x 6 block, an odd hidden size whose last pair is padded,
+hidden sizes past the kernel's 128-wide inner sums; large magnitudes; 1 and 2 threads.  The GEMM counters say which
+path ran.  On a CPU without AVX512_BF16 (or with ``COPSD_CPU_ISA`` below avx512) the kernel tests are skipped by
+name and the fallback is checked to be in effect.
 """
 
 import os
@@ -49,15 +50,18 @@ def _bf16(*shape, gen, scale=1.0):
     (13, 130, 255, 64, 2),   # row tail 1, vocabulary tail 2, one inner sum with a padded pair
     (17, 1000, 257, 256, 2),  # 129 pairs: 3 inner sums of <= 64 (the last padded), blocks of 256 with a tail
     (64, 2053, 1030, 1024, 2),  # 9 inner sums (the last short), 3 vocabulary blocks
+    (7, 192, 64, 192, 1),    # whole panels of 32 pairs: the vector pack alone
 ])
-def test_kernel_against_float64(m, n, K, block, threads):
+@pytest.mark.parametrize("streamed", [False, True])
+def test_kernel_against_float64(m, n, K, block, threads, streamed):
+    """The packed weight, and the weight streamed (each panel packed right before its products)."""
     g = torch.Generator().manual_seed(m * 1_000_003 + n * 1009 + K)
     x, w = _bf16(m, K, gen=g), _bf16(n, K, gen=g)
     if not _C().bf16_gemm_available():
         with pytest.raises(RuntimeError, match="AVX512_BF16"):
-            _C().bf16_gemm(x, w, block, threads)
+            _C().bf16_gemm(x, w, block, threads, streamed)
         return
-    got = _C().bf16_gemm(x, w, block, threads)
+    got = _C().bf16_gemm(x, w, block, threads, streamed)
     exact = x.double() @ w.double().T
     plain = x.float() @ w.float().T
     criteria.assert_accurate(got, exact, plain, f"logits {m}x{n}x{K}", dtype=torch.float32)
@@ -94,20 +98,25 @@ def _inputs(n, seed):
 @pytest.fixture
 def path(monkeypatch):
     """Chunks of 16 rows (3 chunks for 41 tokens) and the GEMM path: 'bf16' (the default where the CPU has the
-    kernel) or 'fp32' (COPSD_CPU_BF16_GEMM=0); resets the counters; returns a check of the bf16 GEMM count."""
+    kernel: the weight packed once per call), 'streamed' (the kernel with no room for the packed copy,
+    COPSD_CPU_PACK_MB=0) or 'fp32' (COPSD_CPU_BF16_GEMM=0); resets the counters; returns a check of the counts."""
     def set_path(name, sides):
-        if name == "bf16":
+        if name != "fp32":
             _kernel()
         monkeypatch.setattr(cpu, "WORKSPACE_BYTES", 16 * sides * V * 4)
         monkeypatch.delenv("COPSD_CPU_PACK", raising=False)
         monkeypatch.delenv("COPSD_CPU_PACK_MB", raising=False)
-        monkeypatch.setenv("COPSD_CPU_BF16_GEMM", "1" if name == "bf16" else "0")
+        if name == "streamed":
+            monkeypatch.setenv("COPSD_CPU_PACK_MB", "0")
+        monkeypatch.setenv("COPSD_CPU_BF16_GEMM", "0" if name == "fp32" else "1")
         _C().gemm_stats_reset()
 
         def ran():
             st = _C().gemm_stats()
             if name == "bf16":
                 assert st["bf16_gemms"] > 0 and st["plain_gemms"] == 0, st
+            elif name == "streamed":
+                assert st["bf16_gemms"] > 0 and st["packed_gemms"] == 0 and st["packs"] == 0, st
             else:
                 assert st["bf16_gemms"] == 0, st
         return ran
@@ -115,7 +124,7 @@ def path(monkeypatch):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("name", ["bf16", "fp32"])
+@pytest.mark.parametrize("name", ["bf16", "streamed", "fp32"])
 @pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "jsd"])
 def test_divergence(path, name, kind, threads):
     n = 41
@@ -138,7 +147,7 @@ def test_divergence(path, name, kind, threads):
     assert (dx[5] == 0).all()
 
 
-@pytest.mark.parametrize("name", ["bf16", "fp32"])
+@pytest.mark.parametrize("name", ["bf16", "streamed", "fp32"])
 def test_logprobs_topk_and_loss(path, name):
     n = 41
     x, w, _, _, ids = _inputs(n, seed=31)

@@ -281,10 +281,13 @@ LmHead::LmHead(const Tensor& W, at::ScalarType st, at::ScalarType x_st, int64_t 
   vb_ = tile > 0 ? std::min(std::max<int64_t>(V, 1), tile) : upcast_ ? upcast_block(V, H, elem, budget) : V;
   const int64_t chunks = rows > 0 ? (N + rows - 1) / rows : 0;
   // Only when it pays: the weight is read by >= 2 chunk GEMMs.
+  // The bf16 kernel: streamed from W (each panel packed right before its products) unless the packed copy is kept
+  // below; streaming reads W's rows in place, so a W with another layout (a transposed view) takes it only packed.
   const bool bf16 = x_st == at::kBFloat16 && W.scalar_type() == at::kBFloat16 && st == at::kFloat && bf16_gemm_on();
+  bf16_ = bf16 && W.stride(1) == 1;
   if (chunks < 2 || V == 0 || H == 0 || pack.left <= 0) return;
-  // The bf16 kernel: its packed copy (bf16, in blocks of vb_ rows, each padded to whole panels) takes about half the
-  // fp32 copy's bytes; with gradients, the whole up-cast copy too if it fits (the d_hidden products stay fp32).
+  // Its packed copy (bf16, in blocks of vb_ rows, each padded to whole panels) takes about half the fp32 copy's
+  // bytes; with gradients, the whole up-cast copy too if it fits (the d_hidden products stay fp32).
   if (bf16) {
     auto bf16_bytes = [&](int64_t block) {
       return (V + block - 1) / block * bf16dot::packed_w_words(block, H) * static_cast<int64_t>(sizeof(uint32_t));
@@ -302,6 +305,7 @@ LmHead::LmHead(const Tensor& W, at::ScalarType st, at::ScalarType x_st, int64_t 
       bf16_ = pack_ = true;
       return;
     }
+    if (bf16_) return;  // streamed: an MKL-packed fp32 copy (twice the size) would not fit either
   }
   const bool api = st == at::kFloat && have_packed_api() && fits_int(V) && fits_int(H) && fits_int(rows) &&
                    fits_int(V * H);
@@ -334,7 +338,7 @@ void LmHead::prepare() {
     full_ = cached_empty({W_.size(0), W_.size(1)}, st_);  // not marked for huge pages: see docs/kernels.md
     upcast_parallel(W_, full_);
   }
-  if (bf16_ && !wpack_.defined()) {
+  if (bf16_ && pack_ && !wpack_.defined()) {
     pack_bf16();
   } else if (pack_ && !bf16_ && packed_.empty()) {
     pack_weight();
@@ -385,16 +389,26 @@ void LmHead::bf16_logits(const Tensor& x_in, int64_t b0, int64_t b1, float* out,
     std::memcpy(xpack.data_ptr<int32_t>(), key, sizeof(key));
   }
   const auto* a = reinterpret_cast<const uint32_t*>(xpack.data_ptr<int32_t>() + kXHeader);
-  const auto* w = reinterpret_cast<const uint32_t*>(wpack_.data_ptr<int32_t>());
+  const auto* w = pack_ ? reinterpret_cast<const uint32_t*>(wpack_.data_ptr<int32_t>()) : nullptr;
+  const auto* src = reinterpret_cast<const uint16_t*>(W_.data_ptr<at::BFloat16>());
   // Panel i of the flattened blocks b0..b1: block b0 + i / per_block, its panel i % per_block.
   const int64_t per_block = bf16dot::panels(vb_);
   int64_t total = 0;
   for (int64_t b = b0; b < b1; ++b) total += bf16dot::panels(std::min(vb_, V - b * vb_));
   auto run = [&](int64_t i0, int64_t i1) {
+    // Streamed: the calling thread's panel buffer (kept by the thread between calls: <= 1 MiB up to H = 8192).
+    thread_local std::vector<uint32_t> panel;
+    if (w == nullptr && static_cast<int64_t>(panel.size()) < bf16dot::packed_w_words(bf16dot::kPanel, H))
+      panel.resize(static_cast<size_t>(bf16dot::packed_w_words(bf16dot::kPanel, H)));
     for (int64_t i = i0; i < i1;) {
-      const int64_t b = b0 + i / per_block, p = i % per_block, n = std::min(vb_, V - b * vb_);
+      const int64_t b = b0 + i / per_block, p = i % per_block, v0 = b * vb_, n = std::min(vb_, V - v0);
       const int64_t p1 = std::min(bf16dot::panels(n), p + (i1 - i));
-      bf16dot::gemm(a, m, w + b * woff_, n, H, p, p1, out + (b - b0) * vb_, ldo);
+      if (w != nullptr) {
+        bf16dot::gemm(a, m, w + b * woff_, n, H, p, p1, out + (b - b0) * vb_, ldo);
+      } else {
+        bf16dot::gemm_streamed(a, m, src + v0 * W_.stride(0), W_.stride(0), n, H, p, p1, out + (b - b0) * vb_, ldo,
+                               panel.data());
+      }
       i += p1 - p;
     }
   };
@@ -486,7 +500,7 @@ void LmHead::logits(const Tensor& x_in, Tensor out, bool count) {
     Tensor xpack;  // packed afresh: another call's x may reuse this one's storage
     bf16_logits(x_in, 0, (V + vb_ - 1) / vb_, out.data_ptr<float>(), out.stride(0), xpack);
     if (count) {
-      ++n_packed_gemms;
+      ++(pack_ ? n_packed_gemms : n_plain_gemms);
       ++n_bf16_gemms;
     }
     return;
@@ -526,7 +540,7 @@ void LmHead::logits_block(const Tensor& x_in, int64_t b, Tensor out, Tensor& scr
   if (bf16_ && out_rows && m > 0) {
     bf16_logits(x_in, b, b + 1, out.data_ptr<float>(), out.stride(0), scratch);
     if (b == 0) {
-      ++n_packed_gemms;
+      ++(pack_ ? n_packed_gemms : n_plain_gemms);
       ++n_bf16_gemms;
     }
     return;
@@ -625,8 +639,9 @@ void register_gemm(pybind11::module& m) {
   m.def("bf16_gemm_available", &bf16_gemm_supported,
         "whether bf16 logits GEMMs can run on the AVX512_BF16 dot-product kernel (CPU support, COPSD_CPU_ISA)");
   // The bf16 kernel alone, for tests: out[m, n] = x[m, K] @ w[n, K]^T (bf16 in, fp32 out), W packed in blocks of
-  // `block` rows, the panels split over `threads` threads.
-  m.def("bf16_gemm", [](const Tensor& x, const Tensor& w, int64_t block, int64_t threads) {
+  // `block` rows (or streamed: each panel packed right before its products), the panels split over `threads`
+  // threads.
+  m.def("bf16_gemm", [](const Tensor& x, const Tensor& w, int64_t block, int64_t threads, bool streamed) {
     TORCH_CHECK(bf16_gemm_supported(), "bf16_gemm: this CPU (or COPSD_CPU_ISA) has no AVX512_BF16");
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && x.dim() == 2 &&
                     w.dim() == 2 && x.size(1) == w.size(1),
@@ -646,12 +661,18 @@ void register_gemm(pybind11::module& m) {
     bf16dot::pack_x(xf.data_ptr<float>(), K, m, K, xp.data());
     parallel_tasks(blocks * threads, static_cast<int>(threads), false, [&](int, int64_t t) {
       const int64_t b = t / threads, part = t % threads, nb = std::min(block, n - b * block);
-      const int64_t P = bf16dot::panels(nb);
-      bf16dot::gemm(xp.data(), m, wp.data() + b * words, nb, K, part * P / threads, (part + 1) * P / threads,
-                    out.data_ptr<float>() + b * block, n);
+      const int64_t P = bf16dot::panels(nb), p0 = part * P / threads, p1 = (part + 1) * P / threads;
+      float* c = out.data_ptr<float>() + b * block;
+      if (streamed) {
+        std::vector<uint32_t> panel(static_cast<size_t>(bf16dot::packed_w_words(bf16dot::kPanel, K)));
+        bf16dot::gemm_streamed(xp.data(), m, src + b * block * K, K, nb, K, p0, p1, c, n, panel.data());
+      } else {
+        bf16dot::gemm(xp.data(), m, wp.data() + b * words, nb, K, p0, p1, c, n);
+      }
     });
     return out;
-  }, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("block"), pybind11::arg("threads") = 1);
+  }, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("block"), pybind11::arg("threads") = 1,
+        pybind11::arg("streamed") = false);
 }
 
 }  // namespace copsd_cpu

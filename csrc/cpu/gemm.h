@@ -18,7 +18,9 @@
 // A bf16 lm_head multiplied by bf16 hidden states, on a CPU with AVX512_BF16 (bf16_gemm_supported), instead packs
 // its bf16 weight for the bf16 dot-product kernel of gemm_bf16.h (half the fp32 copy's size, about twice the
 // multiply-adds per cycle, the same fp32 products and sums): its logits GEMMs run there, its gradient GEMMs in fp32
-// as before.  COPSD_CPU_BF16_GEMM=0 (read per op call) keeps the fp32 path, for A/B measurements.
+// as before.  Where that packed copy does not fit the pack budget (or the call has one chunk) the kernel streams
+// the weight, each thread packing one panel right before its products.  COPSD_CPU_BF16_GEMM=0 (read per op call)
+// keeps the fp32 path, for A/B measurements.
 #pragma once
 
 #include <torch/extension.h>

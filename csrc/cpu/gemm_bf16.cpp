@@ -98,27 +98,67 @@ void block_rows(int64_t mr, const uint32_t* a, const uint32_t* b, int64_t K2, fl
   }
 }
 
+// The 16 x 16 transpose of 32-bit words: r[i] (row i, words 0..15) becomes r[j] (word j of rows 0..15).
+inline void transpose16(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: words 4L.. of rows 2i and 2i + 1 interleaved
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // r[4g + c], lane L: word 4L + c of rows 4g .. 4g + 3
+    r[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    r[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    r[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    r[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // the 4 x 4 transpose of 128-bit lanes of r[c], r[4 + c], r[8 + c], r[12 + c]
+    const __m512i b0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), b1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xee);
+    const __m512i b2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512i b3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xee);
+    t[c] = _mm512_shuffle_i32x4(b0, b2, 0x88);       // word c
+    t[4 + c] = _mm512_shuffle_i32x4(b0, b2, 0xdd);   // word 4 + c
+    t[8 + c] = _mm512_shuffle_i32x4(b1, b3, 0x88);   // word 8 + c
+    t[12 + c] = _mm512_shuffle_i32x4(b1, b3, 0xdd);  // word 12 + c
+  }
+  for (int j = 0; j < 16; ++j) r[j] = t[j];
+}
+
+// One panel: `rows` (<= kPanel) rows of W into out ([K2][kPanel] words, rows past `rows` 0).  A whole panel moves
+// 16 rows x 16 pairs at a time through transpose16; the rest word by word.
+void pack_panel(const uint16_t* W, int64_t ldw, int64_t rows, int64_t K, uint32_t* o) {
+  const int64_t K2 = pairs(K), even = K / 2;
+  int64_t done = 0;  // pairs packed by the vector loop (all rows)
+  if (rows == kPanel) {
+    done = even / 16 * 16;
+    for (int64_t g = 0; g < kPanel; g += 16)
+      for (int64_t k0 = 0; k0 < done; k0 += 16) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(W + (g + i) * ldw + 2 * k0);
+        transpose16(r);
+        for (int j = 0; j < 16; ++j) _mm512_storeu_si512(o + (k0 + j) * kPanel + g, r[j]);
+      }
+  }
+  for (int64_t j = 0; j < kPanel; ++j) {
+    if (j >= rows) {
+      for (int64_t k = done; k < K2; ++k) o[k * kPanel + j] = 0;
+      continue;
+    }
+    const uint16_t* row = W + j * ldw;
+    for (int64_t k = done; k < even; ++k) {
+      uint32_t w;
+      std::memcpy(&w, row + 2 * k, 4);  // little-endian: the even k in the low half, as VDPBF16PS pairs them
+      o[k * kPanel + j] = w;
+    }
+    if (K2 > even) o[even * kPanel + j] = row[K - 1];
+  }
+}
+
 }  // namespace
 
 void pack_w(const uint16_t* W, int64_t ldw, int64_t n, int64_t K, int64_t p0, int64_t p1, uint32_t* out) {
-  const int64_t K2 = pairs(K), even = K / 2;
-  for (int64_t p = p0; p < p1; ++p) {
-    uint32_t* o = out + p * K2 * kPanel;
-    for (int64_t j = 0; j < kPanel; ++j) {
-      const int64_t v = p * kPanel + j;
-      if (v >= n) {
-        for (int64_t k = 0; k < K2; ++k) o[k * kPanel + j] = 0;
-        continue;
-      }
-      const uint16_t* row = W + v * ldw;
-      for (int64_t k = 0; k < even; ++k) {
-        uint32_t w;
-        std::memcpy(&w, row + 2 * k, 4);  // little-endian: the even k in the low half, as VDPBF16PS pairs them
-        o[k * kPanel + j] = w;
-      }
-      if (K2 > even) o[even * kPanel + j] = row[K - 1];
-    }
-  }
+  const int64_t K2 = pairs(K);
+  for (int64_t p = p0; p < p1; ++p)
+    pack_panel(W + p * kPanel * ldw, ldw, lesser(kPanel, n - p * kPanel), K, out + p * K2 * kPanel);
 }
 
 void pack_x(const float* x, int64_t ldx, int64_t m, int64_t K, uint32_t* out) {
@@ -152,6 +192,17 @@ void gemm(const uint32_t* x, int64_t m, const uint32_t* w, int64_t n, int64_t K,
   }
 }
 
+void gemm_streamed(const uint32_t* x, int64_t m, const uint16_t* W, int64_t ldw, int64_t n, int64_t K, int64_t p0,
+                   int64_t p1, float* C, int64_t ldc, uint32_t* panel) {
+  const int64_t K2 = pairs(K);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t nn = lesser(kPanel, n - p * kPanel);
+    pack_panel(W + p * kPanel * ldw, ldw, nn, K, panel);
+    for (int64_t r0 = 0; r0 < m; r0 += kRows)
+      block_rows(lesser(kRows, m - r0), x + r0 * K2, panel, K2, C + r0 * ldc + p * kPanel, ldc, nn);
+  }
+}
+
 }  // namespace bf16dot
 }  // namespace copsd_cpu
 
@@ -162,6 +213,8 @@ namespace bf16dot {
 void pack_w(const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t*) {}
 void pack_x(const float*, int64_t, int64_t, int64_t, uint32_t*) {}
 void gemm(const uint32_t*, int64_t, const uint32_t*, int64_t, int64_t, int64_t, int64_t, float*, int64_t) {}
+void gemm_streamed(const uint32_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, float*,
+                   int64_t, uint32_t*) {}
 }  // namespace bf16dot
 }  // namespace copsd_cpu
 

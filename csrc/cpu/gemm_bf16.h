@@ -43,5 +43,11 @@ void pack_x(const float* x, int64_t ldx, int64_t m, int64_t K, uint32_t* out);
 void gemm(const uint32_t* x, int64_t m, const uint32_t* w, int64_t n, int64_t K, int64_t p0, int64_t p1, float* C,
           int64_t ldc);
 
+// The same from W itself ([n, K] bf16 bits, row stride ldw): each panel is packed into `panel` (packed_w_words(
+// kPanel, K) words, the calling thread's) right before its products, while it is in cache.  For an lm_head whose
+// packed copy would not fit the pack budget: W is re-packed per call, a panel at a time, and never held whole.
+void gemm_streamed(const uint32_t* x, int64_t m, const uint16_t* W, int64_t ldw, int64_t n, int64_t K, int64_t p0,
+                   int64_t p1, float* C, int64_t ldc, uint32_t* panel);
+
 }  // namespace bf16dot
 }  // namespace copsd_cpu
