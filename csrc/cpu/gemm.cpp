@@ -280,11 +280,11 @@ LmHead::LmHead(const Tensor& W, at::ScalarType st, at::ScalarType x_st, int64_t 
   const int64_t elem = st == at::kDouble ? 8 : 4;
   vb_ = tile > 0 ? std::min(std::max<int64_t>(V, 1), tile) : upcast_ ? upcast_block(V, H, elem, budget) : V;
   const int64_t chunks = rows > 0 ? (N + rows - 1) / rows : 0;
-  // Only when it pays: the weight is read by >= 2 chunk GEMMs.
   // The bf16 kernel: streamed from W (each panel packed right before its products) unless the packed copy is kept
   // below; streaming reads W's rows in place, so a W with another layout (a transposed view) takes it only packed.
   const bool bf16 = x_st == at::kBFloat16 && W.scalar_type() == at::kBFloat16 && st == at::kFloat && bf16_gemm_on();
   bf16_ = bf16 && W.stride(1) == 1;
+  // Packed copies only when they pay: the weight is read by >= 2 chunk GEMMs.
   if (chunks < 2 || V == 0 || H == 0 || pack.left <= 0) return;
   // Its packed copy (bf16, in blocks of vb_ rows, each padded to whole panels) takes about half the fp32 copy's
   // bytes; with gradients, the whole up-cast copy too if it fits (the d_hidden products stay fp32).
@@ -564,7 +564,9 @@ Tensor LmHead::weight_rows(int64_t v0, int64_t n, Tensor& scratch) {
   TORCH_CHECK(v0 >= 0 && n > 0 && v0 + n <= V, "weight_rows: bad range");
   if (full_.defined()) return full_.narrow(0, v0, n);
   if (!upcast_) return W_.narrow(0, v0, n);
-  if (!scratch.defined() || scratch.numel() < n * H) scratch = cached_empty({n * H}, st_);
+  // (scratch may hold a bf16 logits_block's packed x instead: another dtype)
+  if (!scratch.defined() || scratch.scalar_type() != st_ || scratch.numel() < n * H)
+    scratch = cached_empty({n * H}, st_);
   Tensor u = scratch.narrow(0, 0, n * H).view({n, H});
   upcast_rows(W_.narrow(0, v0, n), u);
   return u;

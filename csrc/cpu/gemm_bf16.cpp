@@ -33,7 +33,7 @@ inline uint32_t to_bf16(float f) {
 
 // Pairs per inner sum: the products of each run of kInner pairs are summed in registers from 0 and the runs' sums are
 // added in a second sum (in L1), so the rounding grows with kInner + K / (2 kInner), not with K as one running sum
-// per output would (at K = 2048 ~7x the fp32 GEMM's error).
+// per output would (at K = 2048 4-7x the fp32 GEMM's largest error).
 constexpr int64_t kInner = 64;
 
 // Stores the R x kPanel block acc (columns < nn of it) at C.
