@@ -370,6 +370,10 @@ def test_info_lists_what_a_bug_report_needs(capsys):
                 "datasets version", "triton version", "CUDA", "GPUs", "CPU ISA level", "available backends",
                 "Platform"):
         assert key in out, key
+    from copsd.backends import cpu
+    if cpu.available():
+        want = "yes" if cpu.bf16_gemm_available() else "no"
+        assert f"CPU bf16 logits kernel (AVX512-BF16): {want}" in out, out
 
 
 def test_lora_checkpoint_names_its_base_by_absolute_path(user, tmp_path, monkeypatch):

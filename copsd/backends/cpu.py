@@ -122,6 +122,12 @@ def isa():
     return _C.isa()
 
 
+def bf16_gemm_available():
+    """Whether bf16 logits run on the backend's AVX512-BF16 dot-product kernel here (the CPU has it and
+    ``COPSD_CPU_ISA`` does not cap the level below avx512; ``COPSD_CPU_BF16_GEMM=0`` still turns it off per call)."""
+    return bool(_C.bf16_gemm_available())
+
+
 def _logit_args(logit: LogitSpec):
     return float(logit.temperature), float(logit.logit_scale), (
         None if logit.softcap is None else float(logit.softcap))

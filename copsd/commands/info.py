@@ -46,6 +46,8 @@ def collect() -> dict:
         from copsd.backends import cpu
 
         info["CPU ISA level (C++ backend)"] = cpu.isa() if cpu.available() else "C++ extension not built"
+        if cpu.available():
+            info["CPU bf16 logits kernel (AVX512-BF16)"] = "yes" if cpu.bf16_gemm_available() else "no"
     except Exception as e:  # an unbuilt or broken extension must not hide the rest of the report
         info["CPU ISA level (C++ backend)"] = f"unavailable ({type(e).__name__})"
     info["CPU"] = platform.processor() or platform.machine()
