@@ -137,8 +137,6 @@ class LmHead {
   void grads(const at::Tensor& dz, const at::Tensor& x, at::Tensor dx, at::Tensor& dw, bool first);
 
   bool packing() const { return pack_; }
-  // Whether the logits run on the bf16 dot-product kernel.
-  bool bf16() const { return bf16_; }
 
  private:
   at::Tensor block(int64_t v0, int64_t n);  // rows [v0, v0 + n) of W in the compute dtype (reused buffer)
