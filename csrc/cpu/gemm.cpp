@@ -420,6 +420,12 @@ void LmHead::bf16_logits(const Tensor& x_in, int64_t b0, int64_t b1, float* out,
   parallel_tasks(threads, threads, false, [&](int, int64_t t) { run(t * total / threads, (t + 1) * total / threads); });
 }
 
+// Counts one chunk's logits GEMM on the bf16 kernel: as packed or unpacked (streamed), and as a bf16 one.
+void LmHead::count_bf16_gemm() const {
+  ++(pack_ ? n_packed_gemms : n_plain_gemms);
+  ++n_bf16_gemms;
+}
+
 Tensor LmHead::block(int64_t v0, int64_t n) {
   if (full_.defined()) return full_.narrow(0, v0, n);
   if (!buf_.defined()) buf_ = cached_empty({vb_, W_.size(1)}, st_);
@@ -499,10 +505,7 @@ void LmHead::logits(const Tensor& x_in, Tensor out, bool count) {
   if (bf16_ && out_rows && m > 0) {
     Tensor xpack;  // packed afresh: another call's x may reuse this one's storage
     bf16_logits(x_in, 0, (V + vb_ - 1) / vb_, out.data_ptr<float>(), out.stride(0), xpack);
-    if (count) {
-      ++(pack_ ? n_packed_gemms : n_plain_gemms);
-      ++n_bf16_gemms;
-    }
+    if (count) count_bf16_gemm();
     return;
   }
   if (pack_ && !bf16_ && out_rows && fits_int(m) && m > 0) {
@@ -539,10 +542,7 @@ void LmHead::logits_block(const Tensor& x_in, int64_t b, Tensor out, Tensor& scr
   const bool out_rows = out.stride(1) == 1 && out.stride(0) >= n && fits_int(out.stride(0));
   if (bf16_ && out_rows && m > 0) {
     bf16_logits(x_in, b, b + 1, out.data_ptr<float>(), out.stride(0), scratch);
-    if (b == 0) {
-      ++(pack_ ? n_packed_gemms : n_plain_gemms);
-      ++n_bf16_gemms;
-    }
+    if (b == 0) count_bf16_gemm();  // a chunk's logits (all its blocks) counted once
     return;
   }
   if (pack_ && !bf16_ && out_rows && fits_int(m) && m > 0) {

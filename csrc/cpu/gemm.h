@@ -146,6 +146,7 @@ class LmHead {
   void pack_bf16();
   // out[m, blocks b0..b1) = x @ (those blocks of W)^T on the bf16 kernel; `xpack`: the packed x (see logits_block).
   void bf16_logits(const at::Tensor& x, int64_t b0, int64_t b1, float* out, int64_t ldo, at::Tensor& xpack);
+  void count_bf16_gemm() const;
 
   at::Tensor W_;
   at::ScalarType st_;

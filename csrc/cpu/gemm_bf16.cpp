@@ -98,6 +98,12 @@ void block_rows(int64_t mr, const uint32_t* a, const uint32_t* b, int64_t K2, fl
   }
 }
 
+// C[0..m, 0..nn) = every row panel of the packed x times one packed W panel b.
+void rows_times_panel(const uint32_t* x, int64_t m, const uint32_t* b, int64_t K2, float* C, int64_t ldc, int64_t nn) {
+  for (int64_t r0 = 0; r0 < m; r0 += kRows)
+    block_rows(lesser(kRows, m - r0), x + r0 * K2, b, K2, C + r0 * ldc, ldc, nn);
+}
+
 // The 16 x 16 transpose of 32-bit words: r[i] (row i, words 0..15) becomes r[j] (word j of rows 0..15).
 inline void transpose16(__m512i (&r)[16]) {
   __m512i t[16];
@@ -184,12 +190,8 @@ void pack_x(const float* x, int64_t ldx, int64_t m, int64_t K, uint32_t* out) {
 void gemm(const uint32_t* x, int64_t m, const uint32_t* w, int64_t n, int64_t K, int64_t p0, int64_t p1, float* C,
           int64_t ldc) {
   const int64_t K2 = pairs(K);
-  for (int64_t p = p0; p < p1; ++p) {
-    const uint32_t* b = w + p * K2 * kPanel;
-    const int64_t nn = lesser(kPanel, n - p * kPanel);
-    for (int64_t r0 = 0; r0 < m; r0 += kRows)
-      block_rows(lesser(kRows, m - r0), x + r0 * K2, b, K2, C + r0 * ldc + p * kPanel, ldc, nn);
-  }
+  for (int64_t p = p0; p < p1; ++p)
+    rows_times_panel(x, m, w + p * K2 * kPanel, K2, C + p * kPanel, ldc, lesser(kPanel, n - p * kPanel));
 }
 
 void gemm_streamed(const uint32_t* x, int64_t m, const uint16_t* W, int64_t ldw, int64_t n, int64_t K, int64_t p0,
@@ -198,8 +200,7 @@ void gemm_streamed(const uint32_t* x, int64_t m, const uint16_t* W, int64_t ldw,
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t nn = lesser(kPanel, n - p * kPanel);
     pack_panel(W + p * kPanel * ldw, ldw, nn, K, panel);
-    for (int64_t r0 = 0; r0 < m; r0 += kRows)
-      block_rows(lesser(kRows, m - r0), x + r0 * K2, panel, K2, C + r0 * ldc + p * kPanel, ldc, nn);
+    rows_times_panel(x, m, panel, K2, C + p * kPanel, ldc, nn);
   }
 }
 
