@@ -4,7 +4,7 @@
 // they run (bf16_gemm_supported) and drives them.
 //
 // Why: a bf16 lm_head's logits GEMM otherwise multiplies the weight up-cast to fp32 at the fp32 FMA rate (MKL,
-// ~94 GFLOP/s per Zen 4 core); the dot-product instruction does twice the multiply-adds per cycle (~200 GFLOP/s per
+// ~89 GFLOP/s per Zen 4 core); the dot-product instruction does twice the multiply-adds per cycle (~200 GFLOP/s per
 // core in this kernel).  The products of two bf16 values are exact in fp32 and the sums are fp32 sums, so the logits
 // are as accurate as the up-cast fp32 GEMM's (the instruction flushes denormals: inputs below ~1.2e-38 count as 0).
 //
