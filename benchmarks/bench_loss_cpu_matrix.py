@@ -39,7 +39,7 @@ ISAS = ("avx2", "native")
 # The peers that were within ~1.5x of copsd in earlier runs (the eager chunked loop and TRL on materialised logits
 # were 2-4x the floor throughout): what every configuration but --full-config times by default, and whose peak
 # memory (with naive's) is probed.
-SHORT_IMPLS = ("copsd", "copsd:loss", "chunked+compile", "liger", "liger:bf16", "cce")
+SHORT_IMPLS = ("copsd", "copsd:bf16all", "copsd:loss", "chunked+compile", "liger", "liger:bf16", "cce")
 FULL_CONFIG = f"{SHAPES[0]},float32,native"
 LARGE_CASES = ("rkl", "lpent", "topk")
 # ``--isa avx2only``: the whole process at AVX2, as on a CPU without AVX-512 (copsd's epilogues, MKL's GEMMs and

@@ -21,7 +21,8 @@ naive, the chunked loops, the optional peers and the floors run on fp32 copies o
 AVX512-BF16 are far slower, and torch's round their outputs to bf16), gradients flow back to the bf16 leaves;
 ``liger:bf16`` is Liger on the bf16 inputs as given (bf16 GEMMs, bf16 logits).  copsd's own logits GEMMs of bf16
 inputs run on AVX512-BF16 dot products where the CPU has them (fp32 products and sums), so on such a CPU copsd can
-run below the fp32 floor.
+run below the fp32 floor; ``copsd:bf16all`` is copsd with ``COPSD_CPU_BF16_GEMM=all`` (its gradient GEMMs on those
+dot products too, dL/dz rounded to bf16), for bf16 inputs only.
 
 A floor runs the GEMMs alone into preallocated outputs (no softmax, no allocation): nothing that computes the
 loss that way can be faster.  Implementations run round-robin, ``--repeats`` rounds; each round's time is divided
@@ -39,6 +40,7 @@ the shapes, dtypes and ISA levels of issue 17, one fresh process per configurati
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -92,6 +94,22 @@ JSD_BETA = 0.5
 
 def _f32(t):
     return t.float() if t.dtype == torch.bfloat16 else t
+
+
+@contextlib.contextmanager
+def _bf16_gemm(mode):
+    """COPSD_CPU_BF16_GEMM=mode around a call (read per op call; None: as the environment has it)."""
+    old = os.environ.get("COPSD_CPU_BF16_GEMM")
+    if mode is not None:
+        os.environ["COPSD_CPU_BF16_GEMM"] = mode
+    try:
+        yield
+    finally:
+        if mode is not None:
+            if old is None:
+                del os.environ["COPSD_CPU_BF16_GEMM"]
+            else:
+                os.environ["COPSD_CPU_BF16_GEMM"] = old
 
 
 def _div(case, xs, ws, xt, wt):
@@ -180,7 +198,7 @@ OPTIONAL_PEERS = ("liger", "liger:bf16", "trl", "cce")
 
 
 def impls_for(case):
-    base = ["floor", "naive", "chunked", "chunked+compile", "copsd"]
+    base = ["floor", "naive", "chunked", "chunked+compile", "copsd", "copsd:bf16all"]
     div = base + ["liger", "liger:bf16", "trl"]
     return {"rkl": div, "fkl": div, "jsd": div,
             "lpent": ["floor", "floor4"] + base[1:] + ["copsd:loss"],
@@ -193,7 +211,7 @@ def floor_of(case, impl):
     + backward recomputes the logits in its backward (4 GEMMs: ``floor4``); everything else that computes the
     log-probs cases keeps the logits or forms the gradient in the forward pass (3 GEMMs: ``floor``), the
     divergences need 4 (``floor``) and top-k 1 (``floor``).  ``floor4`` itself is shown against ``floor``."""
-    return "floor4" if case in TWO_FLOOR_CASES and impl == "copsd" else "floor"
+    return "floor4" if case in TWO_FLOOR_CASES and impl in ("copsd", "copsd:bf16all") else "floor"
 
 
 def floor_gemms(case, floor="floor"):
@@ -285,8 +303,16 @@ def make_case(case, impl, n, h, v, dtype="float32"):
             return total, xs.grad.float(), ws.grad.float()
         return with_reset(run)
 
-    if impl == "copsd":
+    if impl in ("copsd", "copsd:bf16all"):
+        if impl == "copsd:bf16all" and dt != torch.bfloat16:
+            raise RuntimeError("skip: copsd:bf16all differs from copsd for bf16 inputs only")
+        mode = "all" if impl == "copsd:bf16all" else None
+
         def run():
+            with _bf16_gemm(mode):
+                return run_copsd()
+
+        def run_copsd():
             if case in DIV_KIND:
                 loss = ops.linear_divergence(xs, ws, xt, wt, kind=DIV_KIND[case], beta=JSD_BETA, reduction="sum",
                                              backend="cpu")

@@ -83,7 +83,8 @@ def test_peer_matches_naive(case, impl):
     P.check(case, impl, out, _peer_naive(case, "float32"), "float32")
 
 
-@pytest.mark.parametrize("case,impl", [("rkl", "copsd"), ("jsd", "liger"), ("ce", "copsd:loss")])
+@pytest.mark.parametrize("case,impl", [("rkl", "copsd"), ("jsd", "liger"), ("ce", "copsd:loss"),
+                                       ("fkl", "copsd:bf16all"), ("lpent", "copsd:bf16all")])
 def test_peer_matches_naive_bf16(case, impl):
     out = _peer(case, impl, "bfloat16")()
     P.check(case, impl, out, _peer_naive(case, "bfloat16"), "bfloat16")

@@ -84,7 +84,7 @@ bool have_packed_api() { return packed_api().compute != nullptr; }
 
 // Counters for tests and profiling (process-wide).
 std::atomic<int64_t> n_packs{0}, n_packed_bytes{0}, n_packed_reserved{0}, n_packed_gemms{0}, n_plain_gemms{0},
-    n_bf16_gemms{0};
+    n_bf16_gemms{0}, n_bf16_grads{0};
 
 bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
 
@@ -186,9 +186,27 @@ bool detect_bf16_dot() {
 #endif
 }
 
-// The bf16 kernel for this op call: not turned off by COPSD_CPU_BF16_GEMM=0 (read per call, on every CPU: a bad
-// value is an error everywhere), and supported.
-bool bf16_gemm_on() { return !env_flag_off("COPSD_CPU_BF16_GEMM") && bf16_gemm_supported(); }
+// COPSD_CPU_BF16_GEMM (read per op call, on every CPU: a bad value is an error everywhere): 0 (also false / off /
+// no) keeps every GEMM in fp32, 1 (the default; also true / on / yes or empty) puts bf16 logits on the bf16 kernel,
+// `all` the gradient GEMMs too.
+int bf16_gemm_mode() {
+  const char* raw = std::getenv("COPSD_CPU_BF16_GEMM");
+  if (raw != nullptr) {
+    std::string v(raw);
+    for (auto& ch : v) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    if (v == "all") return 2;
+    TORCH_CHECK(v.empty() || v == "0" || v == "1" || v == "false" || v == "true" || v == "off" || v == "on" ||
+                    v == "no" || v == "yes",
+                "COPSD_CPU_BF16_GEMM must be 0, 1 (also false/true, off/on, no/yes) or all, got '", raw, "'");
+  }
+  return env_flag_off("COPSD_CPU_BF16_GEMM") ? 0 : 1;
+}
+
+// The bf16 kernel's level for this op call (bf16_gemm_mode, 0 where the CPU has no kernel).
+int bf16_gemm_on() {
+  const int mode = bf16_gemm_mode();
+  return bf16_gemm_supported() ? mode : 0;
+}
 
 }  // namespace
 
@@ -274,7 +292,7 @@ PackBudget::PackBudget() {
 // ------------------------------------------------------------------------------ LmHead
 
 LmHead::LmHead(const Tensor& W, at::ScalarType st, at::ScalarType x_st, int64_t rows, int64_t N, int64_t budget,
-               PackBudget& pack, bool grads, int64_t tile)
+               PackBudget& pack, bool grads, int64_t tile, bool tile_grads)
     : W_(W), st_(st), upcast_(W.scalar_type() != st), grads_(grads), tiled_(tile > 0), rows_(rows) {
   const int64_t V = W.size(0), H = W.size(1);
   const int64_t elem = st == at::kDouble ? 8 : 4;
@@ -282,17 +300,33 @@ LmHead::LmHead(const Tensor& W, at::ScalarType st, at::ScalarType x_st, int64_t 
   const int64_t chunks = rows > 0 ? (N + rows - 1) / rows : 0;
   // The bf16 kernel: streamed from W (each panel packed right before its products) unless the packed copy is kept
   // below; streaming reads W's rows in place, so a W with another layout (a transposed view) takes it only packed.
-  const bool bf16 = x_st == at::kBFloat16 && W.scalar_type() == at::kBFloat16 && st == at::kFloat && bf16_gemm_on();
+  const int mode = x_st == at::kBFloat16 && W.scalar_type() == at::kBFloat16 && st == at::kFloat ? bf16_gemm_on() : 0;
+  const bool bf16 = mode > 0;
   bf16_ = bf16 && W.stride(1) == 1;
+  // The gradient GEMMs too (mode `all`): they read W's rows in place (streamed) or pack them (pack_wt).
+  bf16g_ = (grads || tile_grads) && mode == 2 && W.stride(1) == 1;
   // Packed copies only when they pay: the weight is read by >= 2 chunk GEMMs.
   if (chunks < 2 || V == 0 || H == 0 || pack.left <= 0) return;
   // Its packed copy (bf16, in blocks of vb_ rows, each padded to whole panels) takes about half the fp32 copy's
-  // bytes; with gradients, the whole up-cast copy too if it fits (the d_hidden products stay fp32).
+  // bytes; with gradients, the whole up-cast copy too if it fits (the d_hidden products stay fp32), or with the
+  // gradients on the bf16 kernel too, W packed as row pairs for them (about the packed copy's size again).
   if (bf16) {
     auto bf16_bytes = [&](int64_t block) {
       return (V + block - 1) / block * bf16dot::packed_w_words(block, H) * static_cast<int64_t>(sizeof(uint32_t));
     };
     const int64_t vb_copy = tile > 0 ? vb_ : V;
+    if (bf16g_) {
+      if (bf16_bytes(vb_) <= pack.left) {
+        pack.left -= bf16_bytes(vb_);
+        pack_ = true;
+        const int64_t wt_bytes = bf16dot::pairs(V) * bf16dot::pair_stride(H) * static_cast<int64_t>(sizeof(uint32_t));
+        if (wt_bytes <= pack.left) {
+          pack.left -= wt_bytes;
+          wt_ = true;
+        }
+      }
+      return;  // what does not fit is streamed
+    }
     if (grads && V * H * elem + bf16_bytes(vb_copy) <= pack.left) {
       pack.left -= V * H * elem + bf16_bytes(vb_copy);
       copy_ = true;
@@ -343,6 +377,7 @@ void LmHead::prepare() {
   } else if (pack_ && !bf16_ && packed_.empty()) {
     pack_weight();
   }
+  if (wt_ && !wtpack_.defined()) pack_wt();
 }
 
 // Panels per task of the parallel bf16 pack (64 x 16 rows of W).
@@ -368,6 +403,72 @@ void LmHead::pack_bf16() {
   ++n_packs;
   n_packed_bytes += bytes;
   n_packed_reserved += bytes;
+}
+
+// ---- The gradient GEMMs on the bf16 kernel (COPSD_CPU_BF16_GEMM=all)
+
+// Vocabulary entries per sub-tile of grad_tile_bf16: its G block (two bf16 copies of [m, 256]) and, streamed, its W
+// rows as pairs ([128, padded(H)] words) are packed per sub-tile, each used right away while in L2.  Even, so that
+// the pairs of the packed-once W (wtpack_) line up with every sub-tile of an even tile start.
+constexpr int64_t kGradSub = 256;
+
+void LmHead::pack_wt() {
+  const int64_t V = W_.size(0), H = W_.size(1), ld = bf16dot::pair_stride(H), K2 = bf16dot::pairs(V);
+  wtpack_ = cached_empty({K2 * ld}, at::kInt);
+  const auto* src = reinterpret_cast<const uint16_t*>(W_.data_ptr<at::BFloat16>());
+  auto* dst = reinterpret_cast<uint32_t*>(wtpack_.data_ptr<int32_t>());
+  const int64_t ldw = W_.stride(0), step = kGradSub / 2;  // pairs per task
+  const int threads = omp_in_parallel() ? 1 : std::max(1, at::get_num_threads());
+  parallel_tasks((K2 + step - 1) / step, threads, false, [&](int, int64_t t) {
+    const int64_t k0 = t * step, rows = std::min(2 * step, V - 2 * k0);
+    bf16dot::pack_row_pairs_bf16(src + 2 * k0 * ldw, ldw, rows, H, dst + k0 * ld, ld);
+  });
+  const int64_t bytes = K2 * ld * static_cast<int64_t>(sizeof(uint32_t));
+  ++n_packs;
+  n_packed_bytes += bytes;
+  n_packed_reserved += bytes;
+}
+
+int64_t LmHead::grad_x_words(int64_t m) const { return bf16dot::pairs(m) * bf16dot::pair_stride(W_.size(1)); }
+
+void LmHead::pack_grad_x(const Tensor& x, uint32_t* out) const {
+  const int64_t H = W_.size(1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == H && (x.stride(1) == 1 || H <= 1),
+              "pack_grad_x: fp32 [m, H] rows expected");
+  bf16dot::pack_row_pairs(x.data_ptr<float>(), x.stride(0), x.size(0), H, out, bf16dot::pair_stride(H));
+  ++n_bf16_grads;
+}
+
+void LmHead::grad_tile_bf16(const float* z, int64_t ldz, int64_t m, int64_t v0, int64_t n, const uint32_t* xpair,
+                            float* part, int64_t ldp, float* dw, bool first) {
+  const int64_t V = W_.size(0), H = W_.size(1), ld = bf16dot::pair_stride(H), lr = kGradSub + 16;
+  // The thread's buffers: G as pairs along the vocabulary (d_hidden) and along the rows (d_weight), and the W rows
+  // of a sub-tile as pairs where they are not packed once per call.
+  thread_local std::vector<uint32_t> g_v, g_r, w_r;
+  const int64_t sub_pairs = kGradSub / 2;
+  if (static_cast<int64_t>(g_v.size()) < m * sub_pairs) g_v.resize(static_cast<size_t>(m * sub_pairs));
+  if (static_cast<int64_t>(g_r.size()) < bf16dot::pairs(m) * lr) g_r.resize(static_cast<size_t>(bf16dot::pairs(m) * lr));
+  const auto* wsrc = reinterpret_cast<const uint16_t*>(W_.data_ptr<at::BFloat16>());
+  const auto* wt = wt_ ? reinterpret_cast<const uint32_t*>(wtpack_.data_ptr<int32_t>()) : nullptr;
+  for (int64_t s0 = v0; s0 < v0 + n; s0 += kGradSub) {
+    const int64_t ns = std::min(kGradSub, v0 + n - s0), K2 = bf16dot::pairs(ns);
+    const float* zs = z + (s0 - v0);
+    // d_hidden: part += G[:, sub] W[sub], reduced over the sub-tile's vocabulary pairs.  The packed-once pairs serve
+    // a sub-tile whose pairs are theirs (even start; an odd length only at the vocabulary's end, where the packed
+    // pad is 0); any other is packed here (its odd last pair padded with 0).
+    bf16dot::pack_grad(zs, ldz, m, ns, g_v.data(), sub_pairs, g_r.data(), lr);
+    const uint32_t* b;
+    if (wt != nullptr && s0 % 2 == 0 && (ns % 2 == 0 || s0 + ns == V)) {
+      b = wt + (s0 / 2) * ld;
+    } else {
+      if (static_cast<int64_t>(w_r.size()) < sub_pairs * ld) w_r.resize(static_cast<size_t>(sub_pairs * ld));
+      bf16dot::pack_row_pairs_bf16(wsrc + s0 * W_.stride(0), W_.stride(0), ns, H, w_r.data(), ld);
+      b = w_r.data();
+    }
+    bf16dot::gemm_words(g_v.data(), sub_pairs, 1, m, b, ld, H, K2, part, ldp, true);
+    // d_weight rows of the sub-tile (+)= G[:, sub]^T x, reduced over the chunk's row pairs.
+    bf16dot::gemm_words(g_r.data(), 1, lr, ns, xpair, ld, H, bf16dot::pairs(m), dw + s0 * H, H, !first);
+  }
 }
 
 // Words of the header of a packed x kept in a caller's scratch: the x it was packed from (data pointer, rows, row
@@ -627,6 +728,7 @@ void register_gemm(pybind11::module& m) {
     d["packed_gemms"] = n_packed_gemms.load();
     d["plain_gemms"] = n_plain_gemms.load();
     d["bf16_gemms"] = n_bf16_gemms.load();
+    d["bf16_grads"] = n_bf16_grads.load();
     return d;
   }, "process-wide counts: lm_head packings (packed_bytes: what they occupy and the pack budget counts; "
         "packed_reserved: what MKL's get_size reserved), chunk logits GEMMs on a packed / unpacked lm_head");
@@ -637,6 +739,7 @@ void register_gemm(pybind11::module& m) {
     n_packed_gemms = 0;
     n_plain_gemms = 0;
     n_bf16_gemms = 0;
+    n_bf16_grads = 0;
   });
   m.def("bf16_gemm_available", &bf16_gemm_supported,
         "whether bf16 logits GEMMs can run on the AVX512_BF16 dot-product kernel (CPU support, COPSD_CPU_ISA)");
@@ -675,6 +778,32 @@ void register_gemm(pybind11::module& m) {
     return out;
   }, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("block"), pybind11::arg("threads") = 1,
         pybind11::arg("streamed") = false);
+  // The gradient products on the bf16 kernel alone, for tests (needs COPSD_CPU_BF16_GEMM=all; COPSD_CPU_PACK_MB
+  // decides whether W's row pairs are packed once or per sub-tile): for z [m, n] fp32 (dL/dz, rounded to bf16
+  // inside), w [n, H] and x [m, H] bf16, returns (z W, z^T x + dw0, or z^T x without dw0), the vocabulary taken in
+  // tiles of `tile` entries as the loss drivers do, on one thread.
+  m.def("bf16_grad_tiles", [](const Tensor& z, const Tensor& w, const Tensor& x, int64_t tile,
+                              const std::optional<Tensor>& dw0) {
+    TORCH_CHECK(z.scalar_type() == at::kFloat && w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 &&
+                    z.dim() == 2 && w.dim() == 2 && x.dim() == 2 && z.size(1) == w.size(0) && z.size(0) == x.size(0) &&
+                    x.size(1) == w.size(1) && tile > 0,
+                "bf16_grad_tiles: z [m, n] fp32, w [n, H] and x [m, H] bf16, tile > 0 expected");
+    const int64_t m = z.size(0), n = w.size(0), H = w.size(1);
+    PackBudget pack;
+    const Tensor wc = w.contiguous(), zc = z.contiguous(), xf = x.to(at::kFloat).contiguous();
+    LmHead head(wc, at::kFloat, at::kBFloat16, m, 2 * m, int64_t(1) << 30, pack, true);  // 2 chunks: packs allowed
+    TORCH_CHECK(head.bf16_grads(), "bf16_grad_tiles: needs AVX512_BF16 and COPSD_CPU_BF16_GEMM=all");
+    head.ready();
+    std::vector<uint32_t> xpair(static_cast<size_t>(head.grad_x_words(m)));
+    head.pack_grad_x(xf, xpair.data());
+    Tensor dx = at::zeros({m, H}, at::kFloat);
+    Tensor dw = dw0.has_value() ? dw0->to(at::kFloat).contiguous().clone() : at::empty({n, H}, at::kFloat);
+    for (int64_t v0 = 0; v0 < n; v0 += tile)
+      head.grad_tile_bf16(zc.data_ptr<float>() + v0, n, m, v0, std::min(tile, n - v0), xpair.data(),
+                          dx.data_ptr<float>(), H, dw.data_ptr<float>(), !dw0.has_value());
+    return std::make_tuple(dx, dw);
+  }, pybind11::arg("z"), pybind11::arg("w"), pybind11::arg("x"), pybind11::arg("tile"),
+        pybind11::arg("dw0") = pybind11::none());
 }
 
 }  // namespace copsd_cpu

@@ -109,8 +109,10 @@ class LmHead {
   // compute the logits one vocabulary tile at a time (logits_block).
   // x_st: the dtype of the hidden states the logits are formed from (they reach logits() in `st`); bf16 with a bf16
   // W may take the bf16 kernel.
+  // tile_grads: the caller forms the gradient products per vocabulary tile itself (weight_block, no whole up-cast
+  // copy); with `all` they take the bf16 kernel as with `grads`.
   LmHead(const at::Tensor& W, at::ScalarType st, at::ScalarType x_st, int64_t rows, int64_t N, int64_t budget,
-         PackBudget& pack, bool grads, int64_t tile = 0);
+         PackBudget& pack, bool grads, int64_t tile = 0, bool tile_grads = false);
 
   // out[m, V] = x[m, H] @ W^T (x in the compute dtype).  After ready(), calls on a packed head (packing()) may come
   // from several threads at once (each GEMM then runs single-threaded inside the parallel region); `count`: whether
@@ -138,6 +140,22 @@ class LmHead {
 
   bool packing() const { return pack_; }
 
+  // The gradient GEMMs on the bf16 kernel (COPSD_CPU_BF16_GEMM=all, for a head whose logits take it and whose
+  // gradients are wanted): grad_tile_bf16 replaces the fp32 products of a vocabulary tile.  dL/dz is rounded to bf16
+  // there, so d_hidden and d_weight carry about the rounding error of a bf16 result (an opt-in; see gemm_bf16.h).
+  bool bf16_grads() const { return bf16g_; }
+  // 32-bit words of a chunk of m rows of x packed for the d_weight products (pack_grad_x).
+  int64_t grad_x_words(int64_t m) const;
+  // x [m, H] (fp32 rows of bf16 values, unit stride along H) packed as row pairs; counts one chunk's gradients as
+  // done on the bf16 kernel (gemm_stats "bf16_grads").
+  void pack_grad_x(const at::Tensor& x, uint32_t* out) const;
+  // For the vocabulary rows [v0, v0 + n) of a chunk's dL/dz z (fp32, m rows of stride ldz, columns v0 .. v0 + n):
+  // part[m, H] (row stride ldp) += z[:, tile] W[tile], and d_weight rows v0 .. v0 + n of dw ([V, H] contiguous) =
+  // (first) or += z[:, tile]^T x, x as pack_grad_x left it.  Single-threaded; safe from several threads at once after
+  // ready() (each thread packs into its own buffers).
+  void grad_tile_bf16(const float* z, int64_t ldz, int64_t m, int64_t v0, int64_t n, const uint32_t* xpair,
+                      float* part, int64_t ldp, float* dw, bool first);
+
  private:
   at::Tensor block(int64_t v0, int64_t n);  // rows [v0, v0 + n) of W in the compute dtype (reused buffer)
   void prepare();  // on first use: the whole up-cast copy and the packed copy, where planned
@@ -163,6 +181,10 @@ class LmHead {
   bool bf16_ = false;               // the logits on the bf16 kernel, from wpack_
   at::Tensor wpack_;                // the bf16 packed W: block b at word offset b * woff_ (gemm_bf16.h layout)
   int64_t woff_ = 0;
+  bool bf16g_ = false;              // the gradient GEMMs on the bf16 kernel too (grad_tile_bf16)
+  bool wt_ = false;                 // ... with W packed as row pairs once per call (wtpack_), else per sub-tile
+  at::Tensor wtpack_;               // [pairs(V), padded(H)] words: (W[2k, h], W[2k + 1, h])
+  void pack_wt();
 };
 
 // The driver-facing call of the gradient GEMMs (W is the LmHead's weight).

@@ -347,7 +347,7 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
       std::min(topk_rows(span, 1, 0, budget), std::max<int64_t>(1, budget / std::max<int64_t>(1, V * elem)));
   const int64_t tile = grad_tile(rows, V, threads, elem);
   PackBudget pack;
-  LmHead vb(weight, st, hidden.scalar_type(), rows, N, budget, pack, false, tile);
+  LmHead vb(weight, st, hidden.scalar_type(), rows, N, budget, pack, false, tile, true);
   PhaseTimer tm("logprobs backward");
   tm.start();
   vb.ready();
@@ -366,13 +366,22 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
   const T* pa = g_lp.data_ptr<T>();
   const T* pb = g_ent.data_ptr<T>();
   const T* pc = g_lse.data_ptr<T>();
+  // On the bf16 kernel (LmHead::bf16_grads): each row group of a span packed as row pairs once for every tile.
+  const bool bf16g = vb.bf16_grads();
+  const int64_t xw = bf16g ? vb.grad_x_words(rows) : 0;
+  std::vector<uint32_t> xpair;
   for (int64_t s0 = 0; s0 < N; s0 += span) {
     const int64_t ns = std::min(span, N - s0);
     part.narrow(1, 0, ns).zero_();
+    if (bf16g) {
+      xpair.resize(static_cast<size_t>((ns + rows - 1) / rows * xw));
+      for (int64_t g0 = 0; g0 < ns; g0 += rows)
+        vb.pack_grad_x(x.narrow(0, s0 + g0, std::min(rows, ns - g0)), xpair.data() + g0 / rows * xw);
+    }
     parallel_tasks(tiles, nt, false, [&](int tid, int64_t b) {
       const int64_t v0 = b * tile, n = std::min(tile, V - v0);
       const double t0 = tm.now();
-      Tensor wb = vb.weight_block(b, wscratch[tid]);
+      Tensor wb = bf16g ? Tensor() : vb.weight_block(b, wscratch[tid]);
       Tensor dwb = dw.narrow(0, v0, n);
       Tensor acc = part[tid];
       T* zp = z[tid].data_ptr<T>();
@@ -390,11 +399,16 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
                         false);
         }
         const double t3 = tm.now();
-        acc.narrow(0, g0, nr).addmm_(zb, wb);
-        if (r0 == 0) {
-          at::mm_out(dwb, zb.t(), xg);
+        if (bf16g) {
+          vb.grad_tile_bf16(zb.data_ptr<float>(), tile, nr, v0, n, xpair.data() + g0 / rows * xw,
+                            acc.data_ptr<float>() + g0 * acc.stride(0), acc.stride(0), dw.data_ptr<float>(), r0 == 0);
         } else {
-          dwb.addmm_(zb.t(), xg);
+          acc.narrow(0, g0, nr).addmm_(zb, wb);
+          if (r0 == 0) {
+            at::mm_out(dwb, zb.t(), xg);
+          } else {
+            dwb.addmm_(zb.t(), xg);
+          }
         }
         t_gemm[tid] += t2 - t1;
         t_epi[tid] += t3 - t2;
@@ -430,11 +444,22 @@ void grads_by_tile(const Tensor& zc, const Tensor& xc, LmHead& vb, Tensor dxc, T
   pc.zero_();
   std::vector<double> t_form(std::max(nt, 1), 0.0);
   tm.start();
+  // On the bf16 kernel (LmHead::bf16_grads): x packed as row pairs once for every tile.
+  std::vector<uint32_t> xpair;
+  if (vb.bf16_grads()) {
+    xpair.resize(static_cast<size_t>(vb.grad_x_words(nr)));
+    vb.pack_grad_x(xc, xpair.data());
+  }
   parallel_tasks(tiles, std::max(nt, 1), false, [&](int tid, int64_t b) {
     const int64_t v0 = b * tile, n = std::min(tile, V - v0);
     const double t0 = tm.now();
     form(v0, n);
     t_form[tid] += tm.now() - t0;
+    if (!xpair.empty()) {
+      vb.grad_tile_bf16(zc.data_ptr<float>() + v0, zc.stride(0), nr, v0, n, xpair.data(), pc[tid].data_ptr<float>(),
+                        pc.stride(1), dw.data_ptr<float>(), first);
+      return;
+    }
     Tensor zb = zc.narrow(1, v0, n);
     pc[tid].addmm_(zb, vb.weight_rows(v0, n, wscratch[tid]));
     Tensor dwb = dw.narrow(0, v0, n);
