@@ -41,6 +41,11 @@ Environment knobs (the ``PACK`` ones are read on every op call):
   faults and up to a quarter of the time of a bf16 JSD call at N = 2048, V = 32000 on a 2-core Zen 4 VM).  The
   bound counts kept and in-use buffers together; the least recently kept go first.  ``0`` keeps nothing (the
   smallest footprint).  :func:`empty_cache` frees them now, :func:`cache_stats` counts hits, misses, held bytes.
+* ``COPSD_CPU_BF16_GEMM`` (read on every call; on a CPU with AVX512-BF16, see :func:`bf16_gemm_available`):
+  ``1`` (default) forms the logits of bf16 inputs (bf16 hidden states and lm_head) on the backend's bf16
+  dot-product kernel, fp32 products and sums, as accurate as the fp32 GEMM; ``all`` puts their gradient GEMMs
+  there too, with ``dL/dz`` rounded to bf16 (about twice as fast; gradients within a few times the rounding error
+  of a bf16 result, far below plain bf16 PyTorch's: ``docs/kernels.md``); ``0`` keeps every GEMM in fp32.
 * ``COPSD_CPU_ISA`` (``base|avx2|avx512``) caps the row epilogues' instruction set; ``COPSD_CPU_PROFILE=1``
   prints each call's logits-GEMM / epilogue / gradient-GEMM split (the one-time packing counts as logits).
 
@@ -124,7 +129,8 @@ def isa():
 
 def bf16_gemm_available():
     """Whether bf16 logits run on the backend's AVX512-BF16 dot-product kernel here (the CPU has it and
-    ``COPSD_CPU_ISA`` does not cap the level below avx512; ``COPSD_CPU_BF16_GEMM=0`` still turns it off per call)."""
+    ``COPSD_CPU_ISA`` does not cap the level below avx512; ``COPSD_CPU_BF16_GEMM=0`` still turns it off per call,
+    ``COPSD_CPU_BF16_GEMM=all`` puts the gradient GEMMs there too)."""
     return bool(_C.bf16_gemm_available())
 
 

@@ -447,7 +447,8 @@ void LmHead::grad_tile_bf16(const float* z, int64_t ldz, int64_t m, int64_t v0, 
   thread_local std::vector<uint32_t> g_v, g_r, w_r;
   const int64_t sub_pairs = kGradSub / 2;
   if (static_cast<int64_t>(g_v.size()) < m * sub_pairs) g_v.resize(static_cast<size_t>(m * sub_pairs));
-  if (static_cast<int64_t>(g_r.size()) < bf16dot::pairs(m) * lr) g_r.resize(static_cast<size_t>(bf16dot::pairs(m) * lr));
+  const int64_t by_row = bf16dot::pairs(m) * lr;
+  if (static_cast<int64_t>(g_r.size()) < by_row) g_r.resize(static_cast<size_t>(by_row));
   const auto* wsrc = reinterpret_cast<const uint16_t*>(W_.data_ptr<at::BFloat16>());
   const auto* wt = wt_ ? reinterpret_cast<const uint32_t*>(wtpack_.data_ptr<int32_t>()) : nullptr;
   for (int64_t s0 = v0; s0 < v0 + n; s0 += kGradSub) {

@@ -20,7 +20,8 @@
 // multiply-adds per cycle, the same fp32 products and sums): its logits GEMMs run there, its gradient GEMMs in fp32
 // as before.  Where that packed copy does not fit the pack budget (or the call has one chunk) the kernel streams
 // the weight, each thread packing one panel right before its products.  COPSD_CPU_BF16_GEMM=0 (read per op call)
-// keeps the fp32 path, for A/B measurements.
+// keeps the fp32 path, for A/B measurements; COPSD_CPU_BF16_GEMM=all (an opt-in) puts the gradient GEMMs on the
+// kernel too (grad_tile_bf16: dL/dz rounded to bf16), with W packed as row pairs instead of the whole fp32 copy.
 #pragma once
 
 #include <torch/extension.h>

@@ -51,9 +51,9 @@ void gemm_streamed(const uint32_t* x, int64_t m, const uint16_t* W, int64_t ldw,
 
 // ---- The gradient GEMMs on the same dot products (COPSD_CPU_BF16_GEMM=all; gemm.cpp).  Both reduce over a dimension
 // other than the hidden one, so their operands are packed as pairs along that dimension: d_hidden[r, h] =
-// sum_v G[r, v] W[v, h] pairs G's row entries (pack_rows) and W's rows (pack_row_pairs_bf16); d_weight[v, h] =
-// sum_r G[r, v] x[r, h] pairs G's rows and x's rows (pack_row_pairs).  G (dL/dz, fp32) is rounded to bf16 there;
-// x and W are bf16 values already.
+// sum_v G[r, v] W[v, h] pairs G's row entries and W's rows (pack_row_pairs_bf16); d_weight[v, h] = sum_r G[r, v]
+// x[r, h] pairs G's rows and x's rows (pack_row_pairs); pack_grad writes both layouts of G.  G (dL/dz, fp32) is
+// rounded to bf16 there; x and W are bf16 values already.
 
 // Columns of a B operand rounded up to whole panels: gemm_words reads every panel whole.
 inline int64_t padded(int64_t cols) { return panels(cols) * kPanel; }
@@ -67,13 +67,15 @@ void pack_row_pairs(const float* src, int64_t ld, int64_t rows, int64_t cols, ui
 // The same from bf16 bits (no rounding).
 void pack_row_pairs_bf16(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, uint32_t* out, int64_t ldo);
 
-// Both at once from one read of src: pack_rows into by_col (row stride ldc) and pack_row_pairs into by_row (ldr).
+// G's two layouts from one read of src (fp32 [rows, cols], row stride ld), rounded to bf16: by_col[r * ldc + k] =
+// the pair (src[r][2k], src[r][2k + 1]) for k < pairs(cols) (an odd last entry paired with 0), and by_row as
+// pack_row_pairs(src, ld, rows, cols, by_row, ldr) leaves it.
 void pack_grad(const float* src, int64_t ld, int64_t rows, int64_t cols, uint32_t* by_col, int64_t ldc,
                uint32_t* by_row, int64_t ldr);
 
 // C[m, ncols] = (add: +=) A B, A's words at a[i * si + k * sk] (row i < m, pair k < K2), B's at b[k * sb + c]: every
-// B row holds padded(ncols) words (the pad is read: 0, or anything finite).  Products and sums as the logits GEMM's
-// (two-level fp32 sums).  Single-threaded.
+// B row must hold padded(ncols) readable words (the pad's columns are computed and never stored).  Products and
+// sums as the logits GEMM's (two-level fp32 sums).  Single-threaded.
 void gemm_words(const uint32_t* a, int64_t si, int64_t sk, int64_t m, const uint32_t* b, int64_t sb, int64_t ncols,
                 int64_t K2, float* C, int64_t ldc, bool add);
 
