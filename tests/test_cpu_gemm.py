@@ -342,3 +342,61 @@ def test_bad_knob_values_are_errors(mode, monkeypatch, var, value):
             cpu.topk(x, w, 3, LOGIT)
         else:
             cpu.logprobs_forward(x, w, ids, LOGIT)
+
+
+MIB = 1 << 20
+
+
+def test_default_workspace_grows_for_a_large_vocabulary():
+    """COPSD_CPU_WORKSPACE_MB unset (budget 0): 64 MiB, or what 256 rows (128 without gradient GEMMs; N if fewer)
+    per side need when that is more, up to 512 MiB.  A set budget is used as given."""
+    wb = _C().workspace_budget
+    assert wb(64 * MIB, 4096, 151936, 4, 2, True) == 64 * MIB  # set: as given, even where it holds few rows
+    assert wb(3 * MIB, 4096, 32000, 4, 2, True) == 3 * MIB
+    assert wb(0, 4096, 32000, 4, 2, True) == 64 * MIB  # 256 rows x 2 sides fit 64 MiB at V = 32000
+    assert wb(0, 4096, 151936, 4, 2, True) == 2 * 256 * 151936 * 4  # a real vocabulary: 256 rows per side
+    assert wb(0, 4096, 151936, 4, 1, True) == 256 * 151936 * 4
+    assert wb(0, 4096, 151936, 4, 2, False) == 2 * 128 * 151936 * 4
+    assert wb(0, 4096, 50000, 8, 2, True) == 2 * 256 * 50000 * 8  # fp64 logits
+    assert wb(0, 100, 151936, 4, 2, True) == max(64 * MIB, 2 * 100 * 151936 * 4)  # one chunk of all 100 tokens
+    assert wb(0, 10, 151936, 4, 2, True) == 64 * MIB
+    assert wb(0, 4096, 10**6, 4, 2, True) == 512 * MIB  # capped
+    for v in (32000, 151936, 262144):  # the rows the default holds: 256 per side wherever it is not capped
+        assert _C().chunk_rows(4096, v, 4, 2, wb(0, 4096, v, 4, 2, True), True) == 256
+    assert _C().chunk_rows(4096, 151936, 4, 2, 64 * MIB, True) == 55  # what 64 MiB held at that vocabulary
+
+
+def test_workspace_env_knob(monkeypatch):
+    monkeypatch.delenv("COPSD_CPU_WORKSPACE_MB", raising=False)
+    assert cpu._workspace_bytes() == 0
+    monkeypatch.setenv("COPSD_CPU_WORKSPACE_MB", "")
+    assert cpu._workspace_bytes() == 0
+    monkeypatch.setenv("COPSD_CPU_WORKSPACE_MB", "64")
+    assert cpu._workspace_bytes() == 64 * MIB
+    for bad in ("0", "-3", "lots", "1.5"):
+        monkeypatch.setenv("COPSD_CPU_WORKSPACE_MB", bad)
+        with pytest.raises(ValueError, match="COPSD_CPU_WORKSPACE_MB"):
+            cpu._workspace_bytes()
+
+
+def test_default_workspace_in_the_ops(monkeypatch):
+    """The ops size the default workspace per call: at V = 40000 (past the 32768 that 64 MiB holds 256 fp32 rows
+    of, per side) a 512-token divergence runs 2 chunks of 256 rows by default, where a set 64 MiB runs 3 of 209;
+    both agree with float64."""
+    n, v = 512, 40000
+    xs, ws, xt, wt, _ = _inputs(n, torch.float64, seed=3, v=v)
+    tg = torch.rand(n, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
+    div = DivergenceSpec(kind="reverse_kl")
+    exact = cpu.divergence(xs, ws, xt, wt, LOGIT, div, token_grad=tg)
+    f32 = [t.float() for t in (xs, ws, xt, wt)]
+    monkeypatch.delenv("COPSD_CPU_PACK", raising=False)
+    monkeypatch.delenv("COPSD_CPU_PACK_MB", raising=False)
+    for budget, chunks in ((0, 2), (64 * MIB, 3)):
+        monkeypatch.setattr(cpu, "WORKSPACE_BYTES", budget)
+        _C().gemm_stats_reset()
+        got = cpu.divergence(*f32, LOGIT, div, token_grad=tg.float())
+        st = _C().gemm_stats()
+        assert st["packed_gemms"] + st["plain_gemms"] == 2 * chunks, (budget, st)
+        for g, e, what in zip(got, exact, ("loss", "d_hidden", "d_weight")):
+            err = criteria.max_error(g, e)
+            assert err <= 1e-4 * (1 + e.abs().max().item()), f"budget {budget} {what}: {err:.3g}"

@@ -21,10 +21,14 @@ budget below; results are the same up to fp32 rounding (see ``docs/kernels.md``)
 
 Environment knobs (the ``PACK`` ones are read on every op call):
 
-* ``COPSD_CPU_WORKSPACE_MB`` (default 64): logits workspace of a call (both sides' ``[rows, V]`` buffers);
-  it also bounds the block up-cast buffer of a low-precision lm_head.  Where the lm_head is packed, a chunk
-  also has at most 256 rows (passes with gradient GEMMs) or 128 (top-k, forward log-probs): with the weight
-  packed once, larger chunks no longer pay.
+* ``COPSD_CPU_WORKSPACE_MB`` (default: sized per call): logits workspace of a call (both sides' ``[rows, V]``
+  buffers); it also bounds the block up-cast buffer of a low-precision lm_head.  Unset, it is 64 MiB, or for a
+  vocabulary too large to keep 256 rows per side in that (128 without gradient GEMMs; fewer when the call has
+  fewer tokens) what those rows need, up to 512 MiB: each chunk streams the whole lm_head from memory again, which
+  at a 150k vocabulary cost 1.6-1.7x the GEMM floor with the 55-row chunks of 64 MiB (``docs/kernels.md``).  Set,
+  it is used as given (``64`` for the smallest footprint).  Where the lm_head is packed, a chunk also has at most
+  256 rows (passes with gradient GEMMs) or 128 (top-k, forward log-probs): with the weight packed once, larger
+  chunks no longer pay.
 * ``COPSD_CPU_PACK`` (default 1): ``0`` turns packing off (one ``at::mm_out`` per chunk, up-casts per chunk).
 * ``COPSD_CPU_PACK_MB`` (default 192): MiB that a call's packed lm_head copies and whole fp32 copies of
   low-precision lm_heads may occupy.  A packed copy counts as the fp32 weight's size (``V * H * 4``): MKL
@@ -65,7 +69,9 @@ NAME = "cpu"
 
 
 def _workspace_bytes():
-    raw = os.environ.get("COPSD_CPU_WORKSPACE_MB", "64")
+    raw = os.environ.get("COPSD_CPU_WORKSPACE_MB", "")
+    if raw == "":
+        return 0  # the default: sized per call by the C++ side (workspace_budget)
     try:
         mb = int(raw)
     except ValueError:
@@ -76,9 +82,10 @@ def _workspace_bytes():
 
 
 # Bytes of logits workspace per call (the [rows, V] buffers of both sides); also bounds the
-# per-block fp32 copy of a low-precision lm_head.  The default 64 MiB keeps ~256 rows of a 32k
-# vocabulary per side: large enough for efficient GEMMs, far below [N, V] (the C++ side caps the rows
-# further where the lm_head is packed).  At least one vocabulary row per side is always used.
+# per-block fp32 copy of a low-precision lm_head.  0 (COPSD_CPU_WORKSPACE_MB unset) lets the C++ side size it per
+# call: 64 MiB, which keeps 256 rows of a 32k vocabulary per side (efficient GEMMs, far below [N, V]; the rows are
+# capped further where the lm_head is packed), grown up to 512 MiB where a larger vocabulary would leave fewer rows
+# than that.  At least one vocabulary row per side is always used.
 WORKSPACE_BYTES = _workspace_bytes()
 
 _KIND = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}

@@ -236,6 +236,22 @@ int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget
   return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(N, 1)));
 }
 
+// Bounds of the default workspace (workspace_budget): 64 MiB holds both sides' 256-row chunks up to a vocabulary of
+// 32768 in fp32; beyond, the default grows to keep those rows, up to 512 MiB (both sides' 256 rows of fp32 logits
+// up to V = 262144).  Each chunk streams the whole lm_head from memory again -- its logits GEMM, the d_hidden GEMM
+// and d_weight's read and write, 5 [V, H] passes per chunk for a divergence -- which at a real vocabulary (V =
+// 151936, H = 896: 519 MiB per fp32 head) the chunk's rows must amortise: reverse KL forward + backward at N = 1024,
+// fp32, on a 2-core Zen 4 took 1.66x the 4-GEMM floor with the 55-row chunks of 64 MiB and 1.16x with 256 rows
+// (median of 3 interleaved rounds, 2026-12-02; docs/kernels.md has the other ops).
+constexpr int64_t kDefaultWorkspace = int64_t(64) << 20, kMaxAutoWorkspace = int64_t(512) << 20;
+
+int64_t workspace_budget(int64_t budget, int64_t N, int64_t V, int64_t elem, int sides, bool grads) {
+  if (budget > 0) return budget;
+  const int64_t rows = std::min<int64_t>(std::max<int64_t>(N, 1), grads ? kPackedRowsGrad : kPackedRowsNoGrad);
+  const int64_t want = static_cast<int64_t>(std::max(1, sides)) * rows * std::max<int64_t>(V, 1) * elem;
+  return std::max(kDefaultWorkspace, std::min(want, kMaxAutoWorkspace));
+}
+
 // The tile of the top-k: its [rows, tile] logits are scanned right after the tile GEMM wrote them, from L2 or L3.
 // 2 MiB: 512 rows x 1024 fp32 logits.  Narrower tiles were no faster (512 rows x 512 / 1024 / 2048 within the
 // noise, thread CPU time on a 1 MiB-L2 Zen 4), and each packed tile costs ~130-150 KiB of resident memory beyond
@@ -721,6 +737,12 @@ void LmHead::grads(const Tensor& dz, const Tensor& x, Tensor dx, Tensor& dw, boo
 void register_gemm(pybind11::module& m) {
   m.def("packed_gemm_available", &have_packed_api,
         "whether torch's MKL packed-GEMM API was found (the chunk logits GEMMs then reuse one packed lm_head)");
+  m.def("workspace_budget", &workspace_budget, pybind11::arg("budget"), pybind11::arg("N"), pybind11::arg("V"),
+        pybind11::arg("elem"), pybind11::arg("sides"), pybind11::arg("grads"),
+        "bytes of logits workspace an op call uses: budget when > 0, else the default sized for the call");
+  m.def("chunk_rows", &chunk_rows, pybind11::arg("N"), pybind11::arg("V"), pybind11::arg("elem"),
+        pybind11::arg("sides"), pybind11::arg("budget"), pybind11::arg("grads"),
+        "rows per chunk of the chunked drivers for a workspace of budget bytes");
   m.def("gemm_stats", []() {
     pybind11::dict d;
     d["packs"] = n_packs.load();

@@ -79,6 +79,13 @@ int64_t env_mib(const char* name, int64_t dflt);
 // packed (fp32, MKL's packed GEMM found), at most 256 rows for a pass with gradient GEMMs and 128 without.
 int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget, bool grads);
 
+// The logits workspace of one op call in bytes.  `budget` > 0 is COPSD_CPU_WORKSPACE_MB's (the caller's) and is
+// kept.  0 is the default: 64 MiB, grown for a vocabulary so large that 64 MiB would hold fewer than the rows
+// chunk_rows wants for this pass (256 with gradient GEMMs, 128 without; N if fewer) as `sides` [rows, V] buffers
+// of `elem`-byte logits, up to 512 MiB.  A chunk re-reads the whole lm_head (both GEMM phases, and d_weight is
+// read and written), so at a real vocabulary a small chunk pays that traffic per few rows: see the definition.
+int64_t workspace_budget(int64_t budget, int64_t N, int64_t V, int64_t elem, int sides, bool grads);
+
 // Rows per group of the tiled top-k (loss.cpp): COPSD_CPU_TOPK_ROWS if set (> 0), else the fewest equal groups
 // of at most 512 rows whose count is a multiple of the thread count (so every thread gets as many); then few
 // enough that one group's candidate buffers (`row_bytes` per row) on every thread fit in `budget` bytes; >= 1.

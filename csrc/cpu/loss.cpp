@@ -754,6 +754,13 @@ void check_2d_same(const Tensor& h, const Tensor& w, const char* hn, const char*
   TORCH_CHECK(h.is_contiguous() && w.is_contiguous(), hn, "/", wn, " must be contiguous");
 }
 
+// The call's workspace (workspace_budget): COPSD_CPU_WORKSPACE_MB's bytes when set, else the default for this op's
+// `sides` [rows, V] logits buffers of the accumulation dtype and whether it runs gradient GEMMs.
+int64_t call_budget(int64_t budget, const Tensor& hidden, const Tensor& weight, int sides, bool grads) {
+  const int64_t elem = acc_type(hidden) == at::kDouble ? 8 : 4;
+  return workspace_budget(budget, hidden.size(0), weight.size(0), elem, sides, grads);
+}
+
 std::tuple<Tensor, Tensor, Tensor> logprobs_forward(const Tensor& hidden, const Tensor& weight, const Tensor& ids,
                                                     double temperature, double logit_scale,
                                                     std::optional<double> softcap, int64_t budget) {
@@ -763,6 +770,7 @@ std::tuple<Tensor, Tensor, Tensor> logprobs_forward(const Tensor& hidden, const 
               "ids must be int64 [N]");
   const auto lp = logit_params(temperature, logit_scale, softcap);
   Tensor idc = ids.contiguous();
+  budget = call_budget(budget, hidden, weight, 1, false);
   if (acc_type(hidden) == at::kDouble) return logprobs_forward_t<double>(hidden, weight, idc, lp, budget);
   return logprobs_forward_t<float>(hidden, weight, idc, lp, budget);
 }
@@ -779,6 +787,7 @@ std::tuple<Tensor, Tensor> logprobs_backward(const Tensor& hidden, const Tensor&
   const auto st = acc_type(hidden);
   Tensor idc = ids.contiguous();
   Tensor l = lse.to(st).contiguous(), e = entropy.to(st).contiguous();
+  budget = call_budget(budget, hidden, weight, 1, true);
   if (st == at::kDouble) {
     return logprobs_backward_t<double>(hidden, weight, idc, l, e, vec_or_zeros<double>(g_lp, N, st),
                                        vec_or_zeros<double>(g_ent, N, st), vec_or_zeros<double>(g_lse, N, st), lp,
@@ -796,6 +805,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss(const Tensor& hidden, c
   check_2d_same(hidden, weight, "hidden", "weight");
   const auto lp = logit_params(temperature, logit_scale, softcap);
   Tensor idc = ids.contiguous();
+  budget = call_budget(budget, hidden, weight, 1, true);
   if (acc_type(hidden) == at::kDouble) return logprobs_loss_t<double>(hidden, weight, idc, lp, coeff, budget);
   return logprobs_loss_t<float>(hidden, weight, idc, lp, coeff, budget);
 }
@@ -806,6 +816,7 @@ std::tuple<Tensor, Tensor, Tensor> topk(const Tensor& hidden, const Tensor& weig
   check_2d_same(hidden, weight, "hidden", "weight");
   TORCH_CHECK(k >= 1 && k <= weight.size(0), "k must be in [1, V]");
   const auto lp = logit_params(temperature, logit_scale, softcap);
+  budget = call_budget(budget, hidden, weight, 1, false);
   if (acc_type(hidden) == at::kDouble) return topk_t<double>(hidden, weight, k, lp, budget);
   return topk_t<float>(hidden, weight, k, lp, budget);
 }
@@ -849,6 +860,7 @@ DivOut divergence(const Tensor& xs, const Tensor& ws, const Tensor& xt, const Te
                   lo, ", ", hi, "]");
     }
   }
+  budget = call_budget(budget, xs, ws, 2, token_grad.has_value() && token_grad->defined());
   if (acc_type(xs) == at::kDouble) return divergence_t<double>(xs, ws, xt, wt, lp, dp, K, token_grad, sid, budget);
   return divergence_t<float>(xs, ws, xt, wt, lp, dp, K, token_grad, sid, budget);
 }
