@@ -197,33 +197,48 @@ def test_divergence(mode, name, dtype, chunks, grad):
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
 @pytest.mark.parametrize("side", ["1", "0"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_divergence_side_by_side_logits(monkeypatch, threads, side, dtype):
-    """Both lm_heads packed: a chunk's student and teacher logits GEMMs run side by side on the threads, each
-    single-threaded, a side's rows split into threads / 2 parts of >= 128 rows (2 threads: one part; 4 threads and
-    300-row chunks: two parts per side, the short last chunk of 57 rows falls back), or (COPSD_CPU_SIDE_GEMMS=0,
-    one or three threads) one after the other, MKL splitting each; every kind, loss and gradients against float64,
-    each chunk's logits counted once per side."""
-    if not _C().packed_gemm_available():
+@pytest.mark.parametrize("dtype,packed", [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False),
+                                          (torch.float64, False), (torch.bfloat16, False)])
+def test_divergence_side_by_side_logits(monkeypatch, threads, side, dtype, packed):
+    """Both lm_heads packed, or read in place by their GEMMs (unpacked fp32 / fp64, e.g. heads over the pack budget):
+    a chunk's student and teacher logits GEMMs run side by side on the threads, each single-threaded, a side's rows
+    split into threads / 2 parts of >= 128 rows (2 threads: one part; 4 threads and 300-row chunks: two parts per
+    side, the short last chunk of 57 rows falls back), or (COPSD_CPU_SIDE_GEMMS=0, one or three threads, or unpacked
+    bf16 heads, up-cast per block into a shared buffer or streamed through the bf16 kernel) one after the other, MKL
+    splitting each; every kind, loss and gradients against float64, each chunk's logits counted once per side, the
+    side-by-side chunks counted apart."""
+    if packed and not _C().packed_gemm_available():
         pytest.skip("torch's BLAS has no packed-GEMM API here")
     rows, n = 300, 657  # chunks of 300 + 300 + 57 rows
+    shared = packed or dtype != torch.bfloat16  # whether the heads' GEMMs only read them
+    side_chunks = 0 if side == "0" or not shared else {2: 3, 4: 2}.get(threads, 0)
     xs, ws, xt, wt, _ = _inputs(n, dtype, seed=8)
     tg = torch.rand(n, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        monkeypatch.setattr(cpu, "WORKSPACE_BYTES", rows * 2 * V * 4)
+        elem = 8 if dtype == torch.float64 else 4
+        monkeypatch.setattr(cpu, "WORKSPACE_BYTES", rows * 2 * V * elem)
         monkeypatch.delenv("COPSD_CPU_PACK", raising=False)
-        monkeypatch.delenv("COPSD_CPU_PACK_MB", raising=False)
+        monkeypatch.delenv("COPSD_CPU_BF16_GEMM", raising=False)
+        if packed:
+            monkeypatch.delenv("COPSD_CPU_PACK_MB", raising=False)
+        else:
+            monkeypatch.setenv("COPSD_CPU_PACK_MB", "0")
         monkeypatch.setenv("COPSD_CPU_SIDE_GEMMS", side)
         for kind in ("reverse_kl", "forward_kl", "jsd"):
             div = DivergenceSpec(kind=kind, beta=0.3)
             exact = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, None, tg)
             plain = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, None, tg, dtype=torch.float32)
             _C().gemm_stats_reset()
-            loss, dx, dw = cpu.divergence(xs, ws, xt, wt, LOGIT, div, None, tg.float())
+            tgc = tg.to(torch.float64 if elem == 8 else torch.float32)
+            loss, dx, dw = cpu.divergence(xs, ws, xt, wt, LOGIT, div, None, tgc)
             st = _C().gemm_stats()
-            assert st["packs"] == 2 and st["packed_gemms"] == 6 and st["plain_gemms"] == 0, st
+            if packed:
+                assert st["packs"] == 2 and st["packed_gemms"] == 6 and st["plain_gemms"] == 0, st
+            else:
+                assert st["packs"] == 0 and st["packed_gemms"] == 0 and st["plain_gemms"] == 6, st
+            assert st["side_chunks"] == side_chunks, st
             bf16 = dtype == torch.bfloat16 and _C().bf16_gemm_available()
             assert st["bf16_gemms"] == (6 if bf16 else 0), st
             for got, e, p, what in zip((loss, dx, dw), exact, plain, ("loss", "d_hidden", "d_weight")):

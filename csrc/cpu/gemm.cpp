@@ -84,7 +84,7 @@ bool have_packed_api() { return packed_api().compute != nullptr; }
 
 // Counters for tests and profiling (process-wide).
 std::atomic<int64_t> n_packs{0}, n_packed_bytes{0}, n_packed_reserved{0}, n_packed_gemms{0}, n_plain_gemms{0},
-    n_bf16_gemms{0}, n_bf16_grads{0};
+    n_bf16_gemms{0}, n_bf16_grads{0}, n_side_chunks{0};
 
 bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
 
@@ -539,6 +539,8 @@ void LmHead::bf16_logits(const Tensor& x_in, int64_t b0, int64_t b1, float* out,
 }
 
 // Counts one chunk's logits GEMM on the bf16 kernel: as packed or unpacked (streamed), and as a bf16 one.
+void count_side_chunk() { ++n_side_chunks; }
+
 void LmHead::count_bf16_gemm() const {
   ++(pack_ ? n_packed_gemms : n_plain_gemms);
   ++n_bf16_gemms;
@@ -752,9 +754,11 @@ void register_gemm(pybind11::module& m) {
     d["plain_gemms"] = n_plain_gemms.load();
     d["bf16_gemms"] = n_bf16_gemms.load();
     d["bf16_grads"] = n_bf16_grads.load();
+    d["side_chunks"] = n_side_chunks.load();
     return d;
   }, "process-wide counts: lm_head packings (packed_bytes: what they occupy and the pack budget counts; "
-        "packed_reserved: what MKL's get_size reserved), chunk logits GEMMs on a packed / unpacked lm_head");
+        "packed_reserved: what MKL's get_size reserved), chunk logits GEMMs on a packed / unpacked lm_head, "
+        "divergence chunks whose two logits GEMMs ran side by side (side_chunks)");
   m.def("gemm_stats_reset", []() {
     n_packs = 0;
     n_packed_bytes = 0;
@@ -763,6 +767,7 @@ void register_gemm(pybind11::module& m) {
     n_plain_gemms = 0;
     n_bf16_gemms = 0;
     n_bf16_grads = 0;
+    n_side_chunks = 0;
   });
   m.def("bf16_gemm_available", &bf16_gemm_supported,
         "whether bf16 logits GEMMs can run on the AVX512_BF16 dot-product kernel (CPU support, COPSD_CPU_ISA)");

@@ -122,8 +122,8 @@ class LmHead {
   LmHead(const at::Tensor& W, at::ScalarType st, at::ScalarType x_st, int64_t rows, int64_t N, int64_t budget,
          PackBudget& pack, bool grads, int64_t tile = 0, bool tile_grads = false);
 
-  // out[m, V] = x[m, H] @ W^T (x in the compute dtype).  After ready(), calls on a packed head (packing()) may come
-  // from several threads at once (each GEMM then runs single-threaded inside the parallel region); `count`: whether
+  // out[m, V] = x[m, H] @ W^T (x in the compute dtype).  After ready(), calls on a head with shared_logits() may
+  // come from several threads at once (each GEMM then runs single-threaded inside the parallel region); `count`: whether
   // gemm_stats counts this call (a chunk split into row parts is counted once).
   void logits(const at::Tensor& x, at::Tensor out, bool count = true);
   // The vocabulary blocks: block b covers rows [b * block_rows(), min(V, (b + 1) * block_rows())) of W.
@@ -147,6 +147,10 @@ class LmHead {
   void grads(const at::Tensor& dz, const at::Tensor& x, at::Tensor dx, at::Tensor& dw, bool first);
 
   bool packing() const { return pack_; }
+  // Whether logits() may run on several threads at once after ready(), each call single-threaded: a packed head,
+  // or one whose GEMM reads the weight in place (fp32, or its whole up-cast copy) -- not one up-cast per block into
+  // the shared buffer, nor one streamed through the bf16 kernel.
+  bool shared_logits() const { return pack_ || (!bf16_ && (!upcast_ || copy_)); }
 
   // The gradient GEMMs on the bf16 kernel (COPSD_CPU_BF16_GEMM=all, for a head whose logits take it and whose
   // gradients are wanted): grad_tile_bf16 replaces the fp32 products of a vocabulary tile.  dL/dz is rounded to bf16
@@ -200,6 +204,9 @@ inline void gemm_grads(const at::Tensor& dz, const at::Tensor& x, const at::Tens
                        at::Tensor& dw, bool first, LmHead& head) {
   head.grads(dz, x, dx, dw, first);
 }
+
+// Counts a divergence chunk whose two logits GEMMs ran side by side (gemm_stats "side_chunks").
+void count_side_chunk();
 
 void register_gemm(pybind11::module& m);
 

@@ -613,14 +613,15 @@ bool side_by_side_threads() {
 }
 
 // Row parts per side when the student's and the teacher's logits GEMMs of a chunk run side by side (0: they run
-// one after the other, each split over all threads by MKL).  Side by side needs both lm_heads packed (a packed
-// GEMM only reads its LmHead, so two threads may use two of them at once) and an even thread count T whose T / 2
+// one after the other, each split over all threads by MKL).  Side by side needs both lm_heads' GEMMs to only read
+// them (LmHead::shared_logits: packed, or fp32 read in place, e.g. a head too large for the pack budget), so that
+// two threads may use two of them at once, and an even thread count T whose T / 2
 // row parts per side each keep >= kSplitRowsMin rows (or T = 2: one part, any rows), so that every thread has one
 // single-threaded GEMM: 2 threads always, 4 with >= 256-row chunks; otherwise (1 or an odd number of threads,
 // many threads and few rows) MKL splits each GEMM as before.  COPSD_CPU_SIDE_GEMMS=0 turns it off (read per call,
 // for A/B measurements).
 int64_t side_parts(int64_t nr, const LmHead& hs, const LmHead& ht) {
-  if (!side_by_side_threads() || !hs.packing() || !ht.packing()) return 0;
+  if (!side_by_side_threads() || !hs.shared_logits() || !ht.shared_logits()) return 0;
   const int64_t parts = at::get_num_threads() / 2;
   return parts == 1 || nr / parts >= kSplitRowsMin ? parts : 0;
 }
@@ -637,6 +638,7 @@ void chunk_logits(const Tensor& xs, LmHead& hs, Tensor zs, const Tensor& xt, LmH
     ht.logits(xt, zt);
     return;
   }
+  count_side_chunk();
   const int64_t step = (nr + parts - 1) / parts;
   parallel_tasks(2 * parts, static_cast<int>(2 * parts), false, [&](int, int64_t task) {
     const int64_t r0 = (task / 2) * step, n = std::min(step, nr - r0);
