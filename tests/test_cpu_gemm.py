@@ -197,20 +197,22 @@ def test_divergence(mode, name, dtype, chunks, grad):
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
 @pytest.mark.parametrize("side", ["1", "0"])
-@pytest.mark.parametrize("dtype,packed", [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False),
-                                          (torch.float64, False), (torch.bfloat16, False)])
-def test_divergence_side_by_side_logits(monkeypatch, threads, side, dtype, packed):
-    """Both lm_heads packed, or read in place by their GEMMs (unpacked fp32 / fp64, e.g. heads over the pack budget):
-    a chunk's student and teacher logits GEMMs run side by side on the threads, each single-threaded, a side's rows
-    split into threads / 2 parts of >= 128 rows (2 threads: one part; 4 threads and 300-row chunks: two parts per
-    side, the short last chunk of 57 rows falls back), or (COPSD_CPU_SIDE_GEMMS=0, one or three threads, or unpacked
-    bf16 heads, up-cast per block into a shared buffer or streamed through the bf16 kernel) one after the other, MKL
-    splitting each; every kind, loss and gradients against float64, each chunk's logits counted once per side, the
-    side-by-side chunks counted apart."""
+@pytest.mark.parametrize("dtype,packed,bf16_gemm", [
+    (torch.float32, True, "1"), (torch.bfloat16, True, "1"), (torch.float32, False, "1"), (torch.float64, False, "1"),
+    (torch.bfloat16, False, "1"), (torch.bfloat16, False, "0")])
+def test_divergence_side_by_side_logits(monkeypatch, threads, side, dtype, packed, bf16_gemm):
+    """Both lm_heads packed, or unpacked (e.g. over the pack budget: read in place, or a bf16 head up-cast one block
+    at a time into each thread's own scratch): a chunk's student and teacher logits GEMMs run side by side on the
+    threads, each single-threaded, a side's rows split into threads / 2 parts of >= 128 rows (2 threads: one part;
+    4 threads and 300-row chunks: two parts per side, the short last chunk of 57 rows falls back), or
+    (COPSD_CPU_SIDE_GEMMS=0, one or three threads, or unpacked bf16 heads streamed through the bf16 kernel) one
+    after the other, MKL splitting each; every kind, loss and gradients against float64, each chunk's logits counted
+    once per side, the side-by-side chunks counted apart."""
     if packed and not _C().packed_gemm_available():
         pytest.skip("torch's BLAS has no packed-GEMM API here")
     rows, n = 300, 657  # chunks of 300 + 300 + 57 rows
-    shared = packed or dtype != torch.bfloat16  # whether the heads' GEMMs only read them
+    bf16 = dtype == torch.bfloat16 and bf16_gemm != "0" and _C().bf16_gemm_available()  # on the bf16 kernel
+    shared = packed or not bf16  # whether the heads' GEMMs may run on two threads at once
     side_chunks = 0 if side == "0" or not shared else {2: 3, 4: 2}.get(threads, 0)
     xs, ws, xt, wt, _ = _inputs(n, dtype, seed=8)
     tg = torch.rand(n, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
@@ -220,7 +222,7 @@ def test_divergence_side_by_side_logits(monkeypatch, threads, side, dtype, packe
         elem = 8 if dtype == torch.float64 else 4
         monkeypatch.setattr(cpu, "WORKSPACE_BYTES", rows * 2 * V * elem)
         monkeypatch.delenv("COPSD_CPU_PACK", raising=False)
-        monkeypatch.delenv("COPSD_CPU_BF16_GEMM", raising=False)
+        monkeypatch.setenv("COPSD_CPU_BF16_GEMM", bf16_gemm)
         if packed:
             monkeypatch.delenv("COPSD_CPU_PACK_MB", raising=False)
         else:
@@ -239,7 +241,6 @@ def test_divergence_side_by_side_logits(monkeypatch, threads, side, dtype, packe
             else:
                 assert st["packs"] == 0 and st["packed_gemms"] == 0 and st["plain_gemms"] == 6, st
             assert st["side_chunks"] == side_chunks, st
-            bf16 = dtype == torch.bfloat16 and _C().bf16_gemm_available()
             assert st["bf16_gemms"] == (6 if bf16 else 0), st
             for got, e, p, what in zip((loss, dx, dw), exact, plain, ("loss", "d_hidden", "d_weight")):
                 _check(got, e, p, dtype, f"{kind} {what}", scale=5.0 if what == "loss" else 1.0)

@@ -125,7 +125,10 @@ class LmHead {
   // out[m, V] = x[m, H] @ W^T (x in the compute dtype).  After ready(), calls on a head with shared_logits() may
   // come from several threads at once (each GEMM then runs single-threaded inside the parallel region); `count`: whether
   // gemm_stats counts this call (a chunk split into row parts is counted once).
-  void logits(const at::Tensor& x, at::Tensor out, bool count = true);
+  // `scratch` (this thread's, grown on demand): a low-precision head without a whole up-cast copy is then up-cast
+  // into it one 1024-row block at a time instead of into the head's shared block buffer, so such calls may come
+  // from several threads at once too (shared_logits).
+  void logits(const at::Tensor& x, at::Tensor out, bool count = true, at::Tensor* scratch = nullptr);
   // The vocabulary blocks: block b covers rows [b * block_rows(), min(V, (b + 1) * block_rows())) of W.
   int64_t block_rows() const { return vb_; }
   // out[m, n_b] = x[m, H] @ W[block b]^T (out's rows may be strided).  Safe to call from several threads at once
@@ -148,9 +151,9 @@ class LmHead {
 
   bool packing() const { return pack_; }
   // Whether logits() may run on several threads at once after ready(), each call single-threaded: a packed head,
-  // or one whose GEMM reads the weight in place (fp32, or its whole up-cast copy) -- not one up-cast per block into
-  // the shared buffer, nor one streamed through the bf16 kernel.
-  bool shared_logits() const { return pack_ || (!bf16_ && (!upcast_ || copy_)); }
+  // or one whose GEMM reads the weight in place (fp32, or its whole up-cast copy), or a low-precision one up-cast
+  // per block into each caller's own `scratch` -- not one streamed through the bf16 kernel.
+  bool shared_logits() const { return pack_ || !bf16_; }
 
   // The gradient GEMMs on the bf16 kernel (COPSD_CPU_BF16_GEMM=all, for a head whose logits take it and whose
   // gradients are wanted): grad_tile_bf16 replaces the fp32 products of a vocabulary tile.  dL/dz is rounded to bf16

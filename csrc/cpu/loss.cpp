@@ -614,10 +614,10 @@ bool side_by_side_threads() {
 
 // Row parts per side when the student's and the teacher's logits GEMMs of a chunk run side by side (0: they run
 // one after the other, each split over all threads by MKL).  Side by side needs both lm_heads' GEMMs to only read
-// them (LmHead::shared_logits: packed, or fp32 read in place, e.g. a head too large for the pack budget), so that
-// two threads may use two of them at once, and an even thread count T whose T / 2
-// row parts per side each keep >= kSplitRowsMin rows (or T = 2: one part, any rows), so that every thread has one
-// single-threaded GEMM: 2 threads always, 4 with >= 256-row chunks; otherwise (1 or an odd number of threads,
+// them (LmHead::shared_logits: packed, or read in place, or up-cast per block into each thread's own scratch, e.g.
+// a head too large for the pack budget), so that two threads may use two of them at once, and an even thread count
+// T whose T / 2 row parts per side each keep >= kSplitRowsMin rows (or T = 2: one part, any rows), so that every
+// thread has one single-threaded GEMM: 2 threads always, 4 with >= 256-row chunks; otherwise (1 or an odd number of threads,
 // many threads and few rows) MKL splits each GEMM as before.  COPSD_CPU_SIDE_GEMMS=0 turns it off (read per call,
 // for A/B measurements).
 int64_t side_parts(int64_t nr, const LmHead& hs, const LmHead& ht) {
@@ -640,13 +640,15 @@ void chunk_logits(const Tensor& xs, LmHead& hs, Tensor zs, const Tensor& xt, LmH
   }
   count_side_chunk();
   const int64_t step = (nr + parts - 1) / parts;
+  std::vector<Tensor> scratch(static_cast<size_t>(2 * parts));  // up-cast blocks of a head without a whole copy
   parallel_tasks(2 * parts, static_cast<int>(2 * parts), false, [&](int, int64_t task) {
     const int64_t r0 = (task / 2) * step, n = std::min(step, nr - r0);
     if (n <= 0) return;
+    Tensor* sc = &scratch[static_cast<size_t>(task)];
     if (task % 2 == 0) {
-      hs.logits(xs.narrow(0, r0, n), zs.narrow(0, r0, n), r0 == 0);
+      hs.logits(xs.narrow(0, r0, n), zs.narrow(0, r0, n), r0 == 0, sc);
     } else {
-      ht.logits(xt.narrow(0, r0, n), zt.narrow(0, r0, n), r0 == 0);
+      ht.logits(xt.narrow(0, r0, n), zt.narrow(0, r0, n), r0 == 0, sc);
     }
   });
 }
