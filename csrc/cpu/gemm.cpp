@@ -147,6 +147,8 @@ bool env_flag_off(const char* name) {
 
 }  // namespace
 
+void count_side_chunk() { ++n_side_chunks; }
+
 int64_t env_mib(const char* name, int64_t dflt) {
   const char* raw = std::getenv(name);
   if (raw == nullptr || *raw == '\0') return dflt;
@@ -539,8 +541,6 @@ void LmHead::bf16_logits(const Tensor& x_in, int64_t b0, int64_t b1, float* out,
 }
 
 // Counts one chunk's logits GEMM on the bf16 kernel: as packed or unpacked (streamed), and as a bf16 one.
-void count_side_chunk() { ++n_side_chunks; }
-
 void LmHead::count_bf16_gemm() const {
   ++(pack_ ? n_packed_gemms : n_plain_gemms);
   ++n_bf16_gemms;
@@ -651,18 +651,12 @@ void LmHead::logits(const Tensor& x_in, Tensor out, bool count, Tensor* scratch)
     at::mm_out(out, x_in, (full_.defined() ? full_ : W_).t());
     return;
   }
-  if (scratch != nullptr) {
-    for (int64_t v0 = 0; v0 < V; v0 += kScratchUpcastRows) {
-      const int64_t n = std::min(kScratchUpcastRows, V - v0);
-      Tensor blk = out.narrow(1, v0, n);
-      at::mm_out(blk, x_in, weight_rows(v0, n, *scratch).t());
-    }
-    return;
-  }
-  for (int64_t v0 = 0; v0 < V; v0 += vb_) {
-    const int64_t n = std::min(vb_, V - v0);
+  // Up-cast per block: into the caller's scratch (weight_rows), else into the head's one shared buffer (block).
+  const int64_t step = scratch != nullptr ? kScratchUpcastRows : vb_;
+  for (int64_t v0 = 0; v0 < V; v0 += step) {
+    const int64_t n = std::min(step, V - v0);
     Tensor blk = out.narrow(1, v0, n);
-    at::mm_out(blk, x_in, block(v0, n).t());
+    at::mm_out(blk, x_in, (scratch != nullptr ? weight_rows(v0, n, *scratch) : block(v0, n)).t());
   }
 }
 

@@ -123,8 +123,8 @@ class LmHead {
          PackBudget& pack, bool grads, int64_t tile = 0, bool tile_grads = false);
 
   // out[m, V] = x[m, H] @ W^T (x in the compute dtype).  After ready(), calls on a head with shared_logits() may
-  // come from several threads at once (each GEMM then runs single-threaded inside the parallel region); `count`: whether
-  // gemm_stats counts this call (a chunk split into row parts is counted once).
+  // come from several threads at once (each GEMM then runs single-threaded inside the parallel region); `count`:
+  // whether gemm_stats counts this call (a chunk split into row parts is counted once).
   // `scratch` (this thread's, grown on demand): a low-precision head without a whole up-cast copy is then up-cast
   // into it one 1024-row block at a time instead of into the head's shared block buffer, so such calls may come
   // from several threads at once too (shared_logits).

@@ -617,9 +617,9 @@ bool side_by_side_threads() {
 // them (LmHead::shared_logits: packed, or read in place, or up-cast per block into each thread's own scratch, e.g.
 // a head too large for the pack budget), so that two threads may use two of them at once, and an even thread count
 // T whose T / 2 row parts per side each keep >= kSplitRowsMin rows (or T = 2: one part, any rows), so that every
-// thread has one single-threaded GEMM: 2 threads always, 4 with >= 256-row chunks; otherwise (1 or an odd number of threads,
-// many threads and few rows) MKL splits each GEMM as before.  COPSD_CPU_SIDE_GEMMS=0 turns it off (read per call,
-// for A/B measurements).
+// thread has one single-threaded GEMM: 2 threads always, 4 with >= 256-row chunks; otherwise (1 or an odd number of
+// threads, many threads and few rows) MKL splits each GEMM as before.  COPSD_CPU_SIDE_GEMMS=0 turns it off (read per
+// call, for A/B measurements).
 int64_t side_parts(int64_t nr, const LmHead& hs, const LmHead& ht) {
   if (!side_by_side_threads() || !hs.shared_logits() || !ht.shared_logits()) return 0;
   const int64_t parts = at::get_num_threads() / 2;
@@ -761,8 +761,8 @@ void check_2d_same(const Tensor& h, const Tensor& w, const char* hn, const char*
 // The call's workspace (workspace_budget): COPSD_CPU_WORKSPACE_MB's bytes when set, else the default for this op's
 // `sides` [rows, V] logits buffers of the accumulation dtype and whether it runs gradient GEMMs.
 int64_t call_budget(int64_t budget, const Tensor& hidden, const Tensor& weight, int sides, bool grads) {
-  const int64_t elem = acc_type(hidden) == at::kDouble ? 8 : 4;
-  return workspace_budget(budget, hidden.size(0), weight.size(0), elem, sides, grads);
+  return workspace_budget(budget, hidden.size(0), weight.size(0),
+                          static_cast<int64_t>(c10::elementSize(acc_type(hidden))), sides, grads);
 }
 
 std::tuple<Tensor, Tensor, Tensor> logprobs_forward(const Tensor& hidden, const Tensor& weight, const Tensor& ids,
