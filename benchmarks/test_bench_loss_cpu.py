@@ -211,3 +211,56 @@ def test_load_table_slowdown_is_per_cycle():
     assert "| 2 | 1.0 | floor | 450 | 1.00 | 3.00 |" in md
     assert "| 2 | 1.0 | copsd | 1012 | 2.25 | 4.50 |" in md
     assert "| 0 | 1.0 | copsd | 225 | 1.50 | 1.00 |" in md
+
+
+# ----------------------------------------------------------------------------- bench_loss_cpu_ab.py
+
+
+def test_ab_variant_parsing():
+    import bench_loss_cpu_ab as AB
+
+    assert AB.parse_variant("default") == {}
+    assert AB.parse_variant("COPSD_CPU_DYNAMIC=0,COPSD_CPU_SIDE_GEMMS=") == {"COPSD_CPU_DYNAMIC": "0",
+                                                                             "COPSD_CPU_SIDE_GEMMS": ""}
+    for bad in ("COPSD_CPU_DYNAMIC", "=1", "A=1,B"):
+        with pytest.raises(ValueError, match="--variant"):
+            AB.parse_variant(bad)
+
+
+def test_ab_checks_and_times_every_variant(monkeypatch):
+    """Each variant's output is checked against naive under that variant's environment; every variant is timed in
+    every round; the environment is restored afterwards."""
+    import bench_loss_cpu_ab as AB
+
+    monkeypatch.setenv("COPSD_CPU_DYNAMIC", "1")
+    monkeypatch.delenv("COPSD_CPU_SIDE_GEMMS", raising=False)
+    seen = []
+    real = AB.P.check
+
+    def check(case, impl, out, ref, dtype):
+        seen.append((impl, os.environ.get("COPSD_CPU_DYNAMIC"), os.environ.get("COPSD_CPU_SIDE_GEMMS")))
+        real(case, impl, out, ref, dtype)
+
+    monkeypatch.setattr(AB.P, "check", check)
+    variants = [("default", {}), ("both off", {"COPSD_CPU_DYNAMIC": "0", "COPSD_CPU_SIDE_GEMMS": "0"})]
+    rows = AB.run("rkl", 64, 16, 1000, "float32", "copsd", variants, repeats=2, log=lambda *_: None)
+    assert seen == [("copsd [default]", None, None), ("copsd [both off]", "0", "0")]
+    assert [r["variant"] for r in rows] == ["default", "both off"]
+    assert rows[0]["vs_first"] == 1.0 and all(r["floor"] > 0 and r["gemms"] == 4 for r in rows)
+    assert os.environ.get("COPSD_CPU_DYNAMIC") == "1" and "COPSD_CPU_SIDE_GEMMS" not in os.environ
+
+
+def test_ab_wrong_output_fails(monkeypatch):
+    import bench_loss_cpu_ab as AB
+
+    real = AB.P.make_case
+
+    def make_case(case, impl, *args, **kw):
+        fn = real(case, impl, *args, **kw)
+        if impl != "copsd":
+            return fn
+        return lambda: tuple(t * 1.01 for t in fn())
+
+    monkeypatch.setattr(AB.P, "make_case", make_case)
+    with pytest.raises(AssertionError, match="differs from naive"):
+        AB.run("rkl", 64, 16, 1000, "float32", "copsd", [("a", {}), ("b", {"COPSD_CPU_DYNAMIC": "0"})], repeats=1)

@@ -172,6 +172,51 @@ def test_topk(mode, monkeypatch, name, dtype, chunks, tile):
     _check(vals, at_ids, vals32, dtype, "logprobs at the returned ids")
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("dynamic", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_tile_runs_in_the_ops(monkeypatch, dtype, dynamic, threads):
+    """The gradient GEMMs per vocabulary tile (divergence, recomputing log-prob backward, loss path), with 21 tiles
+    of 100 entries (COPSD_CPU_TOPK_TILE): handed out one tile per run (the default; one d_hidden partial per tile), or
+    with COPSD_CPU_DYNAMIC=0 one fixed run of ~10 tiles per thread, each partial summed over its run's tiles; both
+    against float64, on 3 chunks."""
+    n = CHUNKS[3]
+    xs, ws, xt, wt, ids = _inputs(n, dtype, seed=21)
+    tg = torch.rand(n, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    gs = [torch.randn(n, generator=torch.Generator().manual_seed(i + 23)) for i in range(3)]
+    a, b = gs[0], gs[1]
+    div = DivergenceSpec(kind="jsd", beta=0.3)
+    exact_div = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, None, tg)
+    plain_div = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, None, tg, dtype=torch.float32)
+    exact_lp = dense.logprobs_grads(xs, ws, ids, LOGIT, gs)
+    plain_lp = dense.logprobs_grads(xs, ws, ids, LOGIT, gs, dtype=torch.float32)
+    exact_loss = dense.logprobs_grads(xs, ws, ids, LOGIT, (a, b, None))
+    plain_loss = dense.logprobs_grads(xs, ws, ids, LOGIT, (a, b, None), dtype=torch.float32)
+    elem = 8 if dtype == torch.float64 else 4
+    monkeypatch.setattr(cpu, "WORKSPACE_BYTES", ROWS * 2 * V * elem)
+    monkeypatch.setenv("COPSD_CPU_TOPK_TILE", "100")
+    if dynamic:
+        monkeypatch.delenv("COPSD_CPU_DYNAMIC", raising=False)
+    else:
+        monkeypatch.setenv("COPSD_CPU_DYNAMIC", "0")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, dx, dw = cpu.divergence(xs, ws, xt, wt, LOGIT, div, None, tg.to(acc))
+        _check(dx, exact_div[1], plain_div[1], dtype, "divergence d_hidden")
+        _check(dw, exact_div[2], plain_div[2], dtype, "divergence d_weight")
+        _, ent, lse = cpu.logprobs_forward(xs, ws, ids, LOGIT)
+        dx, dw = cpu.logprobs_backward(xs, ws, ids, lse, ent, *[g.to(acc) for g in gs], LOGIT)
+        _check(dx, exact_lp[1], plain_lp[1], dtype, "log-prob backward d_hidden")
+        _check(dw, exact_lp[2], plain_lp[2], dtype, "log-prob backward d_weight")
+        _, _, dx, dw = cpu.logprobs_loss(xs, ws, ids, LOGIT, lambda r0, k, lp, e: (a[r0:r0 + k], b[r0:r0 + k]))
+        _check(dx, exact_loss[1], plain_loss[1], dtype, "loss path d_hidden")
+        _check(dw, exact_loss[2], plain_loss[2], dtype, "loss path d_weight")
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("chunks", list(CHUNKS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", MODES)
@@ -196,7 +241,7 @@ def test_divergence(mode, name, dtype, chunks, grad):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
-@pytest.mark.parametrize("side", ["1", "0"])
+@pytest.mark.parametrize("side", ["tiles", "whole", "0"])
 @pytest.mark.parametrize("dtype,packed,bf16_gemm", [
     (torch.float32, True, "1"), (torch.bfloat16, True, "1"), (torch.float32, False, "1"), (torch.float64, False, "1"),
     (torch.bfloat16, False, "1"), (torch.bfloat16, False, "0")])
@@ -204,16 +249,19 @@ def test_divergence_side_by_side_logits(monkeypatch, threads, side, dtype, packe
     """Both lm_heads packed, or unpacked (e.g. over the pack budget: read in place, or a bf16 head up-cast one block
     at a time into each thread's own scratch): a chunk's student and teacher logits GEMMs run side by side on the
     threads, each single-threaded, a side's rows split into threads / 2 parts of >= 128 rows (2 threads: one part;
-    4 threads and 300-row chunks: two parts per side, the short last chunk of 57 rows falls back), or
-    (COPSD_CPU_SIDE_GEMMS=0, one or three threads, or unpacked bf16 heads streamed through the bf16 kernel) one
-    after the other, MKL splitting each; every kind, loss and gradients against float64, each chunk's logits counted
-    once per side, the side-by-side chunks counted apart."""
+    4 threads and 300-row chunks: two parts per side, the short last chunk of 57 rows falls back), handed out one
+    (part, side, vocabulary tile) GEMM at a time ("tiles", the default: 2 tiles of 1536 and 517 entries), or one
+    side's whole part per thread ("whole": COPSD_CPU_DYNAMIC=0, which also deals the gradient tiles in one fixed
+    run per thread); or (COPSD_CPU_SIDE_GEMMS=0, one or three threads, or unpacked bf16 heads streamed through the
+    bf16 kernel) one after the other, MKL splitting each; every kind, loss and gradients against float64, each
+    chunk's logits counted once per side, the side-by-side chunks (and of those the tiled ones) counted apart."""
     if packed and not _C().packed_gemm_available():
         pytest.skip("torch's BLAS has no packed-GEMM API here")
     rows, n = 300, 657  # chunks of 300 + 300 + 57 rows
     bf16 = dtype == torch.bfloat16 and bf16_gemm != "0" and _C().bf16_gemm_available()  # on the bf16 kernel
     shared = packed or not bf16  # whether the heads' GEMMs may run on two threads at once
     side_chunks = 0 if side == "0" or not shared else {2: 3, 4: 2}.get(threads, 0)
+    tile_chunks = side_chunks if side == "tiles" else 0
     xs, ws, xt, wt, _ = _inputs(n, dtype, seed=8)
     tg = torch.rand(n, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
     old = torch.get_num_threads()
@@ -227,7 +275,11 @@ def test_divergence_side_by_side_logits(monkeypatch, threads, side, dtype, packe
             monkeypatch.delenv("COPSD_CPU_PACK_MB", raising=False)
         else:
             monkeypatch.setenv("COPSD_CPU_PACK_MB", "0")
-        monkeypatch.setenv("COPSD_CPU_SIDE_GEMMS", side)
+        monkeypatch.setenv("COPSD_CPU_SIDE_GEMMS", "0" if side == "0" else "1")
+        if side == "whole":
+            monkeypatch.setenv("COPSD_CPU_DYNAMIC", "0")
+        else:
+            monkeypatch.delenv("COPSD_CPU_DYNAMIC", raising=False)
         for kind in ("reverse_kl", "forward_kl", "jsd"):
             div = DivergenceSpec(kind=kind, beta=0.3)
             exact = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, None, tg)
@@ -241,6 +293,7 @@ def test_divergence_side_by_side_logits(monkeypatch, threads, side, dtype, packe
             else:
                 assert st["packs"] == 0 and st["packed_gemms"] == 0 and st["plain_gemms"] == 6, st
             assert st["side_chunks"] == side_chunks, st
+            assert st["side_tile_chunks"] == tile_chunks, st
             assert st["bf16_gemms"] == (6 if bf16 else 0), st
             for got, e, p, what in zip((loss, dx, dw), exact, plain, ("loss", "d_hidden", "d_weight")):
                 _check(got, e, p, dtype, f"{kind} {what}", scale=5.0 if what == "loss" else 1.0)
@@ -380,6 +433,20 @@ def test_default_workspace_grows_for_a_large_vocabulary():
     for v in (32000, 151936, 262144):  # the rows the default holds: 256 per side wherever it is not capped
         assert _C().chunk_rows(4096, v, 4, 2, wb(0, 4096, v, 4, 2, True), True) == 256
     assert _C().chunk_rows(4096, 151936, 4, 2, 64 * MIB, True) == 55  # what 64 MiB held at that vocabulary
+
+
+def test_gradient_tile_runs():
+    """The gradient GEMMs hand out runs of vocabulary tiles, one d_hidden partial per run: one run per tile where
+    their [rows, H] partials fit 32 MiB, else as many as fit, but never fewer than the threads nor more than the
+    tiles."""
+    runs = _C().grad_runs
+    assert runs(16, 2, 256, 512, 4) == 16  # V = 32000, H = 512: 16 tiles, 16 x 512 KiB of partials
+    assert runs(38, 2, 256, 896, 4) == 36  # V = 151936, H = 896: 38 tiles of 4096, 36 partials fit
+    assert runs(38, 2, 256, 4096, 4) == 8  # 4 MiB partials: 8 fit
+    assert runs(38, 16, 256, 4096, 4) == 16  # one per thread at least
+    assert runs(3, 16, 256, 4096, 4) == 3  # never more than the tiles
+    assert runs(38, 2, 256, 32768, 8) == 2  # a partial over the whole 32 MiB: one per thread
+    assert runs(1, 1, 1, 1, 4) == 1
 
 
 def test_workspace_env_knob(monkeypatch):

@@ -177,9 +177,11 @@ def test_extreme_logits_odd_chunks(chunks):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_repeated_calls_are_bitwise_equal(chunks, threads):
     """Repeated calls agree bit for bit at any thread count: the dynamic row schedules do not change results
-    (every reduction over the vocabulary is within one row), and the gradient GEMMs that run per vocabulary tile
-    deal the tiles to the threads in a fixed order (each thread's d_hidden partial, and their sum, in the same
-    order every call): divergence, log-probs forward + backward, the loss path."""
+    (every reduction over the vocabulary is within one row), the divergence's logits tiles handed out dynamically
+    are each one GEMM whichever thread runs it, and the gradient GEMMs that run per vocabulary tile sum d_hidden
+    in fixed groups of tiles, each group's partial in tile order whichever thread takes it, the partials in group
+    order (the recomputing log-prob backward: the tiles dealt to the threads in a fixed order): divergence, log-probs
+    forward + backward, the loss path."""
     chunks(torch.float32, 2)
     xs, ws, xt, wt = _inputs(torch.float32, peaked=True)
     tg = torch.rand(N)

@@ -84,7 +84,7 @@ bool have_packed_api() { return packed_api().compute != nullptr; }
 
 // Counters for tests and profiling (process-wide).
 std::atomic<int64_t> n_packs{0}, n_packed_bytes{0}, n_packed_reserved{0}, n_packed_gemms{0}, n_plain_gemms{0},
-    n_bf16_gemms{0}, n_bf16_grads{0}, n_side_chunks{0};
+    n_bf16_gemms{0}, n_bf16_grads{0}, n_side_chunks{0}, n_side_tile_chunks{0};
 
 bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
 
@@ -147,7 +147,10 @@ bool env_flag_off(const char* name) {
 
 }  // namespace
 
-void count_side_chunk() { ++n_side_chunks; }
+void count_side_chunk(bool tiles) {
+  ++n_side_chunks;
+  if (tiles) ++n_side_tile_chunks;
+}
 
 int64_t env_mib(const char* name, int64_t dflt) {
   const char* raw = std::getenv(name);
@@ -660,14 +663,14 @@ void LmHead::logits(const Tensor& x_in, Tensor out, bool count, Tensor* scratch)
   }
 }
 
-void LmHead::logits_block(const Tensor& x_in, int64_t b, Tensor out, Tensor& scratch) {
+void LmHead::logits_block(const Tensor& x_in, int64_t b, Tensor out, Tensor& scratch, bool count) {
   const int64_t V = W_.size(0), H = W_.size(1), m = x_in.size(0);
   const int64_t v0 = b * vb_, n = std::min(vb_, V - v0);
   TORCH_CHECK(v0 >= 0 && n > 0 && out.size(0) == m && out.size(1) == n, "logits_block: bad block or output");
   const bool out_rows = out.stride(1) == 1 && out.stride(0) >= n && fits_int(out.stride(0));
   if (bf16_ && out_rows && m > 0) {
     bf16_logits(x_in, b, b + 1, out.data_ptr<float>(), out.stride(0), scratch);
-    if (b == 0) count_bf16_gemm();  // a chunk's logits (all its blocks) counted once
+    if (count && b == 0) count_bf16_gemm();  // a chunk's logits (all its blocks) counted once
     return;
   }
   if (pack_ && !bf16_ && out_rows && fits_int(m) && m > 0) {
@@ -677,10 +680,10 @@ void LmHead::logits_block(const Tensor& x_in, int64_t b, Tensor out, Tensor& scr
                          static_cast<int>(H), x.data_ptr<float>(), lda,
                          reinterpret_cast<const float*>(packed_[b].data_ptr<uint8_t>()), static_cast<int>(n), 0.0f,
                          out.data_ptr<float>(), static_cast<int>(out.stride(0)));
-    if (b == 0) ++n_packed_gemms;  // the counters count a chunk's logits (all its blocks) once
+    if (count && b == 0) ++n_packed_gemms;  // the counters count a chunk's logits (all its blocks) once
     return;
   }
-  if (b == 0) ++n_plain_gemms;
+  if (count && b == 0) ++n_plain_gemms;
   at::mm_out(out, x_in, weight_block(b, scratch).t());
 }
 
@@ -760,10 +763,12 @@ void register_gemm(pybind11::module& m) {
     d["bf16_gemms"] = n_bf16_gemms.load();
     d["bf16_grads"] = n_bf16_grads.load();
     d["side_chunks"] = n_side_chunks.load();
+    d["side_tile_chunks"] = n_side_tile_chunks.load();
     return d;
   }, "process-wide counts: lm_head packings (packed_bytes: what they occupy and the pack budget counts; "
         "packed_reserved: what MKL's get_size reserved), chunk logits GEMMs on a packed / unpacked lm_head, "
-        "divergence chunks whose two logits GEMMs ran side by side (side_chunks)");
+        "divergence chunks whose two logits GEMMs ran side by side (side_chunks), of those handed out per "
+        "vocabulary tile (side_tile_chunks)");
   m.def("gemm_stats_reset", []() {
     n_packs = 0;
     n_packed_bytes = 0;
@@ -773,6 +778,7 @@ void register_gemm(pybind11::module& m) {
     n_bf16_gemms = 0;
     n_bf16_grads = 0;
     n_side_chunks = 0;
+    n_side_tile_chunks = 0;
   });
   m.def("bf16_gemm_available", &bf16_gemm_supported,
         "whether bf16 logits GEMMs can run on the AVX512_BF16 dot-product kernel (CPU support, COPSD_CPU_ISA)");

@@ -135,8 +135,9 @@ class LmHead {
   // after ready(), each with its own `scratch` (the up-cast block of an unpacked low-precision weight; grown on
   // demand), and then runs single-threaded inside an OpenMP parallel region.  On the bf16 kernel `scratch` keeps
   // the packed x of the call: the next call with the same x (same storage, rows and stride) reuses it, so x's
-  // values must not change between calls that share a scratch.
-  void logits_block(const at::Tensor& x, int64_t b, at::Tensor out, at::Tensor& scratch);
+  // values must not change between calls that share a scratch.  `count`: whether gemm_stats counts block 0 of this
+  // call (a chunk's logits, all its blocks, are counted once; a chunk split into row parts once too).
+  void logits_block(const at::Tensor& x, int64_t b, at::Tensor out, at::Tensor& scratch, bool count = true);
   // Block b of W itself, [n_b, H] in the compute dtype: a view of W (or of the whole up-cast copy), or up-cast into
   // `scratch` (grown on demand).  Thread-safe like logits_block.
   at::Tensor weight_block(int64_t b, at::Tensor& scratch) {
@@ -208,8 +209,9 @@ inline void gemm_grads(const at::Tensor& dz, const at::Tensor& x, const at::Tens
   head.grads(dz, x, dx, dw, first);
 }
 
-// Counts a divergence chunk whose two logits GEMMs ran side by side (gemm_stats "side_chunks").
-void count_side_chunk();
+// Counts a divergence chunk whose two logits GEMMs ran side by side (gemm_stats "side_chunks"; with `tiles`, handed
+// out one vocabulary tile at a time: "side_tile_chunks" too).
+void count_side_chunk(bool tiles);
 
 void register_gemm(pybind11::module& m);
 

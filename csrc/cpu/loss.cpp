@@ -314,16 +314,37 @@ std::tuple<Tensor, Tensor, Tensor> logprobs_forward_t(const Tensor& hidden, cons
   return {out_lp, out_ent, out_lse};
 }
 
-// Recomputing log-prob backward, fused and tiled.  The vocabulary is cut into tiles dealt round-robin to the
-// threads, so each thread owns its tiles' d_weight rows (no two threads write the same ones).  Round-robin, not
-// dynamic: a thread's d_hidden partial sums its tiles in a fixed order, so the result is the same on every call
-// (for a given thread count).  Per tile and row
-// group a thread runs the single-threaded logits GEMM of a [rows, tile] block on the per-tile packed lm_head, turns
-// the block into dL/dz in place (logprob_bwd on each row's piece) while it is still in that core's cache, and
-// feeds it at once to the two gradient GEMMs: d_weight[tile] (+)= G^T x[group] and the thread's own d_hidden
-// partial += G W[tile]; the partials are summed at the end.  So no [rows, V] block goes to memory and back (the
-// chunked design wrote it and read it three times), and no GEMM is split over threads.  Tokens are taken in spans
-// whose per-thread d_hidden partials fit half the workspace (one span at the usual sizes).
+// Whether the divergence's side-by-side logits (chunk_logits) and the gradient GEMMs per vocabulary tile (the
+// recomputing log-prob backward, grads_by_tile) are handed out to the threads one tile (run of tiles) at a time: not
+// with COPSD_CPU_DYNAMIC=0 (read per call, for A/B measurements), which gives each thread one side's whole GEMMs and
+// one fixed run of gradient tiles.
+bool dynamic_tiles() {
+  const char* e = std::getenv("COPSD_CPU_DYNAMIC");
+  return e == nullptr || std::strcmp(e, "0") != 0;
+}
+
+// Bytes of d_hidden partials the gradient tiles may hold for a chunk or span (grad_runs): at H = 512 and 256-row
+// chunks, 64 of 512 KiB.
+constexpr int64_t kPartBytes = int64_t(32) << 20;
+
+// Runs of consecutive vocabulary tiles the gradient GEMMs hand out, each summing one d_hidden partial, for `tiles`
+// tiles: one run per tile where `tiles` partials of [rows, H] fit kPartBytes (the usual case: 16 tiles at
+// V = 32000), else as many runs as fit, never fewer than the threads nor more than the tiles.
+int64_t grad_runs(int64_t tiles, int threads, int64_t rows, int64_t H, int64_t elem) {
+  const int64_t fit = kPartBytes / std::max<int64_t>(1, rows * H * elem);
+  return std::max<int64_t>(1, std::min(tiles, std::max<int64_t>(threads, fit)));
+}
+
+// Recomputing log-prob backward, fused and tiled.  The vocabulary tiles are cut into R = grad_runs() runs of
+// consecutive tiles, handed out to the threads dynamically (COPSD_CPU_DYNAMIC=0: one fixed run per thread); a run
+// owns its tiles' d_weight rows (no two threads write the same ones) and one d_hidden partial, summed tile after
+// tile whichever thread runs it, so the result is the same on every call.  Per tile and row group a thread runs the
+// single-threaded logits GEMM of a [rows, tile] block on the per-tile packed lm_head, turns the block into dL/dz in
+// place (logprob_bwd on each row's piece) while it is still in that core's cache, and feeds it at once to the two
+// gradient GEMMs: d_weight[tile] (+)= G^T x[group] and the run's d_hidden partial (+)= G W[tile]; the partials are
+// summed at the end, in run order.  So no [rows, V] block goes to memory and back (the chunked design wrote it and
+// read it three times), and no GEMM is split over threads.  Tokens are taken in spans whose per-thread d_hidden
+// partials fit half the workspace (one span at the usual sizes).
 template <typename T>
 std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tensor& weight, const Tensor& ids,
                                                const Tensor& lse, const Tensor& ent, const Tensor& g_lp,
@@ -353,8 +374,10 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
   vb.ready();
   tm.stop(tm.prep);
   const int64_t tiles = (V + tile - 1) / tile;
-  const int nt = static_cast<int>(std::min<int64_t>(threads, tiles));
-  Tensor part = cached_empty({nt, span, H}, st);  // the threads' d_hidden partials
+  const bool dynamic = dynamic_tiles();
+  const int64_t runs = dynamic ? grad_runs(tiles, threads, span, H, elem) : std::min<int64_t>(threads, tiles);
+  const int nt = static_cast<int>(std::min<int64_t>(threads, runs));
+  Tensor part = cached_empty({runs, span, H}, st);  // the runs' d_hidden partials
   Tensor z = cached_empty({nt, rows, tile}, st);
   std::vector<Tensor> scratch(nt), wscratch(nt);
   std::vector<double> t_gemm(nt, 0.0), t_epi(nt, 0.0), t_grad(nt, 0.0);
@@ -372,51 +395,61 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
   std::vector<uint32_t> xpair;
   for (int64_t s0 = 0; s0 < N; s0 += span) {
     const int64_t ns = std::min(span, N - s0);
-    part.narrow(1, 0, ns).zero_();
+    Tensor ps = part.narrow(1, 0, ns);
     if (bf16g) {
+      ps.zero_();  // the bf16 kernel's products add into the partials
       xpair.resize(static_cast<size_t>((ns + rows - 1) / rows * xw));
       for (int64_t g0 = 0; g0 < ns; g0 += rows)
         vb.pack_grad_x(x.narrow(0, s0 + g0, std::min(rows, ns - g0)), xpair.data() + g0 / rows * xw);
     }
-    parallel_tasks(tiles, nt, false, [&](int tid, int64_t b) {
-      const int64_t v0 = b * tile, n = std::min(tile, V - v0);
-      const double t0 = tm.now();
-      Tensor wb = bf16g ? Tensor() : vb.weight_block(b, wscratch[tid]);
-      Tensor dwb = dw.narrow(0, v0, n);
-      Tensor acc = part[tid];
+    parallel_tasks(runs, nt, dynamic, [&](int tid, int64_t run) {
+      const int64_t b0 = run * tiles / runs, b1 = (run + 1) * tiles / runs;
+      Tensor acc = ps[run];
       T* zp = z[tid].data_ptr<T>();
-      t_grad[tid] += tm.now() - t0;
-      for (int64_t g0 = 0; g0 < ns; g0 += rows) {
-        const int64_t nr = std::min(rows, ns - g0), r0 = s0 + g0;
-        Tensor xg = x.narrow(0, r0, nr);
-        Tensor zb = z[tid].narrow(0, 0, nr).narrow(1, 0, n);  // rows of stride `tile`
-        const double t1 = tm.now();
-        vb.logits_block(xg, b, zb, scratch[tid]);
-        const double t2 = tm.now();
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t q = r0 + r, j = id[q] - v0;
-          K.logprob_bwd(zp + r * tile, n, j >= 0 && j < n ? j : -1, plse[q], pent[q], pa[q], pb[q], pc[q], lp,
-                        false);
-        }
-        const double t3 = tm.now();
-        if (bf16g) {
-          vb.grad_tile_bf16(zb.data_ptr<float>(), tile, nr, v0, n, xpair.data() + g0 / rows * xw,
-                            acc.data_ptr<float>() + g0 * acc.stride(0), acc.stride(0), dw.data_ptr<float>(), r0 == 0);
-        } else {
-          acc.narrow(0, g0, nr).addmm_(zb, wb);
-          if (r0 == 0) {
-            at::mm_out(dwb, zb.t(), xg);
-          } else {
-            dwb.addmm_(zb.t(), xg);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t v0 = b * tile, n = std::min(tile, V - v0);
+        const double t0 = tm.now();
+        Tensor wb = bf16g ? Tensor() : vb.weight_block(b, wscratch[tid]);
+        Tensor dwb = dw.narrow(0, v0, n);
+        t_grad[tid] += tm.now() - t0;
+        for (int64_t g0 = 0; g0 < ns; g0 += rows) {
+          const int64_t nr = std::min(rows, ns - g0), r0 = s0 + g0;
+          Tensor xg = x.narrow(0, r0, nr);
+          Tensor zb = z[tid].narrow(0, 0, nr).narrow(1, 0, n);  // rows of stride `tile`
+          const double t1 = tm.now();
+          vb.logits_block(xg, b, zb, scratch[tid]);
+          const double t2 = tm.now();
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t q = r0 + r, j = id[q] - v0;
+            K.logprob_bwd(zp + r * tile, n, j >= 0 && j < n ? j : -1, plse[q], pent[q], pa[q], pb[q], pc[q], lp,
+                          false);
           }
+          const double t3 = tm.now();
+          if (bf16g) {
+            vb.grad_tile_bf16(zb.data_ptr<float>(), tile, nr, v0, n, xpair.data() + g0 / rows * xw,
+                              acc.data_ptr<float>() + g0 * acc.stride(0), acc.stride(0), dw.data_ptr<float>(),
+                              r0 == 0);
+          } else {
+            Tensor ag = acc.narrow(0, g0, nr);
+            if (b == b0) {
+              at::mm_out(ag, zb, wb);
+            } else {
+              ag.addmm_(zb, wb);
+            }
+            if (r0 == 0) {
+              at::mm_out(dwb, zb.t(), xg);
+            } else {
+              dwb.addmm_(zb.t(), xg);
+            }
+          }
+          t_gemm[tid] += t2 - t1;
+          t_epi[tid] += t3 - t2;
+          t_grad[tid] += tm.now() - t3;
         }
-        t_gemm[tid] += t2 - t1;
-        t_epi[tid] += t3 - t2;
-        t_grad[tid] += tm.now() - t3;
       }
     });
     Tensor dxs = dx.narrow(0, s0, ns);
-    at::sum_out(dxs, part.narrow(1, 0, ns), 0);
+    at::sum_out(dxs, ps, 0);
   }
   for (int i = 0; i < nt; ++i) {
     tm.gemm.wall += t_gemm[i] / nt;
@@ -426,47 +459,64 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
   return {dx, dw};
 }
 
-// The two gradient GEMMs of a chunk whose dL/dz block zc [nr, V] is (or is being) formed, per vocabulary tile:
-// tiles dealt round-robin to the threads (a thread owns its tiles' d_weight rows; a fixed deal keeps d_hidden's
-// summation order, so repeated calls agree bit for bit), each tile first given to
-// form(v0, n) (which may turn the rows' pieces of zc into dL/dz there, leaving them in cache), then right away
-// d_weight[tile] (= on the first chunk, += after) G^T x and the thread's d_hidden partial += G W[tile], all
-// single-threaded; dxc = the sum of the partials.  `part`: [>= threads, >= nr, H] partials; `wscratch`: one up-cast
-// buffer per thread.  Against MKL's threaded [nr, V] GEMMs: G is read from memory once instead of twice, and no
-// GEMM is split over threads.  form's time is counted as epilogue, the rest as gradient GEMMs.
+// The two gradient GEMMs of a chunk whose dL/dz block zc [nr, V] is (or is being) formed, per vocabulary tile.  The
+// tiles are cut into R = grad_runs() runs of consecutive tiles, handed out to the threads dynamically (a thread
+// that a busy machine slows down takes fewer; COPSD_CPU_DYNAMIC=0: one fixed run per thread).  Each run owns its
+// tiles' d_weight rows and one d_hidden partial.  Per tile: first form(v0, n) (which may turn the rows' pieces of zc
+// into dL/dz there, leaving them in cache), then right away d_weight[tile] (= on the first chunk, += after) G^T x and
+// the run's partial (+)= G W[tile], all single-threaded (G: the tile's dL/dz); dxc = the sum of the R partials in
+// run order.  A run's sums do not depend on the thread that ran it, so repeated calls agree bit for bit.  `part`:
+// [>= R, >= nr, H] partials; `wscratch`: one up-cast buffer per thread.  Against MKL's threaded [nr, V] GEMMs: G is
+// read from memory once instead of twice, and no GEMM is split over threads.  form's time is counted as epilogue, the
+// rest as gradient GEMMs.
 template <typename Form>
 void grads_by_tile(const Tensor& zc, const Tensor& xc, LmHead& vb, Tensor dxc, Tensor& dw, bool first, Tensor& part,
                    std::vector<Tensor>& wscratch, int64_t tile, PhaseTimer& tm, Form&& form) {
-  const int64_t nr = zc.size(0), V = zc.size(1);
+  const int64_t nr = zc.size(0), V = zc.size(1), H = xc.size(1);
   const int64_t tiles = (V + tile - 1) / tile;
-  const int nt = static_cast<int>(std::min<int64_t>({int64_t(at::get_num_threads()), tiles, part.size(0)}));
-  Tensor pc = part.narrow(0, 0, std::max(nt, 1)).narrow(1, 0, nr);
-  pc.zero_();
+  const int threads = std::max(1, std::min(at::get_num_threads(), static_cast<int>(wscratch.size())));
+  const bool dynamic = dynamic_tiles();
+  const int64_t want = dynamic ? grad_runs(tiles, threads, part.size(1), H, zc.element_size())
+                               : std::min<int64_t>(threads, tiles);  // COPSD_CPU_DYNAMIC=0: one fixed run per thread
+  const int64_t runs = std::min(want, part.size(0));
+  const int nt = static_cast<int>(std::min<int64_t>(threads, runs));
+  Tensor pc = part.narrow(0, 0, runs).narrow(1, 0, nr);
   std::vector<double> t_form(std::max(nt, 1), 0.0);
   tm.start();
-  // On the bf16 kernel (LmHead::bf16_grads): x packed as row pairs once for every tile.
+  // On the bf16 kernel (LmHead::bf16_grads): x packed as row pairs once for every tile; its products add into the
+  // partial.
   std::vector<uint32_t> xpair;
   if (vb.bf16_grads()) {
     xpair.resize(static_cast<size_t>(vb.grad_x_words(nr)));
     vb.pack_grad_x(xc, xpair.data());
+    pc.zero_();
   }
-  parallel_tasks(tiles, std::max(nt, 1), false, [&](int tid, int64_t b) {
-    const int64_t v0 = b * tile, n = std::min(tile, V - v0);
-    const double t0 = tm.now();
-    form(v0, n);
-    t_form[tid] += tm.now() - t0;
-    if (!xpair.empty()) {
-      vb.grad_tile_bf16(zc.data_ptr<float>() + v0, zc.stride(0), nr, v0, n, xpair.data(), pc[tid].data_ptr<float>(),
-                        pc.stride(1), dw.data_ptr<float>(), first);
-      return;
-    }
-    Tensor zb = zc.narrow(1, v0, n);
-    pc[tid].addmm_(zb, vb.weight_rows(v0, n, wscratch[tid]));
-    Tensor dwb = dw.narrow(0, v0, n);
-    if (first) {
-      at::mm_out(dwb, zb.t(), xc);
-    } else {
-      dwb.addmm_(zb.t(), xc);
+  parallel_tasks(runs, nt, dynamic, [&](int tid, int64_t g) {
+    const int64_t b0 = g * tiles / runs, b1 = (g + 1) * tiles / runs;
+    Tensor pg = pc[g];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t v0 = b * tile, n = std::min(tile, V - v0);
+      const double t0 = tm.now();
+      form(v0, n);
+      t_form[tid] += tm.now() - t0;
+      if (!xpair.empty()) {
+        vb.grad_tile_bf16(zc.data_ptr<float>() + v0, zc.stride(0), nr, v0, n, xpair.data(), pg.data_ptr<float>(),
+                          pc.stride(1), dw.data_ptr<float>(), first);
+        continue;
+      }
+      Tensor zb = zc.narrow(1, v0, n);
+      Tensor wb = vb.weight_rows(v0, n, wscratch[tid]);
+      if (b == b0) {
+        at::mm_out(pg, zb, wb);
+      } else {
+        pg.addmm_(zb, wb);
+      }
+      Tensor dwb = dw.narrow(0, v0, n);
+      if (first) {
+        at::mm_out(dwb, zb.t(), xc);
+      } else {
+        dwb.addmm_(zb.t(), xc);
+      }
     }
   });
   at::sum_out(dxc, pc, 0);
@@ -506,7 +556,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> logprobs_loss_t(const Tensor& hidden,
   LmHead vb(weight, st, hidden.scalar_type(), rows, N, budget, pack, true,
             topk_tile((rows + threads - 1) / threads, sizeof(T)));
   Tensor z = cached_empty({rows, V}, st), mx = at::empty({rows}, opts), logs = at::empty({rows}, opts);
-  Tensor part = cached_empty({nt, rows, H}, st);  // the threads' d_hidden partials of a chunk
+  Tensor part = cached_empty({grad_runs(tiles, nt, rows, H, sizeof(T)), rows, H}, st);  // d_hidden partials
   std::vector<Tensor> wscratch(nt);
   const auto& K = kernels<T>();
   const int64_t* id = ids.data_ptr<int64_t>();
@@ -628,18 +678,44 @@ int64_t side_parts(int64_t nr, const LmHead& hs, const LmHead& ht) {
 
 // Both sides' logits of one chunk.  MKL splits a 256-row packed GEMM over 2 threads less efficiently than one thread
 // runs it (2-core Zen 4, N = 2048, H = 256, V = 32000, CPU time of 8 chunks: 403 ms split vs 378 ms single-threaded
-// per side; MKL's one-shot [2048, V] GEMM: 353 ms): so where side_parts() allows, each thread takes whole row parts
-// of one side and runs that GEMM alone (a GEMM called inside a parallel region runs single-threaded).
+// per side; MKL's one-shot [2048, V] GEMM: 353 ms): so where side_parts() allows, every GEMM runs single-threaded
+// inside one parallel region.  Where both heads are cut into the same vocabulary tiles (the divergence's tile-packed
+// heads) the tasks are (row part, side, tile) GEMMs handed out dynamically, so a thread that a busy machine (or a
+// hypervisor) slows down takes fewer of them, and the threads wait for each other by at most about one tile at the
+// chunk's end instead of one side's whole GEMM; otherwise each thread takes whole row parts of one side.  Each task
+// writes its own block of zs / zt with a GEMM whose shape does not depend on the thread, so the result does not
+// depend on the hand-out.
 void chunk_logits(const Tensor& xs, LmHead& hs, Tensor zs, const Tensor& xt, LmHead& ht, Tensor zt) {
-  const int64_t nr = xs.size(0);
+  const int64_t nr = xs.size(0), V = zs.size(1);
   const int64_t parts = side_parts(nr, hs, ht);
   if (parts == 0) {
     hs.logits(xs, zs);
     ht.logits(xt, zt);
     return;
   }
-  count_side_chunk();
   const int64_t step = (nr + parts - 1) / parts;
+  const int64_t tile = hs.block_rows();
+  const bool tiles_out = tile > 0 && tile < V && ht.block_rows() == tile && dynamic_tiles();
+  count_side_chunk(tiles_out);
+  if (tiles_out) {
+    const int64_t tiles = (V + tile - 1) / tile;
+    const int nt = static_cast<int>(2 * parts);
+    // Per thread and side: the up-cast block of a low-precision head, or the bf16 kernel's packed x of that side's
+    // rows (reused by the thread's next tile of the same side and part; fresh per chunk, see logits_block).
+    std::vector<Tensor> scratch(static_cast<size_t>(2 * nt * parts));
+    parallel_tasks(2 * parts * tiles, nt, true, [&](int tid, int64_t task) {
+      const int64_t b = task / (2 * parts), rest = task % (2 * parts), p = rest / 2, side = rest % 2;
+      const int64_t r0 = p * step, n = std::min(step, nr - r0), v0 = b * tile, nv = std::min(tile, V - v0);
+      if (n <= 0) return;
+      Tensor& sc = scratch[static_cast<size_t>((tid * parts + p) * 2 + side)];
+      if (side == 0) {
+        hs.logits_block(xs.narrow(0, r0, n), b, zs.narrow(0, r0, n).narrow(1, v0, nv), sc, r0 == 0);
+      } else {
+        ht.logits_block(xt.narrow(0, r0, n), b, zt.narrow(0, r0, n).narrow(1, v0, nv), sc, r0 == 0);
+      }
+    });
+    return;
+  }
   std::vector<Tensor> scratch(static_cast<size_t>(2 * parts));  // up-cast blocks of a head without a whole copy
   parallel_tasks(2 * parts, static_cast<int>(2 * parts), false, [&](int, int64_t task) {
     const int64_t r0 = (task / 2) * step, n = std::min(step, nr - r0);
@@ -706,7 +782,10 @@ DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const 
   }();
   const int threads = std::max(1, at::get_num_threads());
   const int64_t gtile = grad_tile(rows, V, threads, sizeof(T));
-  Tensor part = grad && grad_tiles ? cached_empty({threads, rows, H}, st) : Tensor();  // the threads' d_hidden partials
+  // The d_hidden partials of grads_by_tile's runs of tiles.
+  Tensor part = grad && grad_tiles
+                    ? cached_empty({grad_runs((V + gtile - 1) / gtile, threads, rows, H, sizeof(T)), rows, H}, st)
+                    : Tensor();
   std::vector<Tensor> wscratch(threads);
   const auto& K = kernels<T>();
   T* ploss = loss.data_ptr<T>();
@@ -913,6 +992,8 @@ void register_loss(pybind11::module& m) {
         "elementwise log with the row epilogues' vectorised polynomial (for tests)");
   m.def("tanh", [](const Tensor& x) { return elementwise(x, [](const auto& k) { return k.tanh; }); }, py::arg("x"),
         "elementwise tanh of the softcap logit transform (vectorised; for tests)");
+  m.def("grad_runs", &grad_runs, py::arg("tiles"), py::arg("threads"), py::arg("rows"), py::arg("H"), py::arg("elem"),
+        "runs of vocabulary tiles the gradient GEMMs hand out (one d_hidden partial each; for tests)");
   m.def("isa", []() {
     const int l = isa_level();
     return std::string(l == 2 ? "avx512" : l == 1 ? "avx2" : "base");
