@@ -437,15 +437,15 @@ def test_default_workspace_grows_for_a_large_vocabulary():
 
 def test_gradient_tile_runs():
     """The gradient GEMMs hand out runs of vocabulary tiles, one d_hidden partial per run: one run per tile where
-    their [rows, H] partials fit 32 MiB, else as many as fit, but never fewer than the threads nor more than the
+    their [rows, H] partials fit 16 MiB, else as many as fit, but never fewer than the threads nor more than the
     tiles."""
     runs = _C().grad_runs
     assert runs(16, 2, 256, 512, 4) == 16  # V = 32000, H = 512: 16 tiles, 16 x 512 KiB of partials
-    assert runs(38, 2, 256, 896, 4) == 36  # V = 151936, H = 896: 38 tiles of 4096, 36 partials fit
-    assert runs(38, 2, 256, 4096, 4) == 8  # 4 MiB partials: 8 fit
+    assert runs(38, 2, 256, 896, 4) == 18  # V = 151936, H = 896: 38 tiles of 4096, 18 partials of 896 KiB fit
+    assert runs(38, 2, 256, 4096, 4) == 4  # 4 MiB partials: 4 fit
     assert runs(38, 16, 256, 4096, 4) == 16  # one per thread at least
     assert runs(3, 16, 256, 4096, 4) == 3  # never more than the tiles
-    assert runs(38, 2, 256, 32768, 8) == 2  # a partial over the whole 32 MiB: one per thread
+    assert runs(38, 2, 256, 32768, 8) == 2  # a partial over the whole 16 MiB: one per thread
     assert runs(1, 1, 1, 1, 4) == 1
 
 

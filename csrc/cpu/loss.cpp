@@ -324,8 +324,8 @@ bool dynamic_tiles() {
 }
 
 // Bytes of d_hidden partials the gradient tiles may hold for a chunk or span (grad_runs): at H = 512 and 256-row
-// chunks, 64 of 512 KiB.
-constexpr int64_t kPartBytes = int64_t(32) << 20;
+// chunks, 32 of 512 KiB (16 are needed at V = 32000); at V = 151936, H = 896, 18 runs of about 2 tiles.
+constexpr int64_t kPartBytes = int64_t(16) << 20;
 
 // Runs of consecutive vocabulary tiles the gradient GEMMs hand out, each summing one d_hidden partial, for `tiles`
 // tiles: one run per tile where `tiles` partials of [rows, H] fit kPartBytes (the usual case: 16 tiles at
