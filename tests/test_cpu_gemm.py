@@ -401,14 +401,16 @@ def test_ops_layer_transposed_and_strided_inputs(mode, threads):
 
 @pytest.mark.parametrize("var,value", [("COPSD_CPU_PACK", "maybe"), ("COPSD_CPU_PACK_MB", "-1"),
                                        ("COPSD_CPU_PACK_MB", "lots"), ("COPSD_CPU_TOPK_TILE", "-5"),
-                                       ("COPSD_CPU_TOPK_TILE", "wide")])
+                                       ("COPSD_CPU_TOPK_TILE", "wide"), ("COPSD_CPU_DYNAMIC", "sometimes")])
 def test_bad_knob_values_are_errors(mode, monkeypatch, var, value):
-    x, w, _, _, ids = _inputs(CHUNKS[2], torch.float32)
+    x, w, xt, wt, ids = _inputs(CHUNKS[2], torch.float32)
     mode("on", torch.float32, 1)
     monkeypatch.setenv(var, value)
     with pytest.raises(RuntimeError, match=var):
         if var == "COPSD_CPU_TOPK_TILE":
             cpu.topk(x, w, 3, LOGIT)
+        elif var == "COPSD_CPU_DYNAMIC":
+            cpu.divergence(x, w, xt, wt, LOGIT, DivergenceSpec(), None, torch.ones(CHUNKS[2]))
         else:
             cpu.logprobs_forward(x, w, ids, LOGIT)
 

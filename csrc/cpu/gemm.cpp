@@ -135,6 +135,8 @@ void upcast_parallel(const Tensor& src, Tensor dst) {
   });
 }
 
+}  // namespace
+
 bool env_flag_off(const char* name) {
   const char* raw = std::getenv(name);
   if (raw == nullptr) return false;
@@ -144,8 +146,6 @@ bool env_flag_off(const char* name) {
   if (s == "0" || s == "false" || s == "off" || s == "no") return true;
   TORCH_CHECK(false, name, " must be 0 or 1 (also false/true, off/on, no/yes), got '", raw, "'");
 }
-
-}  // namespace
 
 void count_side_chunk(bool tiles) {
   ++n_side_chunks;

@@ -70,6 +70,11 @@ int isa_level();
 // Whether bf16 logits GEMMs can run on the bf16 dot-product kernel: isa_level() 2 and the CPU has AVX512_BF16.
 bool bf16_gemm_supported();
 
+// Whether the on/off environment variable `name` says off: 0 / false / off / no (any case); unset, empty, 1 / true /
+// on / yes are on, anything else is an error naming the variable (COPSD_CPU_PACK, COPSD_CPU_BF16_GEMM's 0,
+// COPSD_CPU_DYNAMIC).
+bool env_flag_off(const char* name);
+
 // A non-negative integer from the environment variable `name` (`dflt` when unset or empty); anything else is an
 // error naming the variable.  The MiB knobs (COPSD_CPU_PACK_MB, COPSD_CPU_CACHE_MB) and the plain counts
 // (COPSD_CPU_TOPK_ROWS / _TILE) are read with it.

@@ -317,11 +317,8 @@ std::tuple<Tensor, Tensor, Tensor> logprobs_forward_t(const Tensor& hidden, cons
 // Whether the divergence's side-by-side logits (chunk_logits) and the gradient GEMMs per vocabulary tile (the
 // recomputing log-prob backward, grads_by_tile) are handed out to the threads one tile (run of tiles) at a time: not
 // with COPSD_CPU_DYNAMIC=0 (read per call, for A/B measurements), which gives each thread one side's whole GEMMs and
-// one fixed run of gradient tiles.
-bool dynamic_tiles() {
-  const char* e = std::getenv("COPSD_CPU_DYNAMIC");
-  return e == nullptr || std::strcmp(e, "0") != 0;
-}
+// one fixed run of gradient tiles (env_flag_off: also false / off / no; a bad value is an error naming the variable).
+bool dynamic_tiles() { return !env_flag_off("COPSD_CPU_DYNAMIC"); }
 
 // Bytes of d_hidden partials the gradient tiles may hold for a chunk or span (grad_runs): at H = 512 and 256-row
 // chunks, 32 of 512 KiB (16 are needed at V = 32000); at V = 151936, H = 896, 18 runs of about 2 tiles.
