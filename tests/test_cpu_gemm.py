@@ -31,21 +31,35 @@ def _C():
     return _C
 
 
+def _packing():
+    """Whether fp32 lm_heads are packed once per call here: on copsd's own fp32 kernel (AVX-512) or MKL's packed
+    GEMM (where torch's MKL exports it)."""
+    return _C().f32_gemm_available() or _C().packed_gemm_available()
+
+
 @pytest.fixture
 def mode(monkeypatch):
-    """Sets the workspace to ROWS rows per side and the packing mode: 'on' (default budget; bf16 inputs take the
-    bf16 logits GEMM where the CPU has it), 'fp32' (the same with COPSD_CPU_BF16_GEMM=0: bf16 inputs only), 'off'
-    (COPSD_CPU_PACK=0) or 'tiny' (COPSD_CPU_PACK_MB=0: nothing fits).  Resets the GEMM counters."""
+    """Sets the workspace to ROWS rows per side and the packing mode: 'on' (default budget; fp32 logits on copsd's
+    fp32 kernel where the CPU has AVX-512, bf16 inputs on the bf16 logits GEMM where the CPU has it), 'fp32' (the
+    same with COPSD_CPU_BF16_GEMM=0: bf16 inputs only), 'mkl' (COPSD_CPU_F32_GEMM=0 and COPSD_CPU_BF16_GEMM=0: MKL's
+    packed GEMM; not for fp64), 'off' (COPSD_CPU_PACK=0) or 'tiny' (COPSD_CPU_PACK_MB=0: nothing fits).  Resets the
+    GEMM counters."""
     def set_mode(name, dtype, sides):
         if name == "fp32" and dtype != torch.bfloat16:
             pytest.skip("'fp32' differs from 'on' for bf16 inputs only")
+        if name == "mkl" and dtype == torch.float64:
+            pytest.skip("'mkl' differs from 'on' for fp32 GEMMs only")
         elem = 8 if dtype == torch.float64 else 4
         monkeypatch.setattr(cpu, "WORKSPACE_BYTES", ROWS * sides * V * elem)
         monkeypatch.delenv("COPSD_CPU_PACK", raising=False)
         monkeypatch.delenv("COPSD_CPU_PACK_MB", raising=False)
         monkeypatch.delenv("COPSD_CPU_BF16_GEMM", raising=False)
+        monkeypatch.delenv("COPSD_CPU_F32_GEMM", raising=False)
         if name == "fp32":
             monkeypatch.setenv("COPSD_CPU_BF16_GEMM", "0")
+        elif name == "mkl":
+            monkeypatch.setenv("COPSD_CPU_BF16_GEMM", "0")
+            monkeypatch.setenv("COPSD_CPU_F32_GEMM", "0")
         elif name == "off":
             monkeypatch.setenv("COPSD_CPU_PACK", "0")
         elif name == "tiny":
@@ -55,18 +69,20 @@ def mode(monkeypatch):
 
 
 def _expect_path(name, dtype, chunks, lm_heads):
-    """The counters after one op call: packed chunk GEMMs exactly where packing applies (MKL's packed fp32 GEMM, or
-    for bf16 inputs the bf16 GEMM's packed copy where the CPU has it), and for bf16 inputs every chunk GEMM on the
-    bf16 kernel where the CPU has it (unless COPSD_CPU_BF16_GEMM=0): from the packed copy, or streamed from the
-    weight where there is none (counted as unpacked)."""
+    """The counters after one op call: packed chunk GEMMs exactly where packing applies (copsd's fp32 kernel or
+    MKL's packed fp32 GEMM, or for bf16 inputs the bf16 GEMM's packed copy where the CPU has it), those on copsd's
+    fp32 kernel wherever it runs (not in mode 'mkl'), and for bf16 inputs every chunk GEMM on the bf16 kernel where
+    the CPU has it (unless COPSD_CPU_BF16_GEMM=0): from the packed copy, or streamed from the weight where there is
+    none (counted as unpacked)."""
     st = _C().gemm_stats()
-    bf16 = name != "fp32" and dtype == torch.bfloat16 and _C().bf16_gemm_available()
-    packs = (name in ("on", "fp32") and dtype != torch.float64 and chunks >= 2
-             and (bf16 or _C().packed_gemm_available()))
+    bf16 = name not in ("fp32", "mkl") and dtype == torch.bfloat16 and _C().bf16_gemm_available()
+    packs = (name in ("on", "fp32", "mkl") and dtype != torch.float64 and chunks >= 2 and (bf16 or _packing()))
+    f32 = packs and not bf16 and _C().f32_gemm_available()  # the env of the mode is still set here
     assert st["packs"] == (lm_heads if packs else 0), st
     assert st["packed_gemms"] == (lm_heads * chunks if packs else 0), st
     assert st["plain_gemms"] == (0 if packs else lm_heads * chunks), st
     assert st["bf16_gemms"] == (lm_heads * chunks if bf16 else 0), st
+    assert st["f32_gemms"] == (lm_heads * chunks if f32 else 0), st
 
 
 def _tiled_groups(n):
@@ -94,7 +110,7 @@ def _check(got, exact, plain, dtype, what, scale=1.0):
 
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-MODES = ["on", "fp32", "off", "tiny"]
+MODES = ["on", "fp32", "mkl", "off", "tiny"]
 
 
 @pytest.mark.parametrize("chunks", list(CHUNKS))
@@ -255,8 +271,8 @@ def test_divergence_side_by_side_logits(monkeypatch, threads, side, dtype, packe
     run per thread); or (COPSD_CPU_SIDE_GEMMS=0, one or three threads, or unpacked bf16 heads streamed through the
     bf16 kernel) one after the other, MKL splitting each; every kind, loss and gradients against float64, each
     chunk's logits counted once per side, the side-by-side chunks (and of those the tiled ones) counted apart."""
-    if packed and not _C().packed_gemm_available():
-        pytest.skip("torch's BLAS has no packed-GEMM API here")
+    if packed and not _packing():
+        pytest.skip("no packed fp32 GEMM here (no AVX-512 and no MKL packed-GEMM API)")
     rows, n = 300, 657  # chunks of 300 + 300 + 57 rows
     bf16 = dtype == torch.bfloat16 and bf16_gemm != "0" and _C().bf16_gemm_available()  # on the bf16 kernel
     shared = packed or not bf16  # whether the heads' GEMMs may run on two threads at once
@@ -305,8 +321,8 @@ def test_budget_for_one_lm_head(mode, monkeypatch):
     """A budget that holds one packed lm_head: the student's is packed, the teacher's runs unpacked, results
     as accurate as both packed.  The budget counts what a packed copy occupies (about the weight's own fp32
     size), not the larger size MKL reserves for it."""
-    if not _C().packed_gemm_available():
-        pytest.skip("torch's BLAS has no packed-GEMM API here")
+    if not _packing():
+        pytest.skip("no packed fp32 GEMM here (no AVX-512 and no MKL packed-GEMM API)")
     v = 13000  # a packed [v, H] fp32 copy of ~1.2 MiB: a whole-MiB budget holds one, not two
     xs, ws, xt, wt, _ = _inputs(CHUNKS[3], torch.float32, seed=4, v=v)
     div = DivergenceSpec(kind="jsd", beta=0.3)
@@ -340,8 +356,8 @@ def test_budget_bf16_student_with_grads(mode, monkeypatch, kernel, budget_mib, p
     GEMM the packed copies are bf16 (~0.6 MiB each, beside the student's ~1.2 MiB fp32 copy): 3 MiB packs both,
     2 MiB only the student's, and the teacher's GEMMs stream its weight through the kernel.  Results as accurate
     either way."""
-    if kernel == "fp32" and not _C().packed_gemm_available():
-        pytest.skip("torch's BLAS has no packed-GEMM API here")
+    if kernel == "fp32" and not _packing():
+        pytest.skip("no packed fp32 GEMM here (no AVX-512 and no MKL packed-GEMM API)")
     if kernel == "bf16" and not _C().bf16_gemm_available():
         pytest.skip("this CPU (or COPSD_CPU_ISA) has no AVX512_BF16: no bf16 logits GEMM")
     v = 13000
@@ -401,7 +417,8 @@ def test_ops_layer_transposed_and_strided_inputs(mode, threads):
 
 @pytest.mark.parametrize("var,value", [("COPSD_CPU_PACK", "maybe"), ("COPSD_CPU_PACK_MB", "-1"),
                                        ("COPSD_CPU_PACK_MB", "lots"), ("COPSD_CPU_TOPK_TILE", "-5"),
-                                       ("COPSD_CPU_TOPK_TILE", "wide"), ("COPSD_CPU_DYNAMIC", "sometimes")])
+                                       ("COPSD_CPU_TOPK_TILE", "wide"), ("COPSD_CPU_DYNAMIC", "sometimes"),
+                                       ("COPSD_CPU_F32_GEMM", "fast")])
 def test_bad_knob_values_are_errors(mode, monkeypatch, var, value):
     x, w, xt, wt, ids = _inputs(CHUNKS[2], torch.float32)
     mode("on", torch.float32, 1)

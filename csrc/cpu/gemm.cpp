@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 
 #include "gemm_bf16.h"
+#include "gemm_f32.h"
 
 #include <algorithm>
 #include <atomic>
@@ -84,7 +85,7 @@ bool have_packed_api() { return packed_api().compute != nullptr; }
 
 // Counters for tests and profiling (process-wide).
 std::atomic<int64_t> n_packs{0}, n_packed_bytes{0}, n_packed_reserved{0}, n_packed_gemms{0}, n_plain_gemms{0},
-    n_bf16_gemms{0}, n_bf16_grads{0}, n_side_chunks{0}, n_side_tile_chunks{0};
+    n_bf16_gemms{0}, n_bf16_grads{0}, n_f32_gemms{0}, n_side_chunks{0}, n_side_tile_chunks{0};
 
 bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
 
@@ -220,6 +221,14 @@ int isa_level() {
   return level;
 }
 
+// The knob is parsed on every CPU, so that a bad value is an error everywhere.
+bool f32_gemm_on() {
+  const bool off = env_flag_off("COPSD_CPU_F32_GEMM");
+  return isa_level() == 2 && !off;
+}
+
+bool packed_f32_available() { return f32_gemm_on() || have_packed_api(); }
+
 bool bf16_gemm_supported() {
   static const bool yes = detect_bf16_dot();
   return yes;
@@ -236,7 +245,7 @@ constexpr int64_t kPackedRowsGrad = 256, kPackedRowsNoGrad = 128;
 
 int64_t chunk_rows(int64_t N, int64_t V, int64_t elem, int sides, int64_t budget, bool grads) {
   int64_t rows = budget / std::max<int64_t>(1, sides * V * elem);
-  if (elem == 4 && have_packed_api() && !env_flag_off("COPSD_CPU_PACK"))
+  if (elem == 4 && packed_f32_available() && !env_flag_off("COPSD_CPU_PACK"))
     rows = std::min(rows, grads ? kPackedRowsGrad : kPackedRowsNoGrad);
   return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(N, 1)));
 }
@@ -362,11 +371,15 @@ LmHead::LmHead(const Tensor& W, at::ScalarType st, at::ScalarType x_st, int64_t 
     }
     if (bf16_) return;  // streamed: an MKL-packed fp32 copy (twice the size) would not fit either
   }
-  const bool api = st == at::kFloat && have_packed_api() && fits_int(V) && fits_int(H) && fits_int(rows) &&
-                   fits_int(V * H);
+  // fp32 packed copies: for the kernel of gemm_f32.h where it runs (f32_), else for MKL's packed GEMM if found.
+  f32_ = st == at::kFloat && f32_gemm_on();
+  const bool api = st == at::kFloat && (f32_ || (have_packed_api() && fits_int(V) && fits_int(H) && fits_int(rows) &&
+                                                 fits_int(V * H)));
   auto packed_bytes = [&](int64_t block) {
     int64_t bytes = 0;
-    for (int64_t v0 = 0; v0 < V; v0 += block) bytes += packed_resident(std::min(block, V - v0), H);
+    for (int64_t v0 = 0; v0 < V; v0 += block)
+      bytes += f32_ ? f32dot::packed_w_floats(std::min(block, V - v0), H) * static_cast<int64_t>(sizeof(float))
+                    : packed_resident(std::min(block, V - v0), H);
     return bytes;
   };
   // A low-precision lm_head whose d_hidden products are wanted too: one whole up-cast copy (packed in one block)
@@ -395,7 +408,9 @@ void LmHead::prepare() {
   }
   if (bf16_ && pack_ && !wpack_.defined()) {
     pack_bf16();
-  } else if (pack_ && !bf16_ && packed_.empty()) {
+  } else if (pack_ && !bf16_ && f32_ && !fpack_.defined()) {
+    pack_f32();
+  } else if (pack_ && !bf16_ && !f32_ && packed_.empty()) {
     pack_weight();
   }
   if (wt_ && !wtpack_.defined()) pack_wt();
@@ -424,6 +439,61 @@ void LmHead::pack_bf16() {
   ++n_packs;
   n_packed_bytes += bytes;
   n_packed_reserved += bytes;
+}
+
+void LmHead::pack_f32() {
+  const int64_t V = W_.size(0), H = W_.size(1);
+  const int64_t blocks = (V + vb_ - 1) / vb_, per_block = f32dot::panels(vb_);
+  foff_ = f32dot::packed_w_floats(vb_, H);
+  fpack_ = cached_empty({blocks * foff_}, at::kFloat);
+  // From the whole up-cast copy of a low-precision weight, else from W (rows with unit stride along H; another
+  // layout, e.g. a transposed view, is copied first, as the MKL pack does).
+  const Tensor src_w = full_.defined() ? full_ : W_;
+  const Tensor Wc = !upcast_ || full_.defined() ? (src_w.stride(1) == 1 ? src_w : src_w.contiguous()) : Tensor();
+  float* dst = fpack_.data_ptr<float>();
+  const int64_t tasks_per_block = (per_block + kPackPanels - 1) / kPackPanels;
+  const int threads = omp_in_parallel() ? 1 : std::max(1, at::get_num_threads());
+  std::vector<Tensor> scratch(threads);  // each thread's up-cast rows of a low-precision weight without a whole copy
+  parallel_tasks(blocks * tasks_per_block, threads, false, [&](int tid, int64_t t) {
+    const int64_t b = t / tasks_per_block, v0 = b * vb_, n = std::min(vb_, V - v0);
+    const int64_t p0 = (t % tasks_per_block) * kPackPanels;
+    const int64_t p1 = std::min(p0 + kPackPanels, f32dot::panels(n));
+    if (p0 >= p1) return;
+    const int64_t r0 = p0 * f32dot::kPanel, nr = std::min(n, p1 * f32dot::kPanel) - r0;
+    Tensor rows = Wc.defined() ? Wc.narrow(0, v0 + r0, nr) : weight_rows(v0 + r0, nr, scratch[tid]);
+    f32dot::pack_w(rows.data_ptr<float>(), rows.stride(0), nr, H, 0, p1 - p0, dst + b * foff_ + p0 * f32dot::kPanel * H);
+  });
+  ++n_packs;
+  const int64_t bytes = blocks * foff_ * static_cast<int64_t>(sizeof(float));
+  n_packed_bytes += bytes;
+  n_packed_reserved += bytes;
+  if (!grads_) buf_ = Tensor();
+}
+
+// out[m, blocks b0..b1) = x @ (those blocks of W)^T on the kernel of gemm_f32.h; outside a parallel region the
+// panels are handed out to all threads.
+void LmHead::f32_logits(const Tensor& x_in, int64_t b0, int64_t b1, float* out, int64_t ldo) {
+  const int64_t V = W_.size(0), H = W_.size(1), m = x_in.size(0);
+  const Tensor x = x_in.stride(1) == 1 || H <= 1 ? x_in : x_in.contiguous();
+  const float* px = x.data_ptr<float>();
+  const int64_t ldx = std::max<int64_t>(x.stride(0), 1);
+  const float* w = fpack_.data_ptr<float>();
+  const int64_t per_block = f32dot::panels(vb_);
+  const int threads = omp_in_parallel() ? 1 : std::max(1, at::get_num_threads());
+  if (threads == 1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t v0 = b * vb_, n = std::min(vb_, V - v0);
+      f32dot::gemm(px, ldx, m, w + b * foff_, n, H, 0, f32dot::panels(n), out + (v0 - b0 * vb_), ldo);
+    }
+    return;
+  }
+  // Tasks of kPackPanels panels (1024 vocabulary rows), dynamically.
+  const int64_t tasks_per_block = (per_block + kPackPanels - 1) / kPackPanels;
+  parallel_tasks((b1 - b0) * tasks_per_block, threads, true, [&](int, int64_t t) {
+    const int64_t b = b0 + t / tasks_per_block, v0 = b * vb_, n = std::min(vb_, V - v0);
+    const int64_t p0 = (t % tasks_per_block) * kPackPanels, p1 = std::min(p0 + kPackPanels, f32dot::panels(n));
+    if (p0 < p1) f32dot::gemm(px, ldx, m, w + b * foff_, n, H, p0, p1, out + (v0 - b0 * vb_), ldo);
+  });
 }
 
 // ---- The gradient GEMMs on the bf16 kernel (COPSD_CPU_BF16_GEMM=all)
@@ -634,6 +704,14 @@ void LmHead::logits(const Tensor& x_in, Tensor out, bool count, Tensor* scratch)
     if (count) count_bf16_gemm();
     return;
   }
+  if (pack_ && f32_ && out_rows && m > 0) {
+    f32_logits(x_in, 0, (V + vb_ - 1) / vb_, out.data_ptr<float>(), out.stride(0));
+    if (count) {
+      ++n_packed_gemms;
+      ++n_f32_gemms;
+    }
+    return;
+  }
   if (pack_ && !bf16_ && out_rows && fits_int(m) && m > 0) {
     Tensor x = (x_in.stride(1) == 1 && x_in.stride(0) >= H && fits_int(x_in.stride(0))) ? x_in : x_in.contiguous();
     const int lda = static_cast<int>(std::max<int64_t>(x.stride(0), H));
@@ -671,6 +749,14 @@ void LmHead::logits_block(const Tensor& x_in, int64_t b, Tensor out, Tensor& scr
   if (bf16_ && out_rows && m > 0) {
     bf16_logits(x_in, b, b + 1, out.data_ptr<float>(), out.stride(0), scratch);
     if (count && b == 0) count_bf16_gemm();  // a chunk's logits (all its blocks) counted once
+    return;
+  }
+  if (pack_ && f32_ && out_rows && m > 0) {
+    f32_logits(x_in, b, b + 1, out.data_ptr<float>(), out.stride(0));
+    if (count && b == 0) {
+      ++n_packed_gemms;
+      ++n_f32_gemms;
+    }
     return;
   }
   if (pack_ && !bf16_ && out_rows && fits_int(m) && m > 0) {
@@ -762,6 +848,7 @@ void register_gemm(pybind11::module& m) {
     d["plain_gemms"] = n_plain_gemms.load();
     d["bf16_gemms"] = n_bf16_gemms.load();
     d["bf16_grads"] = n_bf16_grads.load();
+    d["f32_gemms"] = n_f32_gemms.load();
     d["side_chunks"] = n_side_chunks.load();
     d["side_tile_chunks"] = n_side_tile_chunks.load();
     return d;
@@ -777,6 +864,7 @@ void register_gemm(pybind11::module& m) {
     n_plain_gemms = 0;
     n_bf16_gemms = 0;
     n_bf16_grads = 0;
+    n_f32_gemms = 0;
     n_side_chunks = 0;
     n_side_tile_chunks = 0;
   });
@@ -817,6 +905,35 @@ void register_gemm(pybind11::module& m) {
     return out;
   }, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("block"), pybind11::arg("threads") = 1,
         pybind11::arg("streamed") = false);
+  m.def("f32_gemm_available", &f32_gemm_on,
+        "whether packed fp32 lm_heads take copsd's own fp32 GEMM kernel in this call (AVX-512, COPSD_CPU_ISA, "
+        "COPSD_CPU_F32_GEMM)");
+  // The fp32 kernel alone, for tests: out[m, n] = x[m, K] @ w[n, K]^T, x read in place (any row stride), W packed in
+  // blocks of `block` rows, the panels of each block split over `threads` threads.
+  m.def("f32_gemm", [](const Tensor& x, const Tensor& w, int64_t block, int64_t threads) {
+    TORCH_CHECK(f32_gemm_on(), "f32_gemm: needs AVX-512 (COPSD_CPU_ISA avx512) and COPSD_CPU_F32_GEMM on");
+    TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.dim() == 2 && w.dim() == 2 &&
+                    x.size(1) == w.size(1) && (x.stride(1) == 1 || x.size(1) <= 1),
+                "f32_gemm: x [m, K] (unit stride along K) and w [n, K], both fp32, expected");
+    TORCH_CHECK(block > 0 && threads > 0, "f32_gemm: block and threads must be positive");
+    const int64_t m = x.size(0), n = w.size(0), K = x.size(1);
+    const Tensor wc = w.contiguous();
+    const Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+    const int64_t blocks = (n + block - 1) / block, floats = f32dot::packed_w_floats(block, K);
+    std::vector<float> wp(static_cast<size_t>(blocks * floats));
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t nb = std::min(block, n - b * block);
+      f32dot::pack_w(wc.data_ptr<float>() + b * block * K, K, nb, K, 0, f32dot::panels(nb), wp.data() + b * floats);
+    }
+    const int64_t ldx = std::max<int64_t>(x.stride(0), 1);
+    parallel_tasks(blocks * threads, static_cast<int>(threads), false, [&](int, int64_t t) {
+      const int64_t b = t / threads, part = t % threads, nb = std::min(block, n - b * block);
+      const int64_t P = f32dot::panels(nb), p0 = part * P / threads, p1 = (part + 1) * P / threads;
+      f32dot::gemm(x.data_ptr<float>(), ldx, m, wp.data() + b * floats, nb, K, p0, p1,
+                   out.data_ptr<float>() + b * block, n);
+    });
+    return out;
+  }, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("block"), pybind11::arg("threads") = 1);
   // The gradient products on the bf16 kernel alone, for tests (needs COPSD_CPU_BF16_GEMM=all; COPSD_CPU_PACK_MB
   // decides whether W's row pairs are packed once or per sub-tile): for z [m, n] fp32 (dL/dz, rounded to bf16
   // inside), w [n, H] and x [m, H] bf16, returns (z W, z^T x + dw0, or z^T x without dw0), the vocabulary taken in

@@ -70,6 +70,14 @@ int isa_level();
 // Whether bf16 logits GEMMs can run on the bf16 dot-product kernel: isa_level() 2 and the CPU has AVX512_BF16.
 bool bf16_gemm_supported();
 
+// Whether packed fp32 lm_heads take the fp32 kernel of gemm_f32.h (instead of MKL's packed GEMM) in this op call:
+// isa_level() 2 and COPSD_CPU_F32_GEMM not off (env_flag_off; read per call, for A/B measurements).
+bool f32_gemm_on();
+
+// Whether an fp32 lm_head can be packed once per call: the kernel of gemm_f32.h runs here, or torch's MKL exports
+// its packed-GEMM API.
+bool packed_f32_available();
+
 // Whether the on/off environment variable `name` says off: 0 / false / off / no (any case); unset, empty, 1 / true /
 // on / yes are on, anything else is an error naming the variable (COPSD_CPU_PACK, COPSD_CPU_BF16_GEMM's 0,
 // COPSD_CPU_DYNAMIC).
@@ -199,6 +207,11 @@ class LmHead {
   at::Tensor full_;
   at::Tensor buf_;  // up-cast block buffer
   std::vector<at::Tensor> packed_;  // one packed copy per vocabulary block
+  bool f32_ = false;                // fp32 logits on the kernel of gemm_f32.h: packed into fpack_ (not MKL's)
+  at::Tensor fpack_;                // the fp32 packed W: block b at float offset b * foff_ (gemm_f32.h layout)
+  int64_t foff_ = 0;
+  void pack_f32();
+  void f32_logits(const at::Tensor& x, int64_t b0, int64_t b1, float* out, int64_t ldo);
   bool bf16_ = false;               // the logits on the bf16 kernel, from wpack_
   at::Tensor wpack_;                // the bf16 packed W: block b at word offset b * woff_ (gemm_bf16.h layout)
   int64_t woff_ = 0;

@@ -15,6 +15,8 @@
 // block() (written on the first inner run before any read) as maybe-uninitialized: both false.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "simd512.h"
+
 namespace copsd_cpu {
 namespace bf16dot {
 
@@ -127,31 +129,6 @@ void block_rows_any(int64_t mr, const uint32_t* a, int64_t si, int64_t sk, const
   }
 }
 
-// The 16 x 16 transpose of 32-bit words: r[i] (row i, words 0..15) becomes r[j] (word j of rows 0..15).
-inline void transpose16(__m512i (&r)[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: words 4L.. of rows 2i and 2i + 1 interleaved
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int g = 0; g < 4; ++g) {  // r[4g + c], lane L: word 4L + c of rows 4g .. 4g + 3
-    r[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-    r[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-    r[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-    r[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {  // the 4 x 4 transpose of 128-bit lanes of r[c], r[4 + c], r[8 + c], r[12 + c]
-    const __m512i b0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), b1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xee);
-    const __m512i b2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
-    const __m512i b3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xee);
-    t[c] = _mm512_shuffle_i32x4(b0, b2, 0x88);       // word c
-    t[4 + c] = _mm512_shuffle_i32x4(b0, b2, 0xdd);   // word 4 + c
-    t[8 + c] = _mm512_shuffle_i32x4(b1, b3, 0x88);   // word 8 + c
-    t[12 + c] = _mm512_shuffle_i32x4(b1, b3, 0xdd);  // word 12 + c
-  }
-  for (int j = 0; j < 16; ++j) r[j] = t[j];
-}
-
 // One panel: `rows` (<= kPanel) rows of W into out ([K2][kPanel] words, rows past `rows` 0).  A whole panel moves
 // 16 rows x 16 pairs at a time through transpose16; the rest word by word.
 void pack_panel(const uint16_t* W, int64_t ldw, int64_t rows, int64_t K, uint32_t* o) {
@@ -163,7 +140,7 @@ void pack_panel(const uint16_t* W, int64_t ldw, int64_t rows, int64_t K, uint32_
       for (int64_t k0 = 0; k0 < done; k0 += 16) {
         __m512i r[16];
         for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(W + (g + i) * ldw + 2 * k0);
-        transpose16(r);
+        simd512::transpose16(r);
         for (int j = 0; j < 16; ++j) _mm512_storeu_si512(o + (k0 + j) * kPanel + g, r[j]);
       }
   }

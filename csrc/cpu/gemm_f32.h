@@ -1,0 +1,41 @@
+// The fp32 logits GEMM on AVX-512: out[m, n] = x[m, K] @ W[n, K]^T with fp32 operands, products and sums, from a
+// copy of W packed once per op call.  Plain C++ only: the kernels are compiled under `#pragma GCC target`
+// (gemm_f32.cpp), which must not see torch headers; gemm.cpp decides where they run (f32_gemm_on) and drives them.
+//
+// Why: the chunk logits GEMMs are half of a divergence's floor, and torch's MKL runs them well below the FMA peak
+// on AMD CPUs: 70-84 GFLOP/s per thread for a [256, 512] x [512, 32000] product on a 2-core Zen 4, whose two
+// threads each reach ~115 GFLOP/s in a loop of independent FMAs; MKL's packed GEMM (cblas_sgemm_compute), which
+// the chunks used before, ~94.  This kernel runs that product at ~105-110 (docs/kernels.md, "An fp32 GEMM of
+// our own").
+//
+// Layouts.  W is packed into panels of kPanel vocabulary rows: panel p holds, for each hidden dimension k, the
+// kPanel values W[v, k] of its rows ([K][kPanel] floats; rows past n are 0).  x is read in place (row stride ldx,
+// unit stride along K).  The micro-kernel keeps a kRows x kPanel block of C in 24 zmm accumulators and adds, per
+// k, one broadcast x[i, k] times the four vectors of the panel's row k: 24 FMAs per 4 loads and 6 broadcasts.
+// Blocking: a block of rows of x (~512 KiB, kept in L2) against one panel at a time (K x 256 bytes, streamed from
+// memory once per row block); the reduction is split into blocks of kKBlock (sums continued in C).
+#pragma once
+
+#include <cstdint>
+
+namespace copsd_cpu {
+namespace f32dot {
+
+constexpr int64_t kPanel = 64;  // vocabulary rows per packed W panel (4 x 16 fp32 lanes)
+constexpr int64_t kRows = 6;    // token rows per micro-kernel block
+
+inline int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
+// Floats of a packed [n, K] W block.
+inline int64_t packed_w_floats(int64_t n, int64_t K) { return panels(n) * kPanel * K; }
+
+// Panels [p0, p1) of the packed copy of W ([n, K] fp32, row stride ldw, unit stride along K) into out (the whole
+// block's packed buffer, packed_w_floats(n, K) floats).  Single-threaded; callers split the panels over threads.
+void pack_w(const float* W, int64_t ldw, int64_t n, int64_t K, int64_t p0, int64_t p1, float* out);
+
+// C[i, v] (row stride ldc) = sum_k x[i, k] W[v, k] for the m rows of x (row stride ldx) and the vocabulary rows v of
+// panels [p0, p1) of a packed block of n rows.  Single-threaded; callers split the panels (or rows) over threads.
+void gemm(const float* x, int64_t ldx, int64_t m, const float* w, int64_t n, int64_t K, int64_t p0, int64_t p1,
+          float* C, int64_t ldc);
+
+}  // namespace f32dot
+}  // namespace copsd_cpu
