@@ -221,13 +221,32 @@ int isa_level() {
   return level;
 }
 
-// The knob is parsed on every CPU, so that a bad value is an error everywhere.
-bool f32_gemm_on() {
-  const bool off = env_flag_off("COPSD_CPU_F32_GEMM");
-  return isa_level() == 2 && !off;
+int f32_gemm_level() { return isa_level(); }
+
+namespace {
+
+bool intel_cpu() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
 }
 
-bool packed_f32_available() { return f32_gemm_on() || have_packed_api(); }
+}  // namespace
+
+// The knob is parsed on every CPU, so that a bad value is an error everywhere.  Unset (or empty): on except on Intel
+// CPUs, whose MKL kernels are tuned for them (measured only on AMD, where MKL runs well below the FMA peak).
+int f32_gemm_use() {
+  const char* raw = std::getenv("COPSD_CPU_F32_GEMM");
+  const bool off = env_flag_off("COPSD_CPU_F32_GEMM");
+  static const bool intel = intel_cpu();
+  if (off || ((raw == nullptr || *raw == '\0') && intel)) return 0;
+  return f32_gemm_level();
+}
+
+bool packed_f32_available() { return f32_gemm_use() > 0 || have_packed_api(); }
 
 bool bf16_gemm_supported() {
   static const bool yes = detect_bf16_dot();
@@ -372,13 +391,13 @@ LmHead::LmHead(const Tensor& W, at::ScalarType st, at::ScalarType x_st, int64_t 
     if (bf16_) return;  // streamed: an MKL-packed fp32 copy (twice the size) would not fit either
   }
   // fp32 packed copies: for the kernel of gemm_f32.h where it runs (f32_), else for MKL's packed GEMM if found.
-  f32_ = st == at::kFloat && f32_gemm_on();
+  f32_ = st == at::kFloat ? f32_gemm_use() : 0;
   const bool api = st == at::kFloat && (f32_ || (have_packed_api() && fits_int(V) && fits_int(H) && fits_int(rows) &&
                                                  fits_int(V * H)));
   auto packed_bytes = [&](int64_t block) {
     int64_t bytes = 0;
     for (int64_t v0 = 0; v0 < V; v0 += block)
-      bytes += f32_ ? f32dot::packed_w_floats(std::min(block, V - v0), H) * static_cast<int64_t>(sizeof(float))
+      bytes += f32_ ? f32dot::packed_w_floats(f32_, std::min(block, V - v0), H) * static_cast<int64_t>(sizeof(float))
                     : packed_resident(std::min(block, V - v0), H);
     return bytes;
   };
@@ -443,8 +462,8 @@ void LmHead::pack_bf16() {
 
 void LmHead::pack_f32() {
   const int64_t V = W_.size(0), H = W_.size(1);
-  const int64_t blocks = (V + vb_ - 1) / vb_, per_block = f32dot::panels(vb_);
-  foff_ = f32dot::packed_w_floats(vb_, H);
+  const int64_t blocks = (V + vb_ - 1) / vb_, per_block = f32dot::panels(f32_, vb_), P = f32dot::panel_rows(f32_);
+  foff_ = f32dot::packed_w_floats(f32_, vb_, H);
   fpack_ = cached_empty({blocks * foff_}, at::kFloat);
   // From the whole up-cast copy of a low-precision weight, else from W (rows with unit stride along H; another
   // layout, e.g. a transposed view, is copied first, as the MKL pack does).
@@ -457,11 +476,11 @@ void LmHead::pack_f32() {
   parallel_tasks(blocks * tasks_per_block, threads, false, [&](int tid, int64_t t) {
     const int64_t b = t / tasks_per_block, v0 = b * vb_, n = std::min(vb_, V - v0);
     const int64_t p0 = (t % tasks_per_block) * kPackPanels;
-    const int64_t p1 = std::min(p0 + kPackPanels, f32dot::panels(n));
+    const int64_t p1 = std::min(p0 + kPackPanels, f32dot::panels(f32_, n));
     if (p0 >= p1) return;
-    const int64_t r0 = p0 * f32dot::kPanel, nr = std::min(n, p1 * f32dot::kPanel) - r0;
+    const int64_t r0 = p0 * P, nr = std::min(n, p1 * P) - r0;
     Tensor rows = Wc.defined() ? Wc.narrow(0, v0 + r0, nr) : weight_rows(v0 + r0, nr, scratch[tid]);
-    f32dot::pack_w(rows.data_ptr<float>(), rows.stride(0), nr, H, 0, p1 - p0, dst + b * foff_ + p0 * f32dot::kPanel * H);
+    f32dot::pack_w(f32_, rows.data_ptr<float>(), rows.stride(0), nr, H, 0, p1 - p0, dst + b * foff_ + p0 * P * H);
   });
   ++n_packs;
   const int64_t bytes = blocks * foff_ * static_cast<int64_t>(sizeof(float));
@@ -478,12 +497,12 @@ void LmHead::f32_logits(const Tensor& x_in, int64_t b0, int64_t b1, float* out, 
   const float* px = x.data_ptr<float>();
   const int64_t ldx = std::max<int64_t>(x.stride(0), 1);
   const float* w = fpack_.data_ptr<float>();
-  const int64_t per_block = f32dot::panels(vb_);
+  const int64_t per_block = f32dot::panels(f32_, vb_);
   const int threads = omp_in_parallel() ? 1 : std::max(1, at::get_num_threads());
   if (threads == 1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t v0 = b * vb_, n = std::min(vb_, V - v0);
-      f32dot::gemm(px, ldx, m, w + b * foff_, n, H, 0, f32dot::panels(n), out + (v0 - b0 * vb_), ldo);
+      f32dot::gemm(f32_, px, ldx, m, w + b * foff_, n, H, 0, f32dot::panels(f32_, n), out + (v0 - b0 * vb_), ldo);
     }
     return;
   }
@@ -491,8 +510,9 @@ void LmHead::f32_logits(const Tensor& x_in, int64_t b0, int64_t b1, float* out, 
   const int64_t tasks_per_block = (per_block + kPackPanels - 1) / kPackPanels;
   parallel_tasks((b1 - b0) * tasks_per_block, threads, true, [&](int, int64_t t) {
     const int64_t b = b0 + t / tasks_per_block, v0 = b * vb_, n = std::min(vb_, V - v0);
-    const int64_t p0 = (t % tasks_per_block) * kPackPanels, p1 = std::min(p0 + kPackPanels, f32dot::panels(n));
-    if (p0 < p1) f32dot::gemm(px, ldx, m, w + b * foff_, n, H, p0, p1, out + (v0 - b0 * vb_), ldo);
+    const int64_t p0 = (t % tasks_per_block) * kPackPanels;
+    const int64_t p1 = std::min(p0 + kPackPanels, f32dot::panels(f32_, n));
+    if (p0 < p1) f32dot::gemm(f32_, px, ldx, m, w + b * foff_, n, H, p0, p1, out + (v0 - b0 * vb_), ldo);
   });
 }
 
@@ -905,35 +925,41 @@ void register_gemm(pybind11::module& m) {
     return out;
   }, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("block"), pybind11::arg("threads") = 1,
         pybind11::arg("streamed") = false);
-  m.def("f32_gemm_available", &f32_gemm_on,
-        "whether packed fp32 lm_heads take copsd's own fp32 GEMM kernel in this call (AVX-512, COPSD_CPU_ISA, "
-        "COPSD_CPU_F32_GEMM)");
-  // The fp32 kernel alone, for tests: out[m, n] = x[m, K] @ w[n, K]^T, x read in place (any row stride), W packed in
-  // blocks of `block` rows, the panels of each block split over `threads` threads.
-  m.def("f32_gemm", [](const Tensor& x, const Tensor& w, int64_t block, int64_t threads) {
-    TORCH_CHECK(f32_gemm_on(), "f32_gemm: needs AVX-512 (COPSD_CPU_ISA avx512) and COPSD_CPU_F32_GEMM on");
+  m.def("f32_gemm_available", []() { return f32_gemm_use() > 0; },
+        "whether packed fp32 lm_heads take copsd's own fp32 GEMM kernel in this call (AVX2 or AVX-512, COPSD_CPU_ISA, "
+        "COPSD_CPU_F32_GEMM; by default not on Intel CPUs)");
+  m.def("f32_gemm_level", &f32_gemm_level, "the ISA level of copsd's fp32 GEMM kernel here: 2 AVX-512, 1 AVX2, 0 none");
+  // The fp32 kernel alone, for tests: out[m, n] = x[m, K] @ w[n, K]^T on the kernel of ISA `level` (2 AVX-512, 1 AVX2;
+  // at most f32_gemm_level()), x read in place (any row stride), W packed in blocks of `block` rows, the panels of
+  // each block split over `threads` threads.
+  m.def("f32_gemm", [](const Tensor& x, const Tensor& w, int64_t block, int64_t threads, int64_t level) {
+    TORCH_CHECK(level >= 1 && level <= f32_gemm_level(), "f32_gemm: level ", level,
+                " needs that ISA level here (COPSD_CPU_ISA; f32_gemm_level() is ", f32_gemm_level(), ")");
     TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.dim() == 2 && w.dim() == 2 &&
                     x.size(1) == w.size(1) && (x.stride(1) == 1 || x.size(1) <= 1),
                 "f32_gemm: x [m, K] (unit stride along K) and w [n, K], both fp32, expected");
     TORCH_CHECK(block > 0 && threads > 0, "f32_gemm: block and threads must be positive");
+    const int lv = static_cast<int>(level);
     const int64_t m = x.size(0), n = w.size(0), K = x.size(1);
     const Tensor wc = w.contiguous();
     const Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
-    const int64_t blocks = (n + block - 1) / block, floats = f32dot::packed_w_floats(block, K);
+    const int64_t blocks = (n + block - 1) / block, floats = f32dot::packed_w_floats(lv, block, K);
     std::vector<float> wp(static_cast<size_t>(blocks * floats));
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t nb = std::min(block, n - b * block);
-      f32dot::pack_w(wc.data_ptr<float>() + b * block * K, K, nb, K, 0, f32dot::panels(nb), wp.data() + b * floats);
+      f32dot::pack_w(lv, wc.data_ptr<float>() + b * block * K, K, nb, K, 0, f32dot::panels(lv, nb),
+                     wp.data() + b * floats);
     }
     const int64_t ldx = std::max<int64_t>(x.stride(0), 1);
     parallel_tasks(blocks * threads, static_cast<int>(threads), false, [&](int, int64_t t) {
       const int64_t b = t / threads, part = t % threads, nb = std::min(block, n - b * block);
-      const int64_t P = f32dot::panels(nb), p0 = part * P / threads, p1 = (part + 1) * P / threads;
-      f32dot::gemm(x.data_ptr<float>(), ldx, m, wp.data() + b * floats, nb, K, p0, p1,
+      const int64_t P = f32dot::panels(lv, nb), p0 = part * P / threads, p1 = (part + 1) * P / threads;
+      f32dot::gemm(lv, x.data_ptr<float>(), ldx, m, wp.data() + b * floats, nb, K, p0, p1,
                    out.data_ptr<float>() + b * block, n);
     });
     return out;
-  }, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("block"), pybind11::arg("threads") = 1);
+  }, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("block"), pybind11::arg("threads") = 1,
+        pybind11::arg("level") = 2);
   // The gradient products on the bf16 kernel alone, for tests (needs COPSD_CPU_BF16_GEMM=all; COPSD_CPU_PACK_MB
   // decides whether W's row pairs are packed once or per sub-tile): for z [m, n] fp32 (dL/dz, rounded to bf16
   // inside), w [n, H] and x [m, H] bf16, returns (z W, z^T x + dw0, or z^T x without dw0), the vocabulary taken in

@@ -70,9 +70,13 @@ int isa_level();
 // Whether bf16 logits GEMMs can run on the bf16 dot-product kernel: isa_level() 2 and the CPU has AVX512_BF16.
 bool bf16_gemm_supported();
 
-// Whether packed fp32 lm_heads take the fp32 kernel of gemm_f32.h (instead of MKL's packed GEMM) in this op call:
-// isa_level() 2 and COPSD_CPU_F32_GEMM not off (env_flag_off; read per call, for A/B measurements).
-bool f32_gemm_on();
+// The ISA level of the fp32 kernel of gemm_f32.h here: isa_level() (2 AVX-512, 1 AVX2 + FMA, 0 none).
+int f32_gemm_level();
+
+// The level at which packed fp32 lm_heads take the fp32 kernel of gemm_f32.h (instead of MKL's packed GEMM) in this op
+// call, 0 for not: COPSD_CPU_F32_GEMM (read per call; env_flag_off's values) unset or empty: f32_gemm_level() except on
+// Intel CPUs, whose MKL is tuned for them (0); on: f32_gemm_level(); off: 0.
+int f32_gemm_use();
 
 // Whether an fp32 lm_head can be packed once per call: the kernel of gemm_f32.h runs here, or torch's MKL exports
 // its packed-GEMM API.
@@ -207,7 +211,7 @@ class LmHead {
   at::Tensor full_;
   at::Tensor buf_;  // up-cast block buffer
   std::vector<at::Tensor> packed_;  // one packed copy per vocabulary block
-  bool f32_ = false;                // fp32 logits on the kernel of gemm_f32.h: packed into fpack_ (not MKL's)
+  int f32_ = 0;                     // fp32 logits on the kernel of gemm_f32.h at this ISA level: packed into fpack_
   at::Tensor fpack_;                // the fp32 packed W: block b at float offset b * foff_ (gemm_f32.h layout)
   int64_t foff_ = 0;
   void pack_f32();

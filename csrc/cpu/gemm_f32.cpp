@@ -1,5 +1,5 @@
-// The fp32 logits GEMM's kernels (see gemm_f32.h), compiled for AVX-512F; gemm.cpp calls them only where the CPU has
-// it (isa_level() 2).  Only standard headers are included (before the pragma), see loss_rows_avx2.cpp.
+// The fp32 logits GEMM's AVX-512 kernels (see gemm_f32.h), compiled for AVX-512F; gemm.cpp calls them only where the
+// CPU has it (isa_level() 2).  Only standard headers are included (before the pragma), see loss_rows_avx2.cpp.
 #include <cstdint>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -13,24 +13,21 @@
 // GCC 12 flags the intrinsics' own "undefined" vectors (avx512fintrin.h, GCC bug 105593): false.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "gemm_f32_loop.h"
 #include "simd512.h"
 
 namespace copsd_cpu {
 namespace f32dot {
+namespace avx512 {
 
 namespace {
 
+constexpr int64_t kPanel = 64;
 constexpr int kVecs = static_cast<int>(kPanel / 16);
-
-// Reduction depth per pass over C: a packed panel of kKBlock rows is 256 KiB, which stays in L2 with the row block.
-constexpr int64_t kKBlock = 1024;
-// Bytes of x per row block (kept in L2 while the panels stream past it).
-constexpr int64_t kRowBlockBytes = int64_t(512) << 10;
 
 // Local, not std::min: no standard-library template is instantiated under the pragma (its out-of-line copy could
 // be the one the linker keeps for every caller).
 inline int64_t lesser(int64_t a, int64_t b) { return a < b ? a : b; }
-inline int64_t greater(int64_t a, int64_t b) { return a > b ? a : b; }
 
 // One R x kPanel block (R <= kRows): C[0..R, 0..nn) = (add: +=) sum over K of x[i, k] b[k, :], x's rows at stride ldx,
 // b a packed panel (row stride kPanel).
@@ -65,18 +62,20 @@ __attribute__((always_inline)) inline void block(const float* x, int64_t ldx, co
     }
 }
 
-void block_rows(int64_t mr, const float* x, int64_t ldx, const float* b, int64_t K, float* C, int64_t ldc, int64_t nn,
-                bool add) {
-  static_assert(kRows == 6, "one case per row count below");
-  switch (mr) {
-    case 6: block<6>(x, ldx, b, K, C, ldc, nn, add); break;
-    case 5: block<5>(x, ldx, b, K, C, ldc, nn, add); break;
-    case 4: block<4>(x, ldx, b, K, C, ldc, nn, add); break;
-    case 3: block<3>(x, ldx, b, K, C, ldc, nn, add); break;
-    case 2: block<2>(x, ldx, b, K, C, ldc, nn, add); break;
-    default: block<1>(x, ldx, b, K, C, ldc, nn, add); break;
+struct Kernel {
+  static void rows(int64_t mr, const float* x, int64_t ldx, const float* b, int64_t K, float* C, int64_t ldc,
+                   int64_t nn, bool add) {
+    static_assert(kRows == 6, "one case per row count below");
+    switch (mr) {
+      case 6: block<6>(x, ldx, b, K, C, ldc, nn, add); break;
+      case 5: block<5>(x, ldx, b, K, C, ldc, nn, add); break;
+      case 4: block<4>(x, ldx, b, K, C, ldc, nn, add); break;
+      case 3: block<3>(x, ldx, b, K, C, ldc, nn, add); break;
+      case 2: block<2>(x, ldx, b, K, C, ldc, nn, add); break;
+      default: block<1>(x, ldx, b, K, C, ldc, nn, add); break;
+    }
   }
-}
+};
 
 // One panel: `rows` (<= kPanel) rows of W into o ([K][kPanel] floats, rows past `rows` 0).  A whole panel moves
 // 16 rows x 16 columns at a time through transpose16; the rest value by value.
@@ -107,37 +106,21 @@ void pack_w(const float* W, int64_t ldw, int64_t n, int64_t K, int64_t p0, int64
 
 void gemm(const float* x, int64_t ldx, int64_t m, const float* w, int64_t n, int64_t K, int64_t p0, int64_t p1,
           float* C, int64_t ldc) {
-  if (m <= 0 || p0 >= p1) return;
-  if (K == 0) {
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t v = p0 * kPanel; v < lesser(n, p1 * kPanel); ++v) C[i * ldc + v] = 0.0f;
-    return;
-  }
-  for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
-    const int64_t kk = lesser(kKBlock, K - k0);
-    // Rows per block: a multiple of kRows whose kk columns of x fill about kRowBlockBytes.
-    const int64_t mb = greater(kRows, kRowBlockBytes / (kk * 4) / kRows * kRows);
-    for (int64_t r0 = 0; r0 < m; r0 += mb) {
-      const int64_t r1 = lesser(m, r0 + mb);
-      for (int64_t p = p0; p < p1; ++p) {
-        const float* b = w + p * K * kPanel + k0 * kPanel;
-        const int64_t nn = lesser(kPanel, n - p * kPanel);
-        for (int64_t r = r0; r < r1; r += kRows)
-          block_rows(lesser(kRows, r1 - r), x + r * ldx + k0, ldx, b, kk, C + r * ldc + p * kPanel, ldc, nn, k0 > 0);
-      }
-    }
-  }
+  blocked_gemm<kPanel, Kernel>(x, ldx, m, w, n, K, p0, p1, C, ldc);
 }
 
+}  // namespace avx512
 }  // namespace f32dot
 }  // namespace copsd_cpu
 
-#else  // not x86-64 GCC/Clang: never called (f32_gemm_on() is false)
+#else  // not x86-64 GCC/Clang: never called (f32_gemm_level() is 0)
 
 namespace copsd_cpu {
 namespace f32dot {
+namespace avx512 {
 void pack_w(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*) {}
 void gemm(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t) {}
+}  // namespace avx512
 }  // namespace f32dot
 }  // namespace copsd_cpu
 

@@ -1,4 +1,4 @@
-// The fp32 logits GEMM on AVX-512: out[m, n] = x[m, K] @ W[n, K]^T with fp32 operands, products and sums, from a
+// The fp32 logits GEMM on AVX-512 or AVX2: out[m, n] = x[m, K] @ W[n, K]^T with fp32 operands, products and sums, from a
 // copy of W packed once per op call.  Plain C++ only: the kernels are compiled under `#pragma GCC target`
 // (gemm_f32.cpp), which must not see torch headers; gemm.cpp decides where they run (f32_gemm_on) and drives them.
 //
@@ -21,21 +21,54 @@
 namespace copsd_cpu {
 namespace f32dot {
 
-constexpr int64_t kPanel = 64;  // vocabulary rows per packed W panel (4 x 16 fp32 lanes)
-constexpr int64_t kRows = 6;    // token rows per micro-kernel block
+constexpr int64_t kRows = 6;  // token rows per micro-kernel block
 
-inline int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
+// The kernels per ISA level (gemm.cpp's isa_level()): 2, AVX-512 (gemm_f32.cpp): panels of 64 vocabulary rows, a
+// 6 x 64 block in 24 zmm accumulators; 1, AVX2 + FMA (gemm_f32_avx2.cpp): panels of 16, a 6 x 16 block in 12 ymm.
+inline int64_t panel_rows(int level) { return level == 2 ? 64 : 16; }
+inline int64_t panels(int level, int64_t n) { return (n + panel_rows(level) - 1) / panel_rows(level); }
 // Floats of a packed [n, K] W block.
-inline int64_t packed_w_floats(int64_t n, int64_t K) { return panels(n) * kPanel * K; }
+inline int64_t packed_w_floats(int level, int64_t n, int64_t K) { return panels(level, n) * panel_rows(level) * K; }
 
 // Panels [p0, p1) of the packed copy of W ([n, K] fp32, row stride ldw, unit stride along K) into out (the whole
-// block's packed buffer, packed_w_floats(n, K) floats).  Single-threaded; callers split the panels over threads.
-void pack_w(const float* W, int64_t ldw, int64_t n, int64_t K, int64_t p0, int64_t p1, float* out);
+// block's packed buffer, packed_w_floats(level, n, K) floats).  Single-threaded; callers split the panels over
+// threads.
+inline void pack_w(int level, const float* W, int64_t ldw, int64_t n, int64_t K, int64_t p0, int64_t p1,
+                   float* out);
 
 // C[i, v] (row stride ldc) = sum_k x[i, k] W[v, k] for the m rows of x (row stride ldx) and the vocabulary rows v of
 // panels [p0, p1) of a packed block of n rows.  Single-threaded; callers split the panels (or rows) over threads.
+inline void gemm(int level, const float* x, int64_t ldx, int64_t m, const float* w, int64_t n, int64_t K,
+                 int64_t p0, int64_t p1, float* C, int64_t ldc);
+
+namespace avx512 {
+void pack_w(const float* W, int64_t ldw, int64_t n, int64_t K, int64_t p0, int64_t p1, float* out);
 void gemm(const float* x, int64_t ldx, int64_t m, const float* w, int64_t n, int64_t K, int64_t p0, int64_t p1,
           float* C, int64_t ldc);
+}  // namespace avx512
+namespace avx2 {
+void pack_w(const float* W, int64_t ldw, int64_t n, int64_t K, int64_t p0, int64_t p1, float* out);
+void gemm(const float* x, int64_t ldx, int64_t m, const float* w, int64_t n, int64_t K, int64_t p0, int64_t p1,
+          float* C, int64_t ldc);
+}  // namespace avx2
+
+inline void pack_w(int level, const float* W, int64_t ldw, int64_t n, int64_t K, int64_t p0, int64_t p1,
+                   float* out) {
+  if (level == 2) {
+    avx512::pack_w(W, ldw, n, K, p0, p1, out);
+  } else {
+    avx2::pack_w(W, ldw, n, K, p0, p1, out);
+  }
+}
+
+inline void gemm(int level, const float* x, int64_t ldx, int64_t m, const float* w, int64_t n, int64_t K, int64_t p0,
+                 int64_t p1, float* C, int64_t ldc) {
+  if (level == 2) {
+    avx512::gemm(x, ldx, m, w, n, K, p0, p1, C, ldc);
+  } else {
+    avx2::gemm(x, ldx, m, w, n, K, p0, p1, C, ldc);
+  }
+}
 
 }  // namespace f32dot
 }  // namespace copsd_cpu

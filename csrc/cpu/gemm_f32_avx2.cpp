@@ -1,0 +1,130 @@
+// The fp32 logits GEMM's AVX2 kernels (see gemm_f32.h), compiled for AVX2 + FMA; gemm.cpp calls them only where the
+// CPU has both (isa_level() >= 1) and AVX-512 is not used.  Only standard headers are included (before the pragma),
+// see loss_rows_avx2.cpp.
+#include <cstdint>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#include "gemm_f32.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC target("avx2,fma")
+
+#include "gemm_f32_loop.h"
+
+namespace copsd_cpu {
+namespace f32dot {
+namespace avx2 {
+
+namespace {
+
+// 16 vocabulary rows per panel: a panel's row k is one 64-byte line, two ymm vectors.
+constexpr int64_t kPanel = 16;
+
+inline int64_t lesser(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// One R x kPanel block (R <= kRows): C[0..R, 0..kPanel) = (add: +=) sum over K of x[i, k] b[k, :]; 12 ymm
+// accumulators, stored whole (a short last panel goes through a local block, Kernel::rows: with a masked or partial
+// store of the accumulators here GCC 12 kept a copy of them on the stack, written on every k).
+template <int R, bool add>
+__attribute__((always_inline)) inline void block(const float* x, int64_t ldx, const float* b, int64_t K, float* C,
+                                                 int64_t ldc) {
+  // Named accumulators, not arrays: with `__m256 acc[R]` GCC 12 kept a copy of them on the stack, stored on every k.
+  __m256 l0 = _mm256_setzero_ps(), l1 = l0, l2 = l0, l3 = l0, l4 = l0, l5 = l0;
+  __m256 h0 = l0, h1 = l0, h2 = l0, h3 = l0, h4 = l0, h5 = l0;
+  const float* x0 = x;
+  const float* x1 = x + ldx;
+  const float* x2 = x + 2 * ldx;
+  const float* x3 = x + 3 * ldx;
+  const float* x4 = x + 4 * ldx;
+  const float* x5 = x + 5 * ldx;
+#define COPSD_ROW(i)                                       \
+  if (R > i) {                                             \
+    const __m256 a = _mm256_broadcast_ss(x##i + k);        \
+    l##i = _mm256_fmadd_ps(a, b0, l##i);                   \
+    h##i = _mm256_fmadd_ps(a, b1, h##i);                   \
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * kPanel), b1 = _mm256_loadu_ps(b + k * kPanel + 8);
+    COPSD_ROW(0) COPSD_ROW(1) COPSD_ROW(2) COPSD_ROW(3) COPSD_ROW(4) COPSD_ROW(5)
+  }
+#undef COPSD_ROW
+  const __m256 lo[6] = {l0, l1, l2, l3, l4, l5}, hi[6] = {h0, h1, h2, h3, h4, h5};
+  for (int i = 0; i < R; ++i) {
+    float* c = C + i * ldc;
+    _mm256_storeu_ps(c, add ? _mm256_add_ps(_mm256_loadu_ps(c), lo[i]) : lo[i]);
+    _mm256_storeu_ps(c + 8, add ? _mm256_add_ps(_mm256_loadu_ps(c + 8), hi[i]) : hi[i]);
+  }
+}
+
+template <bool add>
+void rows_of(int64_t mr, const float* x, int64_t ldx, const float* b, int64_t K, float* C, int64_t ldc) {
+  static_assert(kRows == 6, "one case per row count below");
+  switch (mr) {
+    case 6: block<6, add>(x, ldx, b, K, C, ldc); break;
+    case 5: block<5, add>(x, ldx, b, K, C, ldc); break;
+    case 4: block<4, add>(x, ldx, b, K, C, ldc); break;
+    case 3: block<3, add>(x, ldx, b, K, C, ldc); break;
+    case 2: block<2, add>(x, ldx, b, K, C, ldc); break;
+    default: block<1, add>(x, ldx, b, K, C, ldc); break;
+  }
+}
+
+struct Kernel {
+  static void rows(int64_t mr, const float* x, int64_t ldx, const float* b, int64_t K, float* C, int64_t ldc,
+                   int64_t nn, bool add) {
+    if (nn == kPanel) {
+      if (add) {
+        rows_of<true>(mr, x, ldx, b, K, C, ldc);
+      } else {
+        rows_of<false>(mr, x, ldx, b, K, C, ldc);
+      }
+      return;
+    }
+    // The first nn columns of the block only: computed whole into t (from C's values where adding), copied back.
+    alignas(32) float t[kRows * kPanel];
+    for (int64_t i = 0; i < mr; ++i)
+      for (int64_t j = 0; j < kPanel; ++j) t[i * kPanel + j] = add && j < nn ? C[i * ldc + j] : 0.0f;
+    rows_of<true>(mr, x, ldx, b, K, t, kPanel);
+    for (int64_t i = 0; i < mr; ++i)
+      for (int64_t j = 0; j < nn; ++j) C[i * ldc + j] = t[i * kPanel + j];
+  }
+};
+
+// One panel: `rows` (<= kPanel) rows of W into o ([K][kPanel] floats, rows past `rows` 0), 16 row streams read in
+// step (the packed copy is made once per op call).
+void pack_panel(const float* W, int64_t ldw, int64_t rows, int64_t K, float* o) {
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < kPanel; ++j) o[k * kPanel + j] = j < rows ? W[j * ldw + k] : 0.0f;
+}
+
+}  // namespace
+
+void pack_w(const float* W, int64_t ldw, int64_t n, int64_t K, int64_t p0, int64_t p1, float* out) {
+  for (int64_t p = p0; p < p1; ++p)
+    pack_panel(W + p * kPanel * ldw, ldw, lesser(kPanel, n - p * kPanel), K, out + p * K * kPanel);
+}
+
+void gemm(const float* x, int64_t ldx, int64_t m, const float* w, int64_t n, int64_t K, int64_t p0, int64_t p1,
+          float* C, int64_t ldc) {
+  blocked_gemm<kPanel, Kernel>(x, ldx, m, w, n, K, p0, p1, C, ldc);
+}
+
+}  // namespace avx2
+}  // namespace f32dot
+}  // namespace copsd_cpu
+
+#else  // not x86-64 GCC/Clang: never called (f32_gemm_level() is 0)
+
+namespace copsd_cpu {
+namespace f32dot {
+namespace avx2 {
+void pack_w(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*) {}
+void gemm(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t) {}
+}  // namespace avx2
+}  // namespace f32dot
+}  // namespace copsd_cpu
+
+#endif
