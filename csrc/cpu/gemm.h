@@ -4,7 +4,9 @@
 // A driver builds one LmHead per lm_head and call.  Every chunk's logits GEMM multiplies the same weight, and a
 // BLAS re-packs its B operand (the whole [V, H] weight) into its internal panel layout on every call; when
 // torch's MKL exports the packed-GEMM API (cblas_sgemm_pack / cblas_sgemm_compute) an fp32 LmHead packs the
-// weight once, on the first chunk, and every chunk's GEMM then reads the packed copy.  The packed copy is
+// weight once, on the first chunk, and every chunk's GEMM then reads the packed copy.  Where copsd's own fp32 kernel
+// runs (gemm_f32.h, f32_gemm_use: AVX-512 or AVX2, by default not on Intel CPUs) the packed copy is its own layout
+// and its GEMMs replace MKL's packed ones.  The packed copy is
 // taken only when the call has >= 2 chunks and its size fits the call's pack budget (COPSD_CPU_PACK_MB,
 // COPSD_CPU_PACK=0 turns packing off); otherwise, and for fp64, every chunk runs at::mm_out as before.
 // Low-precision weights (bf16/fp16) are up-cast in vocabulary blocks into one reused fp32 buffer (split over the

@@ -1,19 +1,19 @@
-// The fp32 logits GEMM on AVX-512 or AVX2: out[m, n] = x[m, K] @ W[n, K]^T with fp32 operands, products and sums, from a
-// copy of W packed once per op call.  Plain C++ only: the kernels are compiled under `#pragma GCC target`
-// (gemm_f32.cpp), which must not see torch headers; gemm.cpp decides where they run (f32_gemm_on) and drives them.
+// The fp32 logits GEMM on AVX-512 or AVX2: out[m, n] = x[m, K] @ W[n, K]^T with fp32 operands, products and sums,
+// from a copy of W packed once per op call.  Plain C++ only: the kernels are compiled under `#pragma GCC target`
+// (gemm_f32.cpp for AVX-512, gemm_f32_avx2.cpp), which must not see torch headers; gemm.cpp decides where they run
+// (f32_gemm_use) and drives them.
 //
 // Why: the chunk logits GEMMs are half of a divergence's floor, and torch's MKL runs them well below the FMA peak
 // on AMD CPUs: 70-84 GFLOP/s per thread for a [256, 512] x [512, 32000] product on a 2-core Zen 4, whose two
-// threads each reach ~115 GFLOP/s in a loop of independent FMAs; MKL's packed GEMM (cblas_sgemm_compute), which
-// the chunks used before, ~94.  This kernel runs that product at ~105-110 (docs/kernels.md, "An fp32 GEMM of
-// our own").
+// threads each reach ~115 GFLOP/s in a loop of independent FMAs (MKL's packed GEMM ~94).  This kernel runs that
+// product at ~100-110 (docs/kernels.md, "CPU fp32 logits on a GEMM kernel of our own").
 //
-// Layouts.  W is packed into panels of kPanel vocabulary rows: panel p holds, for each hidden dimension k, the
-// kPanel values W[v, k] of its rows ([K][kPanel] floats; rows past n are 0).  x is read in place (row stride ldx,
-// unit stride along K).  The micro-kernel keeps a kRows x kPanel block of C in 24 zmm accumulators and adds, per
-// k, one broadcast x[i, k] times the four vectors of the panel's row k: 24 FMAs per 4 loads and 6 broadcasts.
-// Blocking: a block of rows of x (~512 KiB, kept in L2) against one panel at a time (K x 256 bytes, streamed from
-// memory once per row block); the reduction is split into blocks of kKBlock (sums continued in C).
+// Layouts.  W is packed into panels of panel_rows(level) vocabulary rows: panel p holds, for each hidden dimension k,
+// the values W[v, k] of its rows ([K][panel] floats; rows past n are 0).  x is read in place (row stride ldx, unit
+// stride along K).  The micro-kernel keeps a kRows x panel block of C in registers (AVX-512: 24 zmm; AVX2: 12 ymm)
+// and adds, per k, one broadcast x[i, k] times the panel's row k.  Blocking (gemm_f32_loop.h): a block of rows of x
+// (~512 KiB, kept in L2) against one panel at a time (streamed from memory once per row block); the reduction is
+// split into blocks of 1024 (sums continued in C).
 #pragma once
 
 #include <cstdint>
