@@ -88,6 +88,15 @@ def test_kernel_strided_rows(level):
     assert torch.isfinite(_C().f32_gemm(x, w, 512, 2, level)).all()
 
 
+def test_kernel_refuses_overlapping_rows():
+    """An expanded x (rows sharing storage) is refused by the kernel's binding (the ops take contiguous hidden states;
+    their drivers' row views are read in place)."""
+    _kernel(1)
+    x = torch.randn(1, 40).expand(5, 40)
+    with pytest.raises(RuntimeError, match="overlap"):
+        _C().f32_gemm(x, torch.randn(70, 40), 64, 1, 1)
+
+
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("scale", [1e-3, 3e2, 2e18])
 def test_kernel_magnitudes(scale, level):

@@ -493,9 +493,12 @@ void LmHead::pack_f32() {
 // panels are handed out to all threads.
 void LmHead::f32_logits(const Tensor& x_in, int64_t b0, int64_t b1, float* out, int64_t ldo) {
   const int64_t V = W_.size(0), H = W_.size(1), m = x_in.size(0);
-  const Tensor x = x_in.stride(1) == 1 || H <= 1 ? x_in : x_in.contiguous();
+  // Read in place where its rows are H apart or more with unit stride along H (not, e.g., an expanded x whose rows
+  // share storage).
+  const bool in_place = (x_in.stride(1) == 1 || H <= 1) && (x_in.stride(0) >= H || m <= 1);
+  const Tensor x = in_place ? x_in : x_in.contiguous();
   const float* px = x.data_ptr<float>();
-  const int64_t ldx = std::max<int64_t>(x.stride(0), 1);
+  const int64_t ldx = m <= 1 ? H : x.stride(0);
   const float* w = fpack_.data_ptr<float>();
   const int64_t per_block = f32dot::panels(f32_, vb_);
   const int threads = omp_in_parallel() ? 1 : std::max(1, at::get_num_threads());
@@ -941,6 +944,7 @@ void register_gemm(pybind11::module& m) {
     TORCH_CHECK(block > 0 && threads > 0, "f32_gemm: block and threads must be positive");
     const int lv = static_cast<int>(level);
     const int64_t m = x.size(0), n = w.size(0), K = x.size(1);
+    TORCH_CHECK(x.stride(0) >= K || m <= 1, "f32_gemm: x's rows must not overlap (row stride >= K)");
     const Tensor wc = w.contiguous();
     const Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
     const int64_t blocks = (n + block - 1) / block, floats = f32dot::packed_w_floats(lv, block, K);
@@ -950,7 +954,7 @@ void register_gemm(pybind11::module& m) {
       f32dot::pack_w(lv, wc.data_ptr<float>() + b * block * K, K, nb, K, 0, f32dot::panels(lv, nb),
                      wp.data() + b * floats);
     }
-    const int64_t ldx = std::max<int64_t>(x.stride(0), 1);
+    const int64_t ldx = m <= 1 ? K : x.stride(0);
     parallel_tasks(blocks * threads, static_cast<int>(threads), false, [&](int, int64_t t) {
       const int64_t b = t / threads, part = t % threads, nb = std::min(block, n - b * block);
       const int64_t P = f32dot::panels(lv, nb), p0 = part * P / threads, p1 = (part + 1) * P / threads;
