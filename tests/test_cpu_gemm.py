@@ -70,14 +70,14 @@ def mode(monkeypatch):
 
 def _expect_path(name, dtype, chunks, lm_heads):
     """The counters after one op call: packed chunk GEMMs exactly where packing applies (copsd's fp32 kernel or
-    MKL's packed fp32 GEMM, or for bf16 inputs the bf16 GEMM's packed copy where the CPU has it), those on copsd's
-    fp32 kernel wherever it runs (not in mode 'mkl'), and for bf16 inputs every chunk GEMM on the bf16 kernel where
-    the CPU has it (unless COPSD_CPU_BF16_GEMM=0): from the packed copy, or streamed from the weight where there is
-    none (counted as unpacked)."""
+    MKL's packed fp32 GEMM, or for bf16 inputs the bf16 GEMM's packed copy where the CPU has it); every fp32 chunk
+    GEMM on copsd's fp32 kernel wherever it runs (not in mode 'mkl'): from the packed copy, or streamed from the
+    weight where there is none (counted as unpacked); and for bf16 inputs every chunk GEMM on the bf16 kernel where
+    the CPU has it (unless COPSD_CPU_BF16_GEMM=0), packed or streamed the same way."""
     st = _C().gemm_stats()
     bf16 = name not in ("fp32", "mkl") and dtype == torch.bfloat16 and _C().bf16_gemm_available()
     packs = (name in ("on", "fp32", "mkl") and dtype != torch.float64 and chunks >= 2 and (bf16 or _packing()))
-    f32 = packs and not bf16 and _C().f32_gemm_available()  # the env of the mode is still set here
+    f32 = dtype != torch.float64 and not bf16 and _C().f32_gemm_available()  # the mode's env is still set here
     assert st["packs"] == (lm_heads if packs else 0), st
     assert st["packed_gemms"] == (lm_heads * chunks if packs else 0), st
     assert st["plain_gemms"] == (0 if packs else lm_heads * chunks), st

@@ -354,6 +354,9 @@ LmHead::LmHead(const Tensor& W, at::ScalarType st, at::ScalarType x_st, int64_t 
   bf16_ = bf16 && W.stride(1) == 1;
   // The gradient GEMMs too (mode `all`): they read W's rows in place (streamed) or pack them (pack_wt).
   bf16g_ = (grads || tile_grads) && mode == 2 && W.stride(1) == 1;
+  // fp32 logits on the kernel of gemm_f32.h at this level (0: MKL): from the packed copy below, or streamed (each panel
+  // packed right before its products) where there is none.
+  f32_ = st == at::kFloat ? f32_gemm_use() : 0;
   // Packed copies only when they pay: the weight is read by >= 2 chunk GEMMs.
   if (chunks < 2 || V == 0 || H == 0 || pack.left <= 0) return;
   // Its packed copy (bf16, in blocks of vb_ rows, each padded to whole panels) takes about half the fp32 copy's
@@ -391,7 +394,6 @@ LmHead::LmHead(const Tensor& W, at::ScalarType st, at::ScalarType x_st, int64_t 
     if (bf16_) return;  // streamed: an MKL-packed fp32 copy (twice the size) would not fit either
   }
   // fp32 packed copies: for the kernel of gemm_f32.h where it runs (f32_), else for MKL's packed GEMM if found.
-  f32_ = st == at::kFloat ? f32_gemm_use() : 0;
   const bool api = st == at::kFloat && (f32_ || (have_packed_api() && fits_int(V) && fits_int(H) && fits_int(rows) &&
                                                  fits_int(V * H)));
   auto packed_bytes = [&](int64_t block) {
@@ -517,6 +519,38 @@ void LmHead::f32_logits(const Tensor& x_in, int64_t b0, int64_t b1, float* out, 
     const int64_t p1 = std::min(p0 + kPackPanels, f32dot::panels(f32_, n));
     if (p0 < p1) f32dot::gemm(f32_, px, ldx, m, w + b * foff_, n, H, p0, p1, out + (v0 - b0 * vb_), ldo);
   });
+}
+
+// Vocabulary rows per up-cast block of logits() with a caller's scratch: 3.5 MiB of fp32 at H = 896.
+constexpr int64_t kScratchUpcastRows = 1024;
+
+// Vocabulary rows per task of a streamed fp32 GEMM split over the threads (logits() outside a parallel region).
+constexpr int64_t kStreamRows = 1024;
+
+bool LmHead::f32_streamed(const Tensor& x_in, int64_t v0, int64_t n, float* out, int64_t ldo, Tensor& scratch) {
+  const int64_t H = W_.size(1), m = x_in.size(0);
+  const int64_t P = f32dot::panel_rows(f32_);
+  const bool in_place = (x_in.stride(1) == 1 || H <= 1) && (x_in.stride(0) >= H || m <= 1);
+  const Tensor x = in_place ? x_in : x_in.contiguous();
+  const float* px = x.data_ptr<float>();
+  const int64_t ldx = m <= 1 ? H : x.stride(0);
+  // Up-cast (or W's own) rows in blocks of kScratchUpcastRows, each block's panels packed one at a time into this
+  // thread's panel buffer and multiplied while it is in cache.
+  thread_local std::vector<float> panel;
+  if (static_cast<int64_t>(panel.size()) < P * H) panel.resize(static_cast<size_t>(P * H));
+  for (int64_t r0 = 0; r0 < n; r0 += kScratchUpcastRows) {
+    const int64_t nr = std::min(kScratchUpcastRows, n - r0);
+    const Tensor rows = weight_rows(v0 + r0, nr, scratch);
+    if (rows.stride(1) != 1 && H > 1) return false;  // checked on the first block: the layout is the same for all
+    const float* w = rows.data_ptr<float>();
+    const int64_t ldw = rows.stride(0);
+    for (int64_t p = 0; p * P < nr; ++p) {
+      const int64_t nn = std::min(P, nr - p * P);
+      f32dot::pack_w(f32_, w + p * P * ldw, ldw, nn, H, 0, 1, panel.data());
+      f32dot::gemm(f32_, px, ldx, m, panel.data(), nn, H, 0, 1, out + r0 + p * P, ldo);
+    }
+  }
+  return true;
 }
 
 // ---- The gradient GEMMs on the bf16 kernel (COPSD_CPU_BF16_GEMM=all)
@@ -714,8 +748,6 @@ void LmHead::pack_weight() {
   if (!grads_) buf_ = Tensor();
 }
 
-// Vocabulary rows per up-cast block of logits() with a caller's scratch: 3.5 MiB of fp32 at H = 896.
-constexpr int64_t kScratchUpcastRows = 1024;
 
 void LmHead::logits(const Tensor& x_in, Tensor out, bool count, Tensor* scratch) {
   const int64_t V = W_.size(0), H = W_.size(1), m = x_in.size(0);
@@ -749,6 +781,33 @@ void LmHead::logits(const Tensor& x_in, Tensor out, bool count, Tensor* scratch)
     }
     if (count) ++n_packed_gemms;
     return;
+  }
+  if (f32_ && !pack_ && out_rows && m > 0 && (W_.stride(1) == 1 || upcast_ || H <= 1)) {
+    // Streamed through the fp32 kernel: single-threaded inside a parallel region (the caller's `scratch`), else
+    // vocabulary blocks handed out to all threads, each with its own up-cast scratch.
+    const int threads = omp_in_parallel() ? 1 : std::max(1, at::get_num_threads());
+    float* c = out.data_ptr<float>();
+    const int64_t ldo = out.stride(0);
+    bool done = true;
+    if (threads == 1) {
+      Tensor own;
+      done = f32_streamed(x_in, 0, V, c, ldo, scratch != nullptr ? *scratch : own);
+    } else {
+      std::vector<Tensor> sc(threads);
+      std::atomic<bool> ok{true};
+      parallel_tasks((V + kStreamRows - 1) / kStreamRows, threads, true, [&](int tid, int64_t t) {
+        const int64_t v0 = t * kStreamRows;
+        if (!f32_streamed(x_in, v0, std::min(kStreamRows, V - v0), c + v0, ldo, sc[tid])) ok = false;
+      });
+      done = ok;
+    }
+    if (done) {
+      if (count) {
+        ++n_plain_gemms;
+        ++n_f32_gemms;
+      }
+      return;
+    }
   }
   if (count) ++n_plain_gemms;
   if (!upcast_ || full_.defined()) {
@@ -790,6 +849,14 @@ void LmHead::logits_block(const Tensor& x_in, int64_t b, Tensor out, Tensor& scr
                          reinterpret_cast<const float*>(packed_[b].data_ptr<uint8_t>()), static_cast<int>(n), 0.0f,
                          out.data_ptr<float>(), static_cast<int>(out.stride(0)));
     if (count && b == 0) ++n_packed_gemms;  // the counters count a chunk's logits (all its blocks) once
+    return;
+  }
+  if (f32_ && !pack_ && out_rows && m > 0 && (W_.stride(1) == 1 || upcast_ || H <= 1) &&
+      f32_streamed(x_in, v0, n, out.data_ptr<float>(), out.stride(0), scratch)) {
+    if (count && b == 0) {
+      ++n_plain_gemms;
+      ++n_f32_gemms;
+    }
     return;
   }
   if (count && b == 0) ++n_plain_gemms;

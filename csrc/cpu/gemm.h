@@ -218,6 +218,10 @@ class LmHead {
   int64_t foff_ = 0;
   void pack_f32();
   void f32_logits(const at::Tensor& x, int64_t b0, int64_t b1, float* out, int64_t ldo);
+  // out[m, n] = x @ W[v0 .. v0 + n)^T on the kernel of gemm_f32.h without a packed copy: each panel packed into this
+  // thread's buffer right before its products (W's rows in place, or up-cast into `scratch`); single-threaded.  False
+  // (nothing written) where W's rows do not have unit stride along H.
+  bool f32_streamed(const at::Tensor& x, int64_t v0, int64_t n, float* out, int64_t ldo, at::Tensor& scratch);
   bool bf16_ = false;               // the logits on the bf16 kernel, from wpack_
   at::Tensor wpack_;                // the bf16 packed W: block b at word offset b * woff_ (gemm_bf16.h layout)
   int64_t woff_ = 0;
