@@ -996,8 +996,8 @@ void register_gemm(pybind11::module& m) {
   }, pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("block"), pybind11::arg("threads") = 1,
         pybind11::arg("streamed") = false);
   m.def("f32_gemm_available", []() { return f32_gemm_use() > 0; },
-        "whether packed fp32 lm_heads take copsd's own fp32 GEMM kernel in this call (AVX2 or AVX-512, COPSD_CPU_ISA, "
-        "COPSD_CPU_F32_GEMM; by default not on Intel CPUs)");
+        "whether fp32 logits take copsd's own fp32 GEMM kernel in this call, packed or streamed (AVX2 or AVX-512, "
+        "COPSD_CPU_ISA, COPSD_CPU_F32_GEMM; by default not on Intel CPUs)");
   m.def("f32_gemm_level", &f32_gemm_level, "the ISA level of copsd's fp32 GEMM kernel here: 2 AVX-512, 1 AVX2, 0 none");
   // The fp32 kernel alone, for tests: out[m, n] = x[m, K] @ w[n, K]^T on the kernel of ISA `level` (2 AVX-512, 1 AVX2;
   // at most f32_gemm_level()), x read in place (any row stride), W packed in blocks of `block` rows, the panels of

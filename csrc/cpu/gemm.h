@@ -213,7 +213,7 @@ class LmHead {
   at::Tensor full_;
   at::Tensor buf_;  // up-cast block buffer
   std::vector<at::Tensor> packed_;  // one packed copy per vocabulary block
-  int f32_ = 0;                     // fp32 logits on the kernel of gemm_f32.h at this ISA level: packed into fpack_
+  int f32_ = 0;                     // fp32 logits on the kernel of gemm_f32.h at this level: from fpack_, or streamed
   at::Tensor fpack_;                // the fp32 packed W: block b at float offset b * foff_ (gemm_f32.h layout)
   int64_t foff_ = 0;
   void pack_f32();
