@@ -491,16 +491,33 @@ void LmHead::pack_f32() {
   if (!grads_) buf_ = Tensor();
 }
 
+namespace {
+
+// x [m, H] as the kernel of gemm_f32.h reads it, in place (row stride ldx), where its rows are H apart or more with
+// unit stride along H; else (e.g. an expanded x whose rows share storage) a contiguous copy.
+Tensor f32_rows(const Tensor& x, int64_t H, int64_t& ldx) {
+  const int64_t m = x.size(0);
+  const bool in_place = (x.stride(1) == 1 || H <= 1) && (x.stride(0) >= H || m <= 1);
+  const Tensor r = in_place ? x : x.contiguous();
+  ldx = m <= 1 ? H : r.stride(0);
+  return r;
+}
+
+}  // namespace
+
+// Counts one chunk's logits GEMM on the kernel of gemm_f32.h: as packed or unpacked (streamed), and as an f32 one.
+void LmHead::count_f32_gemm() const {
+  ++(pack_ ? n_packed_gemms : n_plain_gemms);
+  ++n_f32_gemms;
+}
+
 // out[m, blocks b0..b1) = x @ (those blocks of W)^T on the kernel of gemm_f32.h; outside a parallel region the
 // panels are handed out to all threads.
 void LmHead::f32_logits(const Tensor& x_in, int64_t b0, int64_t b1, float* out, int64_t ldo) {
   const int64_t V = W_.size(0), H = W_.size(1), m = x_in.size(0);
-  // Read in place where its rows are H apart or more with unit stride along H (not, e.g., an expanded x whose rows
-  // share storage).
-  const bool in_place = (x_in.stride(1) == 1 || H <= 1) && (x_in.stride(0) >= H || m <= 1);
-  const Tensor x = in_place ? x_in : x_in.contiguous();
+  int64_t ldx = H;
+  const Tensor x = f32_rows(x_in, H, ldx);
   const float* px = x.data_ptr<float>();
-  const int64_t ldx = m <= 1 ? H : x.stride(0);
   const float* w = fpack_.data_ptr<float>();
   const int64_t per_block = f32dot::panels(f32_, vb_);
   const int threads = omp_in_parallel() ? 1 : std::max(1, at::get_num_threads());
@@ -530,10 +547,9 @@ constexpr int64_t kStreamRows = 1024;
 bool LmHead::f32_streamed(const Tensor& x_in, int64_t v0, int64_t n, float* out, int64_t ldo, Tensor& scratch) {
   const int64_t H = W_.size(1), m = x_in.size(0);
   const int64_t P = f32dot::panel_rows(f32_);
-  const bool in_place = (x_in.stride(1) == 1 || H <= 1) && (x_in.stride(0) >= H || m <= 1);
-  const Tensor x = in_place ? x_in : x_in.contiguous();
+  int64_t ldx = H;
+  const Tensor x = f32_rows(x_in, H, ldx);
   const float* px = x.data_ptr<float>();
-  const int64_t ldx = m <= 1 ? H : x.stride(0);
   // Up-cast (or W's own) rows in blocks of kScratchUpcastRows, each block's panels packed one at a time into this
   // thread's panel buffer and multiplied while it is in cache.
   thread_local std::vector<float> panel;
@@ -761,10 +777,7 @@ void LmHead::logits(const Tensor& x_in, Tensor out, bool count, Tensor* scratch)
   }
   if (pack_ && f32_ && out_rows && m > 0) {
     f32_logits(x_in, 0, (V + vb_ - 1) / vb_, out.data_ptr<float>(), out.stride(0));
-    if (count) {
-      ++n_packed_gemms;
-      ++n_f32_gemms;
-    }
+    if (count) count_f32_gemm();
     return;
   }
   if (pack_ && !bf16_ && out_rows && fits_int(m) && m > 0) {
@@ -802,10 +815,7 @@ void LmHead::logits(const Tensor& x_in, Tensor out, bool count, Tensor* scratch)
       done = ok;
     }
     if (done) {
-      if (count) {
-        ++n_plain_gemms;
-        ++n_f32_gemms;
-      }
+      if (count) count_f32_gemm();
       return;
     }
   }
@@ -835,10 +845,7 @@ void LmHead::logits_block(const Tensor& x_in, int64_t b, Tensor out, Tensor& scr
   }
   if (pack_ && f32_ && out_rows && m > 0) {
     f32_logits(x_in, b, b + 1, out.data_ptr<float>(), out.stride(0));
-    if (count && b == 0) {
-      ++n_packed_gemms;
-      ++n_f32_gemms;
-    }
+    if (count && b == 0) count_f32_gemm();  // a chunk's logits (all its blocks) counted once
     return;
   }
   if (pack_ && !bf16_ && out_rows && fits_int(m) && m > 0) {
@@ -853,10 +860,7 @@ void LmHead::logits_block(const Tensor& x_in, int64_t b, Tensor out, Tensor& scr
   }
   if (f32_ && !pack_ && out_rows && m > 0 && (W_.stride(1) == 1 || upcast_ || H <= 1) &&
       f32_streamed(x_in, v0, n, out.data_ptr<float>(), out.stride(0), scratch)) {
-    if (count && b == 0) {
-      ++n_plain_gemms;
-      ++n_f32_gemms;
-    }
+    if (count && b == 0) count_f32_gemm();
     return;
   }
   if (count && b == 0) ++n_plain_gemms;

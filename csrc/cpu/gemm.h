@@ -218,6 +218,7 @@ class LmHead {
   int64_t foff_ = 0;
   void pack_f32();
   void f32_logits(const at::Tensor& x, int64_t b0, int64_t b1, float* out, int64_t ldo);
+  void count_f32_gemm() const;
   // out[m, n] = x @ W[v0 .. v0 + n)^T on the kernel of gemm_f32.h without a packed copy: each panel packed into this
   // thread's buffer right before its products (W's rows in place, or up-cast into `scratch`); single-threaded.  False
   // (nothing written) where W's rows do not have unit stride along H.

@@ -41,27 +41,6 @@ inline uint32_t to_bf16(float f) {
 // per output would (at K = 2048 4-7x the fp32 GEMM's largest error).
 constexpr int64_t kInner = 64;
 
-// Stores the R x kPanel block acc (columns < nn of it) at C, or adds it to C (`add`).
-template <int R>
-inline void store(__m512 (&acc)[R][kVecs], float* C, int64_t ldc, int64_t nn, bool add) {
-  if (nn == kPanel) {
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < kVecs; ++j) {
-        float* c = C + i * ldc + 16 * j;
-        _mm512_storeu_ps(c, add ? _mm512_add_ps(_mm512_loadu_ps(c), acc[i][j]) : acc[i][j]);
-      }
-    return;
-  }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < kVecs; ++j) {
-      const int64_t left = nn - 16 * j;
-      if (left <= 0) break;
-      const __mmask16 mask = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
-      float* c = C + i * ldc + 16 * j;
-      _mm512_mask_storeu_ps(c, mask, add ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask, c), acc[i][j]) : acc[i][j]);
-    }
-}
-
 // One R x kPanel block (R <= kRows): C[0..R, 0..nn) (+)= A B over K2 pairs, A's words at a[i * si + k * sk] (row i,
 // pair k), B's at b[k * sb + c] (pair k, column c < kPanel).  The logits GEMM passes a packed x panel (si 1, sk kRows)
 // and a packed W panel (sb kPanel); the gradient GEMMs other layouts (gemm_words).
@@ -83,7 +62,7 @@ __attribute__((always_inline)) inline void block(const uint32_t* a, int64_t si, 
       }
     }
     if (k1 == K2 && k0 == 0) {
-      store<R>(acc, C, ldc, nn, add);
+      simd512::store_rows<R, kVecs>(acc, C, ldc, nn, add);
       return;
     }
     for (int i = 0; i < R; ++i)
@@ -94,7 +73,7 @@ __attribute__((always_inline)) inline void block(const uint32_t* a, int64_t si, 
   }
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < kVecs; ++j) acc[i][j] = _mm512_load_ps(&total[i][16 * j]);
-  store<R>(acc, C, ldc, nn, add);
+  simd512::store_rows<R, kVecs>(acc, C, ldc, nn, add);
 }
 
 // The packed logits layout (constant strides, so the row kernels compile as before the generic strides).

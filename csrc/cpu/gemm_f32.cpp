@@ -25,10 +25,6 @@ namespace {
 constexpr int64_t kPanel = 64;
 constexpr int kVecs = static_cast<int>(kPanel / 16);
 
-// Local, not std::min: no standard-library template is instantiated under the pragma (its out-of-line copy could
-// be the one the linker keeps for every caller).
-inline int64_t lesser(int64_t a, int64_t b) { return a < b ? a : b; }
-
 // One R x kPanel block (R <= kRows): C[0..R, 0..nn) = (add: +=) sum over K of x[i, k] b[k, :], x's rows at stride ldx,
 // b a packed panel (row stride kPanel).
 template <int R>
@@ -45,24 +41,11 @@ __attribute__((always_inline)) inline void block(const float* x, int64_t ldx, co
       for (int j = 0; j < kVecs; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
     }
   }
-  if (nn == kPanel) {
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < kVecs; ++j) {
-        float* c = C + i * ldc + 16 * j;
-        _mm512_storeu_ps(c, add ? _mm512_add_ps(_mm512_loadu_ps(c), acc[i][j]) : acc[i][j]);
-      }
-    return;
-  }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < kVecs; ++j) {
-      const __mmask16 mask = simd512::lanes(nn - 16 * j);
-      if (mask == 0) break;
-      float* c = C + i * ldc + 16 * j;
-      _mm512_mask_storeu_ps(c, mask, add ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask, c), acc[i][j]) : acc[i][j]);
-    }
+  simd512::store_rows<R, kVecs>(acc, C, ldc, nn, add);
 }
 
 struct Kernel {
+  static void pack(const float* W, int64_t ldw, int64_t rows, int64_t K, float* o);
   static void rows(int64_t mr, const float* x, int64_t ldx, const float* b, int64_t K, float* C, int64_t ldc,
                    int64_t nn, bool add) {
     static_assert(kRows == 6, "one case per row count below");
@@ -77,9 +60,9 @@ struct Kernel {
   }
 };
 
-// One panel: `rows` (<= kPanel) rows of W into o ([K][kPanel] floats, rows past `rows` 0).  A whole panel moves
-// 16 rows x 16 columns at a time through transpose16; the rest value by value.
-void pack_panel(const float* W, int64_t ldw, int64_t rows, int64_t K, float* o) {
+// Kernel::pack: one panel, `rows` (<= kPanel) rows of W into o ([K][kPanel] floats, rows past `rows` 0).  A whole
+// panel moves 16 rows x 16 columns at a time through transpose16; the rest value by value.
+void Kernel::pack(const float* W, int64_t ldw, int64_t rows, int64_t K, float* o) {
   int64_t done = 0;  // columns packed by the vector loop (all rows)
   if (rows == kPanel) {
     done = K / 16 * 16;
@@ -100,8 +83,7 @@ void pack_panel(const float* W, int64_t ldw, int64_t rows, int64_t K, float* o) 
 }  // namespace
 
 void pack_w(const float* W, int64_t ldw, int64_t n, int64_t K, int64_t p0, int64_t p1, float* out) {
-  for (int64_t p = p0; p < p1; ++p)
-    pack_panel(W + p * kPanel * ldw, ldw, lesser(kPanel, n - p * kPanel), K, out + p * K * kPanel);
+  pack_panels<kPanel, Kernel>(W, ldw, n, K, p0, p1, out);
 }
 
 void gemm(const float* x, int64_t ldx, int64_t m, const float* w, int64_t n, int64_t K, int64_t p0, int64_t p1,

@@ -23,11 +23,8 @@ namespace {
 // 16 vocabulary rows per panel: a panel's row k is one 64-byte line, two ymm vectors.
 constexpr int64_t kPanel = 16;
 
-inline int64_t lesser(int64_t a, int64_t b) { return a < b ? a : b; }
-
 // One R x kPanel block (R <= kRows): C[0..R, 0..kPanel) = (add: +=) sum over K of x[i, k] b[k, :]; 12 ymm
-// accumulators, stored whole (a short last panel goes through a local block, Kernel::rows: with a masked or partial
-// store of the accumulators here GCC 12 kept a copy of them on the stack, written on every k).
+// accumulators, stored whole (a short last panel goes through a local block: Kernel::rows).
 template <int R, bool add>
 __attribute__((always_inline)) inline void block(const float* x, int64_t ldx, const float* b, int64_t K, float* C,
                                                  int64_t ldc) {
@@ -73,6 +70,7 @@ void rows_of(int64_t mr, const float* x, int64_t ldx, const float* b, int64_t K,
 }
 
 struct Kernel {
+  static void pack(const float* W, int64_t ldw, int64_t rows, int64_t K, float* o);
   static void rows(int64_t mr, const float* x, int64_t ldx, const float* b, int64_t K, float* C, int64_t ldc,
                    int64_t nn, bool add) {
     if (nn == kPanel) {
@@ -93,9 +91,9 @@ struct Kernel {
   }
 };
 
-// One panel: `rows` (<= kPanel) rows of W into o ([K][kPanel] floats, rows past `rows` 0), 16 row streams read in
-// step (the packed copy is made once per op call).
-void pack_panel(const float* W, int64_t ldw, int64_t rows, int64_t K, float* o) {
+// Kernel::pack: one panel, `rows` (<= kPanel) rows of W into o ([K][kPanel] floats, rows past `rows` 0), 16 row
+// streams read in step (the packed copy is made once per op call).
+void Kernel::pack(const float* W, int64_t ldw, int64_t rows, int64_t K, float* o) {
   for (int64_t k = 0; k < K; ++k)
     for (int64_t j = 0; j < kPanel; ++j) o[k * kPanel + j] = j < rows ? W[j * ldw + k] : 0.0f;
 }
@@ -103,8 +101,7 @@ void pack_panel(const float* W, int64_t ldw, int64_t rows, int64_t K, float* o) 
 }  // namespace
 
 void pack_w(const float* W, int64_t ldw, int64_t n, int64_t K, int64_t p0, int64_t p1, float* out) {
-  for (int64_t p = p0; p < p1; ++p)
-    pack_panel(W + p * kPanel * ldw, ldw, lesser(kPanel, n - p * kPanel), K, out + p * K * kPanel);
+  pack_panels<kPanel, Kernel>(W, ldw, n, K, p0, p1, out);
 }
 
 void gemm(const float* x, int64_t ldx, int64_t m, const float* w, int64_t n, int64_t K, int64_t p0, int64_t p1,

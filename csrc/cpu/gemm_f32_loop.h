@@ -1,6 +1,6 @@
 // The blocking of the fp32 logits GEMM (gemm_f32.h), shared by its AVX-512 and AVX2 kernels.  Include it only after
-// the file's `#pragma GCC target(...)`: Kernel is the file's own micro-kernel type (in its anonymous namespace), so
-// each file's instantiation is its own and compiled for its target.
+// the file's `#pragma GCC target(...)`: Kernel is the file's own micro-kernel and pack type (in its anonymous
+// namespace), so each file's instantiation is its own and compiled for its target.
 #pragma once
 
 #include <cstdint>
@@ -42,6 +42,14 @@ inline void blocked_gemm(const float* x, int64_t ldx, int64_t m, const float* w,
       }
     }
   }
+}
+
+// Panels [p0, p1) of W ([n, K], row stride ldw) packed into out through Kernel::pack(W rows, ldw, rows, K, panel),
+// which packs one panel of `rows` (<= Panel) rows, the rest zero.
+template <int64_t Panel, typename Kernel>
+inline void pack_panels(const float* W, int64_t ldw, int64_t n, int64_t K, int64_t p0, int64_t p1, float* out) {
+  for (int64_t p = p0; p < p1; ++p)
+    Kernel::pack(W + p * Panel * ldw, ldw, n - p * Panel < Panel ? n - p * Panel : Panel, K, out + p * K * Panel);
 }
 
 }  // namespace f32dot

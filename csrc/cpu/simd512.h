@@ -5,6 +5,8 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
+
 namespace copsd_cpu {
 namespace simd512 {
 
@@ -36,6 +38,28 @@ static inline void transpose16(__m512i (&r)[16]) {
 // The first `n` (0..16) lanes.
 static inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+}
+
+// Stores an R x 16V block of fp32 sums acc (its first nn columns; nn <= 16V) at C (row stride ldc), or adds it to C
+// (`add`).
+template <int R, int V>
+static inline __attribute__((always_inline)) void store_rows(__m512 (&acc)[R][V], float* C, int64_t ldc, int64_t nn,
+                                                             bool add) {
+  if (nn == 16 * V) {
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < V; ++j) {
+        float* c = C + i * ldc + 16 * j;
+        _mm512_storeu_ps(c, add ? _mm512_add_ps(_mm512_loadu_ps(c), acc[i][j]) : acc[i][j]);
+      }
+    return;
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < V; ++j) {
+      const __mmask16 mask = lanes(nn - 16 * j);
+      if (mask == 0) break;
+      float* c = C + i * ldc + 16 * j;
+      _mm512_mask_storeu_ps(c, mask, add ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask, c), acc[i][j]) : acc[i][j]);
+    }
 }
 
 }  // namespace simd512
