@@ -4,9 +4,9 @@
 // (f32_gemm_use) and drives them.
 //
 // Why: the chunk logits GEMMs are half of a divergence's floor, and torch's MKL runs them well below the FMA peak
-// on AMD CPUs: 70-84 GFLOP/s per thread for a [256, 512] x [512, 32000] product on a 2-core Zen 4, whose two
-// threads each reach ~115 GFLOP/s in a loop of independent FMAs (MKL's packed GEMM ~94).  This kernel runs that
-// product at ~100-110 (docs/kernels.md, "CPU fp32 logits on a GEMM kernel of our own").
+// on AMD CPUs: 69-84 GFLOP/s per thread for a [256, 512] x [512, 32000] product on a 2-core Zen 4, whose two
+// threads each reach ~115 GFLOP/s in a loop of independent FMAs (MKL's packed GEMM ~94 in an earlier profile).  This
+// kernel ran that product at 100-111 (docs/kernels.md, "CPU fp32 logits on a GEMM kernel of our own").
 //
 // Layouts.  W is packed into panels of panel_rows(level) vocabulary rows: panel p holds, for each hidden dimension k,
 // the values W[v, k] of its rows ([K][panel] floats; rows past n are 0).  x is read in place (row stride ldx, unit
