@@ -150,6 +150,22 @@ def test_bad_knob_value_is_an_error(monkeypatch):
     monkeypatch.setenv("COPSD_CPU_F32_GEMM", "fast")
     with pytest.raises(RuntimeError, match="COPSD_CPU_F32_GEMM"):
         _C().f32_gemm_available()
+    with pytest.raises(RuntimeError, match="COPSD_CPU_F32_GEMM"):
+        cpu.f32_gemm_available()
+
+
+def test_public_availability_follows_the_knob(monkeypatch):
+    """copsd.backends.cpu.f32_gemm_available() reads the knob now: off for 0 / false / off, on for 1 / on where the
+    CPU has AVX2 or AVX-512, the default otherwise (on except on Intel CPUs)."""
+    level = _C().f32_gemm_level()
+    monkeypatch.delenv("COPSD_CPU_F32_GEMM", raising=False)
+    default = cpu.f32_gemm_available()
+    assert default == _C().f32_gemm_available()
+    assert not default or level > 0
+    for value, want in (("0", False), ("false", False), ("OFF", False), ("1", level > 0), ("on", level > 0),
+                        ("", default)):
+        monkeypatch.setenv("COPSD_CPU_F32_GEMM", value)
+        assert cpu.f32_gemm_available() is want, value
 
 
 @pytest.mark.parametrize("isa,cap", [("avx2", 1), ("base", 0)])

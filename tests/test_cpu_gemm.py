@@ -317,6 +317,33 @@ def test_divergence_side_by_side_logits(monkeypatch, threads, side, dtype, packe
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("value,side", [(None, True), ("", True), ("1", True), ("on", True), ("Yes", True),
+                                        ("0", False), ("false", False), ("OFF", False), ("no", False)])
+def test_side_gemms_knob_spellings(monkeypatch, value, side):
+    """COPSD_CPU_SIDE_GEMMS takes the spellings of every on/off knob: false / off / no turn the side-by-side
+    logits GEMMs off as 0 does (they once meant on: only "0" was read as off), unset or empty is the default."""
+    if not _packing():
+        pytest.skip("no packed fp32 GEMM here (no AVX-512 and no MKL packed-GEMM API)")
+    n = 300
+    xs, ws, xt, wt, _ = _inputs(n, torch.float32, seed=9)
+    tg = torch.ones(n)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(cpu, "WORKSPACE_BYTES", 150 * 2 * V * 4)  # two chunks of 150 rows
+        for var in ("COPSD_CPU_PACK", "COPSD_CPU_PACK_MB", "COPSD_CPU_DYNAMIC"):
+            monkeypatch.delenv(var, raising=False)
+        if value is None:
+            monkeypatch.delenv("COPSD_CPU_SIDE_GEMMS", raising=False)
+        else:
+            monkeypatch.setenv("COPSD_CPU_SIDE_GEMMS", value)
+        _C().gemm_stats_reset()
+        cpu.divergence(xs, ws, xt, wt, LOGIT, DivergenceSpec(), None, tg)
+        assert _C().gemm_stats()["side_chunks"] == (2 if side else 0)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_budget_for_one_lm_head(mode, monkeypatch):
     """A budget that holds one packed lm_head: the student's is packed, the teacher's runs unpacked, results
     as accurate as both packed.  The budget counts what a packed copy occupies (about the weight's own fp32
@@ -418,18 +445,24 @@ def test_ops_layer_transposed_and_strided_inputs(mode, threads):
 @pytest.mark.parametrize("var,value", [("COPSD_CPU_PACK", "maybe"), ("COPSD_CPU_PACK_MB", "-1"),
                                        ("COPSD_CPU_PACK_MB", "lots"), ("COPSD_CPU_TOPK_TILE", "-5"),
                                        ("COPSD_CPU_TOPK_TILE", "wide"), ("COPSD_CPU_DYNAMIC", "sometimes"),
-                                       ("COPSD_CPU_F32_GEMM", "fast")])
+                                       ("COPSD_CPU_F32_GEMM", "fast"), ("COPSD_CPU_SIDE_GEMMS", "2"),
+                                       ("COPSD_CPU_GRAD_TILES", "sometimes")])
 def test_bad_knob_values_are_errors(mode, monkeypatch, var, value):
     x, w, xt, wt, ids = _inputs(CHUNKS[2], torch.float32)
     mode("on", torch.float32, 1)
     monkeypatch.setenv(var, value)
-    with pytest.raises(RuntimeError, match=var):
-        if var == "COPSD_CPU_TOPK_TILE":
-            cpu.topk(x, w, 3, LOGIT)
-        elif var == "COPSD_CPU_DYNAMIC":
-            cpu.divergence(x, w, xt, wt, LOGIT, DivergenceSpec(), None, torch.ones(CHUNKS[2]))
-        else:
-            cpu.logprobs_forward(x, w, ids, LOGIT)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)  # the side-by-side GEMMs' knob is read where two threads could run them
+    try:
+        with pytest.raises(RuntimeError, match=var):
+            if var == "COPSD_CPU_TOPK_TILE":
+                cpu.topk(x, w, 3, LOGIT)
+            elif var in ("COPSD_CPU_DYNAMIC", "COPSD_CPU_SIDE_GEMMS", "COPSD_CPU_GRAD_TILES"):
+                cpu.divergence(x, w, xt, wt, LOGIT, DivergenceSpec(), None, torch.ones(CHUNKS[2]))
+            else:
+                cpu.logprobs_forward(x, w, ids, LOGIT)
+    finally:
+        torch.set_num_threads(old)
 
 
 MIB = 1 << 20

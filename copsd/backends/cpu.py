@@ -1,7 +1,8 @@
 """C++ CPU backend (extension ``copsd._C``, sources in ``csrc/cpu``).
 
-Tokens are processed in row chunks: one ATen/MKL GEMM per chunk and side writes
-full-vocabulary rows into a reusable ``[rows, V]`` workspace, the fused C++ epilogue reduces
+Tokens are processed in row chunks: one GEMM per chunk and side (copsd's own fp32 or bf16 kernel where the CPU
+has one, else ATen/MKL) writes full-vocabulary rows into a reusable ``[rows, V]`` workspace, the fused C++
+epilogue reduces
 each row (online max/sum-exp, entropy, divergence accumulators, running top-k) in parallel
 over rows, and when gradients are wanted it leaves ``dLoss/dlogits`` in the same buffer so two
 more GEMMs give ``d_hidden`` and accumulate ``d_weight`` in fp32.  A loss plus its gradient
@@ -50,8 +51,18 @@ Environment knobs (the ``PACK`` ones are read on every op call):
   dot-product kernel, fp32 products and sums, as accurate as the fp32 GEMM; ``all`` puts their gradient GEMMs
   there too, with ``dL/dz`` rounded to bf16 (about twice as fast; gradients within a few times the rounding error
   of a bf16 result, far below plain bf16 PyTorch's: ``docs/kernels.md``); ``0`` keeps every GEMM in fp32.
+* ``COPSD_CPU_F32_GEMM`` (read on every call): unset or empty, fp32 logits run on copsd's own fp32 GEMM kernel
+  (AVX-512 or AVX2 + FMA, from an lm_head packed once per call) except on Intel CPUs, whose MKL is tuned for them;
+  ``1`` forces the kernel anywhere it is built for the CPU, ``0`` keeps MKL (see :func:`f32_gemm_available`).
+* ``COPSD_CPU_SIDE_GEMMS``, ``COPSD_CPU_GRAD_TILES``, ``COPSD_CPU_DYNAMIC`` (default on; read on every call, for
+  A/B measurements): ``0`` turns off, in that order, the logits GEMMs that each thread runs on its own rows (the
+  student's and teacher's side by side), the gradient GEMMs per vocabulary tile, and the dynamic hand-out of
+  both (one fixed share per thread instead).
 * ``COPSD_CPU_ISA`` (``base|avx2|avx512``) caps the row epilogues' instruction set; ``COPSD_CPU_PROFILE=1``
   prints each call's logits-GEMM / epilogue / gradient-GEMM split (the one-time packing counts as logits).
+
+Every on/off knob takes ``1``/``0``, ``true``/``false``, ``on``/``off`` or ``yes``/``no`` (any case); another
+value is an error naming the variable.
 
 Kernel-level interface: see the docstring of :mod:`copsd.backends`.
 """
@@ -139,6 +150,13 @@ def bf16_gemm_available():
     ``COPSD_CPU_ISA`` does not cap the level below avx512; ``COPSD_CPU_BF16_GEMM=0`` still turns it off per call,
     ``COPSD_CPU_BF16_GEMM=all`` puts the gradient GEMMs there too)."""
     return bool(_C.bf16_gemm_available())
+
+
+def f32_gemm_available():
+    """Whether fp32 logits run on the backend's own fp32 GEMM kernel here: the CPU has AVX2 + FMA or AVX-512
+    (capped by ``COPSD_CPU_ISA``) and ``COPSD_CPU_F32_GEMM`` is unset (not an Intel CPU) or ``1``; read now, as
+    every call reads it."""
+    return bool(_C.f32_gemm_available())
 
 
 def _logit_args(logit: LogitSpec):

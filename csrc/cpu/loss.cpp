@@ -151,11 +151,9 @@ Tensor vec_or_zeros(const std::optional<Tensor>& t, int64_t n, at::ScalarType st
 constexpr int64_t kSplitRowsMin = 128;
 
 // Whether logits GEMMs may be split by rows into single-threaded GEMMs, one per thread (the loss path's row split,
-// the divergence's side-by-side GEMMs): not with COPSD_CPU_SIDE_GEMMS=0 (read per call, for A/B measurements).
-bool row_split_allowed() {
-  const char* e = std::getenv("COPSD_CPU_SIDE_GEMMS");
-  return e == nullptr || std::strcmp(e, "0") != 0;
-}
+// the divergence's side-by-side GEMMs): not with COPSD_CPU_SIDE_GEMMS=0 (read per call, for A/B measurements;
+// env_flag_off's values: also false / off / no, a bad value is an error naming the variable).
+bool row_split_allowed() { return !env_flag_off("COPSD_CPU_SIDE_GEMMS"); }
 
 // Row parts of a chunk whose logits GEMMs run one per thread, each single-threaded (0: one GEMM, MKL splits it).
 // MKL splits a packed GEMM of a few hundred rows over the threads less efficiently than each thread runs its
@@ -772,11 +770,8 @@ DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const 
   advise_huge_pages(zt);
   Tensor scratch = at::empty({rows, std::max<int64_t>(1, 3 * k)}, opts);
   // The gradient GEMMs per vocabulary tile (grads_by_tile), or with COPSD_CPU_GRAD_TILES=0 (read per call, for A/B
-  // measurements) MKL's threaded GEMMs over the chunk.
-  const bool grad_tiles = [] {
-    const char* e = std::getenv("COPSD_CPU_GRAD_TILES");
-    return e == nullptr || std::strcmp(e, "0") != 0;
-  }();
+  // measurements; env_flag_off's values) MKL's threaded GEMMs over the chunk.
+  const bool grad_tiles = !env_flag_off("COPSD_CPU_GRAD_TILES");
   const int threads = std::max(1, at::get_num_threads());
   const int64_t gtile = grad_tile(rows, V, threads, sizeof(T));
   // The d_hidden partials of grads_by_tile's runs of tiles.
