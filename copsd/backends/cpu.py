@@ -54,6 +54,8 @@ Environment knobs (the ``PACK`` ones are read on every op call):
 * ``COPSD_CPU_F32_GEMM`` (read on every call): unset or empty, fp32 logits run on copsd's own fp32 GEMM kernel
   (AVX-512 or AVX2 + FMA, from an lm_head packed once per call) except on Intel CPUs, whose MKL is tuned for them;
   ``1`` forces the kernel anywhere it is built for the CPU, ``0`` keeps MKL (see :func:`f32_gemm_available`).
+  On AVX-512 CPUs the fp32 gradient GEMMs of each vocabulary tile (``d_hidden``, ``d_weight``) run on it too, where
+  the hidden size is a multiple of 64; ``COPSD_CPU_F32_GRADS=0`` (read on every call) keeps those on MKL.
 * ``COPSD_CPU_SIDE_GEMMS``, ``COPSD_CPU_GRAD_TILES``, ``COPSD_CPU_DYNAMIC`` (default on; read on every call, for
   A/B measurements): ``0`` turns off, in that order, the logits GEMMs that each thread runs on its own rows (the
   student's and teacher's side by side), the gradient GEMMs per vocabulary tile, and the dynamic hand-out of

@@ -85,7 +85,7 @@ bool have_packed_api() { return packed_api().compute != nullptr; }
 
 // Counters for tests and profiling (process-wide).
 std::atomic<int64_t> n_packs{0}, n_packed_bytes{0}, n_packed_reserved{0}, n_packed_gemms{0}, n_plain_gemms{0},
-    n_bf16_gemms{0}, n_bf16_grads{0}, n_f32_gemms{0}, n_side_chunks{0}, n_side_tile_chunks{0};
+    n_bf16_gemms{0}, n_bf16_grads{0}, n_f32_gemms{0}, n_f32_grads{0}, n_side_chunks{0}, n_side_tile_chunks{0};
 
 bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
 
@@ -247,6 +247,27 @@ int f32_gemm_use() {
 }
 
 bool packed_f32_available() { return f32_gemm_use() > 0 || have_packed_api(); }
+
+int f32_grads_use(int64_t H) {
+  const bool off = env_flag_off("COPSD_CPU_F32_GRADS");  // parsed first: a bad value is an error everywhere
+  const int level = f32_gemm_use();
+  // AVX-512 only: the AVX2 kernel ran these products below MKL's AVX2 GEMM (see the definition's note in gemm.h).
+  if (off || level != 2 || H <= 0 || H % f32dot::panel_rows(level) != 0) return 0;
+  return level;
+}
+
+bool f32_mm(int level, const Tensor& A, const Tensor& B, Tensor C, bool add) {
+  if (level == 0 || A.scalar_type() != at::kFloat || B.scalar_type() != at::kFloat ||
+      C.scalar_type() != at::kFloat || A.dim() != 2 || B.dim() != 2 || C.dim() != 2)
+    return false;
+  const int64_t m = A.size(0), K = A.size(1), n = B.size(1);
+  if (B.size(0) != K || C.size(0) != m || C.size(1) != n || n % f32dot::panel_rows(level) != 0) return false;
+  if ((B.stride(1) != 1 && n > 1) || (C.stride(1) != 1 && n > 1) || (C.stride(0) < n && m > 1)) return false;
+  f32dot::gemm_nn(level, A.data_ptr<float>(), A.stride(0), A.stride(1), m, B.data_ptr<float>(), B.stride(0), n, K,
+                  C.data_ptr<float>(), C.stride(0), add);
+  ++n_f32_grads;
+  return true;
+}
 
 bool bf16_gemm_supported() {
   static const bool yes = detect_bf16_dot();
@@ -943,13 +964,14 @@ void register_gemm(pybind11::module& m) {
     d["bf16_gemms"] = n_bf16_gemms.load();
     d["bf16_grads"] = n_bf16_grads.load();
     d["f32_gemms"] = n_f32_gemms.load();
+    d["f32_grads"] = n_f32_grads.load();
     d["side_chunks"] = n_side_chunks.load();
     d["side_tile_chunks"] = n_side_tile_chunks.load();
     return d;
   }, "process-wide counts: lm_head packings (packed_bytes: what they occupy and the pack budget counts; "
         "packed_reserved: what MKL's get_size reserved), chunk logits GEMMs on a packed / unpacked lm_head, "
         "divergence chunks whose two logits GEMMs ran side by side (side_chunks), of those handed out per "
-        "vocabulary tile (side_tile_chunks)");
+        "vocabulary tile (side_tile_chunks), tile gradient GEMMs on the fp32 kernel (f32_grads)");
   m.def("gemm_stats_reset", []() {
     n_packs = 0;
     n_packed_bytes = 0;
@@ -959,6 +981,7 @@ void register_gemm(pybind11::module& m) {
     n_bf16_gemms = 0;
     n_bf16_grads = 0;
     n_f32_gemms = 0;
+    n_f32_grads = 0;
     n_side_chunks = 0;
     n_side_tile_chunks = 0;
   });
@@ -1002,6 +1025,26 @@ void register_gemm(pybind11::module& m) {
   m.def("f32_gemm_available", []() { return f32_gemm_use() > 0; },
         "whether fp32 logits take copsd's own fp32 GEMM kernel in this call, packed or streamed (AVX2 or AVX-512, "
         "COPSD_CPU_ISA, COPSD_CPU_F32_GEMM; by default not on Intel CPUs)");
+  // The fp32 kernel's in-place product alone, for tests: c (+)= a @ b on the kernel of ISA `level`, a read in place
+  // with its strides (any), b [K, n] with unit stride along n, n a multiple of the level's panel (64 / 16).
+  m.def("f32_mm", [](const Tensor& a, const Tensor& b, const std::optional<Tensor>& c, int64_t level) {
+    TORCH_CHECK(level >= 1 && level <= f32_gemm_level(), "f32_mm: level ", level,
+                " needs that ISA level here (COPSD_CPU_ISA; f32_gemm_level() is ", f32_gemm_level(), ")");
+    TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.dim() == 2 && b.dim() == 2 &&
+                    a.size(1) == b.size(0) && (b.stride(1) == 1 || b.size(1) <= 1),
+                "f32_mm: a [m, K] and b [K, n] (unit stride along n), both fp32, expected");
+    TORCH_CHECK(b.size(1) % f32dot::panel_rows(static_cast<int>(level)) == 0, "f32_mm: n must be a multiple of ",
+                f32dot::panel_rows(static_cast<int>(level)), ", got ", b.size(1));
+    Tensor out = c.has_value() ? *c : at::empty({a.size(0), b.size(1)}, at::TensorOptions().dtype(at::kFloat));
+    TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == a.size(0) &&
+                    out.size(1) == b.size(1) && out.stride(1) == 1,
+                "f32_mm: c must be fp32 [m, n] with unit stride along n");
+    TORCH_CHECK(f32_mm(static_cast<int>(level), a, b, out, c.has_value()), "f32_mm: layouts not taken");
+    return out;
+  }, pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("c") = pybind11::none(), pybind11::arg("level"));
+  m.def("f32_grads_level", [](int64_t H) { return f32_grads_use(H); },
+        "the ISA level at which the tile gradient GEMMs of a hidden size H run on the fp32 kernel in this call (0: "
+        "MKL's): COPSD_CPU_F32_GEMM's, COPSD_CPU_F32_GRADS, H a multiple of the kernel's panel");
   m.def("f32_gemm_level", &f32_gemm_level, "the ISA level of copsd's fp32 GEMM kernel here: 2 AVX-512, 1 AVX2, 0 none");
   // The fp32 kernel alone, for tests: out[m, n] = x[m, K] @ w[n, K]^T on the kernel of ISA `level` (2 AVX-512, 1 AVX2;
   // at most f32_gemm_level()), x read in place (any row stride), W packed in blocks of `block` rows, the panels of

@@ -80,6 +80,17 @@ int f32_gemm_level();
 // Intel CPUs, whose MKL is tuned for them (0); on: f32_gemm_level(); off: 0.
 int f32_gemm_use();
 
+// The level at which the fp32 gradient GEMMs of one vocabulary tile (d_hidden (+)= G W[tile], d_weight[tile] (+)=
+// G^T x) run on gemm_f32.h's in-place product (gemm_nn) in this op call, 0 for MKL's: f32_gemm_use(), unless
+// COPSD_CPU_F32_GRADS (read per call; env_flag_off's values) is off, and only where the hidden size H is a multiple of
+// the kernel's panel (64 on AVX-512, 16 on AVX2; every common model's is).
+int f32_grads_use(int64_t H);
+
+// C (add: +=, else =) A @ B on the fp32 kernel of `level` (f32_grads_use), single-threaded: A [m, K] read in place
+// with any strides, B [K, n] and C [m, n] with unit stride along n, n a multiple of the panel.  Returns false, with
+// nothing done, where the level is 0 or the layouts or dtypes (fp32 only) do not fit; the caller then runs MKL's.
+bool f32_mm(int level, const at::Tensor& A, const at::Tensor& B, at::Tensor C, bool add);
+
 // Whether an fp32 lm_head can be packed once per call: the kernel of gemm_f32.h runs here, or torch's MKL exports
 // its packed-GEMM API.
 bool packed_f32_available();

@@ -44,8 +44,38 @@ __attribute__((always_inline)) inline void block(const float* x, int64_t ldx, co
   simd512::store_rows<R, kVecs>(acc, C, ldc, nn, add);
 }
 
+// One R x kPanel block of a product with both operands in place (gemm_nn): C[0..R, 0..kPanel) = (add: +=) sum over
+// K of a[i * sam + k * sak] b[k * ldb + 0..kPanel).
+template <int R>
+__attribute__((always_inline)) inline void block_nn(const float* a, int64_t sam, int64_t sak, const float* b,
+                                                    int64_t ldb, int64_t K, float* C, int64_t ldc, bool add) {
+  __m512 acc[R][kVecs];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < kVecs; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 bv[kVecs];
+    for (int j = 0; j < kVecs; ++j) bv[j] = _mm512_loadu_ps(b + k * ldb + 16 * j);
+    for (int i = 0; i < R; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i * sam + k * sak]);
+      for (int j = 0; j < kVecs; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+    }
+  }
+  simd512::store_rows<R, kVecs>(acc, C, ldc, kPanel, add);
+}
+
 struct Kernel {
   static void pack(const float* W, int64_t ldw, int64_t rows, int64_t K, float* o);
+  static void rows_nn(int64_t mr, const float* a, int64_t sam, int64_t sak, const float* b, int64_t ldb, int64_t K,
+                      float* C, int64_t ldc, bool add) {
+    switch (mr) {
+      case 6: block_nn<6>(a, sam, sak, b, ldb, K, C, ldc, add); break;
+      case 5: block_nn<5>(a, sam, sak, b, ldb, K, C, ldc, add); break;
+      case 4: block_nn<4>(a, sam, sak, b, ldb, K, C, ldc, add); break;
+      case 3: block_nn<3>(a, sam, sak, b, ldb, K, C, ldc, add); break;
+      case 2: block_nn<2>(a, sam, sak, b, ldb, K, C, ldc, add); break;
+      default: block_nn<1>(a, sam, sak, b, ldb, K, C, ldc, add); break;
+    }
+  }
   static void rows(int64_t mr, const float* x, int64_t ldx, const float* b, int64_t K, float* C, int64_t ldc,
                    int64_t nn, bool add) {
     static_assert(kRows == 6, "one case per row count below");
@@ -91,6 +121,11 @@ void gemm(const float* x, int64_t ldx, int64_t m, const float* w, int64_t n, int
   blocked_gemm<kPanel, Kernel>(x, ldx, m, w, n, K, p0, p1, C, ldc);
 }
 
+void gemm_nn(const float* a, int64_t sam, int64_t sak, int64_t m, const float* b, int64_t ldb, int64_t n, int64_t K,
+             float* C, int64_t ldc, bool add) {
+  blocked_gemm_nn<kPanel, Kernel>(a, sam, sak, m, b, ldb, n, K, C, ldc, add);
+}
+
 }  // namespace avx512
 }  // namespace f32dot
 }  // namespace copsd_cpu
@@ -102,6 +137,7 @@ namespace f32dot {
 namespace avx512 {
 void pack_w(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*) {}
 void gemm(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t) {}
+void gemm_nn(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t, bool) {}
 }  // namespace avx512
 }  // namespace f32dot
 }  // namespace copsd_cpu

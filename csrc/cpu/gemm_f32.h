@@ -41,12 +41,24 @@ inline void pack_w(int level, const float* W, int64_t ldw, int64_t n, int64_t K,
 inline void gemm(int level, const float* x, int64_t ldx, int64_t m, const float* w, int64_t n, int64_t K,
                  int64_t p0, int64_t p1, float* C, int64_t ldc);
 
+// C[i, j] (add: +=, else =) sum_k A[i, k] B[k, j] for i < m, j < n: A[i, k] at a[i * sam + k * sak] (any strides:
+// the gradient GEMMs read dL/dz rows, sak = 1, or its columns, sam = 1, in place), B [K, n] row-major with row
+// stride ldb, read in place (no pack), C rows at stride ldc; n a multiple of panel_rows(level).  Single-threaded.
+// The gradient GEMMs of a vocabulary tile: d_hidden (+)= G W[tile] and d_weight[tile] (+)= G^T x (gemm.cpp,
+// f32_grads_use).
+inline void gemm_nn(int level, const float* a, int64_t sam, int64_t sak, int64_t m, const float* b, int64_t ldb,
+                    int64_t n, int64_t K, float* C, int64_t ldc, bool add);
+
 namespace avx512 {
+void gemm_nn(const float* a, int64_t sam, int64_t sak, int64_t m, const float* b, int64_t ldb, int64_t n, int64_t K,
+             float* C, int64_t ldc, bool add);
 void pack_w(const float* W, int64_t ldw, int64_t n, int64_t K, int64_t p0, int64_t p1, float* out);
 void gemm(const float* x, int64_t ldx, int64_t m, const float* w, int64_t n, int64_t K, int64_t p0, int64_t p1,
           float* C, int64_t ldc);
 }  // namespace avx512
 namespace avx2 {
+void gemm_nn(const float* a, int64_t sam, int64_t sak, int64_t m, const float* b, int64_t ldb, int64_t n, int64_t K,
+             float* C, int64_t ldc, bool add);
 void pack_w(const float* W, int64_t ldw, int64_t n, int64_t K, int64_t p0, int64_t p1, float* out);
 void gemm(const float* x, int64_t ldx, int64_t m, const float* w, int64_t n, int64_t K, int64_t p0, int64_t p1,
           float* C, int64_t ldc);
@@ -67,6 +79,15 @@ inline void gemm(int level, const float* x, int64_t ldx, int64_t m, const float*
     avx512::gemm(x, ldx, m, w, n, K, p0, p1, C, ldc);
   } else {
     avx2::gemm(x, ldx, m, w, n, K, p0, p1, C, ldc);
+  }
+}
+
+inline void gemm_nn(int level, const float* a, int64_t sam, int64_t sak, int64_t m, const float* b, int64_t ldb,
+                    int64_t n, int64_t K, float* C, int64_t ldc, bool add) {
+  if (level == 2) {
+    avx512::gemm_nn(a, sam, sak, m, b, ldb, n, K, C, ldc, add);
+  } else {
+    avx2::gemm_nn(a, sam, sak, m, b, ldb, n, K, C, ldc, add);
   }
 }
 

@@ -56,6 +56,51 @@ __attribute__((always_inline)) inline void block(const float* x, int64_t ldx, co
   }
 }
 
+// One R x kPanel block of a product with both operands in place (gemm_nn): C[0..R, 0..kPanel) = (add: +=) sum over
+// K of a[i * sam + k * sak] b[k * ldb + 0..kPanel); named accumulators as in block.
+template <int R, bool add>
+__attribute__((always_inline)) inline void block_nn(const float* a, int64_t sam, int64_t sak, const float* b,
+                                                    int64_t ldb, int64_t K, float* C, int64_t ldc) {
+  __m256 l0 = _mm256_setzero_ps(), l1 = l0, l2 = l0, l3 = l0, l4 = l0, l5 = l0;
+  __m256 h0 = l0, h1 = l0, h2 = l0, h3 = l0, h4 = l0, h5 = l0;
+  const float* x0 = a;
+  const float* x1 = a + sam;
+  const float* x2 = a + 2 * sam;
+  const float* x3 = a + 3 * sam;
+  const float* x4 = a + 4 * sam;
+  const float* x5 = a + 5 * sam;
+#define COPSD_ROW(i)                                       \
+  if (R > i) {                                             \
+    const __m256 av = _mm256_broadcast_ss(x##i + k * sak); \
+    l##i = _mm256_fmadd_ps(av, b0, l##i);                  \
+    h##i = _mm256_fmadd_ps(av, b1, h##i);                  \
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
+    COPSD_ROW(0) COPSD_ROW(1) COPSD_ROW(2) COPSD_ROW(3) COPSD_ROW(4) COPSD_ROW(5)
+  }
+#undef COPSD_ROW
+  const __m256 lo[6] = {l0, l1, l2, l3, l4, l5}, hi[6] = {h0, h1, h2, h3, h4, h5};
+  for (int i = 0; i < R; ++i) {
+    float* c = C + i * ldc;
+    _mm256_storeu_ps(c, add ? _mm256_add_ps(_mm256_loadu_ps(c), lo[i]) : lo[i]);
+    _mm256_storeu_ps(c + 8, add ? _mm256_add_ps(_mm256_loadu_ps(c + 8), hi[i]) : hi[i]);
+  }
+}
+
+template <bool add>
+void rows_nn_of(int64_t mr, const float* a, int64_t sam, int64_t sak, const float* b, int64_t ldb, int64_t K,
+                float* C, int64_t ldc) {
+  switch (mr) {
+    case 6: block_nn<6, add>(a, sam, sak, b, ldb, K, C, ldc); break;
+    case 5: block_nn<5, add>(a, sam, sak, b, ldb, K, C, ldc); break;
+    case 4: block_nn<4, add>(a, sam, sak, b, ldb, K, C, ldc); break;
+    case 3: block_nn<3, add>(a, sam, sak, b, ldb, K, C, ldc); break;
+    case 2: block_nn<2, add>(a, sam, sak, b, ldb, K, C, ldc); break;
+    default: block_nn<1, add>(a, sam, sak, b, ldb, K, C, ldc); break;
+  }
+}
+
 template <bool add>
 void rows_of(int64_t mr, const float* x, int64_t ldx, const float* b, int64_t K, float* C, int64_t ldc) {
   static_assert(kRows == 6, "one case per row count below");
@@ -71,6 +116,14 @@ void rows_of(int64_t mr, const float* x, int64_t ldx, const float* b, int64_t K,
 
 struct Kernel {
   static void pack(const float* W, int64_t ldw, int64_t rows, int64_t K, float* o);
+  static void rows_nn(int64_t mr, const float* a, int64_t sam, int64_t sak, const float* b, int64_t ldb, int64_t K,
+                      float* C, int64_t ldc, bool add) {
+    if (add) {
+      rows_nn_of<true>(mr, a, sam, sak, b, ldb, K, C, ldc);
+    } else {
+      rows_nn_of<false>(mr, a, sam, sak, b, ldb, K, C, ldc);
+    }
+  }
   static void rows(int64_t mr, const float* x, int64_t ldx, const float* b, int64_t K, float* C, int64_t ldc,
                    int64_t nn, bool add) {
     if (nn == kPanel) {
@@ -109,6 +162,11 @@ void gemm(const float* x, int64_t ldx, int64_t m, const float* w, int64_t n, int
   blocked_gemm<kPanel, Kernel>(x, ldx, m, w, n, K, p0, p1, C, ldc);
 }
 
+void gemm_nn(const float* a, int64_t sam, int64_t sak, int64_t m, const float* b, int64_t ldb, int64_t n, int64_t K,
+             float* C, int64_t ldc, bool add) {
+  blocked_gemm_nn<kPanel, Kernel>(a, sam, sak, m, b, ldb, n, K, C, ldc, add);
+}
+
 }  // namespace avx2
 }  // namespace f32dot
 }  // namespace copsd_cpu
@@ -120,6 +178,7 @@ namespace f32dot {
 namespace avx2 {
 void pack_w(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*) {}
 void gemm(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t) {}
+void gemm_nn(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t, bool) {}
 }  // namespace avx2
 }  // namespace f32dot
 }  // namespace copsd_cpu

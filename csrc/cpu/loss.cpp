@@ -387,6 +387,7 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
   // On the bf16 kernel (LmHead::bf16_grads): each row group of a span packed as row pairs once for every tile.
   const bool bf16g = vb.bf16_grads();
   const int64_t xw = bf16g ? vb.grad_x_words(rows) : 0;
+  const int g32 = f32_grads_use(H);  // the tile GEMMs on the fp32 kernel (else, and for fp64, MKL's)
   std::vector<uint32_t> xpair;
   for (int64_t s0 = 0; s0 < N; s0 += span) {
     const int64_t ns = std::min(span, N - s0);
@@ -426,15 +427,19 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
                               r0 == 0);
           } else {
             Tensor ag = acc.narrow(0, g0, nr);
-            if (b == b0) {
-              at::mm_out(ag, zb, wb);
-            } else {
-              ag.addmm_(zb, wb);
+            if (!f32_mm(g32, zb, wb, ag, b != b0)) {
+              if (b == b0) {
+                at::mm_out(ag, zb, wb);
+              } else {
+                ag.addmm_(zb, wb);
+              }
             }
-            if (r0 == 0) {
-              at::mm_out(dwb, zb.t(), xg);
-            } else {
-              dwb.addmm_(zb.t(), xg);
+            if (!f32_mm(g32, zb.t(), xg, dwb, r0 != 0)) {
+              if (r0 == 0) {
+                at::mm_out(dwb, zb.t(), xg);
+              } else {
+                dwb.addmm_(zb.t(), xg);
+              }
             }
           }
           t_gemm[tid] += t2 - t1;
@@ -477,6 +482,8 @@ void grads_by_tile(const Tensor& zc, const Tensor& xc, LmHead& vb, Tensor dxc, T
   const int nt = static_cast<int>(std::min<int64_t>(threads, runs));
   Tensor pc = part.narrow(0, 0, runs).narrow(1, 0, nr);
   std::vector<double> t_form(std::max(nt, 1), 0.0);
+  // The tile GEMMs on the fp32 kernel (f32_grads_use; f32_mm falls back to MKL's for other dtypes and layouts).
+  const int g32 = f32_grads_use(H);
   tm.start();
   // On the bf16 kernel (LmHead::bf16_grads): x packed as row pairs once for every tile; its products add into the
   // partial.
@@ -501,16 +508,20 @@ void grads_by_tile(const Tensor& zc, const Tensor& xc, LmHead& vb, Tensor dxc, T
       }
       Tensor zb = zc.narrow(1, v0, n);
       Tensor wb = vb.weight_rows(v0, n, wscratch[tid]);
-      if (b == b0) {
-        at::mm_out(pg, zb, wb);
-      } else {
-        pg.addmm_(zb, wb);
+      if (!f32_mm(g32, zb, wb, pg, b != b0)) {
+        if (b == b0) {
+          at::mm_out(pg, zb, wb);
+        } else {
+          pg.addmm_(zb, wb);
+        }
       }
       Tensor dwb = dw.narrow(0, v0, n);
-      if (first) {
-        at::mm_out(dwb, zb.t(), xc);
-      } else {
-        dwb.addmm_(zb.t(), xc);
+      if (!f32_mm(g32, zb.t(), xc, dwb, !first)) {
+        if (first) {
+          at::mm_out(dwb, zb.t(), xc);
+        } else {
+          dwb.addmm_(zb.t(), xc);
+        }
       }
     }
   });
