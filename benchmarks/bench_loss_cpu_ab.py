@@ -5,7 +5,9 @@ speed drifts (a shared host) that is the only fair comparison: runs in separate 
 differ by more than the change being measured.
 
 Each variant's output is checked against naive PyTorch before it is timed.  Printed per variant: the median of the
-same-round ratios to the floor, and the median of the same-round ratios to the first variant.
+same-round ratios to the floor, the median of the same-round ratios to the first variant, and the median process
+CPU time of a call (all threads).  ``--busy K`` times the rounds with K busy processes competing for the cores (as
+``bench_loss_cpu_load.py``'s phases), so variants can be compared under a load in one process too.
 
 Example (the dynamic tile hand-out against one fixed share per thread)::
 
@@ -23,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_loss_cpu_peers as P  # noqa: E402
 import common  # noqa: E402
+from bench_loss_cpu_load import _busy, _stop  # noqa: E402
 
 
 def parse_variant(text):
@@ -47,15 +50,17 @@ def _apply(env, names):
             os.environ.pop(name, None)
 
 
-def run(case, n, h, v, dtype, impl, variants, repeats, log=print):
-    """Check and time ``impl`` under each variant (a list of (label, env) pairs) round-robin with the floor; returns
-    one row per variant: median ms, median same-round ratio to the floor and to the first variant."""
+def run(case, n, h, v, dtype, impl, variants, repeats, log=print, busy=0):
+    """Check and time ``impl`` under each variant (a list of (label, env) pairs) round-robin with the floor, with
+    ``busy`` busy processes running during the timed rounds; returns one row per variant: median ms, median
+    same-round ratio to the floor and to the first variant, median process CPU ms per call."""
     names = sorted({k for _, env in variants for k in env})
     fl = P.floor_of(case, impl)
     floor = P.make_case(case, fl, n, h, v, dtype)
     fn = P.make_case(case, impl, n, h, v, dtype)
     ref = P.make_case(case, "naive", n, h, v, dtype)()
     saved = {k: os.environ.get(k) for k in names}
+    procs = []
     try:
         for label, env in variants:  # warm-up and check, per variant
             _apply(env, names)
@@ -63,7 +68,11 @@ def run(case, n, h, v, dtype, impl, variants, repeats, log=print):
         del ref
         floor()
         times = {label: [] for label, _ in variants}
+        cpu = {label: [] for label, _ in variants}
         floors = []
+        if busy:
+            procs = _busy(busy)
+            time.sleep(1.0)
         for r in range(repeats):
             t0 = time.perf_counter()
             floor()
@@ -71,12 +80,14 @@ def run(case, n, h, v, dtype, impl, variants, repeats, log=print):
             order = variants if r % 2 == 0 else variants[::-1]  # alternate who runs right after the floor
             for label, env in order:
                 _apply(env, names)
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 fn()
                 times[label].append(time.perf_counter() - t0)
+                cpu[label].append(time.process_time() - c0)
             log(f"  round {r}: floor {floors[-1] * 1e3:.0f} ms, "
                 + ", ".join(f"{label} x{times[label][-1] / floors[-1]:.3f}" for label, _ in variants))
     finally:
+        _stop(procs)
         _apply({k: v for k, v in saved.items() if v is not None}, names)
     first = variants[0][0]
     rows = []
@@ -85,7 +96,7 @@ def run(case, n, h, v, dtype, impl, variants, repeats, log=print):
         rows.append(dict(variant=label, ms=statistics.median(ts) * 1e3,
                          floor=statistics.median(t / f for t, f in zip(ts, floors)),
                          vs_first=statistics.median(t / a for t, a in zip(ts, times[first])),
-                         gemms=P.floor_gemms(case, fl)))
+                         cpu_ms=statistics.median(cpu[label]) * 1e3, gemms=P.floor_gemms(case, fl)))
     return rows
 
 
@@ -100,6 +111,7 @@ def main(argv=None):
     ap.add_argument("--variant", action="append", required=True,
                     help="'default' or VAR=VALUE[,VAR=VALUE...]; repeat for each variant (the first is the reference)")
     ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--busy", type=int, default=0, help="busy processes running during the timed rounds")
     ap.add_argument("--out", help="append the markdown table to this file")
     a = ap.parse_args(argv)
     if not a.impl.startswith("copsd"):
@@ -107,12 +119,16 @@ def main(argv=None):
     if len(a.variant) < 2:
         ap.error("--variant: give at least two")
     variants = [(text, parse_variant(text)) for text in a.variant]
-    rows = run(a.case, a.n, a.h, a.v, a.dtype, a.impl, variants, a.repeats)
+    if a.busy < 0:
+        ap.error("--busy: a number of processes >= 0")
+    rows = run(a.case, a.n, a.h, a.v, a.dtype, a.impl, variants, a.repeats, busy=a.busy)
     lines = [f"N={a.n}, H={a.h}, V={a.v}, {a.dtype} inputs, {a.case} / {a.impl}; {a.repeats} round-robin rounds with "
-             f"the floor ({rows[0]['gemms']} GEMMs); ratios are medians of same-round ratios.", "",
+             f"the floor ({rows[0]['gemms']} GEMMs), {a.busy} busy processes; ratios are medians of same-round "
+             "ratios; CPU ms: median process CPU time per call.", "",
              f"Machine: {common.machine()}", "",
-             "| variant | median ms | x floor | x first variant |", "|---|---:|---:|---:|"]
-    lines += [f"| `{r['variant']}` | {r['ms']:.0f} | {r['floor']:.3f} | {r['vs_first']:.3f} |" for r in rows]
+             "| variant | median ms | x floor | x first variant | CPU ms |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| `{r['variant']}` | {r['ms']:.0f} | {r['floor']:.3f} | {r['vs_first']:.3f} | {r['cpu_ms']:.0f} |"
+              for r in rows]
     text = "\n".join(lines)
     print(text)
     if a.out:

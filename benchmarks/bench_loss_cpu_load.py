@@ -7,7 +7,10 @@ hits every phase alike.  In each phase the implementations run round-robin for `
 ``bench_loss_cpu_peers.py`` cases, outputs checked against naive once before timing).  Reported per phase and
 implementation: the median time, the median same-round ratio to the floor, and the slowdown = median time under
 the load / median time at load 0 of the same cycle.  copsd is as robust as torch when its slowdown is no larger
-than the floor's and naive's.
+than the floor's and naive's.  Also per call: the process CPU time (all threads, ``time.process_time``) and its
+share of the torch threads' wall time (CPU ms / (threads x wall ms)).  Under a load of k busy processes a fair
+scheduler gives the t threads about t / (t + k) of the cores; a share below that means the op's threads left
+cores idle or waited for each other, a CPU time above the idle one means the same work cost more CPU.
 
 OpenMP settings are read when the runtime starts, so variants of them run as separate processes: ``--env
 "OMP_WAIT_POLICY=PASSIVE" --env "GOMP_SPINCOUNT=0"`` runs the whole measurement once per variant (``default`` is
@@ -64,7 +67,18 @@ def measure(a):
     for i in impls:
         P.check(a.case, i, fns[i](), ref, a.dtype)  # also the warm-up (compilation)
     del ref
-    fns = {i: fns[i] for i in impls}
+    cpu = {i: [] for i in impls}  # process CPU seconds per call, in call order (as median_times_interleaved's)
+
+    def cpu_timed(i, fn):
+        def run():
+            c0 = time.process_time()
+            out = fn()
+            cpu[i].append(time.process_time() - c0)
+            return out
+        return run
+
+    fns = {i: cpu_timed(i, fns[i]) for i in impls}
+    threads = torch.get_num_threads()
     rows = []
     for cycle in range(a.cycles):
         for load in a.loads:
@@ -72,6 +86,8 @@ def measure(a):
             try:
                 time.sleep(a.settle)
                 la = os.getloadavg()[0]
+                for i in impls:
+                    cpu[i].clear()
                 times = {i: ts for i, (_, ts) in common.median_times_interleaved(fns, repeats=a.rounds,
                                                                                  warmup=0).items()}
             finally:
@@ -79,10 +95,13 @@ def measure(a):
             for i in impls:
                 fl = P.floor_of(a.case, i)
                 rows.append(dict(cycle=cycle, load=load, impl=i, ms=statistics.median(times[i]) * 1e3,
-                                 ratio=statistics.median(t / f for t, f in zip(times[i], times[fl])), loadavg=la))
+                                 ratio=statistics.median(t / f for t, f in zip(times[i], times[fl])), loadavg=la,
+                                 cpu_ms=statistics.median(cpu[i]) * 1e3,
+                                 share=statistics.median(c / (threads * t) for c, t in zip(cpu[i], times[i]))))
                 print(f"  cycle {cycle} load {load} ({la:.1f}) {i:16s} {rows[-1]['ms']:9.1f} ms  "
-                      f"x{rows[-1]['ratio']:.2f} floor", flush=True)
-    return dict(rows=rows, threads=torch.get_num_threads(), machine=common.machine())
+                      f"x{rows[-1]['ratio']:.2f} floor  CPU {rows[-1]['cpu_ms']:.0f} ms "
+                      f"(share {rows[-1]['share']:.2f})", flush=True)
+    return dict(rows=rows, threads=threads, machine=common.machine())
 
 
 def table(res, a, env_name):
@@ -91,8 +110,10 @@ def table(res, a, env_name):
     lines = [f"Case {a.case}, N={a.n}, H={a.h}, V={a.v}, {a.dtype}, env `{env_name}`, torch threads {res['threads']}; "
              f"{a.rounds} round-robin rounds per phase, {a.cycles} cycles of loads {a.loads}. `x floor`: median "
              f"same-round ratio; `slowdown`: median over cycles of (time under the load / time at load "
-             f"{a.loads[0]} of the same cycle).", "", f"Machine: {res['machine']}", "",
-             "| busy processes | load avg | impl | median ms | x floor | slowdown |", "|---:|---:|---|---:|---:|---:|"]
+             f"{a.loads[0]} of the same cycle); `CPU ms`: median process CPU time per call; `share`: median of CPU "
+             f"time / (threads x wall time).", "", f"Machine: {res['machine']}", "",
+             "| busy processes | load avg | impl | median ms | x floor | slowdown | CPU ms | share |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|"]
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     for load in a.loads:
         sel = [r for r in rows if r["load"] == load]
@@ -101,7 +122,9 @@ def table(res, a, env_name):
             ri = [r for r in sel if r["impl"] == i]
             slow = statistics.median(r["ms"] / idle[(r["cycle"], i)] for r in ri)
             lines.append(f"| {load} | {la:.1f} | {i} | {statistics.median(r['ms'] for r in ri):.0f} "
-                         f"| {statistics.median(r['ratio'] for r in ri):.2f} | {slow:.2f} |")
+                         f"| {statistics.median(r['ratio'] for r in ri):.2f} | {slow:.2f} "
+                         f"| {statistics.median(r['cpu_ms'] for r in ri):.0f} "
+                         f"| {statistics.median(r['share'] for r in ri):.2f} |")
     return "\n".join(lines)
 
 
