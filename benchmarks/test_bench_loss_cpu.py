@@ -201,16 +201,17 @@ def test_load_table_slowdown_is_per_cycle():
     """slowdown = time under a load / time at the first load of the same cycle, median over cycles."""
     import bench_loss_cpu_load as L
 
-    rows = [dict(cycle=c, load=ld, impl=i, ms=ms, ratio=ms / fl, loadavg=1.0)
+    rows = [dict(cycle=c, load=ld, impl=i, ms=ms, ratio=ms / fl, loadavg=1.0, cpu_ms=2 * ms / k, share=1 / k)
             for c, scale in ((0, 1.0), (1, 2.0), (2, 1.5))
             for ld, k in ((0, 1.0), (2, 3.0))
             for i, ms, fl in (("floor", 100 * scale * k, 100 * scale * k), ("copsd", 150 * scale * k * (1 + ld / 4),
                                                                              100 * scale * k))]
     a = L.argparse.Namespace(case="rkl", n=1, h=1, v=1, dtype="float32", rounds=1, cycles=3, loads=[0, 2])
     md = L.table(dict(rows=rows, threads=2, machine="m"), a, "default")
-    assert "| 2 | 1.0 | floor | 450 | 1.00 | 3.00 |" in md
-    assert "| 2 | 1.0 | copsd | 1012 | 2.25 | 4.50 |" in md
-    assert "| 0 | 1.0 | copsd | 225 | 1.50 | 1.00 |" in md
+    # busy, load avg, impl, median ms, x floor, slowdown, CPU ms (median over cycles), share
+    assert "| 2 | 1.0 | floor | 450 | 1.00 | 3.00 | 300 | 0.33 |" in md
+    assert "| 2 | 1.0 | copsd | 1012 | 2.25 | 4.50 | 675 | 0.33 |" in md
+    assert "| 0 | 1.0 | copsd | 225 | 1.50 | 1.00 | 450 | 1.00 |" in md
 
 
 # ----------------------------------------------------------------------------- bench_loss_cpu_ab.py
