@@ -25,30 +25,12 @@ namespace {
 constexpr int64_t kPanel = 64;
 constexpr int kVecs = static_cast<int>(kPanel / 16);
 
-// One R x kPanel block (R <= kRows): C[0..R, 0..nn) = (add: +=) sum over K of x[i, k] b[k, :], x's rows at stride ldx,
-// b a packed panel (row stride kPanel).
+// One R x kPanel block (R <= kRows): C[0..R, 0..nn) = (add: +=) sum over K of a[i * sam + k * sak] times
+// b[k * ldb + 0..kPanel).  The logits read x's rows (sak 1) against a packed panel (ldb kPanel); the gradient
+// products (gemm_nn) read both operands in place.
 template <int R>
-__attribute__((always_inline)) inline void block(const float* x, int64_t ldx, const float* b, int64_t K, float* C,
-                                                 int64_t ldc, int64_t nn, bool add) {
-  __m512 acc[R][kVecs];
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < kVecs; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 bv[kVecs];
-    for (int j = 0; j < kVecs; ++j) bv[j] = _mm512_loadu_ps(b + k * kPanel + 16 * j);
-    for (int i = 0; i < R; ++i) {
-      const __m512 av = _mm512_set1_ps(x[i * ldx + k]);
-      for (int j = 0; j < kVecs; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
-    }
-  }
-  simd512::store_rows<R, kVecs>(acc, C, ldc, nn, add);
-}
-
-// One R x kPanel block of a product with both operands in place (gemm_nn): C[0..R, 0..kPanel) = (add: +=) sum over
-// K of a[i * sam + k * sak] b[k * ldb + 0..kPanel).
-template <int R>
-__attribute__((always_inline)) inline void block_nn(const float* a, int64_t sam, int64_t sak, const float* b,
-                                                    int64_t ldb, int64_t K, float* C, int64_t ldc, bool add) {
+__attribute__((always_inline)) inline void block(const float* a, int64_t sam, int64_t sak, const float* b, int64_t ldb,
+                                                 int64_t K, float* C, int64_t ldc, int64_t nn, bool add) {
   __m512 acc[R][kVecs];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < kVecs; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -60,33 +42,33 @@ __attribute__((always_inline)) inline void block_nn(const float* a, int64_t sam,
       for (int j = 0; j < kVecs; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
     }
   }
-  simd512::store_rows<R, kVecs>(acc, C, ldc, kPanel, add);
+  simd512::store_rows<R, kVecs>(acc, C, ldc, nn, add);
+}
+
+// mr (<= kRows) rows of block; inlined into each caller, so the logits' constant strides reach the loop.
+__attribute__((always_inline)) inline void rows_of(int64_t mr, const float* a, int64_t sam, int64_t sak,
+                                                   const float* b, int64_t ldb, int64_t K, float* C, int64_t ldc,
+                                                   int64_t nn, bool add) {
+  static_assert(kRows == 6, "one case per row count below");
+  switch (mr) {
+    case 6: block<6>(a, sam, sak, b, ldb, K, C, ldc, nn, add); break;
+    case 5: block<5>(a, sam, sak, b, ldb, K, C, ldc, nn, add); break;
+    case 4: block<4>(a, sam, sak, b, ldb, K, C, ldc, nn, add); break;
+    case 3: block<3>(a, sam, sak, b, ldb, K, C, ldc, nn, add); break;
+    case 2: block<2>(a, sam, sak, b, ldb, K, C, ldc, nn, add); break;
+    default: block<1>(a, sam, sak, b, ldb, K, C, ldc, nn, add); break;
+  }
 }
 
 struct Kernel {
   static void pack(const float* W, int64_t ldw, int64_t rows, int64_t K, float* o);
   static void rows_nn(int64_t mr, const float* a, int64_t sam, int64_t sak, const float* b, int64_t ldb, int64_t K,
                       float* C, int64_t ldc, bool add) {
-    switch (mr) {
-      case 6: block_nn<6>(a, sam, sak, b, ldb, K, C, ldc, add); break;
-      case 5: block_nn<5>(a, sam, sak, b, ldb, K, C, ldc, add); break;
-      case 4: block_nn<4>(a, sam, sak, b, ldb, K, C, ldc, add); break;
-      case 3: block_nn<3>(a, sam, sak, b, ldb, K, C, ldc, add); break;
-      case 2: block_nn<2>(a, sam, sak, b, ldb, K, C, ldc, add); break;
-      default: block_nn<1>(a, sam, sak, b, ldb, K, C, ldc, add); break;
-    }
+    rows_of(mr, a, sam, sak, b, ldb, K, C, ldc, kPanel, add);
   }
   static void rows(int64_t mr, const float* x, int64_t ldx, const float* b, int64_t K, float* C, int64_t ldc,
                    int64_t nn, bool add) {
-    static_assert(kRows == 6, "one case per row count below");
-    switch (mr) {
-      case 6: block<6>(x, ldx, b, K, C, ldc, nn, add); break;
-      case 5: block<5>(x, ldx, b, K, C, ldc, nn, add); break;
-      case 4: block<4>(x, ldx, b, K, C, ldc, nn, add); break;
-      case 3: block<3>(x, ldx, b, K, C, ldc, nn, add); break;
-      case 2: block<2>(x, ldx, b, K, C, ldc, nn, add); break;
-      default: block<1>(x, ldx, b, K, C, ldc, nn, add); break;
-    }
+    rows_of(mr, x, ldx, 1, b, kPanel, K, C, ldc, nn, add);
   }
 };
 

@@ -23,44 +23,14 @@ namespace {
 // 16 vocabulary rows per panel: a panel's row k is one 64-byte line, two ymm vectors.
 constexpr int64_t kPanel = 16;
 
-// One R x kPanel block (R <= kRows): C[0..R, 0..kPanel) = (add: +=) sum over K of x[i, k] b[k, :]; 12 ymm
-// accumulators, stored whole (a short last panel goes through a local block: Kernel::rows).
+// One R x kPanel block (R <= kRows): C[0..R, 0..kPanel) = (add: +=) sum over K of a[i * sam + k * sak] times
+// b[k * ldb + 0..kPanel); 12 ymm accumulators, stored whole (a short last panel goes through a local block:
+// Kernel::rows).  The logits read x's rows (sak 1) against a packed panel (ldb kPanel); the gradient products
+// (gemm_nn) read both operands in place.
 template <int R, bool add>
-__attribute__((always_inline)) inline void block(const float* x, int64_t ldx, const float* b, int64_t K, float* C,
-                                                 int64_t ldc) {
+__attribute__((always_inline)) inline void block(const float* a, int64_t sam, int64_t sak, const float* b, int64_t ldb,
+                                                 int64_t K, float* C, int64_t ldc) {
   // Named accumulators, not arrays: with `__m256 acc[R]` GCC 12 kept a copy of them on the stack, stored on every k.
-  __m256 l0 = _mm256_setzero_ps(), l1 = l0, l2 = l0, l3 = l0, l4 = l0, l5 = l0;
-  __m256 h0 = l0, h1 = l0, h2 = l0, h3 = l0, h4 = l0, h5 = l0;
-  const float* x0 = x;
-  const float* x1 = x + ldx;
-  const float* x2 = x + 2 * ldx;
-  const float* x3 = x + 3 * ldx;
-  const float* x4 = x + 4 * ldx;
-  const float* x5 = x + 5 * ldx;
-#define COPSD_ROW(i)                                       \
-  if (R > i) {                                             \
-    const __m256 a = _mm256_broadcast_ss(x##i + k);        \
-    l##i = _mm256_fmadd_ps(a, b0, l##i);                   \
-    h##i = _mm256_fmadd_ps(a, b1, h##i);                   \
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(b + k * kPanel), b1 = _mm256_loadu_ps(b + k * kPanel + 8);
-    COPSD_ROW(0) COPSD_ROW(1) COPSD_ROW(2) COPSD_ROW(3) COPSD_ROW(4) COPSD_ROW(5)
-  }
-#undef COPSD_ROW
-  const __m256 lo[6] = {l0, l1, l2, l3, l4, l5}, hi[6] = {h0, h1, h2, h3, h4, h5};
-  for (int i = 0; i < R; ++i) {
-    float* c = C + i * ldc;
-    _mm256_storeu_ps(c, add ? _mm256_add_ps(_mm256_loadu_ps(c), lo[i]) : lo[i]);
-    _mm256_storeu_ps(c + 8, add ? _mm256_add_ps(_mm256_loadu_ps(c + 8), hi[i]) : hi[i]);
-  }
-}
-
-// One R x kPanel block of a product with both operands in place (gemm_nn): C[0..R, 0..kPanel) = (add: +=) sum over
-// K of a[i * sam + k * sak] b[k * ldb + 0..kPanel); named accumulators as in block.
-template <int R, bool add>
-__attribute__((always_inline)) inline void block_nn(const float* a, int64_t sam, int64_t sak, const float* b,
-                                                    int64_t ldb, int64_t K, float* C, int64_t ldc) {
   __m256 l0 = _mm256_setzero_ps(), l1 = l0, l2 = l0, l3 = l0, l4 = l0, l5 = l0;
   __m256 h0 = l0, h1 = l0, h2 = l0, h3 = l0, h4 = l0, h5 = l0;
   const float* x0 = a;
@@ -88,29 +58,18 @@ __attribute__((always_inline)) inline void block_nn(const float* a, int64_t sam,
   }
 }
 
+// mr (<= kRows) rows of block; inlined into each caller, so the logits' constant strides reach the loop.
 template <bool add>
-void rows_nn_of(int64_t mr, const float* a, int64_t sam, int64_t sak, const float* b, int64_t ldb, int64_t K,
-                float* C, int64_t ldc) {
-  switch (mr) {
-    case 6: block_nn<6, add>(a, sam, sak, b, ldb, K, C, ldc); break;
-    case 5: block_nn<5, add>(a, sam, sak, b, ldb, K, C, ldc); break;
-    case 4: block_nn<4, add>(a, sam, sak, b, ldb, K, C, ldc); break;
-    case 3: block_nn<3, add>(a, sam, sak, b, ldb, K, C, ldc); break;
-    case 2: block_nn<2, add>(a, sam, sak, b, ldb, K, C, ldc); break;
-    default: block_nn<1, add>(a, sam, sak, b, ldb, K, C, ldc); break;
-  }
-}
-
-template <bool add>
-void rows_of(int64_t mr, const float* x, int64_t ldx, const float* b, int64_t K, float* C, int64_t ldc) {
+__attribute__((always_inline)) inline void rows_of(int64_t mr, const float* a, int64_t sam, int64_t sak,
+                                                   const float* b, int64_t ldb, int64_t K, float* C, int64_t ldc) {
   static_assert(kRows == 6, "one case per row count below");
   switch (mr) {
-    case 6: block<6, add>(x, ldx, b, K, C, ldc); break;
-    case 5: block<5, add>(x, ldx, b, K, C, ldc); break;
-    case 4: block<4, add>(x, ldx, b, K, C, ldc); break;
-    case 3: block<3, add>(x, ldx, b, K, C, ldc); break;
-    case 2: block<2, add>(x, ldx, b, K, C, ldc); break;
-    default: block<1, add>(x, ldx, b, K, C, ldc); break;
+    case 6: block<6, add>(a, sam, sak, b, ldb, K, C, ldc); break;
+    case 5: block<5, add>(a, sam, sak, b, ldb, K, C, ldc); break;
+    case 4: block<4, add>(a, sam, sak, b, ldb, K, C, ldc); break;
+    case 3: block<3, add>(a, sam, sak, b, ldb, K, C, ldc); break;
+    case 2: block<2, add>(a, sam, sak, b, ldb, K, C, ldc); break;
+    default: block<1, add>(a, sam, sak, b, ldb, K, C, ldc); break;
   }
 }
 
@@ -119,18 +78,18 @@ struct Kernel {
   static void rows_nn(int64_t mr, const float* a, int64_t sam, int64_t sak, const float* b, int64_t ldb, int64_t K,
                       float* C, int64_t ldc, bool add) {
     if (add) {
-      rows_nn_of<true>(mr, a, sam, sak, b, ldb, K, C, ldc);
+      rows_of<true>(mr, a, sam, sak, b, ldb, K, C, ldc);
     } else {
-      rows_nn_of<false>(mr, a, sam, sak, b, ldb, K, C, ldc);
+      rows_of<false>(mr, a, sam, sak, b, ldb, K, C, ldc);
     }
   }
   static void rows(int64_t mr, const float* x, int64_t ldx, const float* b, int64_t K, float* C, int64_t ldc,
                    int64_t nn, bool add) {
     if (nn == kPanel) {
       if (add) {
-        rows_of<true>(mr, x, ldx, b, K, C, ldc);
+        rows_of<true>(mr, x, ldx, 1, b, kPanel, K, C, ldc);
       } else {
-        rows_of<false>(mr, x, ldx, b, K, C, ldc);
+        rows_of<false>(mr, x, ldx, 1, b, kPanel, K, C, ldc);
       }
       return;
     }
@@ -138,7 +97,7 @@ struct Kernel {
     alignas(32) float t[kRows * kPanel];
     for (int64_t i = 0; i < mr; ++i)
       for (int64_t j = 0; j < kPanel; ++j) t[i * kPanel + j] = add && j < nn ? C[i * ldc + j] : 0.0f;
-    rows_of<true>(mr, x, ldx, b, K, t, kPanel);
+    rows_of<true>(mr, x, ldx, 1, b, kPanel, K, t, kPanel);
     for (int64_t i = 0; i < mr; ++i)
       for (int64_t j = 0; j < nn; ++j) C[i * ldc + j] = t[i * kPanel + j];
   }
