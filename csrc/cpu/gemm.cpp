@@ -269,6 +269,15 @@ bool f32_mm(int level, const Tensor& A, const Tensor& B, Tensor C, bool add) {
   return true;
 }
 
+void grad_mm(int level, const Tensor& A, const Tensor& B, Tensor C, bool add) {
+  if (f32_mm(level, A, B, C, add)) return;
+  if (add) {
+    C.addmm_(A, B);
+  } else {
+    at::mm_out(C, A, B);
+  }
+}
+
 bool bf16_gemm_supported() {
   static const bool yes = detect_bf16_dot();
   return yes;

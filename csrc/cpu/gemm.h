@@ -91,6 +91,10 @@ int f32_grads_use(int64_t H);
 // nothing done, where the level is 0 or the layouts or dtypes (fp32 only) do not fit; the caller then runs MKL's.
 bool f32_mm(int level, const at::Tensor& A, const at::Tensor& B, at::Tensor C, bool add);
 
+// One gradient product of a vocabulary tile, C (add: +=, else =) A @ B, single-threaded inside the caller's region:
+// on the fp32 kernel where f32_mm takes it, else ATen's (MKL's) mm_out / addmm_.
+void grad_mm(int level, const at::Tensor& A, const at::Tensor& B, at::Tensor C, bool add);
+
 // Whether an fp32 lm_head can be packed once per call: the kernel of gemm_f32.h runs here, or torch's MKL exports
 // its packed-GEMM API.
 bool packed_f32_available();

@@ -427,20 +427,8 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
                               r0 == 0);
           } else {
             Tensor ag = acc.narrow(0, g0, nr);
-            if (!f32_mm(g32, zb, wb, ag, b != b0)) {
-              if (b == b0) {
-                at::mm_out(ag, zb, wb);
-              } else {
-                ag.addmm_(zb, wb);
-              }
-            }
-            if (!f32_mm(g32, zb.t(), xg, dwb, r0 != 0)) {
-              if (r0 == 0) {
-                at::mm_out(dwb, zb.t(), xg);
-              } else {
-                dwb.addmm_(zb.t(), xg);
-              }
-            }
+            grad_mm(g32, zb, wb, ag, b != b0);
+            grad_mm(g32, zb.t(), xg, dwb, r0 != 0);
           }
           t_gemm[tid] += t2 - t1;
           t_epi[tid] += t3 - t2;
@@ -508,21 +496,8 @@ void grads_by_tile(const Tensor& zc, const Tensor& xc, LmHead& vb, Tensor dxc, T
       }
       Tensor zb = zc.narrow(1, v0, n);
       Tensor wb = vb.weight_rows(v0, n, wscratch[tid]);
-      if (!f32_mm(g32, zb, wb, pg, b != b0)) {
-        if (b == b0) {
-          at::mm_out(pg, zb, wb);
-        } else {
-          pg.addmm_(zb, wb);
-        }
-      }
-      Tensor dwb = dw.narrow(0, v0, n);
-      if (!f32_mm(g32, zb.t(), xc, dwb, !first)) {
-        if (first) {
-          at::mm_out(dwb, zb.t(), xc);
-        } else {
-          dwb.addmm_(zb.t(), xc);
-        }
-      }
+      grad_mm(g32, zb, wb, pg, b != b0);
+      grad_mm(g32, zb.t(), xc, dw.narrow(0, v0, n), !first);
     }
   });
   at::sum_out(dxc, pc, 0);
