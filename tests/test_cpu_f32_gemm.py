@@ -168,7 +168,7 @@ def test_public_availability_follows_the_knob(monkeypatch):
         assert cpu.f32_gemm_available() is want, value
 
 
-@pytest.mark.parametrize("isa,cap", [("avx2", 1), ("base", 0)])
+@pytest.mark.parametrize("isa,cap", [("avx2", 1), ("base", 0), ("AVX2", 1), ("native", 2), ("avx512", 2)])
 def test_isa_cap(isa, cap):
     """COPSD_CPU_ISA (read once per process) caps the kernel's level: AVX2's 16-row panels under avx2 on an AVX-512
     CPU, no kernel under base."""
@@ -183,3 +183,14 @@ def test_isa_cap(isa, cap):
     cpu_level = int(run()[0])  # this CPU's own level (this process's may be capped)
     level = min(cpu_level, cap)
     assert run(COPSD_CPU_ISA=isa) == [str(level), str(level > 0)]
+
+
+@pytest.mark.parametrize("bad", ["avx-2", "sse4", "avx512f"])
+def test_isa_cap_bad_value_is_an_error(bad):
+    """A COPSD_CPU_ISA that names no level is an error naming the variable on the first op call, not "no cap"."""
+    code = ("import torch; from copsd.ops import linear_logprobs; "
+            "linear_logprobs(torch.randn(4, 8), torch.randn(40, 8), torch.zeros(4, dtype=torch.long), backend='cpu')")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, COPSD_CPU_ISA=bad),
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "COPSD_CPU_ISA must be base, avx2, avx512 or native" in out.stderr and repr(bad) in out.stderr

@@ -176,8 +176,13 @@ int detect_isa() {
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
     level = 2;
 #endif
+  // COPSD_CPU_ISA caps the level: base, avx2, avx512 (any case; unset, empty or `native`: no cap).  Anything else
+  // is an error naming the variable (before, a typo such as `avx-2` silently meant no cap).
   if (const char* env = std::getenv("COPSD_CPU_ISA")) {
-    const std::string s(env);
+    std::string s(env);
+    for (auto& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    TORCH_CHECK(s.empty() || s == "native" || s == "base" || s == "avx2" || s == "avx512",
+                "COPSD_CPU_ISA must be base, avx2, avx512 or native, got '", env, "'");
     const int cap = s == "base" ? 0 : s == "avx2" ? 1 : 2;
     level = std::min(level, cap);
   }
