@@ -310,6 +310,9 @@ def test_divergence_side_by_side_logits(monkeypatch, threads, side, dtype, packe
                 assert st["packs"] == 0 and st["packed_gemms"] == 0 and st["plain_gemms"] == 6, st
             assert st["side_chunks"] == side_chunks, st
             assert st["side_tile_chunks"] == tile_chunks, st
+            # On one thread team (csrc/cpu/team.h) where every chunk's logits are tile tasks (4 threads: not the
+            # short last chunk's, so the call runs as separate regions).
+            assert st["team_calls"] == (1 if tile_chunks == 3 else 0), st
             assert st["bf16_gemms"] == (6 if bf16 else 0), st
             for got, e, p, what in zip((loss, dx, dw), exact, plain, ("loss", "d_hidden", "d_weight")):
                 _check(got, e, p, dtype, f"{kind} {what}", scale=5.0 if what == "loss" else 1.0)

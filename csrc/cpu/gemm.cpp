@@ -85,7 +85,8 @@ bool have_packed_api() { return packed_api().compute != nullptr; }
 
 // Counters for tests and profiling (process-wide).
 std::atomic<int64_t> n_packs{0}, n_packed_bytes{0}, n_packed_reserved{0}, n_packed_gemms{0}, n_plain_gemms{0},
-    n_bf16_gemms{0}, n_bf16_grads{0}, n_f32_gemms{0}, n_f32_grads{0}, n_side_chunks{0}, n_side_tile_chunks{0};
+    n_bf16_gemms{0}, n_bf16_grads{0}, n_f32_gemms{0}, n_f32_grads{0}, n_side_chunks{0}, n_side_tile_chunks{0},
+    n_team_calls{0};
 
 bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
 
@@ -147,6 +148,8 @@ bool env_flag_off(const char* name) {
   if (s == "0" || s == "false" || s == "off" || s == "no") return true;
   TORCH_CHECK(false, name, " must be 0 or 1 (also false/true, off/on, no/yes), got '", raw, "'");
 }
+
+void count_team_call() { ++n_team_calls; }
 
 void count_side_chunk(bool tiles) {
   ++n_side_chunks;
@@ -981,11 +984,13 @@ void register_gemm(pybind11::module& m) {
     d["f32_grads"] = n_f32_grads.load();
     d["side_chunks"] = n_side_chunks.load();
     d["side_tile_chunks"] = n_side_tile_chunks.load();
+    d["team_calls"] = n_team_calls.load();
     return d;
   }, "process-wide counts: lm_head packings (packed_bytes: what they occupy and the pack budget counts; "
         "packed_reserved: what MKL's get_size reserved), chunk logits GEMMs on a packed / unpacked lm_head, "
         "divergence chunks whose two logits GEMMs ran side by side (side_chunks), of those handed out per "
-        "vocabulary tile (side_tile_chunks), tile gradient GEMMs on the fp32 kernel (f32_grads)");
+        "vocabulary tile (side_tile_chunks), tile gradient GEMMs on the fp32 kernel (f32_grads), divergence calls run "
+        "on one team of threads (team_calls)");
   m.def("gemm_stats_reset", []() {
     n_packs = 0;
     n_packed_bytes = 0;
@@ -998,6 +1003,7 @@ void register_gemm(pybind11::module& m) {
     n_f32_grads = 0;
     n_side_chunks = 0;
     n_side_tile_chunks = 0;
+    n_team_calls = 0;
   });
   m.def("bf16_gemm_available", &bf16_gemm_supported,
         "whether bf16 logits GEMMs can run on the AVX512_BF16 dot-product kernel (CPU support, COPSD_CPU_ISA)");

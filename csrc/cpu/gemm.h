@@ -256,6 +256,8 @@ inline void gemm_grads(const at::Tensor& dz, const at::Tensor& x, const at::Tens
 // Counts a divergence chunk whose two logits GEMMs ran side by side (gemm_stats "side_chunks"; with `tiles`, handed
 // out one vocabulary tile at a time: "side_tile_chunks" too).
 void count_side_chunk(bool tiles);
+// Counts a divergence call whose chunks ran on one team of threads (gemm_stats "team_calls"; loss.cpp, team.h).
+void count_team_call();
 
 void register_gemm(pybind11::module& m);
 

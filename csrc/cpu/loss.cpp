@@ -34,6 +34,7 @@
 
 #include "gemm.h"
 #include "loss_rows_api.h"
+#include "team.h"
 
 namespace copsd_cpu {
 namespace {
@@ -457,6 +458,17 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
 // [>= R, >= nr, H] partials; `wscratch`: one up-cast buffer per thread.  Against MKL's threaded [nr, V] GEMMs: G is
 // read from memory once instead of twice, and no GEMM is split over threads.  form's time is counted as epilogue, the
 // rest as gradient GEMMs.
+// The two fp32 gradient products of vocabulary rows [v0, v0 + n) of a chunk's dL/dz zc [nr, V]: the run's d_hidden
+// partial pg (add_part: +=, else =) zc[:, tile] W[tile], and d_weight[tile] (first: =, else +=) zc[:, tile]^T xc;
+// single-threaded (g32: on the fp32 kernel, f32_grads_use, else MKL's); `wscratch`: this thread's up-cast buffer.
+void tile_grads(int g32, const Tensor& zc, const Tensor& xc, LmHead& vb, int64_t v0, int64_t n, Tensor& pg,
+                bool add_part, Tensor& dw, bool first, Tensor& wscratch) {
+  Tensor zb = zc.narrow(1, v0, n);
+  Tensor wb = vb.weight_rows(v0, n, wscratch);
+  grad_mm(g32, zb, wb, pg, add_part);
+  grad_mm(g32, zb.t(), xc, dw.narrow(0, v0, n), !first);
+}
+
 template <typename Form>
 void grads_by_tile(const Tensor& zc, const Tensor& xc, LmHead& vb, Tensor dxc, Tensor& dw, bool first, Tensor& part,
                    std::vector<Tensor>& wscratch, int64_t tile, PhaseTimer& tm, Form&& form) {
@@ -494,10 +506,7 @@ void grads_by_tile(const Tensor& zc, const Tensor& xc, LmHead& vb, Tensor dxc, T
                           pc.stride(1), dw.data_ptr<float>(), first);
         continue;
       }
-      Tensor zb = zc.narrow(1, v0, n);
-      Tensor wb = vb.weight_rows(v0, n, wscratch[tid]);
-      grad_mm(g32, zb, wb, pg, b != b0);
-      grad_mm(g32, zb.t(), xc, dw.narrow(0, v0, n), !first);
+      tile_grads(g32, zc, xc, vb, v0, n, pg, b != b0, dw, first, wscratch[tid]);
     }
   });
   at::sum_out(dxc, pc, 0);
@@ -666,6 +675,23 @@ int64_t side_parts(int64_t nr, const LmHead& hs, const LmHead& ht) {
 // chunk's end instead of one side's whole GEMM; otherwise each thread takes whole row parts of one side.  Each task
 // writes its own block of zs / zt with a GEMM whose shape does not depend on the thread, so the result does not
 // depend on the hand-out.
+// Task `task` of a chunk's side-by-side logits on tile-packed heads: the GEMM of vocabulary tile task / (2 parts) for
+// row part (task / 2) % parts of side task % 2 (0: the student's xs, hs, zs; 1: the teacher's).  `sc`: the calling
+// thread's 2 x parts scratch tensors (fresh per chunk; see chunk_logits).
+void side_tile_task(int64_t task, int64_t parts, int64_t tile, const Tensor& xs, LmHead& hs, const Tensor& zs,
+                    const Tensor& xt, LmHead& ht, const Tensor& zt, Tensor* sc) {
+  const int64_t nr = xs.size(0), V = zs.size(1), step = (nr + parts - 1) / parts;
+  const int64_t b = task / (2 * parts), rest = task % (2 * parts), p = rest / 2, side = rest % 2;
+  const int64_t r0 = p * step, n = std::min(step, nr - r0), v0 = b * tile, nv = std::min(tile, V - v0);
+  if (n <= 0) return;
+  Tensor& s = sc[p * 2 + side];
+  if (side == 0) {
+    hs.logits_block(xs.narrow(0, r0, n), b, zs.narrow(0, r0, n).narrow(1, v0, nv), s, r0 == 0);
+  } else {
+    ht.logits_block(xt.narrow(0, r0, n), b, zt.narrow(0, r0, n).narrow(1, v0, nv), s, r0 == 0);
+  }
+}
+
 void chunk_logits(const Tensor& xs, LmHead& hs, Tensor zs, const Tensor& xt, LmHead& ht, Tensor zt) {
   const int64_t nr = xs.size(0), V = zs.size(1);
   const int64_t parts = side_parts(nr, hs, ht);
@@ -685,15 +711,7 @@ void chunk_logits(const Tensor& xs, LmHead& hs, Tensor zs, const Tensor& xt, LmH
     // rows (reused by the thread's next tile of the same side and part; fresh per chunk, see logits_block).
     std::vector<Tensor> scratch(static_cast<size_t>(2 * nt * parts));
     parallel_tasks(2 * parts * tiles, nt, true, [&](int tid, int64_t task) {
-      const int64_t b = task / (2 * parts), rest = task % (2 * parts), p = rest / 2, side = rest % 2;
-      const int64_t r0 = p * step, n = std::min(step, nr - r0), v0 = b * tile, nv = std::min(tile, V - v0);
-      if (n <= 0) return;
-      Tensor& sc = scratch[static_cast<size_t>((tid * parts + p) * 2 + side)];
-      if (side == 0) {
-        hs.logits_block(xs.narrow(0, r0, n), b, zs.narrow(0, r0, n).narrow(1, v0, nv), sc, r0 == 0);
-      } else {
-        ht.logits_block(xt.narrow(0, r0, n), b, zt.narrow(0, r0, n).narrow(1, v0, nv), sc, r0 == 0);
-      }
+      side_tile_task(task, parts, tile, xs, hs, zs, xt, ht, zt, &scratch[static_cast<size_t>(tid * parts * 2)]);
     });
     return;
   }
@@ -777,6 +795,107 @@ DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const 
   vb_s.ready();  // the whole up-cast / packed copies now: chunk_logits may use both heads from two threads
   vb_t.ready();
   tm.stop(tm.prep);
+  // The loss of token n = r0 + r from its rows ps / pt of the chunk (r: the row in the chunk), dL/dz left in ps.
+  auto row_div = [&](int64_t n, int64_t r, T* ps, T* pt) {
+    return K.div(ps, pt, V, topk ? pK + n * k : nullptr, k, grad ? ptg[n] : T(0), grad, lp, dp, psc + r * sc_stride,
+                 want_stats ? psid[n] : 0, want_stats ? pstats + 3 * n : nullptr);
+  };
+  // Where every phase of a chunk runs as single-threaded tasks (both heads tile-packed and their logits side by side,
+  // the gradient GEMMs per vocabulary tile, fp32 gradients), the whole call runs on one team (team.h): one OpenMP
+  // region, and per chunk three phases -- the logits tiles (with the previous chunk's d_hidden partial sums), the row
+  // epilogues, the gradient runs -- separated by the team's barriers, at which a thread out of work sleeps instead of
+  // spinning.  The same tasks as chunk_logits / grads_by_tile, so the same results; COPSD_CPU_TEAM=0 (read per call,
+  // for A/B measurements) runs them as separate OpenMP regions.
+  const int64_t tile = vb_s.block_rows();
+  const int64_t last_nr = N - (N - 1) / rows * rows;
+  const int64_t parts = side_parts(std::min(rows, N), vb_s, vb_t);
+  const bool team = !env_flag_off("COPSD_CPU_TEAM") && parts > 0 && side_parts(last_nr, vb_s, vb_t) == parts &&
+                    tile > 0 && tile < V && vb_t.block_rows() == tile && dynamic_tiles() &&
+                    (!grad || (grad_tiles && !vb_s.bf16_grads()));
+  if (team) {
+    const int64_t tiles = (V + tile - 1) / tile, gtiles = (V + gtile - 1) / gtile;
+    const int64_t runs =
+        grad ? std::min(grad_runs(gtiles, threads, part.size(1), H, static_cast<int64_t>(sizeof(T))), part.size(0))
+             : 0;
+    const bool convert = xs.scalar_type() != st || xt.scalar_type() != st;
+    const int g32 = grad ? f32_grads_use(H) : 0;
+    constexpr int64_t kSumRows = 8;  // rows of d_hidden per summing task
+    std::vector<Tensor> scratch(static_cast<size_t>(2 * threads * parts));
+    Tensor xsc, xtc;  // the chunk's hidden states in `st` (when converted: thread 0's, shared)
+    // dx rows [r0 + q * kSumRows, ...) of a chunk of nr rows = the sum of the runs' partials, in run order.
+    auto sum_rows = [&](int64_t r0, int64_t nr, int64_t q) {
+      const int64_t a = q * kSumRows, e = std::min(nr, a + kSumRows);
+      const int64_t ps = part.stride(0), pr = part.stride(1);
+      const T* pp = part.data_ptr<T>();
+      T* out = dx.data_ptr<T>() + (r0 + a) * H;
+      for (int64_t r = a; r < e; ++r, out += H) {
+        const T* src = pp + r * pr;
+        for (int64_t h = 0; h < H; ++h) out[h] = src[h];
+        for (int64_t g = 1; g < runs; ++g) {
+          const T* sg = src + g * ps;
+#pragma omp simd
+          for (int64_t h = 0; h < H; ++h) out[h] += sg[h];
+        }
+      }
+    };
+    count_team_call();
+    run_team(threads, [&](Team& tmt, int tid) {
+      int64_t prev_r0 = -1, prev_nr = 0;
+      for (int64_t r0 = 0; r0 < N; r0 += rows) {
+        const int64_t nr = std::min(rows, N - r0);
+        const double t0 = tid == 0 ? tm.now() : 0.0;
+        Tensor xs_c, xt_c;
+        if (convert) {
+          tmt.single(tid, [&] {
+            xsc = xs.narrow(0, r0, nr).to(st);
+            xtc = xt.narrow(0, r0, nr).to(st);
+          });
+          xs_c = xsc;
+          xt_c = xtc;
+        } else {
+          xs_c = xs.narrow(0, r0, nr);
+          xt_c = xt.narrow(0, r0, nr);
+        }
+        Tensor zsc = zs.narrow(0, 0, nr), ztc = zt.narrow(0, 0, nr);
+        Tensor* sc = &scratch[static_cast<size_t>(tid * parts * 2)];
+        for (int64_t i = 0; i < 2 * parts; ++i) sc[i] = Tensor();  // fresh per chunk (see chunk_logits)
+        if (tid == 0) count_side_chunk(true);
+        const int64_t n_sum = prev_r0 >= 0 ? (prev_nr + kSumRows - 1) / kSumRows : 0;
+        tmt.tasks(tid, n_sum + 2 * parts * tiles, [&](int, int64_t task) {
+          if (task < n_sum) {
+            sum_rows(prev_r0, prev_nr, task);
+          } else {
+            side_tile_task(task - n_sum, parts, tile, xs_c, vb_s, zsc, xt_c, vb_t, ztc, sc);
+          }
+        });
+        const double t1 = tid == 0 ? tm.now() : 0.0;
+        T* ps = zsc.data_ptr<T>();
+        T* pt = ztc.data_ptr<T>();
+        tmt.tasks(tid, nr, [&](int, int64_t r) { ploss[r0 + r] = row_div(r0 + r, r, ps + r * V, pt + r * V); });
+        const double t2 = tid == 0 ? tm.now() : 0.0;
+        if (grad) {
+          tmt.tasks(tid, runs, [&](int t, int64_t g) {
+            const int64_t b0 = g * gtiles / runs, b1 = (g + 1) * gtiles / runs;
+            Tensor pg = part[g].narrow(0, 0, nr);
+            for (int64_t b = b0; b < b1; ++b) {
+              const int64_t v0 = b * gtile, n = std::min(gtile, V - v0);
+              tile_grads(g32, zsc, xs_c, vb_s, v0, n, pg, b != b0, dw, r0 == 0, wscratch[static_cast<size_t>(t)]);
+            }
+          });
+          prev_r0 = r0;
+          prev_nr = nr;
+        }
+        if (tid == 0) {
+          const double t3 = tm.now();
+          tm.gemm.wall += t1 - t0;
+          tm.epi.wall += t2 - t1;
+          tm.grad.wall += t3 - t2;
+        }
+      }
+      if (grad) tmt.tasks(tid, (prev_nr + kSumRows - 1) / kSumRows, [&](int, int64_t q) { sum_rows(prev_r0, prev_nr, q); });
+    });
+    return result();
+  }
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
     Tensor zsc = zs.narrow(0, 0, nr), ztc = zt.narrow(0, 0, nr);
@@ -788,11 +907,7 @@ DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const 
     T* ps = zsc.data_ptr<T>();
     T* pt = ztc.data_ptr<T>();
     COPSD_PARALLEL_ROWS
-    for (int64_t r = 0; r < nr; ++r) {
-      const int64_t n = r0 + r;
-      ploss[n] = K.div(ps + r * V, pt + r * V, V, topk ? pK + n * k : nullptr, k, grad ? ptg[n] : T(0), grad, lp,
-                       dp, psc + r * sc_stride, want_stats ? psid[n] : 0, want_stats ? pstats + 3 * n : nullptr);
-    }
+    for (int64_t r = 0; r < nr; ++r) ploss[r0 + r] = row_div(r0 + r, r, ps + r * V, pt + r * V);
     tm.stop(tm.epi);
     if (grad && grad_tiles) {  // zsc holds dL/dz now: both gradient GEMMs per vocabulary tile
       grads_by_tile(zsc, xsc, vb_s, dx.narrow(0, r0, nr), dw, r0 == 0, part, wscratch, gtile, tm,
@@ -970,6 +1085,27 @@ void register_loss(pybind11::module& m) {
         "elementwise log with the row epilogues' vectorised polynomial (for tests)");
   m.def("tanh", [](const Tensor& x) { return elementwise(x, [](const auto& k) { return k.tanh; }); }, py::arg("x"),
         "elementwise tanh of the softcap logit transform (vectorised; for tests)");
+  m.def("team_check", [](int64_t threads, int64_t phases, int64_t n, int64_t throw_phase) {
+    // Each task i of phase p adds (sum(phase p - 1's cells) + i + 1) mod 1000003 to its cell (phase 0: i + 1; cells
+    // start at 0): a task that ran before the previous phase was complete, twice, or not at all leaves a cell the
+    // caller's recomputation does not match.
+    std::vector<int64_t> cells(static_cast<size_t>(phases * n), 0);
+    std::atomic<int> size{0};
+    run_team(static_cast<int>(threads), [&](Team& team, int tid) {
+      if (tid == 0) size = team.size();
+      for (int64_t p = 0; p < phases; ++p) {
+        team.tasks(tid, n, [&](int, int64_t i) {
+          TORCH_CHECK(p != throw_phase || i != n / 2, "team_check: task ", i, " of phase ", p, " threw");
+          int64_t prev = 0;
+          if (p > 0)
+            for (int64_t j = 0; j < n; ++j) prev = (prev + cells[static_cast<size_t>((p - 1) * n + j)]) % 1000003;
+          cells[static_cast<size_t>(p * n + i)] += (prev + i + 1) % 1000003;
+        });
+      }
+    });
+    return std::make_tuple(size.load(), cells);
+  }, py::arg("threads"), py::arg("phases"), py::arg("n"), py::arg("throw_phase") = -1,
+     "(team size, cells [phases * n]) of a run of the thread team's phases (team.h; for tests)");
   m.def("grad_runs", &grad_runs, py::arg("tiles"), py::arg("threads"), py::arg("rows"), py::arg("H"), py::arg("elem"),
         "runs of vocabulary tiles the gradient GEMMs hand out (one d_hidden partial each; for tests)");
   m.def("isa", []() {
