@@ -62,6 +62,9 @@ def measure(a):
     impls = [i for i in a.impl if i in P.impls_for(a.case)]
     if "floor" not in impls:
         impls.insert(0, "floor")
+    for fl in dict.fromkeys(P.floor_of(a.case, i) for i in list(impls)):  # the floor each ratio is taken to
+        if fl not in impls:  # (copsd's log-prob paths: the 4-GEMM floor, which --impl may not name)
+            impls.insert(1, fl)
     fns = {i: P.make_case(a.case, i, a.n, a.h, a.v, a.dtype) for i in dict.fromkeys(["naive"] + impls)}
     ref = fns["naive"]()
     for i in impls:

@@ -60,6 +60,9 @@ Environment knobs (the ``PACK`` ones are read on every op call):
   A/B measurements): ``0`` turns off, in that order, the logits GEMMs that each thread runs on its own rows (the
   student's and teacher's side by side), the gradient GEMMs per vocabulary tile, and the dynamic hand-out of
   both (one fixed share per thread instead).
+* ``COPSD_CPU_TEAM`` (default on; read on every call, for A/B measurements): ``0`` runs a divergence's chunks as
+  separate OpenMP regions instead of on one team of threads whose waiting threads sleep after a short spin (the
+  team needs the default tiled path: see docs/kernels.md, "CPU threads on a shared machine").
 * ``COPSD_CPU_ISA`` (``base|avx2|avx512``, any case; unset or ``native``: no cap) caps the instruction set of the
   row epilogues and of copsd's GEMM kernels (read once per process; another value is an error on the first op
   call); ``COPSD_CPU_PROFILE=1`` prints each call's logits-GEMM / epilogue / gradient-GEMM split (the one-time
