@@ -21,7 +21,6 @@ import argparse
 import multiprocessing as mp
 import os
 import platform
-import resource
 import sys
 import time
 
@@ -59,7 +58,9 @@ def _prompts(n=4, length=256):
 
 
 def _rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak resident size (VmHWM; ru_maxrss would carry a parent's across fork + exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def _make(variant, model):

@@ -448,16 +448,6 @@ std::tuple<Tensor, Tensor> logprobs_backward_t(const Tensor& hidden, const Tenso
   return {dx, dw};
 }
 
-// The two gradient GEMMs of a chunk whose dL/dz block zc [nr, V] is (or is being) formed, per vocabulary tile.  The
-// tiles are cut into R = grad_runs() runs of consecutive tiles, handed out to the threads dynamically (a thread
-// that a busy machine slows down takes fewer; COPSD_CPU_DYNAMIC=0: one fixed run per thread).  Each run owns its
-// tiles' d_weight rows and one d_hidden partial.  Per tile: first form(v0, n) (which may turn the rows' pieces of zc
-// into dL/dz there, leaving them in cache), then right away d_weight[tile] (= on the first chunk, += after) G^T x and
-// the run's partial (+)= G W[tile], all single-threaded (G: the tile's dL/dz); dxc = the sum of the R partials in
-// run order.  A run's sums do not depend on the thread that ran it, so repeated calls agree bit for bit.  `part`:
-// [>= R, >= nr, H] partials; `wscratch`: one up-cast buffer per thread.  Against MKL's threaded [nr, V] GEMMs: G is
-// read from memory once instead of twice, and no GEMM is split over threads.  form's time is counted as epilogue, the
-// rest as gradient GEMMs.
 // The two fp32 gradient products of vocabulary rows [v0, v0 + n) of a chunk's dL/dz zc [nr, V]: the run's d_hidden
 // partial pg (add_part: +=, else =) zc[:, tile] W[tile], and d_weight[tile] (first: =, else +=) zc[:, tile]^T xc;
 // single-threaded (g32: on the fp32 kernel, f32_grads_use, else MKL's); `wscratch`: this thread's up-cast buffer.
@@ -469,6 +459,16 @@ void tile_grads(int g32, const Tensor& zc, const Tensor& xc, LmHead& vb, int64_t
   grad_mm(g32, zb.t(), xc, dw.narrow(0, v0, n), !first);
 }
 
+// The two gradient GEMMs of a chunk whose dL/dz block zc [nr, V] is (or is being) formed, per vocabulary tile.  The
+// tiles are cut into R = grad_runs() runs of consecutive tiles, handed out to the threads dynamically (a thread
+// that a busy machine slows down takes fewer; COPSD_CPU_DYNAMIC=0: one fixed run per thread).  Each run owns its
+// tiles' d_weight rows and one d_hidden partial.  Per tile: first form(v0, n) (which may turn the rows' pieces of zc
+// into dL/dz there, leaving them in cache), then right away d_weight[tile] (= on the first chunk, += after) G^T x and
+// the run's partial (+)= G W[tile], all single-threaded (G: the tile's dL/dz); dxc = the sum of the R partials in
+// run order.  A run's sums do not depend on the thread that ran it, so repeated calls agree bit for bit.  `part`:
+// [>= R, >= nr, H] partials; `wscratch`: one up-cast buffer per thread.  Against MKL's threaded [nr, V] GEMMs: G is
+// read from memory once instead of twice, and no GEMM is split over threads.  form's time is counted as epilogue, the
+// rest as gradient GEMMs.
 template <typename Form>
 void grads_by_tile(const Tensor& zc, const Tensor& xc, LmHead& vb, Tensor dxc, Tensor& dw, bool first, Tensor& part,
                    std::vector<Tensor>& wscratch, int64_t tile, PhaseTimer& tm, Form&& form) {
@@ -666,15 +666,6 @@ int64_t side_parts(int64_t nr, const LmHead& hs, const LmHead& ht) {
   return parts == 1 || nr / parts >= kSplitRowsMin ? parts : 0;
 }
 
-// Both sides' logits of one chunk.  MKL splits a 256-row packed GEMM over 2 threads less efficiently than one thread
-// runs it (2-core Zen 4, N = 2048, H = 256, V = 32000, CPU time of 8 chunks: 403 ms split vs 378 ms single-threaded
-// per side; MKL's one-shot [2048, V] GEMM: 353 ms): so where side_parts() allows, every GEMM runs single-threaded
-// inside one parallel region.  Where both heads are cut into the same vocabulary tiles (the divergence's tile-packed
-// heads) the tasks are (row part, side, tile) GEMMs handed out dynamically, so a thread that a busy machine (or a
-// hypervisor) slows down takes fewer of them, and the threads wait for each other by at most about one tile at the
-// chunk's end instead of one side's whole GEMM; otherwise each thread takes whole row parts of one side.  Each task
-// writes its own block of zs / zt with a GEMM whose shape does not depend on the thread, so the result does not
-// depend on the hand-out.
 // Task `task` of a chunk's side-by-side logits on tile-packed heads: the GEMM of vocabulary tile task / (2 parts) for
 // row part (task / 2) % parts of side task % 2 (0: the student's xs, hs, zs; 1: the teacher's).  `sc`: the calling
 // thread's 2 x parts scratch tensors (fresh per chunk; see chunk_logits).
@@ -692,6 +683,15 @@ void side_tile_task(int64_t task, int64_t parts, int64_t tile, const Tensor& xs,
   }
 }
 
+// Both sides' logits of one chunk.  MKL splits a 256-row packed GEMM over 2 threads less efficiently than one thread
+// runs it (2-core Zen 4, N = 2048, H = 256, V = 32000, CPU time of 8 chunks: 403 ms split vs 378 ms single-threaded
+// per side; MKL's one-shot [2048, V] GEMM: 353 ms): so where side_parts() allows, every GEMM runs single-threaded
+// inside one parallel region.  Where both heads are cut into the same vocabulary tiles (the divergence's tile-packed
+// heads) the tasks are (row part, side, tile) GEMMs handed out dynamically, so a thread that a busy machine (or a
+// hypervisor) slows down takes fewer of them, and the threads wait for each other by at most about one tile at the
+// chunk's end instead of one side's whole GEMM; otherwise each thread takes whole row parts of one side.  Each task
+// writes its own block of zs / zt with a GEMM whose shape does not depend on the thread, so the result does not
+// depend on the hand-out.
 void chunk_logits(const Tensor& xs, LmHead& hs, Tensor zs, const Tensor& xt, LmHead& ht, Tensor zt) {
   const int64_t nr = xs.size(0), V = zs.size(1);
   const int64_t parts = side_parts(nr, hs, ht);
@@ -843,7 +843,7 @@ DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const 
       int64_t prev_r0 = -1, prev_nr = 0;
       for (int64_t r0 = 0; r0 < N; r0 += rows) {
         const int64_t nr = std::min(rows, N - r0);
-        const double t0 = tid == 0 ? tm.now() : 0.0;
+        const double t0 = tid == 0 ? tm.now() : 0.0, c0 = tid == 0 && tm.on ? PhaseTimer::cpu_ms() : 0.0;
         Tensor xs_c, xt_c;
         if (convert) {
           tmt.single(tid, [&] {
@@ -868,11 +868,11 @@ DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const 
             side_tile_task(task - n_sum, parts, tile, xs_c, vb_s, zsc, xt_c, vb_t, ztc, sc);
           }
         });
-        const double t1 = tid == 0 ? tm.now() : 0.0;
+        const double t1 = tid == 0 ? tm.now() : 0.0, c1 = tid == 0 && tm.on ? PhaseTimer::cpu_ms() : 0.0;
         T* ps = zsc.data_ptr<T>();
         T* pt = ztc.data_ptr<T>();
         tmt.tasks(tid, nr, [&](int, int64_t r) { ploss[r0 + r] = row_div(r0 + r, r, ps + r * V, pt + r * V); });
-        const double t2 = tid == 0 ? tm.now() : 0.0;
+        const double t2 = tid == 0 ? tm.now() : 0.0, c2 = tid == 0 && tm.on ? PhaseTimer::cpu_ms() : 0.0;
         if (grad) {
           tmt.tasks(tid, runs, [&](int t, int64_t g) {
             const int64_t b0 = g * gtiles / runs, b1 = (g + 1) * gtiles / runs;
@@ -885,14 +885,19 @@ DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const 
           prev_r0 = r0;
           prev_nr = nr;
         }
-        if (tid == 0) {
-          const double t3 = tm.now();
+        if (tid == 0 && tm.on) {  // phase times as thread 0 saw them (it leaves each phase with the team)
+          const double t3 = tm.now(), c3 = PhaseTimer::cpu_ms();
           tm.gemm.wall += t1 - t0;
           tm.epi.wall += t2 - t1;
           tm.grad.wall += t3 - t2;
+          tm.gemm.cpu += c1 - c0;
+          tm.epi.cpu += c2 - c1;
+          tm.grad.cpu += c3 - c2;
         }
       }
-      if (grad) tmt.tasks(tid, (prev_nr + kSumRows - 1) / kSumRows, [&](int, int64_t q) { sum_rows(prev_r0, prev_nr, q); });
+      if (grad) {
+        tmt.tasks(tid, (prev_nr + kSumRows - 1) / kSumRows, [&](int, int64_t q) { sum_rows(prev_r0, prev_nr, q); });
+      }
     });
     return result();
   }
