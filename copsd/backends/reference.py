@@ -71,13 +71,16 @@ def transform(r, spec: LogitSpec):
     """Raw logits ``r = x . w`` -> (final logits, the softcap's tanh for the chain rule, or None).
 
     The one torch copy of the logit transform: the Triton host code (gathered teacher-top-k logits,
-    the chunked top-k) uses it too; the kernels have their own in ``copsd_kernels._common``."""
-    z = r * spec.logit_scale
+    the chunked top-k) uses it too; the kernels have their own in ``copsd_kernels._common``.
+
+    The identity steps (scale 1, no softcap, temperature 1) are skipped, so the result may be ``r`` itself:
+    callers must not write into it unless ``r`` is theirs to overwrite."""
+    z = r if spec.logit_scale == 1 else r * spec.logit_scale
     th = None
     if spec.softcap is not None:
         th = torch.tanh(z / spec.softcap)
         z = spec.softcap * th
-    return z / spec.temperature, th
+    return (z if spec.temperature == 1 else z / spec.temperature), th
 
 
 def _logits(x, w, spec: LogitSpec):
@@ -86,11 +89,12 @@ def _logits(x, w, spec: LogitSpec):
 
 
 def chain_rule(dz, th, spec: LogitSpec):
-    """d(final logits) -> d(x @ w.T)."""
-    dz = dz / spec.temperature
+    """d(final logits) -> d(x @ w.T).  Identity steps are skipped (the result may be ``dz`` itself)."""
+    if spec.temperature != 1:
+        dz = dz / spec.temperature
     if th is not None:
         dz = dz * (1.0 - th * th)
-    return dz * spec.logit_scale
+    return dz if spec.logit_scale == 1 else dz * spec.logit_scale
 
 
 def _vocab_chunks(V):
@@ -223,8 +227,8 @@ def _summand(ls, lt, div: DivergenceSpec):
     """Per-element summand s and g = ds/dls (before clipping)."""
     if div.kind == "reverse_kl":
         q = torch.exp(ls)
-        d = ls - lt
-        return q * d, q * (d + 1.0)
+        s = q * (ls - lt)
+        return s, s + q  # q (d + 1) = q d + q
     if div.kind == "forward_kl":
         p = torch.exp(lt)
         return p * (lt - ls), -p
@@ -350,24 +354,33 @@ def _divergence(s_hidden, s_weight, t_hidden, t_weight, logit, div, topk_ids, to
                 stats[:, n0:n1] = torch.stack([*s_stats, t_stats[0]])
             tot = torch.zeros(n1 - n0, dtype=cd, device=dev)
             G = torch.zeros_like(tot)
+            # The tiles are this loop's own, so they are normalised in place and dropped as soon as they are
+            # used: the peak is a handful of [chunk_tokens, chunk_vocab] tiles, not a dozen.
             for v0, v1 in _vocab_chunks(V):
-                zs, _ = _logits(xs, s_weight[v0:v1].to(cd), logit)
-                zt, _ = _logits(xt, t_weight[v0:v1].to(cd), logit)
-                s, g = clipped_summand(zs - ls_lse[:, None], zt - lt_lse[:, None], div)
+                ls = _logits(xs, s_weight[v0:v1].to(cd), logit)[0].sub_(ls_lse[:, None])
+                lt = _logits(xt, t_weight[v0:v1].to(cd), logit)[0].sub_(lt_lse[:, None])
+                s, g = clipped_summand(ls, lt, div)
+                del ls, lt
                 tot += s.sum(1)
                 G += g.sum(1)
+                del s, g
             loss[n0:n1] = tot
             if want_grad:
                 tg = token_grad[n0:n1].to(cd)[:, None]
                 for v0, v1 in _vocab_chunks(V):
                     wc = s_weight[v0:v1].to(cd)
-                    zs, th = _logits(xs, wc, logit)
-                    zt, _ = _logits(xt, t_weight[v0:v1].to(cd), logit)
-                    ls = zs - ls_lse[:, None]
-                    _, g = clipped_summand(ls, zt - lt_lse[:, None], div)
-                    dz = chain_rule(tg * (g - torch.exp(ls) * G[:, None]), th, logit)
+                    ls, th = _logits(xs, wc, logit)
+                    ls.sub_(ls_lse[:, None])
+                    lt = _logits(xt, t_weight[v0:v1].to(cd), logit)[0].sub_(lt_lse[:, None])
+                    g = clipped_summand(ls, lt, div)[1]
+                    del lt
+                    q = torch.exp(ls)
+                    del ls
+                    dz = chain_rule(g.sub_(q.mul_(G[:, None])).mul_(tg), th, logit)  # tg (g - q G)
+                    del q, g
                     dx[n0:n1] += dz @ wc
                     dw[v0:v1] += dz.T @ xs
+                    del dz
             continue
 
         K = topk_ids[n0:n1]
