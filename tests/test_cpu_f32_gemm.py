@@ -1,6 +1,6 @@
 """copsd's own fp32 logits GEMM (``csrc/cpu/gemm_f32*``): fp32 hidden states times a packed fp32 lm_head on AVX-512 or
-AVX2 FMAs, which the chunk logits of every op take instead of MKL's packed GEMM (by default not on Intel CPUs, whose
-MKL is tuned for them; ``COPSD_CPU_F32_GEMM=1`` / ``0`` force it on / off).
+AVX2 FMAs, which the chunk logits of every op take instead of MKL's packed GEMM (by default where it measured at least
+about as fast as MKL's on this machine, once per process; ``COPSD_CPU_F32_GEMM=1`` / ``0`` force it on / off).
 
 The kernel alone (``copsd._C.f32_gemm``), at each ISA level the CPU has (2: AVX-512, 64-row panels; 1: AVX2, 16-row
 panels), is checked against float64 with the error-relative criterion of
@@ -9,10 +9,12 @@ that are no multiple of the 6 x 64 block, hidden sizes that are no multiple of t
 past the kernel's 1024-deep blocks, row counts past its row blocks, hidden states with a row stride, large and small
 magnitudes, 1 and 2 threads.  The ops' results on it are compared with float64 in ``tests/test_cpu_gemm.py`` (its
 modes 'on' and 'mkl'); here the counters show which GEMM ran, ``COPSD_CPU_F32_GEMM=0`` and ``COPSD_CPU_ISA=avx2``
-switch it off or on, ``COPSD_CPU_ISA`` caps its level, and a bad value of the knob is an error.  A level the CPU
+switch it off or on, ``COPSD_CPU_ISA`` caps its level, the default follows its measurement, and a bad value of the
+knob is an error.  A level the CPU
 lacks is skipped by name, and asking the kernel for it is checked to be an error.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -130,7 +132,7 @@ def _run_divergence(monkeypatch, knob):
 
 
 def test_ops_take_the_kernel_and_the_knob_turns_it_off(monkeypatch):
-    """Default: every chunk's logits on the kernel where f32_gemm_available() (AVX2 or AVX-512, not Intel), none
+    """Default: every chunk's logits on the kernel where f32_gemm_available() (AVX2 or AVX-512, measured here), none
     elsewhere; COPSD_CPU_F32_GEMM=1: on wherever the CPU has the ISA level; =0: nowhere (MKL's packed GEMM where
     found).  All give the same values to fp32 rounding."""
     default = _C().f32_gemm_available()
@@ -148,22 +150,95 @@ def test_ops_take_the_kernel_and_the_knob_turns_it_off(monkeypatch):
 
 def test_bad_knob_value_is_an_error(monkeypatch):
     monkeypatch.setenv("COPSD_CPU_F32_GEMM", "fast")
-    with pytest.raises(RuntimeError, match="COPSD_CPU_F32_GEMM"):
+    with pytest.raises(RuntimeError, match="COPSD_CPU_F32_GEMM must be auto, 1 or 0"):
         _C().f32_gemm_available()
     with pytest.raises(RuntimeError, match="COPSD_CPU_F32_GEMM"):
         cpu.f32_gemm_available()
 
 
+_CALIBRATION = ("import json; from copsd.backends import cpu; "
+                "print(json.dumps(dict(cpu.f32_gemm_calibration(), available=cpu.f32_gemm_available())))")
+
+
+def _calibration(**env):
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("COPSD_CPU_ISA", "COPSD_CPU_F32_GEMM", "COPSD_CPU_F32_GEMM_KEEP")}
+    out = subprocess.run([sys.executable, "-c", _CALIBRATION], env=dict(base, **env), capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("knob", [None, "auto", "AUTO", ""])
+def test_default_follows_the_measurement(knob):
+    """Unset, empty or `auto`: the kernel iff this process's measurement chose it; the measurement ran (on a CPU with
+    the kernel), timed both GEMMs and found their products equal.  Which one wins is the machine's (not asserted)."""
+    cal = _calibration(**({} if knob is None else {"COPSD_CPU_F32_GEMM": knob}))
+    if cal["level"] == 0:
+        assert not cal["measured"] and not cal["kernel"] and not cal["available"]
+        return
+    assert cal["measured"] and cal["agree"], cal
+    assert cal["kernel_s"] > 0 and cal["mkl_s"] > 0, cal
+    assert cal["kernel"] == (cal["kernel_s"] <= cal["mkl_s"] * cal["keep"]), cal
+    assert cal["available"] == cal["kernel"], cal
+
+
+_OP_GEMMS = ("import json, torch; from copsd import _C; from copsd.ops import linear_logprobs; "
+             "_C.gemm_stats_reset(); linear_logprobs(torch.randn(64, 64), torch.randn(3000, 64), "
+             "torch.zeros(64, dtype=torch.long), backend='cpu'); print(json.dumps(_C.gemm_stats()))")
+
+
+@pytest.mark.parametrize("keep,kernel", [("0", False), ("1e9", True)])
+def test_the_measurement_decides_the_ops(keep, kernel):
+    """COPSD_CPU_F32_GEMM_KEEP = 0 (MKL wins every measurement) / 1e9 (the kernel does): the default then takes MKL's
+    GEMM / the kernel, in f32_gemm_available() and in an op's own GEMMs; an explicit COPSD_CPU_F32_GEMM=1 still
+    forces the kernel."""
+    if _C().f32_gemm_level() == 0:
+        pytest.skip("no fp32 kernel at this process's ISA level")
+    cal = _calibration(COPSD_CPU_F32_GEMM_KEEP=keep)
+    assert cal["measured"] and cal["keep"] == float(keep) and cal["kernel"] is kernel and cal["available"] is kernel
+    base = {k: v for k, v in os.environ.items() if k not in ("COPSD_CPU_F32_GEMM", "COPSD_CPU_F32_GEMM_KEEP")}
+    for env, want in (({}, kernel), ({"COPSD_CPU_F32_GEMM": "1"}, True)):
+        out = subprocess.run([sys.executable, "-c", _OP_GEMMS], env=dict(base, COPSD_CPU_F32_GEMM_KEEP=keep, **env),
+                             capture_output=True, text=True, check=True)
+        st = json.loads(out.stdout.strip().splitlines()[-1])
+        assert (st["f32_gemms"] > 0) is want, (env, st)
+
+
+@pytest.mark.parametrize("bad", ["fast", "-1", "nan"])
+def test_bad_keep_is_an_error(bad):
+    out = subprocess.run([sys.executable, "-c", _CALIBRATION], capture_output=True, text=True,
+                         env=dict(os.environ, COPSD_CPU_F32_GEMM_KEEP=bad, COPSD_CPU_F32_GEMM="auto"))
+    assert out.returncode != 0 and "COPSD_CPU_F32_GEMM_KEEP must be a number >= 0" in out.stderr, out.stderr
+
+
+def test_no_kernel_no_measurement():
+    """Under COPSD_CPU_ISA=base there is no kernel: nothing is measured, MKL's GEMM runs."""
+    cal = _calibration(COPSD_CPU_ISA="base")
+    assert cal["level"] == 0 and not cal["measured"] and not cal["kernel"] and not cal["available"], cal
+
+
+@pytest.mark.parametrize("kernel_s,mkl_s,agree,want", [
+    (1.0, 1.0, True, True),      # a tie keeps the kernel
+    (1.04, 1.0, True, True),     # within the 5 % margin
+    (1.06, 1.0, True, False),    # MKL more than 5 % faster
+    (0.5, 1.0, False, False),    # faster, but its product differed: never chosen
+    (0.0, 1.0, True, False),     # no time measured
+])
+def test_the_rule(kernel_s, mkl_s, agree, want):
+    assert _C().f32_calibration_pick(kernel_s, mkl_s, agree) is want
+    assert _C().f32_calibration_pick(kernel_s, mkl_s, agree, keep=1.0) is (want and kernel_s <= mkl_s)
+
+
 def test_public_availability_follows_the_knob(monkeypatch):
     """copsd.backends.cpu.f32_gemm_available() reads the knob now: off for 0 / false / off, on for 1 / on where the
-    CPU has AVX2 or AVX-512, the default otherwise (on except on Intel CPUs)."""
+    CPU has AVX2 or AVX-512, the default (the measurement's choice) for empty and `auto`."""
     level = _C().f32_gemm_level()
     monkeypatch.delenv("COPSD_CPU_F32_GEMM", raising=False)
     default = cpu.f32_gemm_available()
     assert default == _C().f32_gemm_available()
     assert not default or level > 0
     for value, want in (("0", False), ("false", False), ("OFF", False), ("1", level > 0), ("on", level > 0),
-                        ("", default)):
+                        ("", default), ("auto", default)):
         monkeypatch.setenv("COPSD_CPU_F32_GEMM", value)
         assert cpu.f32_gemm_available() is want, value
 

@@ -51,8 +51,10 @@ Environment knobs (the ``PACK`` ones are read on every op call):
   dot-product kernel, fp32 products and sums, as accurate as the fp32 GEMM; ``all`` puts their gradient GEMMs
   there too, with ``dL/dz`` rounded to bf16 (about twice as fast; gradients within a few times the rounding error
   of a bf16 result, far below plain bf16 PyTorch's: ``docs/kernels.md``); ``0`` keeps every GEMM in fp32.
-* ``COPSD_CPU_F32_GEMM`` (read on every call): unset or empty, fp32 logits run on copsd's own fp32 GEMM kernel
-  (AVX-512 or AVX2 + FMA, from an lm_head packed once per call) except on Intel CPUs, whose MKL is tuned for them;
+* ``COPSD_CPU_F32_GEMM`` (read on every call): unset, empty or ``auto``, fp32 logits run on copsd's own fp32 GEMM
+  kernel (AVX-512 or AVX2 + FMA, from an lm_head packed once per call) where it measured at least about as fast as
+  MKL's GEMM on this machine (once per process, ~0.1 s, on the first call that asks; :func:`f32_gemm_calibration`;
+  ``COPSD_CPU_F32_GEMM_KEEP``, default 1.05, is how much faster MKL must be to be chosen, read at the measurement);
   ``1`` forces the kernel anywhere it is built for the CPU, ``0`` keeps MKL (see :func:`f32_gemm_available`).
   On AVX-512 CPUs the fp32 gradient GEMMs of each vocabulary tile (``d_hidden``, ``d_weight``) run on it too, where
   the hidden size is a multiple of 64; ``COPSD_CPU_F32_GRADS=0`` (read on every call) keeps those on MKL.
@@ -161,9 +163,20 @@ def bf16_gemm_available():
 
 def f32_gemm_available():
     """Whether fp32 logits run on the backend's own fp32 GEMM kernel here: the CPU has AVX2 + FMA or AVX-512
-    (capped by ``COPSD_CPU_ISA``) and ``COPSD_CPU_F32_GEMM`` is unset (not an Intel CPU) or ``1``; read now, as
-    every call reads it."""
+    (capped by ``COPSD_CPU_ISA``) and ``COPSD_CPU_F32_GEMM`` is ``1``, or unset / ``auto`` and the kernel measured
+    at least about as fast as MKL's GEMM here (:func:`f32_gemm_calibration`); read now, as every call reads it."""
     return bool(_C.f32_gemm_available())
+
+
+def f32_gemm_calibration():
+    """The measurement behind ``COPSD_CPU_F32_GEMM``'s default, made once per process (now, if no call made it yet).
+
+    One chunk-logits block ([256, 256] x [2048, 256]^T, fp32) per thread, all threads at once, each single-threaded,
+    on the kernel and on MKL's packed GEMM, interleaved over a few rounds; the best round of each is kept.  Returns a
+    dict: ``level`` (the kernel's ISA level: 2 AVX-512, 1 AVX2, 0 none and nothing measured), ``measured``,
+    ``kernel_s`` / ``mkl_s`` (seconds), ``agree`` (the two products agreed), ``keep`` (the kernel is kept unless
+    MKL is faster than ``kernel_s / keep``) and ``kernel`` (the default takes the kernel)."""
+    return dict(_C.f32_gemm_calibration())
 
 
 def _logit_args(logit: LogitSpec):

@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cctype>
+#include <cmath>
+#include <ctime>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
@@ -233,24 +235,122 @@ int f32_gemm_level() { return isa_level(); }
 
 namespace {
 
-bool intel_cpu() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  return __builtin_cpu_is("intel");
-#else
-  return false;
-#endif
+// The default's measurement (f32_gemm_calibration): the chunk logits product the tiled drivers run, one
+// [kCalRows, kCalH] x [kCalN, kCalH]^T block per thread with every thread at once (so the cores' shared resources
+// are as busy as in an op), single-threaded on each: the kernel from its packed W against MKL's packed GEMM (or, in a
+// torch without it, at::mm -- what the ops then run).  kCalRounds rounds, the two interleaved, each one's best
+// round kept: on a shared machine the best round is the one least disturbed.
+constexpr int64_t kCalRows = 256, kCalH = 256, kCalN = 2048;
+constexpr int kCalRounds = 6;
+
+// COPSD_CPU_F32_GEMM_KEEP (gemm.h, F32Calibration).
+double f32_calibration_keep() {
+  const char* raw = std::getenv("COPSD_CPU_F32_GEMM_KEEP");
+  if (raw == nullptr || *raw == '\0') return kCalKeep;
+  char* end = nullptr;
+  const double v = std::strtod(raw, &end);
+  TORCH_CHECK(end != raw && *end == '\0' && std::isfinite(v) && v >= 0.0,
+              "COPSD_CPU_F32_GEMM_KEEP must be a number >= 0 (default ", kCalKeep, "), got '", raw, "'");
+  return v;
+}
+
+double thread_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+F32Calibration calibrate_f32(int level) {
+  F32Calibration cal;
+  cal.level = level;
+  if (level == 0) return cal;
+  const int nt = std::max(1, std::min(at::get_num_threads(), 16));
+  const int64_t m = kCalRows, K = kCalH, n = kCalN;
+  std::vector<float> x(static_cast<size_t>(nt * m * K)), w(static_cast<size_t>(n * K));
+  uint32_t seed = 12345u;
+  auto next = [&seed]() {  // values in [-1, 1): the timings do not depend on them, the check below does
+    seed = seed * 1664525u + 1013904223u;
+    return static_cast<float>(seed >> 8) / static_cast<float>(1u << 23) - 1.0f;
+  };
+  for (auto& v : x) v = next();
+  for (auto& v : w) v = next();
+  std::vector<float> kpack(static_cast<size_t>(f32dot::packed_w_floats(level, n, K)));
+  f32dot::pack_w(level, w.data(), K, n, K, 0, f32dot::panels(level, n), kpack.data());
+  const auto& api = packed_api();
+  std::vector<float> mpack;
+  const bool packed = api.compute != nullptr;
+  if (packed) {
+    const size_t bytes = api.get_size(kBMatrix, static_cast<int>(m), static_cast<int>(n), static_cast<int>(K));
+    mpack.resize((bytes + sizeof(float) - 1) / sizeof(float) + 16);
+    api.pack(kRowMajor, kBMatrix, kTrans, static_cast<int>(m), static_cast<int>(n), static_cast<int>(K), 1.0f,
+             w.data(), static_cast<int>(K), mpack.data());
+  }
+  Tensor wt = at::from_blob(w.data(), {n, K}, at::TensorOptions().dtype(at::kFloat));
+  std::vector<float> c_kernel(static_cast<size_t>(nt * m * n)), c_mkl(c_kernel.size());
+  // Each thread's own CPU time for its product, averaged over the threads: time the thread was preempted (another
+  // process on its core) is not counted, so a busy machine disturbs the choice much less than it would wall time.
+  std::vector<double> spent(static_cast<size_t>(nt));
+  auto run = [&](bool kernel) {
+    parallel_tasks(nt, nt, false, [&](int, int64_t t) {
+      const double t0 = thread_cpu_seconds();
+      const float* xt = x.data() + t * m * K;
+      if (kernel) {
+        f32dot::gemm(level, xt, K, m, kpack.data(), n, K, 0, f32dot::panels(level, n), c_kernel.data() + t * m * n,
+                     n);
+      } else if (packed) {
+        api.compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(m), static_cast<int>(n), static_cast<int>(K), xt,
+                    static_cast<int>(K), mpack.data(), static_cast<int>(n), 0.0f, c_mkl.data() + t * m * n,
+                    static_cast<int>(n));
+      } else {
+        Tensor xa = at::from_blob(const_cast<float*>(xt), {m, K}, at::TensorOptions().dtype(at::kFloat));
+        Tensor ca = at::from_blob(c_mkl.data() + t * m * n, {m, n}, at::TensorOptions().dtype(at::kFloat));
+        at::mm_out(ca, xa, wt.t());
+      }
+      spent[static_cast<size_t>(t)] = thread_cpu_seconds() - t0;
+    });
+    double sum = 0.0;
+    for (double v : spent) sum += v;
+    return sum / nt;
+  };
+  run(true);  // warm: caches, page faults, the thread pool
+  run(false);
+  cal.kernel_s = cal.mkl_s = 1e30;
+  for (int r = 0; r < kCalRounds; ++r) {
+    cal.kernel_s = std::min(cal.kernel_s, run(true));
+    cal.mkl_s = std::min(cal.mkl_s, run(false));
+  }
+  // The two products must agree (sums of K = 256 products of values in [-1, 1): |c| ~ 10, fp32 rounding ~1e-5):
+  // a kernel that computed something else would not be chosen for its speed.
+  float worst = 0.0f;
+  for (size_t i = 0; i < c_kernel.size(); ++i) worst = std::max(worst, std::fabs(c_kernel[i] - c_mkl[i]));
+  cal.agree = worst <= 1e-2f;
+  cal.measured = true;
+  cal.keep = f32_calibration_keep();
+  cal.kernel = f32_calibration_pick(cal.kernel_s, cal.mkl_s, cal.agree, cal.keep);
+  return cal;
 }
 
 }  // namespace
 
-// The knob is parsed on every CPU, so that a bad value is an error everywhere.  Unset (or empty): on except on Intel
-// CPUs, whose MKL kernels are tuned for them (measured only on AMD, where MKL runs well below the FMA peak).
+bool f32_calibration_pick(double kernel_s, double mkl_s, bool agree, double keep) {
+  return agree && kernel_s > 0.0 && kernel_s <= mkl_s * keep;
+}
+
+const F32Calibration& f32_gemm_calibration() {
+  static const F32Calibration cal = calibrate_f32(f32_gemm_level());
+  return cal;
+}
+
+// The knob is parsed on every CPU, so that a bad value is an error everywhere.  Unset, empty or `auto`: the faster of
+// the kernel and MKL's packed GEMM on this machine (f32_gemm_calibration, measured once per process on first use).
 int f32_gemm_use() {
   const char* raw = std::getenv("COPSD_CPU_F32_GEMM");
-  const bool off = env_flag_off("COPSD_CPU_F32_GEMM");
-  static const bool intel = intel_cpu();
-  if (off || ((raw == nullptr || *raw == '\0') && intel)) return 0;
+  std::string s(raw == nullptr ? "" : raw);
+  for (auto& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  if (s.empty() || s == "auto") return f32_gemm_calibration().kernel ? f32_gemm_level() : 0;
+  if (s == "0" || s == "false" || s == "off" || s == "no") return 0;
+  TORCH_CHECK(s == "1" || s == "true" || s == "on" || s == "yes",
+              "COPSD_CPU_F32_GEMM must be auto, 1 or 0 (also true/false, on/off, yes/no), got '", raw, "'");
   return f32_gemm_level();
 }
 
@@ -1044,7 +1144,22 @@ void register_gemm(pybind11::module& m) {
         pybind11::arg("streamed") = false);
   m.def("f32_gemm_available", []() { return f32_gemm_use() > 0; },
         "whether fp32 logits take copsd's own fp32 GEMM kernel in this call, packed or streamed (AVX2 or AVX-512, "
-        "COPSD_CPU_ISA, COPSD_CPU_F32_GEMM; by default not on Intel CPUs)");
+        "COPSD_CPU_ISA, COPSD_CPU_F32_GEMM; by default where it measured faster than MKL's GEMM here)");
+  m.def("f32_gemm_calibration", []() {
+    const auto& c = f32_gemm_calibration();
+    pybind11::dict d;
+    d["level"] = c.level;
+    d["measured"] = c.measured;
+    d["kernel_s"] = c.kernel_s;
+    d["mkl_s"] = c.mkl_s;
+    d["agree"] = c.agree;
+    d["kernel"] = c.kernel;
+    d["keep"] = c.keep;
+    return d;
+  }, "the default's measurement of the fp32 kernel against MKL's GEMM (made now if not yet): level, measured, "
+     "kernel_s, mkl_s (best rounds), agree, kernel (the default takes it), keep (the margin the kernel is given)");
+  m.def("f32_calibration_pick", &f32_calibration_pick, "the default's rule on a measurement (for tests)",
+        pybind11::arg("kernel_s"), pybind11::arg("mkl_s"), pybind11::arg("agree"), pybind11::arg("keep") = kCalKeep);
   // The fp32 kernel's in-place product alone, for tests: c (+)= a @ b on the kernel of ISA `level`, a read in place
   // with its strides (any), b [K, n] with unit stride along n, n a multiple of the level's panel (64 / 16).
   m.def("f32_mm", [](const Tensor& a, const Tensor& b, const std::optional<Tensor>& c, int64_t level) {

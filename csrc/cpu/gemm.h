@@ -76,9 +76,31 @@ bool bf16_gemm_supported();
 int f32_gemm_level();
 
 // The level at which packed fp32 lm_heads take the fp32 kernel of gemm_f32.h (instead of MKL's packed GEMM) in this op
-// call, 0 for not: COPSD_CPU_F32_GEMM (read per call; env_flag_off's values) unset or empty: f32_gemm_level() except on
-// Intel CPUs, whose MKL is tuned for them (0); on: f32_gemm_level(); off: 0.
+// call, 0 for not: COPSD_CPU_F32_GEMM (read per call) unset, empty or `auto`: f32_gemm_level() where
+// f32_gemm_calibration() chose the kernel, else 0; 1 / true / on / yes: f32_gemm_level(); 0 / false / off / no: 0;
+// anything else is an error naming the variable.
 int f32_gemm_use();
+
+// The default's choice between the kernel and MKL's GEMM, measured once per process (on the first op call that
+// asks): the same chunk logits block on every thread at once, each single-threaded, the two interleaved over a few
+// rounds, each one's best kept.  The kernel is chosen unless MKL's time is below kernel_s / keep, and only if the
+// two products agree; keep is COPSD_CPU_F32_GEMM_KEEP (read at the measurement; a number >= 0, else an error naming
+// it), kCalKeep by default: a tie keeps the kernel, whose results do not depend on the MKL build.  Why measured: the kernel beats MKL on the AMD CPUs it was built on (Zen 4: ~100-111 GFLOP/s
+// per thread against MKL's 69-94), but MKL is written for Intel's cores and no Intel CPU, nor an AVX2-only one since
+// the kernel came, was at hand to decide from; the choice is that machine's own.
+constexpr double kCalKeep = 1.05;
+struct F32Calibration {
+  int level = 0;          // f32_gemm_level() (0: no kernel, nothing measured)
+  bool measured = false;
+  double kernel_s = 0.0;  // best round: every thread's block on the kernel
+  double mkl_s = 0.0;     // ... on MKL's packed GEMM (at::mm in a torch without it)
+  bool agree = false;     // the two products agreed
+  double keep = 0.0;      // the margin the rule gave the kernel
+  bool kernel = false;    // the default takes the kernel
+};
+const F32Calibration& f32_gemm_calibration();
+// The rule: the kernel where the products agreed and kernel_s <= mkl_s * keep.
+bool f32_calibration_pick(double kernel_s, double mkl_s, bool agree, double keep);
 
 // The level at which the fp32 gradient GEMMs of one vocabulary tile (d_hidden (+)= G W[tile], d_weight[tile] (+)=
 // G^T x) run on gemm_f32.h's in-place product (gemm_nn) in this op call, 0 for MKL's: f32_gemm_use(), unless
