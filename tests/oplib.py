@@ -97,15 +97,19 @@ def op_inputs(N, H, V, scale=1.0, dtype=F64, Ht=None):
     return xs, ws, xt, wt
 
 
-def cpu_inputs(N, H, V, dtype, scale=1.0, teacher_scale=None):
-    """Kernel-level tests: ``[xs, ws, xt, wt]`` drawn in float64 from a seed of the shape, then cast."""
-    g = torch.Generator().manual_seed(N * 1000 + V)
+def cpu_inputs(N, H, V, dtype, scale=1.0, teacher_scale=None, seed=None, dominant=None, ids=False):
+    """Kernel-level tests: ``[xs, ws, xt, wt]`` drawn in float64 (from ``seed``, else a seed of the shape), then cast;
+    ``dominant``: that vocabulary row of ``ws`` scaled by 6; ``ids``: also ``[N]`` random target ids (int64)."""
+    g = torch.Generator().manual_seed(N * 1000 + V if seed is None else seed)
     ts = scale if teacher_scale is None else teacher_scale
     xs = torch.randn(N, H, generator=g, dtype=torch.float64) * scale
     xt = torch.randn(N, H, generator=g, dtype=torch.float64) * ts
     ws = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 2
     wt = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 2
-    return [t.to(dtype) for t in (xs, ws, xt, wt)]
+    if dominant is not None:
+        ws[dominant] *= 6.0
+    out = [t.to(dtype) for t in (xs, ws, xt, wt)]
+    return out + [torch.randint(0, V, (N,), generator=g)] if ids else out
 
 
 def rand_lm(N, H, V, scale=1.0, dtype=torch.float32, device=DEV):

@@ -15,6 +15,7 @@ import criteria
 import dense
 import pytest
 import torch
+from oplib import cpu_inputs
 
 from copsd.backends import cpu
 from copsd.ops._spec import DivergenceSpec, LogitSpec
@@ -92,14 +93,7 @@ def _tiled_groups(n):
 
 
 def _inputs(n, dtype, seed=0, v=V):
-    g = torch.Generator().manual_seed(seed)
-    xs = torch.randn(n, H, generator=g, dtype=torch.float64) * 1.5
-    xt = torch.randn(n, H, generator=g, dtype=torch.float64) * 1.5
-    ws = torch.randn(v, H, generator=g, dtype=torch.float64) / H**0.5 * 2
-    wt = torch.randn(v, H, generator=g, dtype=torch.float64) / H**0.5 * 2
-    ws[7] *= 6.0  # a dominant vocabulary row
-    ids = torch.randint(0, v, (n,), generator=g)
-    return [t.to(dtype) for t in (xs, ws, xt, wt)] + [ids]
+    return cpu_inputs(n, H, v, dtype, scale=1.5, seed=seed, dominant=7, ids=True)  # row 7: a dominant vocabulary row
 
 
 def _check(got, exact, plain, dtype, what, scale=1.0):

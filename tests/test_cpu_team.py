@@ -15,6 +15,7 @@ import criteria
 import dense
 import pytest
 import torch
+from oplib import cpu_inputs
 
 from copsd.backends import cpu
 from copsd.ops._spec import DivergenceSpec, LogitSpec
@@ -67,13 +68,7 @@ def test_team_exception_reaches_the_caller():
 
 
 def _inputs(n, v, h, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    xs = torch.randn(n, h, generator=g, dtype=torch.float64) * 1.5
-    xt = torch.randn(n, h, generator=g, dtype=torch.float64) * 1.5
-    ws = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.5 * 2
-    wt = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.5 * 2
-    ws[5] *= 6.0  # a dominant vocabulary row
-    return [t.to(dtype) for t in (xs, ws, xt, wt)]
+    return cpu_inputs(n, h, v, dtype, scale=1.5, seed=seed, dominant=5)  # row 5: a dominant vocabulary row
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
