@@ -264,6 +264,7 @@ F32Calibration calibrate_f32(int level) {
   F32Calibration cal;
   cal.level = level;
   if (level == 0) return cal;
+  cal.keep = f32_calibration_keep();  // first: a bad value is an error before anything is measured
   const int nt = std::max(1, std::min(at::get_num_threads(), 16));
   const int64_t m = kCalRows, K = kCalH, n = kCalN;
   std::vector<float> x(static_cast<size_t>(nt * m * K)), w(static_cast<size_t>(n * K));
@@ -325,7 +326,6 @@ F32Calibration calibrate_f32(int level) {
   for (size_t i = 0; i < c_kernel.size(); ++i) worst = std::max(worst, std::fabs(c_kernel[i] - c_mkl[i]));
   cal.agree = worst <= 1e-2f;
   cal.measured = true;
-  cal.keep = f32_calibration_keep();
   cal.kernel = f32_calibration_pick(cal.kernel_s, cal.mkl_s, cal.agree, cal.keep);
   return cal;
 }
