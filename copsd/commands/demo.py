@@ -192,14 +192,17 @@ def _machine() -> dict:
 
     import torch
 
+    f32_kernel = None
     try:
         from copsd.backends import cpu
 
         copsd_isa = cpu.isa()
+        f32_kernel = cpu.f32_gemm_available()  # fp32 logits on copsd's kernel or MKL's (measured per process)
     except Exception as e:  # the C++ extension is optional; say why it is not there
         copsd_isa = f"unavailable ({type(e).__name__})"
     return {"torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "copsd_cpu_isa": copsd_isa, "COPSD_CPU_ISA": os.environ.get("COPSD_CPU_ISA"),
+            "copsd_f32_gemm_kernel": f32_kernel,
             "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
 
 
