@@ -1,7 +1,8 @@
 """The gradient GEMMs of a vocabulary tile on copsd's own fp32 kernel (``csrc/cpu/gemm_f32*``, ``gemm_nn``):
 d_hidden (+)= G W[tile] and d_weight[tile] (+)= G^T x with both operands read in place (G's rows, or its columns
 through a transposed view), on AVX-512 CPUs, for hidden sizes that are a multiple of the kernel's 64-wide panel
-(``COPSD_CPU_F32_GRADS=0`` keeps MKL's; so does ``COPSD_CPU_F32_GEMM=0``).
+(by default where they measured at least about as fast as MKL's on this machine, once per process;
+``COPSD_CPU_F32_GRADS=1`` / ``0`` force them on / off; ``COPSD_CPU_F32_GEMM=0`` keeps MKL's too).
 
 The product alone (``copsd._C.f32_mm``) at each ISA level the CPU has is checked against float64 with the
 error-relative criterion of ``tests/criteria.py`` (plain: torch's fp32 GEMM): 1 row, 1-deep and 0-deep reductions,
@@ -11,10 +12,16 @@ on 3 chunks, with one tile per run and with runs of several tiles, fp32 and bf16
 with the kernel on and off, and the counters show which GEMMs ran.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import criteria
 import dense
 import pytest
 import torch
+from oplib import cpu_inputs
 
 from copsd.backends import cpu
 from copsd.ops._spec import DivergenceSpec, LogitSpec
@@ -100,21 +107,49 @@ def test_mm_magnitudes(level, scale):
 
 
 def test_level_follows_knobs_and_hidden_size(monkeypatch):
-    """The ops' level: AVX-512 only (the AVX2 kernel ran these products below MKL's), H a multiple of 64, and off with
-    COPSD_CPU_F32_GRADS=0 or COPSD_CPU_F32_GEMM=0; a bad value is an error naming the knob."""
-    on = _C().f32_gemm_available() and _C().f32_gemm_level() == 2
-    assert _C().f32_grads_level(128) == (2 if on else 0)
+    """The ops' level: AVX-512 only (the AVX2 kernel ran these products below MKL's), H a multiple of 64, by default
+    where this process's measurement chose the kernel for them (f32_gemm_calibration()["grads"]), forced by
+    COPSD_CPU_F32_GRADS=1, off with COPSD_CPU_F32_GRADS=0 or COPSD_CPU_F32_GEMM=0; a bad value is an error naming
+    the knob."""
+    logits = _C().f32_gemm_available() and _C().f32_gemm_level() == 2
+    cal = _C().f32_gemm_calibration()
+    assert _C().f32_grads_level(128) == (2 if logits and cal["grads"] else 0), cal
     assert _C().f32_grads_level(96) == 0
     for value in ("0", "false", "Off", "no"):
         monkeypatch.setenv("COPSD_CPU_F32_GRADS", value)
         assert _C().f32_grads_level(128) == 0, value
+    for value in ("", "auto", "AUTO"):
+        monkeypatch.setenv("COPSD_CPU_F32_GRADS", value)
+        assert _C().f32_grads_level(128) == (2 if logits and cal["grads"] else 0), value
     monkeypatch.setenv("COPSD_CPU_F32_GRADS", "1")
-    assert _C().f32_grads_level(128) == (2 if on else 0)
+    assert _C().f32_grads_level(128) == (2 if logits else 0)
     monkeypatch.setenv("COPSD_CPU_F32_GEMM", "0")
     assert _C().f32_grads_level(128) == 0
     monkeypatch.setenv("COPSD_CPU_F32_GRADS", "sometimes")
-    with pytest.raises(RuntimeError, match="COPSD_CPU_F32_GRADS"):
+    with pytest.raises(RuntimeError, match="COPSD_CPU_F32_GRADS must be auto, 1 or 0"):
         _C().f32_grads_level(128)
+
+
+_GRADS = ("import json; from copsd import _C; "
+          "print(json.dumps(dict(_C.f32_gemm_calibration(), level128=_C.f32_grads_level(128))))")
+
+
+@pytest.mark.parametrize("keep,on", [("0", False), ("1e9", True)])
+def test_the_measurement_decides_the_grads(keep, on):
+    """The gradient products' own measurement decides their default (COPSD_CPU_F32_GEMM_KEEP 0: MKL wins it, 1e9: the
+    kernel does); the measurement ran on both and their products agreed; COPSD_CPU_F32_GRADS=1 still forces the
+    kernel where the logits take it (COPSD_CPU_F32_GEMM=1 here)."""
+    if _C().f32_gemm_level() != 2:
+        pytest.skip("the tile gradient products take the kernel on AVX-512 only")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("COPSD_CPU_F32")}
+    def run(**env):
+        out = subprocess.run([sys.executable, "-c", _GRADS], env=dict(base, COPSD_CPU_F32_GEMM_KEEP=keep, **env),
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    got = run(COPSD_CPU_F32_GEMM="1")
+    assert got["grads_agree"] and got["grads_kernel_s"] > 0 and got["grads_mkl_s"] > 0, got
+    assert got["grads"] is on and got["level128"] == (2 if on else 0), got
+    assert run(COPSD_CPU_F32_GEMM="1", COPSD_CPU_F32_GRADS="1")["level128"] == 2
 
 
 H, V, N, ROWS = 64, 2053, 41, 16  # 3 chunks of 16 + 16 + 9 rows
@@ -122,14 +157,7 @@ LOGIT = LogitSpec(temperature=1.3, logit_scale=0.9)
 
 
 def _inputs(dtype):
-    g = torch.Generator().manual_seed(31)
-    xs = torch.randn(N, H, generator=g, dtype=torch.float64) * 1.5
-    xt = torch.randn(N, H, generator=g, dtype=torch.float64) * 1.5
-    ws = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 2
-    wt = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 2
-    ws[7] *= 6.0
-    ids = torch.randint(0, V, (N,), generator=g)
-    return [t.to(dtype) for t in (xs, ws, xt, wt)] + [ids]
+    return cpu_inputs(N, H, V, dtype, scale=1.5, seed=31, dominant=7, ids=True)
 
 
 def _logprobs_backward(x, w, ids, gs):

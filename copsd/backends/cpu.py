@@ -53,11 +53,12 @@ Environment knobs (the ``PACK`` ones are read on every op call):
   of a bf16 result, far below plain bf16 PyTorch's: ``docs/kernels.md``); ``0`` keeps every GEMM in fp32.
 * ``COPSD_CPU_F32_GEMM`` (read on every call): unset, empty or ``auto``, fp32 logits run on copsd's own fp32 GEMM
   kernel (AVX-512 or AVX2 + FMA, from an lm_head packed once per call) where it measured at least about as fast as
-  MKL's GEMM on this machine (once per process, ~0.1 s, on the first call that asks; :func:`f32_gemm_calibration`;
+  MKL's GEMM on this machine (once per process, ~0.2 s, on the first call that asks; :func:`f32_gemm_calibration`;
   ``COPSD_CPU_F32_GEMM_KEEP``, default 1.05, is how much faster MKL must be to be chosen, read at the measurement);
   ``1`` forces the kernel anywhere it is built for the CPU, ``0`` keeps MKL (see :func:`f32_gemm_available`).
   On AVX-512 CPUs the fp32 gradient GEMMs of each vocabulary tile (``d_hidden``, ``d_weight``) run on it too, where
-  the hidden size is a multiple of 64; ``COPSD_CPU_F32_GRADS=0`` (read on every call) keeps those on MKL.
+  the hidden size is a multiple of 64 and they measured at least about as fast as MKL's (the same measurement);
+  ``COPSD_CPU_F32_GRADS`` (read on every call) ``1`` / ``0`` forces them on / off.
 * ``COPSD_CPU_SIDE_GEMMS``, ``COPSD_CPU_GRAD_TILES``, ``COPSD_CPU_DYNAMIC`` (default on; read on every call, for
   A/B measurements): ``0`` turns off, in that order, the logits GEMMs that each thread runs on its own rows (the
   student's and teacher's side by side), the gradient GEMMs per vocabulary tile, and the dynamic hand-out of
@@ -175,7 +176,9 @@ def f32_gemm_calibration():
     on the kernel and on MKL's packed GEMM, interleaved over a few rounds; the best round of each is kept.  Returns a
     dict: ``level`` (the kernel's ISA level: 2 AVX-512, 1 AVX2, 0 none and nothing measured), ``measured``,
     ``kernel_s`` / ``mkl_s`` (seconds), ``agree`` (the two products agreed), ``keep`` (the kernel is kept unless
-    MKL is faster than ``kernel_s / keep``) and ``kernel`` (the default takes the kernel)."""
+    MKL is faster than ``kernel_s / keep``) and ``kernel`` (the default takes the kernel); at level 2 also the tile
+    gradient products' (``d_hidden = G W``, ``d_weight = G^T x`` on each thread's block): ``grads_kernel_s``,
+    ``grads_mkl_s``, ``grads_agree`` and ``grads`` (``COPSD_CPU_F32_GRADS``'s default takes the kernel)."""
     return dict(_C.f32_gemm_calibration())
 
 

@@ -65,8 +65,13 @@ def _f32_kernel(cpu):
     cal = cpu.f32_gemm_calibration()
     if not cal["measured"]:
         return f"{on} (no kernel at this ISA level)"
-    return (f"{on} (measured: kernel {cal['kernel_s'] * 1e3:.2f} ms, MKL {cal['mkl_s'] * 1e3:.2f} ms per block; "
-            f"COPSD_CPU_F32_GEMM={os.environ.get('COPSD_CPU_F32_GEMM', 'unset')})")
+    out = (f"{on} (measured: kernel {cal['kernel_s'] * 1e3:.2f} ms, MKL {cal['mkl_s'] * 1e3:.2f} ms per block; "
+           f"COPSD_CPU_F32_GEMM={os.environ.get('COPSD_CPU_F32_GEMM', 'unset')})")
+    if cal["level"] == 2:
+        out += (f"; gradient products: {'kernel' if cal['grads'] else 'MKL'} by default (kernel "
+                f"{cal['grads_kernel_s'] * 1e3:.2f} ms, MKL {cal['grads_mkl_s'] * 1e3:.2f} ms; "
+                f"COPSD_CPU_F32_GRADS={os.environ.get('COPSD_CPU_F32_GRADS', 'unset')})")
+    return out
 
 
 def run(args):

@@ -260,6 +260,58 @@ double thread_cpu_seconds() {
   return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
 
+// The tile gradient products (f32_grads_use; AVX-512 only) the same way: with each thread's logits block of the
+// measurement above as its dL/dz tile G [m, n] and the shared W [n, K] / its own x [m, K], d_hidden = G W and
+// d_weight = G^T x (G read through its transpose, as the ops read it), on the kernel's in-place product (gemm_nn)
+// against torch's GEMM (MKL's), each thread single-threaded; the two products' times summed per round.
+void calibrate_grads(F32Calibration& cal, int nt, const std::vector<float>& x, const std::vector<float>& w,
+                     const std::vector<float>& g, std::vector<double>& spent) {
+  const int64_t m = kCalRows, K = kCalH, n = kCalN;
+  std::vector<float> dh_k(static_cast<size_t>(nt * m * K)), dh_m(dh_k.size());
+  std::vector<float> dw_k(static_cast<size_t>(nt * n * K)), dw_m(dw_k.size());
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  auto run = [&](bool kernel) {
+    parallel_tasks(nt, nt, false, [&](int, int64_t t) {
+      const double t0 = thread_cpu_seconds();
+      const float* gt = g.data() + t * m * n;
+      const float* xt = x.data() + t * m * K;
+      float* dh = (kernel ? dh_k : dh_m).data() + t * m * K;
+      float* dw = (kernel ? dw_k : dw_m).data() + t * n * K;
+      if (kernel) {
+        f32dot::gemm_nn(2, gt, n, 1, m, w.data(), K, K, n, dh, K, false);
+        f32dot::gemm_nn(2, gt, 1, n, n, xt, K, K, m, dw, K, false);
+      } else {
+        Tensor G = at::from_blob(const_cast<float*>(gt), {m, n}, f32);
+        Tensor dht = at::from_blob(dh, {m, K}, f32), dwt = at::from_blob(dw, {n, K}, f32);
+        at::mm_out(dht, G, at::from_blob(const_cast<float*>(w.data()), {n, K}, f32));
+        at::mm_out(dwt, G.t(), at::from_blob(const_cast<float*>(xt), {m, K}, f32));
+      }
+      spent[static_cast<size_t>(t)] = thread_cpu_seconds() - t0;
+    });
+    double sum = 0.0;
+    for (int t = 0; t < nt; ++t) sum += spent[static_cast<size_t>(t)];
+    return sum / nt;
+  };
+  run(true);
+  run(false);
+  cal.grads_kernel_s = cal.grads_mkl_s = 1e30;
+  for (int r = 0; r < kCalRounds; ++r) {
+    cal.grads_kernel_s = std::min(cal.grads_kernel_s, run(true));
+    cal.grads_mkl_s = std::min(cal.grads_mkl_s, run(false));
+  }
+  // Sums of 2048 (d_hidden) or 256 (d_weight) products: the two must agree to fp32 rounding of their magnitude.
+  auto close = [](const std::vector<float>& a, const std::vector<float>& b) {
+    float worst = 0.0f, big = 0.0f;
+    for (size_t i = 0; i < a.size(); ++i) {
+      worst = std::max(worst, std::fabs(a[i] - b[i]));
+      big = std::max(big, std::fabs(b[i]));
+    }
+    return worst <= 1e-4f * big;
+  };
+  cal.grads_agree = close(dh_k, dh_m) && close(dw_k, dw_m);
+  cal.grads = f32_calibration_pick(cal.grads_kernel_s, cal.grads_mkl_s, cal.grads_agree, cal.keep);
+}
+
 F32Calibration calibrate_f32(int level) {
   F32Calibration cal;
   cal.level = level;
@@ -327,6 +379,7 @@ F32Calibration calibrate_f32(int level) {
   cal.agree = worst <= 1e-2f;
   cal.measured = true;
   cal.kernel = f32_calibration_pick(cal.kernel_s, cal.mkl_s, cal.agree, cal.keep);
+  if (level == 2) calibrate_grads(cal, nt, x, w, c_kernel, spent);
   return cal;
 }
 
@@ -357,10 +410,18 @@ int f32_gemm_use() {
 bool packed_f32_available() { return f32_gemm_use() > 0 || have_packed_api(); }
 
 int f32_grads_use(int64_t H) {
-  const bool off = env_flag_off("COPSD_CPU_F32_GRADS");  // parsed first: a bad value is an error everywhere
+  // Parsed first, on every CPU: a bad value is an error everywhere.
+  const char* raw = std::getenv("COPSD_CPU_F32_GRADS");
+  std::string s(raw == nullptr ? "" : raw);
+  for (auto& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  const bool measured = s.empty() || s == "auto";
+  const bool off = s == "0" || s == "false" || s == "off" || s == "no";
+  TORCH_CHECK(measured || off || s == "1" || s == "true" || s == "on" || s == "yes",
+              "COPSD_CPU_F32_GRADS must be auto, 1 or 0 (also true/false, on/off, yes/no), got '", raw, "'");
   const int level = f32_gemm_use();
   // AVX-512 only: the AVX2 kernel ran these products below MKL's AVX2 GEMM (see the definition's note in gemm.h).
   if (off || level != 2 || H <= 0 || H % f32dot::panel_rows(level) != 0) return 0;
+  if (measured && !f32_gemm_calibration().grads) return 0;
   return level;
 }
 
@@ -1155,9 +1216,14 @@ void register_gemm(pybind11::module& m) {
     d["agree"] = c.agree;
     d["kernel"] = c.kernel;
     d["keep"] = c.keep;
+    d["grads_kernel_s"] = c.grads_kernel_s;
+    d["grads_mkl_s"] = c.grads_mkl_s;
+    d["grads_agree"] = c.grads_agree;
+    d["grads"] = c.grads;
     return d;
   }, "the default's measurement of the fp32 kernel against MKL's GEMM (made now if not yet): level, measured, "
-     "kernel_s, mkl_s (best rounds), agree, kernel (the default takes it), keep (the margin the kernel is given)");
+     "kernel_s, mkl_s (best rounds), agree, kernel (the default takes it), keep (the margin the kernel is given); "
+     "at level 2 also the tile gradient products: grads_kernel_s, grads_mkl_s, grads_agree, grads");
   m.def("f32_calibration_pick", &f32_calibration_pick, "the default's rule on a measurement (for tests)",
         pybind11::arg("kernel_s"), pybind11::arg("mkl_s"), pybind11::arg("agree"), pybind11::arg("keep") = kCalKeep);
   // The fp32 kernel's in-place product alone, for tests: c (+)= a @ b on the kernel of ISA `level`, a read in place

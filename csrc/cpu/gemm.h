@@ -97,15 +97,21 @@ struct F32Calibration {
   bool agree = false;     // the two products agreed
   double keep = 0.0;      // the margin the rule gave the kernel
   bool kernel = false;    // the default takes the kernel
+  // Level 2 only: the tile gradient products (f32_grads_use), d_hidden = G W and d_weight = G^T x per thread.
+  double grads_kernel_s = 0.0;
+  double grads_mkl_s = 0.0;
+  bool grads_agree = false;
+  bool grads = false;     // COPSD_CPU_F32_GRADS's default takes the kernel for them
 };
 const F32Calibration& f32_gemm_calibration();
 // The rule: the kernel where the products agreed and kernel_s <= mkl_s * keep.
 bool f32_calibration_pick(double kernel_s, double mkl_s, bool agree, double keep);
 
 // The level at which the fp32 gradient GEMMs of one vocabulary tile (d_hidden (+)= G W[tile], d_weight[tile] (+)=
-// G^T x) run on gemm_f32.h's in-place product (gemm_nn) in this op call, 0 for MKL's: f32_gemm_use(), unless
-// COPSD_CPU_F32_GRADS (read per call; env_flag_off's values) is off, and only where the hidden size H is a multiple of
-// the kernel's panel (64 on AVX-512, 16 on AVX2; every common model's is).
+// G^T x) run on gemm_f32.h's in-place product (gemm_nn) in this op call, 0 for MKL's: f32_gemm_use() where that is 2
+// (AVX-512) and the hidden size H is a multiple of the kernel's panel (64; every common model's is), and
+// COPSD_CPU_F32_GRADS (read per call) is 1 / true / on / yes, or unset / empty / auto with f32_gemm_calibration()'s
+// `grads`; 0 / false / off / no: 0; anything else is an error naming the variable.
 int f32_grads_use(int64_t H);
 
 // C (add: +=, else =) A @ B on the fp32 kernel of `level` (f32_grads_use), single-threaded: A [m, K] read in place
