@@ -79,7 +79,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason=
 
 
 # The reference backend's bound below (a quarter of one logits tensor) is the one test of its chunking's memory: with
-# the honest VmHWM reading it held 53 MiB against the 48.8 MiB bound (a dozen live [256, 4096] fp32 tiles per
+# the honest VmHWM reading it held 53 MiB against the 48.8 MiB bound (up to nine live [256, 4096] fp32 tiles per
 # step) until its loops normalised the tiles in place and dropped them as they went (30 / 23 / 31 MiB for none /
 # mean / logprobs on a 2-core Zen 4, 2026-12-03); ~20 s in all, so it runs by default.
 @pytest.mark.parametrize("backend", ["reference"] + [b for b in ("cpu",) if b in available_backends()])

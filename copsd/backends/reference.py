@@ -355,7 +355,7 @@ def _divergence(s_hidden, s_weight, t_hidden, t_weight, logit, div, topk_ids, to
             tot = torch.zeros(n1 - n0, dtype=cd, device=dev)
             G = torch.zeros_like(tot)
             # The tiles are this loop's own, so they are normalised in place and dropped as soon as they are
-            # used: the peak is a handful of [chunk_tokens, chunk_vocab] tiles, not a dozen.
+            # used: the peak is a handful of [chunk_tokens, chunk_vocab] tiles, not up to nine.
             for v0, v1 in _vocab_chunks(V):
                 ls = _logits(xs, s_weight[v0:v1].to(cd), logit)[0].sub_(ls_lse[:, None])
                 lt = _logits(xt, t_weight[v0:v1].to(cd), logit)[0].sub_(lt_lse[:, None])
