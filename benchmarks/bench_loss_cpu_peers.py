@@ -475,21 +475,13 @@ def run_case(case, n, h, v, dtype, repeats, memory, only=None, memory_only=None)
     return rows
 
 
-def _f32_kernel(cpu):
-    cal = cpu.f32_gemm_calibration()
-    on = "on" if cpu.f32_gemm_available() else "off"
-    if not cal["measured"]:
-        return on
-    return f"{on}, measured {cal['kernel_s'] * 1e3:.2f} ms vs MKL {cal['mkl_s'] * 1e3:.2f}"
-
-
 def table(rows, args):
     isa = os.environ.get("COPSD_CPU_ISA", "native")
     from copsd.backends import cpu
     lines = [
         f"N={args.n}, H={args.h}, V={args.v}, {args.dtype} inputs, copsd epilogue ISA {cpu.isa()} "
         f"(COPSD_CPU_ISA={isa}; MKL_ENABLE_INSTRUCTIONS={os.environ.get('MKL_ENABLE_INSTRUCTIONS', 'unset')}, "
-        f"ATen {torch.backends.cpu.get_cpu_capability()}; fp32 GEMM kernel {_f32_kernel(cpu)}); "
+        f"ATen {torch.backends.cpu.get_cpu_capability()}; fp32 GEMM kernel {cpu.f32_gemm_summary()}); "
         f"{args.repeats} round-robin rounds; "
         "`x floor` = median of same-round ratios to the "
         "floor named in `floor` (its GEMMs alone: the 3-GEMM floor of the log-probs cases for everything that keeps "

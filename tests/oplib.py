@@ -8,7 +8,9 @@ fixtures (``cpu_workspace``, ``triton_path``, ``triton_slices``) live in ``tests
 """
 
 import importlib
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -110,6 +112,16 @@ def cpu_inputs(N, H, V, dtype, scale=1.0, teacher_scale=None, seed=None, dominan
         ws[dominant] *= 6.0
     out = [t.to(dtype) for t in (xs, ws, xt, wt)]
     return out + [torch.randint(0, V, (N,), generator=g)] if ids else out
+
+
+def run_json(code, drop=(), **env):
+    """``python -c code`` in a fresh process (the knobs read once per process start clean there): this process's
+    environment without the variables whose names start with one of ``drop``, plus ``env``; returns the JSON of the
+    last line the code prints."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(tuple(drop))}
+    out = subprocess.run([sys.executable, "-c", code], env=dict(base, **env), capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def rand_lm(N, H, V, scale=1.0, dtype=torch.float32, device=DEV):

@@ -14,7 +14,6 @@ knob is an error.  A level the CPU
 lacks is skipped by name, and asking the kernel for it is checked to be an error.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import sys
 import criteria
 import pytest
 import torch
+from oplib import run_json
 
 from copsd.backends import cpu
 from copsd.ops._spec import DivergenceSpec, LogitSpec
@@ -161,11 +161,7 @@ _CALIBRATION = ("import json; from copsd.backends import cpu; "
 
 
 def _calibration(**env):
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("COPSD_CPU_ISA", "COPSD_CPU_F32_GEMM", "COPSD_CPU_F32_GEMM_KEEP")}
-    out = subprocess.run([sys.executable, "-c", _CALIBRATION], env=dict(base, **env), capture_output=True, text=True,
-                         check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json(_CALIBRATION, drop=("COPSD_CPU_ISA", "COPSD_CPU_F32_GEMM"), **env)
 
 
 @pytest.mark.parametrize("knob", [None, "auto", "AUTO", ""])
@@ -196,11 +192,8 @@ def test_the_measurement_decides_the_ops(keep, kernel):
         pytest.skip("no fp32 kernel at this process's ISA level")
     cal = _calibration(COPSD_CPU_F32_GEMM_KEEP=keep)
     assert cal["measured"] and cal["keep"] == float(keep) and cal["kernel"] is kernel and cal["available"] is kernel
-    base = {k: v for k, v in os.environ.items() if k not in ("COPSD_CPU_F32_GEMM", "COPSD_CPU_F32_GEMM_KEEP")}
     for env, want in (({}, kernel), ({"COPSD_CPU_F32_GEMM": "1"}, True)):
-        out = subprocess.run([sys.executable, "-c", _OP_GEMMS], env=dict(base, COPSD_CPU_F32_GEMM_KEEP=keep, **env),
-                             capture_output=True, text=True, check=True)
-        st = json.loads(out.stdout.strip().splitlines()[-1])
+        st = run_json(_OP_GEMMS, drop=("COPSD_CPU_F32_GEMM",), COPSD_CPU_F32_GEMM_KEEP=keep, **env)
         assert (st["f32_gemms"] > 0) is want, (env, st)
 
 

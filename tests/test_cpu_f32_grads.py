@@ -12,16 +12,11 @@ on 3 chunks, with one tile per run and with runs of several tiles, fp32 and bf16
 with the kernel on and off, and the counters show which GEMMs ran.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import criteria
 import dense
 import pytest
 import torch
-from oplib import cpu_inputs
+from oplib import cpu_inputs, run_json
 
 from copsd.backends import cpu
 from copsd.ops._spec import DivergenceSpec, LogitSpec
@@ -141,15 +136,12 @@ def test_the_measurement_decides_the_grads(keep, on):
     kernel where the logits take it (COPSD_CPU_F32_GEMM=1 here)."""
     if _C().f32_gemm_level() != 2:
         pytest.skip("the tile gradient products take the kernel on AVX-512 only")
-    base = {k: v for k, v in os.environ.items() if not k.startswith("COPSD_CPU_F32")}
-    def run(**env):
-        out = subprocess.run([sys.executable, "-c", _GRADS], env=dict(base, COPSD_CPU_F32_GEMM_KEEP=keep, **env),
-                             capture_output=True, text=True, check=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    got = run(COPSD_CPU_F32_GEMM="1")
+    got = run_json(_GRADS, drop=("COPSD_CPU_F32",), COPSD_CPU_F32_GEMM_KEEP=keep, COPSD_CPU_F32_GEMM="1")
     assert got["grads_agree"] and got["grads_kernel_s"] > 0 and got["grads_mkl_s"] > 0, got
     assert got["grads"] is on and got["level128"] == (2 if on else 0), got
-    assert run(COPSD_CPU_F32_GEMM="1", COPSD_CPU_F32_GRADS="1")["level128"] == 2
+    forced = run_json(_GRADS, drop=("COPSD_CPU_F32",), COPSD_CPU_F32_GEMM_KEEP=keep, COPSD_CPU_F32_GEMM="1",
+                      COPSD_CPU_F32_GRADS="1")
+    assert forced["level128"] == 2, forced
 
 
 H, V, N, ROWS = 64, 2053, 41, 16  # 3 chunks of 16 + 16 + 9 rows

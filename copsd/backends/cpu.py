@@ -182,6 +182,22 @@ def f32_gemm_calibration():
     return dict(_C.f32_gemm_calibration())
 
 
+def f32_gemm_summary():
+    """One line: whether fp32 logits take the kernel here and the measurement behind the defaults (``copsd info``, the
+    CPU benchmarks' headers)."""
+    on = "yes" if f32_gemm_available() else "no"
+    cal = f32_gemm_calibration()
+    if not cal["measured"]:
+        return f"{on} (no kernel at this ISA level)"
+    out = (f"{on} (measured: kernel {cal['kernel_s'] * 1e3:.2f} ms, MKL {cal['mkl_s'] * 1e3:.2f} ms per block; "
+           f"COPSD_CPU_F32_GEMM={os.environ.get('COPSD_CPU_F32_GEMM', 'unset')})")
+    if cal["level"] == 2:
+        out += (f"; gradient products: {'kernel' if cal['grads'] else 'MKL'} by default (kernel "
+                f"{cal['grads_kernel_s'] * 1e3:.2f} ms, MKL {cal['grads_mkl_s'] * 1e3:.2f} ms; "
+                f"COPSD_CPU_F32_GRADS={os.environ.get('COPSD_CPU_F32_GRADS', 'unset')})")
+    return out
+
+
 def _logit_args(logit: LogitSpec):
     return float(logit.temperature), float(logit.logit_scale), (
         None if logit.softcap is None else float(logit.softcap))

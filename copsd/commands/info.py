@@ -1,7 +1,5 @@
 """``copsd info``: what a bug report needs (versions, OS, CPU ISA level, GPUs, built backends), like ``trl env``."""
 
-import os
-
 NAME = "info"
 HELP = "print copsd and library versions, OS, CPU ISA level, GPUs and the built backends (paste it into bug reports)"
 
@@ -50,28 +48,13 @@ def collect() -> dict:
         info["CPU ISA level (C++ backend)"] = cpu.isa() if cpu.available() else "C++ extension not built"
         if cpu.available():
             info["CPU bf16 logits kernel (AVX512-BF16)"] = "yes" if cpu.bf16_gemm_available() else "no"
-            info["CPU fp32 GEMM kernel"] = _f32_kernel(cpu)
+            info["CPU fp32 GEMM kernel"] = cpu.f32_gemm_summary()
     except Exception as e:  # an unbuilt or broken extension must not hide the rest of the report
         info["CPU ISA level (C++ backend)"] = f"unavailable ({type(e).__name__})"
     info["CPU"] = platform.processor() or platform.machine()
     info["torch threads"] = str(torch.get_num_threads())
     info["available backends"] = ", ".join(available_backends())
     return info
-
-
-def _f32_kernel(cpu):
-    """Whether fp32 logits take the backend's own GEMM kernel here, and the measurement behind the default."""
-    on = "yes" if cpu.f32_gemm_available() else "no"
-    cal = cpu.f32_gemm_calibration()
-    if not cal["measured"]:
-        return f"{on} (no kernel at this ISA level)"
-    out = (f"{on} (measured: kernel {cal['kernel_s'] * 1e3:.2f} ms, MKL {cal['mkl_s'] * 1e3:.2f} ms per block; "
-           f"COPSD_CPU_F32_GEMM={os.environ.get('COPSD_CPU_F32_GEMM', 'unset')})")
-    if cal["level"] == 2:
-        out += (f"; gradient products: {'kernel' if cal['grads'] else 'MKL'} by default (kernel "
-                f"{cal['grads_kernel_s'] * 1e3:.2f} ms, MKL {cal['grads_mkl_s'] * 1e3:.2f} ms; "
-                f"COPSD_CPU_F32_GRADS={os.environ.get('COPSD_CPU_F32_GRADS', 'unset')})")
-    return out
 
 
 def run(args):

@@ -16,6 +16,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <tuple>
+#include <utility>
 
 namespace copsd_cpu {
 
@@ -141,14 +143,36 @@ void upcast_parallel(const Tensor& src, Tensor dst) {
 
 }  // namespace
 
-bool env_flag_off(const char* name) {
-  const char* raw = std::getenv(name);
-  if (raw == nullptr) return false;
-  std::string s(raw);
+namespace {
+
+// The value of the environment variable `name`, lower-cased ("" when unset); `raw`: the value itself or null.
+std::string env_lower(const char* name, const char** raw) {
+  *raw = std::getenv(name);
+  std::string s(*raw == nullptr ? "" : *raw);
   for (auto& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  if (s.empty() || s == "1" || s == "true" || s == "on" || s == "yes") return false;
-  if (s == "0" || s == "false" || s == "off" || s == "no") return true;
+  return s;
+}
+
+bool is_on(const std::string& s) { return s == "1" || s == "true" || s == "on" || s == "yes"; }
+bool is_off(const std::string& s) { return s == "0" || s == "false" || s == "off" || s == "no"; }
+
+}  // namespace
+
+bool env_flag_off(const char* name) {
+  const char* raw = nullptr;
+  const std::string s = env_lower(name, &raw);
+  if (s.empty() || is_on(s)) return false;
+  if (is_off(s)) return true;
   TORCH_CHECK(false, name, " must be 0 or 1 (also false/true, off/on, no/yes), got '", raw, "'");
+}
+
+EnvSwitch env_switch(const char* name) {
+  const char* raw = nullptr;
+  const std::string s = env_lower(name, &raw);
+  if (s.empty() || s == "auto") return EnvSwitch::kAuto;
+  if (is_off(s)) return EnvSwitch::kOff;
+  TORCH_CHECK(is_on(s), name, " must be auto, 1 or 0 (also true/false, on/off, yes/no), got '", raw, "'");
+  return EnvSwitch::kOn;
 }
 
 void count_team_call() { ++n_team_calls; }
@@ -238,8 +262,7 @@ namespace {
 // The default's measurement (f32_gemm_calibration): the chunk logits product the tiled drivers run, one
 // [kCalRows, kCalH] x [kCalN, kCalH]^T block per thread with every thread at once (so the cores' shared resources
 // are as busy as in an op), single-threaded on each: the kernel from its packed W against MKL's packed GEMM (or, in a
-// torch without it, at::mm -- what the ops then run).  kCalRounds rounds, the two interleaved, each one's best
-// round kept: on a shared machine the best round is the one least disturbed.
+// torch without it, at::mm -- what the ops then run), timed by best_rounds.
 constexpr int64_t kCalRows = 256, kCalH = 256, kCalN = 2048;
 constexpr int kCalRounds = 6;
 
@@ -260,55 +283,71 @@ double thread_cpu_seconds() {
   return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
 
+// product(t, kernel) on every thread t < nt at once (single-threaded each), the kernel's side and MKL's interleaved
+// over kCalRounds rounds after one warm-up round of each (caches, page faults, the thread pool); a round's time is
+// the threads' own CPU time averaged over them (time a thread was preempted by another process is not counted, so a
+// busy machine disturbs the choice much less than it would wall time).  Returns each side's best round: on a shared
+// machine the one least disturbed.
+template <typename Product>
+std::pair<double, double> best_rounds(int nt, Product&& product) {
+  std::vector<double> spent(static_cast<size_t>(nt));
+  auto round = [&](bool kernel) {
+    parallel_tasks(nt, nt, false, [&](int, int64_t t) {
+      const double t0 = thread_cpu_seconds();
+      product(t, kernel);
+      spent[static_cast<size_t>(t)] = thread_cpu_seconds() - t0;
+    });
+    double sum = 0.0;
+    for (double v : spent) sum += v;
+    return sum / nt;
+  };
+  round(true);
+  round(false);
+  double kernel_s = 1e30, mkl_s = 1e30;
+  for (int r = 0; r < kCalRounds; ++r) {
+    kernel_s = std::min(kernel_s, round(true));
+    mkl_s = std::min(mkl_s, round(false));
+  }
+  return {kernel_s, mkl_s};
+}
+
+// Whether two products agree to fp32 rounding: the largest difference within 1e-4 of the largest magnitude (the
+// measured differences are ~1e-6 of it or less); a kernel that computed something else is not chosen for its speed.
+bool agree(const std::vector<float>& a, const std::vector<float>& b) {
+  float worst = 0.0f, big = 0.0f;
+  for (size_t i = 0; i < a.size(); ++i) {
+    worst = std::max(worst, std::fabs(a[i] - b[i]));
+    big = std::max(big, std::fabs(b[i]));
+  }
+  return worst <= 1e-4f * big;
+}
+
 // The tile gradient products (f32_grads_use; AVX-512 only) the same way: with each thread's logits block of the
-// measurement above as its dL/dz tile G [m, n] and the shared W [n, K] / its own x [m, K], d_hidden = G W and
+// measurement below as its dL/dz tile G [m, n] and the shared W [n, K] / its own x [m, K], d_hidden = G W and
 // d_weight = G^T x (G read through its transpose, as the ops read it), on the kernel's in-place product (gemm_nn)
-// against torch's GEMM (MKL's), each thread single-threaded; the two products' times summed per round.
+// against torch's GEMM (MKL's); a round times both products.
 void calibrate_grads(F32Calibration& cal, int nt, const std::vector<float>& x, const std::vector<float>& w,
-                     const std::vector<float>& g, std::vector<double>& spent) {
+                     const std::vector<float>& g) {
   const int64_t m = kCalRows, K = kCalH, n = kCalN;
   std::vector<float> dh_k(static_cast<size_t>(nt * m * K)), dh_m(dh_k.size());
   std::vector<float> dw_k(static_cast<size_t>(nt * n * K)), dw_m(dw_k.size());
   auto f32 = at::TensorOptions().dtype(at::kFloat);
-  auto run = [&](bool kernel) {
-    parallel_tasks(nt, nt, false, [&](int, int64_t t) {
-      const double t0 = thread_cpu_seconds();
-      const float* gt = g.data() + t * m * n;
-      const float* xt = x.data() + t * m * K;
-      float* dh = (kernel ? dh_k : dh_m).data() + t * m * K;
-      float* dw = (kernel ? dw_k : dw_m).data() + t * n * K;
-      if (kernel) {
-        f32dot::gemm_nn(2, gt, n, 1, m, w.data(), K, K, n, dh, K, false);
-        f32dot::gemm_nn(2, gt, 1, n, n, xt, K, K, m, dw, K, false);
-      } else {
-        Tensor G = at::from_blob(const_cast<float*>(gt), {m, n}, f32);
-        Tensor dht = at::from_blob(dh, {m, K}, f32), dwt = at::from_blob(dw, {n, K}, f32);
-        at::mm_out(dht, G, at::from_blob(const_cast<float*>(w.data()), {n, K}, f32));
-        at::mm_out(dwt, G.t(), at::from_blob(const_cast<float*>(xt), {m, K}, f32));
-      }
-      spent[static_cast<size_t>(t)] = thread_cpu_seconds() - t0;
-    });
-    double sum = 0.0;
-    for (int t = 0; t < nt; ++t) sum += spent[static_cast<size_t>(t)];
-    return sum / nt;
-  };
-  run(true);
-  run(false);
-  cal.grads_kernel_s = cal.grads_mkl_s = 1e30;
-  for (int r = 0; r < kCalRounds; ++r) {
-    cal.grads_kernel_s = std::min(cal.grads_kernel_s, run(true));
-    cal.grads_mkl_s = std::min(cal.grads_mkl_s, run(false));
-  }
-  // Sums of 2048 (d_hidden) or 256 (d_weight) products: the two must agree to fp32 rounding of their magnitude.
-  auto close = [](const std::vector<float>& a, const std::vector<float>& b) {
-    float worst = 0.0f, big = 0.0f;
-    for (size_t i = 0; i < a.size(); ++i) {
-      worst = std::max(worst, std::fabs(a[i] - b[i]));
-      big = std::max(big, std::fabs(b[i]));
+  std::tie(cal.grads_kernel_s, cal.grads_mkl_s) = best_rounds(nt, [&](int64_t t, bool kernel) {
+    const float* gt = g.data() + t * m * n;
+    const float* xt = x.data() + t * m * K;
+    float* dh = (kernel ? dh_k : dh_m).data() + t * m * K;
+    float* dw = (kernel ? dw_k : dw_m).data() + t * n * K;
+    if (kernel) {
+      f32dot::gemm_nn(2, gt, n, 1, m, w.data(), K, K, n, dh, K, false);
+      f32dot::gemm_nn(2, gt, 1, n, n, xt, K, K, m, dw, K, false);
+    } else {
+      Tensor G = at::from_blob(const_cast<float*>(gt), {m, n}, f32);
+      Tensor dht = at::from_blob(dh, {m, K}, f32), dwt = at::from_blob(dw, {n, K}, f32);
+      at::mm_out(dht, G, at::from_blob(const_cast<float*>(w.data()), {n, K}, f32));
+      at::mm_out(dwt, G.t(), at::from_blob(const_cast<float*>(xt), {m, K}, f32));
     }
-    return worst <= 1e-4f * big;
-  };
-  cal.grads_agree = close(dh_k, dh_m) && close(dw_k, dw_m);
+  });
+  cal.grads_agree = agree(dh_k, dh_m) && agree(dw_k, dw_m);
   cal.grads = f32_calibration_pick(cal.grads_kernel_s, cal.grads_mkl_s, cal.grads_agree, cal.keep);
 }
 
@@ -340,46 +379,24 @@ F32Calibration calibrate_f32(int level) {
   }
   Tensor wt = at::from_blob(w.data(), {n, K}, at::TensorOptions().dtype(at::kFloat));
   std::vector<float> c_kernel(static_cast<size_t>(nt * m * n)), c_mkl(c_kernel.size());
-  // Each thread's own CPU time for its product, averaged over the threads: time the thread was preempted (another
-  // process on its core) is not counted, so a busy machine disturbs the choice much less than it would wall time.
-  std::vector<double> spent(static_cast<size_t>(nt));
-  auto run = [&](bool kernel) {
-    parallel_tasks(nt, nt, false, [&](int, int64_t t) {
-      const double t0 = thread_cpu_seconds();
-      const float* xt = x.data() + t * m * K;
-      if (kernel) {
-        f32dot::gemm(level, xt, K, m, kpack.data(), n, K, 0, f32dot::panels(level, n), c_kernel.data() + t * m * n,
-                     n);
-      } else if (packed) {
-        api.compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(m), static_cast<int>(n), static_cast<int>(K), xt,
-                    static_cast<int>(K), mpack.data(), static_cast<int>(n), 0.0f, c_mkl.data() + t * m * n,
-                    static_cast<int>(n));
-      } else {
-        Tensor xa = at::from_blob(const_cast<float*>(xt), {m, K}, at::TensorOptions().dtype(at::kFloat));
-        Tensor ca = at::from_blob(c_mkl.data() + t * m * n, {m, n}, at::TensorOptions().dtype(at::kFloat));
-        at::mm_out(ca, xa, wt.t());
-      }
-      spent[static_cast<size_t>(t)] = thread_cpu_seconds() - t0;
-    });
-    double sum = 0.0;
-    for (double v : spent) sum += v;
-    return sum / nt;
-  };
-  run(true);  // warm: caches, page faults, the thread pool
-  run(false);
-  cal.kernel_s = cal.mkl_s = 1e30;
-  for (int r = 0; r < kCalRounds; ++r) {
-    cal.kernel_s = std::min(cal.kernel_s, run(true));
-    cal.mkl_s = std::min(cal.mkl_s, run(false));
-  }
-  // The two products must agree (sums of K = 256 products of values in [-1, 1): |c| ~ 10, fp32 rounding ~1e-5):
-  // a kernel that computed something else would not be chosen for its speed.
-  float worst = 0.0f;
-  for (size_t i = 0; i < c_kernel.size(); ++i) worst = std::max(worst, std::fabs(c_kernel[i] - c_mkl[i]));
-  cal.agree = worst <= 1e-2f;
+  std::tie(cal.kernel_s, cal.mkl_s) = best_rounds(nt, [&](int64_t t, bool kernel) {
+    const float* xt = x.data() + t * m * K;
+    if (kernel) {
+      f32dot::gemm(level, xt, K, m, kpack.data(), n, K, 0, f32dot::panels(level, n), c_kernel.data() + t * m * n, n);
+    } else if (packed) {
+      api.compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(m), static_cast<int>(n), static_cast<int>(K), xt,
+                  static_cast<int>(K), mpack.data(), static_cast<int>(n), 0.0f, c_mkl.data() + t * m * n,
+                  static_cast<int>(n));
+    } else {
+      Tensor xa = at::from_blob(const_cast<float*>(xt), {m, K}, at::TensorOptions().dtype(at::kFloat));
+      Tensor ca = at::from_blob(c_mkl.data() + t * m * n, {m, n}, at::TensorOptions().dtype(at::kFloat));
+      at::mm_out(ca, xa, wt.t());
+    }
+  });
+  cal.agree = agree(c_kernel, c_mkl);
   cal.measured = true;
   cal.kernel = f32_calibration_pick(cal.kernel_s, cal.mkl_s, cal.agree, cal.keep);
-  if (level == 2) calibrate_grads(cal, nt, x, w, c_kernel, spent);
+  if (level == 2) calibrate_grads(cal, nt, x, w, c_kernel);
   return cal;
 }
 
@@ -397,31 +414,19 @@ const F32Calibration& f32_gemm_calibration() {
 // The knob is parsed on every CPU, so that a bad value is an error everywhere.  Unset, empty or `auto`: the faster of
 // the kernel and MKL's packed GEMM on this machine (f32_gemm_calibration, measured once per process on first use).
 int f32_gemm_use() {
-  const char* raw = std::getenv("COPSD_CPU_F32_GEMM");
-  std::string s(raw == nullptr ? "" : raw);
-  for (auto& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  if (s.empty() || s == "auto") return f32_gemm_calibration().kernel ? f32_gemm_level() : 0;
-  if (s == "0" || s == "false" || s == "off" || s == "no") return 0;
-  TORCH_CHECK(s == "1" || s == "true" || s == "on" || s == "yes",
-              "COPSD_CPU_F32_GEMM must be auto, 1 or 0 (also true/false, on/off, yes/no), got '", raw, "'");
-  return f32_gemm_level();
+  const EnvSwitch sw = env_switch("COPSD_CPU_F32_GEMM");
+  if (sw == EnvSwitch::kAuto) return f32_gemm_calibration().kernel ? f32_gemm_level() : 0;
+  return sw == EnvSwitch::kOn ? f32_gemm_level() : 0;
 }
 
 bool packed_f32_available() { return f32_gemm_use() > 0 || have_packed_api(); }
 
 int f32_grads_use(int64_t H) {
-  // Parsed first, on every CPU: a bad value is an error everywhere.
-  const char* raw = std::getenv("COPSD_CPU_F32_GRADS");
-  std::string s(raw == nullptr ? "" : raw);
-  for (auto& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  const bool measured = s.empty() || s == "auto";
-  const bool off = s == "0" || s == "false" || s == "off" || s == "no";
-  TORCH_CHECK(measured || off || s == "1" || s == "true" || s == "on" || s == "yes",
-              "COPSD_CPU_F32_GRADS must be auto, 1 or 0 (also true/false, on/off, yes/no), got '", raw, "'");
+  const EnvSwitch sw = env_switch("COPSD_CPU_F32_GRADS");  // parsed first: a bad value is an error everywhere
   const int level = f32_gemm_use();
   // AVX-512 only: the AVX2 kernel ran these products below MKL's AVX2 GEMM (see the definition's note in gemm.h).
-  if (off || level != 2 || H <= 0 || H % f32dot::panel_rows(level) != 0) return 0;
-  if (measured && !f32_gemm_calibration().grads) return 0;
+  if (sw == EnvSwitch::kOff || level != 2 || H <= 0 || H % f32dot::panel_rows(level) != 0) return 0;
+  if (sw == EnvSwitch::kAuto && !f32_gemm_calibration().grads) return 0;
   return level;
 }
 

@@ -132,6 +132,11 @@ bool packed_f32_available();
 // COPSD_CPU_DYNAMIC).
 bool env_flag_off(const char* name);
 
+// An auto / on / off environment variable `name`: unset, empty or `auto` (any case) kAuto; env_flag_off's on and
+// off values; anything else is an error naming the variable (COPSD_CPU_F32_GEMM, COPSD_CPU_F32_GRADS).
+enum class EnvSwitch { kAuto, kOn, kOff };
+EnvSwitch env_switch(const char* name);
+
 // A non-negative integer from the environment variable `name` (`dflt` when unset or empty); anything else is an
 // error naming the variable.  The MiB knobs (COPSD_CPU_PACK_MB, COPSD_CPU_CACHE_MB) and the plain counts
 // (COPSD_CPU_TOPK_ROWS / _TILE) are read with it.
