@@ -354,8 +354,8 @@ void calibrate_grads(F32Calibration& cal, int nt, const std::vector<float>& x, c
 F32Calibration calibrate_f32(int level) {
   F32Calibration cal;
   cal.level = level;
+  cal.keep = f32_calibration_keep();  // first, on every CPU: a bad value is an error, kernel or not
   if (level == 0) return cal;
-  cal.keep = f32_calibration_keep();  // first: a bad value is an error before anything is measured
   const int nt = std::max(1, std::min(at::get_num_threads(), 16));
   const int64_t m = kCalRows, K = kCalH, n = kCalN;
   std::vector<float> x(static_cast<size_t>(nt * m * K)), w(static_cast<size_t>(n * K));
