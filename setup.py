@@ -6,8 +6,9 @@
   CUDA toolkit is found (``COPSD_SKIP_CUDA=1`` skips it).
 
 Without any extension every op still works through the reference backend.  The Triton
-package lives in ``kernels/`` and installs as ``copsd_kernels`` (the bare name ``kernels``
-belongs to another PyPI project).
+package is ``copsd_kernels/``.  It must not be named ``kernels``: that is Hugging Face's hub-kernels
+package, which transformers (5.25 on) installs and imports, and a ``kernels/`` directory in the
+checkout would shadow it wherever Python runs from here (``python -m pytest`` puts the cwd first).
 """
 
 import glob
@@ -72,11 +73,10 @@ def _is_x86():
 
 ext_modules, cmdclass = _extensions()
 
-HAS_KERNELS = os.path.exists(os.path.join(ROOT, "kernels", "__init__.py"))
+HAS_KERNELS = os.path.exists(os.path.join(ROOT, "copsd_kernels", "__init__.py"))
 
 setup(
     packages=find_packages(include=["copsd", "copsd.*"]) + (["copsd_kernels"] if HAS_KERNELS else []),
-    package_dir={"copsd_kernels": "kernels"} if HAS_KERNELS else {},
     package_data={"copsd": ["data/*", "data/**/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,6 +1,6 @@
 """Plumbing shared by the Triton backend's lm_head ops (one host module per op next to this one:
 ``_triton_logprobs``, ``_triton_topk``, ``_triton_divergence``; kernels in ``copsd_kernels``, i.e.
-``kernels/``).
+``copsd_kernels/``).
 
 Two GPU paths; the op modules take the choice as an explicit ``path`` argument, which dispatch
 (``copsd.backends.get``) fills from ``backend="triton:fused"`` / ``"triton:chunked"``, else from the
@@ -14,7 +14,7 @@ Two GPU paths; the op modules take the choice as an explicit ``path`` argument, 
 * ``chunked`` (opt-in until verified on a GPU; designed to be the faster one, 4 GEMMs per gradient step
   instead of 6 GEMM-equivalents): per token chunk of T rows (all ``[T, V]`` buffers within
   ``CHUNK_BYTES``), cuBLAS computes the raw logits with fp32 output (``mm_f32``), ONE Triton row kernel
-  per chunk (``kernels/linear_rows.py``) reduces every row and writes dZ in the input dtype, then
+  per chunk (``copsd_kernels/linear_rows.py``) reduces every row and writes dZ in the input dtype, then
   dX[chunk] = dZ W and dW += dZ^T X[chunk] with fp32 accumulation (``chunk_grads``).
 
 float64 inputs never reach this code: dispatch serves them with the reference backend (``triton.DTYPES``).

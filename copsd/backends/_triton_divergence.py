@@ -16,13 +16,13 @@ import math
 
 import torch
 import triton
+
+from copsd.backends import _triton_common as C
+from copsd.backends.reference import chain_rule, support_terms, transform
 from copsd_kernels import _common as kc
 from copsd_kernels import linear_divergence as kdiv
 from copsd_kernels import linear_logprobs as klp
 from copsd_kernels import linear_rows as krow
-
-from copsd.backends import _triton_common as C
-from copsd.backends.reference import chain_rule, support_terms, transform
 
 _KIND = {"reverse_kl": kdiv.REVERSE_KL, "forward_kl": kdiv.FORWARD_KL, "jsd": kdiv.JSD}
 
@@ -79,7 +79,7 @@ def _full_support(s_hidden, s_weight, t_hidden, t_weight, logit, div, token_grad
     lse_s, lse_t = Ms + torch.log(Ss), Mt + torch.log(St)
     kind = _KIND[div.kind]
     beta, log_beta, log_1mb, clip = _div_args(div)
-    # per-tile shift to the row maxes of the relative difference (see kernels/linear_divergence.py)
+    # per-tile shift to the row maxes of the relative difference (see copsd_kernels/linear_divergence.py)
     c = (state[0] - Ms) - (state[2] - Mt)
     if div.term_clip is None and kind == kdiv.REVERSE_KL:
         A = (torch.exp(state[0] - Ms) * (state[4] + state[1] * c)).sum(0)

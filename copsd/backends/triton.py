@@ -1,4 +1,4 @@
-"""Triton backend (CUDA GPUs): host code per op, kernels in the ``copsd_kernels`` package (``kernels/``).
+"""Triton backend (CUDA GPUs): host code per op, kernels in the ``copsd_kernels`` package.
 
 =========================  ===========================  ===============================================
 op (kernel-level)          host module                  kernels (``copsd_kernels.``)
@@ -43,12 +43,12 @@ _HOST = {
 
 
 def load_kernels():
-    """The ``copsd_kernels`` package; in a source checkout without ``pip install -e .``, <repo>/kernels mapped
-    to that name.  Importing the package itself imports no kernel (and not triton)."""
+    """The ``copsd_kernels`` package; in a source checkout without ``pip install -e .``, <repo>/copsd_kernels
+    loaded by path.  Importing the package itself imports no kernel (and not triton)."""
     try:
         import copsd_kernels
     except ModuleNotFoundError as e:
-        init = Path(__file__).resolve().parents[2] / "kernels" / "__init__.py"
+        init = Path(__file__).resolve().parents[2] / "copsd_kernels" / "__init__.py"
         if e.name != "copsd_kernels" or not init.exists():
             raise
         spec = importlib.util.spec_from_file_location(

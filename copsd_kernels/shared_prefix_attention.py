@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from copsd_kernels import interpreting
 from copsd_kernels.merge_attention_states import merge_attention_states as _merge
 
