@@ -73,6 +73,7 @@ def _triton_ready(device):
         if os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before the kernels import")
         import triton.language as tl
+
         from copsd_kernels import shared_prefix_attention as mod
 
         for what, fn in (("triton.language", tl.zeros), ("copsd_kernels", mod._attn_fwd_kernel)):

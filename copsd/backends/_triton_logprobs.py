@@ -9,9 +9,9 @@ plumbing: ``copsd.backends._triton_common``.  ``path`` is "fused" or "chunked" (
 from __future__ import annotations
 
 import torch
-from copsd_kernels import linear_rows as krow
 
 from copsd.backends import _triton_common as C
+from copsd_kernels import linear_rows as krow
 
 
 def logprobs_forward(hidden, weight, ids, logit, path=None):

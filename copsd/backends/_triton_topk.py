@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 import triton
-from copsd_kernels import _common as kc
-from copsd_kernels import linear_topk as ktop
 
 from copsd.backends import _triton_common as C
 from copsd.backends.reference import transform
+from copsd_kernels import _common as kc
+from copsd_kernels import linear_topk as ktop
 
 
 def topk(hidden, weight, k, logit, path=None):
