@@ -733,6 +733,7 @@ class StageTrainer:
                         model_state_dict=fsdp.full_state_dict(self.model) if sharded else None,
                         optimizer_shard=(fsdp.local_optimizer_state(self.optimizer), self.acc.num_processes)
                         if sharded else None)
+        self._write_run(finished=False)  # the run record follows its checkpoints (a killed run shows its step)
 
     def sharded(self) -> bool:
         return fsdp.is_sharded(self.model)

@@ -125,3 +125,25 @@ def test_sft_resume_matches_uninterrupted(student, tmp_path):
     losses = [json.loads(x)["loss"] for x in (full / "metrics.jsonl").read_text().splitlines()]
     resumed = [json.loads(x)["loss"] for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert resumed == losses[2:]
+
+
+def test_run_record_follows_the_checkpoints(student, tmp_path, monkeypatch):
+    # copsd_run.json says how far a run that died got: the step of its last checkpoint, not the step it started at
+    from copsd.distill import Distiller
+
+    out = tmp_path / "died"
+    dirs = {"student": student, "teacher": student}
+    real = Distiller.train_step
+
+    def dies_at_step_3(self, step):
+        if step == 2:  # 0-based: the third step, after checkpoint-2
+            raise RuntimeError("killed")
+        return real(self, step)
+
+    monkeypatch.setattr(Distiller, "train_step", dies_at_step_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        Distiller(distill_cfg(dirs, out, **dict(COMMON, max_steps=4))).train()
+    assert (out / "checkpoint-2").is_dir()
+    with open(out / "copsd_run.json") as f:
+        record = json.load(f)
+    assert record["global_step"] == 2 and record["finished"] is False and record["max_steps"] == 4, record
