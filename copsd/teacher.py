@@ -400,8 +400,9 @@ class TeacherScorer:
                     self._fell_back = True
                     if not self._warned:
                         self._warned = True
+                        # stacklevel 3: past torch.no_grad's wrapper of score(), to its caller
                         warnings.warn(f"copsd TeacherScorer: prefix reuse is not exact for this model "
-                                      f"({err}); falling back to full re-encoding", stacklevel=2)
+                                      f"({err}); falling back to full re-encoding", stacklevel=3)
                     self._cache.clear()
             if hidden is None:
                 hidden = self._score_naive(ctxs, resps, vision)

@@ -218,8 +218,10 @@ def test_unsupported_sliding_window_falls_back_with_one_warning():
     gen = torch.Generator().manual_seed(11)
     ctxs, resps = _batch(gen, [_rand(gen, 20)], 2, prompt_lens=(3, 6))
     scorer = TeacherScorer(model)
-    with pytest.warns(UserWarning, match="falling back"):
+    with pytest.warns(UserWarning, match="falling back") as record:
         out = scorer.score(ctxs, resps, return_logprobs=True)
+    # reported at the caller's line, not inside torch's no_grad wrapper
+    assert [w.filename for w in record if "falling back" in str(w.message)] == [__file__], [w.filename for w in record]
     _assert_close(out, _reference(model, ctxs, resps))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -26,8 +26,9 @@ def add_arguments(parser):
     parser.add_argument("--constitution_title", nargs="?", const=True, default=False, type=parse_bool,
                         metavar="BOOL", help="send a Markdown constitution's '# title' line, as the training "
                                              "key constitution_title (default: false)")
-    parser.add_argument("--prompts", action="append", required=True, metavar="JSONL",
-                        help="prompt rows with 'prompt' and 'kind' (harmful/benign/general); repeatable")
+    parser.add_argument("--prompts", action="append", required=True, metavar="FILE",
+                        help="a prompt file (JSONL / JSON / parquet in TRL's prompt formats; an optional 'kind' of "
+                             "harmful/benign/general per row); repeatable")
     parser.add_argument("--output_dir", required=True, help="where report.json, responses and plots go")
     parser.add_argument("--num_samples", type=int, default=None,
                         help="samples per prompt (default 4, or 1 with --greedy; diversity needs >= 2)")
