@@ -11,7 +11,7 @@ Prompt rows, in the formats TRL uses:
 * ``{"prompt": ..., "completion": "text" | [assistant messages]}`` (prompt-completion): the completion
   becomes the row's ``reference`` answer;
 * ``{"messages": [...]}`` (conversational): the prompt is everything up to the last user message, the
-  assistant message after it (if any) the ``reference``.
+  assistant messages after it (if any; joined, like a completion's) the ``reference``.
 
 Optional keys: ``kind`` (``harmful``, ``benign`` or ``general``; default ``general``, see below), ``category``
 (selects a category text of the constitution), ``reference`` (a safe answer, used for harmful rows in
@@ -335,8 +335,8 @@ def parse_prompt_row(rec, where: str, default_kind: str = DEFAULT_KIND, ignored:
         after = [m for m in msgs[last_user + 1:] if m["role"] == "assistant"]
         if image_parts(msgs[last_user + 1:]):
             raise ValueError(f"{where}: image parts after the last user message (only prompts carry images)")
-        if reference is None and after:
-            reference = message_text(after[0]["content"])
+        if reference is None and after:  # every assistant turn after it, joined, as a completion's are
+            reference = "".join(message_text(m["content"]) for m in after)
         messages = msgs[:last_user + 1]
     elif _present(rec, "prompt"):
         messages = _as_messages(rec["prompt"], where, "prompt", "user")

@@ -79,3 +79,15 @@ def test_all_bad_lines_reported_at_once(tmp_path):
     assert msg.startswith("3 problems in dataset")
     for n in (2, 3, 4):
         assert f"d.jsonl line {n}: " in msg
+
+
+def test_messages_reference_is_every_assistant_turn_after_the_last_user():
+    # the same conversation as messages and as prompt + completion gives the same reference (two assistant turns
+    # after the last user turn: both, joined, not only the first)
+    user = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old"},
+            {"role": "user", "content": "how do I?"}]
+    answer = [{"role": "assistant", "content": "First, "}, {"role": "assistant", "content": "then this."}]
+    as_messages, as_completion = load_prompt_rows([{"messages": user + answer},
+                                                   {"prompt": user, "completion": answer}])
+    assert as_messages.reference == as_completion.reference == "First, then this."
+    assert as_messages.messages == as_completion.messages
