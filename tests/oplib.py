@@ -114,13 +114,13 @@ def cpu_inputs(N, H, V, dtype, scale=1.0, teacher_scale=None, seed=None, dominan
     return out + [torch.randint(0, V, (N,), generator=g)] if ids else out
 
 
-def run_json(code, drop=(), **env):
-    """``python -c code`` in a fresh process (the knobs read once per process start clean there): this process's
-    environment without the variables whose names start with one of ``drop``, plus ``env``; returns the JSON of the
-    last line the code prints."""
+def run_json(code, drop=(), args=(), cwd=None, **env):
+    """``python -c code *args`` in a fresh process (the knobs read once per process start clean there), in ``cwd``:
+    this process's environment without the variables whose names start with one of ``drop``, plus ``env``; returns
+    the JSON of the last line the code prints."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(tuple(drop))}
-    out = subprocess.run([sys.executable, "-c", code], env=dict(base, **env), capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code, *args], env=dict(base, **env), cwd=cwd, capture_output=True,
+                         text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

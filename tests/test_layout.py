@@ -8,10 +8,9 @@ Triton package once lived in ``kernels/``: when transformers 5.25 began to insta
 
 import importlib.metadata
 import importlib.util
-import json
-import subprocess
-import sys
 from pathlib import Path
+
+from oplib import run_json
 
 ROOT = Path(__file__).resolve().parents[1]
 OUR_DISTRIBUTION = "copsd"
@@ -62,9 +61,7 @@ def test_installed_packages_win_when_run_from_the_checkout():
             "print(json.dumps({n: getattr(importlib.util.find_spec(n), 'origin', None) for n in sys.argv[1:]}))")
     wanted = [n for n in ("kernels", "transformers", "accelerate", "safetensors", "tokenizers", "yaml")
               if importlib.util.find_spec(n) is not None]
-    out = subprocess.run([sys.executable, "-c", code, *wanted], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout
-    origins = json.loads(out)
+    origins = run_json(code, args=wanted, cwd=ROOT)
     inside = {n: o for n, o in origins.items() if o and Path(o).resolve().is_relative_to(ROOT)
               and ".venv" not in Path(o).resolve().relative_to(ROOT).parts}
     assert not inside, f"installed packages shadowed by the checkout: {inside}"
