@@ -273,6 +273,100 @@ def test_cpu_divergence_matches_dense(kind, support, tail, logit_name, dtype, cl
     check_accurate([loss2], [exact[0]], [plain[0]], ["loss (no grad)"], dtype)
 
 
+def _exact_order(row):
+    """Ids of one row of logits in the top-k ops' documented order: value descending, equal values by ascending id."""
+    return sorted(range(len(row)), key=lambda j: (-row[j], j))
+
+
+@CPU
+@pytest.mark.isa
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("logit_name", ["plain", "temp_scale_softcap", "temp_scale"])
+@pytest.mark.parametrize("kind,tail", [("reverse_kl", "bucket"), ("forward_kl", "renorm"), ("jsd", "none")])
+@pytest.mark.parametrize("k", [1, 9, 211])
+def test_cpu_divergence_select_matches_dense(kind, tail, logit_name, dtype, k, monkeypatch):
+    """The teacher-top-k divergence that selects its own support (one teacher lm_head pass, no top-k op): its ids
+    are the teacher's top k of the float64 logits (k = V included), and loss and student gradients are those of
+    the dense float64 reference on those ids, with per-token upstream gradients, over several row chunks."""
+    monkeypatch.setattr(cpu, "WORKSPACE_BYTES", 5 * 2 * 211 * 8)  # a few rows per chunk
+    N, H, V = 23, 12, 211
+    logit = LOGITS[logit_name]
+    xs, ws, xt, wt = cpu_inputs(N, H, V, dtype)
+    div = DivergenceSpec(kind=kind, beta=0.3, support="teacher_topk", tail=tail)
+    tg = torch.randn(N, dtype=torch.float64).to(dtype)
+    loss, dx, dw, stats, ids = cpu.divergence_select(xs, ws, xt, wt, logit, div, k, tg)
+    assert stats is None and ids.shape == (N, k) and ids.dtype == torch.int64
+    assert all(len(set(r.tolist())) == k for r in ids)
+    z64 = z64_of(xt, wt, logit)
+    top = z64.sort(dim=1, descending=True).values
+    tol = 1e-12 if dtype == torch.float64 else 1e-5 * z64.abs().max().item()
+    assert (z64.gather(1, ids) >= top[:, k - 1:k] - tol).all()  # every id is among the k best (ties allowed)
+    assert (z64.gather(1, ids).diff(dim=1) <= tol).all()  # descending, as the top-k op returns them
+    check_div((loss, dx, dw), xs, ws, xt, wt, logit, div, ids, tg)
+    # Without gradients: the same ids and losses; with token statistics as well.
+    loss2, none_dx, none_dw, _, ids2 = cpu.divergence_select(xs, ws, xt, wt, logit, div, k, None)
+    assert none_dx is None and none_dw is None and torch.equal(ids2, ids)
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
+    sid = torch.randint(0, V, (N,))
+    got = cpu.divergence_select(xs, ws, xt, wt, logit, div, k, tg, sid)
+    assert torch.equal(got[4], ids)
+    want = cpu.divergence_stats(xs, ws, xt, wt, logit, div, ids, tg, sid)
+    for g, w in zip(got[:4], want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@CPU
+@pytest.mark.isa
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("logit_name", ["plain", "temp_scale_softcap", "temp_scale"])
+def test_cpu_divergence_select_ties_and_nonfinite_ids(dtype, logit_name):
+    """Equal teacher logits go to the lowest ids, and a row with fewer than k logits above -inf is completed with its
+    -inf ids by id -- the top-k op's order, exactly.  The teacher's logits are exact: a hidden state of ones(1) times
+    a one-column lm_head holding the row."""
+    inf = float("inf")
+    V, N = 37, 3
+    xs, ws, _, _ = cpu_inputs(N, 6, V, dtype)
+    logit = LOGITS[logit_name]
+    for row in ([float(j % 5) for j in range(V)], [(-inf if j % 3 == 0 else float(j % 4)) for j in range(V)],
+                [(-inf if j != 20 else 2.0) for j in range(V)]):
+        xt, wt = torch.ones(N, 1, dtype=dtype), torch.tensor(row, dtype=dtype)[:, None]
+        for k in (1, 5, 13, 30, V):
+            ids = cpu.divergence_select(xs, ws, xt, wt, logit, DivergenceSpec(support="teacher_topk"), k, None)[4]
+            want = torch.tensor(_exact_order(row)[:k]).expand(N, k)
+            assert torch.equal(ids, want), (row, k, ids)
+            assert torch.equal(ids, cpu.topk(xt, wt, k, logit)[0])
+
+
+def test_int_topk_is_selected_inside_the_cpu_divergence(monkeypatch):
+    """``topk=k`` on the C++ backend: the divergence selects the teacher's top k itself, so the top-k op (a second
+    pass over the teacher's lm_head) is never called; losses and gradients (masked rows, per-token upstream
+    gradients, every reduction) are the dense float64 reference's on the teacher's true top k."""
+    if not cpu.available():
+        pytest.skip("copsd._C (C++ CPU extension) is not built")
+    calls = []
+    real = cpu.topk
+    monkeypatch.setattr(cpu, "topk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    N, H, V, k = 31, 10, 157, 6
+    xs, ws, xt, wt = op_inputs(N, H, V)
+    mask = torch.rand(N) > 0.3
+    opts = dict(temperature=0.9, softcap=4.0)
+    ids = teacher_ids(xt, wt, k, opts)
+    up = torch.randn(N, dtype=F64)
+    for reduction in ("none", "mean", "sum"):
+        got = linear_divergence(xs, ws, xt, wt, kind="jsd", beta=0.4, support="teacher_topk", topk=k, mask=mask,
+                                reduction=reduction, backend="cpu", **opts)
+        per = dense.divergence(xs, ws, xt, wt, kind="jsd", beta=0.4, support="teacher_topk", topk_ids=ids,
+                               **opts) * mask
+        want = per if reduction == "none" else per.sum() / (int(mask.sum()) if reduction == "mean" else 1)
+        w = up if reduction == "none" else 1.7
+        gx, gw = torch.autograd.grad((got * w).sum(), (xs, ws))
+        rx, rw = torch.autograd.grad((want * w).sum(), (xs, ws))
+        check_close(got, want)
+        check_close(gx, rx)
+        check_close(gw, rw)
+    assert not calls
+
+
 @CPU
 @pytest.mark.parametrize("support,tail", SUPPORTS)
 @pytest.mark.parametrize("kind", ["reverse_kl", "jsd"])

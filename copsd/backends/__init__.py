@@ -34,6 +34,12 @@ statistics are returned in float32 (float64 when the inputs are float64).
     ``divergence`` plus, from the same logits, the student's log-prob of ``stats_ids`` and entropy and the
     teacher's log-prob of ``stats_ids`` (rows of ``stats``).  A backend without it gets them from its
     ``logprobs_forward`` on each side (``linear_divergence(..., stats_ids=)``).
+``divergence_select(s_hidden, s_weight, t_hidden, t_weight, logit, div, k: int, token_grad[N] | None,
+                    stats_ids[N] int64 | None)``
+    -> ``(loss[N], d_s_hidden | None, d_s_weight | None, stats[3, N] | None, ids[N, k] int64)``  (optional)
+    For ``div.support == "teacher_topk"`` with no ids given: the backend selects each row's teacher top ``k``
+    itself (the ids ``topk`` returns) from the teacher logits its divergence forms, and returns them.  A backend
+    without it gets them from its ``topk`` first (one more pass over the teacher's lm_head).
 ``merge_attention_states(o_a, lse_a, o_b, lse_b)`` -> ``(o, lse)``
 ``shared_prefix_attention(q, k, v, prefix_k, prefix_v, scale: float, seq_lens|None)`` -> ``(o, lse)``
 """

@@ -226,7 +226,7 @@ def topk(hidden, weight, k, logit: LogitSpec):
 
 def divergence(s_hidden, s_weight, t_hidden, t_weight, logit: LogitSpec, div: DivergenceSpec,
                topk_ids=None, token_grad=None):
-    return _divergence(s_hidden, s_weight, t_hidden, t_weight, logit, div, topk_ids, token_grad, None)[:3]
+    return _divergence(s_hidden, s_weight, t_hidden, t_weight, logit, div, topk_ids, token_grad, None, 0)[:3]
 
 
 def divergence_stats(s_hidden, s_weight, t_hidden, t_weight, logit: LogitSpec, div: DivergenceSpec,
@@ -235,14 +235,26 @@ def divergence_stats(s_hidden, s_weight, t_hidden, t_weight, logit: LogitSpec, d
     ``stats_ids`` and entropy and the teacher's log-prob of ``stats_ids``: ``(loss, dx | None, dw | None,
     stats[3, N])``."""
     return _divergence(s_hidden, s_weight, t_hidden, t_weight, logit, div, topk_ids, token_grad,
-                       stats_ids.long().contiguous())
+                       stats_ids.long().contiguous(), 0)[:4]
 
 
-def _divergence(s_hidden, s_weight, t_hidden, t_weight, logit, div, topk_ids, token_grad, stats_ids):
-    if div.support == "teacher_topk" and topk_ids is None:
+def divergence_select(s_hidden, s_weight, t_hidden, t_weight, logit: LogitSpec, div: DivergenceSpec, k: int,
+                      token_grad=None, stats_ids=None):
+    """The teacher-top-k divergence that selects its support itself: each row's teacher top ``k`` (the ids and
+    order ``topk`` would return) is taken from the teacher logits the divergence forms anyway, so the teacher's
+    lm_head is multiplied once, not a second time by a top-k pass.  ``(loss, dx | None, dw | None,
+    stats[3, N] | None, ids[N, k])``."""
+    if div.support != "teacher_topk":
+        raise ValueError(f"divergence_select needs div.support == 'teacher_topk', got {div.support!r}")
+    sid = None if stats_ids is None else stats_ids.long().contiguous()
+    return _divergence(s_hidden, s_weight, t_hidden, t_weight, logit, div, None, token_grad, sid, int(k))
+
+
+def _divergence(s_hidden, s_weight, t_hidden, t_weight, logit, div, topk_ids, token_grad, stats_ids, select_k):
+    if div.support == "teacher_topk" and topk_ids is None and not select_k:
         raise ValueError("topk_ids must be an [N, k] int64 tensor when div.support == 'teacher_topk'")
     ids = topk_ids.long().contiguous() if (topk_ids is not None and div.support == "teacher_topk") else None
     clip = None if div.term_clip is None else float(div.term_clip)
     return _C.divergence(s_hidden, s_weight, t_hidden, t_weight, *_logit_args(logit), _KIND[div.kind],
                          float(div.beta), _SUPPORT[div.support], _TAIL[div.tail], clip, ids, token_grad, stats_ids,
-                         WORKSPACE_BYTES)
+                         select_k, WORKSPACE_BYTES)

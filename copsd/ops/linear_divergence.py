@@ -108,11 +108,15 @@ def _run(xs, ws, xt, wt, mask, topk_ids, topk_k, options, token_grad=None, per_t
     if sid_c is not None:
         V.ids_values("stats_ids", sid_c, ws.shape[0])  # masked tokens' ids are never read
         sid_c = sid_c.long().contiguous()
-    ids_c = _teacher_ids(xt_c, wt, ids_c, topk_k, logit, div, backend)
     impl = backends.resolve("divergence", xs.device, backend, (xs.dtype,))
     if token_grad is not None:
         g_c = torch.full((xs_c.shape[0],), token_grad, dtype=stat_dtype(xs), device=xs.device)
     g_c = None if g_c is None else g_c.contiguous()
+    select = impl.other("divergence_select") if (div.support == "teacher_topk" and ids_c is None) else None
+    if select is not None:  # the backend selects the teacher's top k from the logits its divergence forms
+        loss, dxs, dws, stats, ids_c = select(xs_c, ws, xt_c, wt, logit, div, topk_k, g_c, sid_c)
+        return loss, dxs, dws, ids_c, idx, stats
+    ids_c = _teacher_ids(xt_c, wt, ids_c, topk_k, logit, div, backend)
     fused = None if sid_c is None else impl.other("divergence_stats")
     if fused is not None:
         loss, dxs, dws, stats = fused(xs_c, ws, xt_c, wt, logit, div, ids_c, g_c, sid_c)

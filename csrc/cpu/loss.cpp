@@ -643,7 +643,9 @@ std::tuple<Tensor, Tensor, Tensor> topk_t(const Tensor& hidden, const Tensor& we
 
 // ------------------------------------------------------------------------------ divergence
 
-using DivOut = std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>>;
+// (loss, d_s_hidden, d_s_weight, stats, the teacher top-k ids the call selected (select_k > 0)).
+using DivOut = std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>,
+                          std::optional<Tensor>>;
 
 // Whether a divergence's two logits GEMMs can run side by side (side_parts): an even thread count and the row split
 // allowed (the lm_heads' packing and the chunk's rows are side_parts' to check).
@@ -732,7 +734,7 @@ template <typename T>
 DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const Tensor& wt, const LogitParams& lp,
                     const DivParams& dp, const std::optional<Tensor>& topk_ids,
                     const std::optional<Tensor>& token_grad, const std::optional<Tensor>& stats_ids,
-                    int64_t budget) {
+                    int64_t select_k, int64_t budget) {
   const int64_t N = xs.size(0), V = ws.size(0), H = xs.size(1);
   const auto st = acc_type(xs);
   auto opts = at::TensorOptions().dtype(st);
@@ -748,17 +750,23 @@ DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const 
   // Token statistics of stats_ids, [N, 3] rows (student log-prob, student entropy, teacher log-prob).
   const bool want_stats = stats_ids.has_value();
   Tensor stats = at::empty({N, want_stats ? 3 : 0}, opts);
+  // select_k > 0: the teacher-top-k support's ids are selected row by row from the teacher logits the chunk holds
+  // (RowKernels::div_select), not given -- one teacher lm_head GEMM instead of the top-k op's pass plus this one.
+  const bool select = select_k > 0;
+  Tensor sel_ids = select ? at::empty({N, select_k}, at::TensorOptions().dtype(at::kLong)) : Tensor();
   auto result = [&]() -> DivOut {
     return {loss, grad ? std::optional<Tensor>(dx) : std::nullopt, grad ? std::optional<Tensor>(dw) : std::nullopt,
-            want_stats ? std::optional<Tensor>(stats.t().contiguous()) : std::nullopt};
+            want_stats ? std::optional<Tensor>(stats.t().contiguous()) : std::nullopt,
+            select ? std::optional<Tensor>(sel_ids) : std::nullopt};
   };
   if (N == 0) {
     if (grad) dw.zero_();
     return result();
   }
   const bool topk = dp.support == SUPPORT_TOPK;
-  const int64_t k = topk ? topk_ids->size(1) : 0;
-  const int64_t* pK = topk ? topk_ids->data_ptr<int64_t>() : nullptr;
+  const int64_t k = select ? select_k : topk ? topk_ids->size(1) : 0;
+  const int64_t* pK = select ? nullptr : topk ? topk_ids->data_ptr<int64_t>() : nullptr;
+  int64_t* psel = select ? sel_ids.data_ptr<int64_t>() : nullptr;
   const int64_t rows = chunk_rows(N, V, sizeof(T), 2, budget, grad);
   PackBudget pack;  // the student's lm_head is packed first, the teacher's if the budget still allows
   // Where the two sides' logits GEMMs will run side by side (side_by_side_threads), both lm_heads are
@@ -797,6 +805,9 @@ DivOut divergence_t(const Tensor& xs, const Tensor& ws, const Tensor& xt, const 
   tm.stop(tm.prep);
   // The loss of token n = r0 + r from its rows ps / pt of the chunk (r: the row in the chunk), dL/dz left in ps.
   auto row_div = [&](int64_t n, int64_t r, T* ps, T* pt) {
+    if (select)
+      return K.div_select(ps, pt, V, psel + n * k, k, grad ? ptg[n] : T(0), grad, lp, dp, psc + r * sc_stride,
+                          want_stats ? psid[n] : 0, want_stats ? pstats + 3 * n : nullptr);
     return K.div(ps, pt, V, topk ? pK + n * k : nullptr, k, grad ? ptg[n] : T(0), grad, lp, dp, psc + r * sc_stride,
                  want_stats ? psid[n] : 0, want_stats ? pstats + 3 * n : nullptr);
   };
@@ -1005,7 +1016,8 @@ std::tuple<Tensor, Tensor, Tensor> topk(const Tensor& hidden, const Tensor& weig
 DivOut divergence(const Tensor& xs, const Tensor& ws, const Tensor& xt, const Tensor& wt, double temperature,
                   double logit_scale, std::optional<double> softcap, int64_t kind, double beta, int64_t support,
                   int64_t tail, std::optional<double> term_clip, const std::optional<Tensor>& topk_ids,
-                  const std::optional<Tensor>& token_grad, const std::optional<Tensor>& stats_ids, int64_t budget) {
+                  const std::optional<Tensor>& token_grad, const std::optional<Tensor>& stats_ids, int64_t select_k,
+                  int64_t budget) {
   at::NoGradGuard no_grad;  // outputs are plain tensors; the op layer owns autograd
   check_2d_same(xs, ws, "s_hidden", "s_weight");
   check_2d_same(xt, wt, "t_hidden", "t_weight");
@@ -1021,8 +1033,12 @@ DivOut divergence(const Tensor& xs, const Tensor& ws, const Tensor& xt, const Te
   dp.has_clip = term_clip.has_value();
   dp.clip = term_clip.value_or(0.0);
   std::optional<Tensor> K;
-  if (dp.support == SUPPORT_TOPK) {
-    TORCH_CHECK(topk_ids.has_value() && topk_ids->defined(), "teacher_topk support needs topk_ids");
+  TORCH_CHECK(select_k >= 0 && select_k <= ws.size(0), "select_k must be in [0, V = ", ws.size(0), "], got ",
+              select_k);
+  TORCH_CHECK(select_k == 0 || (dp.support == SUPPORT_TOPK && !(topk_ids.has_value() && topk_ids->defined())),
+              "select_k selects the teacher_topk support's ids: it needs support teacher_topk and no topk_ids");
+  if (dp.support == SUPPORT_TOPK && select_k == 0) {
+    TORCH_CHECK(topk_ids.has_value() && topk_ids->defined(), "teacher_topk support needs topk_ids or select_k");
     TORCH_CHECK(topk_ids->scalar_type() == at::kLong && topk_ids->dim() == 2 && topk_ids->size(0) == xs.size(0) &&
                     topk_ids->size(1) >= 1 && topk_ids->size(1) <= ws.size(0),
                 "topk_ids must be int64 [N, k] with 1 <= k <= V");
@@ -1042,8 +1058,9 @@ DivOut divergence(const Tensor& xs, const Tensor& ws, const Tensor& xt, const Te
     }
   }
   budget = call_budget(budget, xs, ws, 2, token_grad.has_value() && token_grad->defined());
-  if (acc_type(xs) == at::kDouble) return divergence_t<double>(xs, ws, xt, wt, lp, dp, K, token_grad, sid, budget);
-  return divergence_t<float>(xs, ws, xt, wt, lp, dp, K, token_grad, sid, budget);
+  if (acc_type(xs) == at::kDouble)
+    return divergence_t<double>(xs, ws, xt, wt, lp, dp, K, token_grad, sid, select_k, budget);
+  return divergence_t<float>(xs, ws, xt, wt, lp, dp, K, token_grad, sid, select_k, budget);
 }
 
 // y = f(x) for an fp32/fp64 tensor, f one of the row kernels' vectorised elementwise functions, chosen by
@@ -1081,9 +1098,10 @@ void register_loss(pybind11::module& m) {
   m.def("divergence", &divergence, py::arg("s_hidden"), py::arg("s_weight"), py::arg("t_hidden"),
         py::arg("t_weight"), py::arg("temperature"), py::arg("logit_scale"), py::arg("softcap"), py::arg("kind"),
         py::arg("beta"), py::arg("support"), py::arg("tail"), py::arg("term_clip"), py::arg("topk_ids"),
-        py::arg("token_grad"), py::arg("stats_ids"), py::arg("workspace_bytes"),
-        "(loss[N], d_s_hidden | None, d_s_weight | None, stats[3, N] | None): stats (with stats_ids) = student "
-        "log-prob of stats_ids, student entropy, teacher log-prob of stats_ids");
+        py::arg("token_grad"), py::arg("stats_ids"), py::arg("select_k"), py::arg("workspace_bytes"),
+        "(loss[N], d_s_hidden | None, d_s_weight | None, stats[3, N] | None, ids[N, select_k] | None): stats (with "
+        "stats_ids) = student log-prob of stats_ids, student entropy, teacher log-prob of stats_ids; ids (with "
+        "select_k > 0, support teacher_topk, no topk_ids) = the teacher top-k ids the call selected");
   m.def("exp", [](const Tensor& x) { return elementwise(x, [](const auto& k) { return k.exp; }); }, py::arg("x"),
         "elementwise exp with the row epilogues' vectorised polynomial (for tests)");
   m.def("log", [](const Tensor& x) { return elementwise(x, [](const auto& k) { return k.log; }); }, py::arg("x"),

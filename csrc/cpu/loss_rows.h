@@ -2194,12 +2194,20 @@ void row_lse2(const T* a, const T* b, int64_t n, T& la, T& lb) {
 }
 
 // Teacher-top-k support.  `scratch` holds 3k values.  The K entries are taken out of the
-// rows (set to -inf) so the tail log-sum-exp is computed directly over V \ K.
+// rows (set to -inf) so the tail log-sum-exp is computed directly over V \ K.  With `sel` (then K == sel), the
+// row's teacher top-k is selected here first, from the transformed teacher row the divergence holds anyway, and
+// written to sel[0..k) -- the same selection (topk_row, descending, ties to the lowest id) the top-k op makes, but
+// without that op's own pass over the teacher's lm_head.
 template <typename T, int KIND>
 T topk_support_row(T* zs, T* zt, int64_t V, const int64_t* K, int64_t k, T tg, bool grad,
-                   const LogitParams& lp, const DivParams& dp, T* scratch, int64_t sid, T* stats) {
+                   const LogitParams& lp, const DivParams& dp, T* scratch, int64_t sid, T* stats, int64_t* sel) {
   transform_row(zs, V, lp);
   transform_row(zt, V, lp);
+  if (sel) {
+    T lse_t;  // topk_row's by-products (the selected log-probs go to scratch, overwritten below) are not needed
+    topk_row(zt, V, k, LogitParams{}, sel, scratch, &lse_t);  // zt is transformed already: identity transform
+    K = sel;
+  }
   if (stats) row_stats(zs, zt, V, sid, stats);
   T* zsK = scratch;
   T* ztK = scratch + k;
@@ -2283,7 +2291,7 @@ template <typename T, int KIND>
 T div_row_kind(T* zs, T* zt, int64_t V, const int64_t* K, int64_t k, T tg, bool grad, const LogitParams& lp,
                const DivParams& dp, T* scratch, int64_t sid, T* stats) {
   if (dp.support == SUPPORT_TOPK)
-    return topk_support_row<T, KIND>(zs, zt, V, K, k, tg, grad, lp, dp, scratch, sid, stats);
+    return topk_support_row<T, KIND>(zs, zt, V, K, k, tg, grad, lp, dp, scratch, sid, stats, nullptr);
   if (!dp.has_clip && !(lp.softcap > 0)) {
     const T beta = static_cast<T>(dp.beta);
     if (stats) return online_row<T, KIND, true>(zs, zt, V, tg, grad, lp, beta, sid, stats);
@@ -2301,6 +2309,18 @@ T div_row(T* zs, T* zt, int64_t V, const int64_t* K, int64_t k, T tg, bool grad,
     case KIND_FORWARD_KL:
       return div_row_kind<T, KIND_FORWARD_KL>(zs, zt, V, K, k, tg, grad, lp, dp, scratch, sid, stats);
     default: return div_row_kind<T, KIND_JSD>(zs, zt, V, K, k, tg, grad, lp, dp, scratch, sid, stats);
+  }
+}
+
+template <typename T>
+T div_select_row(T* zs, T* zt, int64_t V, int64_t* sel, int64_t k, T tg, bool grad, const LogitParams& lp,
+                 const DivParams& dp, T* scratch, int64_t sid, T* stats) {
+  switch (dp.kind) {
+    case KIND_REVERSE_KL:
+      return topk_support_row<T, KIND_REVERSE_KL>(zs, zt, V, sel, k, tg, grad, lp, dp, scratch, sid, stats, sel);
+    case KIND_FORWARD_KL:
+      return topk_support_row<T, KIND_FORWARD_KL>(zs, zt, V, sel, k, tg, grad, lp, dp, scratch, sid, stats, sel);
+    default: return topk_support_row<T, KIND_JSD>(zs, zt, V, sel, k, tg, grad, lp, dp, scratch, sid, stats, sel);
   }
 }
 
@@ -2337,6 +2357,7 @@ RowKernels<T> make_table() {
   t.topk_scan = &topk_scan<T>;
   t.topk_end = &topk_end<T>;
   t.div = &div_row<T>;
+  t.div_select = &div_select_row<T>;
   t.exp = &exp_array<T>;
   t.log = &log_array<T>;
   t.tanh = &tanh_array<T>;

@@ -93,6 +93,10 @@ struct RowKernels {
   // vocabulary, from the same transformed logits.
   T (*div)(T* ys, T* yt, int64_t V, const int64_t* K, int64_t k, T tg, bool grad, const LogitParams&,
            const DivParams&, T* scratch, int64_t sid, T* stats);
+  // div for the teacher-top-k support (dp.support == SUPPORT_TOPK) that selects the row's ids itself: the teacher's
+  // k best transformed logits, as `topk` orders them, written to sel[0..k) and then used as div's K.
+  T (*div_select)(T* ys, T* yt, int64_t V, int64_t* sel, int64_t k, T tg, bool grad, const LogitParams&,
+                  const DivParams&, T* scratch, int64_t sid, T* stats);
   // y = exp(x) elementwise with the epilogues' vectorised exp (exposed for tests).
   void (*exp)(const T* x, T* y, int64_t n);
   // y = log(x) elementwise with the epilogues' vectorised log (exposed for tests).
