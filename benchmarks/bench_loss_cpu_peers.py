@@ -13,6 +13,8 @@ Cases (per-token losses summed; every gradient w.r.t. the student hidden states 
            (``linear_logprobs_loss``) and the rest against the 3-GEMM ``floor`` (logits, d_hidden, d_weight)
   ce       cross-entropy fwd+bwd, floors as lpent; peer cut-cross-entropy
   topk     top-64 log-probs, floor = 1 GEMM
+  tkrkl    reverse KL on the teacher's top 64 ids plus the tail bucket (objective ``topk``; the op selects the ids
+           from ``topk=64``) fwd+bwd, floor = 4 GEMMs; no peer has this loss
 
 Liger's and TRL's beta weighs the teacher in the mixture, as copsd's does: beta = 0 is the forward KL, 1 the
 reverse KL.  Naive is the package's dense reference of each op (``copsd.reference``, the formulas the tests check
@@ -69,7 +71,7 @@ if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "avx2":
     _inductor_config.cpp.simdlen = 256
 
 K_TOP = 64
-CASES = ("rkl", "fkl", "jsd", "lpent", "ce", "topk")
+CASES = ("rkl", "fkl", "jsd", "lpent", "ce", "topk", "tkrkl")
 CHUNK = 256
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -88,8 +90,12 @@ def _inputs(n, h, v, dtype, seed=0):
 # ----------------------------------------------------------------------------- per-token losses on logits
 
 
-DIV_KIND = {"rkl": "reverse_kl", "fkl": "forward_kl", "jsd": "jsd"}
+DIV_KIND = {"rkl": "reverse_kl", "fkl": "forward_kl", "jsd": "jsd", "tkrkl": "reverse_kl"}
 JSD_BETA = 0.5
+# tkrkl: reverse KL on the teacher's top K_TOP ids plus the tail bucket (objective "topk"), the ids computed by the
+# op from an int k.  No peer has it: copsd against naive (teacher logits, torch.topk, the dense divergence) and the
+# same 4-GEMM floor as the full-vocabulary divergences.
+TOPK_SUPPORT = {"tkrkl": dict(support="teacher_topk", tail="bucket")}
 
 
 def _f32(t):
@@ -114,8 +120,13 @@ def _bf16_gemm(mode):
 
 def _div(case, xs, ws, xt, wt):
     """Per-token divergence of the reference (teacher side without gradient)."""
+    extra = {}
+    if case in TOPK_SUPPORT:
+        with torch.no_grad():
+            ids = (_f32(xt) @ _f32(wt).T).topk(K_TOP, dim=1).indices
+        extra = dict(TOPK_SUPPORT[case], topk_ids=ids)
     return _ref.divergence(_f32(xs), _f32(ws), _f32(xt).detach(), _f32(wt).detach(), kind=DIV_KIND[case],
-                           beta=JSD_BETA)
+                           beta=JSD_BETA, **extra)
 
 
 def _lpent(x, w, ids, up):
@@ -203,7 +214,7 @@ def impls_for(case):
     return {"rkl": div, "fkl": div, "jsd": div,
             "lpent": ["floor", "floor4"] + base[1:] + ["copsd:loss"],
             "ce": ["floor", "floor4"] + base[1:] + ["copsd:loss", "cce"],
-            "topk": ["floor", "naive", "copsd"]}[case]
+            "topk": ["floor", "naive", "copsd"], "tkrkl": ["floor", "naive", "copsd"]}[case]
 
 
 def floor_of(case, impl):
@@ -314,8 +325,9 @@ def make_case(case, impl, n, h, v, dtype="float32"):
 
         def run_copsd():
             if case in DIV_KIND:
+                extra = dict(TOPK_SUPPORT[case], topk=K_TOP) if case in TOPK_SUPPORT else {}
                 loss = ops.linear_divergence(xs, ws, xt, wt, kind=DIV_KIND[case], beta=JSD_BETA, reduction="sum",
-                                             backend="cpu")
+                                             backend="cpu", **extra)
             elif case == "lpent":
                 lp, ent, _ = ops.linear_logprobs(xs, ws, ids, return_entropy=True, backend="cpu")
                 loss = (-up * lp.exp() + 0.01 * ent).sum()
