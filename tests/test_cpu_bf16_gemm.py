@@ -207,6 +207,25 @@ def test_divergence(path, name, kind, threads):
 
 
 @pytest.mark.parametrize("name", ["bf16", "streamed", "fp32"])
+@pytest.mark.parametrize("kind", ["reverse_kl", "jsd"])
+def test_divergence_selecting_the_teacher_top_k(path, name, kind):
+    """The teacher-top-k divergence that selects its own ids (``divergence_select``) on bf16 inputs: the ids the
+    top-k op returns on the same path, and loss and gradients as accurate as plain fp32 on those ids."""
+    n, k = 41, 9
+    xs, ws, xt, wt, _ = _inputs(n, seed=23)
+    tg = torch.rand(n, generator=torch.Generator().manual_seed(24), dtype=torch.float64)
+    div = DivergenceSpec(kind=kind, beta=0.3, support="teacher_topk", tail="bucket")
+    ran = path(name, 2)
+    loss, dx, dw, _, ids = cpu.divergence_select(xs, ws, xt, wt, LOGIT, div, k, tg.float())
+    ran(True)
+    assert torch.equal(ids, cpu.topk(xt, wt, k, LOGIT)[0])
+    exact = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, ids, tg)
+    plain = dense.divergence_grads(xs, ws, xt, wt, LOGIT, div, ids, tg, dtype=torch.float32)
+    for got, e, p, what in zip((loss, dx, dw), exact, plain, ("loss", "d_hidden", "d_weight")):
+        _check(got, e, p, f"{kind} top-k {what}", scale=5.0 if what == "loss" else 1.0)
+
+
+@pytest.mark.parametrize("name", ["bf16", "streamed", "fp32"])
 def test_logprobs_topk_and_loss(path, name):
     n = 41
     x, w, _, _, ids = _inputs(n, seed=31)
