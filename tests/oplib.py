@@ -137,6 +137,12 @@ def random_ids(N, V, k, seed=0):
     return torch.rand(N, V, generator=g).argsort(dim=1)[:, :k].contiguous()
 
 
+def exact_order(z):
+    """Ids of one row of logits (a list of floats) in the C++ top-k selection's documented order (the top-k op's and
+    the teacher-top-k divergence's): value descending, equal values by ascending id, NaN last (by id)."""
+    return sorted(range(len(z)), key=lambda j: (z[j] != z[j], -z[j] if z[j] == z[j] else 0.0, j))
+
+
 def teacher_ids(xt, wt, k, opts):
     """The teacher's true top-k ids under the public-op logit options ``opts``."""
     return dense.logits(xt, wt, **opts).topk(k, dim=1).indices

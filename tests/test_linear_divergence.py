@@ -32,6 +32,7 @@ from oplib import (
     close64,
     cpu_inputs,
     dense,
+    exact_order,
     fa_check,
     op_inputs,
     rand_lm,
@@ -273,22 +274,17 @@ def test_cpu_divergence_matches_dense(kind, support, tail, logit_name, dtype, cl
     check_accurate([loss2], [exact[0]], [plain[0]], ["loss (no grad)"], dtype)
 
 
-def _exact_order(row):
-    """Ids of one row of logits in the top-k ops' documented order: value descending, equal values by ascending id."""
-    return sorted(range(len(row)), key=lambda j: (-row[j], j))
-
-
 @CPU
 @pytest.mark.isa
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("logit_name", ["plain", "temp_scale_softcap", "temp_scale"])
 @pytest.mark.parametrize("kind,tail", [("reverse_kl", "bucket"), ("forward_kl", "renorm"), ("jsd", "none")])
 @pytest.mark.parametrize("k", [1, 9, 211])
-def test_cpu_divergence_select_matches_dense(kind, tail, logit_name, dtype, k, monkeypatch):
+def test_cpu_divergence_select_matches_dense(kind, tail, logit_name, dtype, k):
     """The teacher-top-k divergence that selects its own support (one teacher lm_head pass, no top-k op): its ids
     are the teacher's top k of the float64 logits (k = V included), and loss and student gradients are those of
-    the dense float64 reference on those ids, with per-token upstream gradients, over several row chunks."""
-    monkeypatch.setattr(cpu, "WORKSPACE_BYTES", 5 * 2 * 211 * 8)  # a few rows per chunk
+    the dense float64 reference on those ids, with per-token upstream gradients, over several row chunks (CPU's
+    small workspace)."""
     N, H, V = 23, 12, 211
     logit = LOGITS[logit_name]
     xs, ws, xt, wt = cpu_inputs(N, H, V, dtype)
@@ -332,17 +328,16 @@ def test_cpu_divergence_select_ties_and_nonfinite_ids(dtype, logit_name):
         xt, wt = torch.ones(N, 1, dtype=dtype), torch.tensor(row, dtype=dtype)[:, None]
         for k in (1, 5, 13, 30, V):
             ids = cpu.divergence_select(xs, ws, xt, wt, logit, DivergenceSpec(support="teacher_topk"), k, None)[4]
-            want = torch.tensor(_exact_order(row)[:k]).expand(N, k)
+            want = torch.tensor(exact_order(row)[:k]).expand(N, k)
             assert torch.equal(ids, want), (row, k, ids)
             assert torch.equal(ids, cpu.topk(xt, wt, k, logit)[0])
 
 
+@CPU
 def test_int_topk_is_selected_inside_the_cpu_divergence(monkeypatch):
     """``topk=k`` on the C++ backend: the divergence selects the teacher's top k itself, so the top-k op (a second
     pass over the teacher's lm_head) is never called; losses and gradients (masked rows, per-token upstream
     gradients, every reduction) are the dense float64 reference's on the teacher's true top k."""
-    if not cpu.available():
-        pytest.skip("copsd._C (C++ CPU extension) is not built")
     calls = []
     real = cpu.topk
     monkeypatch.setattr(cpu, "topk", lambda *a, **kw: calls.append(1) or real(*a, **kw))

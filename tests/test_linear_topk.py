@@ -23,6 +23,7 @@ from oplib import (
     check_topk,
     cpu_inputs,
     dense,
+    exact_order,
     path_independent,
     rand_lm,
     z64_of,
@@ -102,12 +103,6 @@ def topk_tile(request, monkeypatch):
     return request.param
 
 
-def _exact_order(z):
-    """Ids of one row of logits (a list of floats) in the C++ backend's documented order: value descending, equal
-    values by ascending id, NaN last (by id)."""
-    return sorted(range(len(z)), key=lambda j: (z[j] != z[j], -z[j] if z[j] == z[j] else 0.0, j))
-
-
 def _rows_as_gemm(Z):
     """Inputs whose lm_head GEMM gives exactly the finite logits ``Z [N, V]``: identity hidden states (each logit is
     one product by 1 plus zeros, exact in any BLAS)."""
@@ -146,7 +141,7 @@ def test_cpu_topk_adversarial_rows_exact_order(V, dtype, topk_tile):
         for temp in (1.0, 0.5):
             ids, lp, lse = cpu.topk(x, w, k, LogitSpec(temperature=temp))
             zt = z64 / temp
-            want_ids = torch.tensor([_exact_order(r.tolist())[:k] for r in zt])
+            want_ids = torch.tensor([exact_order(r.tolist())[:k] for r in zt])
             assert torch.equal(ids, want_ids), (V, k, temp)
             tol = 1e-12 if dtype == torch.float64 else 2e-6 * (1 + zt.abs().max().item())
             torch.testing.assert_close(lse.double(), lse64 / temp if temp == 1.0 else zt.logsumexp(-1),
@@ -179,7 +174,7 @@ def test_cpu_topk_nonfinite_logits(dtype, topk_tile):
         want_lse = z.logsumexp(0)
         for k in (1, 5, 13, 30, V):
             ids, lp, lse = cpu.topk(x, w, k, LogitSpec())
-            order = torch.tensor(_exact_order(row)[:k])
+            order = torch.tensor(exact_order(row)[:k])
             for r in range(3):
                 assert torch.equal(ids[r], order), (name, k)
                 torch.testing.assert_close(lse[r].double(), want_lse, equal_nan=True, rtol=0, atol=1e-6)
@@ -228,7 +223,7 @@ def test_cpu_topk_lse_around_the_lean_exp_limit(off):
     lse64 = z64.logsumexp(-1)
     tol = 2.0**-23 * lse64.abs() + 1e-6  # about one ulp of the LSE (its own rounding is half of one)
     assert ((lse.double() - lse64).abs() <= tol).all(), (lse.double() - lse64).abs().max()
-    want = torch.tensor([_exact_order(r.tolist())[:17] for r in z64])
+    want = torch.tensor([exact_order(r.tolist())[:17] for r in z64])
     assert torch.equal(ids, want)
 
 
