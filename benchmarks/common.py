@@ -14,7 +14,10 @@ The one timer and the one memory helper of every benchmark here (CPU and GPU):
   runs the case again and reads ``VmHWM``.  glibc is told to serve every block of 64 KiB or more
   with ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so freed tensors leave the resident set at once and
   RSS tracks live memory instead of being hidden by allocator reuse.  This counts everything
-  the process touches (MKL workspaces, the extension's buffers), not only torch tensors.
+  the process touches (MKL workspaces, the extension's buffers), not only torch tensors.  The
+  child opts out of transparent huge pages (``prctl(PR_SET_THP_DISABLE)``): where the kernel's
+  setting is ``always`` a touched page of a fresh mapping may become a resident 2 MiB one, and
+  the peak would follow the machine's setting (tests/test_memory.py: +7 MiB for one case).
 * :func:`machine` -- a one-line description of the machine for result tables.
 
 And the ``main()`` boilerplate the GPU benchmarks share: :func:`arg_parser` (``--out``, default ``$OUT`` or
@@ -123,6 +126,10 @@ def _reset_hwm():
 
 def _child_main(script, factory, kwargs_json, warmup="1"):
     """Entry point of the measuring subprocess (see :func:`cpu_peak_extra`)."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(41, 1, 0, 0, 0) != 0:  # PR_SET_THP_DISABLE
+        raise RuntimeError("prctl(PR_SET_THP_DISABLE) failed: the peak would follow the huge-page setting")
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     mod_name = os.path.splitext(os.path.basename(script))[0]
     mod = __import__(mod_name)
