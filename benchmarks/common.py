@@ -128,7 +128,7 @@ def _child_main(script, factory, kwargs_json, warmup="1"):
     """Entry point of the measuring subprocess (see :func:`cpu_peak_extra`)."""
     import ctypes
 
-    if ctypes.CDLL(None, use_errno=True).prctl(41, 1, 0, 0, 0) != 0:  # PR_SET_THP_DISABLE
+    if ctypes.CDLL(None, use_errno=True).prctl(41, *map(ctypes.c_ulong, (1, 0, 0, 0))) != 0:  # PR_SET_THP_DISABLE
         raise RuntimeError("prctl(PR_SET_THP_DISABLE) failed: the peak would follow the huge-page setting")
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     mod_name = os.path.splitext(os.path.basename(script))[0]

@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent("""
     # No transparent huge pages in this process (prctl PR_SET_THP_DISABLE): where the kernel's setting is `always`, a
     # touched 4 KiB page of a fresh mapping may become a resident 2 MiB one, and the reading would follow the setting
     # (reverse KL per token with MKL's GEMM read 60.5 MiB instead of 53.4 on a 2-core Zen 4 set to `always`).
-    thp_off = ctypes.CDLL(None, use_errno=True).prctl(41, 1, 0, 0, 0) == 0
+    thp_off = ctypes.CDLL(None, use_errno=True).prctl(41, *map(ctypes.c_ulong, (1, 0, 0, 0))) == 0
     import torch
     from copsd import reference as dense  # the dense reference of tests and benchmarks: several [N, V] tensors
     from copsd.ops import linear_divergence, linear_logprobs
