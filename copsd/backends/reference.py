@@ -289,7 +289,7 @@ def _full_stats(x, w, logit, cd, V, K=None, ids=None):
             local = (K - v0).clamp(0, v1 - v0 - 1)
             zK = torch.where(inside, z.gather(1, local), zK)
             in_k = _membership(z, local, inside)
-            mt, st = _lse_update(mt, st, z.masked_fill(in_k, -math.inf))
+            mt, st = _lse_update(mt, st, z.masked_fill_(in_k, -math.inf))  # the tile's last use
     lse = _lse_of(m, s)
     stats = None if ids is None else (zid - lse, torch.log(s) - wz / s)
     if K is None:
@@ -401,18 +401,24 @@ def _divergence(s_hidden, s_weight, t_hidden, t_weight, logit, div, topk_ids, to
             inside = (K >= v0) & (K < v1)
             local = (K - v0).clamp(0, v1 - v0 - 1)
             in_k = _membership(zs, local, inside)
-            a = torch.zeros_like(zs)
+            a = torch.zeros_like(zs)  # gK on the row's top-k columns, zero elsewhere
             a.scatter_add_(1, local, torch.where(inside, gK, torch.zeros_like(gK)))
+            # The tile's own buffers are reused in place (as in the full-support loop above): a handful of
+            # [chunk_tokens, chunk_vocab] tiles live at once, not one per step of the expression.
+            if div.tail != "renorm" and g_tail is not None:
+                # off K: exp(zs - lse - ls_tail) g_tail; on K: a (zero off K, so a plain sum)
+                off = (zs - zs_lse[:, None]).sub_(ls_tail[:, None]).exp_().mul_(g_tail[:, None])
+                a.add_(off.masked_fill_(in_k, 0.0))
+                del off
+            q = zs.sub_(Ls[:, None]).exp_()  # zs is not needed again
             if div.tail == "renorm":
-                q = torch.where(in_k, torch.exp(zs - Ls[:, None]), torch.zeros_like(zs))
-            else:
-                q = torch.exp(zs - Ls[:, None])
-                if g_tail is not None:
-                    off = torch.exp(zs - zs_lse[:, None] - ls_tail[:, None]) * g_tail[:, None]
-                    a = torch.where(in_k, a, off)
-            dz = chain_rule(tg * (a - q * G[:, None]), th, logit)
+                q.masked_fill_(~in_k, 0.0)
+            del in_k
+            dz = chain_rule(a.sub_(q.mul_(G[:, None])).mul_(tg), th, logit)  # tg (a - q G)
+            del q
             dx[n0:n1] += dz @ wc
             dw[v0:v1] += dz.T @ xs
+            del dz, a
     if want_grad:
         return loss, dx, dw, stats
     return loss, None, None, stats
