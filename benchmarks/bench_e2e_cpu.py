@@ -1,11 +1,12 @@
-"""One on-policy distillation step end to end on CPU: copsd's ``Distiller`` against TRL's ``GKDTrainer`` and
-``DistillationTrainer`` (optional: skipped with a message when TRL or one of its trainers is not installed).
+"""One on-policy distillation step end to end on CPU (default) or one CUDA GPU: copsd's ``Distiller`` against TRL's
+``GKDTrainer`` and ``DistillationTrainer`` (optional: skipped with a message when TRL or one of its trainers is not
+installed).
 
 Every implementation trains the same student (a tiny Qwen2-shaped model with random weights, tied input/output
 embeddings, a byte-level BPE tokenizer with a ChatML template, its vocabulary padded to ``--vocab`` rows as real
 checkpoints pad theirs) against the same teacher (same shape, other weights), on the same ``--prompts`` prompts
 per step with ``--G`` sampled answers each, ``--new-tokens`` new tokens at most, temperature ``--temperature``
-(no top-k / top-p), one optimizer step per step (AdamW, gradient clipping at 1.0), fp32:
+(no top-k / top-p), one optimizer step per step (AdamW, gradient clipping at 1.0), fp32 (``--bf16``: see below):
 
   copsd:jsd    ``Distiller``, objective ``jsd`` (generalized JSD, beta 0.5, over the full vocabulary -- the
                loss GKD uses) through the fused lm_head ops, teacher scored with the constitution in its user
@@ -35,18 +36,41 @@ Time split per step (ms), wall clock around each stage, no change in what runs:
   optim     gradient clipping + ``optimizer.step()`` (optimizer step hooks and a wrapper around clipping);
   other     the rest of the step (copsd: metrics -- decoding, refusal detector, self-BLEU; TRL: scheduler step,
             zero_grad, the data collator).
+Device and precision.  ``--device cpu`` (the default) keeps every implementation on the CPU even on a machine
+with a GPU: copsd's ``Distiller`` is handed an ``accelerate.Accelerator(cpu=True)`` (by default it takes
+``Accelerator().device``, which is cuda wherever a GPU is visible) and TRL's trainers get ``use_cpu=True``.
+``--device cuda`` runs all of them on the first visible GPU (copsd: ``Accelerator(cpu=False)``, TRL:
+``use_cpu=False``; each runner checks where its models ended up).  Both share accelerate's process-wide state, so
+every implementation in one process runs on the same device with the same mixed precision.  ``--bf16``: the
+random checkpoints are written in bfloat16; copsd runs with ``DistillConfig(bf16=True)`` (its own choice of what
+that means: teacher and reference model in bfloat16, the trained student kept in fp32 under bf16 autocast, AdamW
+state in fp32); TRL runs the same way: ``bf16=True`` in its arguments (bf16 autocast), the student loaded in
+fp32 and the teacher in bfloat16.  On cuda, the timers synchronise the device
+(``torch.cuda.synchronize()``) at every boundary they time -- step start and end, around generation, the teacher
+forwards, ``training_step`` (TRL), gradient clipping and ``optimizer.step()`` (pre and post hooks), and at the end
+of copsd's rollout, teacher scoring, reference and pi_old forwards (so that copsd's own ``time_*`` clocks read
+finished work) -- so each stage's queued kernels are billed to that stage; the extra synchronisations cost a
+little (they stop the CPU from running ahead into the next stage).
 Steady state: ``--warmup`` steps per implementation are run and dropped first; then ``--steps`` rounds,
 round-robin over the implementations, and each round's copsd time is divided by the same round's peer time
 (the table gives the median of those same-round ratios next to median times: robust on a shared machine).
-``peak extra MiB``: the largest rise of the process's resident memory over its value at the start of a step
-(``VmHWM`` reset before every step), all implementations living in one process; ``--memory`` adds each
-implementation's whole-process peak RSS (imports, models, warm-up and one step) in a fresh process (its
-``VmHWM`` at the end).  The buffers copsd's C++ backend keeps between calls (``COPSD_CPU_CACHE_MB``) are already
-resident when a step starts, so ``peak extra MiB`` does not show them; the whole-process peak does.
+``peak extra MiB``: on cpu the largest rise of the process's resident memory over its value at the start of a step
+(``VmHWM`` reset before every step), all implementations living in one process; on cuda the largest
+``torch.cuda.max_memory_allocated()`` during a step above ``torch.cuda.memory_allocated()`` at its start (peak
+statistics reset before every step; the caching allocator's reserve is not counted).  ``--memory`` adds each
+implementation's whole-process peak RSS (imports, models, warm-up and one step) in a fresh process (its ``VmHWM``
+at the end), and on cuda that process's peak CUDA memory allocated as well.  The buffers copsd's C++ backend keeps
+between calls (``COPSD_CPU_CACHE_MB``) are already resident when a step starts, so ``peak extra MiB`` does not show
+them; the whole-process peak does.
 
-Run: ``python benchmarks/bench_e2e_cpu.py [--prompts 4 --G 4 --new-tokens 64] [--hidden 256 --layers 4
---vocab 32000] [--steps 5 --warmup 1] [--impl copsd:jsd trl:gkd ...] [--constitution default|small|PATH]
-[--memory] [--out FILE.md] [--json FILE]``.
+Output check: the warm-up step(s) must change the student's weights (the count of changed trainable tensors is in
+the table; an implementation whose warm-up changed none, or with a non-finite loss, is listed as FAILED and the
+script exits with status 1).
+
+Run: ``python benchmarks/bench_e2e_cpu.py [--device cpu|cuda] [--bf16] [--prompts 4 --G 4 --new-tokens 64]
+[--hidden 256 --layers 4 --vocab 32000] [--steps 5 --warmup 1] [--impl copsd:jsd trl:gkd ...]
+[--constitution default|small|PATH] [--memory] [--out FILE.md] [--json FILE]``; ``bench_e2e_gpu.py``: the same
+with GPU defaults (a Qwen2-0.5B-shaped model, bf16).
 """
 
 from __future__ import annotations
@@ -56,6 +80,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
@@ -134,9 +159,12 @@ def build_workspace(root: str, a) -> dict:
         raise ValueError(f"--vocab: must be at least the tokenizer's {len(tok)} tokens, got {a.vocab}")
     paths = {}
     for name, seed in (("student", 0), ("teacher", 1)):
-        model = tiny_causal_lm("qwen2", vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers,
-                               num_heads=a.heads, num_kv_heads=a.kv_heads, intermediate_size=a.intermediate,
-                               max_position_embeddings=8192, seed=seed, tie_word_embeddings=True,
+        # initialised on the benchmark's device (a 0.5B model's random init takes seconds on a GPU, minutes on a
+        # few CPU cores), written in the dtype the models run in
+        model = tiny_causal_lm("qwen2", dtype=_dtype(a), device=a.device, vocab_size=a.vocab, hidden_size=a.hidden,
+                               num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.kv_heads,
+                               intermediate_size=a.intermediate, max_position_embeddings=8192, seed=seed,
+                               tie_word_embeddings=True,
                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                pad_token_id=tok.pad_token_id)
         if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
@@ -144,6 +172,9 @@ def build_workspace(root: str, a) -> dict:
         paths[name] = os.path.join(root, name)
         model.save_pretrained(paths[name])
         tok.save_pretrained(paths[name])
+        del model
+    if a.device == "cuda":
+        torch.cuda.empty_cache()
     if a.constitution == "small":
         paths["constitution"] = os.path.join(root, "house_rules.md")
         with open(paths["constitution"], "w", encoding="utf-8") as f:
@@ -165,10 +196,19 @@ def build_workspace(root: str, a) -> dict:
     return paths
 
 
-def _load(path):
+def _dtype(a):
+    return torch.bfloat16 if a.bf16 else torch.float32
+
+
+def _sync_fn(device: str):
+    """What the timers call at a stage boundary: ``torch.cuda.synchronize`` on cuda, nothing on cpu."""
+    return torch.cuda.synchronize if device == "cuda" else None
+
+
+def _load(path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path))
+    return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path))
 
 
 def _param_snapshot(model) -> dict:
@@ -181,11 +221,21 @@ def _changed(model, before: dict) -> int:
 
 
 class _Timer:
-    """Accumulates wall time of wrapped calls / hook pairs into ``self.t[key]`` (seconds)."""
+    """Accumulates wall time of wrapped calls / hook pairs into ``self.t[key]`` (seconds).
 
-    def __init__(self):
+    ``sync`` (``torch.cuda.synchronize`` on cuda, see ``_sync_fn``) is called before every clock reading, so a
+    stage's queued device work is billed to it and not to whatever synchronises next."""
+
+    def __init__(self, sync=None):
         self.t: dict[str, float] = {}
         self._open: dict[str, float] = {}
+        self.synced = sync is not None
+        self.sync = sync or (lambda: None)
+
+    def now(self) -> float:
+        """The wall clock after the device's queued work (``sync``)."""
+        self.sync()
+        return time.perf_counter()
 
     def reset(self):
         self.t.clear()
@@ -197,18 +247,32 @@ class _Timer:
     def wrap(self, key, fn):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0 = self.now()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.add(key, time.perf_counter() - t0)
+                self.add(key, self.now() - t0)
         return timed
 
+    def fence(self, fn):
+        """``fn`` followed by ``sync`` (``fn`` itself where there is nothing to synchronise): for a call whose end
+        someone else's clock reads (copsd's ``time_*``)."""
+        if not self.synced:
+            return fn
+
+        @functools.wraps(fn)
+        def fenced(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+        return fenced
+
     def start(self, key, *_):
-        self._open[key] = time.perf_counter()
+        self._open[key] = self.now()
 
     def stop(self, key, *_):
-        self.add(key, time.perf_counter() - self._open.pop(key))
+        self.add(key, self.now() - self._open.pop(key))
 
     def hook_optimizer(self, optimizer):
         optimizer.register_step_pre_hook(functools.partial(self.start, "optim_step"))
@@ -246,6 +310,8 @@ def _base_trainer_side(distiller):
 
 class CopsdRunner:
     def __init__(self, name, paths, a, outdir):
+        from accelerate import Accelerator
+
         from copsd.config import DistillConfig
         from copsd.distill import Distiller
 
@@ -260,22 +326,33 @@ class CopsdRunner:
             num_generations=a.G, per_device_train_batch_size=n, gradient_accumulation_steps=1, num_mini_batches=1,
             max_completion_length=a.new_tokens, temperature=a.temperature, top_p=1.0, top_k=0,
             learning_rate=a.lr, max_grad_norm=1.0, max_steps=10**6, report_to=[], disable_tqdm=True,
-            sample_every_steps=0, backend=a.backend, seed=0)
-        self.d = d = Distiller(cfg)
+            sample_every_steps=0, backend=a.backend, seed=0, bf16=a.bf16)
+        # the device explicitly: Distiller's own default (copsd.training.make_accelerator) is cuda wherever one is
+        # visible; the mixed precision as make_accelerator sets it from cfg.bf16
+        acc = Accelerator(mixed_precision="bf16" if a.bf16 else "no", cpu=a.device == "cpu")
+        self.d = d = Distiller(cfg, accelerator=acc)
+        for role, module in (("student", d.model), ("teacher", d.teacher)):
+            where = next(module.parameters()).device.type
+            if d.device.type != a.device or where != a.device:
+                raise RuntimeError(f"{name}: copsd put the {role} on {where} (its device {d.device}), expected "
+                                   f"{a.device} (accelerate's process-wide state set up for another device?)")
         self.model = d.model
-        self.timer = _Timer()
+        self.timer = _Timer(_sync_fn(a.device))
         self.timer.hook_optimizer(d.optimizer)
         d.acc.clip_grad_norm_ = self.timer.wrap("optim_clip", d.acc.clip_grad_norm_)
         d._teacher = self.timer.wrap("teacher_scoring", d._teacher)
+        # on cuda: the stages whose end copsd's own clocks read (time_rollout, time_teacher) end synchronised
+        for attr in ("_rollout", "_ref_logprobs", "_policy_logprobs"):
+            setattr(d, attr, self.timer.fence(getattr(d, attr)))
         self.step_no = 0
         self.last: dict = {}
 
     def step(self) -> dict:
         self.timer.reset()
-        t0 = time.perf_counter()
+        t0 = self.timer.now()
         with _base_trainer_side(self.d) if self.base else contextlib.nullcontext():
             m = self.d.train_step(self.step_no)
-        total = time.perf_counter() - t0
+        total = self.timer.now() - t0
         self.step_no += 1
         self.d.step = self.step_no
         t = self.timer.t
@@ -296,15 +373,16 @@ class TrlRunner:
         from datasets import Dataset
 
         self.name = name
-        student, tok = _load(paths["student"])
-        teacher, _ = _load(paths["teacher"])
+        # as copsd's bf16: the trained student in fp32 under bf16 autocast (TRL's bf16=True), the teacher in bf16
+        student, tok = _load(paths["student"], torch.float32)
+        teacher, _ = _load(paths["teacher"], _dtype(a))
         n = a.prompts * a.G
         common_args = dict(output_dir=os.path.join(outdir, name.replace(":", "_")), per_device_train_batch_size=n,
                            gradient_accumulation_steps=1, learning_rate=a.lr, max_grad_norm=1.0,
                            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01, report_to=[],
-                           logging_steps=10**6, save_strategy="no", seed=0, use_cpu=True,
-                           dataloader_num_workers=0, bf16=False, gradient_checkpointing=False, disable_tqdm=True)
-        self.timer = _Timer()
+                           logging_steps=10**6, save_strategy="no", seed=0, use_cpu=a.device == "cpu",
+                           dataloader_num_workers=0, bf16=a.bf16, gradient_checkpointing=False, disable_tqdm=True)
+        self.timer = _Timer(_sync_fn(a.device))
         if name == "trl:gkd":
             GKDConfig, GKDTrainer = _trl_gkd()
             args = GKDConfig(lmbda=1.0, beta=0.5, seq_kd=False, temperature=a.temperature,
@@ -341,6 +419,10 @@ class TrlRunner:
         tr.create_optimizer_and_scheduler(num_training_steps=10**6)
         self.timer.hook_optimizer(tr.optimizer)
         self.model = tr.model
+        for role, module in (("student", self.model), ("teacher", tr.teacher_model)):
+            where = next(module.parameters()).device.type
+            if where != a.device:
+                raise RuntimeError(f"{name}: TRL put the {role} on {where}, expected {a.device}")
         self.model.train()
         self.loader = tr.get_train_dataloader()
         self._it = iter(self.loader)
@@ -365,18 +447,19 @@ class TrlRunner:
         tr, model = self.trainer, self.model
         self.timer.reset()
         self._gen_tokens = 0
-        t0 = time.perf_counter()
+        now = self.timer.now
+        t0 = now()
         inputs = self._batch()  # the collator's work (GKD tokenizes here) goes to "other"
-        t_batch = time.perf_counter()
+        t_batch = now()
         loss = tr.training_step(model, inputs, None)
-        t1 = time.perf_counter()
-        t_clip = time.perf_counter()
+        t1 = now()
+        t_clip = t1
         tr.accelerator.clip_grad_norm_(model.parameters(), tr.args.max_grad_norm)
-        t_clip = time.perf_counter() - t_clip
+        t_clip = now() - t_clip
         tr.optimizer.step()
         tr.lr_scheduler.step()
         model.zero_grad(set_to_none=True)
-        total = time.perf_counter() - t0
+        total = now() - t0
         self.step_no += 1
         tr.state.global_step = self.step_no
         t = self.timer.t
@@ -432,9 +515,45 @@ def _reset_peak():
             f.write("5")
 
 
-def _fresh_process_peak(impl: str, a) -> float:
-    """Whole-process peak RSS (MiB) of a fresh process that sets up ``impl`` and runs warm-up + one step."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--steps", "1", "--warmup", str(a.warmup),
+class _StepMemory:
+    """The peak memory of one step above its start: resident memory (``VmHWM`` over ``VmRSS``) on cpu, CUDA memory
+    allocated (``max_memory_allocated`` over ``memory_allocated``) on cuda.  ``process_peak``: the largest CUDA
+    memory allocated in the whole process so far (bytes; 0 on cpu), kept across the per-step resets."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+        self.process_peak = 0
+        self._start = 0
+
+    def begin(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.process_peak = max(self.process_peak, torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        else:
+            self._start = _read_status("VmRSS")
+            _reset_peak()
+
+    def end(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            self.process_peak = max(self.process_peak, peak)
+            return peak - self._start
+        return _read_status("VmHWM") - self._start
+
+    def whole_process_peak(self) -> int:
+        if self.cuda:
+            self.process_peak = max(self.process_peak, torch.cuda.max_memory_allocated())
+        return self.process_peak
+
+
+def _fresh_process_peak(impl: str, a) -> dict:
+    """Whole-process peak RSS (``maxrss_mib``; on cuda also the peak CUDA memory allocated, ``cuda_peak_mib``) of a
+    fresh process that sets up ``impl`` and runs warm-up + one step."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--device", a.device, "--bf16" if a.bf16 else "--no-bf16",
+           "--impl", impl, "--steps", "1", "--warmup", str(a.warmup),
            "--prompts", str(a.prompts), "--G", str(a.G), "--new-tokens", str(a.new_tokens), "--hidden", str(a.hidden),
            "--layers", str(a.layers), "--heads", str(a.heads), "--kv-heads", str(a.kv_heads),
            "--intermediate", str(a.intermediate), "--vocab", str(a.vocab), "--temperature", str(a.temperature),
@@ -443,7 +562,7 @@ def _fresh_process_peak(impl: str, a) -> float:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if res.returncode != 0:
         raise RuntimeError(f"memory probe {impl} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])["maxrss_mib"]
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------- driver
@@ -451,6 +570,8 @@ def _fresh_process_peak(impl: str, a) -> float:
 
 def run(a) -> dict:
     """Set up every available implementation, warm up, time ``a.steps`` round-robin rounds; returns the results."""
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device visible to torch")
     if a.threads:
         torch.set_num_threads(a.threads)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -475,31 +596,60 @@ def run(a) -> dict:
                 print(f"# {name}: skipped, TRL is not installed or lacks this trainer ({e})", file=sys.stderr)
     times: dict[str, list[dict]] = {n: [] for n in runners}
     peak: dict[str, int] = dict.fromkeys(runners, 0)
+    mem = _StepMemory(a.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, r in runners.items():
+            t0 = time.perf_counter()
             before = _param_snapshot(r.model)
             for _ in range(a.warmup):
                 r.step()
             checks[name] = {"changed_tensors_after_warmup": _changed(r.model, before) if a.warmup else None,
                             "trainable_tensors": len(before)}
+            del before
+            if not a.quiet:
+                print(f"# warm-up {name}: {a.warmup} step(s) in {time.perf_counter() - t0:.1f} s, changed tensors "
+                      f"{checks[name]['changed_tensors_after_warmup']}/{checks[name]['trainable_tensors']}",
+                      file=sys.stderr)
+        if a.device == "cuda":
+            torch.cuda.empty_cache()
         for rnd in range(a.steps):
             for name, r in runners.items():
-                rss0 = _read_status("VmRSS")
-                _reset_peak()
+                mem.begin()
                 rec = r.step()
-                peak[name] = max(peak[name], _read_status("VmHWM") - rss0)
+                peak[name] = max(peak[name], mem.end())
                 rec["round"] = rnd
                 times[name].append(rec)
                 if not a.quiet:
                     print(f"# round {rnd} {name}: {rec['total'] * 1e3:.0f} ms, {rec['tokens']} tokens, "
                           f"loss {rec['loss']:.4g}", file=sys.stderr)
-    out = {"machine": common.machine(), "args": {k: v for k, v in vars(a).items() if k != "impl"},
-           "impls": list(runners), "skipped": skipped, "checks": checks, "peak_extra_bytes": peak, "steps": times}
+    machine = common.machine()
+    if a.device == "cuda":
+        machine = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); host {machine}"
+    out = {"machine": machine, "args": {k: v for k, v in vars(a).items() if k != "impl"},
+           "impls": list(runners), "skipped": skipped, "checks": checks, "failed": _failures(checks, times),
+           "peak_extra_bytes": peak, "memory_kind": "cuda_allocated" if a.device == "cuda" else "rss",
+           "process_cuda_peak_bytes": mem.whole_process_peak(), "steps": times}
     if a.memory:
-        out["fresh_process_maxrss_mib"] = {n: _fresh_process_peak(n, a) for n in runners}
+        probes = {n: _fresh_process_peak(n, a) for n in runners}
+        out["fresh_process_maxrss_mib"] = {n: v["maxrss_mib"] for n, v in probes.items()}
+        if a.device == "cuda":
+            out["fresh_process_cuda_peak_mib"] = {n: v["cuda_peak_mib"] for n, v in probes.items()}
     tmp.cleanup()
     return out
+
+
+def _failures(checks: dict, times: dict) -> dict:
+    """``{impl: why}`` for every implementation whose output check failed: its warm-up changed no trainable tensor,
+    or a timed step's loss is not finite."""
+    bad = {}
+    for name, c in checks.items():
+        if c["changed_tensors_after_warmup"] == 0:
+            bad[name] = f"the warm-up changed none of its {c['trainable_tensors']} trainable tensors"
+    for name, recs in times.items():
+        if any(not math.isfinite(r["loss"]) for r in recs):
+            bad[name] = bad.get(name, "") + ("; " if name in bad else "") + "non-finite loss"
+    return bad
 
 
 def _stage_ratio(mine: list[dict], other: list[dict], key: str) -> str:
@@ -513,8 +663,12 @@ def summarize(res: dict) -> str:
     lines = [f"Machine: {res['machine']}",
              f"Shape: {a['prompts']} prompts x G={a['G']}, up to {a['new_tokens']} new tokens, temperature "
              f"{a['temperature']}; Qwen2 H={a['hidden']} L={a['layers']} heads {a['heads']}/{a['kv_heads']} "
-             f"I={a['intermediate']} V={a['vocab']} (tied), fp32; constitution {a['constitution']}; "
+             f"I={a['intermediate']} V={a['vocab']} (tied), {'bf16' if a.get('bf16') else 'fp32'} on "
+             f"{a.get('device', 'cpu')}; constitution {a['constitution']}; "
              f"{a['steps']} timed rounds after {a['warmup']} warm-up step(s)", ""]
+    if res.get("memory_kind") == "cuda_allocated":
+        lines[-1:-1] = ["peak extra MiB: peak CUDA memory allocated during a step above its start; times taken after "
+                        "torch.cuda.synchronize() at every stage boundary"]
     head = "| impl | step ms (median) | " + " | ".join(f"{s} ms" for s in STAGES) + \
         " | gen. tokens/step | peak extra MiB | loss (last) |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -555,15 +709,24 @@ def summarize(res: dict) -> str:
     if res.get("fresh_process_maxrss_mib"):
         lines += ["", "Whole-process peak RSS in a fresh process (imports, models, warm-up, one step): "
                   + ", ".join(f"{n} {v:.0f} MiB" for n, v in res["fresh_process_maxrss_mib"].items())]
+    if res.get("fresh_process_cuda_peak_mib"):
+        lines += ["", "Whole-process peak CUDA memory allocated in a fresh process (models, warm-up, one step): "
+                  + ", ".join(f"{n} {v:.0f} MiB" for n, v in res["fresh_process_cuda_peak_mib"].items())]
     lines += ["", "Weights changed by the warm-up step(s) (trainable tensors): "
               + ", ".join(f"{n} {c['changed_tensors_after_warmup']}/{c['trainable_tensors']}"
                           for n, c in res["checks"].items())]
+    for n, why in res.get("failed", {}).items():
+        lines.append(f"FAILED {n}: {why}")
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS + BASELINES)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cpu (the default; copsd and TRL kept on the CPU even where a GPU is visible) or cuda")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 (copsd: DistillConfig(bf16=True); TRL: bf16=True, its teacher loaded in bf16)")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--G", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -592,6 +755,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.warmup < 0:
         p.error("--warmup must be >= 0")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device visible to torch")
     return a
 
 
@@ -601,7 +766,8 @@ def main(argv=None):
     res = run(a)
     if a.print_maxrss:
         # VmHWM, not ru_maxrss: Linux carries the parent's resident size into ru_maxrss across fork + exec
-        print(json.dumps({"maxrss_mib": _read_status("VmHWM") / 2**20}))
+        print(json.dumps({"maxrss_mib": _read_status("VmHWM") / 2**20,
+                          "cuda_peak_mib": res["process_cuda_peak_bytes"] / 2**20}))
         return res
     text = summarize(res)
     print(text)
@@ -611,6 +777,9 @@ def main(argv=None):
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=1)
+    if res["failed"]:
+        print(f"bench_e2e: output check FAILED for {', '.join(res['failed'])}", file=sys.stderr)
+        sys.exit(1)
     return res
 
 

@@ -61,6 +61,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.tiny and device.type != "cuda":
+        print("bench_prefix_gpu: no CUDA device; skipped (a smoke run on any device: --tiny)")
+        return 0
     if args.tiny:
         cfg = dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
         n_const, n_prompts, g, n_resp, plen, repeats = 64, 3, 4, 16, (6, 12), 1

@@ -2,13 +2,19 @@
 # One-shot GPU check (no network needed): build the CUDA extension, run every GPU test, run every
 # benchmarks/*_gpu.py, write logs + tables to $OUT and print a short summary last.
 #
-#   OUT=/some/dir bash benchmarks/gpu_check.sh        # from anywhere; ~7 minutes on an H100
+#   OUT=/some/dir bash benchmarks/gpu_check.sh        # from anywhere; ~7 minutes on an H200
 #   GPU_TESTS="tests/test_x.py" GPU_BENCHES="benchmarks/bench_x_gpu.py" GPU_CHECK_BUDGET_S=300 ...  # a subset
+#
+# The GPU tests run under pytest-xdist (PYTEST_WORKERS, default 8) where it is installed: most of their time is
+# Triton compiling kernels on the CPU, one process at a time otherwise.  The benchmarks run one after another,
+# alone on the GPU, in the order of GPU_BENCHES (most wanted first: a stage that would start past the budget is
+# skipped and says so in the summary).
 #
 # Each stage has its own timeout and runs even if an earlier one failed.  Files in $OUT:
 #   build.log (environment + pip build + extension import), pytest_gpu.log, bench_<name>.log per
 #   benchmark, bench_loss_gpu.{json,md}, summary.txt.
-# Liger-Kernel is installed from a carried wheel in .whl/ (if present) into /tmp/site.
+# Wheels carried in .whl/ (Liger-Kernel for bench_loss_gpu; TRL, datasets, dill and multiprocess for
+# bench_e2e_gpu) are installed without network into /tmp/site.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -58,7 +64,7 @@ stage() {
 cat "$OUT/build.log"
 
 if ls .whl/*.whl >/dev/null 2>&1; then
-  stage "install liger wheel" 60 build.log $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  stage "install carried wheels" 60 build.log $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 fi
 if [ -d /tmp/site ]; then
   export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/site"
@@ -66,7 +72,11 @@ fi
 
 # ---------------------------------------------------------------- build
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-stage "build (pip install -e .)" 200 build.log $PY -m pip install --no-build-isolation --no-deps -v -e .
+if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then  # a dry run of this script on a machine where copsd is built
+  echo "build skipped (GPU_CHECK_SKIP_BUILD=1)" | tee -a "$OUT/build.log"
+else
+  stage "build (pip install -e .)" 200 build.log $PY -m pip install --no-build-isolation --no-deps -v -e .
+fi
 stage "import extensions" 60 build.log $PY -c "
 import torch, copsd
 print('copsd from', copsd.__file__)
@@ -85,15 +95,24 @@ if ! $PY -c "import copsd" >/dev/null 2>&1; then
 fi
 
 # ---------------------------------------------------------------- GPU tests (all engineers)
+XDIST=()
+if [ "${PYTEST_WORKERS:-8}" -gt 1 ] && $PY -c "import xdist" >/dev/null 2>&1; then
+  XDIST=(-n "${PYTEST_WORKERS:-8}")
+fi
 TAIL_LINES=40 stage "pytest -m gpu tests/" "${PYTEST_CAP_S:-220}" pytest_gpu.log \
-  $PY -m pytest -v -m gpu ${GPU_TESTS:-tests/} -p no:cacheprovider --tb=long -rfEs --durations=15
+  $PY -m pytest -v -m gpu ${GPU_TESTS:-tests/} "${XDIST[@]}" -p no:cacheprovider --tb=long -rfEs --durations=15
 
 # ---------------------------------------------------------------- benchmarks
-for b in ${GPU_BENCHES:-benchmarks/*_gpu.py}; do
+DEFAULT_BENCHES="benchmarks/bench_loss_gpu.py benchmarks/bench_e2e_gpu.py benchmarks/bench_prefix_gpu.py"
+for b in benchmarks/*_gpu.py; do  # any other GPU benchmark after those
+  case " $DEFAULT_BENCHES " in *" $b "*) ;; *) DEFAULT_BENCHES="$DEFAULT_BENCHES $b" ;; esac
+done
+for b in ${GPU_BENCHES:-$DEFAULT_BENCHES}; do
   [ -e "$b" ] || continue
   name=$(basename "$b" .py)
   cap=60
   [ "$name" = "bench_loss_gpu" ] && cap=200
+  [ "$name" = "bench_e2e_gpu" ] && cap=170
   [ "$name" = "bench_prefix_gpu" ] && cap=100
   TAIL_LINES=12 stage "$name" "$cap" "$name.log" $PY "$b"
 done
@@ -110,4 +129,11 @@ done
     echo "---- bench_loss_gpu.md:"
     cat "$OUT/bench_loss_gpu.md"
   fi
+  if [ -f "$OUT/bench_e2e_gpu.md" ]; then
+    echo "---- bench_e2e_gpu.md:"
+    cat "$OUT/bench_e2e_gpu.md"
+  fi
+  for log in bench_prefix_gpu.log bench_attention_gpu.log; do
+    [ -f "$OUT/$log" ] && { echo "---- $log (end):"; tail -n 8 "$OUT/$log" | cut -c1-250; }
+  done
 } | tee "$OUT/summary.txt"
