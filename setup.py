@@ -1,7 +1,8 @@
 """Build the native extensions.
 
 * ``copsd._C``    -- C++ CPU kernels from ``csrc/cpu`` (OpenMP), always built unless
-  ``COPSD_SKIP_NATIVE=1``.
+  ``COPSD_SKIP_NATIVE=1`` (no extension at all) or ``COPSD_SKIP_CPU=1`` (the CUDA one only: a GPU machine
+  whose tensors never live on the CPU, or a quick GPU build).
 * ``copsd._cuda`` -- CUDA kernels from ``csrc/cuda``, built only where torch has CUDA and a
   CUDA toolkit is found (``COPSD_SKIP_CUDA=1`` skips it).
 
@@ -37,7 +38,7 @@ def _extensions():
 
     exts = []
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    if cpu_sources:
+    if cpu_sources and not _flag("COPSD_SKIP_CPU"):
         cxx = ["-O3", "-std=c++17", "-fopenmp"]
         if _flag("COPSD_NATIVE_ARCH"):
             cxx.append("-march=native")

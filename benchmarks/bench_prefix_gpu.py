@@ -40,8 +40,11 @@ def _timed(fn, device, repeats):
     return med, peak, out[-1]
 
 
+@torch.no_grad()
 def _floor(model, const, prompts, responses, max_batch_tokens):
-    """Unique tokens only, as independent sequences (no cross attention), plus the same log-prob op."""
+    """Unique tokens only, as independent sequences (no cross attention), plus the same log-prob op.  Without
+    gradients, as the teacher scorer runs (with them every batch's activations stayed alive through the kept
+    log-probs: 139 GiB and out of memory on an H200, 2026-12-04)."""
     dec, head = model.base_model, model.get_output_embeddings()
     dev = head.weight.device
     dec(input_ids=torch.tensor([const], device=dev), use_cache=False)

@@ -4,6 +4,8 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # from anywhere; ~7 minutes on an H200
 #   GPU_TESTS="tests/test_x.py" GPU_BENCHES="benchmarks/bench_x_gpu.py" GPU_CHECK_BUDGET_S=300 ...  # a subset
+#   BENCH_ARGS_<name>="..." (arguments for benchmarks/<name>.py), GPU_DIAG_CMD="..." (a command run after the
+#   build, its output in diag.log), COPSD_SKIP_CPU=1 (build the CUDA extension only: saves about a minute)
 #
 # The GPU tests run under pytest-xdist (PYTEST_WORKERS, default 8) where it is installed: most of their time is
 # Triton compiling kernels on the CPU, one process at a time otherwise.  The benchmarks run one after another,
@@ -94,6 +96,11 @@ if ! $PY -c "import copsd" >/dev/null 2>&1; then
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
+# ---------------------------------------------------------------- optional diagnosis (GPU_DIAG_CMD)
+if [ -n "${GPU_DIAG_CMD:-}" ]; then
+  TAIL_LINES=40 stage "diagnosis" "${GPU_DIAG_CAP_S:-60}" diag.log bash -c "$GPU_DIAG_CMD"
+fi
+
 # ---------------------------------------------------------------- GPU tests (all engineers)
 XDIST=()
 if [ "${PYTEST_WORKERS:-8}" -gt 1 ] && $PY -c "import xdist" >/dev/null 2>&1; then
@@ -114,7 +121,9 @@ for b in ${GPU_BENCHES:-$DEFAULT_BENCHES}; do
   [ "$name" = "bench_loss_gpu" ] && cap=200
   [ "$name" = "bench_e2e_gpu" ] && cap=170
   [ "$name" = "bench_prefix_gpu" ] && cap=100
-  TAIL_LINES=12 stage "$name" "$cap" "$name.log" $PY "$b"
+  args_var="BENCH_ARGS_$name"  # e.g. BENCH_ARGS_bench_e2e_gpu="--steps 1"
+  # shellcheck disable=SC2086  # the arguments are meant to split
+  TAIL_LINES=12 stage "$name" "$cap" "$name.log" $PY "$b" ${!args_var:-}
 done
 
 # ---------------------------------------------------------------- summary (printed last)

@@ -78,13 +78,13 @@ def triton_here():
 def test_triton_path_is_an_argument_and_the_env_only_overrides_the_default(triton_here, monkeypatch):
     monkeypatch.delenv("COPSD_TRITON_PATH", raising=False)
     monkeypatch.delenv("COPSD_BACKEND", raising=False)
-    assert backends.resolve("divergence", CPU, "triton", (torch.float32,)).path == "fused"
-    assert backends.resolve("divergence", CPU, "triton:chunked", (torch.float32,)).path == "chunked"
-    monkeypatch.setenv("COPSD_TRITON_PATH", "chunked")
     assert backends.resolve("divergence", CPU, "triton", (torch.float32,)).path == "chunked"
     assert backends.resolve("divergence", CPU, "triton:fused", (torch.float32,)).path == "fused"
-    monkeypatch.setenv("COPSD_TRITON_PATH", "auto")
+    monkeypatch.setenv("COPSD_TRITON_PATH", "fused")
     assert backends.resolve("divergence", CPU, "triton", (torch.float32,)).path == "fused"
+    assert backends.resolve("divergence", CPU, "triton:chunked", (torch.float32,)).path == "chunked"
+    monkeypatch.setenv("COPSD_TRITON_PATH", "auto")
+    assert backends.resolve("divergence", CPU, "triton", (torch.float32,)).path == "chunked"
     monkeypatch.setenv("COPSD_BACKEND", "triton:chunked")
     assert backends.resolve("divergence", CPU, "auto", (torch.float32,)).path == "chunked"
     with pytest.raises(ValueError, match="path must be one of"):

@@ -6,13 +6,13 @@ Two GPU paths; the op modules take the choice as an explicit ``path`` argument, 
 (``copsd.backends.get``) fills from ``backend="triton:fused"`` / ``"triton:chunked"``, else from the
 ``COPSD_TRITON_PATH`` override, else ``DEFAULT_PATH``.  Neither path ever holds an ``[N, V]`` tensor:
 
-* ``fused`` (default; verified on an H200): one Triton program per [BLOCK_N x BLOCK_V] logits tile (GEMM
-  mainloop over H, fp32 accumulate) reduces the tile to per-row partial states, merged here with a few
-  small torch ops (``row_stats``).  Gradients recompute the tiles vocabulary slice by vocabulary slice
-  into a bounded ``[N, V_slice]`` workspace (``WORKSPACE_BYTES``), then ``dW[slice] = dZ^T X`` and
-  ``dX += dZ W[slice]`` with fp32 accumulation (``grad_from_tiles``, ``dense_grad``).
-* ``chunked`` (opt-in until verified on a GPU; designed to be the faster one, 4 GEMMs per gradient step
-  instead of 6 GEMM-equivalents): per token chunk of T rows (all ``[T, V]`` buffers within
+* ``fused`` (verified on an H200; slower there than ``chunked`` on every op): one Triton program per [BLOCK_N
+  x BLOCK_V] logits tile (GEMM mainloop over H, fp32 accumulate) reduces the tile to per-row partial states,
+  merged here with a few small torch ops (``row_stats``). Gradients recompute the tiles vocabulary slice by
+  vocabulary slice into a bounded ``[N, V_slice]`` workspace (``WORKSPACE_BYTES``), then ``dW[slice] = dZ^T
+  X`` and ``dX += dZ W[slice]`` with fp32 accumulation (``grad_from_tiles``, ``dense_grad``).
+* ``chunked`` (default; verified on an H200, where it is the faster one: 4 GEMMs per gradient step instead
+  of 6 GEMM-equivalents): per token chunk of T rows (all ``[T, V]`` buffers within
   ``CHUNK_BYTES``), cuBLAS computes the raw logits with fp32 output (``mm_f32``), ONE Triton row kernel
   per chunk (``copsd_kernels/linear_rows.py``) reduces every row and writes dZ in the input dtype, then
   dX[chunk] = dZ W and dW += dZ^T X[chunk] with fp32 accumulation (``chunk_grads``).

@@ -27,7 +27,9 @@ import torch
 
 NAME = "triton"
 PATHS = ("fused", "chunked")
-DEFAULT_PATH = "fused"  # the path verified on a GPU so far (H200, 2026-11-27)
+# chunked: GPU-verified and the faster path on every lm_head op (H200, bf16, N 8192, H 4096, V 151936, 2026-12-04:
+# reverse KL fwd+bwd 76.0 ms against fused 115.8, benchmarks/RESULTS.md)
+DEFAULT_PATH = "chunked"
 PATH_OPS = ("logprobs_forward", "logprobs_backward", "logprobs_loss", "topk", "divergence")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 goes to the reference backend
 
