@@ -421,6 +421,31 @@ def main():
     else:
         record("Liger chunked LigerFusedLinearJSDLoss(beta=1)", None, None, "skipped: time budget")
 
+    # The chunked path's token-chunk size against its d_weight traffic: each chunk reads and writes the fp32
+    # d_weight once (dW += dZ^T X), 13 times at the default 1 GiB on this problem; larger chunks hold more memory.
+    from copsd.backends import _triton_common as tc
+
+    def chunk_sweep(gib):
+        saved = tc.CHUNK_BYTES
+        tc.CHUNK_BYTES = int(gib * GIB)
+        try:
+            with use_path("chunked"):
+                def kl():
+                    return tri.divergence(xs, ws, xt, wt, spec, div, None, tg)
+
+                t = bench_ms(kl, 1000)
+                m = peak_extra(kl)
+                record(f"[chunked, {gib} GiB chunks] copsd reverse_kl fwd+bwd, reduction mean", t, m,
+                       f"{t / bare_div:.2f}x bare GEMMs; extra minus fp32 grads {(m - out_bytes) / GIB:.2f} GiB")
+        finally:
+            tc.CHUNK_BYTES = saved
+
+    for gib in (0.25, 2, 4):
+        if time.time() - t_start < args.budget_s * 0.9:
+            guarded(f"[chunked, {gib} GiB chunks] copsd reverse_kl fwd+bwd", lambda gib=gib: chunk_sweep(gib))
+        else:
+            record(f"[chunked, {gib} GiB chunks] copsd reverse_kl fwd+bwd", None, None, "skipped: time budget")
+
     META["seconds"] = round(time.time() - t_start, 1)
     print("\n".join(write_files()), flush=True)
     return 0 if ok else 1

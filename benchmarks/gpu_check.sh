@@ -14,7 +14,9 @@
 #
 # Each stage has its own timeout and runs even if an earlier one failed.  Files in $OUT:
 #   build.log (environment + pip build + extension import), pytest_gpu.log, bench_<name>.log per
-#   benchmark, bench_loss_gpu.{json,md}, summary.txt.
+#   benchmark, bench_loss_gpu.{json,md}, summary.txt; at the end all of them are packed into
+#   gpu_check_logs.tar.gz and only summary.txt, pytest_gpu.log and the benchmark tables stay beside it
+#   (GPU_CHECK_PACK=0 keeps every file).
 # Wheels carried in .whl/ (Liger-Kernel for bench_loss_gpu; TRL, datasets, dill and multiprocess for
 # bench_e2e_gpu) are installed without network into /tmp/site.
 set -u
@@ -146,3 +148,14 @@ done
     [ -f "$OUT/$log" ] && { echo "---- $log (end):"; tail -n 8 "$OUT/$log" | cut -c1-250; }
   done
 } | tee "$OUT/summary.txt"
+
+# ---------------------------------------------------------------- pack (the device tool returns at most 8 files)
+# Everything goes into one archive; the summary, the test log and the benchmark tables also stay as plain files.
+if [ "${GPU_CHECK_PACK:-1}" = 1 ]; then
+  (
+    cd "$OUT" || exit 1
+    tar czf gpu_check_logs.tar.gz --exclude=gpu_check_logs.tar.gz -- * &&
+      find . -maxdepth 1 -type f ! -name gpu_check_logs.tar.gz ! -name summary.txt ! -name pytest_gpu.log \
+        ! -name bench_loss_gpu.md ! -name bench_e2e_gpu.md -delete
+  )
+fi
