@@ -21,5 +21,28 @@ except Exception as e:
     print("RAISED by the dispatcher:", type(e).__name__, str(e).splitlines()[0])
 PY
 $PY /tmp/dispatch_raise.py; echo "dispatcher error path: rc=$?"
+# Is it any extension built here, or this one?  A CPU op that throws the same way, built with torch's own flags
+# (its default -std) and then with this project's -std=c++17 (setup.py), each called with a bad argument.
+cat > /tmp/inline_raise.py <<'PY'
+import sys, torch
+from torch.utils.cpp_extension import load_inline
+src = """
+#include <torch/library.h>
+at::Tensor must_be_positive(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK_VALUE(k > 0, "k must be positive, got ", k);
+  return x;
+}
+TORCH_LIBRARY(diag_raise_NAME, m) { m.def("f(Tensor x, int k) -> Tensor"); }
+TORCH_LIBRARY_IMPL(diag_raise_NAME, CPU, m) { m.impl("f", &must_be_positive); }
+"""
+for name, flags in (("default", []), ("cxx17", ["-O3", "-std=c++17"])):
+    load_inline(f"diag_raise_{name}", cpp_sources=src.replace("NAME", name), extra_cflags=flags, is_python_module=False)
+    try:
+        getattr(torch.ops, f"diag_raise_{name}").f(torch.ones(1), 0)
+    except Exception as e:
+        print(f"{name}: RAISED", type(e).__name__, str(e).splitlines()[0], flush=True)
+PY
+timeout 120 $PY -X faulthandler /tmp/inline_raise.py; echo "inline CPU extension error path: rc=$?"
+TORCH_SHOW_CPP_STACKTRACES=1 $PY -X faulthandler /tmp/raw.py 2>&1 | tail -5; echo "raw op with C++ stack traces: rc=$?"
 timeout 50 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt --args "$PY" /tmp/raw.py 2>&1 \
   | grep -v "^\[New Thread\|^\[Thread" | tail -45
