@@ -77,3 +77,20 @@ def test_e2e_base_variant_turns_the_speed_ups_off_for_its_steps_only(monkeypatch
     assert rollout._IN_PLACE_CACHE is True and distill._STATS_FROM_DIVERGENCE is True
     table = B.summarize(res)
     assert "Before / after in the same rounds" in table and "| copsd:jsd | " in table
+
+
+def test_gpu_wrapper_runs_on_cpu_when_asked_and_writes_its_files(monkeypatch, tmp_path):
+    """bench_e2e_gpu.py (run once per GPU session, where a Python error costs the session its GPU time): its
+    defaults are overridden by the arguments given, and with $OUT set it writes the table and the records."""
+    import json
+
+    import bench_e2e_gpu as W
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "trl", None)
+    args = TINY + ["--device", "cpu", "--no-bf16", "--impl", "copsd:jsd"]
+    assert W._device_asked(args) == "cpu" and W._device_asked(["--device=cuda"]) == "cuda"
+    assert W.main(args) == 0
+    assert "| copsd:jsd |" in (tmp_path / "bench_e2e_gpu.md").read_text()
+    data = json.loads((tmp_path / "bench_e2e_gpu.json").read_text())
+    assert "copsd:jsd" in json.dumps(data)
