@@ -105,7 +105,16 @@ def main(argv=None) -> int:
 
     ok = True
     checks = []
-    rows = []
+
+    class Rows(list):
+        """The timed variants; each is printed when measured, so a run stopped later still shows it."""
+
+        def append(self, row):
+            label, t, m = row
+            print(f"measured: {label}: {t:.3f} s, peak {m / 2**30:.2f} GiB", flush=True)
+            super().append(row)
+
+    rows = Rows()
     t_naive, m_naive, out_naive = _timed(lambda: naive.score(ctxs, resps, return_logprobs=True), device,
                                          1 if not args.tiny else repeats)
     rows.append(("naive re-encoding", t_naive, m_naive))
