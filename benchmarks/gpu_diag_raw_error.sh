@@ -4,8 +4,9 @@
 # TORCH_CHECK_VALUE throws.  This prints what decides whether a C++ exception can cross from the extension into
 # torch: the compiler the extension was built with, torch's C++ ABI, the C++ runtime both load; then the crash
 # itself (Python's faulthandler), a control (an error thrown by torch's own dispatcher for the same op), and a
-# cuda-gdb backtrace of the crash.  Run from the repository root after the CUDA extension is built:
-#   GPU_DIAG_CMD="bash benchmarks/gpu_diag_raw_error.sh" bash benchmarks/gpu_check.sh
+# cuda-gdb backtrace of the crash; last, two control extensions built inline (about a minute).  Run from the
+# repository root after the CUDA extension is built:
+#   GPU_DIAG_CMD="bash benchmarks/gpu_diag_raw_error.sh" GPU_DIAG_CAP_S=150 bash benchmarks/gpu_check.sh
 set -x
 PY=${PYTHON:-python3}
 $PY -c "import sys; sys.path.insert(0, 'tests'); import test_linear_topk as t; open('/tmp/raw.py', 'w').write(t.RAW_ERROR_SCRIPT)"
@@ -21,6 +22,10 @@ except Exception as e:
     print("RAISED by the dispatcher:", type(e).__name__, str(e).splitlines()[0])
 PY
 $PY /tmp/dispatch_raise.py; echo "dispatcher error path: rc=$?"
+TORCH_SHOW_CPP_STACKTRACES=1 $PY -X faulthandler /tmp/raw.py >/tmp/raw_stack.log 2>&1
+echo "raw op with C++ stack traces: rc=$?"; tail -n 25 /tmp/raw_stack.log
+timeout 50 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt --args "$PY" /tmp/raw.py 2>&1 \
+  | grep -v "^\[New Thread\|^\[Thread" | tail -45
 # Is it any extension built here, or this one?  A CPU op that throws the same way, built with torch's own flags
 # (its default -std) and then with this project's -std=c++17 (setup.py), each called with a bad argument.
 cat > /tmp/inline_raise.py <<'PY'
@@ -43,6 +48,3 @@ for name, flags in (("default", []), ("cxx17", ["-O3", "-std=c++17"])):
         print(f"{name}: RAISED", type(e).__name__, str(e).splitlines()[0], flush=True)
 PY
 timeout 120 $PY -X faulthandler /tmp/inline_raise.py; echo "inline CPU extension error path: rc=$?"
-TORCH_SHOW_CPP_STACKTRACES=1 $PY -X faulthandler /tmp/raw.py 2>&1 | tail -5; echo "raw op with C++ stack traces: rc=$?"
-timeout 50 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt --args "$PY" /tmp/raw.py 2>&1 \
-  | grep -v "^\[New Thread\|^\[Thread" | tail -45
