@@ -105,30 +105,26 @@ def main(argv=None) -> int:
 
     ok = True
     checks = []
+    rows = []
 
-    class Rows(list):
-        """The timed variants; each is printed when measured, so a run stopped later still shows it."""
-
-        def append(self, row):
-            label, t, m = row
-            print(f"measured: {label}: {t:.3f} s, peak {m / 2**30:.2f} GiB", flush=True)
-            super().append(row)
-
-    rows = Rows()
+    def measured(label, t, m):
+        """A timed variant, printed when measured, so a run stopped later still shows it."""
+        print(f"measured: {label}: {t:.3f} s, peak {m / 2**30:.2f} GiB", flush=True)
+        rows.append((label, t, m))
     t_naive, m_naive, out_naive = _timed(lambda: naive.score(ctxs, resps, return_logprobs=True), device,
                                          1 if not args.tiny else repeats)
-    rows.append(("naive re-encoding", t_naive, m_naive))
+    measured("naive re-encoding", t_naive, m_naive)
     outs = {}
     for a, s in reuse.items():
         try:
             s.score(ctxs[:2], [r[:32] for r in resps[:2]], return_logprobs=True)  # warm-up
             t, m, outs[a] = _timed(lambda s=s: run_reuse(s), device, repeats)
-            rows.append((f"reuse ({a})", t, m))
+            measured(f"reuse ({a})", t, m)
         except Exception as err:  # report and go on with the other variants
             ok = False
             checks.append(f"reuse ({a}) FAILED with {type(err).__name__}: {err}")
     t_floor, m_floor, _ = _timed(lambda: _floor(model, const, prompts, resps, mbt), device, repeats)
-    rows.append(("unique tokens only (floor)", t_floor, m_floor))
+    measured("unique tokens only (floor)", t_floor, m_floor)
 
     # correctness: float32 re-encoding of a subset (two prompts, two responses each)
     subset = [0, 1, g, g + 1]

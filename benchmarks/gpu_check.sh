@@ -136,14 +136,9 @@ done
   printf '%s\n' "${SUMMARY[@]}"
   echo "---- pytest result lines:"
   grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/pytest_gpu.log" | tail -n 25 | cut -c1-250
-  if [ -f "$OUT/bench_loss_gpu.md" ]; then
-    echo "---- bench_loss_gpu.md:"
-    cat "$OUT/bench_loss_gpu.md"
-  fi
-  if [ -f "$OUT/bench_e2e_gpu.md" ]; then
-    echo "---- bench_e2e_gpu.md:"
-    cat "$OUT/bench_e2e_gpu.md"
-  fi
+  for md in bench_loss_gpu.md bench_e2e_gpu.md; do
+    [ -f "$OUT/$md" ] && { echo "---- $md:"; cat "$OUT/$md"; }
+  done
   for log in bench_prefix_gpu.log bench_attention_gpu.log; do
     [ -f "$OUT/$log" ] && { echo "---- $log (end):"; tail -n 8 "$OUT/$log" | cut -c1-250; }
   done
