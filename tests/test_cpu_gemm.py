@@ -372,14 +372,17 @@ def test_budget_for_one_lm_head(mode, monkeypatch):
         _check(got, e, p, torch.float32, what, scale=5.0 if what == "loss" else 1.0)
 
 
-@pytest.mark.parametrize("kernel,budget_mib,packs", [("fp32", 4, 2), ("fp32", 3, 1), ("bf16", 3, 2), ("bf16", 2, 1)])
-def test_budget_bf16_student_with_grads(mode, monkeypatch, kernel, budget_mib, packs):
-    """A bf16 divergence with gradients.  On the fp32 GEMMs (COPSD_CPU_BF16_GEMM=0) the student's lm_head takes one
-    fp32 copy plus its packed copy, the teacher's one packed copy, each counted at about the weight's fp32 size
-    (3 x ~1.2 MiB here), so a 4 MiB budget packs both lm_heads and a 3 MiB one only the student's.  On the bf16
-    GEMM the packed copies are bf16 (~0.6 MiB each, beside the student's ~1.2 MiB fp32 copy): 3 MiB packs both,
-    2 MiB only the student's, and the teacher's GEMMs stream its weight through the kernel.  Results as accurate
-    either way."""
+@pytest.mark.parametrize("kernel,copy,budget_mib,packs", [
+    ("fp32", "", 3, 2), ("fp32", "", 2, 1), ("fp32", "1", 4, 2), ("fp32", "1", 3, 1), ("bf16", "", 3, 2),
+    ("bf16", "", 2, 1)])
+def test_budget_bf16_student_with_grads(mode, monkeypatch, kernel, copy, budget_mib, packs):
+    """A bf16 divergence with gradients.  On the fp32 GEMMs (COPSD_CPU_BF16_GEMM=0) each lm_head takes its packed
+    copy, counted at about the weight's fp32 size (~1.2 MiB here; the student's d_hidden products up-cast its rows
+    per tile), so a 3 MiB budget packs both lm_heads and a 2 MiB one only the student's; with
+    COPSD_CPU_UPCAST_COPY=1 the student also keeps one whole fp32 copy (3 x ~1.2 MiB): 4 MiB packs both, 3 MiB
+    only the student's.  On the bf16 GEMM the packed copies are bf16 (~0.6 MiB each, beside the student's
+    ~1.2 MiB fp32 copy): 3 MiB packs both, 2 MiB only the student's, and the teacher's GEMMs stream its weight
+    through the kernel.  Results as accurate either way."""
     if kernel == "fp32" and not _packing():
         pytest.skip("no packed fp32 GEMM here (no AVX-512 and no MKL packed-GEMM API)")
     if kernel == "bf16" and not _C().bf16_gemm_available():
@@ -395,6 +398,7 @@ def test_budget_bf16_student_with_grads(mode, monkeypatch, kernel, budget_mib, p
     monkeypatch.setenv("COPSD_CPU_PACK_MB", str(budget_mib))
     if kernel == "fp32":
         monkeypatch.setenv("COPSD_CPU_BF16_GEMM", "0")
+    monkeypatch.setenv("COPSD_CPU_UPCAST_COPY", copy)
     loss, dx, dw = cpu.divergence(xs, ws, xt, wt, LOGIT, div, None, tg.float())
     st = _C().gemm_stats()
     assert st["packs"] == packs and st["packed_gemms"] == 2 * packs and st["plain_gemms"] == 2 * (2 - packs), st

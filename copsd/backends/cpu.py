@@ -34,9 +34,12 @@ Environment knobs (the ``PACK`` ones are read on every op call):
 * ``COPSD_CPU_PACK_MB`` (default 192): MiB that a call's packed lm_head copies and whole fp32 copies of
   low-precision lm_heads may occupy.  A packed copy counts as the fp32 weight's size (``V * H * 4``): MKL
   reserves more (~85 MiB per lm_head at V = 32000, H = 256 or 512) but writes only that, and the rest never
-  becomes resident.  The default packs both lm_heads of a divergence at V = 32000 up to H = 768 in fp32 and
-  up to H = 512 in bf16 with gradients (the student's fp32 copy + its packed copy + the teacher's packed
-  copy).  An lm_head that does not fit (the teacher's is considered after the student's) runs unpacked.
+  becomes resident.  The default packs both lm_heads of a divergence at V = 32000 up to H = 768 in fp32 and in
+  bf16.  An lm_head that does not fit (the teacher's is considered after the student's) runs unpacked.
+* ``COPSD_CPU_UPCAST_COPY`` (default off; read on every call): ``1`` keeps one whole fp32 copy of a bf16 / fp16
+  lm_head that gets gradients on the fp32 GEMMs (CPUs without AVX512-BF16, or ``COPSD_CPU_BF16_GEMM=0``), inside
+  the pack budget, for its ``d_hidden`` products, instead of up-casting its rows again per tile and chunk: 0-2.4 %
+  faster, ``V * H * 4`` bytes more at the peak (``docs/kernels.md``).
 * ``COPSD_CPU_TOPK_TILE`` (default: 2048 in fp32, i.e. ~1 MiB per ``[rows, tile]`` block): vocabulary
   entries per tile of the tiled top-k, whose logits are formed and scanned one tile at a time while they are
   in L2 (the lm_head is packed per tile); read on every call.

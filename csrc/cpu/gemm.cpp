@@ -607,9 +607,12 @@ LmHead::LmHead(const Tensor& W, at::ScalarType st, at::ScalarType x_st, int64_t 
                     : packed_resident(std::min(block, V - v0), H);
     return bytes;
   };
-  // A low-precision lm_head whose d_hidden products are wanted too: one whole up-cast copy (packed in one block)
-  // serves every chunk's GEMMs, instead of up-casting every block again for each chunk's d_hidden.
-  if (upcast_ && grads) {
+  // A low-precision lm_head whose d_hidden products are wanted too: only with COPSD_CPU_UPCAST_COPY=1, one whole
+  // up-cast copy (packed in one block) serves every chunk's GEMMs instead of up-casting the rows again per tile and
+  // chunk for d_hidden.  Off by default: the copy is V*H*4 more bytes at the peak for 0-2.4 % of the time
+  // (docs/kernels.md, "CPU GEMMs: the lm_head packed once per call").
+  const EnvSwitch keep = env_switch("COPSD_CPU_UPCAST_COPY");
+  if (upcast_ && grads && keep == EnvSwitch::kOn) {
     const int64_t bytes = V * H * elem + (api ? packed_bytes(V) : 0);
     if (bytes <= pack.left) {
       pack.left -= bytes;

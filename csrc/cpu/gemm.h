@@ -257,7 +257,7 @@ class LmHead {
   int64_t vb_;      // vocabulary rows per up-cast (and packed) block
   int64_t rows_;    // chunk rows the packed copy is made for
   bool pack_ = false;
-  bool copy_ = false;  // keep one whole up-cast copy of a low-precision weight (full_)
+  bool copy_ = false;  // keep one whole up-cast copy of a low-precision weight (full_; COPSD_CPU_UPCAST_COPY=1)
   at::Tensor full_;
   at::Tensor buf_;  // up-cast block buffer
   std::vector<at::Tensor> packed_;  // one packed copy per vocabulary block
